@@ -1,0 +1,180 @@
+//! The accept path: fence, authorize, validate, deduplicate, queue durably, answer.
+//!
+//! Concurrent sends with the same idempotency key share one attempt (single flight), so the
+//! store only has to settle keys across attempts and restarts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cellmail_control::catalog::{Catalog, WatchedCatalog};
+use cellmail_control::schema::TenantStatus;
+use cellmail_proto::v1::SendRequest;
+use cellmail_proto::{ApiError, CellId, Epoch, MessageId, TenantId};
+use tokio::sync::OnceCell;
+
+use crate::commit::StorageError;
+use crate::fencing::{self, Verdict};
+use crate::message::{Accepted, Message};
+use crate::queue::{Queue, QueueError};
+use crate::store::{Reservation, Store};
+use crate::validation;
+
+/// How long a cell waits for its registry view to reach the epoch a router stamped.
+const CATCH_UP: Duration = Duration::from_secs(1);
+
+type Flight = Arc<OnceCell<Result<Accepted, ApiError>>>;
+
+pub struct Acceptor {
+    cell: CellId,
+    catalog: Arc<WatchedCatalog>,
+    store: Arc<Store>,
+    queue: Arc<dyn Queue>,
+    inflight: Mutex<HashMap<(TenantId, String), Flight>>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn storage_error(err: StorageError) -> ApiError {
+    ApiError::Unavailable(format!("cell store: {err}"))
+}
+
+fn queue_error(err: QueueError) -> ApiError {
+    ApiError::Unavailable(format!("cell queue: {err}"))
+}
+
+impl Acceptor {
+    pub fn new(
+        cell: CellId,
+        catalog: Arc<WatchedCatalog>,
+        store: Arc<Store>,
+        queue: Arc<dyn Queue>,
+    ) -> Self {
+        Self {
+            cell,
+            catalog,
+            store,
+            queue,
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub async fn accept(
+        &self,
+        tenant: TenantId,
+        epoch: Epoch,
+        request: SendRequest,
+    ) -> Result<Accepted, ApiError> {
+        self.fence(&tenant, epoch).await?;
+        let domains = {
+            let catalog = self.catalog.read();
+            let record = catalog.tenants.get(&tenant).ok_or_else(|| {
+                ApiError::PermissionDenied(format!("tenant {tenant} is not known to this cell"))
+            })?;
+            if record.status == TenantStatus::Suspended {
+                return Err(ApiError::PermissionDenied(format!(
+                    "tenant {tenant} is suspended"
+                )));
+            }
+            record.domains.clone()
+        };
+        let message =
+            validation::message_from_request(&tenant, MessageId::generate(), now_ms(), request)?;
+        let from_domain = message.from.domain();
+        if !domains.iter().any(|d| d == from_domain) {
+            return Err(ApiError::PermissionDenied(format!(
+                "from_address: {from_domain} is not a verified sending domain of tenant {tenant}"
+            )));
+        }
+        if message.idempotency_key.is_empty() {
+            return self.enqueue(&message).await;
+        }
+        let flight_key = (tenant, message.idempotency_key.clone());
+        let flight = self
+            .inflight_lock()
+            .entry(flight_key.clone())
+            .or_default()
+            .clone();
+        let result = flight
+            .get_or_init(|| self.accept_once(message))
+            .await
+            .clone();
+        let mut inflight = self.inflight_lock();
+        if inflight
+            .get(&flight_key)
+            .is_some_and(|f| Arc::ptr_eq(f, &flight))
+        {
+            inflight.remove(&flight_key);
+        }
+        result
+    }
+
+    fn inflight_lock(&self) -> std::sync::MutexGuard<'_, HashMap<(TenantId, String), Flight>> {
+        // Only map inserts and removes happen under this lock; they cannot panic halfway.
+        self.inflight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn fence(&self, tenant: &TenantId, epoch: Epoch) -> Result<(), ApiError> {
+        let verdict = |catalog: &Catalog| {
+            let known = catalog.placements.get(tenant).map(|p| (&p.cell, p.epoch));
+            fencing::check(&self.cell, known, epoch)
+        };
+        let mut current = verdict(&self.catalog.read());
+        if current == Verdict::Behind {
+            self.catalog
+                .wait_until(CATCH_UP, |c| verdict(c) != Verdict::Behind)
+                .await;
+            current = verdict(&self.catalog.read());
+        }
+        match current {
+            Verdict::Owned => Ok(()),
+            Verdict::Moved => Err(ApiError::Moved {
+                tenant: tenant.to_string(),
+                epoch: epoch.0,
+            }),
+            Verdict::Behind => Err(ApiError::Unavailable(format!(
+                "cell {} has not yet seen epoch {epoch} of tenant {tenant}",
+                self.cell
+            ))),
+        }
+    }
+
+    async fn accept_once(&self, mut message: Message) -> Result<Accepted, ApiError> {
+        let key = message.idempotency_key.clone();
+        match self
+            .store
+            .reserve(&message.tenant, &key, message.id, now_ms())
+            .await
+            .map_err(storage_error)?
+        {
+            Reservation::Done(accepted) => return Ok(accepted),
+            Reservation::Pending(first_id) => message.id = first_id,
+            Reservation::New => {}
+        }
+        let accepted = self.enqueue(&message).await?;
+        self.store
+            .complete(&message.tenant, &key, accepted.clone(), now_ms())
+            .await
+            .map_err(storage_error)?;
+        Ok(accepted)
+    }
+
+    async fn enqueue(&self, message: &Message) -> Result<Accepted, ApiError> {
+        let body = serde_json::to_vec(message).map_err(|e| ApiError::Internal(e.to_string()))?;
+        self.queue
+            .send(message.class.into(), body)
+            .await
+            .map_err(queue_error)?;
+        tracing::debug!(tenant = %message.tenant, message_id = %message.id, class = %message.class, "accepted");
+        Ok(Accepted {
+            message_id: message.id,
+            recipients: message.recipients().map(|m| m.email.clone()).collect(),
+        })
+    }
+}

@@ -1,0 +1,174 @@
+//! A cellmail cell: one independent unit of sending capacity with its own queue, state and
+//! mailer. A tenant placed here is accepted, queued and delivered here only.
+//!
+//! - [`api`]: the `Cell` gRPC service the router calls.
+//! - [`accept`]: the accept path (fencing, validation, idempotency, durable enqueue).
+//! - [`fencing`]: the pure epoch check that refuses sends for tenants placed elsewhere.
+//! - [`validation`]: `SendRequest` -> [`message::Message`], naming the bad field.
+//! - [`message`]: the queued message and the answer given for it.
+//! - [`queue`]: the `Queue` trait (SQS semantics) and its implementations.
+//! - [`mailer`]: the `Mailer` trait, MIME rendering and its implementations.
+//! - [`store`]: the cell's durable state (idempotency window, delivery outcomes).
+//! - [`commit`]: group commit, shared by the embedded queue and the store.
+//! - [`worker`]: delivery workers.
+
+pub mod accept;
+pub mod api;
+pub mod commit;
+pub mod fencing;
+pub mod mailer;
+pub mod message;
+pub mod queue;
+pub mod store;
+pub mod validation;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cellmail_control::catalog::WatchedCatalog;
+use cellmail_control::registry::{self, Registry};
+use cellmail_control::schema::{self, CellRecord, CellState, Keys};
+use cellmail_proto::CellId;
+use cellmail_proto::v1::cell_server::{CellServer, SERVICE_NAME};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How a cell is started, from flags or env.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CellConfig {
+    #[arg(long = "cell-id", env = "CELLMAIL_CELL_ID")]
+    pub id: CellId,
+    /// Address the Cell gRPC API listens on (port 0: any free port).
+    #[arg(
+        long = "cell-addr",
+        env = "CELLMAIL_CELL_ADDR",
+        default_value = "127.0.0.1:0"
+    )]
+    pub addr: SocketAddr,
+    /// How many tenants the cell is sized for (used by placement when it first registers).
+    #[arg(
+        long = "cell-capacity",
+        env = "CELLMAIL_CELL_CAPACITY",
+        default_value_t = 1000
+    )]
+    pub capacity: u32,
+    /// Delivery workers.
+    #[arg(
+        long = "cell-workers",
+        env = "CELLMAIL_CELL_WORKERS",
+        default_value_t = 4
+    )]
+    pub workers: usize,
+}
+
+/// The cell's IO backends.
+pub struct Backends {
+    pub queue: Arc<dyn queue::Queue>,
+    pub mailer: Arc<dyn mailer::Mailer>,
+}
+
+/// How long the cell's liveness key outlives a cell that stopped renewing it.
+const LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// Runs a cell until `shutdown` is cancelled: registers it, serves `Cell` and delivers.
+/// `data_dir` is the cell's own directory (its store lives there).
+pub async fn run(
+    config: CellConfig,
+    data_dir: &Path,
+    registry: Arc<dyn Registry>,
+    keys: Keys,
+    backends: Backends,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let store = Arc::new(store::Store::open(&data_dir.join("store.redb"))?);
+    let catalog = Arc::new(WatchedCatalog::start(registry.clone(), keys.clone()).await?);
+    let listener = TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("binding --cell-addr {}", config.addr))?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let lease = register(registry.as_ref(), &keys, &config, &endpoint).await?;
+    tracing::info!(cell = %config.id, %endpoint, "cell serving");
+
+    let keepalive = {
+        let (registry, stop) = (registry.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            registry::keep_lease_alive(registry.as_ref(), lease, LEASE_TTL, stop.cancelled()).await
+        })
+    };
+    let worker = Arc::new(worker::Worker {
+        store: store.clone(),
+        queue: backends.queue.clone(),
+        mailer: backends.mailer,
+    });
+    let workers: Vec<_> = (0..config.workers)
+        .map(|_| tokio::spawn(worker.clone().run(shutdown.clone())))
+        .collect();
+
+    let acceptor = Arc::new(accept::Acceptor::new(
+        config.id.clone(),
+        catalog,
+        store,
+        backends.queue,
+    ));
+    let routes = tonic::service::Routes::new(CellServer::new(api::CellApi::new(acceptor)));
+    let served =
+        cellmail_proto::server::serve(listener, routes, &[SERVICE_NAME], shutdown.clone()).await;
+    shutdown.cancel();
+    for worker in workers {
+        worker.await?;
+    }
+    keepalive.await??;
+    registry.revoke_lease(lease).await?;
+    served?;
+    Ok(())
+}
+
+/// Records the cell's endpoint and version (keeping its operator-set state, capacity and
+/// labels) and its liveness key on a fresh lease.
+async fn register(
+    registry: &dyn Registry,
+    keys: &Keys,
+    config: &CellConfig,
+    endpoint: &str,
+) -> anyhow::Result<registry::LeaseId> {
+    let key = keys.cell(&config.id);
+    loop {
+        let current = registry.get(&key).await?;
+        let (mod_revision, mut record) = match &current {
+            Some(kv) => (
+                kv.mod_revision,
+                schema::decode::<CellRecord>(&kv.value).context("reading this cell's record")?,
+            ),
+            None => (
+                0,
+                CellRecord {
+                    endpoint: String::new(),
+                    capacity: config.capacity,
+                    state: CellState::Active,
+                    labels: Default::default(),
+                    version: String::new(),
+                },
+            ),
+        };
+        record.endpoint = endpoint.to_owned();
+        record.version = env!("CARGO_PKG_VERSION").to_owned();
+        if registry
+            .compare_and_swap(&key, mod_revision, schema::encode(&record))
+            .await?
+            .is_some()
+        {
+            break;
+        }
+    }
+    let lease = registry.grant_lease(LEASE_TTL).await?;
+    registry
+        .put(&keys.alive(&config.id), Vec::new(), Some(lease))
+        .await?;
+    Ok(lease)
+}

@@ -1,0 +1,149 @@
+//! How a cell hands a message to the world.
+//!
+//! A [`Mailer`] sends one message or says whether the failure is worth retrying.
+//! [`render`] builds the RFC 5322 form every mailer that needs raw MIME shares.
+//!
+//! Implementations: [`file::FileSink`] (embedded: one .eml per message on disk).
+
+pub mod file;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mail_builder::MessageBuilder;
+use mail_builder::headers::address::Address;
+use mail_builder::headers::raw::Raw;
+
+use crate::message::{Mailbox, Message};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MailerError {
+    /// Throttling, a 5xx, a full disk: the message goes back to the queue.
+    #[error("retryable: {reason}")]
+    Retryable {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// The message can never be sent as it is (rejected content, unverified identity).
+    #[error("permanent: {reason}")]
+    Permanent { reason: String },
+}
+
+#[async_trait]
+pub trait Mailer: Send + Sync + 'static {
+    async fn send(&self, message: &Message) -> Result<(), MailerError>;
+}
+
+fn address(mailbox: &Mailbox) -> Address<'_> {
+    match &mailbox.name {
+        Some(name) => Address::new_address(Some(name.as_str()), mailbox.email.as_str()),
+        None => Address::new_address(None::<&str>, mailbox.email.as_str()),
+    }
+}
+
+fn address_list(mailboxes: &[Mailbox]) -> Address<'_> {
+    Address::new_list(mailboxes.iter().map(address).collect())
+}
+
+/// The message as RFC 5322 text: Message-ID, Date, From, To, Cc, Reply-To, Subject, the
+/// text and html parts, and cellmail's headers (tenant, message id, idempotency key, and
+/// each tag as `X-Cellmail-Tag-<name>`). Bcc recipients are not written into the headers.
+pub fn render(message: &Message) -> Vec<u8> {
+    let mut builder = MessageBuilder::new()
+        .message_id(format!("{}@{}", message.id, message.from.domain()))
+        .date((message.accepted_at_ms / 1000) as i64)
+        .from(address(&message.from))
+        .subject(message.subject.as_str())
+        .header("X-Cellmail-Tenant", Raw::new(message.tenant.as_str()))
+        .header("X-Cellmail-Message-Id", Raw::new(message.id.to_string()))
+        .header("X-Cellmail-Class", Raw::new(message.class.as_str()));
+    if !message.to.is_empty() {
+        builder = builder.to(address_list(&message.to));
+    }
+    if !message.cc.is_empty() {
+        builder = builder.cc(address_list(&message.cc));
+    }
+    if !message.reply_to.is_empty() {
+        builder = builder.reply_to(address_list(&message.reply_to));
+    }
+    if !message.idempotency_key.is_empty() {
+        builder = builder.header(
+            "X-Cellmail-Idempotency-Key",
+            Raw::new(message.idempotency_key.as_str()),
+        );
+    }
+    for (name, value) in &message.tags {
+        builder = builder.header(format!("X-Cellmail-Tag-{name}"), Raw::new(value.as_str()));
+    }
+    if !message.text.is_empty() {
+        builder = builder.text_body(message.text.as_str());
+    }
+    if !message.html.is_empty() {
+        builder = builder.html_body(message.html.as_str());
+    }
+    // Writing into a Vec cannot fail.
+    builder.write_to_vec().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellmail_proto::{MessageClass, MessageId, TenantId};
+
+    #[test]
+    fn rendered_message_parses_back_with_every_header() {
+        let mailbox = |name: Option<&str>, email: &str| Mailbox {
+            name: name.map(Into::into),
+            email: email.into(),
+        };
+        let message = Message {
+            id: MessageId::generate(),
+            tenant: TenantId::new("acme").unwrap(),
+            class: MessageClass::Marketing,
+            idempotency_key: "k-1".into(),
+            from: mailbox(Some("Acme Ltd"), "news@acme.example"),
+            to: vec![
+                mailbox(None, "jane@example.com"),
+                mailbox(Some("Jo"), "jo@example.com"),
+            ],
+            cc: vec![mailbox(None, "cc@example.com")],
+            bcc: vec![mailbox(None, "hidden@example.com")],
+            reply_to: vec![mailbox(None, "help@acme.example")],
+            subject: "Über news".into(),
+            text: "plain".into(),
+            html: "<p>rich</p>".into(),
+            tags: [("campaign".to_owned(), "fall-2026".to_owned())].into(),
+            accepted_at_ms: 1_700_000_000_000,
+        };
+        let raw = render(&message);
+        let parsed = mail_parser::MessageParser::default().parse(&raw).unwrap();
+        assert_eq!(
+            parsed.message_id(),
+            Some(format!("{}@acme.example", message.id).as_str())
+        );
+        assert_eq!(parsed.subject(), Some("Über news"));
+        assert_eq!(
+            parsed.from().unwrap().first().unwrap().address(),
+            Some("news@acme.example")
+        );
+        assert_eq!(parsed.to().unwrap().iter().count(), 2);
+        assert_eq!(
+            parsed.cc().unwrap().first().unwrap().address(),
+            Some("cc@example.com")
+        );
+        assert!(parsed.bcc().is_none(), "bcc must not leak into headers");
+        assert_eq!(parsed.body_text(0).unwrap().trim(), "plain");
+        assert_eq!(parsed.body_html(0).unwrap().trim(), "<p>rich</p>");
+        assert_eq!(
+            parsed.header_raw("X-Cellmail-Tag-campaign").map(str::trim),
+            Some("fall-2026")
+        );
+        assert_eq!(
+            parsed
+                .header_raw("X-Cellmail-Idempotency-Key")
+                .map(str::trim),
+            Some("k-1")
+        );
+        assert_eq!(parsed.date().unwrap().to_timestamp(), 1_700_000_000);
+    }
+}

@@ -1,0 +1,51 @@
+//! `cellmail-cell`: one cell as its own process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cellmail_cell::mailer::file::FileSink;
+use cellmail_cell::queue::{QueueConfig, local::LocalQueue};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "cellmail cell: accepts, queues and delivers the mail of the tenants placed on it"
+)]
+struct Args {
+    #[command(flatten)]
+    cell: cellmail_cell::CellConfig,
+    #[command(flatten)]
+    registry: cellmail_control::RegistryConfig,
+    /// The cell's own state (store, embedded queue); the file sink writes under <data-dir>/mail.
+    #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
+    data_dir: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    cellmail_proto::server::init_tracing();
+    let args = Args::parse();
+    let registry = args.registry.open(&args.data_dir).await?;
+    let cell_dir = args.data_dir.join("cells").join(args.cell.id.as_str());
+    std::fs::create_dir_all(&cell_dir)?;
+    let backends = cellmail_cell::Backends {
+        queue: Arc::new(LocalQueue::open(
+            &cell_dir.join("queue.redb"),
+            QueueConfig::default(),
+        )?),
+        mailer: Arc::new(FileSink::new(args.data_dir.join("mail"))),
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
+    cellmail_cell::run(
+        args.cell,
+        &cell_dir,
+        registry,
+        args.registry.keys(),
+        backends,
+        shutdown,
+    )
+    .await
+}

@@ -1,0 +1,364 @@
+//! The embedded queue: messages in one redb file, the visible/in-flight index in memory.
+//!
+//! Sends, receive counts, dead-letter moves and deletes go through a group commit, so every
+//! acknowledged send is fsynced and many concurrent sends share one fsync. Visibility is kept
+//! in memory only: after a restart every message not deleted is visible again, which is what
+//! SQS does for messages whose visibility timeout ran out.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{Delivery, Queue, QueueConfig, QueueError, QueueKind};
+use crate::commit::{GroupCommit, StorageError};
+
+/// (queue, sequence) -> (body, receive count)
+const MESSAGES: TableDefinition<(u8, u64), (&[u8], u32)> = TableDefinition::new("messages");
+
+fn index(kind: QueueKind) -> u8 {
+    match kind {
+        QueueKind::Transactional => 0,
+        QueueKind::Marketing => 1,
+        QueueKind::DeadLetter => 2,
+    }
+}
+
+enum Write {
+    Insert { kind: u8, seq: u64, body: Vec<u8> },
+    Received { kind: u8, seq: u64, count: u32 },
+    DeadLetter { kind: u8, seq: u64, dead_seq: u64 },
+    Remove { kind: u8, seq: u64 },
+}
+
+fn apply(txn: &WriteTransaction, write: Write) -> Result<(), StorageError> {
+    let mut table = txn
+        .open_table(MESSAGES)
+        .map_err(StorageError::from_display)?;
+    let missing = || StorageError("queued message vanished from the queue file".into());
+    match write {
+        Write::Insert { kind, seq, body } => {
+            table
+                .insert((kind, seq), (body.as_slice(), 0))
+                .map_err(StorageError::from_display)?;
+        }
+        Write::Received { kind, seq, count } => {
+            let body = table
+                .get((kind, seq))
+                .map_err(StorageError::from_display)?
+                .ok_or_else(missing)?
+                .value()
+                .0
+                .to_vec();
+            table
+                .insert((kind, seq), (body.as_slice(), count))
+                .map_err(StorageError::from_display)?;
+        }
+        Write::DeadLetter {
+            kind,
+            seq,
+            dead_seq,
+        } => {
+            let body = table
+                .remove((kind, seq))
+                .map_err(StorageError::from_display)?
+                .ok_or_else(missing)?
+                .value()
+                .0
+                .to_vec();
+            let dead = index(QueueKind::DeadLetter);
+            table
+                .insert((dead, dead_seq), (body.as_slice(), 0))
+                .map_err(StorageError::from_display)?;
+        }
+        Write::Remove { kind, seq } => {
+            table
+                .remove((kind, seq))
+                .map_err(StorageError::from_display)?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Lane {
+    /// Visible messages: (sequence, receive count so far).
+    ready: VecDeque<(u64, u32)>,
+    /// Received, not yet deleted: sequence -> (receive count, visible again at).
+    inflight: HashMap<u64, (u32, Instant)>,
+    /// When in-flight messages become visible again (stale entries are skipped).
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+}
+
+impl Lane {
+    /// Returns every in-flight message whose visibility ran out to `ready`.
+    fn expire(&mut self, now: Instant) {
+        while let Some(Reverse((at, seq))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some((count, deadline)) = self.inflight.get(&seq).copied() {
+                if deadline <= now {
+                    self.inflight.remove(&seq);
+                    self.ready.push_back((seq, count));
+                }
+            }
+        }
+    }
+
+    fn next_timer(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+}
+
+struct State {
+    lanes: [Lane; 3],
+    next_seq: u64,
+}
+
+pub struct LocalQueue {
+    db: Arc<Database>,
+    state: Mutex<State>,
+    writes: GroupCommit<Write, ()>,
+    visible: Notify,
+    config: QueueConfig,
+}
+
+fn storage(err: impl std::fmt::Display) -> QueueError {
+    QueueError::Storage(err.to_string())
+}
+
+fn parse_receipt(receipt: &str) -> Option<(u64, u32)> {
+    let (seq, count) = receipt.split_once('.')?;
+    Some((seq.parse().ok()?, count.parse().ok()?))
+}
+
+impl LocalQueue {
+    pub fn open(path: &Path, config: QueueConfig) -> Result<Self, QueueError> {
+        let db = Arc::new(Database::create(path).map_err(storage)?);
+        let txn = db.begin_write().map_err(storage)?;
+        txn.open_table(MESSAGES).map_err(storage)?;
+        txn.commit().map_err(storage)?;
+
+        let mut state = State {
+            lanes: Default::default(),
+            next_seq: 1,
+        };
+        let read = db.begin_read().map_err(storage)?;
+        for row in read
+            .open_table(MESSAGES)
+            .map_err(storage)?
+            .iter()
+            .map_err(storage)?
+        {
+            let (key, value) = row.map_err(storage)?;
+            let (kind, seq) = key.value();
+            let lane = state
+                .lanes
+                .get_mut(kind as usize)
+                .ok_or_else(|| storage(format!("unknown queue {kind}")))?;
+            lane.ready.push_back((seq, value.value().1));
+            state.next_seq = state.next_seq.max(seq + 1);
+        }
+        let writes = GroupCommit::start("queue", db.clone(), apply).map_err(storage)?;
+        Ok(Self {
+            db,
+            state: Mutex::new(state),
+            writes,
+            visible: Notify::new(),
+            config,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The index is only changed by whole statements that cannot panic halfway.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn write(&self, writes: Vec<Write>) -> Result<(), QueueError> {
+        self.writes
+            .submit_all(writes)
+            .await
+            .map(|_| ())
+            .map_err(|e| QueueError::Storage(e.0))
+    }
+
+    /// Takes up to `max` visible messages of `kind`, moving the ones received too often to
+    /// the dead-letter queue. Returns what it took and when the next in-flight one expires.
+    async fn take(
+        &self,
+        kind: QueueKind,
+        max: usize,
+        visibility: Duration,
+    ) -> Result<(Vec<Delivery>, Option<Instant>), QueueError> {
+        let k = index(kind);
+        let now = Instant::now();
+        let (taken, dead, next_timer) = {
+            let mut state = self.lock();
+            let max_receives = self.config.max_receives;
+            let mut taken = Vec::new();
+            let mut dead = Vec::new();
+            while taken.len() < max {
+                let lane = &mut state.lanes[k as usize];
+                lane.expire(now);
+                let Some((seq, count)) = lane.ready.pop_front() else {
+                    break;
+                };
+                let count = count + 1;
+                if kind != QueueKind::DeadLetter && count > max_receives {
+                    state.next_seq += 1;
+                    dead.push((seq, state.next_seq - 1));
+                } else {
+                    let lane = &mut state.lanes[k as usize];
+                    lane.inflight.insert(seq, (count, now + visibility));
+                    lane.timers.push(Reverse((now + visibility, seq)));
+                    taken.push((seq, count));
+                }
+            }
+            let next_timer = state.lanes[k as usize].next_timer();
+            (taken, dead, next_timer)
+        };
+        let mut writes: Vec<Write> = dead
+            .iter()
+            .map(|&(seq, dead_seq)| Write::DeadLetter {
+                kind: k,
+                seq,
+                dead_seq,
+            })
+            .collect();
+        writes.extend(taken.iter().map(|&(seq, count)| Write::Received {
+            kind: k,
+            seq,
+            count,
+        }));
+        self.write(writes).await?;
+        if !dead.is_empty() {
+            tracing::warn!(queue = ?kind, count = dead.len(), "messages received too often; dead-lettered");
+            let mut state = self.lock();
+            let lane = &mut state.lanes[index(QueueKind::DeadLetter) as usize];
+            lane.ready
+                .extend(dead.iter().map(|(_, dead_seq)| (*dead_seq, 0)));
+        }
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(MESSAGES).map_err(storage)?;
+        let mut deliveries = Vec::with_capacity(taken.len());
+        for (seq, count) in taken {
+            // Absent only if a delete raced this receive with a receipt it cannot have had yet.
+            if let Some(row) = table.get((k, seq)).map_err(storage)? {
+                deliveries.push(Delivery {
+                    receipt: format!("{seq}.{count}"),
+                    body: row.value().0.to_vec(),
+                    receive_count: count,
+                });
+            }
+        }
+        Ok((deliveries, next_timer))
+    }
+}
+
+#[async_trait]
+impl Queue for LocalQueue {
+    async fn send(&self, kind: QueueKind, body: Vec<u8>) -> Result<(), QueueError> {
+        let k = index(kind);
+        let seq = {
+            let mut state = self.lock();
+            state.next_seq += 1;
+            state.next_seq - 1
+        };
+        self.write(vec![Write::Insert { kind: k, seq, body }])
+            .await?;
+        self.lock().lanes[k as usize].ready.push_back((seq, 0));
+        self.visible.notify_waiters();
+        Ok(())
+    }
+
+    async fn receive(
+        &self,
+        kind: QueueKind,
+        max: usize,
+        visibility: Duration,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let notified = self.visible.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (deliveries, next_timer) = self.take(kind, max, visibility).await?;
+            if !deliveries.is_empty() || Instant::now() >= deadline {
+                return Ok(deliveries);
+            }
+            let wake = next_timer.map_or(deadline, |t| t.min(deadline));
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    async fn delete(&self, kind: QueueKind, receipts: &[String]) -> Result<(), QueueError> {
+        let k = index(kind);
+        let current: Vec<u64> = {
+            let mut state = self.lock();
+            let lane = &mut state.lanes[k as usize];
+            let mut current = Vec::with_capacity(receipts.len());
+            for (seq, count) in receipts.iter().filter_map(|r| parse_receipt(r)) {
+                if lane.inflight.get(&seq).is_some_and(|(c, _)| *c == count) {
+                    lane.inflight.remove(&seq);
+                    current.push(seq);
+                }
+            }
+            current
+        };
+        self.write(
+            current
+                .into_iter()
+                .map(|seq| Write::Remove { kind: k, seq })
+                .collect(),
+        )
+        .await
+    }
+
+    async fn change_visibility(
+        &self,
+        kind: QueueKind,
+        receipt: &str,
+        visibility: Duration,
+    ) -> Result<(), QueueError> {
+        let invalid = || QueueError::ReceiptInvalid(receipt.to_owned());
+        let (seq, count) = parse_receipt(receipt).ok_or_else(invalid)?;
+        let at = Instant::now() + visibility;
+        {
+            let mut state = self.lock();
+            let lane = &mut state.lanes[index(kind) as usize];
+            match lane.inflight.get_mut(&seq) {
+                Some((c, deadline)) if *c == count => *deadline = at,
+                _ => return Err(invalid()),
+            }
+            lane.timers.push(Reverse((at, seq)));
+        }
+        self.visible.notify_waiters();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receipts_parse_only_in_their_own_shape() {
+        assert_eq!(parse_receipt("12.3"), Some((12, 3)));
+        assert_eq!(parse_receipt("12"), None);
+        assert_eq!(parse_receipt("a.b"), None);
+    }
+}

@@ -1,0 +1,306 @@
+//! The `Control` gRPC service: what operators do to tenants, cells and API keys.
+//!
+//! Reads go straight to the registry (operators expect to see their last write); a new
+//! tenant's records (tenant, placement, first API key) are written in one transaction that
+//! fails if the tenant already exists.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cellmail_proto::v1::{self, control_server::Control};
+use cellmail_proto::{ApiError, Epoch, TenantId};
+use tonic::{Request, Response, Status};
+
+use crate::apikey;
+use crate::catalog::Catalog;
+use crate::placement::{self, Candidate};
+use crate::registry::{Compare, Op, Registry, RegistryError, Snapshot};
+use crate::schema::{
+    self, ApiKeyRecord, Keys, PlacementRecord, PlacementState, TenantRecord, TenantStatus, Tier,
+};
+
+pub struct ControlApi {
+    registry: Arc<dyn Registry>,
+    keys: Keys,
+}
+
+pub(crate) fn registry_error(err: RegistryError) -> ApiError {
+    match err {
+        RegistryError::Unavailable(reason) => {
+            ApiError::Unavailable(format!("registry unavailable: {reason}"))
+        }
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Lowercases and checks one domain a tenant may send from.
+fn parse_domain(field: String, domain: &str) -> Result<String, ApiError> {
+    let domain = domain.trim().to_ascii_lowercase();
+    if domain.contains('.')
+        && email_address::EmailAddress::is_valid_domain(&domain)
+        && !domain.starts_with('[')
+    {
+        Ok(domain)
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!("{domain:?} is not a domain name"),
+        ))
+    }
+}
+
+fn tenant_info(
+    id: &TenantId,
+    tenant: &TenantRecord,
+    placement: Option<&PlacementRecord>,
+) -> v1::TenantInfo {
+    v1::TenantInfo {
+        id: id.to_string(),
+        tier: tenant.tier.as_str().to_owned(),
+        status: format!("{:?}", tenant.status).to_uppercase(),
+        domains: tenant.domains.clone(),
+        cell: placement.map(|p| p.cell.to_string()).unwrap_or_default(),
+        epoch: placement.map_or(0, |p| p.epoch.0),
+    }
+}
+
+impl ControlApi {
+    pub fn new(registry: Arc<dyn Registry>, keys: Keys) -> Self {
+        Self { registry, keys }
+    }
+
+    /// A catalog of the given kinds of record (`cells`, `alive`, `tenants`, `placements`).
+    async fn catalog(&self, kinds: &[&str]) -> Result<Catalog, ApiError> {
+        let mut merged = Snapshot::default();
+        for kind in kinds {
+            let snapshot = self
+                .registry
+                .list(&format!("{}{kind}/", self.keys.prefix()))
+                .await
+                .map_err(registry_error)?;
+            merged.revision = merged.revision.max(snapshot.revision);
+            merged.entries.extend(snapshot.entries);
+        }
+        Ok(Catalog::from_snapshot(&self.keys, &merged))
+    }
+
+    async fn create_tenant(
+        &self,
+        req: v1::CreateTenantRequest,
+    ) -> Result<v1::CreateTenantResponse, ApiError> {
+        let id = TenantId::new(req.id).map_err(|e| ApiError::invalid("id", e.to_string()))?;
+        if req.domains.is_empty() {
+            return Err(ApiError::invalid(
+                "domains",
+                "a tenant needs at least one sending domain",
+            ));
+        }
+        let domains = req
+            .domains
+            .iter()
+            .enumerate()
+            .map(|(i, d)| parse_domain(format!("domains[{i}]"), d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tier: Tier = req
+            .tier
+            .parse()
+            .map_err(|e: String| ApiError::invalid("tier", e))?;
+
+        let catalog = self.catalog(&["cells", "alive", "placements"]).await?;
+        let load = catalog.load();
+        let cell = placement::choose(catalog.cells.iter().map(|(id, record)| Candidate {
+            id,
+            record,
+            alive: catalog.alive.contains(id),
+            tenants: load.get(id).copied().unwrap_or(0),
+        }))
+        .ok_or_else(|| {
+            ApiError::Unavailable("no ACTIVE live cell has room for a new tenant".into())
+        })?
+        .clone();
+
+        let tenant = TenantRecord {
+            tier,
+            status: TenantStatus::Active,
+            domains,
+            created_at_ms: now_ms(),
+        };
+        let placement = PlacementRecord {
+            cell,
+            epoch: Epoch(1),
+            state: PlacementState::Serving,
+        };
+        let key = apikey::issue();
+        let key_record = ApiKeyRecord {
+            tenant: id.clone(),
+            key_id: key.key_id.clone(),
+            created_at_ms: now_ms(),
+        };
+        let (tenant_key, placement_key) = (self.keys.tenant(&id), self.keys.placement(&id));
+        let compares = vec![
+            Compare {
+                key: tenant_key.clone(),
+                mod_revision: 0,
+            },
+            Compare {
+                key: placement_key.clone(),
+                mod_revision: 0,
+            },
+        ];
+        let ops = vec![
+            Op::Put {
+                key: tenant_key,
+                value: schema::encode(&tenant),
+                lease: None,
+            },
+            Op::Put {
+                key: placement_key,
+                value: schema::encode(&placement),
+                lease: None,
+            },
+            Op::Put {
+                key: self.keys.api_key(&key.hash),
+                value: schema::encode(&key_record),
+                lease: None,
+            },
+        ];
+        if self
+            .registry
+            .txn(compares, ops)
+            .await
+            .map_err(registry_error)?
+            .is_none()
+        {
+            return Err(ApiError::AlreadyExists(format!(
+                "tenant {id} already exists"
+            )));
+        }
+        tracing::info!(tenant = %id, cell = %placement.cell, key_id = %key.key_id, "tenant created");
+        Ok(v1::CreateTenantResponse {
+            tenant: Some(tenant_info(&id, &tenant, Some(&placement))),
+            api_key: key.plaintext,
+            key_id: key.key_id,
+        })
+    }
+
+    async fn list_tenants(&self) -> Result<v1::ListTenantsResponse, ApiError> {
+        let catalog = self.catalog(&["tenants", "placements"]).await?;
+        let mut tenants: Vec<_> = catalog
+            .tenants
+            .iter()
+            .map(|(id, tenant)| tenant_info(id, tenant, catalog.placements.get(id)))
+            .collect();
+        tenants.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(v1::ListTenantsResponse { tenants })
+    }
+
+    async fn list_cells(&self) -> Result<v1::ListCellsResponse, ApiError> {
+        let catalog = self.catalog(&["cells", "alive", "placements"]).await?;
+        let load = catalog.load();
+        let mut cells: Vec<_> = catalog
+            .cells
+            .iter()
+            .map(|(id, cell)| v1::CellInfo {
+                id: id.to_string(),
+                endpoint: cell.endpoint.clone(),
+                capacity: cell.capacity,
+                state: format!("{:?}", cell.state).to_uppercase(),
+                tenants: load.get(id).copied().unwrap_or(0),
+                alive: catalog.alive.contains(id),
+                version: cell.version.clone(),
+            })
+            .collect();
+        cells.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(v1::ListCellsResponse { cells })
+    }
+
+    async fn issue_api_key(
+        &self,
+        req: v1::IssueApiKeyRequest,
+    ) -> Result<v1::IssueApiKeyResponse, ApiError> {
+        let id = TenantId::new(req.tenant_id)
+            .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        let tenant_key = self.keys.tenant(&id);
+        let Some(tenant) = self
+            .registry
+            .get(&tenant_key)
+            .await
+            .map_err(registry_error)?
+        else {
+            return Err(ApiError::NotFound(format!("tenant {id} does not exist")));
+        };
+        let key = apikey::issue();
+        let record = ApiKeyRecord {
+            tenant: id.clone(),
+            key_id: key.key_id.clone(),
+            created_at_ms: now_ms(),
+        };
+        // Fails if the tenant was deleted in the meantime, so no key outlives its tenant.
+        let compares = vec![Compare {
+            key: tenant_key,
+            mod_revision: tenant.mod_revision,
+        }];
+        let ops = vec![Op::Put {
+            key: self.keys.api_key(&key.hash),
+            value: schema::encode(&record),
+            lease: None,
+        }];
+        if self
+            .registry
+            .txn(compares, ops)
+            .await
+            .map_err(registry_error)?
+            .is_none()
+        {
+            return Err(ApiError::Unavailable(format!(
+                "tenant {id} changed while issuing a key; retry"
+            )));
+        }
+        tracing::info!(tenant = %id, key_id = %key.key_id, "API key issued");
+        Ok(v1::IssueApiKeyResponse {
+            api_key: key.plaintext,
+            key_id: key.key_id,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Control for ControlApi {
+    async fn create_tenant(
+        &self,
+        request: Request<v1::CreateTenantRequest>,
+    ) -> Result<Response<v1::CreateTenantResponse>, Status> {
+        Ok(Response::new(
+            ControlApi::create_tenant(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_tenants(
+        &self,
+        _request: Request<v1::ListTenantsRequest>,
+    ) -> Result<Response<v1::ListTenantsResponse>, Status> {
+        Ok(Response::new(ControlApi::list_tenants(self).await?))
+    }
+
+    async fn list_cells(
+        &self,
+        _request: Request<v1::ListCellsRequest>,
+    ) -> Result<Response<v1::ListCellsResponse>, Status> {
+        Ok(Response::new(ControlApi::list_cells(self).await?))
+    }
+
+    async fn issue_api_key(
+        &self,
+        request: Request<v1::IssueApiKeyRequest>,
+    ) -> Result<Response<v1::IssueApiKeyResponse>, Status> {
+        Ok(Response::new(
+            ControlApi::issue_api_key(self, request.into_inner()).await?,
+        ))
+    }
+}

@@ -1,0 +1,217 @@
+//! The typed view of the registry that routers and cells serve from.
+//!
+//! [`Catalog`] is plain data: cells, live cells, tenants, placements and API key hashes,
+//! changed one registry event at a time by [`Catalog::apply`]. [`WatchedCatalog`] loads the
+//! prefix at revision R, watches from R+1 and applies every change, so lookups never touch
+//! the registry. When the watch breaks it resumes from the last revision it applied, and
+//! reloads the whole prefix when that revision was compacted. Readers can wait for a
+//! revision or a condition (a router that was told "moved" waits for the new placement).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::Duration;
+
+use cellmail_proto::{CellId, TenantId};
+
+use crate::registry::{EventKind, Registry, RegistryError, Revision, Snapshot};
+use crate::schema::{self, ApiKeyRecord, CellRecord, Entity, Keys, PlacementRecord, TenantRecord};
+
+#[derive(Debug, Default, Clone)]
+pub struct Catalog {
+    pub cells: HashMap<CellId, CellRecord>,
+    pub alive: HashSet<CellId>,
+    pub tenants: HashMap<TenantId, TenantRecord>,
+    pub placements: HashMap<TenantId, PlacementRecord>,
+    /// SHA-256 of an API key -> the key's record.
+    pub api_keys: HashMap<String, ApiKeyRecord>,
+    pub revision: Revision,
+}
+
+impl Catalog {
+    pub fn from_snapshot(keys: &Keys, snapshot: &Snapshot) -> Self {
+        let mut catalog = Catalog::default();
+        for kv in &snapshot.entries {
+            catalog.apply(keys, &kv.key, Some(&kv.value));
+        }
+        catalog.revision = snapshot.revision;
+        catalog
+    }
+
+    /// Applies one put (`Some(value)`) or delete (`None`). A value that does not parse is
+    /// logged and treated as absent, so one bad record never stops the view.
+    pub fn apply(&mut self, keys: &Keys, key: &str, value: Option<&[u8]>) {
+        fn parse<T: serde::de::DeserializeOwned>(key: &str, value: Option<&[u8]>) -> Option<T> {
+            schema::decode(value?)
+                .inspect_err(|err| tracing::error!(key, %err, "unreadable registry record ignored"))
+                .ok()
+        }
+        match keys.parse(key) {
+            Some(Entity::Cell(id)) => upsert(&mut self.cells, id, parse(key, value)),
+            Some(Entity::Alive(id)) => {
+                if value.is_some() {
+                    self.alive.insert(id);
+                } else {
+                    self.alive.remove(&id);
+                }
+            }
+            Some(Entity::Tenant(id)) => upsert(&mut self.tenants, id, parse(key, value)),
+            Some(Entity::Placement(id)) => upsert(&mut self.placements, id, parse(key, value)),
+            Some(Entity::ApiKey(hash)) => upsert(&mut self.api_keys, hash, parse(key, value)),
+            None => {}
+        }
+    }
+
+    /// How many tenants are placed on each cell.
+    pub fn load(&self) -> HashMap<&CellId, u32> {
+        let mut load = HashMap::new();
+        for placement in self.placements.values() {
+            *load.entry(&placement.cell).or_default() += 1;
+        }
+        load
+    }
+}
+
+fn upsert<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, value: Option<V>) {
+    match value {
+        Some(value) => map.insert(key, value),
+        None => map.remove(&key),
+    };
+}
+
+/// A [`Catalog`] kept current by a registry watch.
+pub struct WatchedCatalog {
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Shared {
+    catalog: RwLock<Catalog>,
+    revision: tokio::sync::watch::Sender<Revision>,
+}
+
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+
+impl WatchedCatalog {
+    /// Loads the prefix and starts following it.
+    pub async fn start(registry: Arc<dyn Registry>, keys: Keys) -> Result<Self, RegistryError> {
+        let snapshot = registry.list(keys.prefix()).await?;
+        let catalog = Catalog::from_snapshot(&keys, &snapshot);
+        let (revision, _) = tokio::sync::watch::channel(catalog.revision);
+        let shared = Arc::new(Shared {
+            catalog: RwLock::new(catalog),
+            revision,
+        });
+        let task = tokio::spawn(follow(registry, keys, shared.clone()));
+        Ok(Self { shared, task })
+    }
+
+    pub fn read(&self) -> RwLockReadGuard<'_, Catalog> {
+        // Writers never panic while holding the lock (apply only logs), so a poisoned lock
+        // still guards a consistent catalog.
+        self.shared
+            .catalog
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits until `condition` holds on the catalog, at most `timeout`; returns whether it did.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        condition: impl Fn(&Catalog) -> bool,
+    ) -> bool {
+        let mut revisions = self.shared.revision.subscribe();
+        tokio::time::timeout(timeout, async {
+            loop {
+                if condition(&self.read()) {
+                    return;
+                }
+                if revisions.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+}
+
+impl Drop for WatchedCatalog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn follow(registry: Arc<dyn Registry>, keys: Keys, shared: Arc<Shared>) {
+    loop {
+        let from = *shared.revision.borrow() + 1;
+        let error = match registry.watch(keys.prefix(), from).await {
+            Ok(mut watcher) => loop {
+                match watcher.next().await {
+                    Some(Ok(event)) => {
+                        let value =
+                            (event.kind == EventKind::Put).then_some(event.value.as_slice());
+                        let mut catalog = shared.catalog.write().unwrap_or_else(|p| p.into_inner());
+                        catalog.apply(&keys, &event.key, value);
+                        catalog.revision = event.mod_revision;
+                        drop(catalog);
+                        shared.revision.send_replace(event.mod_revision);
+                    }
+                    Some(Err(err)) => break err,
+                    None => break RegistryError::Unavailable("watch closed".into()),
+                }
+            },
+            Err(err) => err,
+        };
+        if let RegistryError::Compacted { .. } = error {
+            tracing::warn!(%error, "registry watch fell behind compaction; reloading");
+            if let Err(err) = resync(registry.as_ref(), &keys, &shared).await {
+                tracing::warn!(%err, "registry reload failed; retrying");
+            }
+        } else {
+            tracing::warn!(%error, "registry watch broke; resuming");
+        }
+        tokio::time::sleep(RETRY_AFTER).await;
+    }
+}
+
+async fn resync(
+    registry: &dyn Registry,
+    keys: &Keys,
+    shared: &Shared,
+) -> Result<(), RegistryError> {
+    let snapshot = registry.list(keys.prefix()).await?;
+    let catalog = Catalog::from_snapshot(keys, &snapshot);
+    *shared.catalog.write().unwrap_or_else(|p| p.into_inner()) = catalog;
+    shared.revision.send_replace(snapshot.revision);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{PlacementState, encode};
+    use cellmail_proto::Epoch;
+
+    #[test]
+    fn apply_tracks_puts_deletes_and_skips_garbage() {
+        let keys = Keys::new("/p/");
+        let tenant = TenantId::new("acme").unwrap();
+        let cell = CellId::new("c1").unwrap();
+        let placement = PlacementRecord {
+            cell: cell.clone(),
+            epoch: Epoch(2),
+            state: PlacementState::Serving,
+        };
+        let mut catalog = Catalog::default();
+        catalog.apply(&keys, &keys.placement(&tenant), Some(&encode(&placement)));
+        assert_eq!(catalog.placements.get(&tenant), Some(&placement));
+        assert_eq!(catalog.load().get(&cell), Some(&1));
+        catalog.apply(&keys, &keys.placement(&tenant), Some(b"{not json"));
+        assert_eq!(catalog.placements.get(&tenant), None);
+        catalog.apply(&keys, &keys.alive(&cell), Some(b""));
+        assert!(catalog.alive.contains(&cell));
+        catalog.apply(&keys, &keys.alive(&cell), None);
+        assert!(!catalog.alive.contains(&cell));
+    }
+}

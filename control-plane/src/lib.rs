@@ -1,0 +1,80 @@
+//! cellmail's control plane: the placement registry and what operators do with it.
+//!
+//! - [`registry`]: the `Registry` trait (revisioned KV with CAS, watches, leases) and its
+//!   implementations.
+//! - [`schema`]: the registry's key layout and record types.
+//! - [`catalog`]: the typed, watch-fed view of the registry that routers and cells serve from.
+//! - [`placement`]: the pure choice of a cell for a new tenant.
+//! - [`apikey`]: issuing and hashing tenant API keys.
+//! - [`api`]: the `Control` gRPC service.
+
+pub mod api;
+pub mod apikey;
+pub mod catalog;
+pub mod placement;
+pub mod registry;
+pub mod schema;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cellmail_proto::v1::control_server::{ControlServer, SERVICE_NAME};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How a control plane is started, from flags or env.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControlConfig {
+    /// Address the Control gRPC API listens on.
+    #[arg(
+        long = "control-addr",
+        env = "CELLMAIL_CONTROL_ADDR",
+        default_value = "127.0.0.1:50052"
+    )]
+    pub addr: SocketAddr,
+}
+
+/// Which registry a binary uses, and under which prefix.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RegistryConfig {
+    /// `embedded` (a file under the data dir, one process only).
+    #[arg(long, env = "CELLMAIL_REGISTRY", default_value = "embedded")]
+    pub registry: String,
+    /// Key prefix of cellmail's records in the registry.
+    #[arg(long, env = "CELLMAIL_REGISTRY_PREFIX", default_value = schema::DEFAULT_PREFIX)]
+    pub registry_prefix: String,
+}
+
+impl RegistryConfig {
+    pub async fn open(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<Arc<dyn registry::Registry>> {
+        match self.registry.as_str() {
+            "embedded" => {
+                std::fs::create_dir_all(data_dir)?;
+                let path: PathBuf = data_dir.join("registry.redb");
+                Ok(Arc::new(registry::local::LocalRegistry::open(&path).await?))
+            }
+            other => anyhow::bail!("--registry {other:?}: expected `embedded`"),
+        }
+    }
+
+    pub fn keys(&self) -> schema::Keys {
+        schema::Keys::new(&self.registry_prefix)
+    }
+}
+
+/// Serves the Control API on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<dyn registry::Registry>,
+    keys: schema::Keys,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let api = ControlServer::new(api::ControlApi::new(registry, keys));
+    let routes = tonic::service::Routes::new(api);
+    cellmail_proto::server::serve(listener, routes, &[SERVICE_NAME], shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! `cellmail-control`: the control plane as its own process.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "cellmail control plane: the Control gRPC API over the placement registry"
+)]
+struct Args {
+    #[command(flatten)]
+    control: cellmail_control::ControlConfig,
+    #[command(flatten)]
+    registry: cellmail_control::RegistryConfig,
+    /// Where the embedded registry keeps its file.
+    #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
+    data_dir: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    cellmail_proto::server::init_tracing();
+    let args = Args::parse();
+    let registry = args.registry.open(&args.data_dir).await?;
+    let listener = tokio::net::TcpListener::bind(args.control.addr)
+        .await
+        .with_context(|| format!("binding --control-addr {}", args.control.addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "control plane serving");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
+    cellmail_control::serve(listener, registry, args.registry.keys(), shutdown).await
+}

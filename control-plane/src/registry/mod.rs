@@ -1,0 +1,195 @@
+//! The placement registry: a revisioned key-value store with compare-and-swap, watches and
+//! leases, shaped like etcd v3 so that the production implementation is a thin adapter.
+//!
+//! Every change bumps the store's revision; each key remembers the revision that created and
+//! last modified it. [`Registry::txn`] applies a set of puts and deletes atomically when every
+//! key is still at the mod revision the caller read (0 = absent), which is how placements are
+//! changed. [`Registry::watch`] replays every change from a revision in order, and answers
+//! [`RegistryError::Compacted`] when that revision is no longer kept, so the caller resyncs.
+//! Keys bound to a lease disappear when the lease is not kept alive.
+//!
+//! Implementations: [`local::LocalRegistry`] (embedded, persisted to one file).
+
+pub mod local;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+pub type Revision = u64;
+pub type LeaseId = u64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub create_revision: Revision,
+    pub mod_revision: Revision,
+    pub lease: Option<LeaseId>,
+}
+
+/// A consistent read of a prefix at one revision.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub revision: Revision,
+    pub entries: Vec<KeyValue>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+/// The condition of a transaction: `key` is at `mod_revision` (0 means the key is absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compare {
+    pub key: String,
+    pub mod_revision: Revision,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Put,
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchEvent {
+    pub kind: EventKind,
+    pub key: String,
+    /// Empty for a delete.
+    pub value: Vec<u8>,
+    pub mod_revision: Revision,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("revision {requested} is compacted (oldest kept: {oldest}); resync from a fresh list")]
+    Compacted {
+        requested: Revision,
+        oldest: Revision,
+    },
+    #[error("lease {0} is unknown or expired")]
+    LeaseNotFound(LeaseId),
+    /// Retryable: the registry could not be reached or did not answer in time.
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+    /// The registry's storage failed; not retryable without an operator.
+    #[error("registry storage failed: {0}")]
+    Storage(String),
+}
+
+/// The events of one watch, in revision order. Ends (`None`) when the registry closes it;
+/// an `Err` item ends it too and says why.
+pub struct Watcher {
+    rx: mpsc::UnboundedReceiver<Result<WatchEvent, RegistryError>>,
+}
+
+impl Watcher {
+    pub fn new(rx: mpsc::UnboundedReceiver<Result<WatchEvent, RegistryError>>) -> Self {
+        Self { rx }
+    }
+
+    pub async fn next(&mut self) -> Option<Result<WatchEvent, RegistryError>> {
+        self.rx.recv().await
+    }
+}
+
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, RegistryError>;
+
+    /// Every key under `prefix`, with the store revision the read was made at.
+    async fn list(&self, prefix: &str) -> Result<Snapshot, RegistryError>;
+
+    /// Applies `ops` atomically when every compare holds: `Some(new revision)`, or `None`
+    /// (nothing written) when one did not.
+    async fn txn(
+        &self,
+        compares: Vec<Compare>,
+        ops: Vec<Op>,
+    ) -> Result<Option<Revision>, RegistryError>;
+
+    /// Every change under `prefix` from revision `from` on (0: from the next change).
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<Watcher, RegistryError>;
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, RegistryError>;
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), RegistryError>;
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), RegistryError>;
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision, RegistryError> {
+        let op = Op::Put {
+            key: key.to_owned(),
+            value,
+            lease,
+        };
+        let revision = self.txn(Vec::new(), vec![op]).await?;
+        revision.ok_or_else(|| RegistryError::Storage("unconditional put was refused".into()))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), RegistryError> {
+        self.txn(
+            Vec::new(),
+            vec![Op::Delete {
+                key: key.to_owned(),
+            }],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Writes `value` only if `key` is still at `mod_revision` (0: absent).
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        mod_revision: Revision,
+        value: Vec<u8>,
+    ) -> Result<Option<Revision>, RegistryError> {
+        let compare = Compare {
+            key: key.to_owned(),
+            mod_revision,
+        };
+        let op = Op::Put {
+            key: key.to_owned(),
+            value,
+            lease: None,
+        };
+        self.txn(vec![compare], vec![op]).await
+    }
+}
+
+/// Keeps `lease` alive every third of its `ttl` until `stop` resolves or the lease is lost.
+pub async fn keep_lease_alive(
+    registry: &dyn Registry,
+    lease: LeaseId,
+    ttl: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), RegistryError> {
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(ttl / 3);
+    loop {
+        tokio::select! {
+            () = &mut stop => return Ok(()),
+            _ = tick.tick() => match registry.keep_alive(lease).await {
+                Ok(()) => {}
+                Err(RegistryError::Unavailable(reason)) => tracing::warn!(%reason, lease, "lease keepalive failed; retrying"),
+                Err(err) => return Err(err),
+            },
+        }
+    }
+}

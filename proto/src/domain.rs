@@ -1,0 +1,220 @@
+//! Identifiers and value types shared by every crate.
+//!
+//! Each identifier is a newtype validated at construction, so a raw string never means two
+//! things and a bad id is refused at the edge with the field it came from.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {value:?} is invalid: {reason}")]
+pub struct IdError {
+    pub kind: &'static str,
+    pub value: String,
+    pub reason: &'static str,
+}
+
+/// Checks the shape shared by tenant and cell ids: 1 to 63 characters of lowercase ASCII
+/// letters, digits and '-', starting with a letter or digit. The same alphabet is safe in
+/// registry keys, file paths, SES configuration-set names and SQS queue names.
+fn check_slug(kind: &'static str, value: &str) -> Result<(), IdError> {
+    let fail = |reason| {
+        Err(IdError {
+            kind,
+            value: value.to_owned(),
+            reason,
+        })
+    };
+    if value.is_empty() || value.len() > 63 {
+        return fail("must be 1 to 63 characters");
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return fail("may hold only lowercase letters, digits and '-'");
+    }
+    if value.starts_with('-') {
+        return fail("must start with a letter or digit");
+    }
+    Ok(())
+}
+
+macro_rules! slug_id {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
+                let value = value.into();
+                check_slug($kind, &value)?;
+                Ok(Self(value))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(value: String) -> Result<Self, IdError> {
+                Self::new(value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                Self::new(s)
+            }
+        }
+    };
+}
+
+slug_id!(
+    /// A tenant: one customer of the SaaS product that sends through cellmail.
+    TenantId,
+    "tenant id"
+);
+slug_id!(
+    /// A cell: one independent worker with its own queue, suppression state and mailer.
+    CellId,
+    "cell id"
+);
+
+/// A message id: a ULID, so ids sort by acceptance time and never collide across cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MessageId(ulid::Ulid);
+
+impl MessageId {
+    pub fn generate() -> Self {
+        Self(ulid::Ulid::new())
+    }
+}
+
+impl TryFrom<String> for MessageId {
+    type Error = IdError;
+    fn try_from(value: String) -> Result<Self, IdError> {
+        value.parse()
+    }
+}
+
+impl std::str::FromStr for MessageId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        ulid::Ulid::from_string(s).map(Self).map_err(|_| IdError {
+            kind: "message id",
+            value: s.to_owned(),
+            reason: "must be a 26-character ULID",
+        })
+    }
+}
+
+impl From<MessageId> for String {
+    fn from(id: MessageId) -> String {
+        id.to_string()
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The generation of a tenant's placement. Every switch of a tenant's cell increments it,
+/// and a cell refuses sends stamped with an epoch it does not own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Epoch(pub u64);
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Transactional mail (resets, receipts) is scheduled before marketing mail and has its own
+/// queue, breaker and stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageClass {
+    Transactional,
+    Marketing,
+}
+
+impl MessageClass {
+    /// Scheduling order: transactional first.
+    pub const ALL: [MessageClass; 2] = [MessageClass::Transactional, MessageClass::Marketing];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageClass::Transactional => "transactional",
+            MessageClass::Marketing => "marketing",
+        }
+    }
+
+    /// `None` for `MESSAGE_CLASS_UNSPECIFIED` or an unknown wire value.
+    pub fn from_wire(value: i32) -> Option<Self> {
+        match crate::v1::MessageClass::try_from(value).ok()? {
+            crate::v1::MessageClass::Transactional => Some(MessageClass::Transactional),
+            crate::v1::MessageClass::Marketing => Some(MessageClass::Marketing),
+            crate::v1::MessageClass::Unspecified => None,
+        }
+    }
+}
+
+impl fmt::Display for MessageClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slug_ids_refuse_what_is_unsafe_in_keys_and_paths() {
+        assert!(TenantId::new("acme-42").is_ok());
+        for bad in ["", "Acme", "a/b", "../x", "-x", "a b", &"x".repeat(64)] {
+            let err = TenantId::new(bad).unwrap_err();
+            assert_eq!(err.kind, "tenant id", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn message_ids_round_trip_and_reject_garbage() {
+        let id = MessageId::generate();
+        assert_eq!(id.to_string().parse::<MessageId>().unwrap(), id);
+        assert!("not-a-ulid".parse::<MessageId>().is_err());
+    }
+
+    #[test]
+    fn unspecified_class_is_not_a_class() {
+        assert_eq!(MessageClass::from_wire(0), None);
+        assert_eq!(
+            MessageClass::from_wire(1),
+            Some(MessageClass::Transactional)
+        );
+        assert_eq!(MessageClass::from_wire(2), Some(MessageClass::Marketing));
+        assert_eq!(MessageClass::from_wire(99), None);
+    }
+}

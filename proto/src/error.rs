@@ -1,0 +1,133 @@
+//! The error model of every cellmail API.
+//!
+//! Domain code returns [`ApiError`]; this module is the one place that turns it into a gRPC
+//! status (code, readable message, and `google.rpc` details a program can read: a
+//! `BadRequest` field violation naming the field, an `ErrorInfo` with a stable reason).
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// `ErrorInfo.domain` of every cellmail error.
+pub const ERROR_DOMAIN: &str = "cellmail";
+/// `ErrorInfo.reason` of the cell's answer to a send stamped with an epoch it does not own.
+pub const REASON_TENANT_MOVED: &str = "TENANT_MOVED";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The cell does not own the tenant at the epoch the router stamped on the send.
+    #[error("tenant {tenant} is not served by this cell at epoch {epoch}")]
+    Moved { tenant: String, epoch: u64 },
+    /// Retryable: the cell is down or the tenant's placement is not usable right now.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ApiError::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Whether a status returned by a cell is its "moved" answer.
+    pub fn is_moved(status: &Status) -> bool {
+        status.code() == Code::Aborted
+            && status.get_details_error_info().is_some_and(|info| {
+                info.reason == REASON_TENANT_MOVED && info.domain == ERROR_DOMAIN
+            })
+    }
+
+    fn info(reason: &str, metadata: HashMap<String, String>) -> ErrorDetails {
+        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata)
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Status {
+        let message = err.to_string();
+        let (code, details) = match err {
+            ApiError::Unauthenticated(_) => (
+                Code::Unauthenticated,
+                ApiError::info("UNAUTHENTICATED", HashMap::new()),
+            ),
+            ApiError::PermissionDenied(_) => (
+                Code::PermissionDenied,
+                ApiError::info("PERMISSION_DENIED", HashMap::new()),
+            ),
+            ApiError::InvalidArgument { field, reason } => (
+                Code::InvalidArgument,
+                ErrorDetails::with_bad_request_violation(field, reason),
+            ),
+            ApiError::NotFound(_) => (Code::NotFound, ApiError::info("NOT_FOUND", HashMap::new())),
+            ApiError::AlreadyExists(_) => (
+                Code::AlreadyExists,
+                ApiError::info("ALREADY_EXISTS", HashMap::new()),
+            ),
+            ApiError::Moved { tenant, epoch } => (
+                Code::Aborted,
+                ApiError::info(
+                    REASON_TENANT_MOVED,
+                    HashMap::from([
+                        ("tenant".to_owned(), tenant),
+                        ("epoch".to_owned(), epoch.to_string()),
+                    ]),
+                ),
+            ),
+            ApiError::Unavailable(_) => (
+                Code::Unavailable,
+                ApiError::info("UNAVAILABLE", HashMap::new()),
+            ),
+            ApiError::Internal(_) => (Code::Internal, ApiError::info("INTERNAL", HashMap::new())),
+        };
+        Status::with_error_details(code, message, details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_names_the_field_in_message_and_details() {
+        let status = Status::from(ApiError::invalid("to[1]", "not an RFC 5322 address"));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status.message().starts_with("to[1]:"),
+            "{}",
+            status.message()
+        );
+        let violations = status
+            .get_details_bad_request()
+            .expect("bad request details")
+            .field_violations;
+        assert_eq!(violations[0].field, "to[1]");
+    }
+
+    #[test]
+    fn moved_is_recognised_and_nothing_else_is() {
+        let moved = Status::from(ApiError::Moved {
+            tenant: "t".into(),
+            epoch: 3,
+        });
+        assert!(ApiError::is_moved(&moved));
+        assert!(!ApiError::is_moved(&Status::from(ApiError::Unavailable(
+            "down".into()
+        ))));
+        assert!(!ApiError::is_moved(&Status::aborted("plain abort")));
+    }
+}

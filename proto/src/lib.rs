@@ -1,0 +1,25 @@
+//! cellmail's shared contract.
+//!
+//! - [`v1`]: the generated `cellmail.v1` messages, clients and servers (Sender, Cell, Control)
+//!   and the encoded descriptor set served by gRPC reflection.
+//! - [`domain`]: the identifiers and small value types every crate shares (`TenantId`,
+//!   `CellId`, `MessageId`, `Epoch`, `MessageClass`), validated when constructed.
+//! - [`error`]: the one mapping from domain failures to gRPC status codes with
+//!   machine-readable details, and back (the router reads a cell's answers with it).
+//! - [`server`]: log setup and the gRPC server every binary runs (with health and reflection).
+
+pub mod domain;
+pub mod error;
+pub mod server;
+
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("cellmail.v1");
+
+    /// Encoded `FileDescriptorSet` of every cellmail.v1 file, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("cellmail_v1_descriptor");
+}
+
+pub use domain::{CellId, Epoch, IdError, MessageClass, MessageId, TenantId};
+pub use error::ApiError;

@@ -1,0 +1,48 @@
+//! The cellmail router: the one front door for sends.
+//!
+//! - [`auth`]: the interceptor that turns `authorization: Bearer <key>` into the tenant.
+//! - [`forward`]: tenant -> cell resolution from the watched catalog, deadlines, cell channels.
+//! - [`api`]: the `Sender` gRPC service (forward, and one retry after a "moved" answer).
+
+pub mod api;
+pub mod auth;
+pub mod forward;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use cellmail_control::catalog::WatchedCatalog;
+use cellmail_control::registry::Registry;
+use cellmail_control::schema::Keys;
+use cellmail_proto::v1::sender_server::{SERVICE_NAME, SenderServer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How a router is started, from flags or env.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RouterConfig {
+    /// Address the Sender gRPC API listens on.
+    #[arg(
+        long = "router-addr",
+        env = "CELLMAIL_ROUTER_ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub addr: SocketAddr,
+}
+
+/// Serves `Sender` on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<dyn Registry>,
+    keys: Keys,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let catalog = Arc::new(WatchedCatalog::start(registry, keys).await?);
+    let api = SenderServer::with_interceptor(
+        api::SenderApi::new(catalog.clone()),
+        auth::Authenticate::new(catalog),
+    );
+    let routes = tonic::service::Routes::new(api);
+    cellmail_proto::server::serve(listener, routes, &[SERVICE_NAME], shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! `cellmail-router`: a router as its own process.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "cellmail router: authenticates tenants and forwards their sends to their cell"
+)]
+struct Args {
+    #[command(flatten)]
+    router: cellmail_router::RouterConfig,
+    #[command(flatten)]
+    registry: cellmail_control::RegistryConfig,
+    /// Where the embedded registry keeps its file.
+    #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
+    data_dir: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    cellmail_proto::server::init_tracing();
+    let args = Args::parse();
+    let registry = args.registry.open(&args.data_dir).await?;
+    let listener = tokio::net::TcpListener::bind(args.router.addr)
+        .await
+        .with_context(|| format!("binding --router-addr {}", args.router.addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "router serving");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
+    cellmail_router::serve(listener, registry, args.registry.keys(), shutdown).await
+}

@@ -1,0 +1,140 @@
+//! `cellmail up`: the whole platform in one process on embedded defaults — the embedded
+//! registry, N cells (each with its own embedded queue and store, mailing to the file sink),
+//! the control plane and a router — until Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cellmail_cell::mailer::file::FileSink;
+use cellmail_cell::queue::{QueueConfig, local::LocalQueue};
+use cellmail_control::registry::{Registry, local::LocalRegistry};
+use cellmail_control::schema::{DEFAULT_PREFIX, Keys};
+use cellmail_proto::CellId;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// Where every component keeps its state; mail lands in <data-dir>/mail/<tenant>/.
+    #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
+    data_dir: PathBuf,
+    /// How many cells to run.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    cells: u16,
+    /// Address of the Sender API.
+    #[arg(long, env = "CELLMAIL_ROUTER_ADDR", default_value = "127.0.0.1:50051")]
+    router_addr: SocketAddr,
+    /// Address of the Control API.
+    #[arg(long, env = "CELLMAIL_CONTROL_ADDR", default_value = "127.0.0.1:50052")]
+    control_addr: SocketAddr,
+}
+
+const CELLS_READY: Duration = Duration::from_secs(15);
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let registry: Arc<dyn Registry> =
+        Arc::new(LocalRegistry::open(&args.data_dir.join("registry.redb")).await?);
+    let keys = Keys::new(DEFAULT_PREFIX);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
+    // Bind first, so a port in use fails before anything starts.
+    let router = TcpListener::bind(args.router_addr)
+        .await
+        .with_context(|| format!("binding --router-addr {}", args.router_addr))?;
+    let control = TcpListener::bind(args.control_addr)
+        .await
+        .with_context(|| format!("binding --control-addr {}", args.control_addr))?;
+    let (router_addr, control_addr) = (router.local_addr()?, control.local_addr()?);
+
+    let mut tasks = JoinSet::new();
+    let mail = args.data_dir.join("mail");
+    let mut alive_keys = Vec::new();
+    for n in 1..=args.cells {
+        let id = CellId::new(format!("cell-{n}"))?;
+        let dir = args.data_dir.join("cells").join(id.as_str());
+        std::fs::create_dir_all(&dir)?;
+        let backends = cellmail_cell::Backends {
+            queue: Arc::new(LocalQueue::open(
+                &dir.join("queue.redb"),
+                QueueConfig::default(),
+            )?),
+            mailer: Arc::new(FileSink::new(mail.clone())),
+        };
+        alive_keys.push(keys.alive(&id));
+        let config = cellmail_cell::CellConfig {
+            id: id.clone(),
+            addr: "127.0.0.1:0".parse()?,
+            capacity: 1000,
+            workers: 4,
+        };
+        let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            cellmail_cell::run(config, &dir, registry, keys, backends, shutdown)
+                .await
+                .with_context(|| format!("cell {id}"))
+        });
+    }
+    wait_for_cells(registry.as_ref(), &alive_keys, &mut tasks).await?;
+    tasks.spawn(cellmail_control::serve(
+        control,
+        registry.clone(),
+        keys.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(cellmail_router::serve(
+        router,
+        registry,
+        keys,
+        shutdown.clone(),
+    ));
+
+    println!(
+        "cellmail is up on embedded defaults (data in {})",
+        args.data_dir.display()
+    );
+    println!("router: {router_addr}  (cellmail.v1.Sender)");
+    println!("control: {control_addr}  (cellmail.v1.Control)");
+    println!("cells: {}", args.cells);
+    println!("mail: {}/<tenant>/<message id>.eml", mail.display());
+    println!("ready; Ctrl-C stops");
+
+    let mut outcome = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(err) = joined.context("a component panicked").and_then(|r| r) {
+            if outcome.is_ok() {
+                tracing::error!(error = format!("{err:#}"), "a component failed; stopping");
+                outcome = Err(err);
+            }
+            shutdown.cancel();
+        }
+    }
+    outcome
+}
+
+/// Waits until every cell's liveness key is registered, so tenants can be placed at once.
+async fn wait_for_cells(
+    registry: &dyn Registry,
+    alive_keys: &[String],
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    for key in alive_keys {
+        while registry.get(key).await?.is_none() {
+            if let Some(joined) = tasks.try_join_next() {
+                joined.context("a cell panicked while starting")??;
+            }
+            anyhow::ensure!(
+                started.elapsed() < CELLS_READY,
+                "cells did not register within {CELLS_READY:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
