@@ -1,7 +1,9 @@
 //! `cellmail`: runs the whole platform on embedded defaults (`cellmail up`) and is the
-//! operator's client of the control plane (tenants, cells, API keys).
+//! operator's client of the control plane (tenants, cells, API keys) and a client of the
+//! router (`cellmail send`).
 
 mod operator;
+mod send;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +25,8 @@ enum Command {
     Cell(operator::CellArgs),
     /// Tenant API keys: issue.
     Key(operator::KeyArgs),
+    /// Send a message through the router with a tenant's API key.
+    Send(send::SendArgs),
 }
 
 #[tokio::main]
@@ -36,5 +40,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Tenant(args) => operator::tenant(args).await,
         Command::Cell(args) => operator::cell(args).await,
         Command::Key(args) => operator::key(args).await,
+        Command::Send(args) => send::run(args).await,
     }
 }

@@ -25,6 +25,10 @@ pub struct UpArgs {
     /// How many cells to run.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     cells: u16,
+    /// Delivery workers per cell (0: accept and queue only, deliver nothing, e.g. to hold
+    /// mail during maintenance; queued mail is delivered by the next run with workers).
+    #[arg(long, env = "CELLMAIL_CELL_WORKERS", default_value_t = 4)]
+    cell_workers: usize,
     /// Address of the Sender API.
     #[arg(long, env = "CELLMAIL_ROUTER_ADDR", default_value = "127.0.0.1:50051")]
     router_addr: SocketAddr,
@@ -71,7 +75,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             id: id.clone(),
             addr: "127.0.0.1:0".parse()?,
             capacity: 1000,
-            workers: 4,
+            workers: args.cell_workers,
         };
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
         tasks.spawn(async move {

@@ -229,7 +229,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut SendRequest)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut SendRequest)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             (
                 "idempotency_key",
                 Box::new(|r| r.idempotency_key = "has space".into()),

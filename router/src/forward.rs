@@ -87,10 +87,10 @@ impl Channels {
             .by_cell
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((endpoint, client)) = by_cell.get(&target.cell) {
-            if *endpoint == target.endpoint {
-                return Ok(client.clone());
-            }
+        if let Some((endpoint, client)) = by_cell.get(&target.cell)
+            && *endpoint == target.endpoint
+        {
+            return Ok(client.clone());
         }
         let channel = Endpoint::from_shared(target.endpoint.clone())
             .map_err(|e| {

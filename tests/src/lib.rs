@@ -1,1 +1,207 @@
+//! Helpers for cellmail's end-to-end tests and benchmark harness: find the built binaries,
+//! run `cellmail up` as a child process on free ports, and talk to it only through its
+//! public gRPC APIs.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use cellmail_proto::v1::{self, control_client::ControlClient, sender_client::SenderClient};
+use tonic::transport::Channel;
+
+/// A binary of this workspace, built next to the test executables (the README's test
+/// command builds them first). Fails loudly when it is missing.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test binary> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable has no target dir")?;
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: build the binaries first (`cargo build --workspace --bins`)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Polls `check` until it returns `Some`, at most `timeout`.
+pub async fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return Ok(value);
+        }
+        if started.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// `cellmail up` running as a child process; killed when dropped.
+pub struct Platform {
+    child: Child,
+    pub data_dir: PathBuf,
+    pub router: String,
+    pub control: String,
+}
+
+impl Platform {
+    /// Starts `cellmail up` on free ports with `data_dir` and waits until it is ready.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(binary("cellmail")?)
+            .arg("up")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args([
+                "--router-addr",
+                "127.0.0.1:0",
+                "--control-addr",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting cellmail up")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut router, mut control) = (None, None);
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .context("cellmail up did not print `ready` within 30s")?;
+            let addr = || {
+                line.split_whitespace()
+                    .nth(1)
+                    .map(|a| format!("http://{a}"))
+            };
+            if line.starts_with("router:") {
+                router = addr();
+            } else if line.starts_with("control:") {
+                control = addr();
+            } else if line.starts_with("ready") {
+                break;
+            }
+        }
+        Ok(Self {
+            child,
+            data_dir: data_dir.to_owned(),
+            router: router.context("no router address printed")?,
+            control: control.context("no control address printed")?,
+        })
+    }
+
+    /// SIGKILL: no clean shutdown, as in a crash.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        let exit = self.child.wait()?;
+        anyhow::ensure!(exit.success(), "cellmail up exited with {exit}");
+        Ok(())
+    }
+
+    pub async fn control(&self) -> anyhow::Result<ControlClient<Channel>> {
+        Ok(ControlClient::connect(self.control.clone()).await?)
+    }
+
+    pub async fn sender(&self) -> anyhow::Result<SenderClient<Channel>> {
+        Ok(SenderClient::connect(self.router.clone()).await?)
+    }
+
+    /// Creates a tenant; returns (cell, api key).
+    pub async fn create_tenant(
+        &self,
+        id: &str,
+        domains: &[&str],
+    ) -> anyhow::Result<(String, String)> {
+        let request = v1::CreateTenantRequest {
+            id: id.to_owned(),
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+            tier: String::new(),
+        };
+        let created = self
+            .control()
+            .await?
+            .create_tenant(request)
+            .await?
+            .into_inner();
+        Ok((
+            created.tenant.context("no tenant in answer")?.cell,
+            created.api_key,
+        ))
+    }
+
+    /// The .eml files the file sink wrote for `tenant`.
+    pub fn mail_of(&self, tenant: &str) -> Vec<PathBuf> {
+        let dir = self.data_dir.join("mail").join(tenant);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A request with `key` as its bearer token.
+pub fn authorized<T>(key: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(value) = format!("Bearer {key}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+/// A valid transactional message from `from` to `to`.
+pub fn message(from: &str, to: &str, idempotency_key: &str) -> v1::SendRequest {
+    v1::SendRequest {
+        idempotency_key: idempotency_key.to_owned(),
+        message_class: v1::MessageClass::Transactional as i32,
+        from_address: from.to_owned(),
+        to: vec![to.to_owned()],
+        subject: "Your receipt".to_owned(),
+        text: "Thanks for your order.".to_owned(),
+        ..Default::default()
+    }
+}

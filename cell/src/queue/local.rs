@@ -104,11 +104,11 @@ impl Lane {
                 break;
             }
             self.timers.pop();
-            if let Some((count, deadline)) = self.inflight.get(&seq).copied() {
-                if deadline <= now {
-                    self.inflight.remove(&seq);
-                    self.ready.push_back((seq, count));
-                }
+            if let Some((count, deadline)) = self.inflight.get(&seq).copied()
+                && deadline <= now
+            {
+                self.inflight.remove(&seq);
+                self.ready.push_back((seq, count));
             }
         }
     }
