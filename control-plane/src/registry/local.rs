@@ -292,7 +292,9 @@ impl Inner {
                 }
                 EventKind::Delete => state.kv.remove(&event.key),
             };
-            let old_lease = previous.and_then(|p| p.lease).filter(|old| Some(*old) != lease);
+            let old_lease = previous
+                .and_then(|p| p.lease)
+                .filter(|old| Some(*old) != lease);
             if let Some(old) = old_lease.and_then(|old| state.leases.get_mut(&old)) {
                 old.keys.remove(&event.key);
             }
