@@ -9,11 +9,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cellmail_proto::{CellId, TenantId};
 
-use crate::registry::{EventKind, Registry, RegistryError, Revision, Snapshot};
+use crate::registry::{EventKind, Registry, RegistryError, Revision, Snapshot, Watcher};
 use crate::schema::{self, ApiKeyRecord, CellRecord, Entity, Keys, PlacementRecord, TenantRecord};
 
 #[derive(Debug, Default, Clone)]
@@ -87,6 +87,19 @@ pub struct WatchedCatalog {
 struct Shared {
     catalog: RwLock<Catalog>,
     revision: tokio::sync::watch::Sender<Revision>,
+    /// Since when the watch has been broken (`None` while it is following the registry).
+    broken_since: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    fn set_following(&self, following: bool) {
+        let mut broken = self.broken_since.lock().unwrap_or_else(|p| p.into_inner());
+        match (following, *broken) {
+            (true, _) => *broken = None,
+            (false, None) => *broken = Some(Instant::now()),
+            (false, Some(_)) => {}
+        }
+    }
 }
 
 const RETRY_AFTER: Duration = Duration::from_millis(200);
@@ -100,6 +113,7 @@ impl WatchedCatalog {
         let shared = Arc::new(Shared {
             catalog: RwLock::new(catalog),
             revision,
+            broken_since: Default::default(),
         });
         let task = tokio::spawn(follow(registry, keys, shared.clone()));
         Ok(Self { shared, task })
@@ -112,6 +126,17 @@ impl WatchedCatalog {
             .catalog
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// How long the catalog has not been following the registry (the registry unreachable,
+    /// the watch broken), or `None` while it is. Lookups keep answering from the last state
+    /// either way: this says how stale that state may be.
+    pub fn staleness(&self) -> Option<Duration> {
+        self.shared
+            .broken_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|since| since.elapsed())
     }
 
     /// Waits until `condition` holds on the catalog, at most `timeout`; returns whether it did.
@@ -146,23 +171,13 @@ async fn follow(registry: Arc<dyn Registry>, keys: Keys, shared: Arc<Shared>) {
     loop {
         let from = *shared.revision.borrow() + 1;
         let error = match registry.watch(keys.prefix(), from).await {
-            Ok(mut watcher) => loop {
-                match watcher.next().await {
-                    Some(Ok(event)) => {
-                        let value =
-                            (event.kind == EventKind::Put).then_some(event.value.as_slice());
-                        let mut catalog = shared.catalog.write().unwrap_or_else(|p| p.into_inner());
-                        catalog.apply(&keys, &event.key, value);
-                        catalog.revision = event.mod_revision;
-                        drop(catalog);
-                        shared.revision.send_replace(event.mod_revision);
-                    }
-                    Some(Err(err)) => break err,
-                    None => break RegistryError::Unavailable("watch closed".into()),
-                }
-            },
+            Ok(watcher) => {
+                shared.set_following(true);
+                apply_events(watcher, &keys, &shared).await
+            }
             Err(err) => err,
         };
+        shared.set_following(false);
         if let RegistryError::Compacted { .. } = error {
             tracing::warn!(%error, "registry watch fell behind compaction; reloading");
             if let Err(err) = resync(registry.as_ref(), &keys, &shared).await {
@@ -172,6 +187,24 @@ async fn follow(registry: Arc<dyn Registry>, keys: Keys, shared: Arc<Shared>) {
             tracing::warn!(%error, "registry watch broke; resuming");
         }
         tokio::time::sleep(RETRY_AFTER).await;
+    }
+}
+
+/// Applies every event of `watcher` until it ends; returns why it ended.
+async fn apply_events(mut watcher: Watcher, keys: &Keys, shared: &Shared) -> RegistryError {
+    loop {
+        match watcher.next().await {
+            Some(Ok(event)) => {
+                let value = (event.kind == EventKind::Put).then_some(event.value.as_slice());
+                let mut catalog = shared.catalog.write().unwrap_or_else(|p| p.into_inner());
+                catalog.apply(keys, &event.key, value);
+                catalog.revision = event.mod_revision;
+                drop(catalog);
+                shared.revision.send_replace(event.mod_revision);
+            }
+            Some(Err(err)) => return err,
+            None => return RegistryError::Unavailable("watch closed".into()),
+        }
     }
 }
 

@@ -38,7 +38,8 @@ pub struct ControlConfig {
 /// Which registry a binary uses, and under which prefix.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RegistryConfig {
-    /// `embedded` (a file under the data dir, one process only).
+    /// `etcd://host:port[,host:port...]`, or `embedded` (a file under the data dir, one
+    /// process only).
     #[arg(long, env = "CELLMAIL_REGISTRY", default_value = "embedded")]
     pub registry: String,
     /// Key prefix of cellmail's records in the registry.
@@ -57,7 +58,17 @@ impl RegistryConfig {
                 let path: PathBuf = data_dir.join("registry.redb");
                 Ok(Arc::new(registry::local::LocalRegistry::open(&path).await?))
             }
-            other => anyhow::bail!("--registry {other:?}: expected `embedded`"),
+            spec => {
+                let Some(endpoints) = spec.strip_prefix("etcd://") else {
+                    anyhow::bail!(
+                        "--registry {spec:?}: expected `embedded` or `etcd://host:port[,host:port]`"
+                    );
+                };
+                let endpoints: Vec<String> = endpoints.split(',').map(str::to_owned).collect();
+                Ok(Arc::new(
+                    registry::etcd::EtcdRegistry::connect(&endpoints).await?,
+                ))
+            }
         }
     }
 

@@ -1,6 +1,6 @@
 //! Helpers for cellmail's end-to-end tests and benchmark harness: find the built binaries,
 //! run `cellmail up` as a child process on free ports, and talk to it only through its
-//! public gRPC APIs.
+//! public gRPC APIs. [`services`] finds the test services (etcd, the AWS emulator).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -205,3 +205,4 @@ pub fn message(from: &str, to: &str, idempotency_key: &str) -> v1::SendRequest {
         ..Default::default()
     }
 }
+pub mod services;

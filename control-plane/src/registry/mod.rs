@@ -8,8 +8,10 @@
 //! [`RegistryError::Compacted`] when that revision is no longer kept, so the caller resyncs.
 //! Keys bound to a lease disappear when the lease is not kept alive.
 //!
-//! Implementations: [`local::LocalRegistry`] (embedded, persisted to one file).
+//! Implementations: [`etcd::EtcdRegistry`] (production) and [`local::LocalRegistry`]
+//! (embedded, persisted to one file).
 
+pub mod etcd;
 pub mod local;
 
 use std::time::Duration;

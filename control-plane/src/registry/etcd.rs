@@ -1,0 +1,231 @@
+//! The production registry: etcd v3 through etcd-client (etcd 3.4 or newer).
+//!
+//! Every trait operation is one etcd request; transactions are etcd transactions comparing
+//! mod revisions (etcd treats an absent key as revision 0), so the semantics match the
+//! embedded registry exactly. Transport failures and timeouts are `Unavailable`, which
+//! callers retry; a watch that starts at a compacted revision is `Compacted`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions,
+    Txn, TxnOp, WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use super::{
+    Compare, EventKind, KeyValue, LeaseId, Op, Registry, RegistryError, Revision, Snapshot,
+    WatchEvent, Watcher,
+};
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const KEEPALIVE: Duration = Duration::from_secs(2);
+
+pub struct EtcdRegistry {
+    client: Client,
+}
+
+fn error(err: etcd_client::Error) -> RegistryError {
+    match err {
+        etcd_client::Error::GRpcStatus(status)
+            if !matches!(
+                status.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Unknown
+            ) =>
+        {
+            RegistryError::Storage(format!("etcd: {:?} {}", status.code(), status.message()))
+        }
+        other => RegistryError::Unavailable(format!("etcd: {other}")),
+    }
+}
+
+/// etcd answers NotFound for a lease that expired or never was (put with a lease, revoke).
+fn lease_not_found(err: &etcd_client::Error) -> bool {
+    matches!(err, etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::NotFound)
+}
+
+fn revision(header: Option<&etcd_client::ResponseHeader>) -> Revision {
+    header.map_or(0, |h| h.revision().max(0) as Revision)
+}
+
+fn key_value(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision() as Revision,
+        mod_revision: kv.mod_revision() as Revision,
+        lease: (kv.lease() != 0).then_some(kv.lease() as LeaseId),
+    }
+}
+
+impl EtcdRegistry {
+    /// Connects to any of `endpoints` (`host:port`).
+    pub async fn connect(endpoints: &[String]) -> Result<Self, RegistryError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(KEEPALIVE, KEEPALIVE)
+            .with_keep_alive_while_idle(true);
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(error)?;
+        Ok(Self { client })
+    }
+}
+
+#[async_trait]
+impl Registry for EtcdRegistry {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, RegistryError> {
+        let response = self.client.clone().get(key, None).await.map_err(error)?;
+        Ok(response.kvs().first().map(key_value))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Snapshot, RegistryError> {
+        let response = self
+            .client
+            .clone()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(error)?;
+        Ok(Snapshot {
+            revision: revision(response.header()),
+            entries: response.kvs().iter().map(key_value).collect(),
+        })
+    }
+
+    async fn txn(
+        &self,
+        compares: Vec<Compare>,
+        ops: Vec<Op>,
+    ) -> Result<Option<Revision>, RegistryError> {
+        let compares: Vec<EtcdCompare> = compares
+            .into_iter()
+            .map(|c| EtcdCompare::mod_revision(c.key, CompareOp::Equal, c.mod_revision as i64))
+            .collect();
+        let lease = ops.iter().find_map(|op| match op {
+            Op::Put { lease, .. } => *lease,
+            Op::Delete { .. } => None,
+        });
+        let ops: Vec<TxnOp> = ops
+            .into_iter()
+            .map(|op| match op {
+                Op::Put { key, value, lease } => {
+                    let options = lease.map(|id| PutOptions::new().with_lease(id as i64));
+                    TxnOp::put(key, value, options)
+                }
+                Op::Delete { key } => TxnOp::delete(key, None),
+            })
+            .collect();
+        let txn = Txn::new().when(compares).and_then(ops);
+        let response = match self.client.clone().txn(txn).await {
+            Ok(response) => response,
+            Err(err) if lease_not_found(&err) => {
+                return Err(RegistryError::LeaseNotFound(lease.unwrap_or(0)));
+            }
+            Err(err) => return Err(error(err)),
+        };
+        Ok(response.succeeded().then(|| revision(response.header())))
+    }
+
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<Watcher, RegistryError> {
+        let mut options = WatchOptions::new().with_prefix();
+        if from > 0 {
+            options = options.with_start_revision(from as i64);
+        }
+        let mut stream = self
+            .client
+            .clone()
+            .watch(prefix, Some(options))
+            .await
+            .map_err(error)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let response = match stream.message().await {
+                    Ok(Some(response)) => response,
+                    Ok(None) => return,
+                    Err(err) => {
+                        let _ = tx.send(Err(error(err)));
+                        return;
+                    }
+                };
+                if response.compact_revision() > 0 {
+                    let oldest = response.compact_revision() as Revision;
+                    let _ = tx.send(Err(RegistryError::Compacted {
+                        requested: from,
+                        oldest,
+                    }));
+                    return;
+                }
+                if response.canceled() {
+                    let reason = format!("etcd canceled the watch: {}", response.cancel_reason());
+                    let _ = tx.send(Err(RegistryError::Unavailable(reason)));
+                    return;
+                }
+                for event in response.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    let kind = match event.event_type() {
+                        EventType::Put => EventKind::Put,
+                        EventType::Delete => EventKind::Delete,
+                    };
+                    let event = WatchEvent {
+                        kind,
+                        key: String::from_utf8_lossy(kv.key()).into_owned(),
+                        value: if kind == EventKind::Put {
+                            kv.value().to_vec()
+                        } else {
+                            Vec::new()
+                        },
+                        mod_revision: kv.mod_revision() as Revision,
+                    };
+                    if tx.send(Ok(event)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Watcher::new(rx))
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, RegistryError> {
+        let seconds = ttl.as_secs().max(1) as i64;
+        let response = self
+            .client
+            .clone()
+            .lease_grant(seconds, None)
+            .await
+            .map_err(error)?;
+        Ok(response.id() as LeaseId)
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), RegistryError> {
+        let (mut keeper, mut responses) = self
+            .client
+            .clone()
+            .lease_keep_alive(lease as i64)
+            .await
+            .map_err(error)?;
+        keeper.keep_alive().await.map_err(error)?;
+        match responses.message().await.map_err(error)? {
+            Some(response) if response.ttl() > 0 => Ok(()),
+            Some(_) => Err(RegistryError::LeaseNotFound(lease)),
+            None => Err(RegistryError::Unavailable(
+                "etcd closed the keepalive stream".into(),
+            )),
+        }
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), RegistryError> {
+        match self.client.clone().lease_revoke(lease as i64).await {
+            Ok(_) => Ok(()),
+            Err(err) if lease_not_found(&err) => Err(RegistryError::LeaseNotFound(lease)),
+
+            Err(err) => Err(error(err)),
+        }
+    }
+}
