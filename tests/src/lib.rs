@@ -1,8 +1,13 @@
 //! Helpers for cellmail's end-to-end tests and benchmark harness: find the built binaries,
 //! run `cellmail up` as a child process on free ports, and talk to it only through its
-//! public gRPC APIs. [`services`] finds the test services (etcd, the AWS emulator).
+//! public gRPC APIs. [`services`] finds the test services (etcd, the AWS emulator);
+//! [`bench`] is the benchmark harness behind `cellmail-bench`.
+
+pub mod bench;
+pub mod services;
 
 use std::io::{BufRead, BufReader};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -205,4 +210,3 @@ pub fn message(from: &str, to: &str, idempotency_key: &str) -> v1::SendRequest {
         ..Default::default()
     }
 }
-pub mod services;

@@ -1,0 +1,62 @@
+//! What the kernel knows about this process: CPU time per thread name and resident memory.
+
+/// Linux reports thread times in clock ticks of USER_HZ, which is 100 on every Linux ABI.
+const TICKS_PER_SECOND: f64 = 100.0;
+const PAGE: u64 = 4096;
+
+/// CPU seconds (user + system) used so far by this process's threads whose name starts
+/// with `prefix` (tokio names every worker thread of a runtime alike).
+pub fn thread_cpu_seconds(prefix: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .filter_map(|stat| {
+            // pid (comm) state ... : comm may hold spaces, so split at the last ')'.
+            let (head, rest) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1;
+            if !name.starts_with(prefix) {
+                return None;
+            }
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // After the comm: state is field 3 of stat; utime and stime are fields 14 and 15.
+            let utime: f64 = fields.get(11)?.parse().ok()?;
+            let stime: f64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) / TICKS_PER_SECOND)
+        })
+        .sum()
+}
+
+/// Resident set size of this process, in bytes.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * PAGE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_named_thread_shows_cpu_time_and_rss_is_read() {
+        let busy = std::thread::Builder::new()
+            .name("benchburn".into())
+            .spawn(|| {
+                let started = std::time::Instant::now();
+                let mut x = 0u64;
+                while started.elapsed() < std::time::Duration::from_millis(300) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+                thread_cpu_seconds("benchburn")
+            })
+            .unwrap();
+        let seen = busy.join().unwrap();
+        assert!(seen > 0.1, "a thread that spun 300 ms used {seen} s");
+        assert_eq!(thread_cpu_seconds("no-such-thread"), 0.0);
+        assert!(rss_bytes() > 1 << 20);
+    }
+}

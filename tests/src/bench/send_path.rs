@@ -1,0 +1,378 @@
+//! The send path under load: one embedded cell (embedded queue and store, fsync on; no
+//! delivery workers, so only the accept path is measured) behind three front doors measured
+//! one after the other with the same load generator — the cell directly, a bare tonic
+//! pass-through proxy (no auth, no lookup: the floor for any proxy), and the router.
+//!
+//! Each part runs on its own tokio runtime with named threads, so the CPU the router and the
+//! proxy spend is read per thread from the kernel.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cellmail_cell::mailer::file::FileSink;
+use cellmail_cell::queue::{QueueConfig, local::LocalQueue};
+use cellmail_control::apikey;
+use cellmail_control::registry::{Registry, local::LocalRegistry};
+use cellmail_control::schema::{
+    self, ApiKeyRecord, CellRecord, Keys, PlacementRecord, PlacementState, TenantRecord,
+    TenantStatus, Tier,
+};
+use cellmail_proto::v1::{
+    self,
+    cell_client::CellClient,
+    sender_client::SenderClient,
+    sender_server::{Sender, SenderServer},
+};
+use cellmail_proto::{CellId, Epoch, TenantId};
+use tokio::runtime::Runtime;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use super::{Row, os, percentile};
+
+const TENANT: &str = "bench";
+const CELL: &str = "bench-1";
+const CONCURRENCY: usize = 64;
+
+fn runtime(name: &str) -> anyhow::Result<Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .enable_all()
+        .build()?)
+}
+
+/// The floor: forwards every send to the cell for a fixed tenant, doing nothing else.
+struct PassThrough {
+    cell: CellClient<Channel>,
+}
+
+#[tonic::async_trait]
+impl Sender for PassThrough {
+    async fn send(
+        &self,
+        request: tonic::Request<v1::SendRequest>,
+    ) -> Result<tonic::Response<v1::SendResponse>, tonic::Status> {
+        let accept = v1::AcceptRequest {
+            tenant_id: TENANT.into(),
+            epoch: 1,
+            message: Some(request.into_inner()),
+        };
+        self.cell.clone().accept(accept).await
+    }
+}
+
+#[derive(Clone)]
+enum Door {
+    Direct(CellClient<Channel>),
+    Sender {
+        client: SenderClient<Channel>,
+        key: Option<String>,
+    },
+}
+
+fn message(key: String) -> v1::SendRequest {
+    v1::SendRequest {
+        idempotency_key: key,
+        message_class: v1::MessageClass::Transactional as i32,
+        from_address: "orders@bench.example".into(),
+        to: vec!["customer@example.com".into()],
+        subject: "Your order".into(),
+        text: "Thanks for your order. It ships tomorrow.".into(),
+        ..Default::default()
+    }
+}
+
+impl Door {
+    async fn send(&self, key: String) -> Result<(), tonic::Status> {
+        match self {
+            Door::Direct(cell) => {
+                let accept = v1::AcceptRequest {
+                    tenant_id: TENANT.into(),
+                    epoch: 1,
+                    message: Some(message(key)),
+                };
+                cell.clone().accept(accept).await.map(|_| ())
+            }
+            Door::Sender {
+                client,
+                key: api_key,
+            } => {
+                let mut request = tonic::Request::new(message(key));
+                if let Some(api_key) = api_key {
+                    let bearer = format!("Bearer {api_key}")
+                        .parse()
+                        .map_err(|_| tonic::Status::internal("bad key"))?;
+                    request.metadata_mut().insert("authorization", bearer);
+                }
+                client.clone().send(request).await.map(|_| ())
+            }
+        }
+    }
+}
+
+static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+
+fn next_key() -> String {
+    format!("k{}", SEQUENCE.fetch_add(1, Ordering::Relaxed))
+}
+
+/// `CONCURRENCY` senders back to back for `duration`: (sends per second, failures).
+async fn closed_loop(door: &Door, duration: Duration) -> (f64, u64) {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let door = door.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                while started.elapsed() < duration {
+                    match door.send(next_key()).await {
+                        Ok(()) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0, 0);
+    for task in tasks {
+        let (o, f) = task.await.unwrap_or((0, 1));
+        ok += o;
+        failed += f;
+    }
+    (ok as f64 / started.elapsed().as_secs_f64(), failed)
+}
+
+/// Sends at a fixed `rate` for `duration`, each send on its own: latencies in ms.
+async fn open_loop(door: &Door, rate: f64, duration: Duration) -> Vec<f64> {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    while started.elapsed() < duration {
+        tick.tick().await;
+        let door = door.clone();
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            door.send(next_key())
+                .await
+                .ok()
+                .map(|()| sent.elapsed().as_secs_f64() * 1e3)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        if let Ok(Some(ms)) = task.await {
+            latencies.push(ms);
+        }
+    }
+    latencies
+}
+
+async fn seed(registry: &dyn Registry, keys: &Keys) -> anyhow::Result<String> {
+    let tenant = TenantId::new(TENANT)?;
+    let record = TenantRecord {
+        tier: Tier::Standard,
+        status: TenantStatus::Active,
+        domains: vec!["bench.example".into()],
+        created_at_ms: 0,
+    };
+    let placement = PlacementRecord {
+        cell: CellId::new(CELL)?,
+        epoch: Epoch(1),
+        state: PlacementState::Serving,
+    };
+    let key = apikey::issue();
+    let key_record = ApiKeyRecord {
+        tenant: tenant.clone(),
+        key_id: key.key_id.clone(),
+        created_at_ms: 0,
+    };
+    registry
+        .put(&keys.tenant(&tenant), schema::encode(&record), None)
+        .await?;
+    registry
+        .put(&keys.placement(&tenant), schema::encode(&placement), None)
+        .await?;
+    registry
+        .put(&keys.api_key(&key.hash), schema::encode(&key_record), None)
+        .await?;
+    Ok(key.plaintext)
+}
+
+async fn bind() -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
+}
+
+pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
+    let duration = if quick {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_secs(8)
+    };
+    let (cell_rt, router_rt, proxy_rt, load_rt) = (
+        runtime("bench-cell")?,
+        runtime("bench-router")?,
+        runtime("bench-proxy")?,
+        runtime("bench-load")?,
+    );
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new("/bench/");
+    let shutdown = CancellationToken::new();
+
+    let registry: Arc<dyn Registry> = cell_rt
+        .block_on(LocalRegistry::open(&dir.path().join("registry.redb")))
+        .map(Arc::new)?;
+    let api_key = cell_rt.block_on(seed(registry.as_ref(), &keys))?;
+    let cell_dir = dir.path().join("cell");
+    std::fs::create_dir_all(&cell_dir)?;
+    let backends = cellmail_cell::Backends {
+        queue: Arc::new(LocalQueue::open(
+            &cell_dir.join("queue.redb"),
+            QueueConfig::default(),
+        )?),
+        mailer: Arc::new(FileSink::new(dir.path().join("mail"))),
+    };
+    let config = cellmail_cell::CellConfig {
+        id: CellId::new(CELL)?,
+        addr: "127.0.0.1:0".parse()?,
+        capacity: 10,
+        workers: 0,
+    };
+    let cell = {
+        let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
+        cell_rt.spawn(async move {
+            cellmail_cell::run(config, &cell_dir, registry, keys, backends, shutdown).await
+        })
+    };
+
+    let endpoint = cell_rt.block_on(async {
+        let key = keys.cell(&CellId::new(CELL)?);
+        for _ in 0..500 {
+            if let Some(kv) = registry.get(&key).await? {
+                return anyhow::Ok(schema::decode::<CellRecord>(&kv.value)?.endpoint);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        anyhow::bail!("the bench cell did not register")
+    })?;
+
+    let (router_listener, router_addr) = router_rt.block_on(bind())?;
+    router_rt.spawn(cellmail_router::serve(
+        router_listener,
+        registry.clone(),
+        keys.clone(),
+        shutdown.clone(),
+    ));
+    let (proxy_listener, proxy_addr) = proxy_rt.block_on(bind())?;
+    let proxy_cell = {
+        let _in_proxy_runtime = proxy_rt.enter();
+        CellClient::new(Channel::from_shared(endpoint.clone())?.connect_lazy())
+    };
+
+    let proxy_shutdown = shutdown.clone();
+    proxy_rt.spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(proxy_listener);
+        tonic::transport::Server::builder()
+            .add_service(SenderServer::new(PassThrough { cell: proxy_cell }))
+            .serve_with_incoming_shutdown(incoming, proxy_shutdown.cancelled_owned())
+            .await
+    });
+
+    let rows = load_rt.block_on(async {
+        let direct = Door::Direct(CellClient::connect(endpoint.clone()).await?);
+        let proxy = Door::Sender {
+            client: SenderClient::connect(format!("http://{proxy_addr}")).await?,
+            key: None,
+        };
+        let router = Door::Sender {
+            client: SenderClient::connect(format!("http://{router_addr}")).await?,
+            key: Some(api_key),
+        };
+        router
+            .send(next_key())
+            .await
+            .context("a first send through the router")?;
+
+        let warmup = Duration::from_millis(500);
+        let mut throughput = Vec::new();
+        for (door, threads) in [
+            (&direct, "bench-cell"),
+            (&proxy, "bench-proxy"),
+            (&router, "bench-router"),
+        ] {
+            closed_loop(door, warmup).await;
+            let cpu_before = os::thread_cpu_seconds(threads);
+            let started = Instant::now();
+            let (rate, failed) = closed_loop(door, duration).await;
+            let sends = rate * started.elapsed().as_secs_f64();
+            let cpu_per_send = (os::thread_cpu_seconds(threads) - cpu_before) / sends;
+            anyhow::ensure!(failed == 0, "{failed} sends failed through {threads}");
+            throughput.push((rate, cpu_per_send));
+        }
+        let [(direct_rate, _), (_, proxy_cpu), (router_rate, router_cpu)] = throughput[..] else {
+            anyhow::bail!("three doors measured")
+        };
+
+        let half = router_rate / 2.0;
+        let mut direct_latency = open_loop(&direct, half, duration).await;
+        let mut router_latency = open_loop(&router, half, duration).await;
+        let added = percentile(&mut router_latency, 99.0) - percentile(&mut direct_latency, 99.0);
+
+        let ratio = router_rate / direct_rate;
+        let cpu_ratio = router_cpu / proxy_cpu;
+        anyhow::Ok(vec![
+            Row::measured(
+                "router throughput / direct-to-cell throughput",
+                ratio,
+                "ratio",
+                ">= 0.85",
+                ratio >= 0.85,
+                format!(
+                    "{router_rate:.0}/s vs {direct_rate:.0}/s, {CONCURRENCY} concurrent senders"
+                ),
+            ),
+            Row::measured(
+                "router CPU per send / bare tonic pass-through proxy's",
+                cpu_ratio,
+                "ratio",
+                "<= 1.25",
+                cpu_ratio <= 1.25,
+                format!(
+                    "{:.1} µs vs {:.1} µs per send",
+                    router_cpu * 1e6,
+                    proxy_cpu * 1e6
+                ),
+            ),
+            Row::measured(
+                "router p99 added latency at half of max load",
+                added,
+                "ms",
+                "< 0.5",
+                added < 0.5,
+                format!(
+                    "p99 {:.2} ms via router vs {:.2} ms direct at {half:.0}/s",
+                    percentile(&mut router_latency, 99.0),
+                    percentile(&mut direct_latency, 99.0)
+                ),
+            ),
+            Row::measured(
+                "cell durable accepts per second (embedded queue, fsync on)",
+                direct_rate,
+                "/s",
+                ">= 20000",
+                direct_rate >= 20_000.0,
+                "idempotency key reserved and message queued, each group-committed".into(),
+            ),
+        ])
+    })?;
+    shutdown.cancel();
+    cell_rt.block_on(cell)??;
+    Ok(rows)
+}

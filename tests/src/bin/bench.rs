@@ -1,0 +1,49 @@
+//! `cellmail-bench`: cellmail's benchmark harness. Starts what it measures itself and prints
+//! one table (or `--json`). `--quick` finishes in under a minute, for CI to keep it working.
+
+use cellmail_tests::bench::{self, Row, placements, send_path};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "cellmail benchmark harness: ratios measured side by side in one run")]
+struct Args {
+    /// Short runs and 100k placements instead of 1M.
+    #[arg(long)]
+    quick: bool,
+    /// Print {"rows": [{"figure", "value", "unit", "goal", "met", "note"}]}.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut rows = send_path::run(args.quick)?;
+    rows.extend(placements::cache_at_scale(if args.quick {
+        100_000
+    } else {
+        1_000_000
+    })?);
+    rows.push(placements::propagation(if args.quick {
+        100
+    } else {
+        1000
+    })?);
+    rows.push(Row::missing(
+        "tenant move freeze window, p99 over 50 moves under load",
+        "ms",
+        "< 250",
+        "not built yet: tenant moves",
+    ));
+    rows.push(Row::missing(
+        "noisy neighbour: B's p99 accept-to-sent with A flooding 50x / B alone",
+        "ratio",
+        "<= 1.5",
+        "not built yet: per-tenant lanes",
+    ));
+    if args.json {
+        println!("{}", bench::json(&rows));
+    } else {
+        print!("{}", bench::table(&rows));
+    }
+    Ok(())
+}
