@@ -4,6 +4,7 @@
 //! [`bench`] is the benchmark harness behind `cellmail-bench`.
 
 pub mod bench;
+pub mod processes;
 pub mod services;
 
 use std::io::{BufRead, BufReader};

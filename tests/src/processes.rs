@@ -1,0 +1,81 @@
+//! The platform as separate processes (`cellmail-control`, `cellmail-router`,
+//! `cellmail-cell`) sharing one registry, as it is deployed.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::binary;
+
+/// A free loopback address for a server to bind.
+pub fn free_addr() -> anyhow::Result<String> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string())
+}
+
+/// One cellmail binary running as a child process; killed when dropped.
+pub struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    /// Starts `name` with `args` and waits until `addr` (if any) accepts connections.
+    pub async fn start(name: &str, args: &[&str], addr: Option<&str>) -> anyhow::Result<Self> {
+        let child = Command::new(binary(name)?)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let daemon = Self { child };
+        if let Some(addr) = addr {
+            crate::wait_for(
+                Duration::from_secs(20),
+                &format!("{name} on {addr}"),
+                || std::net::TcpStream::connect(addr).ok(),
+            )
+            .await?;
+        }
+        Ok(daemon)
+    }
+
+    /// SIGKILL, as in a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Arguments every process of one platform shares: its registry and key prefix.
+pub fn registry_args(etcd: &str, prefix: &str) -> Vec<String> {
+    vec![
+        "--registry".into(),
+        format!("etcd://{etcd}"),
+        "--registry-prefix".into(),
+        prefix.into(),
+    ]
+}
+
+/// Starts a cell with its own data dir.
+pub async fn start_cell(
+    id: &str,
+    registry: &[String],
+    data_dir: &Path,
+    extra: &[&str],
+) -> anyhow::Result<Daemon> {
+    let data_dir = data_dir.to_string_lossy().into_owned();
+    let mut args: Vec<&str> = vec!["--cell-id", id, "--data-dir", &data_dir];
+    args.extend(registry.iter().map(String::as_str));
+    args.extend(extra);
+    Daemon::start("cellmail-cell", &args, None).await
+}

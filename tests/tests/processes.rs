@@ -1,0 +1,149 @@
+//! The platform as separate processes on etcd: a dead cell fails only its own tenants, fast,
+//! and loses nothing it acknowledged.
+
+use std::time::{Duration, Instant};
+
+use cellmail_proto::v1;
+use cellmail_tests::processes::{Daemon, free_addr, registry_args, start_cell};
+use cellmail_tests::services::{etcd_endpoint, unique_prefix};
+use cellmail_tests::{authorized, message, wait_for};
+use tonic::Code;
+
+fn mail_count(dir: &std::path::Path, tenant: &str) -> usize {
+    std::fs::read_dir(dir.join("mail").join(tenant))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_cell_fails_only_its_tenants_fast_and_loses_nothing_it_acknowledged() {
+    let registry = registry_args(&etcd_endpoint(), &unique_prefix("processes"));
+    let registry_str: Vec<&str> = registry.iter().map(String::as_str).collect();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (control_addr, router_addr) = (free_addr().unwrap(), free_addr().unwrap());
+
+    // Cell a delivers nothing at first, so what it acknowledges is still queued when it dies.
+    let mut cell_a = start_cell("cell-a", &registry, dir_a.path(), &["--cell-workers", "0"])
+        .await
+        .unwrap();
+    let _cell_b = start_cell("cell-b", &registry, dir_b.path(), &[])
+        .await
+        .unwrap();
+    let mut control_args = vec!["--control-addr", &control_addr];
+    control_args.extend(&registry_str);
+    let _control = Daemon::start("cellmail-control", &control_args, Some(&control_addr))
+        .await
+        .unwrap();
+    let mut router_args = vec!["--router-addr", &router_addr];
+    router_args.extend(&registry_str);
+    let _router = Daemon::start("cellmail-router", &router_args, Some(&router_addr))
+        .await
+        .unwrap();
+
+    let mut control = v1::control_client::ControlClient::connect(format!("http://{control_addr}"))
+        .await
+        .unwrap();
+    let mut alive = 0;
+    for _ in 0..200 {
+        let cells = control
+            .list_cells(v1::ListCellsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .cells;
+        alive = cells.iter().filter(|c| c.alive).count();
+        if alive == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(alive, 2, "both cells registered");
+    let create = |id: &str, domain: &str| v1::CreateTenantRequest {
+        id: id.into(),
+        domains: vec![domain.into()],
+        tier: String::new(),
+    };
+    let a = control
+        .create_tenant(create("ta", "a.example"))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = control
+        .create_tenant(create("tb", "b.example"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.tenant.unwrap().cell, "cell-a");
+    assert_eq!(b.tenant.unwrap().cell, "cell-b");
+
+    let mut sender = v1::sender_client::SenderClient::connect(format!("http://{router_addr}"))
+        .await
+        .unwrap();
+    // The router learns of new tenants through its watch: retry until it has.
+    let mut acked = 0;
+    for n in 0..10 {
+        let request = || {
+            authorized(
+                &a.api_key,
+                message("x@a.example", "j@example.com", &format!("a{n}")),
+            )
+        };
+        let mut result = sender.send(request()).await;
+        for _ in 0..50 {
+            if result.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            result = sender.send(request()).await;
+        }
+        result.unwrap();
+        acked += 1;
+    }
+
+    cell_a.kill();
+    let started = Instant::now();
+    let status = sender
+        .send(authorized(
+            &a.api_key,
+            message("x@a.example", "j@example.com", "dead"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "failing took {:?}",
+        started.elapsed()
+    );
+    for n in 0..20 {
+        let sent = sender
+            .send(authorized(
+                &b.api_key,
+                message("y@b.example", "j@example.com", &format!("b{n}")),
+            ))
+            .await;
+        assert!(sent.is_ok(), "tenant b on the healthy cell saw {sent:?}");
+    }
+
+    let _cell_a = start_cell("cell-a", &registry, dir_a.path(), &[])
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "cell a's acknowledged mail after its restart",
+        || (mail_count(dir_a.path(), "ta") >= acked).then_some(()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(mail_count(dir_a.path(), "ta"), acked);
+    wait_for(Duration::from_secs(30), "cell b's mail", || {
+        (mail_count(dir_b.path(), "tb") == 20).then_some(())
+    })
+    .await
+    .unwrap();
+}
