@@ -102,7 +102,9 @@ impl Shared {
     }
 }
 
-const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// First and longest pause before following a broken watch again.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 impl WatchedCatalog {
     /// Loads the prefix and starts following it.
@@ -168,25 +170,29 @@ impl Drop for WatchedCatalog {
 }
 
 async fn follow(registry: Arc<dyn Registry>, keys: Keys, shared: Arc<Shared>) {
+    let mut pause = RETRY_FIRST;
     loop {
         let from = *shared.revision.borrow() + 1;
         let error = match registry.watch(keys.prefix(), from).await {
             Ok(watcher) => {
                 shared.set_following(true);
+                pause = RETRY_FIRST;
                 apply_events(watcher, &keys, &shared).await
             }
             Err(err) => err,
         };
+        // Warn when following stops, not on every failed attempt while the registry is away.
+        if pause == RETRY_FIRST {
+            tracing::warn!(%error, "stopped following the registry; serving from the last state");
+        }
         shared.set_following(false);
         if let RegistryError::Compacted { .. } = error {
-            tracing::warn!(%error, "registry watch fell behind compaction; reloading");
             if let Err(err) = resync(registry.as_ref(), &keys, &shared).await {
-                tracing::warn!(%err, "registry reload failed; retrying");
+                tracing::debug!(%err, "registry reload failed; retrying");
             }
-        } else {
-            tracing::warn!(%error, "registry watch broke; resuming");
         }
-        tokio::time::sleep(RETRY_AFTER).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(RETRY_MAX);
     }
 }
 

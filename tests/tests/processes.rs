@@ -147,3 +147,115 @@ async fn a_killed_cell_fails_only_its_tenants_fast_and_loses_nothing_it_acknowle
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_returns() {
+    let etcd_dir = tempfile::tempdir().unwrap();
+    let mut etcd = cellmail_tests::services::EtcdServer::start(etcd_dir.path())
+        .await
+        .unwrap();
+    let registry = registry_args(&etcd.endpoint, "/stable/");
+    let registry_str: Vec<&str> = registry.iter().map(String::as_str).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let (control_addr, router_addr) = (free_addr().unwrap(), free_addr().unwrap());
+    let _cell = start_cell("cell-1", &registry, dir.path(), &[])
+        .await
+        .unwrap();
+    let mut control_args = vec!["--control-addr", &control_addr];
+    control_args.extend(&registry_str);
+    let _control = Daemon::start("cellmail-control", &control_args, Some(&control_addr))
+        .await
+        .unwrap();
+    let mut router_args = vec!["--router-addr", &router_addr];
+    router_args.extend(&registry_str);
+    let _router = Daemon::start("cellmail-router", &router_args, Some(&router_addr))
+        .await
+        .unwrap();
+
+    let mut control = v1::control_client::ControlClient::connect(format!("http://{control_addr}"))
+        .await
+        .unwrap();
+    let create = |id: &str| v1::CreateTenantRequest {
+        id: id.into(),
+        domains: vec![format!("{id}.example")],
+        tier: String::new(),
+    };
+    let mut created = control.create_tenant(create("first")).await;
+    for _ in 0..100 {
+        if created.is_ok() {
+            break;
+        }
+        // The cell registers itself; until it has, there is no cell to place on.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        created = control.create_tenant(create("first")).await;
+    }
+    let key = created.unwrap().into_inner().api_key;
+    let mut sender = v1::sender_client::SenderClient::connect(format!("http://{router_addr}"))
+        .await
+        .unwrap();
+    let send = |n: usize| {
+        authorized(
+            &key,
+            message("a@first.example", "j@example.com", &format!("k{n}")),
+        )
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "the router to know the tenant",
+        || Some(()),
+    )
+    .await
+    .unwrap();
+    let mut first = sender.send(send(0)).await;
+    for _ in 0..100 {
+        if first.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        first = sender.send(send(0)).await;
+    }
+    first.unwrap();
+
+    etcd.stop();
+    for n in 1..=30 {
+        let sent = sender.send(send(n)).await;
+        assert!(sent.is_ok(), "send {n} with etcd down: {sent:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    etcd.restart().await.unwrap();
+    let mut second = control.create_tenant(create("second")).await;
+    for _ in 0..100 {
+        if second.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        second = control.create_tenant(create("second")).await;
+    }
+    let second_key = second.unwrap().into_inner().api_key;
+    let mut reached = false;
+    for _ in 0..100 {
+        let sent = sender
+            .send(authorized(
+                &second_key,
+                message("b@second.example", "j@example.com", ""),
+            ))
+            .await;
+        if sent.is_ok() {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        reached,
+        "a tenant created after etcd returned reached the router"
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "all 31 messages of the first tenant",
+        || (mail_count(dir.path(), "first") == 31).then_some(()),
+    )
+    .await
+    .unwrap();
+}
