@@ -186,11 +186,12 @@ async fn follow(registry: Arc<dyn Registry>, keys: Keys, shared: Arc<Shared>) {
             tracing::warn!(%error, "stopped following the registry; serving from the last state");
         }
         shared.set_following(false);
-        if let RegistryError::Compacted { .. } = error {
-            if let Err(err) = resync(registry.as_ref(), &keys, &shared).await {
-                tracing::debug!(%err, "registry reload failed; retrying");
-            }
+        if let RegistryError::Compacted { .. } = error
+            && let Err(err) = resync(registry.as_ref(), &keys, &shared).await
+        {
+            tracing::debug!(%err, "registry reload failed; retrying");
         }
+
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(RETRY_MAX);
     }
