@@ -3,11 +3,12 @@
 //! Callers submit operations from any task; one writer thread takes every operation waiting
 //! (up to a batch limit), applies them in one write transaction, commits it durably and only
 //! then answers each caller. Under load a single fsync covers hundreds of accepts; with one
-//! caller it costs the same as a plain commit.
+//! caller it costs the same as a plain commit. A batch of only lazy writes is committed
+//! without an fsync; the next durable commit makes it durable too.
 
 use std::sync::Arc;
 
-use redb::{Database, WriteTransaction};
+use redb::{Database, Durability, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
 const MAX_BATCH: usize = 4096;
@@ -22,7 +23,8 @@ impl StorageError {
     }
 }
 
-type Job<Op, Out> = (Op, oneshot::Sender<Result<Out, StorageError>>);
+/// An operation, whether it must be fsynced before its caller hears back, and the reply.
+type Job<Op, Out> = (Op, bool, oneshot::Sender<Result<Out, StorageError>>);
 
 pub struct GroupCommit<Op, Out> {
     /// `None` only while dropping.
@@ -74,7 +76,17 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
 
     /// Applies `op` and returns once it is durable.
     pub async fn submit(&self, op: Op) -> Result<Out, StorageError> {
-        let mut outs = self.submit_all(vec![op]).await?;
+        self.submit_one(op, true).await
+    }
+
+    /// Applies `op` and returns once it is committed, before it is fsynced: it becomes
+    /// durable with the next durable commit. For writes whose loss in a crash is harmless.
+    pub async fn submit_lazy(&self, op: Op) -> Result<Out, StorageError> {
+        self.submit_one(op, false).await
+    }
+
+    async fn submit_one(&self, op: Op, durable: bool) -> Result<Out, StorageError> {
+        let mut outs = self.submit_many(vec![op], durable).await?;
         outs.pop()
             .ok_or_else(|| StorageError("the commit thread lost a write".into()))
     }
@@ -82,13 +94,17 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
     /// Applies every op (queued together, so they usually share one commit) and returns
     /// once all are durable.
     pub async fn submit_all(&self, ops: Vec<Op>) -> Result<Vec<Out>, StorageError> {
+        self.submit_many(ops, true).await
+    }
+
+    async fn submit_many(&self, ops: Vec<Op>, durable: bool) -> Result<Vec<Out>, StorageError> {
         let mut replies = Vec::with_capacity(ops.len());
         for op in ops {
             let (tx, rx) = oneshot::channel();
             self.jobs
                 .as_ref()
                 .ok_or_else(|| StorageError("the store is closing".into()))?
-                .send((op, tx))
+                .send((op, durable, tx))
                 .map_err(|_| StorageError("the commit thread has stopped".into()))?;
             replies.push(rx);
         }
@@ -110,9 +126,13 @@ fn commit_batch<Op, Out>(
 ) {
     let run =
         |batch: &mut Vec<Job<Op, Out>>| -> Result<Vec<(Out, oneshot::Sender<_>)>, StorageError> {
-            let txn = db.begin_write().map_err(StorageError::from_display)?;
+            let mut txn = db.begin_write().map_err(StorageError::from_display)?;
+            if !batch.iter().any(|(_, durable, _)| *durable) {
+                txn.set_durability(Durability::None)
+                    .map_err(StorageError::from_display)?;
+            }
             let mut done = Vec::with_capacity(batch.len());
-            for (op, reply) in batch.drain(..) {
+            for (op, _, reply) in batch.drain(..) {
                 done.push((apply(&txn, op)?, reply));
             }
             txn.commit().map_err(StorageError::from_display)?;

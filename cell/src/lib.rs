@@ -101,11 +101,12 @@ pub async fn run(
             registry::keep_lease_alive(registry.as_ref(), lease, LEASE_TTL, stop.cancelled()).await
         })
     };
-    let worker = Arc::new(worker::Worker {
-        store: store.clone(),
-        queue: backends.queue.clone(),
-        mailer: backends.mailer,
-    });
+    let worker = Arc::new(worker::Worker::new(
+        store.clone(),
+        backends.queue.clone(),
+        backends.mailer,
+    ));
+
     let workers: Vec<_> = (0..config.workers)
         .map(|_| tokio::spawn(worker.clone().run(shutdown.clone())))
         .collect();

@@ -187,6 +187,9 @@ impl Store {
     }
 
     /// Records the answer given for `key`, so retries get it without queueing anything.
+    /// Not fsynced on its own: if a crash loses it, the key is found pending, the retry
+    /// queues the same message id again, and the worker's outcome check sends it once.
+
     pub async fn complete(
         &self,
         tenant: &TenantId,
@@ -200,7 +203,7 @@ impl Store {
             accepted,
             now_ms,
         };
-        self.writes.submit(write).await.map(|_| ())
+        self.writes.submit_lazy(write).await.map(|_| ())
     }
 
     pub async fn record_outcome(

@@ -6,9 +6,12 @@
 //! one records the reason and moves the message to the dead-letter queue. Nothing is deleted
 //! before its outcome is durable.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
 use std::time::Duration;
 
+use cellmail_proto::MessageId;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -26,10 +29,29 @@ const VISIBILITY: Duration = Duration::from_secs(60);
 const IDLE_WAIT: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
+/// The delivery side of a cell, shared by all its worker tasks.
 pub struct Worker {
-    pub store: Arc<Store>,
-    pub queue: Arc<dyn Queue>,
-    pub mailer: Arc<dyn Mailer>,
+    store: Arc<Store>,
+    queue: Arc<dyn Queue>,
+    mailer: Arc<dyn Mailer>,
+    /// Message ids some task is sending right now: a message queued twice (a retry after a
+    /// crash between queueing and recording the answer) is sent by one task only.
+    sending: Mutex<HashSet<MessageId>>,
+}
+
+/// A task's exclusive right to send one message id, released when dropped.
+struct Claim<'a> {
+    sending: &'a Mutex<HashSet<MessageId>>,
+    id: MessageId,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.sending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 /// Exponential in the receive count, capped, with up to 50% added jitter.
@@ -39,6 +61,27 @@ pub fn backoff(receive_count: u32, jitter: f64) -> Duration {
 }
 
 impl Worker {
+    pub fn new(store: Arc<Store>, queue: Arc<dyn Queue>, mailer: Arc<dyn Mailer>) -> Self {
+        Self {
+            store,
+            queue,
+            mailer,
+            sending: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn claim(&self, id: MessageId) -> Option<Claim<'_>> {
+        let fresh = self
+            .sending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        fresh.then_some(Claim {
+            sending: &self.sending,
+            id,
+        })
+    }
+
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
             let batch = tokio::select! {
@@ -99,6 +142,11 @@ impl Worker {
                 return Ok(true);
             }
         };
+        // Another task is sending this id: leave this copy in flight. When it is visible
+        // again its outcome is recorded and it is only deleted.
+        let Some(_claim) = self.claim(message.id) else {
+            return Ok(false);
+        };
         if self.store.outcome(message.id)?.is_some() {
             return Ok(true);
         }
@@ -146,6 +194,120 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use async_trait::async_trait;
+    use cellmail_proto::{MessageClass, TenantId};
+
+    use crate::message::Mailbox;
+    use crate::queue::QueueConfig;
+    use crate::queue::local::LocalQueue;
+
+    /// Fails its first `throttled` sends as SES does when throttling, then takes `delay`
+    /// per send and counts them.
+    struct Throttled {
+        throttled: AtomicU32,
+        sent: AtomicU32,
+        delay: Duration,
+    }
+
+    #[async_trait]
+    impl Mailer for Throttled {
+        async fn send(&self, _message: &Message) -> Result<(), MailerError> {
+            let left = self.throttled.load(Ordering::SeqCst);
+            if left > 0 {
+                self.throttled.store(left - 1, Ordering::SeqCst);
+                return Err(MailerError::Retryable {
+                    reason: "Throttling: Maximum sending rate exceeded".into(),
+                    retry_after: None,
+                });
+            }
+            tokio::time::sleep(self.delay).await;
+            self.sent.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn message() -> Message {
+        let mailbox = |email: &str| Mailbox {
+            name: None,
+            email: email.into(),
+        };
+        Message {
+            id: MessageId::generate(),
+            tenant: TenantId::new("t").unwrap(),
+            class: MessageClass::Transactional,
+            idempotency_key: String::new(),
+            from: mailbox("a@t.example"),
+            to: vec![mailbox("b@example.com")],
+            cc: vec![],
+            bcc: vec![],
+            reply_to: vec![],
+            subject: "s".into(),
+            text: "t".into(),
+            html: String::new(),
+            tags: Default::default(),
+            accepted_at_ms: 0,
+        }
+    }
+
+    /// Queues `copies` of one message, the later ones once the first is being sent, and
+    /// runs 4 worker tasks until it is sent.
+    async fn deliver(throttled: u32, copies: usize) -> (u32, Arc<Store>, MessageId) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
+        let queue: Arc<dyn Queue> = Arc::new(
+            LocalQueue::open(&dir.path().join("queue.redb"), QueueConfig::default()).unwrap(),
+        );
+        let mailer = Arc::new(Throttled {
+            throttled: AtomicU32::new(throttled),
+            sent: AtomicU32::new(0),
+            delay: Duration::from_millis(400),
+        });
+        let message = message();
+        let body = serde_json::to_vec(&message).unwrap();
+        let worker = Arc::new(Worker::new(store.clone(), queue.clone(), mailer.clone()));
+        let shutdown = CancellationToken::new();
+        let tasks: Vec<_> = (0..4)
+            .map(|_| tokio::spawn(worker.clone().run(shutdown.clone())))
+            .collect();
+        for _ in 0..copies {
+            queue
+                .send(QueueKind::Transactional, body.clone())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while store.outcome(message.id).unwrap().is_none() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Give any second copy the time to be (wrongly) sent too.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        shutdown.cancel();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        (mailer.sent.load(Ordering::SeqCst), store, message.id)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn throttling_leads_to_retries_not_loss() {
+        let (sent, store, id) = deliver(1, 1).await;
+        assert_eq!(sent, 1);
+        assert!(matches!(
+            store.outcome(id).unwrap(),
+            Some(Outcome::Sent { .. })
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_queued_twice_is_sent_once() {
+        let (sent, _, _) = deliver(0, 2).await;
+        assert_eq!(sent, 1);
+    }
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {
