@@ -189,7 +189,6 @@ impl Store {
     /// Records the answer given for `key`, so retries get it without queueing anything.
     /// Not fsynced on its own: if a crash loses it, the key is found pending, the retry
     /// queues the same message id again, and the worker's outcome check sends it once.
-
     pub async fn complete(
         &self,
         tenant: &TenantId,
