@@ -8,8 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cellmail_cell::mailer::file::FileSink;
-use cellmail_cell::queue::{QueueConfig, local::LocalQueue};
 use cellmail_control::registry::{Registry, local::LocalRegistry};
 use cellmail_control::schema::{DEFAULT_PREFIX, Keys};
 use cellmail_proto::CellId;
@@ -62,14 +60,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     for n in 1..=args.cells {
         let id = CellId::new(format!("cell-{n}"))?;
         let dir = args.data_dir.join("cells").join(id.as_str());
-        std::fs::create_dir_all(&dir)?;
-        let backends = cellmail_cell::Backends {
-            queue: Arc::new(LocalQueue::open(
-                &dir.join("queue.redb"),
-                QueueConfig::default(),
-            )?),
-            mailer: Arc::new(FileSink::new(mail.clone())),
-        };
+        let backends = cellmail_cell::Backends::embedded(&dir, &mail)?;
         alive_keys.push(keys.alive(&id));
         let config = cellmail_cell::CellConfig {
             id: id.clone(),

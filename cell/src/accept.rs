@@ -3,19 +3,21 @@
 //! Concurrent sends with the same idempotency key share one attempt (single flight), so the
 //! store only has to settle keys across attempts and restarts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cellmail_control::catalog::{Catalog, WatchedCatalog};
 use cellmail_control::schema::TenantStatus;
 use cellmail_proto::v1::SendRequest;
-use cellmail_proto::{ApiError, CellId, Epoch, MessageId, TenantId};
+use cellmail_proto::{
+    ApiError, CellId, Epoch, MessageId, SuppressionScope, TenantId, suppression_key,
+};
 use tokio::sync::OnceCell;
 
 use crate::commit::StorageError;
 use crate::fencing::{self, Verdict};
-use crate::message::{Accepted, Message};
+use crate::message::{Accepted, Message, MessageState, RecipientOutcome};
 use crate::queue::{Queue, QueueError};
 use crate::store::{Reservation, Store};
 use crate::validation;
@@ -91,7 +93,7 @@ impl Acceptor {
             )));
         }
         if message.idempotency_key.is_empty() {
-            return self.enqueue(&message).await;
+            return self.accept_new(message).await;
         }
         let flight_key = (tenant, message.idempotency_key.clone());
         let flight = self
@@ -120,7 +122,8 @@ impl Acceptor {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn fence(&self, tenant: &TenantId, epoch: Epoch) -> Result<(), ApiError> {
+    /// Refuses a call for `tenant` stamped with an `epoch` this cell does not own.
+    pub async fn fence(&self, tenant: &TenantId, epoch: Epoch) -> Result<(), ApiError> {
         let verdict = |catalog: &Catalog| {
             let known = catalog.placements.get(tenant).map(|p| (&p.cell, p.epoch));
             fencing::check(&self.cell, known, epoch)
@@ -146,10 +149,14 @@ impl Acceptor {
     }
 
     async fn accept_once(&self, mut message: Message) -> Result<Accepted, ApiError> {
-        let key = message.idempotency_key.clone();
         match self
             .store
-            .reserve(&message.tenant, &key, message.id, now_ms())
+            .reserve(
+                &message.tenant,
+                &message.idempotency_key,
+                message.id,
+                now_ms(),
+            )
             .await
             .map_err(storage_error)?
         {
@@ -157,24 +164,76 @@ impl Acceptor {
             Reservation::Pending(first_id) => message.id = first_id,
             Reservation::New => {}
         }
-        let accepted = self.enqueue(&message).await?;
+        self.accept_new(message).await
+    }
+
+    /// Takes suppressed recipients off the envelope, queues what is left (if anything) and
+    /// records the message and the answer.
+    async fn accept_new(&self, mut message: Message) -> Result<Accepted, ApiError> {
+        let recipients = self.suppress(&mut message)?;
+        let accepted = Accepted {
+            message_id: message.id,
+            recipients,
+        };
+        let state = if accepted.queued() {
+            let body =
+                serde_json::to_vec(&message).map_err(|e| ApiError::Internal(e.to_string()))?;
+            self.queue
+                .send(message.class.into(), body)
+                .await
+                .map_err(queue_error)?;
+            MessageState::Queued
+        } else {
+            MessageState::Suppressed
+        };
+        tracing::debug!(tenant = %message.tenant, message_id = %message.id, class = %message.class, ?state, "accepted");
+        let record = message.record(state, accepted.recipients.clone());
+        let key = (!message.idempotency_key.is_empty()).then_some(message.idempotency_key.as_str());
         self.store
-            .complete(&message.tenant, &key, accepted.clone(), now_ms())
+            .accepted(key, accepted.clone(), record, now_ms())
             .await
             .map_err(storage_error)?;
         Ok(accepted)
     }
 
-    async fn enqueue(&self, message: &Message) -> Result<Accepted, ApiError> {
-        let body = serde_json::to_vec(message).map_err(|e| ApiError::Internal(e.to_string()))?;
-        self.queue
-            .send(message.class.into(), body)
-            .await
-            .map_err(queue_error)?;
-        tracing::debug!(tenant = %message.tenant, message_id = %message.id, class = %message.class, "accepted");
-        Ok(Accepted {
-            message_id: message.id,
-            recipients: message.recipients().map(|m| m.email.clone()).collect(),
-        })
+    /// Checks every recipient against the tenant's list, then the global one, and removes
+    /// the suppressed ones from the envelope.
+    fn suppress(&self, message: &mut Message) -> Result<Vec<RecipientOutcome>, ApiError> {
+        let addresses: Vec<&str> = message.recipients().map(|m| m.email.as_str()).collect();
+        let tenant_list = self
+            .store
+            .suppressions_of(&message.tenant, &addresses)
+            .map_err(storage_error)?;
+        let outcomes: Vec<RecipientOutcome> = {
+            let catalog = self.catalog.read();
+            addresses
+                .iter()
+                .zip(tenant_list)
+                .map(|(address, own)| {
+                    let global = || {
+                        catalog
+                            .global_suppressions
+                            .get(&suppression_key(address))
+                            .map(|g| (g.reason, SuppressionScope::Global))
+                    };
+                    let suppressed = own
+                        .map(|s| (s.reason, SuppressionScope::Tenant))
+                        .or_else(global);
+                    RecipientOutcome {
+                        address: (*address).to_owned(),
+                        suppressed,
+                    }
+                })
+                .collect()
+        };
+        let blocked: HashSet<&str> = outcomes
+            .iter()
+            .filter(|o| o.suppressed.is_some())
+            .map(|o| o.address.as_str())
+            .collect();
+        for list in [&mut message.to, &mut message.cc, &mut message.bcc] {
+            list.retain(|m| !blocked.contains(m.email.as_str()));
+        }
+        Ok(outcomes)
     }
 }

@@ -4,6 +4,8 @@
 //! - [`api`]: the `Cell` gRPC service the router calls.
 //! - [`accept`]: the accept path (fencing, validation, idempotency, durable enqueue).
 //! - [`fencing`]: the pure epoch check that refuses sends for tenants placed elsewhere.
+//! - [`feedback`]: SES event records (and the file sink's simulated ones) -> attributed
+//!   feedback, and which addresses it suppresses.
 //! - [`validation`]: `SendRequest` -> [`message::Message`], naming the bad field.
 //! - [`message`]: the queued message and the answer given for it.
 //! - [`queue`]: the `Queue` trait (SQS semantics) and its implementations.
@@ -15,6 +17,7 @@
 pub mod accept;
 pub mod api;
 pub mod commit;
+pub mod feedback;
 pub mod fencing;
 pub mod mailer;
 pub mod message;
@@ -71,6 +74,23 @@ pub struct Backends {
     pub mailer: Arc<dyn mailer::Mailer>,
 }
 
+impl Backends {
+    /// The embedded queue in `cell_dir` and the file sink writing under `mail_root`.
+    pub fn embedded(cell_dir: &Path, mail_root: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(cell_dir)
+            .with_context(|| format!("creating {}", cell_dir.display()))?;
+        let queue: Arc<dyn queue::Queue> = Arc::new(queue::local::LocalQueue::open(
+            &cell_dir.join("queue.redb"),
+            queue::QueueConfig::default(),
+        )?);
+        let mailer = Arc::new(mailer::file::FileSink::new(
+            mail_root.to_owned(),
+            queue.clone(),
+        ));
+        Ok(Self { queue, mailer })
+    }
+}
+
 /// How long the cell's liveness key outlives a cell that stopped renewing it.
 const LEASE_TTL: Duration = Duration::from_secs(10);
 
@@ -107,6 +127,8 @@ pub async fn run(
         backends.mailer,
     ));
 
+    let ingest = Arc::new(feedback::Ingest::new(store.clone(), backends.queue.clone()));
+    let ingest = tokio::spawn(ingest.run(shutdown.clone()));
     let workers: Vec<_> = (0..config.workers)
         .map(|_| tokio::spawn(worker.clone().run(shutdown.clone())))
         .collect();
@@ -114,16 +136,19 @@ pub async fn run(
     let acceptor = Arc::new(accept::Acceptor::new(
         config.id.clone(),
         catalog,
-        store,
+        store.clone(),
         backends.queue,
     ));
-    let routes = tonic::service::Routes::new(CellServer::new(api::CellApi::new(acceptor)));
+    let routes = tonic::service::Routes::new(CellServer::new(api::CellApi::new(acceptor, store)));
+
     let served =
         cellmail_proto::server::serve(listener, routes, &[SERVICE_NAME], shutdown.clone()).await;
     shutdown.cancel();
     for worker in workers {
         worker.await?;
     }
+    ingest.await?;
+
     keepalive.await??;
     registry.revoke_lease(lease).await?;
     served?;

@@ -1,10 +1,7 @@
 //! `cellmail-cell`: one cell as its own process.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use cellmail_cell::mailer::file::FileSink;
-use cellmail_cell::queue::{QueueConfig, local::LocalQueue};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -29,14 +26,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let registry = args.registry.open(&args.data_dir).await?;
     let cell_dir = args.data_dir.join("cells").join(args.cell.id.as_str());
-    std::fs::create_dir_all(&cell_dir)?;
-    let backends = cellmail_cell::Backends {
-        queue: Arc::new(LocalQueue::open(
-            &cell_dir.join("queue.redb"),
-            QueueConfig::default(),
-        )?),
-        mailer: Arc::new(FileSink::new(args.data_dir.join("mail"))),
-    };
+    let backends = cellmail_cell::Backends::embedded(&cell_dir, &args.data_dir.join("mail"))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
     cellmail_cell::run(

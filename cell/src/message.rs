@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use cellmail_proto::{MessageClass, MessageId, TenantId};
+use cellmail_proto::{MessageClass, MessageId, SuppressionReason, SuppressionScope, TenantId};
+
 use serde::{Deserialize, Serialize};
 
 /// One RFC 5322 mailbox: an address with an optional display name.
@@ -43,6 +44,38 @@ impl Message {
     pub fn recipients(&self) -> impl Iterator<Item = &Mailbox> {
         self.to.iter().chain(&self.cc).chain(&self.bcc)
     }
+
+    /// The store's record of this message, with no events yet.
+    pub fn record(&self, state: MessageState, recipients: Vec<RecipientOutcome>) -> MessageRecord {
+        MessageRecord {
+            id: self.id,
+            tenant: self.tenant.clone(),
+            class: self.class,
+            state,
+            recipients,
+            events: Vec::new(),
+            accepted_at_ms: self.accepted_at_ms,
+        }
+    }
+
+    /// The record of this message as queued: every envelope recipient accepted.
+    pub fn queued_record(&self) -> MessageRecord {
+        let recipients = self
+            .recipients()
+            .map(|m| RecipientOutcome {
+                address: m.email.clone(),
+                suppressed: None,
+            })
+            .collect();
+        self.record(MessageState::Queued, recipients)
+    }
+}
+
+/// One recipient as the accept path left it: accepted, or suppressed by a list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecipientOutcome {
+    pub address: String,
+    pub suppressed: Option<(SuppressionReason, SuppressionScope)>,
 }
 
 /// What the cell answered when it accepted a message; a retry with the same idempotency key
@@ -50,5 +83,88 @@ impl Message {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Accepted {
     pub message_id: MessageId,
-    pub recipients: Vec<String>,
+    pub recipients: Vec<RecipientOutcome>,
+}
+
+impl Accepted {
+    /// Whether anything was queued: false when every recipient was suppressed.
+    pub fn queued(&self) -> bool {
+        self.recipients.iter().any(|r| r.suppressed.is_none())
+    }
+}
+
+/// Where a message is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MessageState {
+    Queued,
+    Sent,
+    Failed,
+    /// Every recipient was suppressed; nothing was queued.
+    Suppressed,
+}
+
+impl MessageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageState::Queued => "QUEUED",
+            MessageState::Sent => "SENT",
+            MessageState::Failed => "FAILED",
+            MessageState::Suppressed => "SUPPRESSED",
+        }
+    }
+}
+
+/// What happened to a message: the cell's own steps (sent, failed) and the feedback the
+/// mail transport reported (SES event types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EventKind {
+    Sent,
+    Failed,
+    Send,
+    Delivery,
+    Bounce,
+    Complaint,
+    Reject,
+    DeliveryDelay,
+    Open,
+    Click,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Sent => "SENT",
+            EventKind::Failed => "FAILED",
+            EventKind::Send => "SEND",
+            EventKind::Delivery => "DELIVERY",
+            EventKind::Bounce => "BOUNCE",
+            EventKind::Complaint => "COMPLAINT",
+            EventKind::Reject => "REJECT",
+            EventKind::DeliveryDelay => "DELIVERY_DELAY",
+            EventKind::Open => "OPEN",
+            EventKind::Click => "CLICK",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageEvent {
+    pub kind: EventKind,
+    pub at_ms: u64,
+    pub recipient: Option<String>,
+    pub detail: String,
+}
+
+/// A message as the store remembers it, for `GetMessage`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    pub id: MessageId,
+    pub tenant: TenantId,
+    pub class: MessageClass,
+    pub state: MessageState,
+    pub recipients: Vec<RecipientOutcome>,
+    pub events: Vec<MessageEvent>,
+    pub accepted_at_ms: u64,
 }

@@ -1,26 +1,32 @@
 //! The cell's own durable state, kept on the cell's volume whatever its queue and mailer:
-//! the idempotency window (tenant + key -> the first answer) and each message's delivery
-//! outcome (which also stops a redelivered message from being sent twice).
+//! the idempotency window (tenant + key -> the first answer), each message's record (state,
+//! recipients, events; it also stops a redelivered message from being sent twice) and each
+//! tenant's suppression list.
 //!
 //! An idempotency key is reserved durably *before* its message is queued, and completed
 //! after. A crash between the two leaves a pending reservation; the retry re-queues the same
-//! message id, and the worker's outcome check keeps that from becoming a second send.
+//! message id, and the worker's record check keeps that from becoming a second send.
+//!
+//! Every read and write takes the tenant, and a message record answers only its own tenant,
+//! so one tenant's id or address never reaches another's data.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellmail_proto::{MessageId, TenantId};
+use cellmail_proto::{MessageId, SuppressionReason, TenantId, suppression_key};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::commit::{GroupCommit, StorageError};
-use crate::message::Accepted;
+use crate::message::{Accepted, EventKind, MessageEvent, MessageRecord, MessageState};
 
 /// (tenant, idempotency key) -> JSON [`KeyRecord`]
 const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("idempotency");
-/// message id -> JSON [`Outcome`]
-const OUTCOMES: TableDefinition<&str, &[u8]> = TableDefinition::new("outcomes");
+/// message id -> JSON [`MessageRecord`]
+const MESSAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("messages");
+/// (tenant, suppression key) -> JSON [`Suppressed`]
+const SUPPRESSIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("suppressions");
 
 /// How long an idempotency key is remembered.
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
@@ -45,11 +51,14 @@ pub enum Reservation {
     Done(Accepted),
 }
 
+/// One entry of a tenant's suppression list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "state")]
-pub enum Outcome {
-    Sent { at_ms: u64 },
-    Failed { at_ms: u64, reason: String },
+pub struct Suppressed {
+    pub address: String,
+    pub reason: SuppressionReason,
+    pub at_ms: u64,
+    /// The message whose feedback put it there.
+    pub message_id: Option<MessageId>,
 }
 
 enum Write {
@@ -59,16 +68,36 @@ enum Write {
         message_id: MessageId,
         now_ms: u64,
     },
-    Complete {
-        tenant: TenantId,
-        key: String,
+    Accepted {
+        key: Option<String>,
         accepted: Accepted,
+        record: MessageRecord,
         now_ms: u64,
     },
     Outcome {
-        message_id: MessageId,
-        outcome: Outcome,
+        seed: MessageRecord,
+        state: MessageState,
+        event: MessageEvent,
     },
+    Events {
+        tenant: TenantId,
+        message_id: MessageId,
+        events: Vec<MessageEvent>,
+    },
+    Suppress {
+        tenant: TenantId,
+        entry: Suppressed,
+    },
+    Unsuppress {
+        tenant: TenantId,
+        address: String,
+    },
+}
+
+enum Written {
+    Reservation(Reservation),
+    /// Whether the write found what it was about (a message, a suppression).
+    Found(bool),
 }
 
 fn json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -76,7 +105,15 @@ fn json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
-fn apply(txn: &WriteTransaction, write: Write) -> Result<Option<Reservation>, StorageError> {
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageError> {
+    serde_json::from_slice(bytes).map_err(StorageError::from_display)
+}
+
+fn err(e: impl std::fmt::Display) -> StorageError {
+    StorageError::from_display(e)
+}
+
+fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> {
     match write {
         Write::Reserve {
             tenant,
@@ -84,17 +121,16 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Option<Reservation>, St
             message_id,
             now_ms,
         } => {
-            let mut table = txn
-                .open_table(IDEMPOTENCY)
-                .map_err(StorageError::from_display)?;
-            let found: Option<KeyRecord> = table
-                .get((tenant.as_str(), key.as_str()))
-                .map_err(StorageError::from_display)?
-                .and_then(|v| serde_json::from_slice(v.value()).ok())
-                .filter(|r: &KeyRecord| {
-                    now_ms.saturating_sub(r.reserved_at_ms) < IDEMPOTENCY_WINDOW.as_millis() as u64
-                });
-            let reservation = match found {
+            let mut table = txn.open_table(IDEMPOTENCY).map_err(err)?;
+            let found: Option<KeyRecord> =
+                match table.get((tenant.as_str(), key.as_str())).map_err(err)? {
+                    Some(row) => Some(parse(row.value())?),
+                    None => None,
+                };
+            let live = found.filter(|r| {
+                now_ms.saturating_sub(r.reserved_at_ms) < IDEMPOTENCY_WINDOW.as_millis() as u64
+            });
+            let reservation = match live {
                 Some(KeyRecord {
                     accepted: Some(accepted),
                     ..
@@ -108,62 +144,123 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Option<Reservation>, St
                     };
                     table
                         .insert((tenant.as_str(), key.as_str()), json(&record).as_slice())
-                        .map_err(StorageError::from_display)?;
+                        .map_err(err)?;
                     Reservation::New
                 }
             };
-            Ok(Some(reservation))
+            Ok(Written::Reservation(reservation))
         }
-        Write::Complete {
-            tenant,
+        Write::Accepted {
             key,
             accepted,
+            record,
             now_ms,
         } => {
-            let mut table = txn
-                .open_table(IDEMPOTENCY)
-                .map_err(StorageError::from_display)?;
-            let record = KeyRecord {
-                message_id: accepted.message_id,
-                reserved_at_ms: now_ms,
-                accepted: Some(accepted),
-            };
-            table
-                .insert((tenant.as_str(), key.as_str()), json(&record).as_slice())
-                .map_err(StorageError::from_display)?;
-            Ok(None)
+            if let Some(key) = key {
+                let mut table = txn.open_table(IDEMPOTENCY).map_err(err)?;
+                let done = KeyRecord {
+                    message_id: accepted.message_id,
+                    reserved_at_ms: now_ms,
+                    accepted: Some(accepted),
+                };
+                table
+                    .insert(
+                        (record.tenant.as_str(), key.as_str()),
+                        json(&done).as_slice(),
+                    )
+                    .map_err(err)?;
+            }
+            let mut messages = txn.open_table(MESSAGES).map_err(err)?;
+            let id = record.id.to_string();
+            // A worker may already have recorded the send; keep its record.
+            if messages.get(id.as_str()).map_err(err)?.is_none() {
+                messages
+                    .insert(id.as_str(), json(&record).as_slice())
+                    .map_err(err)?;
+            }
+            Ok(Written::Found(true))
         }
-        Write::Outcome {
+        Write::Outcome { seed, state, event } => {
+            let mut messages = txn.open_table(MESSAGES).map_err(err)?;
+            let id = seed.id.to_string();
+            let mut record: MessageRecord = match messages.get(id.as_str()).map_err(err)? {
+                Some(row) => parse(row.value())?,
+                None => seed,
+            };
+            record.state = state;
+            record.events.push(event);
+            messages
+                .insert(id.as_str(), json(&record).as_slice())
+                .map_err(err)?;
+            Ok(Written::Found(true))
+        }
+        Write::Events {
+            tenant,
             message_id,
-            outcome,
+            events,
         } => {
-            let mut table = txn
-                .open_table(OUTCOMES)
-                .map_err(StorageError::from_display)?;
+            let mut messages = txn.open_table(MESSAGES).map_err(err)?;
+            let id = message_id.to_string();
+            let found: Option<MessageRecord> = match messages.get(id.as_str()).map_err(err)? {
+                Some(row) => Some(parse(row.value())?),
+                None => None,
+            };
+            let Some(mut record) = found.filter(|r| r.tenant == tenant) else {
+                return Ok(Written::Found(false));
+            };
+            record.events.extend(events);
+            messages
+                .insert(id.as_str(), json(&record).as_slice())
+                .map_err(err)?;
+            Ok(Written::Found(true))
+        }
+        Write::Suppress { tenant, entry } => {
+            let mut table = txn.open_table(SUPPRESSIONS).map_err(err)?;
+            let key = suppression_key(&entry.address);
             table
-                .insert(message_id.to_string().as_str(), json(&outcome).as_slice())
-                .map_err(StorageError::from_display)?;
-            Ok(None)
+                .insert((tenant.as_str(), key.as_str()), json(&entry).as_slice())
+                .map_err(err)?;
+            Ok(Written::Found(true))
+        }
+        Write::Unsuppress { tenant, address } => {
+            let mut table = txn.open_table(SUPPRESSIONS).map_err(err)?;
+            let removed = table
+                .remove((tenant.as_str(), suppression_key(&address).as_str()))
+                .map_err(err)?;
+            Ok(Written::Found(removed.is_some()))
         }
     }
 }
 
 pub struct Store {
     db: Arc<Database>,
-    writes: GroupCommit<Write, Option<Reservation>>,
+    writes: GroupCommit<Write, Written>,
 }
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StorageError> {
-        let db = Arc::new(Database::create(path).map_err(StorageError::from_display)?);
-        let txn = db.begin_write().map_err(StorageError::from_display)?;
-        txn.open_table(IDEMPOTENCY)
-            .map_err(StorageError::from_display)?;
-        txn.open_table(OUTCOMES)
-            .map_err(StorageError::from_display)?;
-        txn.commit().map_err(StorageError::from_display)?;
+        let db = Arc::new(Database::create(path).map_err(err)?);
+        let txn = db.begin_write().map_err(err)?;
+        txn.open_table(IDEMPOTENCY).map_err(err)?;
+        txn.open_table(MESSAGES).map_err(err)?;
+        txn.open_table(SUPPRESSIONS).map_err(err)?;
+        txn.commit().map_err(err)?;
         let writes = GroupCommit::start("store", db.clone(), apply)?;
         Ok(Self { db, writes })
+    }
+
+    async fn found(&self, write: Write, durable: bool) -> Result<bool, StorageError> {
+        let written = if durable {
+            self.writes.submit(write).await?
+        } else {
+            self.writes.submit_lazy(write).await?
+        };
+        match written {
+            Written::Found(found) => Ok(found),
+            Written::Reservation(_) => {
+                Err(StorageError("a write answered like a reservation".into()))
+            }
+        }
     }
 
     /// Durably reserves `key` for `message_id` unless an earlier send holds it.
@@ -180,66 +277,196 @@ impl Store {
             message_id,
             now_ms,
         };
-        self.writes
-            .submit(write)
-            .await?
-            .ok_or_else(|| StorageError("reserve returned nothing".into()))
+        match self.writes.submit(write).await? {
+            Written::Reservation(reservation) => Ok(reservation),
+            Written::Found(_) => Err(StorageError("a reservation answered like a write".into())),
+        }
     }
 
-    /// Records the answer given for `key`, so retries get it without queueing anything.
+    /// Records an accepted message and, when it has one, the answer given for its key.
     /// Not fsynced on its own: if a crash loses it, the key is found pending, the retry
-    /// queues the same message id again, and the worker's outcome check sends it once.
-    pub async fn complete(
+    /// queues the same message id again, and the worker's record check sends it once.
+    pub async fn accepted(
         &self,
-        tenant: &TenantId,
-        key: &str,
+        key: Option<&str>,
         accepted: Accepted,
+        record: MessageRecord,
         now_ms: u64,
     ) -> Result<(), StorageError> {
-        let write = Write::Complete {
-            tenant: tenant.clone(),
-            key: key.to_owned(),
+        let write = Write::Accepted {
+            key: key.map(str::to_owned),
             accepted,
+            record,
             now_ms,
         };
-        self.writes.submit_lazy(write).await.map(|_| ())
+        self.found(write, false).await.map(|_| ())
     }
 
+    /// Durably records what became of a message (`seed` stands in if its record was lost).
     pub async fn record_outcome(
         &self,
-        message_id: MessageId,
-        outcome: Outcome,
+        seed: MessageRecord,
+        state: MessageState,
+        event: MessageEvent,
     ) -> Result<(), StorageError> {
-        self.writes
-            .submit(Write::Outcome {
-                message_id,
-                outcome,
-            })
+        self.found(Write::Outcome { seed, state, event }, true)
             .await
             .map(|_| ())
     }
 
-    pub fn outcome(&self, message_id: MessageId) -> Result<Option<Outcome>, StorageError> {
-        let read = self.db.begin_read().map_err(StorageError::from_display)?;
-        let table = read
-            .open_table(OUTCOMES)
-            .map_err(StorageError::from_display)?;
-        let row = table
-            .get(message_id.to_string().as_str())
-            .map_err(StorageError::from_display)?;
-        row.map(|v| serde_json::from_slice(v.value()).map_err(StorageError::from_display))
-            .transpose()
+    /// Appends feedback events to `tenant`'s message; false if it has no such message here.
+    pub async fn add_events(
+        &self,
+        tenant: &TenantId,
+        message_id: MessageId,
+        events: Vec<MessageEvent>,
+    ) -> Result<bool, StorageError> {
+        self.found(
+            Write::Events {
+                tenant: tenant.clone(),
+                message_id,
+                events,
+            },
+            true,
+        )
+        .await
+    }
+
+    /// `tenant`'s message `id`; `None` when it does not exist or is another tenant's.
+    pub fn message(
+        &self,
+        tenant: &TenantId,
+        id: MessageId,
+    ) -> Result<Option<MessageRecord>, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let table = read.open_table(MESSAGES).map_err(err)?;
+        let Some(row) = table.get(id.to_string().as_str()).map_err(err)? else {
+            return Ok(None);
+        };
+        let record: MessageRecord = parse(row.value())?;
+        Ok((record.tenant == *tenant).then_some(record))
+    }
+
+    /// Whether message `id` was already sent or failed for good (whoever's it is).
+    pub fn settled(&self, id: MessageId) -> Result<bool, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let table = read.open_table(MESSAGES).map_err(err)?;
+        let Some(row) = table.get(id.to_string().as_str()).map_err(err)? else {
+            return Ok(false);
+        };
+        let record: MessageRecord = parse(row.value())?;
+        Ok(matches!(
+            record.state,
+            MessageState::Sent | MessageState::Failed
+        ))
+    }
+
+    pub async fn suppress(&self, tenant: &TenantId, entry: Suppressed) -> Result<(), StorageError> {
+        self.found(
+            Write::Suppress {
+                tenant: tenant.clone(),
+                entry,
+            },
+            true,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Removes `address` from `tenant`'s list; false if it was not there.
+    pub async fn unsuppress(&self, tenant: &TenantId, address: &str) -> Result<bool, StorageError> {
+        self.found(
+            Write::Unsuppress {
+                tenant: tenant.clone(),
+                address: address.to_owned(),
+            },
+            true,
+        )
+        .await
+    }
+
+    /// `tenant`'s entries for each of `addresses` (in order), in one read.
+    pub fn suppressions_of(
+        &self,
+        tenant: &TenantId,
+        addresses: &[&str],
+    ) -> Result<Vec<Option<Suppressed>>, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let table = read.open_table(SUPPRESSIONS).map_err(err)?;
+        addresses
+            .iter()
+            .map(|address| {
+                match table
+                    .get((tenant.as_str(), suppression_key(address).as_str()))
+                    .map_err(err)?
+                {
+                    Some(row) => parse(row.value()).map(Some),
+                    None => Ok(None),
+                }
+            })
+            .collect()
+    }
+
+    /// Up to `limit` of `tenant`'s entries after suppression key `after`, in key order.
+    pub fn list_suppressions(
+        &self,
+        tenant: &TenantId,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<Suppressed>, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let table = read.open_table(SUPPRESSIONS).map_err(err)?;
+        let start = (tenant.as_str(), after);
+        let mut entries = Vec::new();
+        for row in table.range(start..).map_err(err)? {
+            let (key, value) = row.map_err(err)?;
+            let (owner, address) = key.value();
+            if owner != tenant.as_str() || entries.len() == limit {
+                break;
+            }
+            if address != after {
+                entries.push(parse(value.value())?);
+            }
+        }
+        Ok(entries)
+    }
+}
+
+/// The event a cell records for its own step.
+pub fn event(kind: EventKind, at_ms: u64, detail: impl Into<String>) -> MessageEvent {
+    MessageEvent {
+        kind,
+        at_ms,
+        recipient: None,
+        detail: detail.into(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::RecipientOutcome;
+    use cellmail_proto::MessageClass;
 
     fn accepted(id: MessageId) -> Accepted {
         Accepted {
             message_id: id,
-            recipients: vec!["a@example.com".into()],
+            recipients: vec![RecipientOutcome {
+                address: "a@example.com".into(),
+                suppressed: None,
+            }],
+        }
+    }
+
+    fn record(id: MessageId, tenant: &TenantId) -> MessageRecord {
+        MessageRecord {
+            id,
+            tenant: tenant.clone(),
+            class: MessageClass::Transactional,
+            state: MessageState::Queued,
+            recipients: accepted(id).recipients,
+            events: Vec::new(),
+            accepted_at_ms: 1,
         }
     }
 
@@ -260,7 +487,20 @@ mod tests {
                 Reservation::Pending(first)
             );
             store
-                .complete(&tenant, "k", accepted(first), 1_002)
+                .accepted(Some("k"), accepted(first), record(first, &tenant), 1_002)
+                .await
+                .unwrap();
+            // A durable write after the lazy one makes both durable.
+            store
+                .suppress(
+                    &tenant,
+                    Suppressed {
+                        address: "x@example.com".into(),
+                        reason: SuppressionReason::Manual,
+                        at_ms: 0,
+                        message_id: None,
+                    },
+                )
                 .await
                 .unwrap();
         }
@@ -284,7 +524,10 @@ mod tests {
         let tenant = TenantId::new("t").unwrap();
         let id = MessageId::generate();
         store.reserve(&tenant, "k", id, 0).await.unwrap();
-        store.complete(&tenant, "k", accepted(id), 0).await.unwrap();
+        store
+            .accepted(Some("k"), accepted(id), record(id, &tenant), 0)
+            .await
+            .unwrap();
         let later = IDEMPOTENCY_WINDOW.as_millis() as u64 + 1;
         assert_eq!(
             store
@@ -296,18 +539,84 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn outcomes_are_recorded_per_message() {
+    async fn messages_answer_only_their_tenant_and_collect_events() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("store.redb")).unwrap();
-        let (sent, other) = (MessageId::generate(), MessageId::generate());
+        let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
+        let id = MessageId::generate();
         store
-            .record_outcome(sent, Outcome::Sent { at_ms: 5 })
+            .accepted(None, accepted(id), record(id, &a), 1)
             .await
             .unwrap();
-        assert_eq!(
-            store.outcome(sent).unwrap(),
-            Some(Outcome::Sent { at_ms: 5 })
+        assert!(!store.settled(id).unwrap());
+        store
+            .record_outcome(
+                record(id, &a),
+                MessageState::Sent,
+                event(EventKind::Sent, 2, ""),
+            )
+            .await
+            .unwrap();
+        assert!(store.settled(id).unwrap());
+        assert!(
+            !store
+                .add_events(&b, id, vec![event(EventKind::Bounce, 3, "")])
+                .await
+                .unwrap(),
+            "b cannot touch a's message"
         );
-        assert_eq!(store.outcome(other).unwrap(), None);
+        assert!(
+            store
+                .add_events(&a, id, vec![event(EventKind::Delivery, 3, "")])
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.message(&b, id).unwrap(), None);
+        let mine = store.message(&a, id).unwrap().unwrap();
+        assert_eq!(mine.state, MessageState::Sent);
+        assert_eq!(
+            mine.events.iter().map(|e| e.kind).collect::<Vec<_>>(),
+            [EventKind::Sent, EventKind::Delivery]
+        );
+    }
+
+    #[tokio::test]
+    async fn suppression_lists_are_per_tenant_case_folded_and_paged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store.redb")).unwrap();
+        let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
+        let entry = |address: &str| Suppressed {
+            address: address.into(),
+            reason: SuppressionReason::Bounce,
+            at_ms: 1,
+            message_id: None,
+        };
+        for address in ["c@x.example", "A@x.example", "b@x.example"] {
+            store.suppress(&a, entry(address)).await.unwrap();
+        }
+        store.suppress(&b, entry("z@x.example")).await.unwrap();
+        let found = store
+            .suppressions_of(&a, &["a@X.example", "z@x.example"])
+            .unwrap();
+        assert_eq!(
+            found[0].as_ref().map(|s| s.address.as_str()),
+            Some("A@x.example")
+        );
+        assert_eq!(found[1], None, "b's entry is not a's");
+        let page = store.list_suppressions(&a, "", 2).unwrap();
+        assert_eq!(
+            page.iter().map(|s| s.address.as_str()).collect::<Vec<_>>(),
+            ["A@x.example", "b@x.example"]
+        );
+        let rest = store
+            .list_suppressions(&a, &suppression_key(&page[1].address), 2)
+            .unwrap();
+        assert_eq!(
+            rest.iter().map(|s| s.address.as_str()).collect::<Vec<_>>(),
+            ["c@x.example"]
+        );
+        assert!(store.unsuppress(&a, "C@X.EXAMPLE").await.unwrap());
+        assert!(!store.unsuppress(&a, "c@x.example").await.unwrap());
+        assert_eq!(store.list_suppressions(&b, "", 10).unwrap().len(), 1);
     }
 }

@@ -19,8 +19,9 @@ use tracing::Instrument;
 use crate::accept::now_ms;
 use crate::mailer::{Mailer, MailerError};
 use crate::message::Message;
+use crate::message::{EventKind, MessageState};
 use crate::queue::{Delivery, Queue, QueueKind};
-use crate::store::{Outcome, Store};
+use crate::store::{self, Store};
 
 const BATCH: usize = 10;
 /// How long a received message stays invisible while a worker sends it.
@@ -147,15 +148,16 @@ impl Worker {
         let Some(_claim) = self.claim(message.id) else {
             return Ok(false);
         };
-        if self.store.outcome(message.id)?.is_some() {
+        if self.store.settled(message.id)? {
             return Ok(true);
         }
         let span =
             tracing::info_span!("deliver", tenant = %message.tenant, message_id = %message.id);
         match self.mailer.send(&message).instrument(span).await {
             Ok(()) => {
+                let sent = store::event(EventKind::Sent, now_ms(), "");
                 self.store
-                    .record_outcome(message.id, Outcome::Sent { at_ms: now_ms() })
+                    .record_outcome(message.queued_record(), MessageState::Sent, sent)
                     .await?;
                 Ok(true)
             }
@@ -173,14 +175,9 @@ impl Worker {
             }
             Err(MailerError::Permanent { reason }) => {
                 tracing::warn!(%reason, "send refused permanently; dead-lettering");
+                let failed = store::event(EventKind::Failed, now_ms(), reason);
                 self.store
-                    .record_outcome(
-                        message.id,
-                        Outcome::Failed {
-                            at_ms: now_ms(),
-                            reason,
-                        },
-                    )
+                    .record_outcome(message.queued_record(), MessageState::Failed, failed)
                     .await?;
                 self.queue
                     .send(QueueKind::DeadLetter, delivery.body.clone())
@@ -281,7 +278,7 @@ mod tests {
         }
 
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while store.outcome(message.id).unwrap().is_none() && std::time::Instant::now() < deadline {
+        while !store.settled(message.id).unwrap() && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Give any second copy the time to be (wrongly) sent too.
@@ -297,10 +294,7 @@ mod tests {
     async fn throttling_leads_to_retries_not_loss() {
         let (sent, store, id) = deliver(1, 1).await;
         assert_eq!(sent, 1);
-        assert!(matches!(
-            store.outcome(id).unwrap(),
-            Some(Outcome::Sent { .. })
-        ));
+        assert!(store.settled(id).unwrap());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use cellmail_proto::{CellId, TenantId};
 
 use crate::registry::{EventKind, Registry, RegistryError, Revision, Snapshot, Watcher};
-use crate::schema::{self, ApiKeyRecord, CellRecord, Entity, Keys, PlacementRecord, TenantRecord};
+use crate::schema::{
+    self, ApiKeyRecord, CellRecord, Entity, GlobalSuppressionRecord, Keys, PlacementRecord,
+    TenantRecord,
+};
 
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
@@ -24,6 +27,8 @@ pub struct Catalog {
     pub placements: HashMap<TenantId, PlacementRecord>,
     /// SHA-256 of an API key -> the key's record.
     pub api_keys: HashMap<String, ApiKeyRecord>,
+    /// Suppression key -> the operators' entry.
+    pub global_suppressions: HashMap<String, GlobalSuppressionRecord>,
     pub revision: Revision,
 }
 
@@ -57,6 +62,9 @@ impl Catalog {
             Some(Entity::Tenant(id)) => upsert(&mut self.tenants, id, parse(key, value)),
             Some(Entity::Placement(id)) => upsert(&mut self.placements, id, parse(key, value)),
             Some(Entity::ApiKey(hash)) => upsert(&mut self.api_keys, hash, parse(key, value)),
+            Some(Entity::GlobalSuppression(address)) => {
+                upsert(&mut self.global_suppressions, address, parse(key, value))
+            }
             None => {}
         }
     }

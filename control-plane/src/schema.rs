@@ -1,12 +1,12 @@
 //! The registry's key layout and record types.
 //!
 //! Under a configurable prefix (default `/cellmail/`): `cells/<cell>`, `alive/<cell>` (bound
-//! to the cell's lease), `tenants/<tenant>`, `placements/<tenant>` and `apikeys/<sha256 of
-//! the key>`. Values are JSON so an operator can read them with `etcdctl get`.
+//! to the cell's lease), `tenants/<tenant>`, `placements/<tenant>`, `apikeys/<sha256 of
+//! the key>` and `suppressions/<address, lowercased>` (the operators' global list). Values are JSON so an operator can read them with `etcdctl get`.
 
 use std::collections::BTreeMap;
 
-use cellmail_proto::{CellId, Epoch, TenantId};
+use cellmail_proto::{CellId, Epoch, SuppressionReason, TenantId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub const DEFAULT_PREFIX: &str = "/cellmail/";
@@ -25,6 +25,8 @@ pub enum Entity {
     Tenant(TenantId),
     Placement(TenantId),
     ApiKey(String),
+    /// The suppression key of a globally suppressed address.
+    GlobalSuppression(String),
 }
 
 impl Keys {
@@ -64,6 +66,15 @@ impl Keys {
         format!("{}apikeys/{hash}", self.prefix)
     }
 
+    pub fn global_suppressions(&self) -> String {
+        format!("{}suppressions/", self.prefix)
+    }
+
+    /// `address` must already be a suppression key (lowercased).
+    pub fn global_suppression(&self, address: &str) -> String {
+        format!("{}suppressions/{address}", self.prefix)
+    }
+
     /// `None` for keys outside the prefix or of kinds this version does not know.
     pub fn parse(&self, key: &str) -> Option<Entity> {
         let (kind, name) = key.strip_prefix(&self.prefix)?.split_once('/')?;
@@ -73,6 +84,7 @@ impl Keys {
             "tenants" => TenantId::new(name).ok().map(Entity::Tenant),
             "placements" => TenantId::new(name).ok().map(Entity::Placement),
             "apikeys" => Some(Entity::ApiKey(name.to_owned())),
+            "suppressions" => Some(Entity::GlobalSuppression(name.to_owned())),
             _ => None,
         }
     }
@@ -161,6 +173,14 @@ pub struct ApiKeyRecord {
     pub tenant: TenantId,
     /// The public part of the key, shown in listings and audit records.
     pub key_id: String,
+    pub created_at_ms: u64,
+}
+
+/// An address every tenant's mail skips, set by an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GlobalSuppressionRecord {
+    pub address: String,
+    pub reason: SuppressionReason,
     pub created_at_ms: u64,
 }
 

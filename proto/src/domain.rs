@@ -187,6 +187,82 @@ impl fmt::Display for MessageClass {
     }
 }
 
+/// Why an address is on a suppression list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SuppressionReason {
+    Bounce,
+    Complaint,
+    Manual,
+    Unsubscribe,
+}
+
+/// Which suppression list an entry is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SuppressionScope {
+    /// The tenant's own list.
+    Tenant,
+    /// The operators' list, applied to every tenant.
+    Global,
+}
+
+impl SuppressionReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SuppressionReason::Bounce => "bounce",
+            SuppressionReason::Complaint => "complaint",
+            SuppressionReason::Manual => "manual",
+            SuppressionReason::Unsubscribe => "unsubscribe",
+        }
+    }
+
+    pub fn to_wire(self) -> i32 {
+        let wire = match self {
+            SuppressionReason::Bounce => crate::v1::SuppressionReason::Bounce,
+            SuppressionReason::Complaint => crate::v1::SuppressionReason::Complaint,
+            SuppressionReason::Manual => crate::v1::SuppressionReason::Manual,
+            SuppressionReason::Unsubscribe => crate::v1::SuppressionReason::Unsubscribe,
+        };
+        wire as i32
+    }
+
+    /// `None` for an unspecified or unknown wire value.
+    pub fn from_wire(value: i32) -> Option<Self> {
+        match crate::v1::SuppressionReason::try_from(value).ok()? {
+            crate::v1::SuppressionReason::Bounce => Some(SuppressionReason::Bounce),
+            crate::v1::SuppressionReason::Complaint => Some(SuppressionReason::Complaint),
+            crate::v1::SuppressionReason::Manual => Some(SuppressionReason::Manual),
+            crate::v1::SuppressionReason::Unsubscribe => Some(SuppressionReason::Unsubscribe),
+            crate::v1::SuppressionReason::Unspecified => None,
+        }
+    }
+}
+
+impl SuppressionScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SuppressionScope::Tenant => "tenant",
+            SuppressionScope::Global => "global",
+        }
+    }
+
+    pub fn to_wire(self) -> i32 {
+        let wire = match self {
+            SuppressionScope::Tenant => crate::v1::SuppressionScope::Tenant,
+            SuppressionScope::Global => crate::v1::SuppressionScope::Global,
+        };
+        wire as i32
+    }
+}
+
+/// The key an address is suppressed under: the whole address lowercased. Mailbox providers
+/// treat local parts case-insensitively in practice, so `Jane@X` and `jane@x` are one
+/// person; a `+label` is kept, so `jane+news@x` is a different entry.
+pub fn suppression_key(address: &str) -> String {
+    address.trim().to_ascii_lowercase()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +281,24 @@ mod tests {
         let id = MessageId::generate();
         assert_eq!(id.to_string().parse::<MessageId>().unwrap(), id);
         assert!("not-a-ulid".parse::<MessageId>().is_err());
+    }
+
+    #[test]
+    fn suppression_reasons_round_trip_and_keys_fold_case_only() {
+        for reason in [
+            SuppressionReason::Bounce,
+            SuppressionReason::Complaint,
+            SuppressionReason::Manual,
+            SuppressionReason::Unsubscribe,
+        ] {
+            assert_eq!(SuppressionReason::from_wire(reason.to_wire()), Some(reason));
+        }
+        assert_eq!(SuppressionReason::from_wire(0), None);
+        assert_eq!(suppression_key(" Jane@Example.COM "), "jane@example.com");
+        assert_ne!(
+            suppression_key("jane+news@example.com"),
+            suppression_key("jane@example.com")
+        );
     }
 
     #[test]

@@ -21,5 +21,9 @@ pub mod v1 {
         tonic::include_file_descriptor_set!("cellmail_v1_descriptor");
 }
 
-pub use domain::{CellId, Epoch, IdError, MessageClass, MessageId, TenantId};
+pub use domain::{
+    CellId, Epoch, IdError, MessageClass, MessageId, SuppressionReason, SuppressionScope, TenantId,
+    suppression_key,
+};
+
 pub use error::ApiError;

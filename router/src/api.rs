@@ -1,16 +1,19 @@
-//! The `Sender` gRPC service: resolve the authenticated tenant's cell and forward.
+//! The `Sender` gRPC service: every call is for the authenticated tenant and goes to that
+//! tenant's cell, stamped with the placement epoch and the caller's deadline.
 //!
 //! A cell answers "moved" when the router's placement is stale (a move switched the
 //! tenant's epoch). The router then waits, briefly, for its registry view to show the new
-//! placement and retries once; a second "moved" is UNAVAILABLE, which clients retry with
-//! the same idempotency key.
+//! placement and retries once; a second "moved" is UNAVAILABLE, which clients retry (sends
+//! with the same idempotency key).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cellmail_control::catalog::WatchedCatalog;
-use cellmail_proto::v1::{self, sender_server::Sender};
+use cellmail_proto::v1::{self, cell_client::CellClient, sender_server::Sender};
 use cellmail_proto::{ApiError, TenantId};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::forward::{self, Channels, DEFAULT_DEADLINE, Target};
@@ -21,6 +24,25 @@ const MOVED_WAIT: Duration = Duration::from_secs(2);
 pub struct SenderApi {
     catalog: Arc<WatchedCatalog>,
     channels: Channels,
+}
+
+/// The authenticated tenant of a request and the deadline its caller gave.
+fn context<T>(request: &Request<T>) -> Result<(TenantId, Duration), ApiError> {
+    let tenant = request
+        .extensions()
+        .get::<TenantId>()
+        .cloned()
+        .ok_or_else(|| ApiError::Unauthenticated("no authenticated tenant".into()))?;
+    Ok((
+        tenant,
+        forward::deadline(request.metadata()).unwrap_or(DEFAULT_DEADLINE),
+    ))
+}
+
+fn with_deadline<T>(message: T, deadline: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(deadline);
+    request
 }
 
 impl SenderApi {
@@ -35,22 +57,51 @@ impl SenderApi {
         forward::resolve(&self.catalog.read(), tenant)
     }
 
-    async fn forward(
+    /// Runs `call` against `tenant`'s cell, once more after a "moved" answer.
+    async fn on_cell<T, F, Fut>(&self, tenant: &TenantId, call: F) -> Result<Response<T>, Status>
+    where
+        F: Fn(CellClient<Channel>, v1::Caller) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let target = self.resolve(tenant)?;
+        match self.call_once(&target, tenant, &call).await {
+            Err(status) if ApiError::is_moved(&status) => {
+                let stale = target.epoch;
+                self.catalog
+                    .wait_until(MOVED_WAIT, |c| {
+                        c.placements.get(tenant).is_some_and(|p| p.epoch > stale)
+                    })
+                    .await;
+                let target = self.resolve(tenant)?;
+                match self.call_once(&target, tenant, &call).await {
+                    Err(status) if ApiError::is_moved(&status) => {
+                        Err(ApiError::Unavailable(format!(
+                            "tenant {tenant} is moving; retry (sends with the same idempotency key)"
+                        ))
+                        .into())
+                    }
+                    other => other,
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn call_once<T, F, Fut>(
         &self,
         target: &Target,
         tenant: &TenantId,
-        message: v1::SendRequest,
-        deadline: Duration,
-    ) -> Result<v1::SendResponse, Status> {
-        let mut client = self.channels.client(target)?;
-        let mut request = Request::new(v1::AcceptRequest {
+        call: &F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: Fn(CellClient<Channel>, v1::Caller) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let caller = v1::Caller {
             tenant_id: tenant.to_string(),
             epoch: target.epoch.0,
-            message: Some(message),
-        });
-        request.set_timeout(deadline);
-        match client.accept(request).await {
-            Ok(response) => Ok(response.into_inner()),
+        };
+        match call(self.channels.client(target)?, caller).await {
             Err(status) if status.code() == tonic::Code::Unavailable => {
                 Err(ApiError::Unavailable(format!(
                     "cell {} of tenant {tenant} is unavailable: {}",
@@ -59,7 +110,7 @@ impl SenderApi {
                 ))
                 .into())
             }
-            Err(status) => Err(status),
+            other => other,
         }
     }
 }
@@ -70,35 +121,80 @@ impl Sender for SenderApi {
         &self,
         request: Request<v1::SendRequest>,
     ) -> Result<Response<v1::SendResponse>, Status> {
-        let tenant = request
-            .extensions()
-            .get::<TenantId>()
-            .cloned()
-            .ok_or_else(|| ApiError::Unauthenticated("no authenticated tenant".into()))?;
-        let deadline = forward::deadline(request.metadata()).unwrap_or(DEFAULT_DEADLINE);
+        let (tenant, deadline) = context(&request)?;
         let message = request.into_inner();
-        let target = self.resolve(&tenant)?;
-        match self
-            .forward(&target, &tenant, message.clone(), deadline)
-            .await
-        {
-            Err(status) if ApiError::is_moved(&status) => {
-                let stale = target.epoch;
-                self.catalog
-                    .wait_until(MOVED_WAIT, |c| {
-                        c.placements.get(&tenant).is_some_and(|p| p.epoch > stale)
-                    })
-                    .await;
-                let target = self.resolve(&tenant)?;
-                match self.forward(&target, &tenant, message, deadline).await {
-                    Err(status) if ApiError::is_moved(&status) => Err(ApiError::Unavailable(
-                        format!("tenant {tenant} is moving; retry with the same idempotency key"),
-                    )
-                    .into()),
-                    other => other.map(Response::new),
-                }
-            }
-            other => other.map(Response::new),
-        }
+        self.on_cell(&tenant, |mut cell, caller| {
+            let accept = v1::AcceptRequest {
+                tenant_id: caller.tenant_id,
+                epoch: caller.epoch,
+                message: Some(message.clone()),
+            };
+            async move { cell.accept(with_deadline(accept, deadline)).await }
+        })
+        .await
+    }
+
+    async fn get_message(
+        &self,
+        request: Request<v1::GetMessageRequest>,
+    ) -> Result<Response<v1::MessageStatus>, Status> {
+        let (tenant, deadline) = context(&request)?;
+        let request = request.into_inner();
+        self.on_cell(&tenant, |mut cell, caller| {
+            let call = v1::CellGetMessageRequest {
+                caller: Some(caller),
+                request: Some(request.clone()),
+            };
+            async move { cell.get_message(with_deadline(call, deadline)).await }
+        })
+        .await
+    }
+
+    async fn list_suppressions(
+        &self,
+        request: Request<v1::ListSuppressionsRequest>,
+    ) -> Result<Response<v1::ListSuppressionsResponse>, Status> {
+        let (tenant, deadline) = context(&request)?;
+        let request = request.into_inner();
+        self.on_cell(&tenant, |mut cell, caller| {
+            let call = v1::CellListSuppressionsRequest {
+                caller: Some(caller),
+                request: Some(request.clone()),
+            };
+            async move { cell.list_suppressions(with_deadline(call, deadline)).await }
+        })
+        .await
+    }
+
+    async fn add_suppression(
+        &self,
+        request: Request<v1::AddSuppressionRequest>,
+    ) -> Result<Response<v1::Suppression>, Status> {
+        let (tenant, deadline) = context(&request)?;
+        let request = request.into_inner();
+        self.on_cell(&tenant, |mut cell, caller| {
+            let call = v1::CellAddSuppressionRequest {
+                caller: Some(caller),
+                request: Some(request.clone()),
+            };
+            async move { cell.add_suppression(with_deadline(call, deadline)).await }
+        })
+        .await
+    }
+
+    async fn remove_suppression(
+        &self,
+        request: Request<v1::RemoveSuppressionRequest>,
+    ) -> Result<Response<v1::RemoveSuppressionResponse>, Status> {
+        let (tenant, deadline) = context(&request)?;
+        let request = request.into_inner();
+        self.on_cell(&tenant, |mut cell, caller| {
+            let call = v1::CellRemoveSuppressionRequest {
+                caller: Some(caller),
+                request: Some(request.clone()),
+            };
+            async move { cell.remove_suppression(with_deadline(call, deadline)).await }
+        })
+        .await
     }
 }

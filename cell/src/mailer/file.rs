@@ -1,21 +1,38 @@
 //! The file sink: the embedded mailer. Each message becomes
 //! `<root>/<tenant>/<message id>.eml`, written to a temporary name, fsynced and renamed, so
 //! a file is either whole or absent and sending the same message twice leaves one file.
+//!
+//! It also plays SES's mailbox simulator: for each `bounce@`, `complaint@` or
+//! `success@simulator.amazonses.com` recipient it puts the feedback record SES would publish
+//! on the cell's feedback queue.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use super::{Mailer, MailerError, render};
+use crate::accept::now_ms;
+use crate::feedback;
 use crate::message::Message;
+use crate::queue::{Queue, QueueKind};
 
 pub struct FileSink {
     root: PathBuf,
+    feedback: Arc<dyn Queue>,
 }
 
 impl FileSink {
-    pub fn new(root: PathBuf) -> Self {
-        Self { root }
+    /// Writes under `root`; simulated feedback goes to `feedback`'s feedback queue.
+    pub fn new(root: PathBuf, feedback: Arc<dyn Queue>) -> Self {
+        Self { root, feedback }
+    }
+}
+
+fn retryable(reason: impl std::fmt::Display) -> MailerError {
+    MailerError::Retryable {
+        reason: reason.to_string(),
+        retry_after: None,
     }
 }
 
@@ -36,13 +53,14 @@ impl Mailer for FileSink {
             std::fs::File::open(&dir)?.sync_all()
         })
         .await
-        .map_err(|e| MailerError::Retryable {
-            reason: e.to_string(),
-            retry_after: None,
-        })?
-        .map_err(|e| MailerError::Retryable {
-            reason: format!("writing the message file: {e}"),
-            retry_after: None,
-        })
+        .map_err(retryable)?
+        .map_err(|e| retryable(format!("writing the message file: {e}")))?;
+        for record in feedback::simulated(message, now_ms()) {
+            self.feedback
+                .send(QueueKind::Feedback, record)
+                .await
+                .map_err(|e| retryable(format!("simulated feedback: {e}")))?;
+        }
+        Ok(())
     }
 }

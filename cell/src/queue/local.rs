@@ -27,6 +27,7 @@ fn index(kind: QueueKind) -> u8 {
         QueueKind::Transactional => 0,
         QueueKind::Marketing => 1,
         QueueKind::DeadLetter => 2,
+        QueueKind::Feedback => 3,
     }
 }
 
@@ -119,7 +120,7 @@ impl Lane {
 }
 
 struct State {
-    lanes: [Lane; 3],
+    lanes: [Lane; 4],
     next_seq: u64,
 }
 

@@ -1,6 +1,7 @@
 //! The cell's message queue, with SQS semantics.
 //!
-//! A cell has one queue per message class plus a dead-letter queue. A received message is
+//! A cell has one queue per message class, a dead-letter queue and a feedback queue (the
+//! mail transport's event records). A received message is
 //! invisible for its visibility timeout and comes back if it is not deleted by then; each
 //! receive increments its receive count, and a receive past the queue's `max_receives`
 //! moves it to the dead-letter queue instead. `send` returns only once the message is
@@ -21,6 +22,8 @@ pub enum QueueKind {
     Transactional,
     Marketing,
     DeadLetter,
+    /// Feedback records from the mail transport (SES events, via SNS or EventBridge).
+    Feedback,
 }
 
 impl From<MessageClass> for QueueKind {

@@ -12,8 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cellmail_cell::mailer::file::FileSink;
-use cellmail_cell::queue::{QueueConfig, local::LocalQueue};
 use cellmail_control::apikey;
 use cellmail_control::registry::{Registry, local::LocalRegistry};
 use cellmail_control::schema::{
@@ -66,6 +64,38 @@ impl Sender for PassThrough {
         };
         self.cell.clone().accept(accept).await
     }
+
+    async fn get_message(
+        &self,
+        _: tonic::Request<v1::GetMessageRequest>,
+    ) -> Result<tonic::Response<v1::MessageStatus>, tonic::Status> {
+        Err(only_send())
+    }
+
+    async fn list_suppressions(
+        &self,
+        _: tonic::Request<v1::ListSuppressionsRequest>,
+    ) -> Result<tonic::Response<v1::ListSuppressionsResponse>, tonic::Status> {
+        Err(only_send())
+    }
+
+    async fn add_suppression(
+        &self,
+        _: tonic::Request<v1::AddSuppressionRequest>,
+    ) -> Result<tonic::Response<v1::Suppression>, tonic::Status> {
+        Err(only_send())
+    }
+
+    async fn remove_suppression(
+        &self,
+        _: tonic::Request<v1::RemoveSuppressionRequest>,
+    ) -> Result<tonic::Response<v1::RemoveSuppressionResponse>, tonic::Status> {
+        Err(only_send())
+    }
+}
+
+fn only_send() -> tonic::Status {
+    tonic::Status::unimplemented("the bench's pass-through proxy forwards Send only")
 }
 
 #[derive(Clone)]
@@ -234,14 +264,7 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
         .map(Arc::new)?;
     let api_key = cell_rt.block_on(seed(registry.as_ref(), &keys))?;
     let cell_dir = dir.path().join("cell");
-    std::fs::create_dir_all(&cell_dir)?;
-    let backends = cellmail_cell::Backends {
-        queue: Arc::new(LocalQueue::open(
-            &cell_dir.join("queue.redb"),
-            QueueConfig::default(),
-        )?),
-        mailer: Arc::new(FileSink::new(dir.path().join("mail"))),
-    };
+    let backends = cellmail_cell::Backends::embedded(&cell_dir, &dir.path().join("mail"))?;
     let config = cellmail_cell::CellConfig {
         id: CellId::new(CELL)?,
         addr: "127.0.0.1:0".parse()?,
