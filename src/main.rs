@@ -23,8 +23,10 @@ enum Command {
     Tenant(operator::TenantArgs),
     /// Cells: list.
     Cell(operator::CellArgs),
-    /// Tenant API keys: issue.
+    /// Tenant API keys: issue, list, revoke.
     Key(operator::KeyArgs),
+    /// The operators' global suppression list: list, add, remove.
+    Suppression(operator::SuppressionArgs),
     /// Send a message through the router with a tenant's API key.
     Send(send::SendArgs),
 }
@@ -40,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Tenant(args) => operator::tenant(args).await,
         Command::Cell(args) => operator::cell(args).await,
         Command::Key(args) => operator::key(args).await,
+        Command::Suppression(args) => operator::suppression(args).await,
         Command::Send(args) => send::run(args).await,
     }
 }

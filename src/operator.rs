@@ -1,9 +1,11 @@
 //! The operator commands: each is one call to the control plane's `Control` API, printed as
 //! a table or, with `--json`, as JSON for scripts.
 
+use cellmail_proto::bearer::Bearer;
 use cellmail_proto::v1::{self, control_client::ControlClient};
 use clap::{Args, Subcommand};
 use serde_json::json;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 #[derive(Args)]
@@ -16,24 +18,46 @@ pub struct Connection {
         global = true
     )]
     control: String,
+    /// The operators' credential (default: the one `cellmail up` keeps in ./.cellmail).
+    #[arg(
+        long,
+        env = "CELLMAIL_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    admin_token: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
 }
 
+type Client = ControlClient<InterceptedService<Channel, Bearer>>;
+
 impl Connection {
-    async fn client(&self) -> anyhow::Result<ControlClient<Channel>> {
+    async fn client(&self) -> anyhow::Result<Client> {
+        let token = match &self.admin_token {
+            Some(token) => token.clone(),
+            None => std::fs::read_to_string(
+                std::path::Path::new(".cellmail").join(crate::up::ADMIN_TOKEN_FILE),
+            )
+            .map(|t| t.trim().to_owned())
+            .map_err(|_| {
+                anyhow::anyhow!("no admin token: pass --admin-token or set CELLMAIL_ADMIN_TOKEN")
+            })?,
+        };
+        let bearer = Bearer::new(&token)?;
         let url = if self.control.contains("://") {
             self.control.clone()
         } else {
             format!("http://{}", self.control)
         };
-        ControlClient::connect(url.clone())
+        let channel = Channel::from_shared(url.clone())?
+            .connect()
             .await
-            .map_err(|e| anyhow::anyhow!("cannot reach the control plane at {url}: {e}"))
+            .map_err(|e| anyhow::anyhow!("cannot reach the control plane at {url}: {e}"))?;
+        Ok(ControlClient::with_interceptor(channel, bearer))
     }
 }
-
 fn status(err: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", err.code(), err.message())
 }
@@ -88,6 +112,103 @@ pub struct KeyArgs {
 enum KeyCommand {
     /// Issue another API key for a tenant (shown once).
     Issue { tenant: String },
+    /// List a tenant's keys (ids and creation times).
+    List { tenant: String },
+    /// Revoke one of a tenant's keys.
+    Revoke { tenant: String, key_id: String },
+}
+
+#[derive(Args)]
+pub struct SuppressionArgs {
+    #[command(subcommand)]
+    command: SuppressionCommand,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Subcommand)]
+enum SuppressionCommand {
+    /// The global list (addresses no tenant's mail goes to).
+    List,
+    /// Suppress an address for every tenant.
+    Add {
+        address: String,
+        /// manual | unsubscribe | bounce | complaint
+        #[arg(long, default_value = "manual")]
+        reason: String,
+    },
+    /// Take an address off the global list.
+    Remove { address: String },
+}
+
+fn reason(name: &str) -> anyhow::Result<i32> {
+    let wire = match name {
+        "manual" => v1::SuppressionReason::Manual,
+        "unsubscribe" => v1::SuppressionReason::Unsubscribe,
+        "bounce" => v1::SuppressionReason::Bounce,
+        "complaint" => v1::SuppressionReason::Complaint,
+        other => {
+            anyhow::bail!("--reason {other:?}: expected manual, unsubscribe, bounce or complaint")
+        }
+    };
+    Ok(wire as i32)
+}
+
+fn suppression_json(s: &v1::Suppression) -> serde_json::Value {
+    let reason = v1::SuppressionReason::try_from(s.reason).map_or("UNKNOWN", |r| r.as_str_name());
+    json!({"address": s.address, "reason": reason, "created_at_ms": s.created_at_ms})
+}
+
+pub async fn suppression(args: SuppressionArgs) -> anyhow::Result<()> {
+    let mut client = args.connection.client().await?;
+    match args.command {
+        SuppressionCommand::List => {
+            let listed = client
+                .list_global_suppressions(v1::ListGlobalSuppressionsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            if args.connection.json {
+                println!(
+                    "{}",
+                    json!(
+                        listed
+                            .suppressions
+                            .iter()
+                            .map(suppression_json)
+                            .collect::<Vec<_>>()
+                    )
+                );
+            } else {
+                for s in listed.suppressions {
+                    println!("{}", suppression_json(&s));
+                }
+            }
+        }
+        SuppressionCommand::Add {
+            address,
+            reason: name,
+        } => {
+            let request = v1::AddSuppressionRequest {
+                address,
+                reason: reason(&name)?,
+            };
+            let added = client
+                .add_global_suppression(request)
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("{}", suppression_json(&added));
+        }
+        SuppressionCommand::Remove { address } => {
+            let removed = client
+                .remove_global_suppression(v1::RemoveSuppressionRequest { address })
+                .await
+                .map_err(status)?;
+            println!("{}", json!({"removed": removed.into_inner().removed}));
+        }
+    }
+    Ok(())
 }
 
 fn tenant_json(tenant: &v1::TenantInfo) -> serde_json::Value {
@@ -197,6 +318,33 @@ pub async fn cell(args: CellArgs) -> anyhow::Result<()> {
 pub async fn key(args: KeyArgs) -> anyhow::Result<()> {
     let mut client = args.connection.client().await?;
     match args.command {
+        KeyCommand::List { tenant } => {
+            let keys = client
+                .list_api_keys(v1::ListApiKeysRequest { tenant_id: tenant })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .keys;
+            let rows: Vec<_> = keys
+                .iter()
+                .map(|k| json!({"key_id": k.key_id, "created_at_ms": k.created_at_ms}))
+                .collect();
+            println!("{}", json!(rows));
+        }
+        KeyCommand::Revoke { tenant, key_id } => {
+            let request = v1::RevokeApiKeyRequest {
+                tenant_id: tenant,
+                key_id,
+            };
+            let revoked = client
+                .revoke_api_key(request)
+                .await
+                .map_err(status)?
+                .into_inner()
+                .revoked;
+            anyhow::ensure!(revoked, "no such key for this tenant");
+            println!("{}", json!({"revoked": true}));
+        }
         KeyCommand::Issue { tenant } => {
             let issued = client
                 .issue_api_key(v1::IssueApiKeyRequest {

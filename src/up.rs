@@ -36,6 +36,28 @@ pub struct UpArgs {
 }
 
 const CELLS_READY: Duration = Duration::from_secs(15);
+/// Where `up` keeps the operators' credential, created on the first run.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// The admin token in `data_dir`, created (readable by this user only) if missing.
+fn admin_token(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    if let Ok(token) = std::fs::read_to_string(&path) {
+        return Ok(token.trim().to_owned());
+    }
+    let token = cellmail_control::auth::generate_token();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(token.as_bytes())?;
+    file.sync_all()?;
+    Ok(token)
+}
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
@@ -76,12 +98,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         });
     }
     wait_for_cells(registry.as_ref(), &alive_keys, &mut tasks).await?;
-    tasks.spawn(cellmail_control::serve(
-        control,
-        registry.clone(),
-        keys.clone(),
-        shutdown.clone(),
-    ));
+    let admin_token = admin_token(&args.data_dir)?;
+    {
+        let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            cellmail_control::serve(control, registry, keys, &admin_token, shutdown).await
+        });
+    }
     tasks.spawn(cellmail_router::serve(
         router,
         registry,
@@ -95,6 +118,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     println!("router: {router_addr}  (cellmail.v1.Sender)");
     println!("control: {control_addr}  (cellmail.v1.Control)");
+    println!(
+        "admin token: {}  (the cellmail CLI reads it from there)",
+        args.data_dir.join(ADMIN_TOKEN_FILE).display()
+    );
     println!("cells: {}", args.cells);
     println!("mail: {}/<tenant>/<message id>.eml", mail.display());
     println!("ready; Ctrl-C stops");

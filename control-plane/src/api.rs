@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cellmail_proto::v1::{self, control_server::Control};
-use cellmail_proto::{ApiError, Epoch, TenantId};
+use cellmail_proto::{
+    ApiError, Epoch, SuppressionReason, SuppressionScope, TenantId, suppression_key,
+};
 use tonic::{Request, Response, Status};
 
 use crate::apikey;
@@ -16,7 +18,8 @@ use crate::catalog::Catalog;
 use crate::placement::{self, Candidate};
 use crate::registry::{Compare, Op, Registry, RegistryError, Snapshot};
 use crate::schema::{
-    self, ApiKeyRecord, Keys, PlacementRecord, PlacementState, TenantRecord, TenantStatus, Tier,
+    self, ApiKeyRecord, GlobalSuppressionRecord, Keys, PlacementRecord, PlacementState,
+    TenantRecord, TenantStatus, Tier,
 };
 
 pub struct ControlApi {
@@ -270,6 +273,146 @@ impl ControlApi {
     }
 }
 
+impl ControlApi {
+    /// Every key record of the registry with its registry key, for one tenant.
+    async fn keys_of(&self, tenant: &TenantId) -> Result<Vec<(String, ApiKeyRecord)>, ApiError> {
+        let listed = self
+            .registry
+            .list(&format!("{}apikeys/", self.keys.prefix()))
+            .await
+            .map_err(registry_error)?;
+        Ok(listed
+            .entries
+            .into_iter()
+            .filter_map(|kv| {
+                schema::decode::<ApiKeyRecord>(&kv.value)
+                    .ok()
+                    .map(|record| (kv.key, record))
+            })
+            .filter(|(_, record)| record.tenant == *tenant)
+            .collect())
+    }
+
+    async fn list_api_keys(
+        &self,
+        req: v1::ListApiKeysRequest,
+    ) -> Result<v1::ListApiKeysResponse, ApiError> {
+        let id = TenantId::new(req.tenant_id)
+            .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        let mut keys: Vec<_> = self
+            .keys_of(&id)
+            .await?
+            .into_iter()
+            .map(|(_, r)| v1::ApiKeyInfo {
+                key_id: r.key_id,
+                created_at_ms: r.created_at_ms as i64,
+            })
+            .collect();
+        keys.sort_by(|a, b| (a.created_at_ms, &a.key_id).cmp(&(b.created_at_ms, &b.key_id)));
+        Ok(v1::ListApiKeysResponse { keys })
+    }
+
+    async fn revoke_api_key(
+        &self,
+        req: v1::RevokeApiKeyRequest,
+    ) -> Result<v1::RevokeApiKeyResponse, ApiError> {
+        let id = TenantId::new(req.tenant_id)
+            .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        if req.key_id.is_empty() {
+            return Err(ApiError::invalid("key_id", "is required"));
+        }
+        let found = self
+            .keys_of(&id)
+            .await?
+            .into_iter()
+            .find(|(_, r)| r.key_id == req.key_id);
+        let Some((key, _)) = found else {
+            return Ok(v1::RevokeApiKeyResponse { revoked: false });
+        };
+        self.registry.delete(&key).await.map_err(registry_error)?;
+        tracing::info!(tenant = %id, key_id = %req.key_id, "API key revoked");
+        Ok(v1::RevokeApiKeyResponse { revoked: true })
+    }
+
+    async fn list_global_suppressions(
+        &self,
+    ) -> Result<v1::ListGlobalSuppressionsResponse, ApiError> {
+        let catalog = self.catalog(&["suppressions"]).await?;
+        let mut suppressions: Vec<_> = catalog
+            .global_suppressions
+            .into_values()
+            .map(global_suppression)
+            .collect();
+        suppressions.sort_by(|a, b| a.address.cmp(&b.address));
+        Ok(v1::ListGlobalSuppressionsResponse { suppressions })
+    }
+
+    async fn add_global_suppression(
+        &self,
+        req: v1::AddSuppressionRequest,
+    ) -> Result<v1::Suppression, ApiError> {
+        let options = email_address::Options::default()
+            .with_required_tld()
+            .without_domain_literal()
+            .without_display_text();
+        email_address::EmailAddress::parse_with_options(req.address.trim(), options).map_err(
+            |e| {
+                ApiError::invalid(
+                    "address",
+                    format!("{:?} is not an email address: {e}", req.address),
+                )
+            },
+        )?;
+        let reason = match req.reason {
+            0 => SuppressionReason::Manual,
+            wire => SuppressionReason::from_wire(wire)
+                .ok_or_else(|| ApiError::invalid("reason", "unknown reason"))?,
+        };
+        let record = GlobalSuppressionRecord {
+            address: req.address.trim().to_owned(),
+            reason,
+            created_at_ms: now_ms(),
+        };
+        let key = self
+            .keys
+            .global_suppression(&suppression_key(&record.address));
+        self.registry
+            .put(&key, schema::encode(&record), None)
+            .await
+            .map_err(registry_error)?;
+        tracing::info!(address = %record.address, reason = reason.as_str(), "address suppressed globally");
+        Ok(global_suppression(record))
+    }
+
+    async fn remove_global_suppression(
+        &self,
+        req: v1::RemoveSuppressionRequest,
+    ) -> Result<v1::RemoveSuppressionResponse, ApiError> {
+        if req.address.trim().is_empty() {
+            return Err(ApiError::invalid("address", "is required"));
+        }
+        let key = self.keys.global_suppression(&suppression_key(&req.address));
+        let existed = self
+            .registry
+            .get(&key)
+            .await
+            .map_err(registry_error)?
+            .is_some();
+        self.registry.delete(&key).await.map_err(registry_error)?;
+        Ok(v1::RemoveSuppressionResponse { removed: existed })
+    }
+}
+
+fn global_suppression(record: GlobalSuppressionRecord) -> v1::Suppression {
+    v1::Suppression {
+        address: record.address,
+        reason: record.reason.to_wire(),
+        scope: SuppressionScope::Global.to_wire(),
+        created_at_ms: record.created_at_ms as i64,
+        message_id: String::new(),
+    }
+}
+
 #[tonic::async_trait]
 impl Control for ControlApi {
     async fn create_tenant(
@@ -301,6 +444,51 @@ impl Control for ControlApi {
     ) -> Result<Response<v1::IssueApiKeyResponse>, Status> {
         Ok(Response::new(
             ControlApi::issue_api_key(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<v1::ListApiKeysRequest>,
+    ) -> Result<Response<v1::ListApiKeysResponse>, Status> {
+        Ok(Response::new(
+            ControlApi::list_api_keys(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<v1::RevokeApiKeyRequest>,
+    ) -> Result<Response<v1::RevokeApiKeyResponse>, Status> {
+        Ok(Response::new(
+            ControlApi::revoke_api_key(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_global_suppressions(
+        &self,
+        _request: Request<v1::ListGlobalSuppressionsRequest>,
+    ) -> Result<Response<v1::ListGlobalSuppressionsResponse>, Status> {
+        Ok(Response::new(
+            ControlApi::list_global_suppressions(self).await?,
+        ))
+    }
+
+    async fn add_global_suppression(
+        &self,
+        request: Request<v1::AddSuppressionRequest>,
+    ) -> Result<Response<v1::Suppression>, Status> {
+        Ok(Response::new(
+            ControlApi::add_global_suppression(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn remove_global_suppression(
+        &self,
+        request: Request<v1::RemoveSuppressionRequest>,
+    ) -> Result<Response<v1::RemoveSuppressionResponse>, Status> {
+        Ok(Response::new(
+            ControlApi::remove_global_suppression(self, request.into_inner()).await?,
         ))
     }
 }

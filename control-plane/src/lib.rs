@@ -7,9 +7,11 @@
 //! - [`placement`]: the pure choice of a cell for a new tenant.
 //! - [`apikey`]: issuing and hashing tenant API keys.
 //! - [`api`]: the `Control` gRPC service.
+//! - [`auth`]: the operator credential every `Control` call must carry.
 
 pub mod api;
 pub mod apikey;
+pub mod auth;
 pub mod catalog;
 pub mod placement;
 pub mod registry;
@@ -33,8 +35,14 @@ pub struct ControlConfig {
         default_value = "127.0.0.1:50052"
     )]
     pub addr: SocketAddr,
+    /// The operators' credential: Control calls must carry `authorization: Bearer <token>`.
+    #[arg(
+        long = "admin-token",
+        env = "CELLMAIL_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: String,
 }
-
 /// Which registry a binary uses, and under which prefix.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RegistryConfig {
@@ -82,9 +90,17 @@ pub async fn serve(
     listener: TcpListener,
     registry: Arc<dyn registry::Registry>,
     keys: schema::Keys,
+    admin_token: &str,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let api = ControlServer::new(api::ControlApi::new(registry, keys));
+    anyhow::ensure!(
+        admin_token.len() >= 16,
+        "the admin token must be at least 16 characters"
+    );
+    let api = ControlServer::with_interceptor(
+        api::ControlApi::new(registry, keys),
+        auth::AdminAuth::new(admin_token),
+    );
     let routes = tonic::service::Routes::new(api);
     cellmail_proto::server::serve(listener, routes, &[SERVICE_NAME], shutdown).await?;
     Ok(())

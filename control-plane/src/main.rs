@@ -32,5 +32,12 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "control plane serving");
     let shutdown = CancellationToken::new();
     tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
-    cellmail_control::serve(listener, registry, args.registry.keys(), shutdown).await
+    cellmail_control::serve(
+        listener,
+        registry,
+        args.registry.keys(),
+        &args.control.admin_token,
+        shutdown,
+    )
+    .await
 }

@@ -7,7 +7,9 @@
 //! - [`error`]: the one mapping from domain failures to gRPC status codes with
 //!   machine-readable details, and back (the router reads a cell's answers with it).
 //! - [`server`]: log setup and the gRPC server every binary runs (with health and reflection).
+//! - [`bearer`]: the client interceptor that presents a credential.
 
+pub mod bearer;
 pub mod domain;
 pub mod error;
 pub mod server;

@@ -14,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use cellmail_proto::bearer::Bearer;
 use cellmail_proto::v1::{self, control_client::ControlClient, sender_client::SenderClient};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// A binary of this workspace, built next to the test executables (the README's test
@@ -135,8 +137,15 @@ impl Platform {
         Ok(())
     }
 
-    pub async fn control(&self) -> anyhow::Result<ControlClient<Channel>> {
-        Ok(ControlClient::connect(self.control.clone()).await?)
+    /// The operators' credential `cellmail up` created in the data dir.
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(self.data_dir.join("admin-token"))?
+            .trim()
+            .to_owned())
+    }
+
+    pub async fn control(&self) -> anyhow::Result<Control> {
+        control_client(&self.control, &self.admin_token()?).await
     }
 
     pub async fn sender(&self) -> anyhow::Result<SenderClient<Channel>> {
@@ -190,6 +199,17 @@ impl Drop for Platform {
     }
 }
 
+/// A `Control` client presenting the admin token.
+pub type Control = ControlClient<InterceptedService<Channel, Bearer>>;
+
+pub async fn control_client(endpoint: &str, admin_token: &str) -> anyhow::Result<Control> {
+    let channel = Channel::from_shared(endpoint.to_owned())?.connect().await?;
+    Ok(ControlClient::with_interceptor(
+        channel,
+        Bearer::new(admin_token)?,
+    ))
+}
+
 /// A request with `key` as its bearer token.
 pub fn authorized<T>(key: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -210,4 +230,33 @@ pub fn message(from: &str, to: &str, idempotency_key: &str) -> v1::SendRequest {
         text: "Thanks for your order.".to_owned(),
         ..Default::default()
     }
+}
+
+/// The AWS API emulator (`http://host:port`) the test command started.
+pub fn aws_endpoint() -> String {
+    std::env::var("CELLMAIL_TEST_AWS_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "CELLMAIL_TEST_AWS_ENDPOINT is not set: run ./deploy/local/test.sh, which starts the AWS emulator"
+        )
+    })
+}
+
+/// AWS configuration for the emulator: a cell's settings pointing at it, in us-east-1, with
+/// dummy credentials (the emulator checks none).
+pub async fn aws_config() -> aws_config::SdkConfig {
+    let settings = cellmail_cell::aws::AwsSettings {
+        region: Some("us-east-1".to_owned()),
+        endpoint: Some(aws_endpoint()),
+        profile: None,
+    };
+    let credentials =
+        aws_sdk_sesv2::config::Credentials::new("testing", "testing", None, None, "cellmail-tests");
+    settings
+        .sdk_config()
+        .await
+        .to_builder()
+        .credentials_provider(aws_sdk_sesv2::config::SharedCredentialsProvider::new(
+            credentials,
+        ))
+        .build()
 }

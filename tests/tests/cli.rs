@@ -12,9 +12,11 @@ use tonic_reflection::pb::v1::{
     server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
 };
 
-fn cellmail(args: &[&str]) -> serde_json::Value {
+/// Runs the CLI as an operator of `platform` and parses its JSON output.
+fn cellmail(platform: &Platform, args: &[&str]) -> serde_json::Value {
     let output = Command::new(binary("cellmail").unwrap())
         .args(args)
+        .env("CELLMAIL_ADMIN_TOKEN", platform.admin_token().unwrap())
         .output()
         .unwrap();
     assert!(
@@ -35,16 +37,19 @@ async fn the_cli_creates_and_lists_tenants_and_cells_and_sends() {
     let dir = tempfile::tempdir().unwrap();
     let platform = Platform::start(dir.path(), &["--cells", "3"]).unwrap();
     let control = platform.control.trim_start_matches("http://");
-    let created = cellmail(&[
-        "tenant",
-        "create",
-        "acme",
-        "--domain",
-        "acme.example",
-        "--control",
-        control,
-        "--json",
-    ]);
+    let created = cellmail(
+        &platform,
+        &[
+            "tenant",
+            "create",
+            "acme",
+            "--domain",
+            "acme.example",
+            "--control",
+            control,
+            "--json",
+        ],
+    );
     assert_eq!(created["tenant"], "acme");
     assert_eq!(created["cell"], "cell-1");
     let key = created["api_key"].as_str().unwrap().to_owned();
@@ -60,6 +65,7 @@ async fn the_cli_creates_and_lists_tenants_and_cells_and_sends() {
             "--control",
             control,
         ])
+        .env("CELLMAIL_ADMIN_TOKEN", platform.admin_token().unwrap())
         .output()
         .unwrap();
     assert!(!bad.status.success());
@@ -68,10 +74,13 @@ async fn the_cli_creates_and_lists_tenants_and_cells_and_sends() {
         "the error names the field"
     );
 
-    let tenants = cellmail(&["tenant", "list", "--control", control, "--json"]);
+    let tenants = cellmail(
+        &platform,
+        &["tenant", "list", "--control", control, "--json"],
+    );
     assert_eq!(tenants.as_array().unwrap().len(), 1);
     assert_eq!(tenants[0]["domains"][0], "acme.example");
-    let cells = cellmail(&["cell", "list", "--control", control, "--json"]);
+    let cells = cellmail(&platform, &["cell", "list", "--control", control, "--json"]);
     let cells = cells.as_array().unwrap();
     assert_eq!(cells.len(), 3);
     assert!(
@@ -88,24 +97,27 @@ async fn the_cli_creates_and_lists_tenants_and_cells_and_sends() {
     );
 
     let router = platform.router.trim_start_matches("http://");
-    let sent = cellmail(&[
-        "send",
-        "--router",
-        router,
-        "--api-key",
-        &key,
-        "--from",
-        "shop@acme.example",
-        "--to",
-        "jane@example.com",
-        "--subject",
-        "Hi",
-        "--text",
-        "Hello",
-        "--tag",
-        "kind=test",
-        "--json",
-    ]);
+    let sent = cellmail(
+        &platform,
+        &[
+            "send",
+            "--router",
+            router,
+            "--api-key",
+            &key,
+            "--from",
+            "shop@acme.example",
+            "--to",
+            "jane@example.com",
+            "--subject",
+            "Hi",
+            "--text",
+            "Hello",
+            "--tag",
+            "kind=test",
+            "--json",
+        ],
+    );
     let id = sent["message_id"].as_str().unwrap().to_owned();
     assert_eq!(sent["recipients"][0]["state"], "RECIPIENT_STATE_ACCEPTED");
     let file = wait_for(
@@ -126,7 +138,10 @@ async fn the_cli_creates_and_lists_tenants_and_cells_and_sends() {
             .contains("X-Cellmail-Tag-kind: test")
     );
 
-    let issued = cellmail(&["key", "issue", "acme", "--control", control, "--json"]);
+    let issued = cellmail(
+        &platform,
+        &["key", "issue", "acme", "--control", control, "--json"],
+    );
     assert_ne!(issued["api_key"].as_str().unwrap(), key);
 }
 
@@ -177,4 +192,212 @@ async fn router_and_control_plane_serve_health_and_reflection() {
         assert!(names.contains(&service), "{service} not in {names:?}");
         assert!(names.contains(&"grpc.health.v1.Health"));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_needs_the_admin_token_and_a_tenant_key_never_works_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &[]).unwrap();
+    let (_, tenant_key) = platform
+        .create_tenant("acme", &["acme.example"])
+        .await
+        .unwrap();
+    let list = || cellmail_proto::v1::ListTenantsRequest {};
+    let mut anonymous =
+        cellmail_proto::v1::control_client::ControlClient::connect(platform.control.clone())
+            .await
+            .unwrap();
+    assert_eq!(
+        anonymous.list_tenants(list()).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    let mut as_tenant = cellmail_tests::control_client(&platform.control, &tenant_key)
+        .await
+        .unwrap();
+    assert_eq!(
+        as_tenant.list_tenants(list()).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    let mut operator = platform.control().await.unwrap();
+    assert_eq!(
+        operator
+            .list_tenants(list())
+            .await
+            .unwrap()
+            .into_inner()
+            .tenants
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_stops_working_and_the_tenants_other_keys_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &[]).unwrap();
+    let control = platform.control.trim_start_matches("http://").to_owned();
+    let created = cellmail(
+        &platform,
+        &[
+            "tenant",
+            "create",
+            "acme",
+            "--domain",
+            "acme.example",
+            "--control",
+            &control,
+            "--json",
+        ],
+    );
+    let (first_key, first_id) = (
+        created["api_key"].as_str().unwrap().to_owned(),
+        created["key_id"].as_str().unwrap().to_owned(),
+    );
+    let second = cellmail(
+        &platform,
+        &["key", "issue", "acme", "--control", &control, "--json"],
+    );
+    let second_key = second["api_key"].as_str().unwrap().to_owned();
+    let listed = cellmail(
+        &platform,
+        &["key", "list", "acme", "--control", &control, "--json"],
+    );
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert!(
+        !listed.to_string().contains(&first_key),
+        "listing never shows a key"
+    );
+
+    cellmail(
+        &platform,
+        &[
+            "key",
+            "revoke",
+            "acme",
+            &first_id,
+            "--control",
+            &control,
+            "--json",
+        ],
+    );
+    let mut sender = platform.sender().await.unwrap();
+    let send = |key: &str| {
+        cellmail_tests::authorized(
+            key,
+            cellmail_tests::message("a@acme.example", "j@example.com", ""),
+        )
+    };
+    let mut code = tonic::Code::Ok;
+    for _ in 0..100 {
+        code = sender
+            .send(send(&first_key))
+            .await
+            .err()
+            .map_or(tonic::Code::Ok, |s| s.code());
+        if code == tonic::Code::Unauthenticated {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(code, tonic::Code::Unauthenticated);
+    assert!(sender.send(send(&second_key)).await.is_ok());
+    let listed = cellmail(
+        &platform,
+        &["key", "list", "acme", "--control", &control, "--json"],
+    );
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_suppression_applies_to_every_tenant_until_removed() {
+    use cellmail_proto::v1::{RecipientState, SuppressionScope};
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &[]).unwrap();
+    let (_, a) = platform.create_tenant("ta", &["a.example"]).await.unwrap();
+    let (_, b) = platform.create_tenant("tb", &["b.example"]).await.unwrap();
+    let control = platform.control.trim_start_matches("http://").to_owned();
+    cellmail(
+        &platform,
+        &[
+            "suppression",
+            "add",
+            "Trap@Example.com",
+            "--reason",
+            "complaint",
+            "--control",
+            &control,
+            "--json",
+        ],
+    );
+    let listed = cellmail(
+        &platform,
+        &["suppression", "list", "--control", &control, "--json"],
+    );
+    assert_eq!(listed[0]["address"], "Trap@Example.com");
+    let bad = Command::new(binary("cellmail").unwrap())
+        .args([
+            "suppression",
+            "add",
+            "not-an-address",
+            "--control",
+            &control,
+        ])
+        .env("CELLMAIL_ADMIN_TOKEN", platform.admin_token().unwrap())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("address:"));
+
+    let mut sender = platform.sender().await.unwrap();
+    for (key, from) in [(&a, "x@a.example"), (&b, "x@b.example")] {
+        let mut suppressed = None;
+        for _ in 0..100 {
+            let sent = sender
+                .send(cellmail_tests::authorized(
+                    key,
+                    cellmail_tests::message(from, "trap@example.com", ""),
+                ))
+                .await
+                .unwrap();
+            let recipient = sent.into_inner().recipients.remove(0);
+            if recipient.state == RecipientState::Suppressed as i32 {
+                suppressed = Some(recipient);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let recipient = suppressed.expect("the global entry reached the cell");
+        assert_eq!(recipient.scope, SuppressionScope::Global as i32);
+        assert!(
+            recipient.reason.contains("complaint"),
+            "{}",
+            recipient.reason
+        );
+    }
+    cellmail(
+        &platform,
+        &[
+            "suppression",
+            "remove",
+            "trap@example.com",
+            "--control",
+            &control,
+            "--json",
+        ],
+    );
+    let mut accepted = false;
+    for _ in 0..100 {
+        let sent = sender
+            .send(cellmail_tests::authorized(
+                &a,
+                cellmail_tests::message("x@a.example", "trap@example.com", ""),
+            ))
+            .await
+            .unwrap();
+        if sent.into_inner().recipients[0].state == RecipientState::Accepted as i32 {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(accepted, "removing the global entry lets mail through");
 }

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use cellmail_proto::v1;
 use cellmail_tests::processes::{Daemon, free_addr, registry_args, start_cell};
 use cellmail_tests::services::{etcd_endpoint, unique_prefix};
-use cellmail_tests::{authorized, message, wait_for};
+use cellmail_tests::{authorized, control_client, message, wait_for};
+
+const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 use tonic::Code;
 
 fn mail_count(dir: &std::path::Path, tenant: &str) -> usize {
@@ -34,7 +36,12 @@ async fn a_killed_cell_fails_only_its_tenants_fast_and_loses_nothing_it_acknowle
     let _cell_b = start_cell("cell-b", &registry, dir_b.path(), &[])
         .await
         .unwrap();
-    let mut control_args = vec!["--control-addr", &control_addr];
+    let mut control_args = vec![
+        "--control-addr",
+        &control_addr,
+        "--admin-token",
+        ADMIN_TOKEN,
+    ];
     control_args.extend(&registry_str);
     let _control = Daemon::start("cellmail-control", &control_args, Some(&control_addr))
         .await
@@ -45,7 +52,7 @@ async fn a_killed_cell_fails_only_its_tenants_fast_and_loses_nothing_it_acknowle
         .await
         .unwrap();
 
-    let mut control = v1::control_client::ControlClient::connect(format!("http://{control_addr}"))
+    let mut control = control_client(&format!("http://{control_addr}"), ADMIN_TOKEN)
         .await
         .unwrap();
     let mut alive = 0;
@@ -161,7 +168,12 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
     let _cell = start_cell("cell-1", &registry, dir.path(), &[])
         .await
         .unwrap();
-    let mut control_args = vec!["--control-addr", &control_addr];
+    let mut control_args = vec![
+        "--control-addr",
+        &control_addr,
+        "--admin-token",
+        ADMIN_TOKEN,
+    ];
     control_args.extend(&registry_str);
     let _control = Daemon::start("cellmail-control", &control_args, Some(&control_addr))
         .await
@@ -172,7 +184,7 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
         .await
         .unwrap();
 
-    let mut control = v1::control_client::ControlClient::connect(format!("http://{control_addr}"))
+    let mut control = control_client(&format!("http://{control_addr}"), ADMIN_TOKEN)
         .await
         .unwrap();
     let create = |id: &str| v1::CreateTenantRequest {

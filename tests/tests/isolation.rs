@@ -1,0 +1,375 @@
+//! Tenant isolation end to end: two tenants on the same cell (so they share its store),
+//! tenant A's key against every path to tenant B's data, and feedback that suppresses for
+//! one tenant only.
+
+use std::time::Duration;
+
+use cellmail_proto::v1::{self, sender_client::SenderClient};
+use cellmail_tests::{Platform, authorized, message};
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn suppressions(sender: &mut SenderClient<Channel>, key: &str) -> Vec<String> {
+    let listed = sender
+        .list_suppressions(authorized(key, v1::ListSuppressionsRequest::default()))
+        .await
+        .unwrap();
+    listed
+        .into_inner()
+        .suppressions
+        .into_iter()
+        .map(|s| s.address)
+        .collect()
+}
+
+fn states(response: &v1::SendResponse) -> Vec<(String, i32, i32)> {
+    response
+        .recipients
+        .iter()
+        .map(|r| (r.address.clone(), r.state, r.scope))
+        .collect()
+}
+
+const ACCEPTED: i32 = v1::RecipientState::Accepted as i32;
+const SUPPRESSED: i32 = v1::RecipientState::Suppressed as i32;
+const NO_SCOPE: i32 = v1::SuppressionScope::Unspecified as i32;
+const TENANT: i32 = v1::SuppressionScope::Tenant as i32;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_a_reaches_none_of_tenant_bs_data_and_bs_data_is_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &["--cells", "1"]).unwrap();
+    let (a_cell, a) = platform.create_tenant("ta", &["a.example"]).await.unwrap();
+    let (b_cell, b) = platform.create_tenant("tb", &["b.example"]).await.unwrap();
+    assert_eq!(a_cell, b_cell, "both tenants share one cell and its store");
+    let mut sender = platform.sender().await.unwrap();
+
+    let b_sent = sender
+        .send(authorized(
+            &b,
+            message("x@b.example", "joe@example.com", "b-1"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let add = v1::AddSuppressionRequest {
+        address: "blocked@example.com".into(),
+        reason: 0,
+    };
+    sender.add_suppression(authorized(&b, add)).await.unwrap();
+    let b_before = sender
+        .get_message(authorized(
+            &b,
+            v1::GetMessageRequest {
+                message_id: b_sent.message_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+
+    // Send as B: from B's domain with A's key.
+    let spoofed = sender
+        .send(authorized(
+            &a,
+            message("x@b.example", "joe@example.com", "a-1"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(spoofed.code(), Code::PermissionDenied);
+    // Read B's message.
+    let read = sender
+        .get_message(authorized(
+            &a,
+            v1::GetMessageRequest {
+                message_id: b_sent.message_id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        read.code(),
+        Code::NotFound,
+        "another tenant's message looks like no message"
+    );
+    // See or change B's suppression list.
+    assert!(suppressions(&mut sender, &a).await.is_empty());
+    let removed = sender
+        .remove_suppression(authorized(
+            &a,
+            v1::RemoveSuppressionRequest {
+                address: "blocked@example.com".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!removed.removed);
+    // B's list does not apply to A.
+    let a_sent = sender
+        .send(authorized(
+            &a,
+            message("x@a.example", "blocked@example.com", "a-2"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        states(&a_sent),
+        [("blocked@example.com".into(), ACCEPTED, NO_SCOPE)]
+    );
+    // A's idempotency keys are not B's.
+    let a_same_key = sender
+        .send(authorized(
+            &a,
+            message("x@a.example", "joe@example.com", "b-1"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(a_same_key.message_id, b_sent.message_id);
+
+    // B's data is as it was.
+    assert_eq!(suppressions(&mut sender, &b).await, ["blocked@example.com"]);
+    let b_blocked = sender
+        .send(authorized(
+            &b,
+            message("x@b.example", "blocked@example.com", "b-2"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        states(&b_blocked),
+        [("blocked@example.com".into(), SUPPRESSED, TENANT)]
+    );
+    let b_after = sender
+        .get_message(authorized(
+            &b,
+            v1::GetMessageRequest {
+                message_id: b_sent.message_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        b_after.into_inner().message_id,
+        b_before.into_inner().message_id
+    );
+    let retried = sender
+        .send(authorized(
+            &b,
+            message("x@b.example", "joe@example.com", "b-1"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.message_id, b_sent.message_id);
+    assert!(
+        platform
+            .mail_of("tb")
+            .iter()
+            .all(|f| !f.to_string_lossy().contains(&a_sent.message_id))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_and_a_complaint_suppress_the_address_for_that_tenant_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &["--cells", "1"]).unwrap();
+    let (_, a) = platform.create_tenant("ta", &["a.example"]).await.unwrap();
+    let (_, b) = platform.create_tenant("tb", &["b.example"]).await.unwrap();
+    let mut sender = platform.sender().await.unwrap();
+    let (bounce, complaint) = (
+        "bounce+1@simulator.amazonses.com",
+        "complaint+1@simulator.amazonses.com",
+    );
+
+    let mut first = message("news@a.example", bounce, "");
+    first.cc = vec![complaint.into()];
+    let sent = sender
+        .send(authorized(&a, first))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = sent.message_id.clone();
+    let mut events = Vec::new();
+    for _ in 0..400 {
+        let got = sender
+            .get_message(authorized(
+                &a,
+                v1::GetMessageRequest {
+                    message_id: id.clone(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        events = got
+            .events
+            .iter()
+            .map(|e| (e.r#type.clone(), e.recipient.clone()))
+            .collect();
+        if events.iter().any(|(t, _)| t == "BOUNCE") && events.iter().any(|(t, _)| t == "COMPLAINT")
+        {
+            assert_eq!(got.state, "SENT");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        events.contains(&("BOUNCE".into(), bounce.into())),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&("COMPLAINT".into(), complaint.into())),
+        "{events:?}"
+    );
+
+    let mut again = message("news@a.example", bounce, "");
+    again.to.push(complaint.into());
+    again.to.push("fine@example.com".into());
+    let a_again = sender
+        .send(authorized(&a, again.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        states(&a_again),
+        [
+            (bounce.into(), SUPPRESSED, TENANT),
+            (complaint.into(), SUPPRESSED, TENANT),
+            ("fine@example.com".into(), ACCEPTED, NO_SCOPE)
+        ]
+    );
+    assert!(
+        a_again.recipients[0].reason.contains("bounce"),
+        "{}",
+        a_again.recipients[0].reason
+    );
+    assert!(
+        a_again.recipients[1].reason.contains("complaint"),
+        "{}",
+        a_again.recipients[1].reason
+    );
+    let listed = suppressions(&mut sender, &a).await;
+    assert_eq!(listed, [bounce, complaint]);
+
+    // Tenant B may still mail both addresses: A's feedback is A's.
+    again.from_address = "news@b.example".into();
+    let b_sent = sender
+        .send(authorized(&b, again))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        b_sent.recipients.iter().all(|r| r.state == ACCEPTED),
+        "{:?}",
+        b_sent.recipients
+    );
+    assert!(suppressions(&mut sender, &b).await.is_empty());
+
+    // All suppressed: nothing is queued, and the message says so.
+    let all = sender
+        .send(authorized(&a, message("news@a.example", bounce, "")))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = sender
+        .get_message(authorized(
+            &a,
+            v1::GetMessageRequest {
+                message_id: all.message_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status.into_inner().state, "SUPPRESSED");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        platform
+            .mail_of("ta")
+            .iter()
+            .all(|f| !f.to_string_lossy().contains(&all.message_id)),
+        "nothing was sent"
+    );
+
+    // Removing the entry lets mail through again.
+    let removed = sender
+        .remove_suppression(authorized(
+            &a,
+            v1::RemoveSuppressionRequest {
+                address: bounce.into(),
+            },
+        ))
+        .await
+        .unwrap();
+    assert!(removed.into_inner().removed);
+    let after = sender
+        .send(authorized(&a, message("news@a.example", bounce, "")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.recipients[0].state, ACCEPTED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suppression_requests_name_the_bad_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &["--cells", "1"]).unwrap();
+    let (_, a) = platform.create_tenant("ta", &["a.example"]).await.unwrap();
+    let mut sender = platform.sender().await.unwrap();
+    let bad_address = sender
+        .add_suppression(authorized(
+            &a,
+            v1::AddSuppressionRequest {
+                address: "nope".into(),
+                reason: 0,
+            },
+        ))
+        .await;
+    assert_eq!(
+        bad_address.as_ref().unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert!(bad_address.unwrap_err().message().starts_with("address:"));
+    let bounce = v1::SuppressionReason::Bounce as i32;
+    let bad_reason = sender
+        .add_suppression(authorized(
+            &a,
+            v1::AddSuppressionRequest {
+                address: "x@example.com".into(),
+                reason: bounce,
+            },
+        ))
+        .await;
+    assert!(bad_reason.unwrap_err().message().starts_with("reason:"));
+    let bad_id = sender
+        .get_message(authorized(
+            &a,
+            v1::GetMessageRequest {
+                message_id: "../etc".into(),
+            },
+        ))
+        .await;
+    assert!(bad_id.unwrap_err().message().starts_with("message_id:"));
+    let page = v1::ListSuppressionsRequest {
+        page_size: 5000,
+        page_token: String::new(),
+    };
+    assert!(
+        sender
+            .list_suppressions(authorized(&a, page))
+            .await
+            .unwrap_err()
+            .message()
+            .starts_with("page_size:")
+    );
+    assert!(
+        suppressions(&mut sender, &a).await.is_empty(),
+        "nothing was added by the refused requests"
+    );
+    let no_key = sender
+        .list_suppressions(tonic::Request::new(v1::ListSuppressionsRequest::default()))
+        .await;
+    assert_eq!(no_key.unwrap_err().code(), Code::Unauthenticated);
+}
