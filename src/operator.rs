@@ -81,6 +81,12 @@ enum TenantCommand {
         /// standard | premium
         #[arg(long, default_value = "standard")]
         tier: String,
+        /// Sends per second each router admits for the tenant (default 100).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+        /// Sends admitted at once above the rate (default twice the rate).
+        #[arg(long, default_value_t = 0)]
+        burst: u32,
     },
     /// List tenants with their cell and placement epoch.
     List,
@@ -221,8 +227,23 @@ fn tenant_json(tenant: &v1::TenantInfo) -> serde_json::Value {
 pub async fn tenant(args: TenantArgs) -> anyhow::Result<()> {
     let mut client = args.connection.client().await?;
     match args.command {
-        TenantCommand::Create { id, domains, tier } => {
-            let request = v1::CreateTenantRequest { id, domains, tier };
+        TenantCommand::Create {
+            id,
+            domains,
+            tier,
+            rate,
+            burst,
+        } => {
+            let policy = Some(v1::TenantPolicy {
+                rate_per_second: rate,
+                burst,
+            });
+            let request = v1::CreateTenantRequest {
+                id,
+                domains,
+                tier,
+                policy,
+            };
             let created = client
                 .create_tenant(request)
                 .await

@@ -18,7 +18,7 @@ use crate::catalog::Catalog;
 use crate::placement::{self, Candidate};
 use crate::registry::{Compare, Op, Registry, RegistryError, Snapshot};
 use crate::schema::{
-    self, ApiKeyRecord, GlobalSuppressionRecord, Keys, PlacementRecord, PlacementState,
+    self, ApiKeyRecord, GlobalSuppressionRecord, Keys, PlacementRecord, PlacementState, Policy,
     TenantRecord, TenantStatus, Tier,
 };
 
@@ -58,6 +58,39 @@ fn parse_domain(field: String, domain: &str) -> Result<String, ApiError> {
     }
 }
 
+/// The most sends per second a tenant's policy may allow each router to admit.
+const MAX_RATE: u32 = 1_000_000;
+
+fn parse_policy(wire: v1::TenantPolicy) -> Result<Policy, ApiError> {
+    let default = Policy::default();
+    let rate = if wire.rate_per_second == 0 {
+        default.rate_per_second
+    } else {
+        wire.rate_per_second
+    };
+    if rate > MAX_RATE {
+        return Err(ApiError::invalid(
+            "policy.rate_per_second",
+            format!("at most {MAX_RATE}"),
+        ));
+    }
+    let burst = if wire.burst == 0 {
+        rate.saturating_mul(2)
+    } else {
+        wire.burst
+    };
+    if burst > MAX_RATE.saturating_mul(2) {
+        return Err(ApiError::invalid(
+            "policy.burst",
+            format!("at most {}", MAX_RATE.saturating_mul(2)),
+        ));
+    }
+    Ok(Policy {
+        rate_per_second: rate,
+        burst,
+    })
+}
+
 fn tenant_info(
     id: &TenantId,
     tenant: &TenantRecord,
@@ -70,6 +103,10 @@ fn tenant_info(
         domains: tenant.domains.clone(),
         cell: placement.map(|p| p.cell.to_string()).unwrap_or_default(),
         epoch: placement.map_or(0, |p| p.epoch.0),
+        policy: Some(v1::TenantPolicy {
+            rate_per_second: tenant.policy.rate_per_second,
+            burst: tenant.policy.burst,
+        }),
     }
 }
 
@@ -114,6 +151,7 @@ impl ControlApi {
             .tier
             .parse()
             .map_err(|e: String| ApiError::invalid("tier", e))?;
+        let policy = parse_policy(req.policy.unwrap_or_default())?;
 
         let catalog = self.catalog(&["cells", "alive", "placements"]).await?;
         let load = catalog.load();
@@ -133,6 +171,7 @@ impl ControlApi {
             status: TenantStatus::Active,
             domains,
             created_at_ms: now_ms(),
+            policy,
         };
         let placement = PlacementRecord {
             cell,

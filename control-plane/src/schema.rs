@@ -152,6 +152,26 @@ pub struct TenantRecord {
     /// Lowercase domains the tenant may send from.
     pub domains: Vec<String>,
     pub created_at_ms: u64,
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+/// A tenant's sending limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Sends per second each router admits for the tenant, sustained.
+    pub rate_per_second: u32,
+    /// Sends a router admits at once above the sustained rate.
+    pub burst: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            rate_per_second: 100,
+            burst: 200,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

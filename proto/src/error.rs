@@ -29,6 +29,12 @@ pub enum ApiError {
     /// The cell does not own the tenant at the epoch the router stamped on the send.
     #[error("tenant {tenant} is not served by this cell at epoch {epoch}")]
     Moved { tenant: String, epoch: u64 },
+    /// The tenant is over its rate; retry after `retry_after`.
+    #[error("{reason}; retry after {} ms", retry_after.as_millis())]
+    ResourceExhausted {
+        reason: String,
+        retry_after: std::time::Duration,
+    },
     /// Retryable: the cell is down or the tenant's placement is not usable right now.
     #[error("{0}")]
     Unavailable(String),
@@ -88,6 +94,11 @@ impl From<ApiError> for Status {
                     ]),
                 ),
             ),
+            ApiError::ResourceExhausted { retry_after, .. } => {
+                let mut details = ErrorDetails::with_retry_info(Some(retry_after));
+                details.set_error_info("RATE_LIMITED", ERROR_DOMAIN, HashMap::new());
+                (Code::ResourceExhausted, details)
+            }
             ApiError::Unavailable(_) => (
                 Code::Unavailable,
                 ApiError::info("UNAVAILABLE", HashMap::new()),

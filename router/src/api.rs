@@ -16,6 +16,7 @@ use cellmail_proto::{ApiError, TenantId};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::admission::Admission;
 use crate::forward::{self, Channels, DEFAULT_DEADLINE, Target};
 
 /// How long a router waits for a placement newer than the one a cell called stale.
@@ -24,6 +25,7 @@ const MOVED_WAIT: Duration = Duration::from_secs(2);
 pub struct SenderApi {
     catalog: Arc<WatchedCatalog>,
     channels: Channels,
+    admission: Admission,
 }
 
 /// The authenticated tenant of a request and the deadline its caller gave.
@@ -50,11 +52,31 @@ impl SenderApi {
         Self {
             catalog,
             channels: Channels::default(),
+            admission: Admission::default(),
         }
     }
 
     fn resolve(&self, tenant: &TenantId) -> Result<Target, ApiError> {
         forward::resolve(&self.catalog.read(), tenant)
+    }
+
+    fn admit(&self, tenant: &TenantId) -> Result<(), ApiError> {
+        let policy = self
+            .catalog
+            .read()
+            .tenants
+            .get(tenant)
+            .map(|t| t.policy)
+            .unwrap_or_default();
+        self.admission
+            .check(tenant, policy)
+            .map_err(|retry_after| ApiError::ResourceExhausted {
+                reason: format!(
+                    "tenant {tenant} is over its rate of {} sends/s",
+                    policy.rate_per_second
+                ),
+                retry_after,
+            })
     }
 
     /// Runs `call` against `tenant`'s cell, once more after a "moved" answer.
@@ -122,6 +144,7 @@ impl Sender for SenderApi {
         request: Request<v1::SendRequest>,
     ) -> Result<Response<v1::SendResponse>, Status> {
         let (tenant, deadline) = context(&request)?;
+        self.admit(&tenant)?;
         let message = request.into_inner();
         self.on_cell(&tenant, |mut cell, caller| {
             let accept = v1::AcceptRequest {

@@ -1,9 +1,11 @@
 //! The cellmail router: the one front door for sends.
 //!
 //! - [`auth`]: the interceptor that turns `authorization: Bearer <key>` into the tenant.
+//! - [`admission`]: the per-tenant rate limit applied before forwarding a send.
 //! - [`forward`]: tenant -> cell resolution from the watched catalog, deadlines, cell channels.
 //! - [`api`]: the `Sender` gRPC service (forward, and one retry after a "moved" answer).
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod forward;

@@ -162,6 +162,7 @@ impl Platform {
             id: id.to_owned(),
             domains: domains.iter().map(|d| d.to_string()).collect(),
             tier: String::new(),
+            policy: None,
         };
         let created = self
             .control()

@@ -373,3 +373,108 @@ async fn suppression_requests_name_the_bad_field() {
         .await;
     assert_eq!(no_key.unwrap_err().code(), Code::Unauthenticated);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_rate_waits_with_a_retry_delay_and_others_do_not() {
+    use tonic_types::StatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &["--cells", "1"]).unwrap();
+    let request = v1::CreateTenantRequest {
+        id: "flood".into(),
+        domains: vec!["flood.example".into()],
+        tier: String::new(),
+        policy: Some(v1::TenantPolicy {
+            rate_per_second: 5,
+            burst: 5,
+        }),
+    };
+    let flood = platform
+        .control()
+        .await
+        .unwrap()
+        .create_tenant(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .api_key;
+    let (_, calm) = platform
+        .create_tenant("calm", &["calm.example"])
+        .await
+        .unwrap();
+    let mut sender = platform.sender().await.unwrap();
+    // Wait until the router knows the tenant (its first send is accepted).
+    let mut first = sender
+        .send(authorized(
+            &flood,
+            message("a@flood.example", "j@example.com", ""),
+        ))
+        .await;
+    for _ in 0..100 {
+        if first.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        first = sender
+            .send(authorized(
+                &flood,
+                message("a@flood.example", "j@example.com", ""),
+            ))
+            .await;
+    }
+    first.unwrap();
+
+    let (mut admitted, mut throttled) = (1, Vec::new());
+    for _ in 0..30 {
+        match sender
+            .send(authorized(
+                &flood,
+                message("a@flood.example", "j@example.com", ""),
+            ))
+            .await
+        {
+            Ok(_) => admitted += 1,
+            Err(status) => throttled.push(status),
+        }
+    }
+    assert!(
+        admitted <= 10,
+        "{admitted} sends admitted at 5/s with a burst of 5"
+    );
+    assert!(!throttled.is_empty());
+    let status = &throttled[0];
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("5 sends/s"),
+        "{}",
+        status.message()
+    );
+    let retry = status
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("a retry delay");
+    assert!(
+        retry > Duration::ZERO && retry <= Duration::from_millis(200),
+        "{retry:?}"
+    );
+
+    for n in 0..10 {
+        let sent = sender
+            .send(authorized(
+                &calm,
+                message("a@calm.example", "j@example.com", &format!("c{n}")),
+            ))
+            .await;
+        assert!(sent.is_ok(), "the calm tenant was throttled: {sent:?}");
+    }
+    tokio::time::sleep(retry).await;
+    assert!(
+        sender
+            .send(authorized(
+                &flood,
+                message("a@flood.example", "j@example.com", "")
+            ))
+            .await
+            .is_ok(),
+        "after the delay a send is admitted"
+    );
+}

@@ -74,6 +74,7 @@ async fn a_killed_cell_fails_only_its_tenants_fast_and_loses_nothing_it_acknowle
         id: id.into(),
         domains: vec![domain.into()],
         tier: String::new(),
+        policy: None,
     };
     let a = control
         .create_tenant(create("ta", "a.example"))
@@ -191,6 +192,7 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
         id: id.into(),
         domains: vec![format!("{id}.example")],
         tier: String::new(),
+        policy: None,
     };
     let mut created = control.create_tenant(create("first")).await;
     for _ in 0..100 {

@@ -7,8 +7,8 @@ use cellmail_control::catalog::WatchedCatalog;
 use cellmail_control::registry::etcd::EtcdRegistry;
 use cellmail_control::registry::{Op, Registry, local::LocalRegistry};
 use cellmail_control::schema::{
-    self, CellRecord, CellState, Keys, PlacementRecord, PlacementState, TenantRecord, TenantStatus,
-    Tier,
+    self, CellRecord, CellState, Keys, PlacementRecord, PlacementState, Policy, TenantRecord,
+    TenantStatus, Tier,
 };
 use cellmail_proto::{CellId, Epoch, TenantId};
 
@@ -58,6 +58,10 @@ pub fn cache_at_scale(tenants: usize) -> anyhow::Result<Vec<Row>> {
             status: TenantStatus::Active,
             domains: vec!["example.com".into()],
             created_at_ms: 0,
+            policy: Policy {
+                rate_per_second: 1_000_000,
+                burst: 1_000_000,
+            },
         });
         let mut ops = Vec::with_capacity(WRITE_BATCH);
         for n in 0..tenants {

@@ -15,7 +15,7 @@ use anyhow::Context;
 use cellmail_control::apikey;
 use cellmail_control::registry::{Registry, local::LocalRegistry};
 use cellmail_control::schema::{
-    self, ApiKeyRecord, CellRecord, Keys, PlacementRecord, PlacementState, TenantRecord,
+    self, ApiKeyRecord, CellRecord, Keys, PlacementRecord, PlacementState, Policy, TenantRecord,
     TenantStatus, Tier,
 };
 use cellmail_proto::v1::{
@@ -213,6 +213,10 @@ async fn seed(registry: &dyn Registry, keys: &Keys) -> anyhow::Result<String> {
         status: TenantStatus::Active,
         domains: vec!["bench.example".into()],
         created_at_ms: 0,
+        policy: Policy {
+            rate_per_second: 1_000_000,
+            burst: 1_000_000,
+        },
     };
     let placement = PlacementRecord {
         cell: CellId::new(CELL)?,
