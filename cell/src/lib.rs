@@ -10,12 +10,15 @@
 //! - [`message`]: the queued message and the answer given for it.
 //! - [`queue`]: the `Queue` trait (SQS semantics) and its implementations.
 //! - [`mailer`]: the `Mailer` trait, MIME rendering and its implementations.
+//! - [`aws`]: per-cell AWS settings (region, endpoint, profile) for the SQS queue and the SES
+//!   mailer, so two cells can use two accounts or regions.
 //! - [`store`]: the cell's durable state (idempotency window, delivery outcomes).
 //! - [`commit`]: group commit, shared by the embedded queue and the store.
 //! - [`worker`]: delivery workers.
 
 pub mod accept;
 pub mod api;
+pub mod aws;
 pub mod commit;
 pub mod feedback;
 pub mod fencing;

@@ -8,24 +8,44 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cellmail_cell::queue::local::LocalQueue;
+use cellmail_cell::queue::sqs::{SqsQueue, SqsQueueNames};
 use cellmail_cell::queue::{Queue, QueueConfig, QueueError, QueueKind};
+use cellmail_proto::{CellId, MessageId};
 
 const MAX_RECEIVES: u32 = 3;
+const CONFIG: QueueConfig = QueueConfig {
+    max_receives: MAX_RECEIVES,
+};
 
 struct Subject {
     queue: Arc<dyn Queue>,
-    _dir: tempfile::TempDir,
+    /// Where the embedded queue keeps its file.
+    _dir: Option<tempfile::TempDir>,
 }
 
 async fn local() -> Subject {
     let dir = tempfile::tempdir().unwrap();
-    let config = QueueConfig {
-        max_receives: MAX_RECEIVES,
-    };
-    let queue = LocalQueue::open(&dir.path().join("queue.redb"), config).unwrap();
+    let queue = LocalQueue::open(&dir.path().join("queue.redb"), CONFIG).unwrap();
     Subject {
         queue: Arc::new(queue),
-        _dir: dir,
+        _dir: Some(dir),
+    }
+}
+
+/// SQS on the AWS emulator, with queues of a cell no other test uses.
+async fn sqs() -> Subject {
+    let cell = CellId::new(format!(
+        "q{}",
+        MessageId::generate().to_string().to_lowercase()
+    ))
+    .unwrap();
+    let config = cellmail_tests::aws_config().await;
+    let queue = SqsQueue::open(&config, SqsQueueNames::for_cell(&cell), CONFIG)
+        .await
+        .unwrap();
+    Subject {
+        queue: Arc::new(queue),
+        _dir: None,
     }
 }
 
@@ -177,6 +197,56 @@ async fn queues_of_each_class_are_separate(s: Subject) {
     assert_eq!(got.len(), 1);
 }
 
+async fn concurrent_sends_are_each_acknowledged_and_one_delete_removes_them_all(s: Subject) {
+    const COUNT: usize = 40;
+    let sends: Vec<_> = (0..COUNT)
+        .map(|i| {
+            let queue = s.queue.clone();
+            tokio::spawn(async move {
+                let mut body = format!("m{i:02}").into_bytes();
+                // A few large bodies, so batches are cut by size as well as by count.
+                if i % 10 == 0 {
+                    body.resize(100 * 1024, b' ');
+                }
+                queue.send(QueueKind::Transactional, body).await
+            })
+        })
+        .collect();
+    for send in sends {
+        send.await.unwrap().unwrap();
+    }
+    let mut seen = HashSet::new();
+    let mut receipts = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < COUNT && std::time::Instant::now() < deadline {
+        for d in s
+            .queue
+            .receive(QueueKind::Transactional, 10, LONG, Duration::from_secs(1))
+            .await
+            .unwrap()
+        {
+            assert!(seen.insert(d.body[..3].to_vec()), "received twice");
+            receipts.push(d.receipt);
+        }
+    }
+    assert_eq!(seen.len(), COUNT, "every acknowledged send is received");
+    s.queue
+        .delete(QueueKind::Transactional, &receipts)
+        .await
+        .unwrap();
+    for receipt in &receipts {
+        assert!(
+            matches!(
+                s.queue
+                    .change_visibility(QueueKind::Transactional, receipt, NOW)
+                    .await,
+                Err(QueueError::ReceiptInvalid(_))
+            ),
+            "deleted, so its receipt is no longer current"
+        );
+    }
+}
+
 macro_rules! suite {
     ($implementation:ident: $($behaviour:ident),* $(,)?) => {
         mod $implementation {
@@ -195,7 +265,32 @@ suite!(local:
     a_message_is_dead_lettered_after_max_receives,
     change_visibility_to_zero_returns_a_message_at_once,
     queues_of_each_class_are_separate,
+    concurrent_sends_are_each_acknowledged_and_one_delete_removes_them_all,
 );
+
+suite!(sqs:
+    an_unacked_message_reappears_after_its_visibility_timeout,
+    a_message_is_dead_lettered_after_max_receives,
+    change_visibility_to_zero_returns_a_message_at_once,
+    queues_of_each_class_are_separate,
+    concurrent_sends_are_each_acknowledged_and_one_delete_removes_them_all,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_refuses_a_body_over_256_kib_as_too_large() {
+    let s = sqs().await;
+    let limit = 256 * 1024;
+    assert!(matches!(
+        s.queue
+            .send(QueueKind::Transactional, vec![b'x'; limit + 1])
+            .await,
+        Err(QueueError::TooLarge { size, limit: 262_144 }) if size == limit + 1
+    ));
+    s.queue
+        .send(QueueKind::Transactional, vec![b'x'; limit])
+        .await
+        .unwrap();
+}
 
 /// A child process sends from 16 tasks and is SIGKILLed mid-stream; every send it saw
 /// acknowledged must be in the queue when it is reopened.

@@ -1,16 +1,20 @@
 //! How a cell hands a message to the world.
 //!
 //! A [`Mailer`] sends one message or says whether the failure is worth retrying.
-//! [`render`] builds the RFC 5322 form every mailer that needs raw MIME shares.
+//! [`render`] builds the RFC 5322 form every mailer that needs raw MIME shares, and
+//! [`mailbox_text`] the one-line form of an address for APIs that take addresses as text.
 //!
-//! Implementations: [`file::FileSink`] (embedded: one .eml per message on disk).
+//! Implementations: [`file::FileSink`] (embedded: one .eml per message on disk) and
+//! [`ses::SesMailer`] (production: SES v2 `SendEmail`, one configuration set per tenant).
 
 pub mod file;
+pub mod ses;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use mail_builder::MessageBuilder;
+use mail_builder::headers::Header;
 use mail_builder::headers::address::Address;
 use mail_builder::headers::raw::Raw;
 
@@ -39,6 +43,21 @@ fn address(mailbox: &Mailbox) -> Address<'_> {
         Some(name) => Address::new_address(Some(name.as_str()), mailbox.email.as_str()),
         None => Address::new_address(None::<&str>, mailbox.email.as_str()),
     }
+}
+
+/// `Name <local@domain>` (or the bare address) on one line, the display name quoted or
+/// RFC 2047-encoded as a header needs it (SES takes a non-ASCII name only encoded).
+pub fn mailbox_text(mailbox: &Mailbox) -> String {
+    if mailbox.name.is_none() {
+        return mailbox.email.clone();
+    }
+    let mut header = Vec::new();
+    address(mailbox).write_header(&mut header, 0);
+    // Unfolding removes the CRLF of each fold and keeps the whitespace after it.
+    String::from_utf8_lossy(&header)
+        .replace("\r\n", "")
+        .trim()
+        .to_owned()
 }
 
 fn address_list(mailboxes: &[Mailbox]) -> Address<'_> {
@@ -89,6 +108,31 @@ pub fn render(message: &Message) -> Vec<u8> {
 mod tests {
     use super::*;
     use cellmail_proto::{MessageClass, MessageId, TenantId};
+
+    #[test]
+    fn mailbox_text_is_one_line_with_the_name_quoted_or_encoded() {
+        let mailbox = |name: Option<&str>| Mailbox {
+            name: name.map(Into::into),
+            email: "shop@acme.example".into(),
+        };
+        assert_eq!(mailbox_text(&mailbox(None)), "shop@acme.example");
+        assert_eq!(
+            mailbox_text(&mailbox(Some("Acme Ltd"))),
+            "\"Acme Ltd\" <shop@acme.example>"
+        );
+        let long = "Ünïcödé Shop With A Name Long Enough To Need Folding On Its Header Line";
+        for name in ["Acme, Ltd", long] {
+            let text = mailbox_text(&mailbox(Some(name)));
+            assert!(!text.contains(['\r', '\n']), "{text:?}");
+            let header = format!("From: {text}\r\n\r\n");
+            let parsed = mail_parser::MessageParser::default()
+                .parse(header.as_bytes())
+                .unwrap();
+            let from = parsed.from().unwrap().first().unwrap();
+            assert_eq!(from.name(), Some(name));
+            assert_eq!(from.address(), Some("shop@acme.example"));
+        }
+    }
 
     #[test]
     fn rendered_message_parses_back_with_every_header() {

@@ -7,9 +7,11 @@
 //! moves it to the dead-letter queue instead. `send` returns only once the message is
 //! durable. Batching (SQS batch calls, group commits) is the implementation's business.
 //!
-//! Implementations: [`local::LocalQueue`] (embedded, one redb file).
+//! Implementations: [`local::LocalQueue`] (embedded, one redb file) and [`sqs::SqsQueue`]
+//! (production: SQS standard queues with a redrive policy).
 
 pub mod local;
+pub mod sqs;
 
 use std::time::Duration;
 
@@ -54,6 +56,10 @@ pub enum QueueError {
     Unavailable(String),
     #[error("queue storage failed: {0}")]
     Storage(String),
+    /// The body is larger than the queue carries; retrying cannot help, storing the body
+    /// elsewhere and queueing a reference can.
+    #[error("message body of {size} bytes is over the queue's limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
 }
 
 /// The redrive policy of a cell's queues.

@@ -1,0 +1,636 @@
+//! The production mailer: SES v2 `SendEmail`.
+//!
+//! Every tenant sends through its own configuration set (`<prefix><tenant id>`), so SES's
+//! metrics, event publishing and reputation can be told apart per tenant, and every message
+//! carries cellmail's tags (`tenant_id`, `message_class`, `message_id`, then its own), which
+//! is how SES's events are attributed back to a tenant and a message ([`crate::feedback`]).
+//! With `--ses-tenants` each tenant is also an SES tenant and sends with its `TenantName`, so
+//! SES can pause one tenant for its reputation instead of the whole account.
+//!
+//! Before a tenant's first send the mailer provisions what the send needs: the tenant's
+//! configuration set, the From domain's email identity and, with tenants on, the SES tenant
+//! and its association with the configuration set. Each is created, and an answer that it
+//! already exists (a restart, another cell) is as good, once per process. An endpoint
+//! without SES tenants (an emulator) gets a warning and sends without `TenantName`.
+//!
+//! [`classify`] says what an SES error means for the message: retry it later, retry it after
+//! a pause because the account's sending is paused (logged as an error: an alarm), or give
+//! up because SES refuses the message itself.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::SdkConfig;
+use aws_sdk_sesv2::Client;
+use aws_sdk_sesv2::config::http::HttpResponse;
+use aws_sdk_sesv2::error::{BuildError, DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sesv2::operation::create_email_identity::CreateEmailIdentityError;
+use aws_sdk_sesv2::operation::create_tenant::CreateTenantError;
+use aws_sdk_sesv2::operation::create_tenant_resource_association::CreateTenantResourceAssociationError;
+use aws_sdk_sesv2::operation::send_email::SendEmailError;
+use aws_sdk_sesv2::operation::send_email::builders::SendEmailFluentBuilder;
+use aws_sdk_sesv2::types::{Body, Content, Destination, EmailContent, MessageTag};
+use cellmail_proto::TenantId;
+use tokio::sync::OnceCell;
+
+use super::{Mailer, MailerError, mailbox_text};
+use crate::message::{Mailbox, Message};
+
+pub const DEFAULT_CONFIGURATION_SET_PREFIX: &str = "cellmail-";
+/// How long a message waits while the account's sending is paused.
+const SENDING_PAUSED_RETRY: Duration = Duration::from_secs(60);
+const CHARSET: &str = "UTF-8";
+
+/// How the SES mailer names and isolates tenants.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct SesSettings {
+    /// Prefix of each tenant's SES configuration set, `<prefix><tenant id>`.
+    #[arg(
+        long = "ses-configuration-set-prefix",
+        env = "CELLMAIL_SES_CONFIGURATION_SET_PREFIX",
+        default_value = DEFAULT_CONFIGURATION_SET_PREFIX
+    )]
+    pub configuration_set_prefix: String,
+    /// Make each tenant an SES tenant and send with its TenantName.
+    #[arg(long = "ses-tenants", env = "CELLMAIL_SES_TENANTS")]
+    pub tenant_names: bool,
+}
+
+impl Default for SesSettings {
+    fn default() -> Self {
+        Self {
+            configuration_set_prefix: DEFAULT_CONFIGURATION_SET_PREFIX.to_owned(),
+            tenant_names: false,
+        }
+    }
+}
+
+/// What a send needs to exist in SES, provisioned once per process.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Provision {
+    /// The tenant's configuration set and, with tenants on, its SES tenant.
+    Tenant(TenantId),
+    /// A From domain's email identity.
+    Domain(String),
+}
+
+pub struct SesMailer {
+    client: Client,
+    settings: SesSettings,
+    provisioned: Mutex<HashMap<Provision, Arc<OnceCell<()>>>>,
+    /// Set once the endpoint turned out to have no SES tenants.
+    tenants_unsupported: AtomicBool,
+}
+
+impl SesMailer {
+    pub fn new(config: &SdkConfig, settings: SesSettings) -> Self {
+        Self {
+            client: Client::new(config),
+            settings,
+            provisioned: Mutex::new(HashMap::new()),
+            tenants_unsupported: AtomicBool::new(false),
+        }
+    }
+
+    fn configuration_set(&self, tenant: &TenantId) -> String {
+        format!("{}{tenant}", self.settings.configuration_set_prefix)
+    }
+
+    fn tenant_names(&self) -> bool {
+        self.settings.tenant_names && !self.tenants_unsupported.load(Ordering::Relaxed)
+    }
+
+    fn without_tenants(&self) {
+        if !self.tenants_unsupported.swap(true, Ordering::Relaxed) {
+            tracing::warn!("the SES endpoint has no tenants; sending without TenantName");
+        }
+    }
+
+    /// Runs `provision` for `key` until it succeeds once: concurrent first sends share one
+    /// run, and a failed run is tried again by the next send.
+    async fn once<F, Fut>(&self, key: Provision, provision: F) -> Result<(), MailerError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(), MailerError>>,
+    {
+        let cell = self
+            .provisioned
+            .lock()
+            // The map is only changed by whole statements that cannot panic halfway.
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_default()
+            .clone();
+        cell.get_or_try_init(provision).await.map(|_| ())
+    }
+
+    async fn provision(&self, message: &Message) -> Result<(), MailerError> {
+        let tenant = &message.tenant;
+        self.once(Provision::Tenant(tenant.clone()), || {
+            self.provision_tenant(tenant)
+        })
+        .await?;
+        let domain = message.from.domain();
+        self.once(Provision::Domain(domain.to_owned()), || {
+            self.provision_identity(domain)
+        })
+        .await
+    }
+
+    async fn provision_tenant(&self, tenant: &TenantId) -> Result<(), MailerError> {
+        let name = self.configuration_set(tenant);
+        let made = self
+            .client
+            .create_configuration_set()
+            .configuration_set_name(&name)
+            .send()
+            .await;
+        created(&format!("configuration set {name}"), made, |e| {
+            e.is_already_exists_exception()
+                // SES v1's code for it, which moto answers this v2 call with.
+                || e.code() == Some("ConfigurationSetAlreadyExistsException")
+        })?;
+        if self.tenant_names() {
+            self.provision_ses_tenant(tenant, &name).await?;
+        }
+        Ok(())
+    }
+
+    async fn provision_identity(&self, domain: &str) -> Result<(), MailerError> {
+        let made = self
+            .client
+            .create_email_identity()
+            .email_identity(domain)
+            .send()
+            .await;
+        if let Ok(identity) = &made {
+            let tokens = identity.dkim_attributes.as_ref().map(|d| d.tokens());
+            tracing::info!(
+                domain,
+                ?tokens,
+                "created the SES identity; it is verified once its DKIM CNAME records are published"
+            );
+        }
+        created(
+            &format!("email identity {domain}"),
+            made,
+            CreateEmailIdentityError::is_already_exists_exception,
+        )
+    }
+
+    async fn provision_ses_tenant(
+        &self,
+        tenant: &TenantId,
+        configuration_set: &str,
+    ) -> Result<(), MailerError> {
+        let what = format!("SES tenant {tenant}");
+        let Some(tenant_arn) = self.tenant_arn(tenant, &what).await? else {
+            return Ok(());
+        };
+        let resource = configuration_set_arn(&tenant_arn, configuration_set).ok_or_else(|| {
+            setup_failed(&what, format!("{tenant_arn:?} is not an SES tenant ARN"))
+        })?;
+        let associated = self
+            .client
+            .create_tenant_resource_association()
+            .tenant_name(tenant.as_str())
+            .resource_arn(resource)
+            .send()
+            .await;
+        created(
+            &what,
+            associated,
+            CreateTenantResourceAssociationError::is_already_exists_exception,
+        )
+    }
+
+    /// The SES tenant's ARN, creating the tenant unless SES has it; `None` when the endpoint
+    /// has no tenants at all.
+    async fn tenant_arn(
+        &self,
+        tenant: &TenantId,
+        what: &str,
+    ) -> Result<Option<String>, MailerError> {
+        let no_arn = || setup_failed(what, "SES gave no tenant ARN");
+        match self
+            .client
+            .create_tenant()
+            .tenant_name(tenant.as_str())
+            .send()
+            .await
+        {
+            Ok(made) => made.tenant_arn.map(Some).ok_or_else(no_arn),
+            Err(err) if unsupported(&err) => {
+                self.without_tenants();
+                Ok(None)
+            }
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(CreateTenantError::is_already_exists_exception) =>
+            {
+                let found = self
+                    .client
+                    .get_tenant()
+                    .tenant_name(tenant.as_str())
+                    .send()
+                    .await
+                    .map_err(|err| setup_failed(what, DisplayErrorContext(&err)))?;
+                found
+                    .tenant
+                    .and_then(|t| t.tenant_arn)
+                    .map(Some)
+                    .ok_or_else(no_arn)
+            }
+            Err(err) => Err(setup_failed(what, DisplayErrorContext(&err))),
+        }
+    }
+
+    fn request(&self, message: &Message) -> Result<SendEmailFluentBuilder, BuildError> {
+        let mut request = self
+            .client
+            .send_email()
+            .from_email_address(mailbox_text(&message.from))
+            .destination(
+                Destination::builder()
+                    .set_to_addresses(addresses(&message.to))
+                    .set_cc_addresses(addresses(&message.cc))
+                    .set_bcc_addresses(addresses(&message.bcc))
+                    .build(),
+            )
+            .set_reply_to_addresses(addresses(&message.reply_to))
+            .content(content(message)?)
+            .configuration_set_name(self.configuration_set(&message.tenant))
+            .set_email_tags(Some(tags(message)?));
+        if self.tenant_names() {
+            request = request.tenant_name(message.tenant.as_str());
+        }
+        Ok(request)
+    }
+}
+
+/// `None` for no mailboxes: SES takes an absent list, not an empty one.
+fn addresses(mailboxes: &[Mailbox]) -> Option<Vec<String>> {
+    (!mailboxes.is_empty()).then(|| mailboxes.iter().map(mailbox_text).collect())
+}
+
+fn content(message: &Message) -> Result<EmailContent, BuildError> {
+    let text = |data: &str| Content::builder().data(data).charset(CHARSET).build();
+    let part = |data: &str| (!data.is_empty()).then(|| text(data)).transpose();
+    let body = Body::builder()
+        .set_text(part(&message.text)?)
+        .set_html(part(&message.html)?)
+        .build();
+    let simple = aws_sdk_sesv2::types::Message::builder()
+        .subject(text(&message.subject)?)
+        .body(body)
+        .build();
+    Ok(EmailContent::builder().simple(simple).build())
+}
+
+/// cellmail's own tags (the names validation reserves), then the message's.
+fn tags(message: &Message) -> Result<Vec<MessageTag>, BuildError> {
+    let id = message.id.to_string();
+    let own = [
+        ("tenant_id", message.tenant.as_str()),
+        ("message_class", message.class.as_str()),
+        ("message_id", id.as_str()),
+    ];
+    own.into_iter()
+        .chain(message.tags.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+        .map(|(name, value)| MessageTag::builder().name(name).value(value).build())
+        .collect()
+}
+
+/// The ARN of configuration set `name` in the partition, region and account of
+/// `tenant_arn` (`arn:<partition>:ses:<region>:<account>:tenant/<name>/<id>`): SES names a
+/// configuration set's ARN in no answer, and a tenant association needs it.
+fn configuration_set_arn(tenant_arn: &str, name: &str) -> Option<String> {
+    let mut parts = tenant_arn.splitn(6, ':');
+    let (arn, partition, service, region, account, resource) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+    );
+    (arn == "arn" && service == "ses" && resource.starts_with("tenant/"))
+        .then(|| format!("arn:{partition}:ses:{region}:{account}:configuration-set/{name}"))
+}
+
+/// Provisioning is the cell's business, never the message's: whatever goes wrong, the
+/// message stays queued and the next attempt provisions again.
+fn setup_failed(what: &str, reason: impl std::fmt::Display) -> MailerError {
+    MailerError::Retryable {
+        reason: format!("provisioning {what}: {reason}"),
+        retry_after: None,
+    }
+}
+
+/// Whether a create left the resource in place: `exists` says another process made it first.
+fn created<T, E>(
+    what: &str,
+    made: Result<T, SdkError<E, HttpResponse>>,
+    exists: fn(&E) -> bool,
+) -> Result<(), MailerError>
+where
+    E: std::error::Error + 'static,
+{
+    match made {
+        Ok(_) => Ok(()),
+        Err(err) if err.as_service_error().is_some_and(exists) => Ok(()),
+        Err(err) => Err(setup_failed(what, DisplayErrorContext(&err))),
+    }
+}
+
+/// Whether the endpoint does not implement the operation at all (an emulator): a 404, 405
+/// or 501 that names no error, or AWS's code for an unknown operation.
+fn unsupported<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
+    let SdkError::ServiceError(service) = err else {
+        return false;
+    };
+    match service.err().code() {
+        Some(code) => code == "UnknownOperationException",
+        None => matches!(service.raw().status().as_u16(), 404 | 405 | 501),
+    }
+}
+
+/// What an SES `SendEmail` error means for the message.
+fn classify(err: &SdkError<SendEmailError, HttpResponse>) -> MailerError {
+    let reason = DisplayErrorContext(err).to_string();
+    match err.as_service_error() {
+        Some(
+            SendEmailError::AccountSuspendedException(_)
+            | SendEmailError::SendingPausedException(_),
+        ) => {
+            tracing::error!(%reason, "SES sending is paused for this account: nothing is sent until it is resumed");
+            MailerError::Retryable {
+                reason,
+                retry_after: Some(SENDING_PAUSED_RETRY),
+            }
+        }
+        Some(
+            SendEmailError::MessageRejected(_)
+            | SendEmailError::MailFromDomainNotVerifiedException(_)
+            | SendEmailError::NotFoundException(_)
+            | SendEmailError::BadRequestException(_),
+        ) => MailerError::Permanent { reason },
+        // Throttling (TooManyRequests, LimitExceeded: the sending quota, or an untyped
+        // throttling code), 5xx answers, timeouts, connection failures, and what SES does not
+        // pin on the message (credentials, permissions): the message waits and is retried.
+        _ => MailerError::Retryable {
+            reason,
+            retry_after: None,
+        },
+    }
+}
+
+#[async_trait]
+impl Mailer for SesMailer {
+    async fn send(&self, message: &Message) -> Result<(), MailerError> {
+        self.provision(message).await?;
+        let request = self.request(message).map_err(|e| MailerError::Permanent {
+            reason: format!("building the SES request: {e}"),
+        })?;
+        match request.send().await {
+            Ok(sent) => {
+                tracing::debug!(ses_message_id = sent.message_id(), "sent through SES");
+                Ok(())
+            }
+            Err(err) => Err(classify(&err)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use aws_sdk_sesv2::error::{ConnectorError, ErrorMetadata};
+    use aws_sdk_sesv2::types::error::{
+        AccountSuspendedException, BadRequestException, LimitExceededException,
+        MailFromDomainNotVerifiedException, MessageRejected, NotFoundException,
+        SendingPausedException, TooManyRequestsException,
+    };
+    use cellmail_proto::{MessageClass, MessageId};
+    use clap::Parser;
+
+    fn status(code: u16) -> HttpResponse {
+        HttpResponse::new(code.try_into().unwrap(), "".into())
+    }
+
+    fn service(err: SendEmailError, code: u16) -> SdkError<SendEmailError, HttpResponse> {
+        SdkError::service_error(err, status(code))
+    }
+
+    fn untyped(code: &str, status_code: u16) -> SdkError<SendEmailError, HttpResponse> {
+        service(
+            SendEmailError::generic(ErrorMetadata::builder().code(code).build()),
+            status_code,
+        )
+    }
+
+    fn retry(after: Option<Duration>) -> impl Fn(&MailerError) -> bool {
+        move |e| matches!(e, MailerError::Retryable { retry_after, .. } if *retry_after == after)
+    }
+
+    #[test]
+    fn throttling_server_errors_and_transport_failures_are_retried() {
+        let errors = [
+            service(
+                SendEmailError::TooManyRequestsException(
+                    TooManyRequestsException::builder().build(),
+                ),
+                429,
+            ),
+            service(
+                SendEmailError::LimitExceededException(
+                    LimitExceededException::builder()
+                        .message("Daily message quota exceeded")
+                        .build(),
+                ),
+                400,
+            ),
+            untyped("Throttling", 400),
+            untyped("InternalFailure", 500),
+            SdkError::timeout_error("no answer in time"),
+            SdkError::dispatch_failure(ConnectorError::io("connection refused".into())),
+        ];
+        for err in errors {
+            let classified = classify(&err);
+            assert!(retry(None)(&classified), "{err:?} -> {classified:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_message_is_permanent_with_the_reason() {
+        let errors = [
+            SendEmailError::MessageRejected(
+                MessageRejected::builder()
+                    .message("Email address is not verified")
+                    .build(),
+            ),
+            SendEmailError::MailFromDomainNotVerifiedException(
+                MailFromDomainNotVerifiedException::builder()
+                    .message("Email address is not verified")
+                    .build(),
+            ),
+            SendEmailError::NotFoundException(
+                NotFoundException::builder()
+                    .message("Email address is not verified")
+                    .build(),
+            ),
+            SendEmailError::BadRequestException(
+                BadRequestException::builder()
+                    .message("Email address is not verified")
+                    .build(),
+            ),
+        ];
+        for err in errors {
+            let classified = classify(&service(err, 400));
+            assert!(
+                matches!(&classified, MailerError::Permanent { reason } if reason.contains("not verified")),
+                "{classified:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn paused_sending_waits_a_minute() {
+        let errors = [
+            SendEmailError::AccountSuspendedException(AccountSuspendedException::builder().build()),
+            SendEmailError::SendingPausedException(SendingPausedException::builder().build()),
+        ];
+        for err in errors {
+            let classified = classify(&service(err, 400));
+            assert!(
+                retry(Some(SENDING_PAUSED_RETRY))(&classified),
+                "{classified:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_an_operation_the_endpoint_lacks_is_unsupported() {
+        let bare_404 = SdkError::<CreateTenantError, _>::service_error(
+            CreateTenantError::generic(ErrorMetadata::builder().build()),
+            status(404),
+        );
+        assert!(unsupported(&bare_404));
+        let unknown = SdkError::<CreateTenantError, _>::service_error(
+            CreateTenantError::generic(
+                ErrorMetadata::builder()
+                    .code("UnknownOperationException")
+                    .build(),
+            ),
+            status(400),
+        );
+        assert!(unsupported(&unknown));
+        let missing = SdkError::<CreateTenantResourceAssociationError, _>::service_error(
+            // As the SDK parses it: a modelled error carries its code.
+            CreateTenantResourceAssociationError::NotFoundException(
+                NotFoundException::builder()
+                    .meta(ErrorMetadata::builder().code("NotFoundException").build())
+                    .build(),
+            ),
+            status(404),
+        );
+        assert!(
+            !unsupported(&missing),
+            "a missing tenant is not a missing API"
+        );
+    }
+
+    #[test]
+    fn a_configuration_set_arn_comes_from_its_tenants_account() {
+        assert_eq!(
+            configuration_set_arn(
+                "arn:aws:ses:eu-west-1:123456789012:tenant/acme/tn-1",
+                "cellmail-acme"
+            )
+            .as_deref(),
+            Some("arn:aws:ses:eu-west-1:123456789012:configuration-set/cellmail-acme")
+        );
+        assert_eq!(configuration_set_arn("acme", "cellmail-acme"), None);
+        assert_eq!(
+            configuration_set_arn("arn:aws:sqs:eu-west-1:1:tenant/x", "c"),
+            None
+        );
+    }
+
+    fn message() -> Message {
+        let mailbox = |email: &str| Mailbox {
+            name: None,
+            email: email.into(),
+        };
+        Message {
+            id: MessageId::generate(),
+            tenant: TenantId::new("acme").unwrap(),
+            class: MessageClass::Marketing,
+            idempotency_key: String::new(),
+            from: mailbox("news@acme.example"),
+            to: vec![mailbox("jane@example.com")],
+            cc: vec![],
+            bcc: vec![],
+            reply_to: vec![],
+            subject: "Über news".into(),
+            text: "plain".into(),
+            html: String::new(),
+            tags: [("campaign".to_owned(), "fall".to_owned())].into(),
+            accepted_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn tags_are_cellmails_reserved_ones_then_the_messages() {
+        let message = message();
+        let tags: Vec<(String, String)> = tags(&message)
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.name, t.value))
+            .collect();
+        let names: Vec<&str> = tags.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(&names[..3], crate::validation::RESERVED_TAGS.as_slice());
+        assert_eq!(
+            tags,
+            [
+                ("tenant_id", "acme"),
+                ("message_class", "marketing"),
+                ("message_id", message.id.to_string().as_str()),
+                ("campaign", "fall"),
+            ]
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        );
+    }
+
+    #[test]
+    fn content_is_utf8_with_only_the_parts_the_message_has() {
+        let simple = content(&message()).unwrap().simple.unwrap();
+        let subject = simple.subject.unwrap();
+        assert_eq!(
+            (subject.data.as_str(), subject.charset.as_deref()),
+            ("Über news", Some("UTF-8"))
+        );
+        let body = simple.body.unwrap();
+        assert_eq!(body.text.unwrap().data, "plain");
+        assert!(body.html.is_none());
+    }
+
+    #[test]
+    fn settings_default_to_the_cellmail_prefix_without_tenants() {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            ses: SesSettings,
+        }
+        let parsed = Cli::try_parse_from(["cell"]).unwrap().ses;
+        assert_eq!(parsed, SesSettings::default());
+        assert_eq!(parsed.configuration_set_prefix, "cellmail-");
+        let on = Cli::try_parse_from(["cell", "--ses-tenants"]).unwrap().ses;
+        assert!(on.tenant_names);
+    }
+}
