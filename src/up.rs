@@ -1,15 +1,14 @@
-//! `cellmail up`: the whole platform in one process on embedded defaults — the embedded
-//! registry, N cells (each with its own embedded queue and store, mailing to the file sink),
-//! the control plane and a router — until Ctrl-C.
+//! `cellmail up`: the whole platform in one process — the registry, N cells (each with its
+//! own queues and store), the control plane and a router — until Ctrl-C. On embedded
+//! defaults with no flags (embedded registry and queues, the file sink); `--registry
+//! etcd://…`, `--queue sqs` and `--mailer ses` run the same on etcd, SQS and SES.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cellmail_control::registry::{Registry, local::LocalRegistry};
-use cellmail_control::schema::{DEFAULT_PREFIX, Keys};
+use cellmail_control::registry::Registry;
 use cellmail_proto::CellId;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -17,6 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args)]
 pub struct UpArgs {
+    #[command(flatten)]
+    registry: cellmail_control::RegistryConfig,
+    #[command(flatten)]
+    backends: cellmail_cell::BackendConfig,
     /// Where every component keeps its state; mail lands in <data-dir>/mail/<tenant>/.
     #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
     data_dir: PathBuf,
@@ -62,9 +65,8 @@ fn admin_token(data_dir: &std::path::Path) -> anyhow::Result<String> {
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let registry: Arc<dyn Registry> =
-        Arc::new(LocalRegistry::open(&args.data_dir.join("registry.redb")).await?);
-    let keys = Keys::new(DEFAULT_PREFIX);
+    let registry = args.registry.open(&args.data_dir).await?;
+    let keys = args.registry.keys();
     let shutdown = CancellationToken::new();
     tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
     // Bind first, so a port in use fails before anything starts.
@@ -82,7 +84,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     for n in 1..=args.cells {
         let id = CellId::new(format!("cell-{n}"))?;
         let dir = args.data_dir.join("cells").join(id.as_str());
-        let backends = cellmail_cell::Backends::embedded(&dir, &mail)?;
+        let backends = args.backends.open(&id, &dir, &mail).await?;
         alive_keys.push(keys.alive(&id));
         let config = cellmail_cell::CellConfig {
             id: id.clone(),

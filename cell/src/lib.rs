@@ -71,25 +71,99 @@ pub struct CellConfig {
     pub workers: usize,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueBackend {
+    /// A durable local queue in the cell's data dir.
+    Embedded,
+    Sqs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MailerBackend {
+    /// The file sink (one .eml per message) with SES's mailbox simulator.
+    File,
+    Ses,
+}
+
+/// Which queue and mailer a cell uses, from flags or env.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackendConfig {
+    #[arg(long, env = "CELLMAIL_QUEUE", value_enum, default_value = "embedded")]
+    pub queue: QueueBackend,
+    #[arg(long, env = "CELLMAIL_MAILER", value_enum, default_value = "file")]
+    pub mailer: MailerBackend,
+    /// Prefix of the cell's SQS queue names, `<prefix><cell>-transactional` etc.
+    #[arg(long, env = "CELLMAIL_SQS_QUEUE_PREFIX", default_value = "cellmail-")]
+    pub sqs_queue_prefix: String,
+    #[command(flatten)]
+    pub aws: aws::AwsSettings,
+    #[command(flatten)]
+    pub ses: mailer::ses::SesSettings,
+}
+
 /// The cell's IO backends.
 pub struct Backends {
     pub queue: Arc<dyn queue::Queue>,
     pub mailer: Arc<dyn mailer::Mailer>,
 }
 
+fn local_queue(cell_dir: &Path) -> anyhow::Result<Arc<dyn queue::Queue>> {
+    std::fs::create_dir_all(cell_dir)
+        .with_context(|| format!("creating {}", cell_dir.display()))?;
+    let queue = queue::local::LocalQueue::open(
+        &cell_dir.join("queue.redb"),
+        queue::QueueConfig::default(),
+    )?;
+    Ok(Arc::new(queue))
+}
+
+fn file_sink(mail_root: &Path, queue: &Arc<dyn queue::Queue>) -> Arc<dyn mailer::Mailer> {
+    Arc::new(mailer::file::FileSink::new(
+        mail_root.to_owned(),
+        queue.clone(),
+    ))
+}
+
+impl BackendConfig {
+    /// Opens the configured backends for cell `id`: its own queues (in `cell_dir`, or SQS)
+    /// and a mailer (the file sink writing under `mail_root`, or SES).
+    pub async fn open(
+        &self,
+        id: &CellId,
+        cell_dir: &Path,
+        mail_root: &Path,
+    ) -> anyhow::Result<Backends> {
+        let uses_aws = self.queue == QueueBackend::Sqs || self.mailer == MailerBackend::Ses;
+        let aws = if uses_aws {
+            Some(self.aws.sdk_config().await)
+        } else {
+            None
+        };
+        let queue = match (&aws, self.queue) {
+            (Some(config), QueueBackend::Sqs) => {
+                let names = queue::sqs::SqsQueueNames::for_cell(&self.sqs_queue_prefix, id);
+                Arc::new(
+                    queue::sqs::SqsQueue::open(config, names, queue::QueueConfig::default())
+                        .await?,
+                )
+            }
+            _ => local_queue(cell_dir)?,
+        };
+        let mailer: Arc<dyn mailer::Mailer> = match (&aws, self.mailer) {
+            (Some(config), MailerBackend::Ses) => {
+                Arc::new(mailer::ses::SesMailer::new(config, self.ses.clone()))
+            }
+            _ => file_sink(mail_root, &queue),
+        };
+        Ok(Backends { queue, mailer })
+    }
+}
+
 impl Backends {
     /// The embedded queue in `cell_dir` and the file sink writing under `mail_root`.
     pub fn embedded(cell_dir: &Path, mail_root: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(cell_dir)
-            .with_context(|| format!("creating {}", cell_dir.display()))?;
-        let queue: Arc<dyn queue::Queue> = Arc::new(queue::local::LocalQueue::open(
-            &cell_dir.join("queue.redb"),
-            queue::QueueConfig::default(),
-        )?);
-        let mailer = Arc::new(mailer::file::FileSink::new(
-            mail_root.to_owned(),
-            queue.clone(),
-        ));
+        let queue = local_queue(cell_dir)?;
+        let mailer = file_sink(mail_root, &queue);
         Ok(Self { queue, mailer })
     }
 }

@@ -15,6 +15,8 @@ struct Args {
     cell: cellmail_cell::CellConfig,
     #[command(flatten)]
     registry: cellmail_control::RegistryConfig,
+    #[command(flatten)]
+    backends: cellmail_cell::BackendConfig,
     /// The cell's own state (store, embedded queue); the file sink writes under <data-dir>/mail.
     #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
     data_dir: PathBuf,
@@ -26,7 +28,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let registry = args.registry.open(&args.data_dir).await?;
     let cell_dir = args.data_dir.join("cells").join(args.cell.id.as_str());
-    let backends = cellmail_cell::Backends::embedded(&cell_dir, &args.data_dir.join("mail"))?;
+    let backends = args
+        .backends
+        .open(&args.cell.id, &cell_dir, &args.data_dir.join("mail"))
+        .await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
     cellmail_cell::run(

@@ -1,9 +1,11 @@
 //! Helpers for cellmail's end-to-end tests and benchmark harness: find the built binaries,
 //! run `cellmail up` as a child process on free ports, and talk to it only through its
-//! public gRPC APIs. [`services`] finds the test services (etcd, the AWS emulator);
+//! public gRPC APIs. [`services`] finds etcd and runs private ones, [`emulator`] reaches the
+//! AWS emulator;
 //! [`bench`] is the benchmark harness behind `cellmail-bench`.
 
 pub mod bench;
+pub mod emulator;
 pub mod processes;
 pub mod services;
 
@@ -231,33 +233,4 @@ pub fn message(from: &str, to: &str, idempotency_key: &str) -> v1::SendRequest {
         text: "Thanks for your order.".to_owned(),
         ..Default::default()
     }
-}
-
-/// The AWS API emulator (`http://host:port`) the test command started.
-pub fn aws_endpoint() -> String {
-    std::env::var("CELLMAIL_TEST_AWS_ENDPOINT").unwrap_or_else(|_| {
-        panic!(
-            "CELLMAIL_TEST_AWS_ENDPOINT is not set: run ./deploy/local/test.sh, which starts the AWS emulator"
-        )
-    })
-}
-
-/// AWS configuration for the emulator: a cell's settings pointing at it, in us-east-1, with
-/// dummy credentials (the emulator checks none).
-pub async fn aws_config() -> aws_config::SdkConfig {
-    let settings = cellmail_cell::aws::AwsSettings {
-        region: Some("us-east-1".to_owned()),
-        endpoint: Some(aws_endpoint()),
-        profile: None,
-    };
-    let credentials =
-        aws_sdk_sesv2::config::Credentials::new("testing", "testing", None, None, "cellmail-tests");
-    settings
-        .sdk_config()
-        .await
-        .to_builder()
-        .credentials_provider(aws_sdk_sesv2::config::SharedCredentialsProvider::new(
-            credentials,
-        ))
-        .build()
 }

@@ -266,3 +266,128 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_etcd_sqs_and_ses_a_send_through_the_router_reaches_ses_with_the_tenants_settings() {
+    use cellmail_tests::emulator::{Tap, sent_by_the_emulator};
+    let tap = Tap::start().await;
+    let unique = cellmail_proto::MessageId::generate()
+        .to_string()
+        .to_lowercase();
+    let registry = registry_args(&etcd_endpoint(), &unique_prefix("aws"));
+    let registry_str: Vec<&str> = registry.iter().map(String::as_str).collect();
+    let queue_prefix = format!("q{}-", &unique[16..]);
+    let aws: Vec<&str> = vec![
+        "--queue",
+        "sqs",
+        "--mailer",
+        "ses",
+        "--aws-endpoint",
+        &tap.endpoint,
+        "--aws-region",
+        "us-east-1",
+        "--sqs-queue-prefix",
+        &queue_prefix,
+    ];
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (control_addr, router_addr) = (free_addr().unwrap(), free_addr().unwrap());
+    let _cell_a = start_cell("cell-a", &registry, dir_a.path(), &aws)
+        .await
+        .unwrap();
+    let _cell_b = start_cell("cell-b", &registry, dir_b.path(), &aws)
+        .await
+        .unwrap();
+    let mut control_args = vec![
+        "--control-addr",
+        &control_addr,
+        "--admin-token",
+        ADMIN_TOKEN,
+    ];
+    control_args.extend(&registry_str);
+    let _control = Daemon::start("cellmail-control", &control_args, Some(&control_addr))
+        .await
+        .unwrap();
+    let mut router_args = vec!["--router-addr", &router_addr];
+    router_args.extend(&registry_str);
+    let _router = Daemon::start("cellmail-router", &router_args, Some(&router_addr))
+        .await
+        .unwrap();
+
+    let mut control = control_client(&format!("http://{control_addr}"), ADMIN_TOKEN)
+        .await
+        .unwrap();
+    let tenant = format!("t{unique}");
+    let domain = format!("{tenant}.example");
+    let request = || v1::CreateTenantRequest {
+        id: tenant.clone(),
+        domains: vec![domain.clone()],
+        tier: String::new(),
+        policy: None,
+    };
+    // The cells register (and open their SQS queues) first; until then there is no cell.
+    let mut created = control.create_tenant(request()).await;
+    for _ in 0..200 {
+        if created.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        created = control.create_tenant(request()).await;
+    }
+    let key = created.unwrap().into_inner().api_key;
+
+    let mut sender = v1::sender_client::SenderClient::connect(format!("http://{router_addr}"))
+        .await
+        .unwrap();
+    let subject = format!("Receipt {unique}");
+    let mut outgoing = message(&format!("shop@{domain}"), "jane@example.com", "order-1");
+    outgoing.subject = subject.clone();
+    let mut sent = sender.send(authorized(&key, outgoing.clone())).await;
+    for _ in 0..100 {
+        if sent.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sent = sender.send(authorized(&key, outgoing.clone())).await;
+    }
+    let message_id = sent.unwrap().into_inner().message_id;
+
+    let mut recorded = None;
+    for _ in 0..300 {
+        recorded = sent_by_the_emulator()
+            .await
+            .into_iter()
+            .find(|m| m["subject"] == subject.as_str());
+        if recorded.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recorded = recorded.expect("the emulator's SES recorded the message");
+    assert_eq!(
+        recorded["destinations"]["ToAddresses"][0],
+        "jane@example.com"
+    );
+    let request = tap
+        .send_email_requests()
+        .into_iter()
+        .find(|r| r["Content"]["Simple"]["Subject"]["Data"] == subject.as_str())
+        .expect("the SendEmail request went through the tap");
+    assert_eq!(
+        request["ConfigurationSetName"],
+        format!("cellmail-{tenant}").as_str()
+    );
+    let tags: std::collections::BTreeMap<String, String> = request["EmailTags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["Name"].as_str().unwrap().to_owned(),
+                t["Value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(tags["tenant_id"], tenant);
+    assert_eq!(tags["message_id"], message_id);
+    assert_eq!(tags["message_class"], "transactional");
+}

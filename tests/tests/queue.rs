@@ -39,8 +39,8 @@ async fn sqs() -> Subject {
         MessageId::generate().to_string().to_lowercase()
     ))
     .unwrap();
-    let config = cellmail_tests::aws_config().await;
-    let queue = SqsQueue::open(&config, SqsQueueNames::for_cell(&cell), CONFIG)
+    let config = cellmail_tests::emulator::aws_config().await;
+    let queue = SqsQueue::open(&config, SqsQueueNames::for_cell("cellmail-", &cell), CONFIG)
         .await
         .unwrap();
     Subject {

@@ -3,15 +3,13 @@
 //! an emulator-side refusal is classified.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 
 use cellmail_cell::mailer::ses::{SesMailer, SesSettings};
 use cellmail_cell::mailer::{Mailer, MailerError, mailbox_text};
 use cellmail_cell::message::{Mailbox, Message};
 use cellmail_proto::{MessageClass, MessageId, TenantId};
-use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use cellmail_tests::emulator::{Tap, sent_by_the_emulator};
+use serde_json::json;
 
 /// A tenant no other test uses.
 fn tenant() -> TenantId {
@@ -51,122 +49,7 @@ fn message(tenant: &TenantId) -> Message {
 }
 
 async fn mailer(settings: SesSettings) -> SesMailer {
-    SesMailer::new(&cellmail_tests::aws_config().await, settings)
-}
-
-/// The emulator's `host:port`.
-fn emulator() -> String {
-    cellmail_tests::aws_endpoint()
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned()
-}
-
-/// The messages the emulator's SES says it sent (its model store, `/moto-api/data.json`).
-async fn sent_by_the_emulator() -> Vec<Value> {
-    let authority = emulator();
-    let mut stream = TcpStream::connect(&authority).await.unwrap();
-    let request = format!(
-        "GET /moto-api/data.json HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let response = String::from_utf8(response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.contains(" 200 "), "{head}");
-    let data: Value = serde_json::from_str(body).unwrap();
-    data["ses"]["Message"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-/// A relay in front of the emulator that keeps the bytes of every request it forwards, so
-/// a test sees what the mailer put on the wire (the emulator keeps no configuration set or
-/// tags with the messages it sends).
-struct Tap {
-    endpoint: String,
-    connections: Arc<Mutex<Vec<Sent>>>,
-}
-
-/// What one client connection has sent so far.
-type Sent = Arc<Mutex<Vec<u8>>>;
-
-impl Tap {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let connections = Arc::new(Mutex::new(Vec::new()));
-        let kept = connections.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(emulator()).await else {
-                    continue;
-                };
-                let seen = Arc::new(Mutex::new(Vec::new()));
-                kept.lock().unwrap().push(seen.clone());
-                tokio::spawn(relay(client, server, seen));
-            }
-        });
-        Self {
-            endpoint,
-            connections,
-        }
-    }
-
-    /// The JSON bodies of the `SendEmail` requests that went through.
-    fn send_email_requests(&self) -> Vec<Value> {
-        let connections = self.connections.lock().unwrap();
-        connections
-            .iter()
-            .flat_map(|seen| send_email_bodies(&seen.lock().unwrap()))
-            .collect()
-    }
-}
-
-async fn relay(client: TcpStream, server: TcpStream, seen: Sent) {
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
-    let upstream = async move {
-        let mut buf = vec![0; 16 * 1024];
-        while let Ok(n @ 1..) = client_read.read(&mut buf).await {
-            seen.lock().unwrap().extend_from_slice(&buf[..n]);
-            if server_write.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-        }
-        let _ = server_write.shutdown().await;
-    };
-    let downstream = async move {
-        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-        let _ = client_write.shutdown().await;
-    };
-    tokio::join!(upstream, downstream);
-}
-
-/// The bodies of the `POST /v2/email/outbound-emails` requests in one connection's bytes.
-fn send_email_bodies(bytes: &[u8]) -> Vec<Value> {
-    let text = String::from_utf8_lossy(bytes);
-    let mut bodies = Vec::new();
-    for (start, _) in text.match_indices("POST /v2/email/outbound-emails ") {
-        let request = &text[start..];
-        let Some((head, rest)) = request.split_once("\r\n\r\n") else {
-            continue;
-        };
-        let length = head
-            .lines()
-            .find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse::<usize>().ok())?
-            })
-            .unwrap_or(0);
-        if let Some(Ok(body)) = rest.get(..length).map(serde_json::from_str) {
-            bodies.push(body);
-        }
-    }
-    bodies
+    SesMailer::new(&cellmail_tests::emulator::aws_config().await, settings)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,7 +57,7 @@ async fn a_sent_message_reaches_ses_with_the_tenants_configuration_set_and_tags(
     let tenant = tenant();
     let message = message(&tenant);
     let tap = Tap::start().await;
-    let through_tap = cellmail_tests::aws_config()
+    let through_tap = cellmail_tests::emulator::aws_config()
         .await
         .to_builder()
         .endpoint_url(&tap.endpoint)
@@ -238,7 +121,7 @@ async fn a_sent_message_reaches_ses_with_the_tenants_configuration_set_and_tags(
     assert!(request.get("TenantName").is_none(), "tenants are off");
 
     // What the mailer provisioned before the send.
-    let ses = aws_sdk_sesv2::Client::new(&cellmail_tests::aws_config().await);
+    let ses = aws_sdk_sesv2::Client::new(&cellmail_tests::emulator::aws_config().await);
     // (moto answers GetConfigurationSet with JSON the SDK cannot read; listing works.)
     let sets = ses.list_configuration_sets().send().await.unwrap();
     assert!(
@@ -281,7 +164,7 @@ async fn a_send_from_an_identity_ses_does_not_have_is_refused_permanently() {
     let mailer = mailer(SesSettings::default()).await;
     mailer.send(&message(&tenant)).await.unwrap();
     // The identity goes away behind the mailer's back (deleted, or never verified in SES).
-    aws_sdk_sesv2::Client::new(&cellmail_tests::aws_config().await)
+    aws_sdk_sesv2::Client::new(&cellmail_tests::emulator::aws_config().await)
         .delete_email_identity()
         .email_identity(format!("{tenant}.example"))
         .send()

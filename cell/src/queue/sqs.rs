@@ -64,9 +64,9 @@ pub struct SqsQueueNames {
 }
 
 impl SqsQueueNames {
-    /// `cellmail-<cell>-transactional`, `-marketing`, `-dlq` and `-feedback`.
-    pub fn for_cell(cell: &CellId) -> Self {
-        let name = |suffix: &str| format!("cellmail-{cell}-{suffix}");
+    /// `<prefix><cell>-transactional`, `-marketing`, `-dlq` and `-feedback`.
+    pub fn for_cell(prefix: &str, cell: &CellId) -> Self {
+        let name = |suffix: &str| format!("{prefix}{cell}-{suffix}");
         Self {
             transactional: name("transactional"),
             marketing: name("marketing"),
@@ -536,7 +536,7 @@ mod tests {
 
     #[test]
     fn names_follow_the_cell() {
-        let names = SqsQueueNames::for_cell(&CellId::new("cell-1").unwrap());
+        let names = SqsQueueNames::for_cell("cellmail-", &CellId::new("cell-1").unwrap());
         assert_eq!(names.transactional, "cellmail-cell-1-transactional");
         assert_eq!(names.marketing, "cellmail-cell-1-marketing");
         assert_eq!(names.dead_letter, "cellmail-cell-1-dlq");

@@ -1,0 +1,153 @@
+//! The AWS API emulator (moto) the test command starts: how to reach it, what it recorded
+//! as sent, and a relay that shows what a client put on the wire (the emulator keeps no
+//! configuration set or tags with the messages it sends).
+
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The AWS API emulator (`http://host:port`) the test command started.
+pub fn aws_endpoint() -> String {
+    std::env::var("CELLMAIL_TEST_AWS_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "CELLMAIL_TEST_AWS_ENDPOINT is not set: run ./deploy/local/test.sh, which starts the AWS emulator"
+        )
+    })
+}
+
+/// AWS configuration for the emulator: a cell's settings pointing at it, in us-east-1, with
+/// dummy credentials (the emulator checks none).
+pub async fn aws_config() -> aws_config::SdkConfig {
+    let settings = cellmail_cell::aws::AwsSettings {
+        region: Some("us-east-1".to_owned()),
+        endpoint: Some(aws_endpoint()),
+        profile: None,
+    };
+    let credentials =
+        aws_sdk_sesv2::config::Credentials::new("testing", "testing", None, None, "cellmail-tests");
+    settings
+        .sdk_config()
+        .await
+        .to_builder()
+        .credentials_provider(aws_sdk_sesv2::config::SharedCredentialsProvider::new(
+            credentials,
+        ))
+        .build()
+}
+
+/// The emulator's `host:port`.
+pub fn emulator() -> String {
+    aws_endpoint()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// The messages the emulator's SES says it sent (its model store, `/moto-api/data.json`).
+pub async fn sent_by_the_emulator() -> Vec<Value> {
+    let authority = emulator();
+    let mut stream = TcpStream::connect(&authority).await.unwrap();
+    let request = format!(
+        "GET /moto-api/data.json HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.contains(" 200 "), "{head}");
+    let data: Value = serde_json::from_str(body).unwrap();
+    data["ses"]["Message"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A relay in front of the emulator that keeps the bytes of every request it forwards, so
+/// a test sees what the mailer put on the wire (the emulator keeps no configuration set or
+/// tags with the messages it sends).
+pub struct Tap {
+    pub endpoint: String,
+    connections: Arc<Mutex<Vec<Sent>>>,
+}
+
+/// What one client connection has sent so far.
+type Sent = Arc<Mutex<Vec<u8>>>;
+
+impl Tap {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let kept = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(emulator()).await else {
+                    continue;
+                };
+                let seen = Arc::new(Mutex::new(Vec::new()));
+                kept.lock().unwrap().push(seen.clone());
+                tokio::spawn(relay(client, server, seen));
+            }
+        });
+        Self {
+            endpoint,
+            connections,
+        }
+    }
+
+    /// The JSON bodies of the `SendEmail` requests that went through.
+    pub fn send_email_requests(&self) -> Vec<Value> {
+        let connections = self.connections.lock().unwrap();
+        connections
+            .iter()
+            .flat_map(|seen| send_email_bodies(&seen.lock().unwrap()))
+            .collect()
+    }
+}
+
+async fn relay(client: TcpStream, server: TcpStream, seen: Sent) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let upstream = async move {
+        let mut buf = vec![0; 16 * 1024];
+        while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+            seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = server_write.shutdown().await;
+    };
+    let downstream = async move {
+        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+        let _ = client_write.shutdown().await;
+    };
+    tokio::join!(upstream, downstream);
+}
+
+/// The bodies of the `POST /v2/email/outbound-emails` requests in one connection's bytes.
+fn send_email_bodies(bytes: &[u8]) -> Vec<Value> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut bodies = Vec::new();
+    for (start, _) in text.match_indices("POST /v2/email/outbound-emails ") {
+        let request = &text[start..];
+        let Some((head, rest)) = request.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let length = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        if let Some(Ok(body)) = rest.get(..length).map(serde_json::from_str) {
+            bodies.push(body);
+        }
+    }
+    bodies
+}
