@@ -20,6 +20,8 @@ pub struct UpArgs {
     registry: cellmail_control::RegistryConfig,
     #[command(flatten)]
     backends: cellmail_cell::BackendConfig,
+    #[command(flatten)]
+    metrics: cellmail_proto::server::MetricsConfig,
     /// Where every component keeps its state; mail lands in <data-dir>/mail/<tenant>/.
     #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
     data_dir: PathBuf,
@@ -63,6 +65,7 @@ fn admin_token(data_dir: &std::path::Path) -> anyhow::Result<String> {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    args.metrics.serve()?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let registry = args.registry.open(&args.data_dir).await?;

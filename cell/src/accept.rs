@@ -187,6 +187,15 @@ impl Acceptor {
             MessageState::Suppressed
         };
         tracing::debug!(tenant = %message.tenant, message_id = %message.id, class = %message.class, ?state, "accepted");
+        let (cell, class) = (self.cell.to_string(), message.class.as_str());
+        metrics::counter!("cellmail_accepted_total", "cell" => cell.clone(), "class" => class, "state" => state.as_str()).increment(1);
+        for scope in accepted
+            .recipients
+            .iter()
+            .filter_map(|r| r.suppressed.map(|(_, scope)| scope.as_str()))
+        {
+            metrics::counter!("cellmail_suppressed_recipients_total", "cell" => cell.clone(), "class" => class, "scope" => scope).increment(1);
+        }
         let record = message.record(state, accepted.recipients.clone());
         let key = (!message.idempotency_key.is_empty()).then_some(message.idempotency_key.as_str());
         self.store

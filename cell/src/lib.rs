@@ -199,6 +199,7 @@ pub async fn run(
         })
     };
     let worker = Arc::new(worker::Worker::new(
+        config.id.clone(),
         store.clone(),
         backends.queue.clone(),
         backends.mailer,
@@ -210,6 +211,12 @@ pub async fn run(
         .map(|_| tokio::spawn(worker.clone().run(shutdown.clone())))
         .collect();
 
+    let health = tonic_health::server::HealthReporter::new();
+    let reporter = {
+        let (catalog, health, shutdown) = (catalog.clone(), health.clone(), shutdown.clone());
+        let component = config.id.to_string();
+        tokio::spawn(async move { catalog.report_staleness(component, health, shutdown).await })
+    };
     let acceptor = Arc::new(accept::Acceptor::new(
         config.id.clone(),
         catalog,
@@ -219,8 +226,10 @@ pub async fn run(
     let routes = tonic::service::Routes::new(CellServer::new(api::CellApi::new(acceptor, store)));
 
     let served =
-        cellmail_proto::server::serve(listener, routes, &[SERVICE_NAME], shutdown.clone()).await;
+        cellmail_proto::server::serve(listener, routes, &health, &[SERVICE_NAME], shutdown.clone())
+            .await;
     shutdown.cancel();
+    reporter.await?;
     for worker in workers {
         worker.await?;
     }

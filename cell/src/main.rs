@@ -16,6 +16,8 @@ struct Args {
     #[command(flatten)]
     registry: cellmail_control::RegistryConfig,
     #[command(flatten)]
+    metrics: cellmail_proto::server::MetricsConfig,
+    #[command(flatten)]
     backends: cellmail_cell::BackendConfig,
     /// The cell's own state (store, embedded queue); the file sink writes under <data-dir>/mail.
     #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
@@ -26,6 +28,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     cellmail_proto::server::init_tracing();
     let args = Args::parse();
+    args.metrics.serve()?;
     let registry = args.registry.open(&args.data_dir).await?;
     let cell_dir = args.data_dir.join("cells").join(args.cell.id.as_str());
     let backends = args

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
 
-use cellmail_proto::MessageId;
+use cellmail_proto::{CellId, MessageId};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -32,6 +32,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// The delivery side of a cell, shared by all its worker tasks.
 pub struct Worker {
+    cell: CellId,
     store: Arc<Store>,
     queue: Arc<dyn Queue>,
     mailer: Arc<dyn Mailer>,
@@ -62,8 +63,14 @@ pub fn backoff(receive_count: u32, jitter: f64) -> Duration {
 }
 
 impl Worker {
-    pub fn new(store: Arc<Store>, queue: Arc<dyn Queue>, mailer: Arc<dyn Mailer>) -> Self {
+    pub fn new(
+        cell: CellId,
+        store: Arc<Store>,
+        queue: Arc<dyn Queue>,
+        mailer: Arc<dyn Mailer>,
+    ) -> Self {
         Self {
+            cell,
             store,
             queue,
             mailer,
@@ -153,7 +160,15 @@ impl Worker {
         }
         let span =
             tracing::info_span!("deliver", tenant = %message.tenant, message_id = %message.id);
-        match self.mailer.send(&message).instrument(span).await {
+        let sent = self.mailer.send(&message).instrument(span).await;
+        let outcome = match &sent {
+            Ok(()) => "sent",
+            Err(MailerError::Retryable { .. }) => "retried",
+            Err(MailerError::Permanent { .. }) => "failed",
+        };
+        let (cell, class) = (self.cell.to_string(), message.class.as_str());
+        metrics::counter!("cellmail_send_attempts_total", "cell" => cell, "class" => class, "outcome" => outcome).increment(1);
+        match sent {
             Ok(()) => {
                 let sent = store::event(EventKind::Sent, now_ms(), "");
                 self.store
@@ -264,7 +279,12 @@ mod tests {
         });
         let message = message();
         let body = serde_json::to_vec(&message).unwrap();
-        let worker = Arc::new(Worker::new(store.clone(), queue.clone(), mailer.clone()));
+        let worker = Arc::new(Worker::new(
+            CellId::new("c").unwrap(),
+            store.clone(),
+            queue.clone(),
+            mailer.clone(),
+        ));
         let shutdown = CancellationToken::new();
         let tasks: Vec<_> = (0..4)
             .map(|_| tokio::spawn(worker.clone().run(shutdown.clone())))

@@ -12,6 +12,9 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use cellmail_proto::{CellId, TenantId};
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::registry::{EventKind, Registry, RegistryError, Revision, Snapshot, Watcher};
 use crate::schema::{
@@ -110,6 +113,10 @@ impl Shared {
     }
 }
 
+/// The health entry that says whether this process follows the registry.
+pub const REGISTRY_HEALTH: &str = "cellmail.registry";
+const STALENESS_REPORT: Duration = Duration::from_millis(500);
+
 /// First and longest pause before following a broken watch again.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -147,6 +154,34 @@ impl WatchedCatalog {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .map(|since| since.elapsed())
+    }
+
+    /// Until `shutdown`, keeps `health`'s `cellmail.registry` entry (NOT_SERVING while the
+    /// catalog is not following the registry: lookups go on from the last state) and the
+    /// `cellmail_registry_staleness_seconds{component}` gauge (0 while following) current.
+    pub async fn report_staleness(
+        &self,
+        component: String,
+        health: HealthReporter,
+        shutdown: CancellationToken,
+    ) {
+        let gauge =
+            metrics::gauge!("cellmail_registry_staleness_seconds", "component" => component);
+        let mut tick = tokio::time::interval(STALENESS_REPORT);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let staleness = self.staleness();
+            gauge.set(staleness.map_or(0.0, |s| s.as_secs_f64()));
+            let status = if staleness.is_some() {
+                ServingStatus::NotServing
+            } else {
+                ServingStatus::Serving
+            };
+            health.set_service_status(REGISTRY_HEALTH, status).await;
+        }
     }
 
     /// Waits until `condition` holds on the catalog, at most `timeout`; returns whether it did.

@@ -102,6 +102,7 @@ pub async fn serve(
         auth::AdminAuth::new(admin_token),
     );
     let routes = tonic::service::Routes::new(api);
-    cellmail_proto::server::serve(listener, routes, &[SERVICE_NAME], shutdown).await?;
+    let health = tonic_health::server::HealthReporter::new();
+    cellmail_proto::server::serve(listener, routes, &health, &[SERVICE_NAME], shutdown).await?;
     Ok(())
 }

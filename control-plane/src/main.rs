@@ -16,6 +16,8 @@ struct Args {
     control: cellmail_control::ControlConfig,
     #[command(flatten)]
     registry: cellmail_control::RegistryConfig,
+    #[command(flatten)]
+    metrics: cellmail_proto::server::MetricsConfig,
     /// Where the embedded registry keeps its file.
     #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
     data_dir: PathBuf,
@@ -25,6 +27,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     cellmail_proto::server::init_tracing();
     let args = Args::parse();
+    args.metrics.serve()?;
     let registry = args.registry.open(&args.data_dir).await?;
     let listener = tokio::net::TcpListener::bind(args.control.addr)
         .await

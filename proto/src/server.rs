@@ -1,11 +1,14 @@
-//! What every cellmail binary does to run: log setup, and a gRPC server that also answers
-//! `grpc.health.v1.Health` and server reflection, and stops when its token is cancelled.
+//! What every cellmail binary does to run: log setup, Prometheus metrics on an HTTP
+//! endpoint, and a gRPC server that also answers `grpc.health.v1.Health` and server
+//! reflection, and stops when its token is cancelled.
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing() {
@@ -20,20 +23,42 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Serves `routes` plus health (each of `services` reported SERVING) and reflection on
-/// `listener` until `shutdown` is cancelled.
+/// Where a process serves its Prometheus metrics, from flags or env.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics at http://<addr>/metrics (none: not served).
+    #[arg(long = "metrics-addr", env = "CELLMAIL_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl MetricsConfig {
+    /// Serves every metric this process records, in Prometheus' text format. Once per
+    /// process: the binaries and `cellmail up` call it, libraries only record.
+    pub fn serve(&self) -> Result<(), metrics_exporter_prometheus::BuildError> {
+        match self.metrics_addr {
+            Some(addr) => metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .install(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Serves `routes` plus health (each of `services` reported SERVING in `health`, where the
+/// caller may report more) and reflection on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
+    health: &HealthReporter,
     services: &[&str],
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let (health, health_service) = tonic_health::server::health_reporter();
     for service in services {
         health
             .set_service_status(*service, ServingStatus::Serving)
             .await;
     }
+    let health_service = HealthServer::new(HealthService::from_health_reporter(health.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -42,9 +42,20 @@ pub async fn serve(
     let catalog = Arc::new(WatchedCatalog::start(registry, keys).await?);
     let api = SenderServer::with_interceptor(
         api::SenderApi::new(catalog.clone()),
-        auth::Authenticate::new(catalog),
+        auth::Authenticate::new(catalog.clone()),
     );
     let routes = tonic::service::Routes::new(api);
-    cellmail_proto::server::serve(listener, routes, &[SERVICE_NAME], shutdown).await?;
-    Ok(())
+    let health = tonic_health::server::HealthReporter::new();
+    let reporter = {
+        let (health, shutdown) = (health.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            catalog
+                .report_staleness("router".into(), health, shutdown)
+                .await
+        })
+    };
+    let served =
+        cellmail_proto::server::serve(listener, routes, &health, &[SERVICE_NAME], shutdown).await;
+    reporter.abort();
+    Ok(served?)
 }

@@ -47,18 +47,10 @@ pub fn emulator() -> String {
 
 /// The messages the emulator's SES says it sent (its model store, `/moto-api/data.json`).
 pub async fn sent_by_the_emulator() -> Vec<Value> {
-    let authority = emulator();
-    let mut stream = TcpStream::connect(&authority).await.unwrap();
-    let request = format!(
-        "GET /moto-api/data.json HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let response = String::from_utf8(response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.contains(" 200 "), "{head}");
-    let data: Value = serde_json::from_str(body).unwrap();
+    let body = crate::http_get(&emulator(), "/moto-api/data.json")
+        .await
+        .unwrap();
+    let data: Value = serde_json::from_str(&body).unwrap();
     data["ses"]["Message"]
         .as_array()
         .cloned()

@@ -234,3 +234,20 @@ pub fn message(from: &str, to: &str, idempotency_key: &str) -> v1::SendRequest {
         ..Default::default()
     }
 }
+
+/// The body of `GET http://<authority><path>`, which must answer 200 (the test services'
+/// and the binaries' plain HTTP endpoints; HTTP/1.1 with `Connection: close`).
+pub async fn http_get(authority: &str, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(authority).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let response = String::from_utf8(response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("no HTTP header end")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    Ok(body.to_owned())
+}

@@ -10,6 +10,9 @@ use cellmail_tests::{authorized, control_client, message, wait_for};
 
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 fn mail_count(dir: &std::path::Path, tenant: &str) -> usize {
     std::fs::read_dir(dir.join("mail").join(tenant))
@@ -179,12 +182,17 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
     let _control = Daemon::start("cellmail-control", &control_args, Some(&control_addr))
         .await
         .unwrap();
-    let mut router_args = vec!["--router-addr", &router_addr];
+    let metrics_addr = free_addr().unwrap();
+    let mut router_args = vec![
+        "--router-addr",
+        &router_addr,
+        "--metrics-addr",
+        &metrics_addr,
+    ];
     router_args.extend(&registry_str);
     let _router = Daemon::start("cellmail-router", &router_args, Some(&router_addr))
         .await
         .unwrap();
-
     let mut control = control_client(&format!("http://{control_addr}"), ADMIN_TOKEN)
         .await
         .unwrap();
@@ -223,12 +231,31 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
     }
     first.unwrap();
 
+    assert_eq!(staleness(&metrics_addr).await, 0.0);
+    assert_eq!(
+        health(&router_addr, "cellmail.registry").await,
+        ServingStatus::Serving
+    );
+
     etcd.stop();
     for n in 1..=30 {
         let sent = sender.send(send(n)).await;
         assert!(sent.is_ok(), "send {n} with etcd down: {sent:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The router says it is serving from a stale view, and how stale, but keeps serving.
+    assert!(
+        staleness(&metrics_addr).await > 0.0,
+        "the staleness gauge rose"
+    );
+    assert_eq!(
+        health(&router_addr, "cellmail.registry").await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        health(&router_addr, "cellmail.v1.Sender").await,
+        ServingStatus::Serving
+    );
 
     etcd.restart().await.unwrap();
     let mut second = control.create_tenant(create("second")).await;
@@ -257,6 +284,19 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
     assert!(
         reached,
         "a tenant created after etcd returned reached the router"
+    );
+    let mut caught_up = false;
+    for _ in 0..100 {
+        caught_up = staleness(&metrics_addr).await == 0.0
+            && health(&router_addr, "cellmail.registry").await == ServingStatus::Serving;
+        if caught_up {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        caught_up,
+        "the router reports it follows the registry again"
     );
     wait_for(
         Duration::from_secs(30),
@@ -390,4 +430,33 @@ async fn on_etcd_sqs_and_ses_a_send_through_the_router_reaches_ses_with_the_tena
     assert_eq!(tags["tenant_id"], tenant);
     assert_eq!(tags["message_id"], message_id);
     assert_eq!(tags["message_class"], "transactional");
+}
+
+/// The router's `cellmail_registry_staleness_seconds` from its metrics endpoint.
+async fn staleness(metrics_addr: &str) -> f64 {
+    let text = cellmail_tests::http_get(metrics_addr, "/metrics")
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("cellmail_registry_staleness_seconds{component=\"router\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no staleness gauge in:\n{text}"))
+}
+
+async fn health(addr: &str, service: &str) -> ServingStatus {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = HealthCheckRequest {
+        service: service.into(),
+    };
+    let status = HealthClient::new(channel)
+        .check(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).unwrap()
 }
