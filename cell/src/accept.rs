@@ -17,7 +17,7 @@ use tokio::sync::OnceCell;
 
 use crate::commit::StorageError;
 use crate::fencing::{self, Verdict};
-use crate::message::{Accepted, Message, MessageState, RecipientOutcome};
+use crate::message::{Accepted, BodyRef, Message, MessageState, RecipientOutcome};
 use crate::queue::{Queue, QueueError};
 use crate::store::{Reservation, Store};
 use crate::validation;
@@ -176,8 +176,19 @@ impl Acceptor {
             recipients,
         };
         let state = if accepted.queued() {
-            let body =
-                serde_json::to_vec(&message).map_err(|e| ApiError::Internal(e.to_string()))?;
+            let internal = |e: serde_json::Error| ApiError::Internal(e.to_string());
+            let mut body = serde_json::to_vec(&message).map_err(internal)?;
+            if body.len() > self.queue.max_body() {
+                // Too large for the queue: keep it in the store, queue a reference to it.
+                self.store
+                    .put_body(message.id, body)
+                    .await
+                    .map_err(storage_error)?;
+                body = serde_json::to_vec(&BodyRef {
+                    body_ref: message.id,
+                })
+                .map_err(internal)?;
+            }
             self.queue
                 .send(message.class.into(), body)
                 .await

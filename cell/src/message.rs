@@ -6,6 +6,14 @@ use cellmail_proto::{MessageClass, MessageId, SuppressionReason, SuppressionScop
 
 use serde::{Deserialize, Serialize};
 
+/// What a queue carries instead of a message too large for it: the id of the message's copy
+/// in the cell's store. A queued message is either this or the message itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BodyRef {
+    pub body_ref: MessageId,
+}
+
 /// One RFC 5322 mailbox: an address with an optional display name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mailbox {

@@ -27,6 +27,8 @@ const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("
 const MESSAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("messages");
 /// (tenant, suppression key) -> JSON [`Suppressed`]
 const SUPPRESSIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("suppressions");
+/// message id -> the queued form of a message too large for the queue
+const BODIES: TableDefinition<&str, &[u8]> = TableDefinition::new("bodies");
 
 /// How long an idempotency key is remembered.
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
@@ -92,8 +94,14 @@ enum Write {
         tenant: TenantId,
         address: String,
     },
+    PutBody {
+        message_id: MessageId,
+        body: Vec<u8>,
+    },
+    DropBody {
+        message_id: MessageId,
+    },
 }
-
 enum Written {
     Reservation(Reservation),
     /// Whether the write found what it was about (a message, a suppression).
@@ -222,6 +230,18 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 .map_err(err)?;
             Ok(Written::Found(true))
         }
+        Write::PutBody { message_id, body } => {
+            let mut table = txn.open_table(BODIES).map_err(err)?;
+            table
+                .insert(message_id.to_string().as_str(), body.as_slice())
+                .map_err(err)?;
+            Ok(Written::Found(true))
+        }
+        Write::DropBody { message_id } => {
+            let mut table = txn.open_table(BODIES).map_err(err)?;
+            let removed = table.remove(message_id.to_string().as_str()).map_err(err)?;
+            Ok(Written::Found(removed.is_some()))
+        }
         Write::Unsuppress { tenant, address } => {
             let mut table = txn.open_table(SUPPRESSIONS).map_err(err)?;
             let removed = table
@@ -244,6 +264,7 @@ impl Store {
         txn.open_table(IDEMPOTENCY).map_err(err)?;
         txn.open_table(MESSAGES).map_err(err)?;
         txn.open_table(SUPPRESSIONS).map_err(err)?;
+        txn.open_table(BODIES).map_err(err)?;
         txn.commit().map_err(err)?;
         let writes = GroupCommit::start("store", db.clone(), apply)?;
         Ok(Self { db, writes })
@@ -359,6 +380,29 @@ impl Store {
             record.state,
             MessageState::Sent | MessageState::Failed
         ))
+    }
+
+    /// Durably keeps the queued form of a message too large for its queue.
+    pub async fn put_body(&self, message_id: MessageId, body: Vec<u8>) -> Result<(), StorageError> {
+        self.found(Write::PutBody { message_id, body }, true)
+            .await
+            .map(|_| ())
+    }
+
+    pub fn body(&self, message_id: MessageId) -> Result<Option<Vec<u8>>, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let table = read.open_table(BODIES).map_err(err)?;
+        Ok(table
+            .get(message_id.to_string().as_str())
+            .map_err(err)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Forgets a stored body once its message is settled (lazily: a crash only leaves it).
+    pub async fn drop_body(&self, message_id: MessageId) -> Result<(), StorageError> {
+        self.found(Write::DropBody { message_id }, false)
+            .await
+            .map(|_| ())
     }
 
     pub async fn suppress(&self, tenant: &TenantId, entry: Suppressed) -> Result<(), StorageError> {

@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::accept::now_ms;
 use crate::mailer::{Mailer, MailerError};
 use crate::message::Message;
-use crate::message::{EventKind, MessageState};
+use crate::message::{BodyRef, EventKind, MessageState};
 use crate::queue::{Delivery, Queue, QueueKind};
 use crate::store::{self, Store};
 
@@ -138,10 +138,25 @@ impl Worker {
         }
     }
 
+    /// The message a queued body carries (itself, or a reference to its copy in the store)
+    /// and whether it came by reference; `None` for a reference to a message already sent.
+    fn decode(&self, body: &[u8]) -> anyhow::Result<Option<(Message, bool)>> {
+        let Ok(BodyRef { body_ref }) = serde_json::from_slice(body) else {
+            return Ok(Some((serde_json::from_slice(body)?, false)));
+        };
+        match self.store.body(body_ref)? {
+            Some(stored) => Ok(Some((serde_json::from_slice(&stored)?, true))),
+            None if self.store.settled(body_ref)? => Ok(None),
+            None => anyhow::bail!("the stored body of message {body_ref} is missing"),
+        }
+    }
+
     /// Sends one message; `Ok(true)` when it may be deleted from its queue.
     async fn settle(&self, kind: QueueKind, delivery: &Delivery) -> anyhow::Result<bool> {
-        let message: Message = match serde_json::from_slice(&delivery.body) {
-            Ok(message) => message,
+        let (message, by_reference) = match self.decode(&delivery.body) {
+            Ok(Some(decoded)) => decoded,
+            // A reference to a message already sent, whose stored body was dropped.
+            Ok(None) => return Ok(true),
             Err(err) => {
                 tracing::error!(%err, "unreadable queued message; dead-lettering it");
                 self.queue
@@ -174,6 +189,9 @@ impl Worker {
                 self.store
                     .record_outcome(message.queued_record(), MessageState::Sent, sent)
                     .await?;
+                if by_reference {
+                    self.store.drop_body(message.id).await?;
+                }
                 Ok(true)
             }
             Err(MailerError::Retryable {

@@ -403,6 +403,25 @@ async fn on_etcd_sqs_and_ses_a_send_through_the_router_reaches_ses_with_the_tena
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let recorded = recorded.expect("the emulator's SES recorded the message");
+
+    // A message too large for SQS travels by reference to the cell's store.
+    let big_subject = format!("Catalogue {unique}");
+    let mut big = message(&format!("shop@{domain}"), "jane@example.com", "order-2");
+    big.subject = big_subject.clone();
+    big.html = format!("<p>{}</p>", "x".repeat(400 * 1024));
+    sender.send(authorized(&key, big)).await.unwrap();
+    let mut big_recorded = false;
+    for _ in 0..300 {
+        big_recorded = sent_by_the_emulator()
+            .await
+            .iter()
+            .any(|m| m["subject"] == big_subject.as_str());
+        if big_recorded {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(big_recorded, "the 400 KiB message was sent");
     assert_eq!(
         recorded["destinations"]["ToAddresses"][0],
         "jane@example.com"

@@ -77,8 +77,13 @@ impl Default for QueueConfig {
 
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
-    /// Returns once the message is durable.
+    /// Returns once the message is durable. Bodies over [`Queue::max_body`] are refused.
     async fn send(&self, kind: QueueKind, body: Vec<u8>) -> Result<(), QueueError>;
+
+    /// The largest body this queue carries.
+    fn max_body(&self) -> usize {
+        usize::MAX
+    }
 
     /// Up to `max` visible messages, waiting up to `wait` for the first one.
     async fn receive(

@@ -422,6 +422,10 @@ fn receipt_not_current(err: &SdkError<ChangeMessageVisibilityError, HttpResponse
 
 #[async_trait]
 impl Queue for SqsQueue {
+    fn max_body(&self) -> usize {
+        MAX_BYTES
+    }
+
     async fn send(&self, kind: QueueKind, body: Vec<u8>) -> Result<(), QueueError> {
         if body.len() > MAX_BYTES {
             return Err(QueueError::TooLarge {
