@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cellmail_proto::{CellId, MessageId};
 use rand::Rng;
@@ -36,6 +36,9 @@ pub struct Worker {
     store: Arc<Store>,
     queue: Arc<dyn Queue>,
     mailer: Arc<dyn Mailer>,
+    /// Until when the transport has paused all sending (every task waits, receiving nothing,
+    /// so held mail does not count receives towards the dead-letter queue).
+    paused_until: Mutex<Option<Instant>>,
     /// Message ids some task is sending right now: a message queued twice (a retry after a
     /// crash between queueing and recording the answer) is sent by one task only.
     sending: Mutex<HashSet<MessageId>>,
@@ -71,11 +74,20 @@ impl Worker {
     ) -> Self {
         Self {
             cell,
+            paused_until: Mutex::new(None),
             store,
             queue,
             mailer,
             sending: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// How long sending stays paused, if it is.
+    fn pause_left(&self) -> Option<Duration> {
+        let until = (*self.paused_until.lock().unwrap_or_else(|p| p.into_inner()))?;
+        until
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
     }
 
     fn claim(&self, id: MessageId) -> Option<Claim<'_>> {
@@ -92,6 +104,12 @@ impl Worker {
 
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
+            if let Some(left) = self.pause_left() {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(left) => continue,
+                }
+            }
             let batch = tokio::select! {
                 () = shutdown.cancelled() => return,
                 batch = self.next_batch() => batch,
@@ -165,6 +183,12 @@ impl Worker {
                 return Ok(true);
             }
         };
+        if let Some(left) = self.pause_left() {
+            self.queue
+                .change_visibility(kind, &delivery.receipt, left)
+                .await?;
+            return Ok(false);
+        }
         // Another task is sending this id: leave this copy in flight. When it is visible
         // again its outcome is recorded and it is only deleted.
         let Some(_claim) = self.claim(message.id) else {
@@ -180,6 +204,7 @@ impl Worker {
             Ok(()) => "sent",
             Err(MailerError::Retryable { .. }) => "retried",
             Err(MailerError::Permanent { .. }) => "failed",
+            Err(MailerError::Paused { .. }) => "paused",
         };
         let (cell, class) = (self.cell.to_string(), message.class.as_str());
         metrics::counter!("cellmail_send_attempts_total", "cell" => cell, "class" => class, "outcome" => outcome).increment(1);
@@ -203,6 +228,20 @@ impl Worker {
                 tracing::warn!(%reason, ?delay, attempt = delivery.receive_count, "send failed; retrying later");
                 self.queue
                     .change_visibility(kind, &delivery.receipt, delay)
+                    .await?;
+                Ok(false)
+            }
+            Err(MailerError::Paused {
+                reason,
+                retry_after,
+            }) => {
+                tracing::error!(cell = %self.cell, %reason, ?retry_after, "ALARM: the mail transport paused all sending; this cell holds its mail");
+                metrics::counter!("cellmail_sending_paused_total", "cell" => self.cell.to_string())
+                    .increment(1);
+                *self.paused_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(Instant::now() + retry_after);
+                self.queue
+                    .change_visibility(kind, &delivery.receipt, retry_after)
                     .await?;
                 Ok(false)
             }
@@ -333,6 +372,80 @@ mod tests {
         let (sent, store, id) = deliver(1, 1).await;
         assert_eq!(sent, 1);
         assert!(store.settled(id).unwrap());
+    }
+
+    /// Pauses all sending for `pause` on its first call, then records when each send came.
+    struct PausesOnce {
+        pause: Duration,
+        calls: Mutex<Vec<Instant>>,
+    }
+
+    #[async_trait]
+    impl Mailer for PausesOnce {
+        async fn send(&self, _message: &Message) -> Result<(), MailerError> {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push(Instant::now());
+            if calls.len() == 1 {
+                return Err(MailerError::Paused {
+                    reason: "SendingPausedException".into(),
+                    retry_after: self.pause,
+                });
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paused_transport_stops_the_cells_sending_and_nothing_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
+        let queue: Arc<dyn Queue> = Arc::new(
+            LocalQueue::open(&dir.path().join("queue.redb"), QueueConfig::default()).unwrap(),
+        );
+        let pause = Duration::from_millis(300);
+        let mailer = Arc::new(PausesOnce {
+            pause,
+            calls: Mutex::new(Vec::new()),
+        });
+        let messages: Vec<Message> = (0..3).map(|_| message()).collect();
+        for m in &messages {
+            queue
+                .send(QueueKind::Transactional, serde_json::to_vec(m).unwrap())
+                .await
+                .unwrap();
+        }
+        let worker = Arc::new(Worker::new(
+            CellId::new("c").unwrap(),
+            store.clone(),
+            queue.clone(),
+            mailer.clone(),
+        ));
+        let shutdown = CancellationToken::new();
+        let tasks: Vec<_> = (0..4)
+            .map(|_| tokio::spawn(worker.clone().run(shutdown.clone())))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !messages.iter().all(|m| store.settled(m.id).unwrap()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert!(
+            messages.iter().all(|m| store.settled(m.id).unwrap()),
+            "every message was sent after the pause"
+        );
+        let calls = mailer.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls.len(),
+            4,
+            "the paused attempt and one send per message"
+        );
+        assert!(
+            calls[1..].iter().all(|at| *at >= calls[0] + pause),
+            "nothing was sent during the pause"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

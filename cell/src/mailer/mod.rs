@@ -28,6 +28,13 @@ pub enum MailerError {
         reason: String,
         retry_after: Option<Duration>,
     },
+    /// The transport stopped all sending (a paused or suspended account): the cell stops
+    /// sending for `retry_after`, and the message waits; nothing is dropped.
+    #[error("sending paused: {reason}")]
+    Paused {
+        reason: String,
+        retry_after: Duration,
+    },
     /// The message can never be sent as it is (rejected content, unverified identity).
     #[error("permanent: {reason}")]
     Permanent { reason: String },

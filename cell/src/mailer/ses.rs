@@ -13,9 +13,9 @@
 //! already exists (a restart, another cell) is as good, once per process. An endpoint
 //! without SES tenants (an emulator) gets a warning and sends without `TenantName`.
 //!
-//! [`classify`] says what an SES error means for the message: retry it later, retry it after
-//! a pause because the account's sending is paused (logged as an error: an alarm), or give
-//! up because SES refuses the message itself.
+//! [`classify`] says what an SES error means for the message: retry it later, pause the
+//! cell's sending because the account's sending is paused, or give up because SES refuses
+//! the message itself.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -366,13 +366,10 @@ fn classify(err: &SdkError<SendEmailError, HttpResponse>) -> MailerError {
         Some(
             SendEmailError::AccountSuspendedException(_)
             | SendEmailError::SendingPausedException(_),
-        ) => {
-            tracing::error!(%reason, "SES sending is paused for this account: nothing is sent until it is resumed");
-            MailerError::Retryable {
-                reason,
-                retry_after: Some(SENDING_PAUSED_RETRY),
-            }
-        }
+        ) => MailerError::Paused {
+            reason,
+            retry_after: SENDING_PAUSED_RETRY,
+        },
         Some(
             SendEmailError::MessageRejected(_)
             | SendEmailError::MailFromDomainNotVerifiedException(_)
@@ -500,7 +497,7 @@ mod tests {
     }
 
     #[test]
-    fn paused_sending_waits_a_minute() {
+    fn a_paused_or_suspended_account_pauses_sending_for_a_minute() {
         let errors = [
             SendEmailError::AccountSuspendedException(AccountSuspendedException::builder().build()),
             SendEmailError::SendingPausedException(SendingPausedException::builder().build()),
@@ -508,7 +505,7 @@ mod tests {
         for err in errors {
             let classified = classify(&service(err, 400));
             assert!(
-                retry(Some(SENDING_PAUSED_RETRY))(&classified),
+                matches!(classified, MailerError::Paused { retry_after, .. } if retry_after == SENDING_PAUSED_RETRY),
                 "{classified:?}"
             );
         }
