@@ -13,6 +13,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    config: cellmail_proto::config::ConfigFile,
 }
 
 #[derive(Subcommand)]
@@ -31,9 +33,13 @@ enum Command {
     Send(send::SendArgs),
 }
 
+fn main() -> anyhow::Result<()> {
+    cellmail_proto::config::load_from_args()?;
+    run(Cli::parse())
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => {
             cellmail_proto::server::init_tracing();

@@ -18,16 +18,22 @@ struct Args {
     #[command(flatten)]
     metrics: cellmail_proto::server::MetricsConfig,
     #[command(flatten)]
+    config: cellmail_proto::config::ConfigFile,
+    #[command(flatten)]
     backends: cellmail_cell::BackendConfig,
     /// The cell's own state (store, embedded queue); the file sink writes under <data-dir>/mail.
     #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
     data_dir: PathBuf,
 }
 
+fn main() -> anyhow::Result<()> {
+    cellmail_proto::config::load_from_args()?;
+    run(Args::parse())
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run(args: Args) -> anyhow::Result<()> {
     cellmail_proto::server::init_tracing();
-    let args = Args::parse();
     args.metrics.serve()?;
     let registry = args.registry.open(&args.data_dir).await?;
     let cell_dir = args.data_dir.join("cells").join(args.cell.id.as_str());

@@ -8,8 +8,10 @@
 //!   machine-readable details, and back (the router reads a cell's answers with it).
 //! - [`server`]: log setup and the gRPC server every binary runs (with health and reflection).
 //! - [`bearer`]: the client interceptor that presents a credential.
+//! - [`config`]: configuration files of `CELLMAIL_*` settings.
 
 pub mod bearer;
+pub mod config;
 pub mod domain;
 pub mod error;
 pub mod server;

@@ -18,15 +18,21 @@ struct Args {
     registry: cellmail_control::RegistryConfig,
     #[command(flatten)]
     metrics: cellmail_proto::server::MetricsConfig,
+    #[command(flatten)]
+    config: cellmail_proto::config::ConfigFile,
     /// Where the embedded registry keeps its file.
     #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
     data_dir: PathBuf,
 }
 
+fn main() -> anyhow::Result<()> {
+    cellmail_proto::config::load_from_args()?;
+    run(Args::parse())
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run(args: Args) -> anyhow::Result<()> {
     cellmail_proto::server::init_tracing();
-    let args = Args::parse();
     args.metrics.serve()?;
     let registry = args.registry.open(&args.data_dir).await?;
     let listener = tokio::net::TcpListener::bind(args.router.addr)

@@ -479,3 +479,41 @@ async fn health(addr: &str, service: &str) -> ServingStatus {
         .status;
     ServingStatus::try_from(status).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_runs_from_its_config_file_alone() {
+    use cellmail_control::registry::Registry;
+    let prefix = unique_prefix("config");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cell.env");
+    let settings = format!(
+        "# a cell configured by file only\nCELLMAIL_CELL_ID=cell-cfg\nCELLMAIL_REGISTRY=etcd://{}\nCELLMAIL_REGISTRY_PREFIX={prefix}\nCELLMAIL_DATA_DIR={}\n",
+        etcd_endpoint(),
+        dir.path().display()
+    );
+    std::fs::write(&file, settings).unwrap();
+    let _cell = Daemon::start(
+        "cellmail-cell",
+        &["--config", &file.to_string_lossy()],
+        None,
+    )
+    .await
+    .unwrap();
+    let registry = cellmail_control::registry::etcd::EtcdRegistry::connect(&[etcd_endpoint()])
+        .await
+        .unwrap();
+    let alive = format!("{prefix}alive/cell-cfg");
+    let mut registered = false;
+    for _ in 0..200 {
+        if registry.get(&alive).await.unwrap().is_some() {
+            registered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        registered,
+        "the cell took its id, registry, prefix and data dir from the file"
+    );
+    assert!(dir.path().join("cells/cell-cfg/store.redb").exists());
+}
