@@ -444,30 +444,15 @@ mod tests {
 
     #[test]
     fn the_simulator_speaks_the_same_format_and_keeps_labels_distinct() {
-        use crate::message::Mailbox;
-        let mailbox = |email: &str| Mailbox {
-            name: None,
-            email: email.into(),
-        };
-        let message = Message {
-            id: MessageId::generate(),
-            tenant: TenantId::new("t").unwrap(),
-            class: MessageClass::Marketing,
-            idempotency_key: String::new(),
-            from: mailbox("a@t.example"),
-            to: vec![
-                mailbox("bounce+one@simulator.amazonses.com"),
-                mailbox("jane@example.com"),
-            ],
-            cc: vec![mailbox("complaint@simulator.amazonses.com")],
-            bcc: vec![mailbox("success+x@simulator.amazonses.com")],
-            reply_to: vec![],
-            subject: "s".into(),
-            text: "t".into(),
-            html: String::new(),
-            tags: Default::default(),
-            accepted_at_ms: 0,
-        };
+        use crate::message::sample::{self, mailbox};
+        let mut message = sample::message();
+        message.class = MessageClass::Marketing;
+        message.to = vec![
+            mailbox("bounce+one@simulator.amazonses.com"),
+            mailbox("jane@example.com"),
+        ];
+        message.cc = vec![mailbox("complaint@simulator.amazonses.com")];
+        message.bcc = vec![mailbox("success+x@simulator.amazonses.com")];
         let records: Vec<Feedback> = simulated(&message, 1_764_000_000_000)
             .iter()
             .map(|r| parse(r).unwrap())

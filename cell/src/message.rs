@@ -176,3 +176,36 @@ pub struct MessageRecord {
     pub events: Vec<MessageEvent>,
     pub accepted_at_ms: u64,
 }
+
+/// Messages for tests: a plain one that each test changes where it matters.
+#[cfg(test)]
+pub(crate) mod sample {
+    use super::*;
+
+    pub fn mailbox(email: &str) -> Mailbox {
+        Mailbox {
+            name: None,
+            email: email.into(),
+        }
+    }
+
+    /// Tenant `t`'s transactional message from `a@t.example` to `b@example.com`.
+    pub fn message() -> Message {
+        Message {
+            id: MessageId::generate(),
+            tenant: TenantId::new("t").unwrap(),
+            class: MessageClass::Transactional,
+            idempotency_key: String::new(),
+            from: mailbox("a@t.example"),
+            to: vec![mailbox("b@example.com")],
+            cc: vec![],
+            bcc: vec![],
+            reply_to: vec![],
+            subject: "s".into(),
+            text: "t".into(),
+            html: String::new(),
+            tags: Default::default(),
+            accepted_at_ms: 0,
+        }
+    }
+}

@@ -267,9 +267,8 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use async_trait::async_trait;
-    use cellmail_proto::{MessageClass, TenantId};
 
-    use crate::message::Mailbox;
+    use crate::message::sample::message;
     use crate::queue::QueueConfig;
     use crate::queue::local::LocalQueue;
 
@@ -295,29 +294,6 @@ mod tests {
             tokio::time::sleep(self.delay).await;
             self.sent.fetch_add(1, Ordering::SeqCst);
             Ok(())
-        }
-    }
-
-    fn message() -> Message {
-        let mailbox = |email: &str| Mailbox {
-            name: None,
-            email: email.into(),
-        };
-        Message {
-            id: MessageId::generate(),
-            tenant: TenantId::new("t").unwrap(),
-            class: MessageClass::Transactional,
-            idempotency_key: String::new(),
-            from: mailbox("a@t.example"),
-            to: vec![mailbox("b@example.com")],
-            cc: vec![],
-            bcc: vec![],
-            reply_to: vec![],
-            subject: "s".into(),
-            text: "t".into(),
-            html: String::new(),
-            tags: Default::default(),
-            accepted_at_ms: 0,
         }
     }
 

@@ -413,7 +413,9 @@ mod tests {
         MailFromDomainNotVerifiedException, MessageRejected, NotFoundException,
         SendingPausedException, TooManyRequestsException,
     };
-    use cellmail_proto::{MessageClass, MessageId};
+    use cellmail_proto::MessageClass;
+
+    use crate::message::sample;
     use clap::Parser;
 
     fn status(code: u16) -> HttpResponse {
@@ -560,26 +562,15 @@ mod tests {
     }
 
     fn message() -> Message {
-        let mailbox = |email: &str| Mailbox {
-            name: None,
-            email: email.into(),
-        };
-        Message {
-            id: MessageId::generate(),
-            tenant: TenantId::new("acme").unwrap(),
-            class: MessageClass::Marketing,
-            idempotency_key: String::new(),
-            from: mailbox("news@acme.example"),
-            to: vec![mailbox("jane@example.com")],
-            cc: vec![],
-            bcc: vec![],
-            reply_to: vec![],
-            subject: "Über news".into(),
-            text: "plain".into(),
-            html: String::new(),
-            tags: [("campaign".to_owned(), "fall".to_owned())].into(),
-            accepted_at_ms: 0,
-        }
+        let mut message = sample::message();
+        message.tenant = TenantId::new("acme").unwrap();
+        message.class = MessageClass::Marketing;
+        message.from = sample::mailbox("news@acme.example");
+        message.to = vec![sample::mailbox("jane@example.com")];
+        message.subject = "Über news".into();
+        message.text = "plain".into();
+        message.tags = [("campaign".to_owned(), "fall".to_owned())].into();
+        message
     }
 
     #[test]
