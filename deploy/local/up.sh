@@ -7,5 +7,4 @@ cd "$(dirname "$0")/../.."
 . deploy/local/lib.sh
 need_cargo
 need_packages protoc:protobuf-compiler
-cargo build --release --locked --bin cellmail
-exec target/release/cellmail up "$@"
+exec cargo run --release --locked --bin cellmail -- up "$@"
