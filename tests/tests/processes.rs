@@ -140,6 +140,26 @@ async fn a_killed_cell_fails_only_its_tenants_fast_and_loses_nothing_it_acknowle
             .await;
         assert!(sent.is_ok(), "tenant b on the healthy cell saw {sent:?}");
     }
+    // Once its lease expires (10 s), the dead cell shows as down to operators.
+    let mut down = false;
+    for _ in 0..300 {
+        let cells = control
+            .list_cells(v1::ListCellsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .cells;
+        down = cells.iter().any(|c| c.id == "cell-a" && !c.alive)
+            && cells.iter().any(|c| c.id == "cell-b" && c.alive);
+        if down {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        down,
+        "cell-a shows as down and cell-b as up after cell-a's lease expired"
+    );
 
     let _cell_a = start_cell("cell-a", &registry, dir_a.path(), &[])
         .await
