@@ -79,3 +79,39 @@ pub async fn start_cell(
     args.extend(extra);
     Daemon::start("cellmail-cell", &args, None).await
 }
+
+/// A control plane (with `admin_token`) and a router (serving metrics) on one registry, each
+/// on a free port; killed when dropped.
+pub struct Front {
+    /// `host:port` of each.
+    pub control: String,
+    pub router: String,
+    pub router_metrics: String,
+    _control: Daemon,
+    _router: Daemon,
+}
+
+impl Front {
+    pub async fn start(registry: &[String], admin_token: &str) -> anyhow::Result<Self> {
+        let (control, router, router_metrics) = (free_addr()?, free_addr()?, free_addr()?);
+        let registry = registry.iter().map(String::as_str);
+        let control_args: Vec<&str> = ["--control-addr", &control, "--admin-token", admin_token]
+            .into_iter()
+            .chain(registry.clone())
+            .collect();
+        let control_daemon =
+            Daemon::start("cellmail-control", &control_args, Some(&control)).await?;
+        let router_args: Vec<&str> = ["--router-addr", &router, "--metrics-addr", &router_metrics]
+            .into_iter()
+            .chain(registry)
+            .collect();
+        let router_daemon = Daemon::start("cellmail-router", &router_args, Some(&router)).await?;
+        Ok(Self {
+            control,
+            router,
+            router_metrics,
+            _control: control_daemon,
+            _router: router_daemon,
+        })
+    }
+}

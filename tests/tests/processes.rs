@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use cellmail_proto::v1;
-use cellmail_tests::processes::{Daemon, free_addr, registry_args, start_cell};
+use cellmail_tests::processes::{Daemon, Front, registry_args, start_cell};
 use cellmail_tests::services::{etcd_endpoint, unique_prefix};
 use cellmail_tests::{authorized, control_client, message, wait_for};
 
@@ -28,9 +28,7 @@ fn mail_count(dir: &std::path::Path, tenant: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_cell_fails_only_its_tenants_fast_and_loses_nothing_it_acknowledged() {
     let registry = registry_args(&etcd_endpoint(), &unique_prefix("processes"));
-    let registry_str: Vec<&str> = registry.iter().map(String::as_str).collect();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (control_addr, router_addr) = (free_addr().unwrap(), free_addr().unwrap());
 
     // Cell a delivers nothing at first, so what it acknowledges is still queued when it dies.
     let mut cell_a = start_cell("cell-a", &registry, dir_a.path(), &["--cell-workers", "0"])
@@ -39,21 +37,8 @@ async fn a_killed_cell_fails_only_its_tenants_fast_and_loses_nothing_it_acknowle
     let _cell_b = start_cell("cell-b", &registry, dir_b.path(), &[])
         .await
         .unwrap();
-    let mut control_args = vec![
-        "--control-addr",
-        &control_addr,
-        "--admin-token",
-        ADMIN_TOKEN,
-    ];
-    control_args.extend(&registry_str);
-    let _control = Daemon::start("cellmail-control", &control_args, Some(&control_addr))
-        .await
-        .unwrap();
-    let mut router_args = vec!["--router-addr", &router_addr];
-    router_args.extend(&registry_str);
-    let _router = Daemon::start("cellmail-router", &router_args, Some(&router_addr))
-        .await
-        .unwrap();
+    let front = Front::start(&registry, ADMIN_TOKEN).await.unwrap();
+    let (control_addr, router_addr) = (front.control.clone(), front.router.clone());
 
     let mut control = control_client(&format!("http://{control_addr}"), ADMIN_TOKEN)
         .await
@@ -186,33 +171,12 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
         .await
         .unwrap();
     let registry = registry_args(&etcd.endpoint, "/stable/");
-    let registry_str: Vec<&str> = registry.iter().map(String::as_str).collect();
     let dir = tempfile::tempdir().unwrap();
-    let (control_addr, router_addr) = (free_addr().unwrap(), free_addr().unwrap());
     let _cell = start_cell("cell-1", &registry, dir.path(), &[])
         .await
         .unwrap();
-    let mut control_args = vec![
-        "--control-addr",
-        &control_addr,
-        "--admin-token",
-        ADMIN_TOKEN,
-    ];
-    control_args.extend(&registry_str);
-    let _control = Daemon::start("cellmail-control", &control_args, Some(&control_addr))
-        .await
-        .unwrap();
-    let metrics_addr = free_addr().unwrap();
-    let mut router_args = vec![
-        "--router-addr",
-        &router_addr,
-        "--metrics-addr",
-        &metrics_addr,
-    ];
-    router_args.extend(&registry_str);
-    let _router = Daemon::start("cellmail-router", &router_args, Some(&router_addr))
-        .await
-        .unwrap();
+    let front = Front::start(&registry, ADMIN_TOKEN).await.unwrap();
+    let (control_addr, router_addr) = (front.control.clone(), front.router.clone());
     let mut control = control_client(&format!("http://{control_addr}"), ADMIN_TOKEN)
         .await
         .unwrap();
@@ -251,7 +215,7 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
     }
     first.unwrap();
 
-    assert_eq!(staleness(&metrics_addr).await, 0.0);
+    assert_eq!(staleness(&front.router_metrics).await, 0.0);
     assert_eq!(
         health(&router_addr, "cellmail.registry").await,
         ServingStatus::Serving
@@ -265,7 +229,7 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
     }
     // The router says it is serving from a stale view, and how stale, but keeps serving.
     assert!(
-        staleness(&metrics_addr).await > 0.0,
+        staleness(&front.router_metrics).await > 0.0,
         "the staleness gauge rose"
     );
     assert_eq!(
@@ -307,7 +271,7 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
     );
     let mut caught_up = false;
     for _ in 0..100 {
-        caught_up = staleness(&metrics_addr).await == 0.0
+        caught_up = staleness(&front.router_metrics).await == 0.0
             && health(&router_addr, "cellmail.registry").await == ServingStatus::Serving;
         if caught_up {
             break;
@@ -335,7 +299,6 @@ async fn on_etcd_sqs_and_ses_a_send_through_the_router_reaches_ses_with_the_tena
         .to_string()
         .to_lowercase();
     let registry = registry_args(&etcd_endpoint(), &unique_prefix("aws"));
-    let registry_str: Vec<&str> = registry.iter().map(String::as_str).collect();
     let queue_prefix = format!("q{}-", &unique[16..]);
     let aws: Vec<&str> = vec![
         "--queue",
@@ -350,28 +313,14 @@ async fn on_etcd_sqs_and_ses_a_send_through_the_router_reaches_ses_with_the_tena
         &queue_prefix,
     ];
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (control_addr, router_addr) = (free_addr().unwrap(), free_addr().unwrap());
     let _cell_a = start_cell("cell-a", &registry, dir_a.path(), &aws)
         .await
         .unwrap();
     let _cell_b = start_cell("cell-b", &registry, dir_b.path(), &aws)
         .await
         .unwrap();
-    let mut control_args = vec![
-        "--control-addr",
-        &control_addr,
-        "--admin-token",
-        ADMIN_TOKEN,
-    ];
-    control_args.extend(&registry_str);
-    let _control = Daemon::start("cellmail-control", &control_args, Some(&control_addr))
-        .await
-        .unwrap();
-    let mut router_args = vec!["--router-addr", &router_addr];
-    router_args.extend(&registry_str);
-    let _router = Daemon::start("cellmail-router", &router_args, Some(&router_addr))
-        .await
-        .unwrap();
+    let front = Front::start(&registry, ADMIN_TOKEN).await.unwrap();
+    let (control_addr, router_addr) = (front.control.clone(), front.router.clone());
 
     let mut control = control_client(&format!("http://{control_addr}"), ADMIN_TOKEN)
         .await
