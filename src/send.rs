@@ -102,7 +102,15 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
             json!({"message_id": sent.message_id, "recipients": recipients})
         );
     } else {
-        println!("message {} accepted", sent.message_id);
+        let suppressed = v1::RecipientState::Suppressed as i32;
+        if sent.recipients.iter().all(|r| r.state == suppressed) {
+            println!(
+                "message {}: every recipient is suppressed; nothing was queued",
+                sent.message_id
+            );
+        } else {
+            println!("message {} accepted", sent.message_id);
+        }
         for r in sent.recipients {
             println!("  {:<40} {} {}", r.address, state(r.state), r.reason);
         }
