@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use cellmail_proto::v1::{self, cell_server::Cell};
 use cellmail_proto::{
-    ApiError, Epoch, MessageId, SuppressionReason, SuppressionScope, TenantId, suppression_key,
+    ApiError, Epoch, MessageClass, MessageId, SuppressionReason, SuppressionScope, TenantId,
+    suppression_key,
 };
 use tonic::{Request, Response, Status};
 
@@ -15,6 +16,9 @@ use crate::commit::StorageError;
 use crate::message::{Accepted, MessageRecord, RecipientOutcome};
 use crate::store::{Store, Suppressed};
 use crate::validation::parse_mailbox;
+
+const DEFAULT_STATS_HOURS: u32 = 24;
+const MAX_STATS_HOURS: u32 = 720;
 
 /// The most suppressions one page holds.
 const MAX_PAGE: usize = 1000;
@@ -74,11 +78,16 @@ fn send_response(accepted: Accepted) -> v1::SendResponse {
     }
 }
 
-fn message_status(record: MessageRecord) -> v1::MessageStatus {
-    let class = match record.class {
-        cellmail_proto::MessageClass::Transactional => v1::MessageClass::Transactional,
-        cellmail_proto::MessageClass::Marketing => v1::MessageClass::Marketing,
+fn class_to_wire(class: MessageClass) -> i32 {
+    let wire = match class {
+        MessageClass::Transactional => v1::MessageClass::Transactional,
+        MessageClass::Marketing => v1::MessageClass::Marketing,
     };
+    wire as i32
+}
+
+fn message_status(record: MessageRecord) -> v1::MessageStatus {
+    let class = class_to_wire(record.class);
     let events = record
         .events
         .into_iter()
@@ -91,7 +100,7 @@ fn message_status(record: MessageRecord) -> v1::MessageStatus {
         .collect();
     v1::MessageStatus {
         message_id: record.id.to_string(),
-        message_class: class as i32,
+        message_class: class,
         state: record.state.as_str().to_owned(),
         recipients: record
             .recipients
@@ -216,6 +225,49 @@ impl Cell for CellApi {
             .await
             .map_err(storage)?;
         Ok(Response::new(suppression(entry)))
+    }
+
+    async fn get_stats(
+        &self,
+        request: Request<v1::CellGetStatsRequest>,
+    ) -> Result<Response<v1::GetStatsResponse>, Status> {
+        let request = request.into_inner();
+        let tenant = self.caller(request.caller).await?;
+        let hours = match request.request.unwrap_or_default().hours {
+            0 => DEFAULT_STATS_HOURS,
+            n if n > MAX_STATS_HOURS => {
+                return Err(ApiError::invalid("hours", format!("1 to {MAX_STATS_HOURS}")).into());
+            }
+            n => n,
+        };
+        let now = now_ms();
+        let mut classes = Vec::new();
+        for class in MessageClass::ALL {
+            let counts = self
+                .store
+                .stats(&tenant, class, now, u64::from(hours))
+                .map_err(storage)?;
+            let rate = |n: u64| {
+                if counts.sent == 0 {
+                    0.0
+                } else {
+                    n as f64 / counts.sent as f64
+                }
+            };
+            classes.push(v1::ClassStats {
+                message_class: class_to_wire(class),
+                accepted: counts.accepted,
+                sent: counts.sent,
+                delivered: counts.delivered,
+                bounced: counts.bounced,
+                complained: counts.complained,
+                suppressed: counts.suppressed,
+                rejected: counts.rejected,
+                bounce_rate: rate(counts.bounced),
+                complaint_rate: rate(counts.complained),
+            });
+        }
+        Ok(Response::new(v1::GetStatsResponse { hours, classes }))
     }
 
     async fn remove_suppression(

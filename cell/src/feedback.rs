@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commit::StorageError;
 use crate::queue::{Queue, QueueError, QueueKind};
-use crate::store::{Store, Suppressed};
+use crate::store::{Counts, Store, Suppressed};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -31,6 +31,8 @@ pub struct Feedback {
     /// `None` when the tag is not a cellmail message id: the record still counts for its
     /// tenant (its suppressions), but belongs to no message here.
     pub message_id: Option<MessageId>,
+    /// From the `message_class` tag, when it names one.
+    pub class: Option<MessageClass>,
     pub kind: EventKind,
     /// For a bounce: whether it was permanent (the address will never accept mail).
     pub permanent: bool,
@@ -145,6 +147,14 @@ pub fn parse(body: &[u8]) -> Result<Feedback, FeedbackError> {
         .ok_or_else(|| malformed("no mail object"))?;
     let tenant = TenantId::new(tag(mail, "tenant_id")?).map_err(|e| malformed(e.to_string()))?;
     let message_id = tag(mail, "message_id")?.parse::<MessageId>().ok();
+    let class = match mail
+        .pointer("/tags/message_class/0")
+        .and_then(Value::as_str)
+    {
+        Some("transactional") => Some(MessageClass::Transactional),
+        Some("marketing") => Some(MessageClass::Marketing),
+        _ => None,
+    };
     let destination = || addresses(mail.get("destination"), None);
     let (kind, object, recipients, detail) = match event_type {
         "Send" => (EventKind::Send, "send", destination(), String::new()),
@@ -217,6 +227,7 @@ pub fn parse(body: &[u8]) -> Result<Feedback, FeedbackError> {
     Ok(Feedback {
         tenant,
         message_id,
+        class,
         kind,
         permanent,
         recipients,
@@ -273,9 +284,36 @@ impl Ingest {
         Ok(())
     }
 
-    /// Suppresses what the feedback says to, for its tenant only, and records its events on
-    /// the tenant's message.
+    /// Suppresses what the feedback says to, for its tenant only, counts it in the tenant's
+    /// figures, and records its events on the tenant's message.
     pub async fn apply(&self, feedback: &Feedback) -> Result<(), StorageError> {
+        let recipients = feedback.recipients.len() as u64;
+        let delta = match feedback.kind {
+            EventKind::Delivery => Counts {
+                delivered: recipients,
+                ..Counts::default()
+            },
+            EventKind::Bounce if feedback.permanent => Counts {
+                bounced: recipients,
+                ..Counts::default()
+            },
+            EventKind::Complaint => Counts {
+                complained: recipients,
+                ..Counts::default()
+            },
+            EventKind::Reject => Counts {
+                rejected: 1,
+                ..Counts::default()
+            },
+            _ => Counts::default(),
+        };
+        if let Some(class) = feedback.class
+            && delta != Counts::default()
+        {
+            self.store
+                .count(&feedback.tenant, class, feedback.at_ms, delta)
+                .await?;
+        }
         if let Some(reason) = feedback.suppresses() {
             for address in &feedback.recipients {
                 let entry = Suppressed {

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellmail_proto::{MessageId, SuppressionReason, TenantId, suppression_key};
+use cellmail_proto::{MessageClass, MessageId, SuppressionReason, TenantId, suppression_key};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -29,6 +29,53 @@ const MESSAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("messages");
 const SUPPRESSIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("suppressions");
 /// message id -> the queued form of a message too large for the queue
 const BODIES: TableDefinition<&str, &[u8]> = TableDefinition::new("bodies");
+/// (tenant, class, hour since the epoch) -> JSON [`Counts`]
+const STATS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("stats");
+
+const HOUR_MS: u64 = 3_600_000;
+
+/// A tenant's figures for one message class over some hours.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub accepted: u64,
+    pub sent: u64,
+    pub delivered: u64,
+    pub bounced: u64,
+    pub complained: u64,
+    pub suppressed: u64,
+    pub rejected: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: &Counts) {
+        self.accepted += other.accepted;
+        self.sent += other.sent;
+        self.delivered += other.delivered;
+        self.bounced += other.bounced;
+        self.complained += other.complained;
+        self.suppressed += other.suppressed;
+        self.rejected += other.rejected;
+    }
+}
+
+/// Adds `delta` to `tenant`'s figures for `class` in the hour of `at_ms`.
+fn count(
+    txn: &WriteTransaction,
+    tenant: &TenantId,
+    class: MessageClass,
+    at_ms: u64,
+    delta: &Counts,
+) -> Result<(), StorageError> {
+    let mut table = txn.open_table(STATS).map_err(err)?;
+    let key = (tenant.as_str(), class.as_str(), at_ms / HOUR_MS);
+    let mut counts: Counts = match table.get(key).map_err(err)? {
+        Some(row) => parse(row.value())?,
+        None => Counts::default(),
+    };
+    counts.add(delta);
+    table.insert(key, json(&counts).as_slice()).map_err(err)?;
+    Ok(())
+}
 
 /// How long an idempotency key is remembered.
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
@@ -93,6 +140,12 @@ enum Write {
     Unsuppress {
         tenant: TenantId,
         address: String,
+    },
+    Count {
+        tenant: TenantId,
+        class: MessageClass,
+        at_ms: u64,
+        delta: Counts,
     },
     PutBody {
         message_id: MessageId,
@@ -178,6 +231,24 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                     )
                     .map_err(err)?;
             }
+            let suppressed = record
+                .recipients
+                .iter()
+                .filter(|r| r.suppressed.is_some())
+                .count() as u64;
+            let accepted = u64::from(record.state == MessageState::Queued);
+            let delta = Counts {
+                accepted,
+                suppressed,
+                ..Counts::default()
+            };
+            count(
+                txn,
+                &record.tenant,
+                record.class,
+                record.accepted_at_ms,
+                &delta,
+            )?;
             let mut messages = txn.open_table(MESSAGES).map_err(err)?;
             let id = record.id.to_string();
             // A worker may already have recorded the send; keep its record.
@@ -195,6 +266,18 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 Some(row) => parse(row.value())?,
                 None => seed,
             };
+            let delta = match state {
+                MessageState::Sent => Counts {
+                    sent: 1,
+                    ..Counts::default()
+                },
+                MessageState::Failed => Counts {
+                    rejected: 1,
+                    ..Counts::default()
+                },
+                MessageState::Queued | MessageState::Suppressed => Counts::default(),
+            };
+            count(txn, &record.tenant, record.class, event.at_ms, &delta)?;
             record.state = state;
             record.events.push(event);
             messages
@@ -228,6 +311,15 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             table
                 .insert((tenant.as_str(), key.as_str()), json(&entry).as_slice())
                 .map_err(err)?;
+            Ok(Written::Found(true))
+        }
+        Write::Count {
+            tenant,
+            class,
+            at_ms,
+            delta,
+        } => {
+            count(txn, &tenant, class, at_ms, &delta)?;
             Ok(Written::Found(true))
         }
         Write::PutBody { message_id, body } => {
@@ -265,6 +357,7 @@ impl Store {
         txn.open_table(MESSAGES).map_err(err)?;
         txn.open_table(SUPPRESSIONS).map_err(err)?;
         txn.open_table(BODIES).map_err(err)?;
+        txn.open_table(STATS).map_err(err)?;
         txn.commit().map_err(err)?;
         let writes = GroupCommit::start("store", db.clone(), apply)?;
         Ok(Self { db, writes })
@@ -380,6 +473,52 @@ impl Store {
             record.state,
             MessageState::Sent | MessageState::Failed
         ))
+    }
+
+    /// Adds feedback's figures for `tenant` (lazily: figures are not worth an fsync).
+    pub async fn count(
+        &self,
+        tenant: &TenantId,
+        class: MessageClass,
+        at_ms: u64,
+        delta: Counts,
+    ) -> Result<(), StorageError> {
+        self.found(
+            Write::Count {
+                tenant: tenant.clone(),
+                class,
+                at_ms,
+                delta,
+            },
+            false,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `tenant`'s figures for `class` over the `hours` hours up to and including `now_ms`'s.
+    pub fn stats(
+        &self,
+        tenant: &TenantId,
+        class: MessageClass,
+        now_ms: u64,
+        hours: u64,
+    ) -> Result<Counts, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let table = read.open_table(STATS).map_err(err)?;
+        let last = now_ms / HOUR_MS;
+        let first = (last + 1).saturating_sub(hours);
+        let mut total = Counts::default();
+        for row in table
+            .range(
+                (tenant.as_str(), class.as_str(), first)..=(tenant.as_str(), class.as_str(), last),
+            )
+            .map_err(err)?
+        {
+            let (_, value) = row.map_err(err)?;
+            total.add(&parse(value.value())?);
+        }
+        Ok(total)
     }
 
     /// Durably keeps the queued form of a message too large for its queue.
@@ -621,6 +760,121 @@ mod tests {
         assert_eq!(
             mine.events.iter().map(|e| e.kind).collect::<Vec<_>>(),
             [EventKind::Sent, EventKind::Delivery]
+        );
+    }
+
+    #[tokio::test]
+    async fn figures_add_up_per_tenant_class_and_hour_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store.redb")).unwrap();
+        let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
+        let class = MessageClass::Transactional;
+        let hour = 3_600_000;
+        let now = 1_000 * hour + 5;
+        store
+            .count(
+                &a,
+                class,
+                now,
+                Counts {
+                    sent: 2,
+                    bounced: 1,
+                    ..Counts::default()
+                },
+            )
+            .await
+            .unwrap();
+        store
+            .count(
+                &a,
+                class,
+                now - hour,
+                Counts {
+                    sent: 3,
+                    ..Counts::default()
+                },
+            )
+            .await
+            .unwrap();
+        store
+            .count(
+                &a,
+                class,
+                now - 5 * hour,
+                Counts {
+                    sent: 100,
+                    ..Counts::default()
+                },
+            )
+            .await
+            .unwrap();
+        store
+            .count(
+                &a,
+                MessageClass::Marketing,
+                now,
+                Counts {
+                    complained: 1,
+                    ..Counts::default()
+                },
+            )
+            .await
+            .unwrap();
+        store
+            .count(
+                &b,
+                class,
+                now,
+                Counts {
+                    sent: 7,
+                    ..Counts::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.stats(&a, class, now, 1).unwrap(),
+            Counts {
+                sent: 2,
+                bounced: 1,
+                ..Counts::default()
+            }
+        );
+        assert_eq!(store.stats(&a, class, now, 2).unwrap().sent, 5);
+        assert_eq!(store.stats(&a, class, now, 24).unwrap().sent, 105);
+        assert_eq!(
+            store
+                .stats(&a, MessageClass::Marketing, now, 24)
+                .unwrap()
+                .complained,
+            1
+        );
+        assert_eq!(
+            store.stats(&b, class, now, 24).unwrap(),
+            Counts {
+                sent: 7,
+                ..Counts::default()
+            }
+        );
+        let id = MessageId::generate();
+        store
+            .accepted(None, accepted(id), record(id, &a), now)
+            .await
+            .unwrap();
+        // The record was accepted at 1 ms (hour 0); it is sent in the same hour.
+        store
+            .record_outcome(
+                record(id, &a),
+                MessageState::Sent,
+                event(EventKind::Sent, 2, ""),
+            )
+            .await
+            .unwrap();
+        let counted = store.stats(&a, class, 2, 1).unwrap();
+        assert_eq!(
+            (counted.accepted, counted.sent),
+            (1, 1),
+            "accepts and sends count themselves"
         );
     }
 

@@ -205,6 +205,22 @@ impl Sender for SenderApi {
         .await
     }
 
+    async fn get_stats(
+        &self,
+        request: Request<v1::GetStatsRequest>,
+    ) -> Result<Response<v1::GetStatsResponse>, Status> {
+        let (tenant, deadline) = context(&request)?;
+        let request = request.into_inner();
+        self.on_cell(&tenant, |mut cell, caller| {
+            let call = v1::CellGetStatsRequest {
+                caller: Some(caller),
+                request: Some(request),
+            };
+            async move { cell.get_stats(with_deadline(call, deadline)).await }
+        })
+        .await
+    }
+
     async fn remove_suppression(
         &self,
         request: Request<v1::RemoveSuppressionRequest>,

@@ -478,3 +478,103 @@ async fn a_tenant_over_its_rate_waits_with_a_retry_delay_and_others_do_not() {
         "after the delay a send is admitted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_the_callers_own_mail_and_feedback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &["--cells", "1"]).unwrap();
+    let (_, a) = platform.create_tenant("ta", &["a.example"]).await.unwrap();
+    let (_, b) = platform.create_tenant("tb", &["b.example"]).await.unwrap();
+    let mut sender = platform.sender().await.unwrap();
+    for to in [
+        "bounce@simulator.amazonses.com",
+        "complaint@simulator.amazonses.com",
+        "success@simulator.amazonses.com",
+    ] {
+        sender
+            .send(authorized(&a, message("x@a.example", to, "")))
+            .await
+            .unwrap();
+    }
+    sender
+        .send(authorized(
+            &b,
+            message("x@b.example", "joe@example.com", ""),
+        ))
+        .await
+        .unwrap();
+
+    let transactional = |stats: &v1::GetStatsResponse| {
+        stats
+            .classes
+            .iter()
+            .find(|c| c.message_class == v1::MessageClass::Transactional as i32)
+            .cloned()
+            .unwrap()
+    };
+    let mut a_stats = v1::ClassStats::default();
+    for _ in 0..400 {
+        let stats = sender
+            .get_stats(authorized(&a, v1::GetStatsRequest { hours: 1 }))
+            .await
+            .unwrap()
+            .into_inner();
+        a_stats = transactional(&stats);
+        if a_stats.bounced == 1 && a_stats.complained == 1 && a_stats.delivered == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!((a_stats.accepted, a_stats.sent), (3, 3), "{a_stats:?}");
+    assert_eq!(
+        (a_stats.delivered, a_stats.bounced, a_stats.complained),
+        (1, 1, 1),
+        "{a_stats:?}"
+    );
+    assert!(
+        (a_stats.bounce_rate - 1.0 / 3.0).abs() < 1e-9
+            && (a_stats.complaint_rate - 1.0 / 3.0).abs() < 1e-9
+    );
+
+    // The bounced address is now suppressed for A: that counts as suppressed, not accepted.
+    sender
+        .send(authorized(
+            &a,
+            message("x@a.example", "bounce@simulator.amazonses.com", ""),
+        ))
+        .await
+        .unwrap();
+    let stats = sender
+        .get_stats(authorized(&a, v1::GetStatsRequest { hours: 0 }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.hours, 24);
+    let after = transactional(&stats);
+    assert_eq!((after.accepted, after.suppressed), (3, 1), "{after:?}");
+
+    let b_stats = transactional(
+        &sender
+            .get_stats(authorized(&b, v1::GetStatsRequest { hours: 1 }))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(
+        (
+            b_stats.accepted,
+            b_stats.bounced,
+            b_stats.complained,
+            b_stats.suppressed
+        ),
+        (1, 0, 0, 0),
+        "{b_stats:?}"
+    );
+
+    let bad = sender
+        .get_stats(authorized(&a, v1::GetStatsRequest { hours: 1000 }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().starts_with("hours:"), "{}", bad.message());
+}

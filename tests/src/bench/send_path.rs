@@ -92,6 +92,13 @@ impl Sender for PassThrough {
     ) -> Result<tonic::Response<v1::RemoveSuppressionResponse>, tonic::Status> {
         Err(only_send())
     }
+
+    async fn get_stats(
+        &self,
+        _: tonic::Request<v1::GetStatsRequest>,
+    ) -> Result<tonic::Response<v1::GetStatsResponse>, tonic::Status> {
+        Err(only_send())
+    }
 }
 
 fn only_send() -> tonic::Status {
