@@ -251,3 +251,23 @@ pub async fn http_get(authority: &str, path: &str) -> anyhow::Result<String> {
     anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
     Ok(body.to_owned())
 }
+
+/// Runs `attempt` until it succeeds or `timeout` has passed (50 ms apart) and returns its last
+/// result: for calls that fail until another process has caught up (a cell registering, a
+/// router seeing a new tenant).
+pub async fn until_ok<T, E, Fut>(
+    timeout: Duration,
+    mut attempt: impl FnMut() -> Fut,
+) -> Result<T, E>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let result = attempt().await;
+        if result.is_ok() || Instant::now() >= deadline {
+            return result;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

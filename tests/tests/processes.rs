@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use cellmail_proto::v1;
 use cellmail_tests::processes::{Daemon, Front, registry_args, start_cell};
 use cellmail_tests::services::{etcd_endpoint, unique_prefix};
-use cellmail_tests::{authorized, control_client, message, wait_for};
+use cellmail_tests::{authorized, control_client, message, until_ok, wait_for};
 
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 use tonic::Code;
@@ -177,7 +177,7 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
         .unwrap();
     let front = Front::start(&registry, ADMIN_TOKEN).await.unwrap();
     let (control_addr, router_addr) = (front.control.clone(), front.router.clone());
-    let mut control = control_client(&format!("http://{control_addr}"), ADMIN_TOKEN)
+    let control = control_client(&format!("http://{control_addr}"), ADMIN_TOKEN)
         .await
         .unwrap();
     let create = |id: &str| v1::CreateTenantRequest {
@@ -186,15 +186,12 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
         tier: String::new(),
         policy: None,
     };
-    let mut created = control.create_tenant(create("first")).await;
-    for _ in 0..100 {
-        if created.is_ok() {
-            break;
-        }
-        // The cell registers itself; until it has, there is no cell to place on.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        created = control.create_tenant(create("first")).await;
-    }
+    // The cell registers itself; until it has, there is no cell to place on.
+    let created = until_ok(Duration::from_secs(10), || {
+        let (mut client, request) = (control.clone(), create("first"));
+        async move { client.create_tenant(request).await }
+    })
+    .await;
     let key = created.unwrap().into_inner().api_key;
     let mut sender = v1::sender_client::SenderClient::connect(format!("http://{router_addr}"))
         .await
@@ -205,14 +202,11 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
             message("a@first.example", "j@example.com", &format!("k{n}")),
         )
     };
-    let mut first = sender.send(send(0)).await;
-    for _ in 0..100 {
-        if first.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        first = sender.send(send(0)).await;
-    }
+    let first = until_ok(Duration::from_secs(10), || {
+        let (mut client, request) = (sender.clone(), send(0));
+        async move { client.send(request).await }
+    })
+    .await;
     first.unwrap();
 
     assert_eq!(staleness(&front.router_metrics).await, 0.0);
@@ -242,14 +236,11 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
     );
 
     etcd.restart().await.unwrap();
-    let mut second = control.create_tenant(create("second")).await;
-    for _ in 0..100 {
-        if second.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        second = control.create_tenant(create("second")).await;
-    }
+    let second = until_ok(Duration::from_secs(10), || {
+        let (mut client, request) = (control.clone(), create("second"));
+        async move { client.create_tenant(request).await }
+    })
+    .await;
     let second_key = second.unwrap().into_inner().api_key;
     let mut reached = false;
     for _ in 0..100 {
@@ -322,7 +313,7 @@ async fn on_etcd_sqs_and_ses_a_send_through_the_router_reaches_ses_with_the_tena
     let front = Front::start(&registry, ADMIN_TOKEN).await.unwrap();
     let (control_addr, router_addr) = (front.control.clone(), front.router.clone());
 
-    let mut control = control_client(&format!("http://{control_addr}"), ADMIN_TOKEN)
+    let control = control_client(&format!("http://{control_addr}"), ADMIN_TOKEN)
         .await
         .unwrap();
     let tenant = format!("t{unique}");
@@ -334,14 +325,11 @@ async fn on_etcd_sqs_and_ses_a_send_through_the_router_reaches_ses_with_the_tena
         policy: None,
     };
     // The cells register (and open their SQS queues) first; until then there is no cell.
-    let mut created = control.create_tenant(request()).await;
-    for _ in 0..200 {
-        if created.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        created = control.create_tenant(request()).await;
-    }
+    let created = until_ok(Duration::from_secs(10), || {
+        let (mut client, request) = (control.clone(), request());
+        async move { client.create_tenant(request).await }
+    })
+    .await;
     let key = created.unwrap().into_inner().api_key;
 
     let mut sender = v1::sender_client::SenderClient::connect(format!("http://{router_addr}"))
@@ -350,14 +338,11 @@ async fn on_etcd_sqs_and_ses_a_send_through_the_router_reaches_ses_with_the_tena
     let subject = format!("Receipt {unique}");
     let mut outgoing = message(&format!("shop@{domain}"), "jane@example.com", "order-1");
     outgoing.subject = subject.clone();
-    let mut sent = sender.send(authorized(&key, outgoing.clone())).await;
-    for _ in 0..100 {
-        if sent.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        sent = sender.send(authorized(&key, outgoing.clone())).await;
-    }
+    let sent = until_ok(Duration::from_secs(10), || {
+        let (mut client, request) = (sender.clone(), authorized(&key, outgoing.clone()));
+        async move { client.send(request).await }
+    })
+    .await;
     let message_id = sent.unwrap().into_inner().message_id;
 
     let mut recorded = None;
