@@ -21,7 +21,7 @@ struct Cli {
 enum Command {
     /// Run control plane, router and cells in this process on embedded defaults.
     Up(up::UpArgs),
-    /// Tenants: create, list.
+    /// Tenants: create, list, suspend, resume.
     Tenant(operator::TenantArgs),
     /// Cells: list.
     Cell(operator::CellArgs),
@@ -31,6 +31,8 @@ enum Command {
     Suppression(operator::SuppressionArgs),
     /// Send a message through the router with a tenant's API key.
     Send(send::SendArgs),
+    /// The audit trail of control actions and breaker trips.
+    Audit(operator::AuditArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +52,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Key(args) => operator::key(args).await,
         Command::Suppression(args) => operator::suppression(args).await,
         Command::Send(args) => send::run(args).await,
+        Command::Audit(args) => operator::audit(args).await,
     }
 }

@@ -58,6 +58,16 @@ impl Connection {
         Ok(ControlClient::with_interceptor(channel, bearer))
     }
 }
+/// A request that names the operator acting (the login name) for the audit trail.
+fn acting<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let name = std::env::var("USER").unwrap_or_default();
+    if let Ok(value) = name.parse() {
+        request.metadata_mut().insert("x-cellmail-actor", value);
+    }
+    request
+}
+
 fn status(err: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", err.code(), err.message())
 }
@@ -81,15 +91,120 @@ enum TenantCommand {
         /// standard | premium
         #[arg(long, default_value = "standard")]
         tier: String,
-        /// Sends per second each router admits for the tenant (default 100).
-        #[arg(long, default_value_t = 0)]
-        rate: u32,
-        /// Sends admitted at once above the rate (default twice the rate).
-        #[arg(long, default_value_t = 0)]
-        burst: u32,
+        #[command(flatten)]
+        policy: PolicyArgs,
     },
-    /// List tenants with their cell and placement epoch.
+    /// List tenants with their cell, placement epoch and paused classes.
     List,
+    /// Refuse the tenant's sends until it is resumed.
+    Suspend {
+        tenant: String,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Let the tenant send again: lift a suspension and reset its tripped breakers (their
+    /// held mail is queued again).
+    Resume {
+        tenant: String,
+        /// Reset only this class's breaker: transactional | marketing.
+        #[arg(long, default_value = "")]
+        class: String,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+/// A tenant's limits; 0 keeps the default.
+#[derive(Args)]
+struct PolicyArgs {
+    /// Sends per second each router admits for the tenant (default 100).
+    #[arg(long, default_value_t = 0)]
+    rate: u32,
+    /// Sends admitted at once above the rate (default twice the rate).
+    #[arg(long, default_value_t = 0)]
+    burst: u32,
+    /// Messages accepted per UTC day (default: no cap).
+    #[arg(long, default_value_t = 0)]
+    daily_cap: u64,
+    /// Breaker: permanent bounces per 10,000 sent recipients that pause a class (default 500).
+    #[arg(long, default_value_t = 0)]
+    bounce_rate_bps: u32,
+    /// Breaker: complaints per 10,000 sent recipients that pause a class (default 10).
+    #[arg(long, default_value_t = 0)]
+    complaint_rate_bps: u32,
+    /// Breaker: recipients sent in the window before it may trip (default 100).
+    #[arg(long, default_value_t = 0)]
+    breaker_min_volume: u32,
+    /// Breaker: the rolling window in minutes (default 60).
+    #[arg(long, default_value_t = 0)]
+    breaker_window_minutes: u32,
+}
+
+impl From<PolicyArgs> for v1::TenantPolicy {
+    fn from(p: PolicyArgs) -> Self {
+        v1::TenantPolicy {
+            rate_per_second: p.rate,
+            burst: p.burst,
+            daily_cap: p.daily_cap,
+            bounce_rate_bps: p.bounce_rate_bps,
+            complaint_rate_bps: p.complaint_rate_bps,
+            breaker_min_volume: p.breaker_min_volume,
+            breaker_window_minutes: p.breaker_window_minutes,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct AuditArgs {
+    /// Only this tenant's entries.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// The newest this many entries.
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    let mut client = args.connection.client().await?;
+    let request = v1::ListAuditRequest {
+        tenant_id: args.tenant.unwrap_or_default(),
+        limit: args.limit,
+    };
+    let entries = client
+        .list_audit(request)
+        .await
+        .map_err(status)?
+        .into_inner()
+        .entries;
+    let parsed = |text: &str| serde_json::from_str::<serde_json::Value>(text).ok();
+    let rows: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            json!({
+                "at_ms": e.at_ms, "actor": e.actor, "action": e.action, "tenant": e.tenant_id,
+                "reason": e.reason, "before": parsed(&e.before_json), "after": parsed(&e.after_json),
+            })
+        })
+        .collect();
+    if args.connection.json {
+        println!("{}", json!(rows));
+    } else {
+        println!(
+            "{:<15} {:<20} {:<26} {:<16} REASON",
+            "AT_MS", "ACTOR", "ACTION", "TENANT"
+        );
+        for e in entries {
+            println!(
+                "{:<15} {:<20} {:<26} {:<16} {}",
+                e.at_ms, e.actor, e.action, e.tenant_id, e.reason
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -218,9 +333,15 @@ pub async fn suppression(args: SuppressionArgs) -> anyhow::Result<()> {
 }
 
 fn tenant_json(tenant: &v1::TenantInfo) -> serde_json::Value {
+    let paused: Vec<_> = tenant
+        .paused
+        .iter()
+        .map(|p| json!({"class": p.class, "detail": p.detail, "since_ms": p.since_ms}))
+        .collect();
     json!({
         "tenant": tenant.id, "tier": tenant.tier, "status": tenant.status,
         "domains": tenant.domains, "cell": tenant.cell, "epoch": tenant.epoch,
+        "paused": paused,
     })
 }
 
@@ -231,13 +352,9 @@ pub async fn tenant(args: TenantArgs) -> anyhow::Result<()> {
             id,
             domains,
             tier,
-            rate,
-            burst,
+            policy,
         } => {
-            let policy = Some(v1::TenantPolicy {
-                rate_per_second: rate,
-                burst,
-            });
+            let policy = Some(policy.into());
             let request = v1::CreateTenantRequest {
                 id,
                 domains,
@@ -277,21 +394,51 @@ pub async fn tenant(args: TenantArgs) -> anyhow::Result<()> {
                 );
             } else {
                 println!(
-                    "{:<24} {:<10} {:<10} {:<12} {:>5}  DOMAINS",
-                    "TENANT", "TIER", "STATUS", "CELL", "EPOCH"
+                    "{:<24} {:<10} {:<10} {:<12} {:>5}  {:<28} PAUSED",
+                    "TENANT", "TIER", "STATUS", "CELL", "EPOCH", "DOMAINS"
                 );
                 for t in tenants {
+                    let paused: Vec<_> = t.paused.iter().map(|p| p.class.as_str()).collect();
                     println!(
-                        "{:<24} {:<10} {:<10} {:<12} {:>5}  {}",
+                        "{:<24} {:<10} {:<10} {:<12} {:>5}  {:<28} {}",
                         t.id,
                         t.tier,
                         t.status,
                         t.cell,
                         t.epoch,
-                        t.domains.join(",")
+                        t.domains.join(","),
+                        paused.join(",")
                     );
                 }
             }
+        }
+        TenantCommand::Suspend { tenant, reason } => {
+            let request = acting(v1::SuspendTenantRequest {
+                tenant_id: tenant,
+                reason,
+            });
+            let tenant = client.suspend_tenant(request).await.map_err(status)?;
+            println!("{}", tenant_json(&tenant.into_inner()));
+        }
+        TenantCommand::Resume {
+            tenant,
+            class,
+            reason,
+        } => {
+            let request = acting(v1::ResumeTenantRequest {
+                tenant_id: tenant,
+                class,
+                reason,
+            });
+            let resumed = client
+                .resume_tenant(request)
+                .await
+                .map_err(status)?
+                .into_inner();
+            let mut out = tenant_json(&resumed.tenant.unwrap_or_default());
+            out["unsuspended"] = json!(resumed.unsuspended);
+            out["resumed_classes"] = json!(resumed.resumed_classes);
+            println!("{out}");
         }
     }
     Ok(())

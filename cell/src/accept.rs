@@ -11,16 +11,20 @@ use cellmail_control::catalog::{Catalog, WatchedCatalog};
 use cellmail_control::schema::TenantStatus;
 use cellmail_proto::v1::SendRequest;
 use cellmail_proto::{
-    ApiError, CellId, Epoch, MessageId, SuppressionScope, TenantId, suppression_key,
+    ApiError, CellId, Epoch, MessageClass, MessageId, SuppressionScope, TenantId, suppression_key,
 };
 use tokio::sync::OnceCell;
 
+use crate::breaker;
 use crate::commit::StorageError;
 use crate::fencing::{self, Verdict};
 use crate::message::{Accepted, BodyRef, Message, MessageState, RecipientOutcome};
 use crate::queue::{Queue, QueueError};
 use crate::store::{Reservation, Store};
 use crate::validation;
+
+const HOUR_MS: u64 = 3_600_000;
+const DAY_MS: u64 = 24 * HOUR_MS;
 
 /// How long a cell waits for its registry view to reach the epoch a router stamped.
 const CATCH_UP: Duration = Duration::from_secs(1);
@@ -167,9 +171,52 @@ impl Acceptor {
         self.accept_new(message).await
     }
 
+    /// Refuses a message whose class the tenant's breaker paused, or that is over the
+    /// tenant's daily cap.
+    fn admit(&self, message: &Message) -> Result<(), ApiError> {
+        let (tenant, class) = (&message.tenant, message.class);
+        let cap = {
+            let catalog = self.catalog.read();
+            if let Some(breaker) = catalog.tripped(tenant, class) {
+                return Err(ApiError::Paused {
+                    detail: format!(
+                        "tenant {tenant}'s {class} mail is paused by its breaker: {}",
+                        breaker.detail
+                    ),
+                    rates: breaker::rates(breaker),
+                });
+            }
+            catalog
+                .tenants
+                .get(tenant)
+                .map_or(0, |t| t.policy.daily_cap)
+        };
+        if cap == 0 {
+            return Ok(());
+        }
+        let now = now_ms();
+        let hours_today = (now % DAY_MS) / HOUR_MS + 1;
+        let mut today = 0;
+        for class in MessageClass::ALL {
+            today += self
+                .store
+                .stats(tenant, class, now, hours_today)
+                .map_err(storage_error)?
+                .accepted;
+        }
+        if today >= cap {
+            return Err(ApiError::ResourceExhausted {
+                reason: format!("tenant {tenant} reached its daily cap of {cap} messages"),
+                retry_after: Duration::from_millis(DAY_MS - now % DAY_MS),
+            });
+        }
+        Ok(())
+    }
+
     /// Takes suppressed recipients off the envelope, queues what is left (if anything) and
     /// records the message and the answer.
     async fn accept_new(&self, mut message: Message) -> Result<Accepted, ApiError> {
+        self.admit(&message)?;
         let recipients = self.suppress(&mut message)?;
         let accepted = Accepted {
             message_id: message.id,

@@ -15,6 +15,7 @@ use std::time::Duration;
 use cellmail_proto::{MessageClass, MessageId, SuppressionReason, TenantId};
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::Breakers;
 use crate::commit::StorageError;
 use crate::queue::{Queue, QueueError, QueueKind};
 use crate::store::{Counts, Store, Suppressed};
@@ -240,6 +241,7 @@ pub fn parse(body: &[u8]) -> Result<Feedback, FeedbackError> {
 pub struct Ingest {
     store: Arc<Store>,
     queue: Arc<dyn Queue>,
+    breakers: Arc<Breakers>,
 }
 
 const BATCH: usize = 10;
@@ -247,8 +249,12 @@ const VISIBILITY: Duration = Duration::from_secs(60);
 const WAIT: Duration = Duration::from_secs(1);
 
 impl Ingest {
-    pub fn new(store: Arc<Store>, queue: Arc<dyn Queue>) -> Self {
-        Self { store, queue }
+    pub fn new(store: Arc<Store>, queue: Arc<dyn Queue>, breakers: Arc<Breakers>) -> Self {
+        Self {
+            store,
+            queue,
+            breakers,
+        }
     }
 
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
@@ -285,7 +291,7 @@ impl Ingest {
     }
 
     /// Suppresses what the feedback says to, for its tenant only, counts it in the tenant's
-    /// figures, and records its events on the tenant's message.
+    /// figures, records its events on the tenant's message, and weighs the tenant's breaker.
     pub async fn apply(&self, feedback: &Feedback) -> Result<(), StorageError> {
         let recipients = feedback.recipients.len() as u64;
         let delta = match feedback.kind {
@@ -313,6 +319,12 @@ impl Ingest {
             self.store
                 .count(&feedback.tenant, class, feedback.at_ms, delta)
                 .await?;
+            if delta.bounced + delta.complained > 0
+                && let Err(err) = self.breakers.evaluate(&feedback.tenant, class).await
+            {
+                // The next bounce or complaint weighs it again.
+                tracing::warn!(%err, tenant = %feedback.tenant, %class, "weighing the breaker failed");
+            }
         }
         if let Some(reason) = feedback.suppresses() {
             for address in &feedback.recipients {

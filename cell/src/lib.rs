@@ -3,6 +3,8 @@
 //!
 //! - [`api`]: the `Cell` gRPC service the router calls.
 //! - [`accept`]: the accept path (fencing, validation, idempotency, durable enqueue).
+//! - [`breaker`]: per tenant and class breakers: trip on bounce or complaint rates, hold,
+//!   release on resume.
 //! - [`fencing`]: the pure epoch check that refuses sends for tenants placed elsewhere.
 //! - [`feedback`]: SES event records (and the file sink's simulated ones) -> attributed
 //!   feedback, and which addresses it suppresses.
@@ -19,6 +21,7 @@
 pub mod accept;
 pub mod api;
 pub mod aws;
+pub mod breaker;
 pub mod commit;
 pub mod feedback;
 pub mod fencing;
@@ -203,9 +206,25 @@ pub async fn run(
         store.clone(),
         backends.queue.clone(),
         backends.mailer,
+        catalog.clone(),
     ));
-
-    let ingest = Arc::new(feedback::Ingest::new(store.clone(), backends.queue.clone()));
+    let breakers = Arc::new(breaker::Breakers::new(
+        config.id.clone(),
+        catalog.clone(),
+        registry.clone(),
+        keys.clone(),
+        store.clone(),
+    ));
+    let release = tokio::spawn(
+        breakers
+            .clone()
+            .release_held(backends.queue.clone(), shutdown.clone()),
+    );
+    let ingest = Arc::new(feedback::Ingest::new(
+        store.clone(),
+        backends.queue.clone(),
+        breakers,
+    ));
     let ingest = tokio::spawn(ingest.run(shutdown.clone()));
     let workers: Vec<_> = (0..config.workers)
         .map(|_| tokio::spawn(worker.clone().run(shutdown.clone())))
@@ -234,6 +253,7 @@ pub async fn run(
         worker.await?;
     }
     ingest.await?;
+    release.await?;
 
     keepalive.await??;
     registry.revoke_lease(lease).await?;

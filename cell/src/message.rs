@@ -110,6 +110,8 @@ pub enum MessageState {
     Failed,
     /// Every recipient was suppressed; nothing was queued.
     Suppressed,
+    /// Kept by the cell while its tenant's class is paused by its breaker.
+    Held,
 }
 
 impl MessageState {
@@ -119,6 +121,7 @@ impl MessageState {
             MessageState::Sent => "SENT",
             MessageState::Failed => "FAILED",
             MessageState::Suppressed => "SUPPRESSED",
+            MessageState::Held => "HELD",
         }
     }
 }
@@ -130,6 +133,8 @@ impl MessageState {
 pub enum EventKind {
     Sent,
     Failed,
+    Held,
+    Released,
     Send,
     Delivery,
     Bounce,
@@ -145,6 +150,8 @@ impl EventKind {
         match self {
             EventKind::Sent => "SENT",
             EventKind::Failed => "FAILED",
+            EventKind::Held => "HELD",
+            EventKind::Released => "RELEASED",
             EventKind::Send => "SEND",
             EventKind::Delivery => "DELIVERY",
             EventKind::Bounce => "BOUNCE",

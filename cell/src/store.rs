@@ -1,7 +1,8 @@
 //! The cell's own durable state, kept on the cell's volume whatever its queue and mailer:
 //! the idempotency window (tenant + key -> the first answer), each message's record (state,
 //! recipients, events; it also stops a redelivered message from being sent twice) and each
-//! tenant's suppression list.
+//! tenant's suppression list, its figures (by hour for stats, by minute for its breakers)
+//! and the mail held while a breaker pauses it.
 //!
 //! An idempotency key is reserved durably *before* its message is queued, and completed
 //! after. A crash between the two leaves a pending reservation; the retry re-queues the same
@@ -31,8 +32,15 @@ const SUPPRESSIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new(
 const BODIES: TableDefinition<&str, &[u8]> = TableDefinition::new("bodies");
 /// (tenant, class, hour since the epoch) -> JSON [`Counts`]
 const STATS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("stats");
+/// (tenant, class, minute since the epoch) -> JSON [`Counts`] of sent, bounced, complained
+const WINDOW: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("window");
+/// (tenant, class, message id) -> the queued form of a message held by a paused breaker
+const HELD: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("held");
 
 const HOUR_MS: u64 = 3_600_000;
+const MINUTE_MS: u64 = 60_000;
+/// How many minutes of breaker figures are kept (the longest window a policy may set).
+pub const WINDOW_MINUTES: u64 = 24 * 60;
 
 /// A tenant's figures for one message class over some hours.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +66,8 @@ impl Counts {
     }
 }
 
-/// Adds `delta` to `tenant`'s figures for `class` in the hour of `at_ms`.
+/// Adds `delta` to `tenant`'s figures for `class` in the hour of `at_ms`, and to its
+/// breaker's minute when it holds what a breaker weighs (dropping minutes past a day).
 fn count(
     txn: &WriteTransaction,
     tenant: &TenantId,
@@ -66,8 +75,29 @@ fn count(
     at_ms: u64,
     delta: &Counts,
 ) -> Result<(), StorageError> {
-    let mut table = txn.open_table(STATS).map_err(err)?;
-    let key = (tenant.as_str(), class.as_str(), at_ms / HOUR_MS);
+    let (t, c) = (tenant.as_str(), class.as_str());
+    add_to(
+        &mut txn.open_table(STATS).map_err(err)?,
+        (t, c, at_ms / HOUR_MS),
+        delta,
+    )?;
+    if delta.sent + delta.bounced + delta.complained > 0 {
+        let minute = at_ms / MINUTE_MS;
+        let mut window = txn.open_table(WINDOW).map_err(err)?;
+        add_to(&mut window, (t, c, minute), delta)?;
+        let oldest = minute.saturating_sub(WINDOW_MINUTES);
+        window
+            .retain_in((t, c, 0)..(t, c, oldest), |_, _| false)
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+fn add_to(
+    table: &mut redb::Table<(&str, &str, u64), &[u8]>,
+    key: (&str, &str, u64),
+    delta: &Counts,
+) -> Result<(), StorageError> {
     let mut counts: Counts = match table.get(key).map_err(err)? {
         Some(row) => parse(row.value())?,
         None => Counts::default(),
@@ -75,6 +105,23 @@ fn count(
     counts.add(delta);
     table.insert(key, json(&counts).as_slice()).map_err(err)?;
     Ok(())
+}
+
+/// Sums the rows of `tenant`'s `class` in `table` from bucket `first` to `last`.
+fn sum(
+    table: &impl ReadableTable<(&'static str, &'static str, u64), &'static [u8]>,
+    tenant: &TenantId,
+    class: MessageClass,
+    first: u64,
+    last: u64,
+) -> Result<Counts, StorageError> {
+    let (t, c) = (tenant.as_str(), class.as_str());
+    let mut total = Counts::default();
+    for row in table.range((t, c, first)..=(t, c, last)).map_err(err)? {
+        let (_, value) = row.map_err(err)?;
+        total.add(&parse(value.value())?);
+    }
+    Ok(total)
 }
 
 /// How long an idempotency key is remembered.
@@ -153,6 +200,17 @@ enum Write {
     },
     DropBody {
         message_id: MessageId,
+    },
+    Hold {
+        seed: MessageRecord,
+        body: Vec<u8>,
+        event: MessageEvent,
+    },
+    Release {
+        tenant: TenantId,
+        class: MessageClass,
+        ids: Vec<MessageId>,
+        at_ms: u64,
     },
 }
 enum Written {
@@ -268,14 +326,20 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             };
             let delta = match state {
                 MessageState::Sent => Counts {
-                    sent: 1,
+                    sent: record
+                        .recipients
+                        .iter()
+                        .filter(|r| r.suppressed.is_none())
+                        .count() as u64,
                     ..Counts::default()
                 },
                 MessageState::Failed => Counts {
                     rejected: 1,
                     ..Counts::default()
                 },
-                MessageState::Queued | MessageState::Suppressed => Counts::default(),
+                MessageState::Queued | MessageState::Suppressed | MessageState::Held => {
+                    Counts::default()
+                }
             };
             count(txn, &record.tenant, record.class, event.at_ms, &delta)?;
             record.state = state;
@@ -284,6 +348,50 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 .insert(id.as_str(), json(&record).as_slice())
                 .map_err(err)?;
             Ok(Written::Found(true))
+        }
+        Write::Hold { seed, body, event } => {
+            let id = seed.id.to_string();
+            txn.open_table(HELD)
+                .map_err(err)?
+                .insert(
+                    (seed.tenant.as_str(), seed.class.as_str(), id.as_str()),
+                    body.as_slice(),
+                )
+                .map_err(err)?;
+            apply(
+                txn,
+                Write::Outcome {
+                    seed,
+                    state: MessageState::Held,
+                    event,
+                },
+            )
+        }
+        Write::Release {
+            tenant,
+            class,
+            ids,
+            at_ms,
+        } => {
+            let mut held = txn.open_table(HELD).map_err(err)?;
+            let mut messages = txn.open_table(MESSAGES).map_err(err)?;
+            for id in ids.iter().map(MessageId::to_string) {
+                held.remove((tenant.as_str(), class.as_str(), id.as_str()))
+                    .map_err(err)?;
+                let found: Option<MessageRecord> = match messages.get(id.as_str()).map_err(err)? {
+                    Some(row) => Some(parse(row.value())?),
+                    None => None,
+                };
+                // A worker may have sent it already, between its queueing and this write.
+                if let Some(mut record) = found.filter(|r| r.state == MessageState::Held) {
+                    record.state = MessageState::Queued;
+                    record.events.push(event(EventKind::Released, at_ms, ""));
+                    messages
+                        .insert(id.as_str(), json(&record).as_slice())
+                        .map_err(err)?;
+                }
+            }
+            Ok(Written::Found(!ids.is_empty()))
         }
         Write::Events {
             tenant,
@@ -358,6 +466,8 @@ impl Store {
         txn.open_table(SUPPRESSIONS).map_err(err)?;
         txn.open_table(BODIES).map_err(err)?;
         txn.open_table(STATS).map_err(err)?;
+        txn.open_table(WINDOW).map_err(err)?;
+        txn.open_table(HELD).map_err(err)?;
         txn.commit().map_err(err)?;
         let writes = GroupCommit::start("store", db.clone(), apply)?;
         Ok(Self { db, writes })
@@ -507,18 +617,91 @@ impl Store {
         let read = self.db.begin_read().map_err(err)?;
         let table = read.open_table(STATS).map_err(err)?;
         let last = now_ms / HOUR_MS;
-        let first = (last + 1).saturating_sub(hours);
-        let mut total = Counts::default();
-        for row in table
-            .range(
-                (tenant.as_str(), class.as_str(), first)..=(tenant.as_str(), class.as_str(), last),
-            )
-            .map_err(err)?
-        {
-            let (_, value) = row.map_err(err)?;
-            total.add(&parse(value.value())?);
+        sum(
+            &table,
+            tenant,
+            class,
+            (last + 1).saturating_sub(hours),
+            last,
+        )
+    }
+
+    /// What `tenant`'s breaker for `class` weighs: sent, bounced and complained from the
+    /// minute of `from_ms` to that of `now_ms`.
+    pub fn window(
+        &self,
+        tenant: &TenantId,
+        class: MessageClass,
+        from_ms: u64,
+        now_ms: u64,
+    ) -> Result<Counts, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let table = read.open_table(WINDOW).map_err(err)?;
+        sum(
+            &table,
+            tenant,
+            class,
+            from_ms / MINUTE_MS,
+            now_ms / MINUTE_MS,
+        )
+    }
+
+    /// Durably keeps a message its tenant's breaker holds (its queued form) and marks it
+    /// held; the caller deletes it from its queue after.
+    pub async fn hold(
+        &self,
+        seed: MessageRecord,
+        body: Vec<u8>,
+        at_ms: u64,
+    ) -> Result<(), StorageError> {
+        let event = event(
+            EventKind::Held,
+            at_ms,
+            "its class is paused by the tenant's breaker",
+        );
+        self.found(Write::Hold { seed, body, event }, true)
+            .await
+            .map(|_| ())
+    }
+
+    /// Up to `limit` of the messages held for `tenant`'s `class`, with their queued form.
+    pub fn held(
+        &self,
+        tenant: &TenantId,
+        class: MessageClass,
+        limit: usize,
+    ) -> Result<Vec<(MessageId, Vec<u8>)>, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let table = read.open_table(HELD).map_err(err)?;
+        let (t, c) = (tenant.as_str(), class.as_str());
+        let mut held = Vec::new();
+        for row in table.range((t, c, "")..).map_err(err)? {
+            let (key, value) = row.map_err(err)?;
+            let (owner, of_class, id) = key.value();
+            if owner != t || of_class != c || held.len() == limit {
+                break;
+            }
+            let id = id.parse().map_err(StorageError::from_display)?;
+            held.push((id, value.value().to_vec()));
         }
-        Ok(total)
+        Ok(held)
+    }
+
+    /// Forgets held messages the caller has queued again, and marks them queued.
+    pub async fn release(
+        &self,
+        tenant: &TenantId,
+        class: MessageClass,
+        ids: Vec<MessageId>,
+        at_ms: u64,
+    ) -> Result<(), StorageError> {
+        let write = Write::Release {
+            tenant: tenant.clone(),
+            class,
+            ids,
+            at_ms,
+        };
+        self.found(write, true).await.map(|_| ())
     }
 
     /// Durably keeps the queued form of a message too large for its queue.

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::accept::now_ms;
+use crate::breaker::Gate;
 use crate::mailer::{Mailer, MailerError};
 use crate::message::Message;
 use crate::message::{BodyRef, EventKind, MessageState};
@@ -36,6 +37,8 @@ pub struct Worker {
     store: Arc<Store>,
     queue: Arc<dyn Queue>,
     mailer: Arc<dyn Mailer>,
+    /// Which tenants' classes are paused by their breakers: their mail is held.
+    gate: Arc<dyn Gate>,
     /// Until when the transport has paused all sending (every task waits, receiving nothing,
     /// so held mail does not count receives towards the dead-letter queue).
     paused_until: Mutex<Option<Instant>>,
@@ -71,6 +74,7 @@ impl Worker {
         store: Arc<Store>,
         queue: Arc<dyn Queue>,
         mailer: Arc<dyn Mailer>,
+        gate: Arc<dyn Gate>,
     ) -> Self {
         Self {
             cell,
@@ -78,6 +82,7 @@ impl Worker {
             store,
             queue,
             mailer,
+            gate,
             sending: Mutex::new(HashSet::new()),
         }
     }
@@ -197,6 +202,13 @@ impl Worker {
         if self.store.settled(message.id)? {
             return Ok(true);
         }
+        if self.gate.paused(&message.tenant, message.class) {
+            self.store
+                .hold(message.queued_record(), delivery.body.clone(), now_ms())
+                .await?;
+            metrics::counter!("cellmail_held_total", "cell" => self.cell.to_string(), "class" => message.class.as_str()).increment(1);
+            return Ok(true);
+        }
         let span =
             tracing::info_span!("deliver", tenant = %message.tenant, message_id = %message.id);
         let sent = self.mailer.send(&message).instrument(span).await;
@@ -268,6 +280,8 @@ mod tests {
 
     use async_trait::async_trait;
 
+    use cellmail_proto::{MessageClass, TenantId};
+
     use crate::message::sample::message;
     use crate::queue::QueueConfig;
     use crate::queue::local::LocalQueue;
@@ -297,6 +311,37 @@ mod tests {
         }
     }
 
+    /// Pauses the classes in its set.
+    #[derive(Default)]
+    struct Paused(Mutex<HashSet<(TenantId, MessageClass)>>);
+
+    impl Gate for Paused {
+        fn paused(&self, tenant: &TenantId, class: MessageClass) -> bool {
+            self.0.lock().unwrap().contains(&(tenant.clone(), class))
+        }
+    }
+
+    /// Runs 4 worker tasks until the token is cancelled.
+    fn spawn(
+        store: &Arc<Store>,
+        queue: &Arc<dyn Queue>,
+        mailer: Arc<dyn Mailer>,
+        gate: Arc<dyn Gate>,
+    ) -> (CancellationToken, Vec<tokio::task::JoinHandle<()>>) {
+        let worker = Arc::new(Worker::new(
+            CellId::new("c").unwrap(),
+            store.clone(),
+            queue.clone(),
+            mailer,
+            gate,
+        ));
+        let shutdown = CancellationToken::new();
+        let tasks = (0..4)
+            .map(|_| tokio::spawn(worker.clone().run(shutdown.clone())))
+            .collect();
+        (shutdown, tasks)
+    }
+
     /// Queues `copies` of one message, the later ones once the first is being sent, and
     /// runs 4 worker tasks until it is sent.
     async fn deliver(throttled: u32, copies: usize) -> (u32, Arc<Store>, MessageId) {
@@ -312,16 +357,7 @@ mod tests {
         });
         let message = message();
         let body = serde_json::to_vec(&message).unwrap();
-        let worker = Arc::new(Worker::new(
-            CellId::new("c").unwrap(),
-            store.clone(),
-            queue.clone(),
-            mailer.clone(),
-        ));
-        let shutdown = CancellationToken::new();
-        let tasks: Vec<_> = (0..4)
-            .map(|_| tokio::spawn(worker.clone().run(shutdown.clone())))
-            .collect();
+        let (shutdown, tasks) = spawn(&store, &queue, mailer.clone(), Arc::new(Paused::default()));
         for _ in 0..copies {
             queue
                 .send(QueueKind::Transactional, body.clone())
@@ -390,16 +426,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let worker = Arc::new(Worker::new(
-            CellId::new("c").unwrap(),
-            store.clone(),
-            queue.clone(),
-            mailer.clone(),
-        ));
-        let shutdown = CancellationToken::new();
-        let tasks: Vec<_> = (0..4)
-            .map(|_| tokio::spawn(worker.clone().run(shutdown.clone())))
-            .collect();
+        let (shutdown, tasks) = spawn(&store, &queue, mailer.clone(), Arc::new(Paused::default()));
         let deadline = Instant::now() + Duration::from_secs(20);
         while !messages.iter().all(|m| store.settled(m.id).unwrap()) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -421,6 +448,81 @@ mod tests {
         assert!(
             calls[1..].iter().all(|at| *at >= calls[0] + pause),
             "nothing was sent during the pause"
+        );
+    }
+
+    /// Sends and counts, as fast as it is called.
+    #[derive(Default)]
+    struct Counting(Mutex<Vec<MessageId>>);
+
+    #[async_trait]
+    impl Mailer for Counting {
+        async fn send(&self, message: &Message) -> Result<(), MailerError> {
+            self.0.lock().unwrap().push(message.id);
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paused_class_is_held_in_the_store_and_everything_else_is_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
+        let queue: Arc<dyn Queue> = Arc::new(
+            LocalQueue::open(&dir.path().join("queue.redb"), QueueConfig::default()).unwrap(),
+        );
+        let mut marketing = message();
+        marketing.class = MessageClass::Marketing;
+        let transactional = message();
+        let mut other = message();
+        other.class = MessageClass::Marketing;
+        other.tenant = TenantId::new("other").unwrap();
+        let gate = Arc::new(Paused::default());
+        gate.0
+            .lock()
+            .unwrap()
+            .insert((marketing.tenant.clone(), MessageClass::Marketing));
+        for m in [&marketing, &transactional, &other] {
+            queue
+                .send(m.class.into(), serde_json::to_vec(m).unwrap())
+                .await
+                .unwrap();
+        }
+        let mailer = Arc::new(Counting::default());
+        let (shutdown, tasks) = spawn(&store, &queue, mailer.clone(), gate);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while store
+            .held(&marketing.tenant, MessageClass::Marketing, 10)
+            .unwrap()
+            .is_empty()
+            || mailer.0.lock().unwrap().len() < 2
+        {
+            assert!(Instant::now() < deadline, "nothing was held or sent");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let sent = mailer.0.lock().unwrap().clone();
+        assert_eq!(sent.len(), 2);
+        assert!(sent.contains(&transactional.id) && sent.contains(&other.id));
+        let held = store
+            .held(&marketing.tenant, MessageClass::Marketing, 10)
+            .unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].0, marketing.id);
+        let record = store
+            .message(&marketing.tenant, marketing.id)
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.state, MessageState::Held);
+        assert!(
+            queue
+                .receive(QueueKind::Marketing, 10, VISIBILITY, Duration::ZERO)
+                .await
+                .unwrap()
+                .is_empty(),
+            "the held message left the queue"
         );
     }
 

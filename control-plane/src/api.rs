@@ -9,17 +9,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use cellmail_proto::v1::{self, control_server::Control};
 use cellmail_proto::{
-    ApiError, Epoch, SuppressionReason, SuppressionScope, TenantId, suppression_key,
+    ApiError, Epoch, MessageClass, SuppressionReason, SuppressionScope, TenantId, suppression_key,
 };
 use tonic::{Request, Response, Status};
 
 use crate::apikey;
+use crate::audit;
 use crate::catalog::Catalog;
 use crate::placement::{self, Candidate};
 use crate::registry::{Compare, Op, Registry, RegistryError, Snapshot};
 use crate::schema::{
-    self, ApiKeyRecord, GlobalSuppressionRecord, Keys, PlacementRecord, PlacementState, Policy,
-    TenantRecord, TenantStatus, Tier,
+    self, ApiKeyRecord, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState,
+    GlobalSuppressionRecord, Keys, PlacementRecord, PlacementState, Policy, TenantRecord,
+    TenantStatus, Tier,
 };
 
 pub struct ControlApi {
@@ -85,17 +87,77 @@ fn parse_policy(wire: v1::TenantPolicy) -> Result<Policy, ApiError> {
             format!("at most {}", MAX_RATE.saturating_mul(2)),
         ));
     }
+    let defaults = BreakerPolicy::default();
+    let or_default = |value: u32, default: u32| if value == 0 { default } else { value };
+    let breaker = BreakerPolicy {
+        bounce_bps: or_default(wire.bounce_rate_bps, defaults.bounce_bps),
+        complaint_bps: or_default(wire.complaint_rate_bps, defaults.complaint_bps),
+        min_volume: or_default(wire.breaker_min_volume, defaults.min_volume),
+        window_minutes: or_default(wire.breaker_window_minutes, defaults.window_minutes),
+    };
+    for (field, bps) in [
+        ("policy.bounce_rate_bps", breaker.bounce_bps),
+        ("policy.complaint_rate_bps", breaker.complaint_bps),
+    ] {
+        if bps > 10_000 {
+            return Err(ApiError::invalid(field, "at most 10000 (100%)"));
+        }
+    }
+    if u64::from(breaker.window_minutes) > WINDOW_MINUTES {
+        return Err(ApiError::invalid(
+            "policy.breaker_window_minutes",
+            format!("at most {WINDOW_MINUTES}"),
+        ));
+    }
     Ok(Policy {
         rate_per_second: rate,
         burst,
+        daily_cap: wire.daily_cap,
+        breaker,
     })
 }
 
-fn tenant_info(
-    id: &TenantId,
-    tenant: &TenantRecord,
-    placement: Option<&PlacementRecord>,
-) -> v1::TenantInfo {
+/// The longest breaker window a policy may set (cells keep a day of breaker figures).
+const WINDOW_MINUTES: u64 = 24 * 60;
+
+fn wire_policy(policy: &Policy) -> v1::TenantPolicy {
+    v1::TenantPolicy {
+        rate_per_second: policy.rate_per_second,
+        burst: policy.burst,
+        daily_cap: policy.daily_cap,
+        bounce_rate_bps: policy.breaker.bounce_bps,
+        complaint_rate_bps: policy.breaker.complaint_bps,
+        breaker_min_volume: policy.breaker.min_volume,
+        breaker_window_minutes: policy.breaker.window_minutes,
+    }
+}
+
+/// The operator a `Control` call acts for: the `x-cellmail-actor` metadata the CLI sets from
+/// the login name, or "operator".
+pub fn actor<T>(request: &Request<T>) -> String {
+    let named = request
+        .metadata()
+        .get("x-cellmail-actor")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|name| !name.is_empty());
+    format!("admin:{}", named.unwrap_or("operator"))
+}
+
+/// What `catalog` (of tenants, placements and breakers) says of tenant `id`.
+fn tenant_info(catalog: &Catalog, id: &TenantId, tenant: &TenantRecord) -> v1::TenantInfo {
+    let placement = catalog.placements.get(id);
+    let mut paused: Vec<_> = MessageClass::ALL
+        .into_iter()
+        .filter_map(|class| {
+            catalog.tripped(id, class).map(|b| v1::PausedClass {
+                class: class.to_string(),
+                detail: b.detail.clone(),
+                since_ms: b.since_ms as i64,
+            })
+        })
+        .collect();
+    paused.sort_by(|a, b| a.class.cmp(&b.class));
     v1::TenantInfo {
         id: id.to_string(),
         tier: tenant.tier.as_str().to_owned(),
@@ -103,10 +165,8 @@ fn tenant_info(
         domains: tenant.domains.clone(),
         cell: placement.map(|p| p.cell.to_string()).unwrap_or_default(),
         epoch: placement.map_or(0, |p| p.epoch.0),
-        policy: Some(v1::TenantPolicy {
-            rate_per_second: tenant.policy.rate_per_second,
-            burst: tenant.policy.burst,
-        }),
+        policy: Some(wire_policy(&tenant.policy)),
+        paused,
     }
 }
 
@@ -224,19 +284,21 @@ impl ControlApi {
             )));
         }
         tracing::info!(tenant = %id, cell = %placement.cell, key_id = %key.key_id, "tenant created");
+        let mut created = Catalog::default();
+        created.placements.insert(id.clone(), placement);
         Ok(v1::CreateTenantResponse {
-            tenant: Some(tenant_info(&id, &tenant, Some(&placement))),
+            tenant: Some(tenant_info(&created, &id, &tenant)),
             api_key: key.plaintext,
             key_id: key.key_id,
         })
     }
 
     async fn list_tenants(&self) -> Result<v1::ListTenantsResponse, ApiError> {
-        let catalog = self.catalog(&["tenants", "placements"]).await?;
+        let catalog = self.catalog(&["tenants", "placements", "breakers"]).await?;
         let mut tenants: Vec<_> = catalog
             .tenants
             .iter()
-            .map(|(id, tenant)| tenant_info(id, tenant, catalog.placements.get(id)))
+            .map(|(id, tenant)| tenant_info(&catalog, id, tenant))
             .collect();
         tenants.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(v1::ListTenantsResponse { tenants })
@@ -371,6 +433,234 @@ impl ControlApi {
         self.registry.delete(&key).await.map_err(registry_error)?;
         tracing::info!(tenant = %id, key_id = %req.key_id, "API key revoked");
         Ok(v1::RevokeApiKeyResponse { revoked: true })
+    }
+
+    /// The tenant's record with its mod revision, or NOT_FOUND.
+    async fn tenant(&self, id: &TenantId) -> Result<(TenantRecord, u64), ApiError> {
+        let kv = self
+            .registry
+            .get(&self.keys.tenant(id))
+            .await
+            .map_err(registry_error)?
+            .ok_or_else(|| ApiError::NotFound(format!("tenant {id} does not exist")))?;
+        let record = schema::decode(&kv.value)
+            .map_err(|e| ApiError::Internal(format!("tenant {id}'s record: {e}")))?;
+        Ok((record, kv.mod_revision))
+    }
+
+    /// Tenant `id` as operators see it now.
+    async fn tenant_now(&self, id: &TenantId) -> Result<v1::TenantInfo, ApiError> {
+        let catalog = self.catalog(&["tenants", "placements", "breakers"]).await?;
+        let tenant = catalog
+            .tenants
+            .get(id)
+            .ok_or_else(|| ApiError::NotFound(format!("tenant {id} does not exist")))?;
+        Ok(tenant_info(&catalog, id, tenant))
+    }
+
+    async fn suspend_tenant(
+        &self,
+        req: v1::SuspendTenantRequest,
+        actor: String,
+    ) -> Result<v1::TenantInfo, ApiError> {
+        let id = TenantId::new(req.tenant_id)
+            .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        let (before, revision) = self.tenant(&id).await?;
+        if before.status != TenantStatus::Suspended {
+            let after = TenantRecord {
+                status: TenantStatus::Suspended,
+                ..before.clone()
+            };
+            let entry = AuditRecord {
+                at_ms: now_ms(),
+                actor,
+                action: "tenant.suspend".into(),
+                tenant: Some(id.clone()),
+                reason: req.reason,
+                before: audit::snapshot(&before),
+                after: audit::snapshot(&after),
+            };
+            self.write_tenant(
+                &id,
+                revision,
+                &after,
+                vec![audit::entry_op(&self.keys, &entry)],
+            )
+            .await?;
+            tracing::warn!(tenant = %id, reason = %entry.reason, "tenant suspended");
+        }
+        self.tenant_now(&id).await
+    }
+
+    /// Writes tenant `id`'s record if it is still at `revision`, with `more` in the same
+    /// transaction; ABORTED when someone changed it meanwhile.
+    async fn write_tenant(
+        &self,
+        id: &TenantId,
+        revision: u64,
+        record: &TenantRecord,
+        more: Vec<Op>,
+    ) -> Result<(), ApiError> {
+        let key = self.keys.tenant(id);
+        let compare = Compare {
+            key: key.clone(),
+            mod_revision: revision,
+        };
+        let mut ops = vec![Op::Put {
+            key,
+            value: schema::encode(record),
+            lease: None,
+        }];
+        ops.extend(more);
+        match self.registry.txn(vec![compare], ops).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(ApiError::Aborted(format!(
+                "tenant {id} changed meanwhile; try again"
+            ))),
+            Err(err) => Err(registry_error(err)),
+        }
+    }
+
+    async fn resume_tenant(
+        &self,
+        req: v1::ResumeTenantRequest,
+        actor: String,
+    ) -> Result<v1::ResumeTenantResponse, ApiError> {
+        let id = TenantId::new(req.tenant_id)
+            .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        let classes: Vec<MessageClass> = if req.class.is_empty() {
+            MessageClass::ALL.to_vec()
+        } else {
+            vec![
+                req.class
+                    .parse()
+                    .map_err(|e: String| ApiError::invalid("class", e))?,
+            ]
+        };
+        let (before, revision) = self.tenant(&id).await?;
+        let now = now_ms();
+        let entry = |action: String, before: Option<serde_json::Value>, after| AuditRecord {
+            at_ms: now,
+            actor: actor.clone(),
+            action,
+            tenant: Some(id.clone()),
+            reason: req.reason.clone(),
+            before,
+            after,
+        };
+        let mut compares = Vec::new();
+        let mut ops = Vec::new();
+        let mut resumed_classes = Vec::new();
+        for class in classes {
+            let key = self.keys.breaker(&id, class);
+            let Some(kv) = self.registry.get(&key).await.map_err(registry_error)? else {
+                continue;
+            };
+            let tripped: BreakerRecord = schema::decode(&kv.value)
+                .map_err(|e| ApiError::Internal(format!("breaker {key}: {e}")))?;
+            if !tripped.tripped() {
+                continue;
+            }
+            let resumed = BreakerRecord {
+                state: BreakerState::Resumed,
+                since_ms: now,
+                by: actor.clone(),
+                detail: req.reason.clone(),
+                ..tripped.clone()
+            };
+            let audited = entry(
+                format!("breaker.resume {class}"),
+                audit::snapshot(&tripped),
+                audit::snapshot(&resumed),
+            );
+            compares.push(Compare {
+                key: key.clone(),
+                mod_revision: kv.mod_revision,
+            });
+            ops.push(Op::Put {
+                key,
+                value: schema::encode(&resumed),
+                lease: None,
+            });
+            ops.push(audit::entry_op(&self.keys, &audited));
+            resumed_classes.push(class.to_string());
+        }
+        let unsuspended = before.status == TenantStatus::Suspended;
+        if unsuspended {
+            let after = TenantRecord {
+                status: TenantStatus::Active,
+                ..before.clone()
+            };
+            let audited = entry(
+                "tenant.resume".into(),
+                audit::snapshot(&before),
+                audit::snapshot(&after),
+            );
+            ops.push(audit::entry_op(&self.keys, &audited));
+            ops.push(Op::Put {
+                key: self.keys.tenant(&id),
+                value: schema::encode(&after),
+                lease: None,
+            });
+            compares.push(Compare {
+                key: self.keys.tenant(&id),
+                mod_revision: revision,
+            });
+        }
+        if !ops.is_empty()
+            && self
+                .registry
+                .txn(compares, ops)
+                .await
+                .map_err(registry_error)?
+                .is_none()
+        {
+            return Err(ApiError::Aborted(format!(
+                "tenant {id} changed meanwhile; try again"
+            )));
+        }
+        tracing::info!(tenant = %id, unsuspended, resumed = ?resumed_classes, "tenant resumed");
+        Ok(v1::ResumeTenantResponse {
+            tenant: Some(self.tenant_now(&id).await?),
+            unsuspended,
+            resumed_classes,
+        })
+    }
+
+    async fn list_audit(
+        &self,
+        req: v1::ListAuditRequest,
+    ) -> Result<v1::ListAuditResponse, ApiError> {
+        let tenant = if req.tenant_id.is_empty() {
+            None
+        } else {
+            Some(
+                TenantId::new(req.tenant_id)
+                    .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?,
+            )
+        };
+        let limit = if req.limit == 0 {
+            100
+        } else {
+            req.limit as usize
+        };
+        let json =
+            |value: Option<serde_json::Value>| value.map(|v| v.to_string()).unwrap_or_default();
+        let entries = audit::list(self.registry.as_ref(), &self.keys, tenant.as_ref(), limit)
+            .await
+            .map_err(registry_error)?
+            .into_iter()
+            .map(|e| v1::AuditEntry {
+                at_ms: e.at_ms as i64,
+                actor: e.actor,
+                action: e.action,
+                tenant_id: e.tenant.map(|t| t.to_string()).unwrap_or_default(),
+                reason: e.reason,
+                before_json: json(e.before),
+                after_json: json(e.after),
+            })
+            .collect();
+        Ok(v1::ListAuditResponse { entries })
     }
 
     async fn list_global_suppressions(
@@ -528,6 +818,35 @@ impl Control for ControlApi {
     ) -> Result<Response<v1::RemoveSuppressionResponse>, Status> {
         Ok(Response::new(
             ControlApi::remove_global_suppression(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn suspend_tenant(
+        &self,
+        request: Request<v1::SuspendTenantRequest>,
+    ) -> Result<Response<v1::TenantInfo>, Status> {
+        let actor = actor(&request);
+        Ok(Response::new(
+            ControlApi::suspend_tenant(self, request.into_inner(), actor).await?,
+        ))
+    }
+
+    async fn resume_tenant(
+        &self,
+        request: Request<v1::ResumeTenantRequest>,
+    ) -> Result<Response<v1::ResumeTenantResponse>, Status> {
+        let actor = actor(&request);
+        Ok(Response::new(
+            ControlApi::resume_tenant(self, request.into_inner(), actor).await?,
+        ))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<v1::ListAuditRequest>,
+    ) -> Result<Response<v1::ListAuditResponse>, Status> {
+        Ok(Response::new(
+            ControlApi::list_audit(self, request.into_inner()).await?,
         ))
     }
 }

@@ -11,15 +11,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
-use cellmail_proto::{CellId, TenantId};
+use cellmail_proto::{CellId, MessageClass, TenantId};
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::registry::{EventKind, Registry, RegistryError, Revision, Snapshot, Watcher};
 use crate::schema::{
-    self, ApiKeyRecord, CellRecord, Entity, GlobalSuppressionRecord, Keys, PlacementRecord,
-    TenantRecord,
+    self, ApiKeyRecord, BreakerRecord, CellRecord, Entity, GlobalSuppressionRecord, Keys,
+    PlacementRecord, TenantRecord,
 };
 
 #[derive(Debug, Default, Clone)]
@@ -32,6 +32,7 @@ pub struct Catalog {
     pub api_keys: HashMap<String, ApiKeyRecord>,
     /// Suppression key -> the operators' entry.
     pub global_suppressions: HashMap<String, GlobalSuppressionRecord>,
+    pub breakers: HashMap<(TenantId, MessageClass), BreakerRecord>,
     pub revision: Revision,
 }
 
@@ -68,8 +69,18 @@ impl Catalog {
             Some(Entity::GlobalSuppression(address)) => {
                 upsert(&mut self.global_suppressions, address, parse(key, value))
             }
+            Some(Entity::Breaker(tenant, class)) => {
+                upsert(&mut self.breakers, (tenant, class), parse(key, value))
+            }
             None => {}
         }
+    }
+
+    /// The tripped breaker of `tenant`'s `class`, if it is paused.
+    pub fn tripped(&self, tenant: &TenantId, class: MessageClass) -> Option<&BreakerRecord> {
+        self.breakers
+            .get(&(tenant.clone(), class))
+            .filter(|b| b.tripped())
     }
 
     /// How many tenants are placed on each cell.

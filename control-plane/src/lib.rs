@@ -8,9 +8,11 @@
 //! - [`apikey`]: issuing and hashing tenant API keys.
 //! - [`api`]: the `Control` gRPC service.
 //! - [`auth`]: the operator credential every `Control` call must carry.
+//! - [`audit`]: the trail of control actions and breaker trips.
 
 pub mod api;
 pub mod apikey;
+pub mod audit;
 pub mod auth;
 pub mod catalog;
 pub mod placement;

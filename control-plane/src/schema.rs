@@ -2,11 +2,13 @@
 //!
 //! Under a configurable prefix (default `/cellmail/`): `cells/<cell>`, `alive/<cell>` (bound
 //! to the cell's lease), `tenants/<tenant>`, `placements/<tenant>`, `apikeys/<sha256 of
-//! the key>` and `suppressions/<address, lowercased>` (the operators' global list). Values are JSON so an operator can read them with `etcdctl get`.
+//! the key>`, `suppressions/<address, lowercased>` (the operators' global list),
+//! `breakers/<tenant>/<class>` (a tripped or resumed breaker) and `audit/<time>-<id>`. Values
+//! are JSON so an operator can read them with `etcdctl get`.
 
 use std::collections::BTreeMap;
 
-use cellmail_proto::{CellId, Epoch, SuppressionReason, TenantId};
+use cellmail_proto::{CellId, Epoch, MessageClass, SuppressionReason, TenantId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub const DEFAULT_PREFIX: &str = "/cellmail/";
@@ -27,6 +29,7 @@ pub enum Entity {
     ApiKey(String),
     /// The suppression key of a globally suppressed address.
     GlobalSuppression(String),
+    Breaker(TenantId, MessageClass),
 }
 
 impl Keys {
@@ -75,6 +78,23 @@ impl Keys {
         format!("{}suppressions/{address}", self.prefix)
     }
 
+    pub fn breaker(&self, tenant: &TenantId, class: MessageClass) -> String {
+        format!("{}breakers/{tenant}/{class}", self.prefix)
+    }
+
+    pub fn breakers_of(&self, tenant: &TenantId) -> String {
+        format!("{}breakers/{tenant}/", self.prefix)
+    }
+
+    pub fn audit(&self) -> String {
+        format!("{}audit/", self.prefix)
+    }
+
+    /// Audit keys sort by time: `audit/<milliseconds, 16 digits>-<unique id>`.
+    pub fn audit_entry(&self, at_ms: u64, id: &str) -> String {
+        format!("{}audit/{at_ms:016}-{id}", self.prefix)
+    }
+
     /// `None` for keys outside the prefix or of kinds this version does not know.
     pub fn parse(&self, key: &str) -> Option<Entity> {
         let (kind, name) = key.strip_prefix(&self.prefix)?.split_once('/')?;
@@ -85,6 +105,13 @@ impl Keys {
             "placements" => TenantId::new(name).ok().map(Entity::Placement),
             "apikeys" => Some(Entity::ApiKey(name.to_owned())),
             "suppressions" => Some(Entity::GlobalSuppression(name.to_owned())),
+            "breakers" => {
+                let (tenant, class) = name.split_once('/')?;
+                Some(Entity::Breaker(
+                    TenantId::new(tenant).ok()?,
+                    class.parse().ok()?,
+                ))
+            }
             _ => None,
         }
     }
@@ -156,13 +183,18 @@ pub struct TenantRecord {
     pub policy: Policy,
 }
 
-/// A tenant's sending limits.
+/// A tenant's sending limits and breaker thresholds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     /// Sends per second each router admits for the tenant, sustained.
     pub rate_per_second: u32,
     /// Sends a router admits at once above the sustained rate.
     pub burst: u32,
+    /// Messages the tenant's cell accepts per UTC day; 0 for no cap.
+    #[serde(default)]
+    pub daily_cap: u64,
+    #[serde(default)]
+    pub breaker: BreakerPolicy,
 }
 
 impl Default for Policy {
@@ -170,8 +202,79 @@ impl Default for Policy {
         Self {
             rate_per_second: 100,
             burst: 200,
+            daily_cap: 0,
+            breaker: BreakerPolicy::default(),
         }
     }
+}
+
+/// When a tenant's message class is paused: over a rolling window, with at least
+/// `min_volume` recipients sent, its bounce or complaint rate passed its threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerPolicy {
+    /// Permanent bounces per 10,000 sent recipients (500: 5%).
+    pub bounce_bps: u32,
+    /// Complaints per 10,000 sent recipients (10: 0.1%).
+    pub complaint_bps: u32,
+    pub min_volume: u32,
+    pub window_minutes: u32,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        Self {
+            bounce_bps: 500,
+            complaint_bps: 10,
+            min_volume: 100,
+            window_minutes: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum BreakerState {
+    /// New sends are refused and queued mail is held.
+    Tripped,
+    /// Sending again; the breaker's window starts at `since_ms`.
+    Resumed,
+}
+
+/// A tenant's breaker for one message class, once it has tripped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerRecord {
+    pub state: BreakerState,
+    pub since_ms: u64,
+    /// Who changed it last: the cell that tripped it, or the operator who resumed it.
+    pub by: String,
+    /// The window's figures when it tripped.
+    pub sent: u64,
+    pub bounced: u64,
+    pub complained: u64,
+    /// Why, in words: the rate over its threshold, or the operator's reason.
+    pub detail: String,
+}
+
+impl BreakerRecord {
+    pub fn tripped(&self) -> bool {
+        self.state == BreakerState::Tripped
+    }
+}
+
+/// One control action: who did what to which tenant, why, and the record before and after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub at_ms: u64,
+    pub actor: String,
+    pub action: String,
+    #[serde(default)]
+    pub tenant: Option<TenantId>,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub before: Option<serde_json::Value>,
+    #[serde(default)]
+    pub after: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +334,21 @@ mod tests {
             Some(Entity::Tenant(tenant))
         );
         assert_eq!(keys.parse(&keys.alive(&cell)), Some(Entity::Alive(cell)));
+        let breaker = keys.breaker(&TenantId::new("acme").unwrap(), MessageClass::Marketing);
+        assert_eq!(breaker, "/t1/breakers/acme/marketing");
+        assert_eq!(
+            keys.parse(&breaker),
+            Some(Entity::Breaker(
+                TenantId::new("acme").unwrap(),
+                MessageClass::Marketing
+            ))
+        );
+        assert_eq!(keys.parse("/t1/breakers/acme/bulk"), None);
+        assert_eq!(
+            keys.parse(&keys.audit_entry(5, "x")),
+            None,
+            "not a catalog record"
+        );
         assert_eq!(keys.parse("/t2/tenants/acme"), None);
         assert_eq!(keys.parse("/t1/tenants/NOT VALID"), None);
     }

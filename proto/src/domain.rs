@@ -181,6 +181,16 @@ impl MessageClass {
     }
 }
 
+impl std::str::FromStr for MessageClass {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        MessageClass::ALL
+            .into_iter()
+            .find(|class| class.as_str() == s)
+            .ok_or_else(|| format!("unknown message class {s:?} (transactional | marketing)"))
+    }
+}
+
 impl fmt::Display for MessageClass {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

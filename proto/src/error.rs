@@ -13,6 +13,8 @@ use tonic_types::{ErrorDetails, StatusExt};
 pub const ERROR_DOMAIN: &str = "cellmail";
 /// `ErrorInfo.reason` of the cell's answer to a send stamped with an epoch it does not own.
 pub const REASON_TENANT_MOVED: &str = "TENANT_MOVED";
+/// `ErrorInfo.reason` of a send refused because the tenant's breaker paused its class.
+pub const REASON_TENANT_PAUSED: &str = "TENANT_PAUSED";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
@@ -26,6 +28,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// A concurrent change won; the caller may retry.
+    #[error("{0}")]
+    Aborted(String),
     /// The cell does not own the tenant at the epoch the router stamped on the send.
     #[error("tenant {tenant} is not served by this cell at epoch {epoch}")]
     Moved { tenant: String, epoch: u64 },
@@ -34,6 +39,12 @@ pub enum ApiError {
     ResourceExhausted {
         reason: String,
         retry_after: std::time::Duration,
+    },
+    /// The tenant's breaker paused this class of its mail; `rates` are what tripped it.
+    #[error("{detail}")]
+    Paused {
+        detail: String,
+        rates: Vec<(String, String)>,
     },
     /// Retryable: the cell is down or the tenant's placement is not usable right now.
     #[error("{0}")]
@@ -84,6 +95,7 @@ impl From<ApiError> for Status {
                 Code::AlreadyExists,
                 ApiError::info("ALREADY_EXISTS", HashMap::new()),
             ),
+            ApiError::Aborted(_) => (Code::Aborted, ApiError::info("ABORTED", HashMap::new())),
             ApiError::Moved { tenant, epoch } => (
                 Code::Aborted,
                 ApiError::info(
@@ -99,6 +111,10 @@ impl From<ApiError> for Status {
                 details.set_error_info("RATE_LIMITED", ERROR_DOMAIN, HashMap::new());
                 (Code::ResourceExhausted, details)
             }
+            ApiError::Paused { rates, .. } => (
+                Code::FailedPrecondition,
+                ApiError::info(REASON_TENANT_PAUSED, rates.into_iter().collect()),
+            ),
             ApiError::Unavailable(_) => (
                 Code::Unavailable,
                 ApiError::info("UNAVAILABLE", HashMap::new()),

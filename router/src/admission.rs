@@ -59,6 +59,7 @@ mod tests {
         let policy = Policy {
             rate_per_second: 10,
             burst: 3,
+            ..Policy::default()
         };
         for _ in 0..3 {
             assert!(admission.check(&a, policy).is_ok());
@@ -72,6 +73,7 @@ mod tests {
         let raised = Policy {
             rate_per_second: 1000,
             burst: 1000,
+            ..Policy::default()
         };
         assert!(
             admission.check(&a, raised).is_ok(),

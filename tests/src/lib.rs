@@ -202,6 +202,26 @@ impl Drop for Platform {
     }
 }
 
+/// Runs the CLI as an operator of `platform` and parses its JSON output.
+pub fn cellmail(platform: &Platform, args: &[&str]) -> serde_json::Value {
+    let output = Command::new(binary("cellmail").unwrap())
+        .args(args)
+        .env("CELLMAIL_ADMIN_TOKEN", platform.admin_token().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "cellmail {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "cellmail {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
 /// A `Control` client presenting the admin token.
 pub type Control = ControlClient<InterceptedService<Channel, Bearer>>;
 

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use cellmail_tests::{Platform, binary, wait_for};
+use cellmail_tests::{Platform, binary, cellmail, wait_for};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -11,26 +11,6 @@ use tonic_reflection::pb::v1::{
     ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
     server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
 };
-
-/// Runs the CLI as an operator of `platform` and parses its JSON output.
-fn cellmail(platform: &Platform, args: &[&str]) -> serde_json::Value {
-    let output = Command::new(binary("cellmail").unwrap())
-        .args(args)
-        .env("CELLMAIL_ADMIN_TOKEN", platform.admin_token().unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "cellmail {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "cellmail {args:?} printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_creates_and_lists_tenants_and_cells_and_sends() {

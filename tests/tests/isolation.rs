@@ -386,6 +386,7 @@ async fn a_tenant_over_its_rate_waits_with_a_retry_delay_and_others_do_not() {
         policy: Some(v1::TenantPolicy {
             rate_per_second: 5,
             burst: 5,
+            ..Default::default()
         }),
     };
     let flood = platform

@@ -61,6 +61,7 @@ pub fn cache_at_scale(tenants: usize) -> anyhow::Result<Vec<Row>> {
             policy: Policy {
                 rate_per_second: 1_000_000,
                 burst: 1_000_000,
+                ..Policy::default()
             },
         });
         let mut ops = Vec::with_capacity(WRITE_BATCH);

@@ -223,6 +223,7 @@ async fn seed(registry: &dyn Registry, keys: &Keys) -> anyhow::Result<String> {
         policy: Policy {
             rate_per_second: 1_000_000,
             burst: 1_000_000,
+            ..Policy::default()
         },
     };
     let placement = PlacementRecord {

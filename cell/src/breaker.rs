@@ -1,0 +1,260 @@
+//! Breakers, one per tenant and message class: when the bounce or complaint rate over the
+//! policy's rolling window passes its threshold (with at least the policy's minimum volume
+//! sent), the cell trips the breaker in the registry. A tripped class gets no new sends
+//! (FAILED_PRECONDITION with the rates) and its queued mail is held in the cell store, not
+//! dropped. An operator's resume sets the breaker to resumed: the held mail is queued again
+//! and the window starts over. Every trip is audited with the resume that ends it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cellmail_control::audit;
+use cellmail_control::catalog::WatchedCatalog;
+use cellmail_control::registry::{Compare, Registry};
+use cellmail_control::schema::{
+    self, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, Keys,
+};
+use cellmail_proto::{CellId, MessageClass, MessageId, TenantId};
+use tokio_util::sync::CancellationToken;
+
+use crate::accept::now_ms;
+use crate::queue::Queue;
+use crate::store::{Counts, Store};
+
+const MINUTE_MS: u64 = 60_000;
+/// How often held mail of resumed breakers is looked for.
+const RELEASE_EVERY: Duration = Duration::from_secs(1);
+/// Held messages queued again per store write.
+const RELEASE_BATCH: usize = 100;
+
+/// Whether a tenant's class is paused; delivery holds such mail instead of sending it.
+pub trait Gate: Send + Sync {
+    fn paused(&self, tenant: &TenantId, class: MessageClass) -> bool;
+}
+
+impl Gate for WatchedCatalog {
+    fn paused(&self, tenant: &TenantId, class: MessageClass) -> bool {
+        self.read().tripped(tenant, class).is_some()
+    }
+}
+
+fn percent(count: u64, of: u64) -> f64 {
+    count as f64 * 100.0 / of.max(1) as f64
+}
+
+/// Why `window` trips a breaker under `policy`, if it does.
+pub fn verdict(policy: &BreakerPolicy, window: &Counts) -> Option<String> {
+    if window.sent == 0 || window.sent < u64::from(policy.min_volume) {
+        return None;
+    }
+    let over = |count: u64, bps: u32| count * 10_000 > u64::from(bps) * window.sent;
+    let (what, count, bps) = if over(window.complained, policy.complaint_bps) {
+        ("complaint", window.complained, policy.complaint_bps)
+    } else if over(window.bounced, policy.bounce_bps) {
+        ("bounce", window.bounced, policy.bounce_bps)
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{what} rate {:.2}% is over {:.2}% ({count} of {} sent in the last {} min)",
+        percent(count, window.sent),
+        f64::from(bps) / 100.0,
+        window.sent,
+        policy.window_minutes,
+    ))
+}
+
+/// The figures of a tripped breaker, as `FAILED_PRECONDITION` details carry them.
+pub fn rates(record: &BreakerRecord) -> Vec<(String, String)> {
+    vec![
+        ("sent".into(), record.sent.to_string()),
+        ("bounced".into(), record.bounced.to_string()),
+        ("complained".into(), record.complained.to_string()),
+        (
+            "bounce_rate_percent".into(),
+            format!("{:.2}", percent(record.bounced, record.sent)),
+        ),
+        (
+            "complaint_rate_percent".into(),
+            format!("{:.2}", percent(record.complained, record.sent)),
+        ),
+    ]
+}
+
+pub struct Breakers {
+    cell: CellId,
+    catalog: Arc<WatchedCatalog>,
+    registry: Arc<dyn Registry>,
+    keys: Keys,
+    store: Arc<Store>,
+}
+
+impl Breakers {
+    pub fn new(
+        cell: CellId,
+        catalog: Arc<WatchedCatalog>,
+        registry: Arc<dyn Registry>,
+        keys: Keys,
+        store: Arc<Store>,
+    ) -> Self {
+        Self {
+            cell,
+            catalog,
+            registry,
+            keys,
+            store,
+        }
+    }
+
+    /// Weighs `tenant`'s `class` window after new feedback and trips its breaker if it is
+    /// over a threshold.
+    pub async fn evaluate(&self, tenant: &TenantId, class: MessageClass) -> anyhow::Result<()> {
+        let now = now_ms();
+        let (policy, since) = {
+            let catalog = self.catalog.read();
+            let Some(record) = catalog.tenants.get(tenant) else {
+                return Ok(());
+            };
+            let breaker = catalog.breakers.get(&(tenant.clone(), class));
+            if breaker.is_some_and(BreakerRecord::tripped) {
+                return Ok(());
+            }
+            // After a resume the window starts at the next whole minute.
+            let since = breaker.map_or(0, |b| b.since_ms.div_ceil(MINUTE_MS) * MINUTE_MS);
+            (record.policy.breaker, since)
+        };
+        let from = now
+            .saturating_sub(u64::from(policy.window_minutes) * MINUTE_MS)
+            .max(since);
+        let window = self.store.window(tenant, class, from, now)?;
+        let Some(detail) = verdict(&policy, &window) else {
+            return Ok(());
+        };
+        let key = self.keys.breaker(tenant, class);
+        let current = self.registry.get(&key).await?;
+        let before = match &current {
+            Some(kv) => Some(schema::decode::<BreakerRecord>(&kv.value)?),
+            None => None,
+        };
+        if before.as_ref().is_some_and(BreakerRecord::tripped) {
+            return Ok(());
+        }
+        let by = format!("cell {}", self.cell);
+        let record = BreakerRecord {
+            state: BreakerState::Tripped,
+            since_ms: now,
+            by: by.clone(),
+            sent: window.sent,
+            bounced: window.bounced,
+            complained: window.complained,
+            detail: detail.clone(),
+        };
+        let entry = AuditRecord {
+            at_ms: now,
+            actor: by,
+            action: format!("breaker.trip {class}"),
+            tenant: Some(tenant.clone()),
+            reason: detail.clone(),
+            before: before.as_ref().and_then(audit::snapshot),
+            after: audit::snapshot(&record),
+        };
+        let compare = Compare {
+            key: key.clone(),
+            mod_revision: current.map_or(0, |kv| kv.mod_revision),
+        };
+        let put = cellmail_control::registry::Op::Put {
+            key,
+            value: schema::encode(&record),
+            lease: None,
+        };
+        let written = self
+            .registry
+            .txn(
+                vec![compare],
+                vec![put, audit::entry_op(&self.keys, &entry)],
+            )
+            .await?;
+        if written.is_some() {
+            tracing::error!(%tenant, %class, cell = %self.cell, %detail, "ALARM: breaker tripped; this tenant's class is paused and its mail held");
+            metrics::counter!("cellmail_breaker_trips_total", "cell" => self.cell.to_string(), "class" => class.as_str()).increment(1);
+        }
+        Ok(())
+    }
+
+    /// Queues the held mail of every resumed breaker again, until `shutdown`.
+    pub async fn release_held(self: Arc<Self>, queue: Arc<dyn Queue>, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            if let Err(err) = self.release_once(queue.as_ref()).await {
+                tracing::warn!(%err, "releasing held mail failed; retrying");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(RELEASE_EVERY) => {}
+            }
+        }
+    }
+
+    async fn release_once(&self, queue: &dyn Queue) -> anyhow::Result<()> {
+        let resumed: Vec<(TenantId, MessageClass)> = self
+            .catalog
+            .read()
+            .breakers
+            .iter()
+            .filter(|(_, b)| !b.tripped())
+            .map(|(key, _)| key.clone())
+            .collect();
+        for (tenant, class) in resumed {
+            loop {
+                let held = self.store.held(&tenant, class, RELEASE_BATCH)?;
+                if held.is_empty() {
+                    break;
+                }
+                let mut ids: Vec<MessageId> = Vec::with_capacity(held.len());
+                for (id, body) in held {
+                    queue.send(class.into(), body).await?;
+                    ids.push(id);
+                }
+                let released = ids.len();
+                self.store.release(&tenant, class, ids, now_ms()).await?;
+                tracing::info!(%tenant, %class, released, "held mail queued again after resume");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(sent: u64, bounced: u64, complained: u64) -> Counts {
+        Counts {
+            sent,
+            bounced,
+            complained,
+            ..Counts::default()
+        }
+    }
+
+    #[test]
+    fn rates_over_their_thresholds_trip_only_with_the_minimum_volume() {
+        let policy = BreakerPolicy::default();
+        assert_eq!(verdict(&policy, &window(99, 50, 50)), None, "under volume");
+        assert_eq!(verdict(&policy, &window(1000, 50, 1)), None, "at, not over");
+        let complaints = verdict(&policy, &window(1000, 0, 2)).unwrap();
+        assert!(
+            complaints.starts_with("complaint rate 0.20% is over 0.10%"),
+            "{complaints}"
+        );
+        let bounces = verdict(&policy, &window(1000, 51, 0)).unwrap();
+        assert!(
+            bounces.starts_with("bounce rate 5.10% is over 5.00%"),
+            "{bounces}"
+        );
+        let none = BreakerPolicy {
+            min_volume: 0,
+            ..policy
+        };
+        assert_eq!(verdict(&none, &window(0, 0, 0)), None, "nothing sent");
+    }
+}

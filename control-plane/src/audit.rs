@@ -1,0 +1,42 @@
+//! The audit trail: every control action and every breaker trip, kept under `audit/` in
+//! time order. An entry is written in the same transaction as the change it records, so
+//! there is no change without its entry.
+
+use cellmail_proto::TenantId;
+use serde::Serialize;
+
+use crate::registry::{Op, Registry, RegistryError};
+use crate::schema::{self, AuditRecord, Keys};
+
+/// The write that records `entry`, to put in the transaction of the change itself.
+pub fn entry_op(keys: &Keys, entry: &AuditRecord) -> Op {
+    Op::Put {
+        key: keys.audit_entry(entry.at_ms, &ulid::Ulid::new().to_string()),
+        value: schema::encode(entry),
+        lease: None,
+    }
+}
+
+/// A record as it goes into an entry's `before` or `after`.
+pub fn snapshot<T: Serialize>(record: &T) -> Option<serde_json::Value> {
+    serde_json::to_value(record).ok()
+}
+
+/// The newest `limit` entries (of `tenant` only, when given), oldest first.
+pub async fn list(
+    registry: &dyn Registry,
+    keys: &Keys,
+    tenant: Option<&TenantId>,
+    limit: usize,
+) -> Result<Vec<AuditRecord>, RegistryError> {
+    let snapshot = registry.list(&keys.audit()).await?;
+    let mut entries: Vec<AuditRecord> = snapshot
+        .entries
+        .iter()
+        .filter_map(|kv| schema::decode::<AuditRecord>(&kv.value).ok())
+        .filter(|entry| tenant.is_none() || entry.tenant.as_ref() == tenant)
+        .collect();
+    let skip = entries.len().saturating_sub(limit);
+    entries.drain(..skip);
+    Ok(entries)
+}
