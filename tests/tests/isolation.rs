@@ -579,3 +579,165 @@ async fn stats_count_the_callers_own_mail_and_feedback_only() {
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert!(bad.message().starts_with("hours:"), "{}", bad.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daily_cap_and_a_suspension_stop_only_their_tenant_until_resumed() {
+    use tonic_types::StatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &["--cells", "1"]).unwrap();
+    let mut control = platform.control().await.unwrap();
+    let create = |id: &str, policy: v1::TenantPolicy| v1::CreateTenantRequest {
+        id: id.into(),
+        domains: vec![format!("{id}.example")],
+        tier: String::new(),
+        policy: Some(policy),
+    };
+    // Bad policies are refused naming the field, and create nothing.
+    let too_high = v1::TenantPolicy {
+        bounce_rate_bps: 20_000,
+        ..Default::default()
+    };
+    let bad = control
+        .create_tenant(create("odd", too_high))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert_eq!(
+        bad.get_details_bad_request().unwrap().field_violations[0].field,
+        "policy.bounce_rate_bps"
+    );
+    let capped = v1::TenantPolicy {
+        daily_cap: 3,
+        ..Default::default()
+    };
+    let capped = control
+        .create_tenant(create("capped", capped))
+        .await
+        .unwrap()
+        .into_inner()
+        .api_key;
+    let other = control
+        .create_tenant(create("other", v1::TenantPolicy::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .api_key;
+    let listed = control
+        .list_tenants(v1::ListTenantsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.tenants.iter().all(|t| t.id != "odd"));
+    let mut sender = platform.sender().await.unwrap();
+    let send = |key: &str, from: &str| authorized(key, message(from, "j@example.com", ""));
+
+    for _ in 0..3 {
+        sender
+            .send(send(&capped, "a@capped.example"))
+            .await
+            .unwrap();
+    }
+    let over = sender
+        .send(send(&capped, "a@capped.example"))
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), Code::ResourceExhausted);
+    assert!(
+        over.message().contains("daily cap of 3"),
+        "{}",
+        over.message()
+    );
+    let retry = over.get_details_retry_info().unwrap().retry_delay.unwrap();
+    assert!(retry > Duration::ZERO && retry <= Duration::from_secs(24 * 3600));
+    sender.send(send(&other, "a@other.example")).await.unwrap();
+
+    // A suspension refuses the tenant's sends in the router; the other tenant is untouched.
+    let mut suspend = tonic::Request::new(v1::SuspendTenantRequest {
+        tenant_id: "other".into(),
+        reason: "unpaid invoice".into(),
+    });
+    suspend
+        .metadata_mut()
+        .insert("x-cellmail-actor", "tester".parse().unwrap());
+    let suspended = control.suspend_tenant(suspend).await.unwrap().into_inner();
+    assert_eq!(suspended.status, "SUSPENDED");
+    let refused = cellmail_tests::until_ok(Duration::from_secs(2), || {
+        let mut sender = sender.clone();
+        let request = send(&other, "a@other.example");
+        async move {
+            match sender.send(request).await {
+                Err(status) if status.code() == Code::PermissionDenied => Ok(status),
+                other => Err(other),
+            }
+        }
+    })
+    .await
+    .expect("the suspension reached the router within a second or two");
+    assert!(
+        refused.message().contains("suspended"),
+        "{}",
+        refused.message()
+    );
+    let still_capped = sender
+        .send(send(&capped, "a@capped.example"))
+        .await
+        .unwrap_err();
+    assert_eq!(still_capped.code(), Code::ResourceExhausted);
+
+    let bad_class = control
+        .resume_tenant(v1::ResumeTenantRequest {
+            tenant_id: "other".into(),
+            class: "bulk".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_class
+            .get_details_bad_request()
+            .unwrap()
+            .field_violations[0]
+            .field,
+        "class"
+    );
+    let resumed = control
+        .resume_tenant(v1::ResumeTenantRequest {
+            tenant_id: "other".into(),
+            class: String::new(),
+            reason: "paid".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resumed.unsuspended);
+    cellmail_tests::until_ok(Duration::from_secs(2), || {
+        let mut sender = sender.clone();
+        let request = send(&other, "a@other.example");
+        async move { sender.send(request).await }
+    })
+    .await
+    .expect("the resumed tenant sends again");
+
+    let audit = control
+        .list_audit(v1::ListAuditRequest {
+            tenant_id: "other".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let actions: Vec<(&str, &str, &str)> = audit
+        .iter()
+        .map(|e| (e.action.as_str(), e.actor.as_str(), e.reason.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("tenant.suspend", "admin:tester", "unpaid invoice"),
+            ("tenant.resume", "admin:operator", "paid")
+        ]
+    );
+    assert!(audit[0].before_json.contains("\"ACTIVE\""));
+    assert!(audit[0].after_json.contains("\"SUSPENDED\""));
+}
