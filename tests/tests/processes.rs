@@ -471,3 +471,184 @@ async fn a_cell_runs_from_its_config_file_alone() {
     );
     assert!(dir.path().join("cells/cell-cfg/store.redb").exists());
 }
+
+/// A fixture from `tests/fixtures/ses-events` (raw, or wrapped by SNS or EventBridge),
+/// attributed by its tags to `tenant`'s message `id`.
+fn ses_event(name: &str, tenant: &str, id: &str) -> String {
+    fn tag(record: &mut serde_json::Value, tenant: &str, id: &str) {
+        let tags = &mut record["mail"]["tags"];
+        tags["tenant_id"] = serde_json::json!([tenant]);
+        tags["message_id"] = serde_json::json!([id]);
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/ses-events")
+        .join(name);
+    let mut event: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    if let Some(inner) = event["Message"].as_str() {
+        let mut inner: serde_json::Value = serde_json::from_str(inner).unwrap();
+        tag(&mut inner, tenant, id);
+        event["Message"] = inner.to_string().into();
+    } else if event["detail"].is_object() {
+        tag(&mut event["detail"], tenant, id);
+    } else {
+        tag(&mut event, tenant, id);
+    }
+    event.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ses_event_json_on_the_sqs_feedback_queue_suppresses_for_its_tenant_only() {
+    let unique = cellmail_proto::MessageId::generate()
+        .to_string()
+        .to_lowercase();
+    let registry = registry_args(&etcd_endpoint(), &unique_prefix("feedback"));
+    let queue_prefix = format!("f{}-", &unique[16..]);
+    let endpoint = cellmail_tests::emulator::aws_endpoint();
+    let aws = [
+        "--queue",
+        "sqs",
+        "--aws-endpoint",
+        &endpoint,
+        "--aws-region",
+        "us-east-1",
+        "--sqs-queue-prefix",
+        &queue_prefix,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let _cell = start_cell("cell-f", &registry, dir.path(), &aws)
+        .await
+        .unwrap();
+    let front = Front::start(&registry, ADMIN_TOKEN).await.unwrap();
+    let control = control_client(&format!("http://{}", front.control), ADMIN_TOKEN)
+        .await
+        .unwrap();
+    let create = |id: String| {
+        let control = control.clone();
+        async move {
+            let request = v1::CreateTenantRequest {
+                domains: vec![format!("{id}.example")],
+                id,
+                tier: String::new(),
+                policy: None,
+            };
+            until_ok(Duration::from_secs(10), || {
+                let (mut client, request) = (control.clone(), request.clone());
+                async move { client.create_tenant(request).await }
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .api_key
+        }
+    };
+    let (a_id, b_id) = (format!("a{unique}"), format!("b{unique}"));
+    let (a, b) = (create(a_id.clone()).await, create(b_id.clone()).await);
+    let mut sender = v1::sender_client::SenderClient::connect(format!("http://{}", front.router))
+        .await
+        .unwrap();
+    let (gone, angry) = ("gone@dest.example", "angry@dest.example");
+    let mut first = message(&format!("news@{a_id}.example"), gone, "");
+    first.to.push(angry.into());
+    let sent = until_ok(Duration::from_secs(10), || {
+        let (mut client, request) = (sender.clone(), authorized(&a, first.clone()));
+        async move { client.send(request).await }
+    })
+    .await;
+    let id = sent.unwrap().into_inner().message_id;
+
+    // SES publishes through SNS or EventBridge to the cell's feedback queue.
+    let sqs = aws_sdk_sqs::Client::new(&cellmail_tests::emulator::aws_config().await);
+    let url = sqs
+        .get_queue_url()
+        .queue_name(format!("{queue_prefix}cell-f-feedback"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    for fixture in [
+        "sns-wrapped-bounce.json",
+        "eventbridge-wrapped-complaint.json",
+    ] {
+        sqs.send_message()
+            .queue_url(&url)
+            .message_body(ses_event(fixture, &a_id, &id))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    let list = |key: String| {
+        let mut sender = sender.clone();
+        async move {
+            let request = authorized(&key, v1::ListSuppressionsRequest::default());
+            let listed = sender
+                .list_suppressions(request)
+                .await
+                .unwrap()
+                .into_inner();
+            let mut addresses: Vec<String> =
+                listed.suppressions.into_iter().map(|s| s.address).collect();
+            addresses.sort();
+            addresses
+        }
+    };
+    let mut a_list = Vec::new();
+    for _ in 0..200 {
+        a_list = list(a.clone()).await;
+        if a_list.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(a_list, [angry, gone]);
+    assert!(list(b.clone()).await.is_empty(), "B's list is untouched");
+    let events: Vec<String> = sender
+        .get_message(authorized(
+            &a,
+            v1::GetMessageRequest {
+                message_id: id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+        .into_iter()
+        .map(|e| e.r#type)
+        .collect();
+    assert!(
+        events.contains(&"BOUNCE".to_owned()) && events.contains(&"COMPLAINT".to_owned()),
+        "{events:?}"
+    );
+
+    let again = sender
+        .send(authorized(
+            &a,
+            message(&format!("news@{a_id}.example"), gone, ""),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.recipients[0].state,
+        v1::RecipientState::Suppressed as i32
+    );
+    assert_eq!(
+        again.recipients[0].scope,
+        v1::SuppressionScope::Tenant as i32
+    );
+    let for_b = sender
+        .send(authorized(
+            &b,
+            message(&format!("news@{b_id}.example"), gone, ""),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        for_b.recipients[0].state,
+        v1::RecipientState::Accepted as i32
+    );
+}
