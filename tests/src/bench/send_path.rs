@@ -38,7 +38,7 @@ const CONCURRENCY: usize = 64;
 /// Senders for the cell's saturation figure: group commit needs many writes in flight.
 const SATURATION: usize = 512;
 
-fn runtime(name: &str) -> anyhow::Result<Runtime> {
+pub(super) fn runtime(name: &str) -> anyhow::Result<Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name(name)
@@ -106,7 +106,7 @@ fn only_send() -> tonic::Status {
 }
 
 #[derive(Clone)]
-enum Door {
+pub(super) enum Door {
     Direct(CellClient<Channel>),
     Sender {
         client: SenderClient<Channel>,
@@ -127,15 +127,16 @@ fn message(key: String) -> v1::SendRequest {
 }
 
 impl Door {
-    async fn send(&self, key: String) -> Result<(), tonic::Status> {
-        match self {
+    /// Sends one message with idempotency key `key`: its message id.
+    pub(super) async fn send(&self, key: String) -> Result<String, tonic::Status> {
+        let sent = match self {
             Door::Direct(cell) => {
                 let accept = v1::AcceptRequest {
                     tenant_id: TENANT.into(),
                     epoch: 1,
                     message: Some(message(key)),
                 };
-                cell.clone().accept(accept).await.map(|_| ())
+                cell.clone().accept(accept).await
             }
             Door::Sender {
                 client,
@@ -148,20 +149,21 @@ impl Door {
                         .map_err(|_| tonic::Status::internal("bad key"))?;
                     request.metadata_mut().insert("authorization", bearer);
                 }
-                client.clone().send(request).await.map(|_| ())
+                client.clone().send(request).await
             }
-        }
+        };
+        sent.map(|answer| answer.into_inner().message_id)
     }
 }
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
-fn next_key() -> String {
+pub(super) fn next_key() -> String {
     format!("k{}", SEQUENCE.fetch_add(1, Ordering::Relaxed))
 }
 
 /// `senders` senders back to back for `duration`: (sends per second, failures).
-async fn closed_loop(door: &Door, senders: usize, duration: Duration) -> (f64, u64) {
+pub(super) async fn closed_loop(door: &Door, senders: usize, duration: Duration) -> (f64, u64) {
     let started = Instant::now();
     let tasks: Vec<_> = (0..senders)
         .map(|_| {
@@ -170,7 +172,7 @@ async fn closed_loop(door: &Door, senders: usize, duration: Duration) -> (f64, u
                 let (mut ok, mut failed) = (0u64, 0u64);
                 while started.elapsed() < duration {
                     match door.send(next_key()).await {
-                        Ok(()) => ok += 1,
+                        Ok(_) => ok += 1,
                         Err(_) => failed += 1,
                     }
                 }
@@ -201,7 +203,7 @@ async fn open_loop(door: &Door, rate: f64, duration: Duration) -> Vec<f64> {
             door.send(next_key())
                 .await
                 .ok()
-                .map(|()| sent.elapsed().as_secs_f64() * 1e3)
+                .map(|_| sent.elapsed().as_secs_f64() * 1e3)
         }));
     }
     let mut latencies = Vec::with_capacity(tasks.len());
@@ -213,18 +215,33 @@ async fn open_loop(door: &Door, rate: f64, duration: Duration) -> Vec<f64> {
     latencies
 }
 
-async fn seed(registry: &dyn Registry, keys: &Keys) -> anyhow::Result<String> {
-    let tenant = TenantId::new(TENANT)?;
+/// A policy no bench load reaches.
+pub(super) const UNLIMITED: Policy = Policy {
+    rate_per_second: 1_000_000,
+    burst: 1_000_000,
+    daily_cap: 0,
+    breaker: cellmail_control::schema::BreakerPolicy {
+        bounce_bps: 10_000,
+        complaint_bps: 10_000,
+        min_volume: u32::MAX,
+        window_minutes: 60,
+    },
+};
+
+/// Writes tenant `name` (sending from bench.example) placed on the bench cell: its API key.
+pub(super) async fn seed(
+    registry: &dyn Registry,
+    keys: &Keys,
+    name: &str,
+    policy: Policy,
+) -> anyhow::Result<String> {
+    let tenant = TenantId::new(name)?;
     let record = TenantRecord {
         tier: Tier::Standard,
         status: TenantStatus::Active,
         domains: vec!["bench.example".into()],
         created_at_ms: 0,
-        policy: Policy {
-            rate_per_second: 1_000_000,
-            burst: 1_000_000,
-            ..Policy::default()
-        },
+        policy,
     };
     let placement = PlacementRecord {
         cell: CellId::new(CELL)?,
@@ -247,6 +264,60 @@ async fn seed(registry: &dyn Registry, keys: &Keys) -> anyhow::Result<String> {
         .put(&keys.api_key(&key.hash), schema::encode(&key_record), None)
         .await?;
     Ok(key.plaintext)
+}
+
+/// Starts the bench cell (embedded queue and store, the file sink under `dir/mail`) with
+/// `workers` delivery workers on `rt`: its endpoint and its task.
+pub(super) fn start_cell(
+    rt: &Runtime,
+    registry: &Arc<dyn Registry>,
+    keys: &Keys,
+    dir: &std::path::Path,
+    workers: usize,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(String, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let cell_dir = dir.join("cell");
+    let backends = cellmail_cell::Backends::embedded(&cell_dir, &dir.join("mail"))?;
+    let config = cellmail_cell::CellConfig {
+        id: CellId::new(CELL)?,
+        addr: "127.0.0.1:0".parse()?,
+        capacity: 10,
+        workers,
+    };
+    let cell = {
+        let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
+        rt.spawn(async move {
+            cellmail_cell::run(config, &cell_dir, registry, keys, backends, shutdown).await
+        })
+    };
+    let endpoint = rt.block_on(async {
+        let key = keys.cell(&CellId::new(CELL)?);
+        for _ in 0..500 {
+            if let Some(kv) = registry.get(&key).await? {
+                return anyhow::Ok(schema::decode::<CellRecord>(&kv.value)?.endpoint);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        anyhow::bail!("the bench cell did not register")
+    })?;
+    Ok((endpoint, cell))
+}
+
+/// Starts a router on `rt`: its address.
+pub(super) fn start_router(
+    rt: &Runtime,
+    registry: &Arc<dyn Registry>,
+    keys: &Keys,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let (listener, addr) = rt.block_on(bind())?;
+    rt.spawn(cellmail_router::serve(
+        listener,
+        registry.clone(),
+        keys.clone(),
+        shutdown.clone(),
+    ));
+    Ok(addr)
 }
 
 async fn bind() -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
@@ -274,40 +345,9 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
     let registry: Arc<dyn Registry> = cell_rt
         .block_on(LocalRegistry::open(&dir.path().join("registry.redb")))
         .map(Arc::new)?;
-    let api_key = cell_rt.block_on(seed(registry.as_ref(), &keys))?;
-    let cell_dir = dir.path().join("cell");
-    let backends = cellmail_cell::Backends::embedded(&cell_dir, &dir.path().join("mail"))?;
-    let config = cellmail_cell::CellConfig {
-        id: CellId::new(CELL)?,
-        addr: "127.0.0.1:0".parse()?,
-        capacity: 10,
-        workers: 0,
-    };
-    let cell = {
-        let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
-        cell_rt.spawn(async move {
-            cellmail_cell::run(config, &cell_dir, registry, keys, backends, shutdown).await
-        })
-    };
-
-    let endpoint = cell_rt.block_on(async {
-        let key = keys.cell(&CellId::new(CELL)?);
-        for _ in 0..500 {
-            if let Some(kv) = registry.get(&key).await? {
-                return anyhow::Ok(schema::decode::<CellRecord>(&kv.value)?.endpoint);
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        anyhow::bail!("the bench cell did not register")
-    })?;
-
-    let (router_listener, router_addr) = router_rt.block_on(bind())?;
-    router_rt.spawn(cellmail_router::serve(
-        router_listener,
-        registry.clone(),
-        keys.clone(),
-        shutdown.clone(),
-    ));
+    let api_key = cell_rt.block_on(seed(registry.as_ref(), &keys, TENANT, UNLIMITED))?;
+    let (endpoint, cell) = start_cell(&cell_rt, &registry, &keys, dir.path(), 0, &shutdown)?;
+    let router_addr = start_router(&router_rt, &registry, &keys, &shutdown)?;
     let (proxy_listener, proxy_addr) = proxy_rt.block_on(bind())?;
     let proxy_cell = {
         let _in_proxy_runtime = proxy_rt.enter();

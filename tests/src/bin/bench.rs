@@ -1,7 +1,7 @@
 //! `cellmail-bench`: cellmail's benchmark harness. Starts what it measures itself and prints
 //! one table (or `--json`). `--quick` finishes in under a minute, for CI to keep it working.
 
-use cellmail_tests::bench::{self, Row, placements, send_path};
+use cellmail_tests::bench::{self, Row, neighbours, placements, send_path};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -34,12 +34,7 @@ fn main() -> anyhow::Result<()> {
         "< 250",
         "not built yet: tenant moves",
     ));
-    rows.push(Row::missing(
-        "noisy neighbour: B's p99 accept-to-sent with A flooding 50x / B alone",
-        "ratio",
-        "<= 1.5",
-        "not built yet: per-tenant lanes",
-    ));
+    rows.push(neighbours::run(args.quick)?);
     if args.json {
         println!("{}", bench::json(&rows));
     } else {

@@ -1,0 +1,148 @@
+//! Noisy neighbour: tenant B's accept-to-sent latency (from the send call to its `.eml`
+//! written by the file sink) at a steady rate, alone and then while tenant A floods the router
+//! with as many sends as it can, many times A's rate. One embedded cell with delivery workers
+//! serves both tenants; the router's per-tenant admission refuses A's excess.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use cellmail_control::registry::{Registry, local::LocalRegistry};
+use cellmail_control::schema::{Keys, Policy};
+use cellmail_proto::v1::sender_client::SenderClient;
+use tokio_util::sync::CancellationToken;
+
+use super::send_path::{
+    Door, UNLIMITED, closed_loop, next_key, runtime, seed, start_cell, start_router,
+};
+use super::{Row, percentile};
+
+const CALM: &str = "calm";
+const NOISY: &str = "noisy";
+/// The noisy tenant's rate: its flood offers many times this.
+const NOISY_RATE: u32 = 200;
+/// B's own steady rate.
+const CALM_RATE: f64 = 100.0;
+const FLOOD_SENDERS: usize = 32;
+const WORKERS: usize = 4;
+
+/// Sends for B at `CALM_RATE` for `duration`: when each send started and its message id.
+async fn steady(door: &Door, duration: Duration) -> Vec<(SystemTime, String)> {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / CALM_RATE));
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    while started.elapsed() < duration {
+        tick.tick().await;
+        let door = door.clone();
+        tasks.push(tokio::spawn(async move {
+            let at = SystemTime::now();
+            door.send(next_key()).await.map(|id| (at, id))
+        }));
+    }
+    let mut sent = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        if let Ok(Ok(one)) = task.await {
+            sent.push(one);
+        }
+    }
+    sent
+}
+
+/// Accept-to-sent latencies in ms, once every message's file is written (at most 30 s).
+async fn delivered(
+    mail: &std::path::Path,
+    sent: &[(SystemTime, String)],
+) -> anyhow::Result<Vec<f64>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut latencies = Vec::with_capacity(sent.len());
+    for (at, id) in sent {
+        let path = mail.join(format!("{id}.eml"));
+        let written = loop {
+            match std::fs::metadata(&path).and_then(|m| m.modified()) {
+                Ok(written) => break written,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(_) => anyhow::bail!("message {id} of {CALM} was not delivered within 30 s"),
+            }
+        };
+        let latency = written.duration_since(*at).unwrap_or_default();
+        latencies.push(latency.as_secs_f64() * 1e3);
+    }
+    Ok(latencies)
+}
+
+pub fn run(quick: bool) -> anyhow::Result<Row> {
+    let duration = if quick {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_secs(8)
+    };
+    let (cell_rt, router_rt, load_rt) = (
+        runtime("bench-cell")?,
+        runtime("bench-router")?,
+        runtime("bench-load")?,
+    );
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new("/bench/");
+    let shutdown = CancellationToken::new();
+    let registry: Arc<dyn Registry> = cell_rt
+        .block_on(LocalRegistry::open(&dir.path().join("registry.redb")))
+        .map(Arc::new)?;
+    let noisy_policy = Policy {
+        rate_per_second: NOISY_RATE,
+        burst: NOISY_RATE,
+        ..UNLIMITED
+    };
+    let (calm_key, noisy_key) = cell_rt.block_on(async {
+        let calm = seed(registry.as_ref(), &keys, CALM, UNLIMITED).await?;
+        let noisy = seed(registry.as_ref(), &keys, NOISY, noisy_policy).await?;
+        anyhow::Ok((calm, noisy))
+    })?;
+    let (_, cell) = start_cell(&cell_rt, &registry, &keys, dir.path(), WORKERS, &shutdown)?;
+    let router_addr = start_router(&router_rt, &registry, &keys, &shutdown)?;
+    let mail = dir.path().join("mail").join(CALM);
+
+    let row = load_rt.block_on(async {
+        let client = SenderClient::connect(format!("http://{router_addr}")).await?;
+        let calm = Door::Sender {
+            client: client.clone(),
+            key: Some(calm_key),
+        };
+        let noisy = Door::Sender {
+            client,
+            key: Some(noisy_key),
+        };
+        calm.send(next_key()).await?;
+        noisy.send(next_key()).await?;
+
+        let alone = steady(&calm, duration).await;
+        let mut alone = delivered(&mail, &alone).await?;
+        let flood = {
+            let noisy = noisy.clone();
+            tokio::spawn(async move { closed_loop(&noisy, FLOOD_SENDERS, duration).await })
+        };
+        let crowded = steady(&calm, duration).await;
+        let (admitted, refused) = flood.await?;
+        let mut crowded = delivered(&mail, &crowded).await?;
+
+        let (p99_alone, p99_crowded) = (
+            percentile(&mut alone, 99.0),
+            percentile(&mut crowded, 99.0),
+        );
+        let ratio = p99_crowded / p99_alone;
+        let offered = admitted + refused as f64 / duration.as_secs_f64();
+        anyhow::Ok(Row::measured(
+            "noisy neighbour: B's p99 accept-to-sent with A flooding / B alone",
+            ratio,
+            "ratio",
+            "<= 1.5",
+            ratio <= 1.5,
+            format!(
+                "p99 {p99_crowded:.2} ms vs {p99_alone:.2} ms; B at {CALM_RATE:.0}/s, A offered {offered:.0}/s at a rate of {NOISY_RATE}/s ({admitted:.0}/s admitted)"
+            ),
+        ))
+    })?;
+    shutdown.cancel();
+    cell_rt.block_on(cell)??;
+    Ok(row)
+}
