@@ -96,6 +96,11 @@ enum TenantCommand {
     },
     /// List tenants with their cell, placement epoch and paused classes.
     List,
+    /// A tenant's sending domains: add one (prints the DNS records to publish), verify it.
+    Domain {
+        #[command(subcommand)]
+        command: DomainCommand,
+    },
     /// Refuse the tenant's sends until it is resumed.
     Suspend {
         tenant: String,
@@ -114,6 +119,50 @@ enum TenantCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
+}
+
+#[derive(Subcommand)]
+enum DomainCommand {
+    /// Add a domain: prints the records to publish (ownership TXT, DKIM CNAMEs, SPF, DMARC).
+    Add { tenant: String, domain: String },
+    /// Check the domain's records in DNS; once all are there the tenant may send from it.
+    Verify { tenant: String, domain: String },
+}
+
+fn domain_json(info: &v1::DomainInfo) -> serde_json::Value {
+    let records: Vec<_> = info
+        .records
+        .iter()
+        .map(|r| {
+            json!({"purpose": r.purpose, "type": r.r#type, "name": r.name, "value": r.value,
+                   "problem": r.problem})
+        })
+        .collect();
+    json!({"domain": info.domain, "verified": info.verified, "records": records})
+}
+
+fn print_domain(info: &v1::DomainInfo, as_json: bool) {
+    if as_json {
+        println!("{}", domain_json(info));
+        return;
+    }
+    let state = if info.verified {
+        "verified"
+    } else {
+        "NOT verified"
+    };
+    println!("{}: {state}; publish these records:", info.domain);
+    for r in &info.records {
+        let problem = if r.problem.is_empty() {
+            String::new()
+        } else {
+            format!("   <- {}", r.problem)
+        };
+        println!(
+            "  {:<10} {:<6} {} {}{problem}",
+            r.purpose, r.r#type, r.name, r.value
+        );
+    }
 }
 
 /// A tenant's limits; 0 keeps the default.
@@ -411,6 +460,29 @@ pub async fn tenant(args: TenantArgs) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        TenantCommand::Domain { command } => {
+            let (verify, tenant, domain) = match command {
+                DomainCommand::Add { tenant, domain } => (false, tenant, domain),
+                DomainCommand::Verify { tenant, domain } => (true, tenant, domain),
+            };
+            let request = acting(v1::DomainRequest {
+                tenant_id: tenant,
+                domain,
+            });
+            let info = if verify {
+                client.verify_domain(request).await
+            } else {
+                client.add_domain(request).await
+            }
+            .map_err(status)?
+            .into_inner();
+            print_domain(&info, args.connection.json);
+            anyhow::ensure!(
+                !verify || info.verified,
+                "{} is not verified yet: publish the records above",
+                info.domain
+            );
         }
         TenantCommand::Suspend { tenant, reason } => {
             let request = acting(v1::SuspendTenantRequest {

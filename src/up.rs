@@ -38,6 +38,9 @@ pub struct UpArgs {
     /// Address of the Control API.
     #[arg(long, env = "CELLMAIL_CONTROL_ADDR", default_value = "127.0.0.1:50052")]
     control_addr: SocketAddr,
+    /// The DNS server `cellmail tenant domain verify` asks (`ip:port`); default: the system's.
+    #[arg(long, env = "CELLMAIL_DNS_RESOLVER")]
+    dns_resolver: Option<SocketAddr>,
 }
 
 const CELLS_READY: Duration = Duration::from_secs(15);
@@ -106,8 +109,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let admin_token = admin_token(&args.data_dir)?;
     {
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
+        // On one machine a new tenant's domains are taken as verified; added ones are checked.
+        let identities = cellmail_control::identity::IdentityConfig {
+            dns_resolver: args.dns_resolver,
+            trust_new_domains: true,
+        };
         tasks.spawn(async move {
-            cellmail_control::serve(control, registry, keys, &admin_token, shutdown).await
+            cellmail_control::serve(control, registry, keys, &admin_token, &identities, shutdown)
+                .await
         });
     }
     tasks.spawn(cellmail_router::serve(

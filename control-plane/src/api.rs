@@ -16,17 +16,21 @@ use tonic::{Request, Response, Status};
 use crate::apikey;
 use crate::audit;
 use crate::catalog::Catalog;
+use crate::identity;
 use crate::placement::{self, Candidate};
 use crate::registry::{Compare, Op, Registry, RegistryError, Snapshot};
 use crate::schema::{
     self, ApiKeyRecord, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState,
-    GlobalSuppressionRecord, Keys, PlacementRecord, PlacementState, Policy, TenantRecord,
-    TenantStatus, Tier,
+    GlobalSuppressionRecord, IdentityRecord, Keys, PlacementRecord, PlacementState, Policy,
+    TenantRecord, TenantStatus, Tier,
 };
 
 pub struct ControlApi {
     registry: Arc<dyn Registry>,
     keys: Keys,
+    dns: identity::Checker,
+    /// Whether a new tenant's domains count as verified (one-machine setups).
+    trust_new_domains: bool,
 }
 
 pub(crate) fn registry_error(err: RegistryError) -> ApiError {
@@ -171,8 +175,17 @@ fn tenant_info(catalog: &Catalog, id: &TenantId, tenant: &TenantRecord) -> v1::T
 }
 
 impl ControlApi {
-    pub fn new(registry: Arc<dyn Registry>, keys: Keys) -> Self {
-        Self { registry, keys }
+    pub fn new(
+        registry: Arc<dyn Registry>,
+        keys: Keys,
+        identities: &identity::IdentityConfig,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            registry,
+            keys,
+            dns: identity::Checker::new(identities)?,
+            trust_new_domains: identities.trust_new_domains,
+        })
     }
 
     /// A catalog of the given kinds of record (`cells`, `alive`, `tenants`, `placements`).
@@ -226,12 +239,26 @@ impl ControlApi {
         })?
         .clone();
 
+        let now = now_ms();
+        let identities = domains
+            .iter()
+            .map(|domain| {
+                let mut identity = identity::new_identity(domain, now);
+                identity.verified_at_ms = self.trust_new_domains.then_some(now);
+                identity
+            })
+            .collect();
         let tenant = TenantRecord {
             tier,
             status: TenantStatus::Active,
-            domains,
-            created_at_ms: now_ms(),
+            domains: if self.trust_new_domains {
+                domains
+            } else {
+                Vec::new()
+            },
+            created_at_ms: now,
             policy,
+            identities,
         };
         let placement = PlacementRecord {
             cell,
@@ -627,6 +654,98 @@ impl ControlApi {
         })
     }
 
+    async fn add_domain(
+        &self,
+        req: v1::DomainRequest,
+        actor: String,
+    ) -> Result<v1::DomainInfo, ApiError> {
+        let id = TenantId::new(req.tenant_id)
+            .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        let domain = parse_domain("domain".into(), &req.domain)?;
+        let (before, revision) = self.tenant(&id).await?;
+        if let Some(known) = before.identities.iter().find(|i| i.domain == domain) {
+            return Ok(domain_info(known, Vec::new()));
+        }
+        let added = identity::new_identity(&domain, now_ms());
+        let mut after = before.clone();
+        after.identities.push(added.clone());
+        let entry = AuditRecord {
+            at_ms: added.added_at_ms,
+            actor,
+            action: "tenant.domain.add".into(),
+            tenant: Some(id.clone()),
+            reason: domain.clone(),
+            before: audit::snapshot(&before),
+            after: audit::snapshot(&after),
+        };
+        self.write_tenant(
+            &id,
+            revision,
+            &after,
+            vec![audit::entry_op(&self.keys, &entry)],
+        )
+        .await?;
+        Ok(domain_info(&added, Vec::new()))
+    }
+
+    async fn verify_domain(
+        &self,
+        req: v1::DomainRequest,
+        actor: String,
+    ) -> Result<v1::DomainInfo, ApiError> {
+        let id = TenantId::new(req.tenant_id)
+            .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        let domain = parse_domain("domain".into(), &req.domain)?;
+        let (before, revision) = self.tenant(&id).await?;
+        let identity = before
+            .identities
+            .iter()
+            .find(|i| i.domain == domain)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "domain: {domain} was not added to tenant {id} (cellmail tenant domain add)"
+                ))
+            })?;
+        let checked = self.dns.check(&identity).await;
+        let problems: Vec<Option<String>> = checked.into_iter().map(|(_, p)| p).collect();
+        if problems.iter().any(Option::is_some) || identity.verified_at_ms.is_some() {
+            return Ok(domain_info(&identity, problems));
+        }
+        let now = now_ms();
+        let mut after = before.clone();
+        for i in &mut after.identities {
+            if i.domain == domain {
+                i.verified_at_ms = Some(now);
+            }
+        }
+        if !after.domains.contains(&domain) {
+            after.domains.push(domain.clone());
+        }
+        let entry = AuditRecord {
+            at_ms: now,
+            actor,
+            action: "tenant.domain.verify".into(),
+            tenant: Some(id.clone()),
+            reason: domain.clone(),
+            before: audit::snapshot(&before),
+            after: audit::snapshot(&after),
+        };
+        self.write_tenant(
+            &id,
+            revision,
+            &after,
+            vec![audit::entry_op(&self.keys, &entry)],
+        )
+        .await?;
+        tracing::info!(tenant = %id, %domain, "sending domain verified");
+        let verified = IdentityRecord {
+            verified_at_ms: Some(now),
+            ..identity
+        };
+        Ok(domain_info(&verified, problems))
+    }
+
     async fn list_audit(
         &self,
         req: v1::ListAuditRequest,
@@ -729,6 +848,27 @@ impl ControlApi {
             .is_some();
         self.registry.delete(&key).await.map_err(registry_error)?;
         Ok(v1::RemoveSuppressionResponse { removed: existed })
+    }
+}
+
+/// `identity`'s records, each with what a check found wrong (`problems`, in the same order;
+/// empty when not checked).
+fn domain_info(identity: &IdentityRecord, problems: Vec<Option<String>>) -> v1::DomainInfo {
+    let mut problems = problems.into_iter();
+    let records = identity::records(identity)
+        .into_iter()
+        .map(|r| v1::DnsRecordInfo {
+            purpose: r.purpose.to_owned(),
+            r#type: r.kind.to_string(),
+            name: r.name,
+            value: r.value,
+            problem: problems.next().flatten().unwrap_or_default(),
+        })
+        .collect();
+    v1::DomainInfo {
+        domain: identity.domain.clone(),
+        verified: identity.verified_at_ms.is_some(),
+        records,
     }
 }
 
@@ -838,6 +978,26 @@ impl Control for ControlApi {
         let actor = actor(&request);
         Ok(Response::new(
             ControlApi::resume_tenant(self, request.into_inner(), actor).await?,
+        ))
+    }
+
+    async fn add_domain(
+        &self,
+        request: Request<v1::DomainRequest>,
+    ) -> Result<Response<v1::DomainInfo>, Status> {
+        let actor = actor(&request);
+        Ok(Response::new(
+            ControlApi::add_domain(self, request.into_inner(), actor).await?,
+        ))
+    }
+
+    async fn verify_domain(
+        &self,
+        request: Request<v1::DomainRequest>,
+    ) -> Result<Response<v1::DomainInfo>, Status> {
+        let actor = actor(&request);
+        Ok(Response::new(
+            ControlApi::verify_domain(self, request.into_inner(), actor).await?,
         ))
     }
 

@@ -8,6 +8,7 @@
 //! - [`apikey`]: issuing and hashing tenant API keys.
 //! - [`api`]: the `Control` gRPC service.
 //! - [`auth`]: the operator credential every `Control` call must carry.
+//! - [`identity`]: the DNS records of a tenant's sending domains, and their check.
 //! - [`audit`]: the trail of control actions and breaker trips.
 
 pub mod api;
@@ -15,6 +16,7 @@ pub mod apikey;
 pub mod audit;
 pub mod auth;
 pub mod catalog;
+pub mod identity;
 pub mod placement;
 pub mod registry;
 pub mod schema;
@@ -44,6 +46,8 @@ pub struct ControlConfig {
         hide_env_values = true
     )]
     pub admin_token: String,
+    #[command(flatten)]
+    pub identities: identity::IdentityConfig,
 }
 /// Which registry a binary uses, and under which prefix.
 #[derive(Debug, Clone, clap::Args)]
@@ -93,6 +97,7 @@ pub async fn serve(
     registry: Arc<dyn registry::Registry>,
     keys: schema::Keys,
     admin_token: &str,
+    identities: &identity::IdentityConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -100,7 +105,7 @@ pub async fn serve(
         "the admin token must be at least 16 characters"
     );
     let api = ControlServer::with_interceptor(
-        api::ControlApi::new(registry, keys),
+        api::ControlApi::new(registry, keys, identities)?,
         auth::AdminAuth::new(admin_token),
     );
     let routes = tonic::service::Routes::new(api);

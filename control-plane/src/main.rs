@@ -46,6 +46,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         registry,
         args.registry.keys(),
         &args.control.admin_token,
+        &args.control.identities,
         shutdown,
     )
     .await

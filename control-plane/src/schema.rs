@@ -181,6 +181,20 @@ pub struct TenantRecord {
     pub created_at_ms: u64,
     #[serde(default)]
     pub policy: Policy,
+    /// Domains added for verification, with the records they need (verified ones too).
+    #[serde(default)]
+    pub identities: Vec<IdentityRecord>,
+}
+
+/// A domain a tenant asked to send from, and the tokens of the DNS records it must publish.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityRecord {
+    pub domain: String,
+    /// The ownership token, published as `_cellmail.<domain> TXT cellmail-verification=<token>`.
+    pub token: String,
+    pub dkim_selectors: Vec<String>,
+    pub added_at_ms: u64,
+    pub verified_at_ms: Option<u64>,
 }
 
 /// A tenant's sending limits and breaker thresholds.

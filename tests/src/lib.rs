@@ -5,6 +5,7 @@
 //! [`bench`] is the benchmark harness behind `cellmail-bench`.
 
 pub mod bench;
+pub mod dns;
 pub mod emulator;
 pub mod processes;
 pub mod services;

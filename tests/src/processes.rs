@@ -95,10 +95,16 @@ impl Front {
     pub async fn start(registry: &[String], admin_token: &str) -> anyhow::Result<Self> {
         let (control, router, router_metrics) = (free_addr()?, free_addr()?, free_addr()?);
         let registry = registry.iter().map(String::as_str);
-        let control_args: Vec<&str> = ["--control-addr", &control, "--admin-token", admin_token]
-            .into_iter()
-            .chain(registry.clone())
-            .collect();
+        let control_args: Vec<&str> = [
+            "--control-addr",
+            &control,
+            "--admin-token",
+            admin_token,
+            "--trust-new-domains",
+        ]
+        .into_iter()
+        .chain(registry.clone())
+        .collect();
         let control_daemon =
             Daemon::start("cellmail-control", &control_args, Some(&control)).await?;
         let router_args: Vec<&str> = ["--router-addr", &router, "--metrics-addr", &router_metrics]

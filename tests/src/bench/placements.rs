@@ -63,6 +63,7 @@ pub fn cache_at_scale(tenants: usize) -> anyhow::Result<Vec<Row>> {
                 burst: 1_000_000,
                 ..Policy::default()
             },
+            identities: Vec::new(),
         });
         let mut ops = Vec::with_capacity(WRITE_BATCH);
         for n in 0..tenants {

@@ -242,6 +242,7 @@ pub(super) async fn seed(
         domains: vec!["bench.example".into()],
         created_at_ms: 0,
         policy,
+        identities: Vec::new(),
     };
     let placement = PlacementRecord {
         cell: CellId::new(CELL)?,

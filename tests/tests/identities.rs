@@ -1,0 +1,173 @@
+//! Sending identities end to end: `cellmail up` checks a domain's DNS records through a DNS
+//! server the test runs on loopback; a tenant sends from a domain only once its own records
+//! are all published.
+
+use std::time::Duration;
+
+use cellmail_proto::v1;
+use cellmail_tests::dns::DnsServer;
+use cellmail_tests::{Platform, authorized, cellmail, message, until_ok};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+fn domain(tenant: &str, name: &str) -> v1::DomainRequest {
+    v1::DomainRequest {
+        tenant_id: tenant.into(),
+        domain: name.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_is_sent_from_only_once_its_tenants_own_records_are_in_dns() {
+    let dns = DnsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let resolver = dns.addr.to_string();
+    let platform =
+        Platform::start(dir.path(), &["--cells", "1", "--dns-resolver", &resolver]).unwrap();
+    let (_, key) = platform
+        .create_tenant("ids", &["ids.example"])
+        .await
+        .unwrap();
+    let (_, other_key) = platform
+        .create_tenant("other", &["other.example"])
+        .await
+        .unwrap();
+    let control_addr = platform.control.trim_start_matches("http://").to_owned();
+    let added = cellmail(
+        &platform,
+        &[
+            "tenant",
+            "domain",
+            "add",
+            "ids",
+            "news.example",
+            "--control",
+            &control_addr,
+            "--json",
+        ],
+    );
+    assert_eq!(added["verified"], false);
+    let records = added["records"].as_array().unwrap().clone();
+    let purposes: Vec<&str> = records
+        .iter()
+        .map(|r| r["purpose"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        purposes,
+        ["ownership", "dkim", "dkim", "dkim", "spf", "dmarc"]
+    );
+
+    let mut sender = platform.sender().await.unwrap();
+    let from_news = || authorized(&key, message("hi@news.example", "j@example.com", ""));
+    let refused = sender.send(from_news()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+
+    // Ownership and DKIM only: the check names what is missing, and nothing changes.
+    for r in &records[..4] {
+        dns.publish(
+            r["name"].as_str().unwrap(),
+            r["type"].as_str().unwrap(),
+            r["value"].as_str().unwrap(),
+        );
+    }
+    let mut control = platform.control().await.unwrap();
+    let partial = control
+        .verify_domain(domain("ids", "news.example"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!partial.verified);
+    let problems: Vec<(&str, &str)> = partial
+        .records
+        .iter()
+        .filter(|r| !r.problem.is_empty())
+        .map(|r| (r.purpose.as_str(), r.problem.as_str()))
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            ("spf", "no TXT record at news.example"),
+            ("dmarc", "no TXT record at _dmarc.news.example")
+        ]
+    );
+    assert_eq!(
+        sender.send(from_news()).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+
+    // Everything published: verified, and the tenant sends from it.
+    for r in &records[4..] {
+        dns.publish(
+            r["name"].as_str().unwrap(),
+            r["type"].as_str().unwrap(),
+            r["value"].as_str().unwrap(),
+        );
+    }
+    let verified = cellmail(
+        &platform,
+        &[
+            "tenant",
+            "domain",
+            "verify",
+            "ids",
+            "news.example",
+            "--control",
+            &control_addr,
+            "--json",
+        ],
+    );
+    assert_eq!(verified["verified"], true, "{verified}");
+    let sent = until_ok(Duration::from_secs(2), || {
+        let mut sender = sender.clone();
+        let request = from_news();
+        async move { sender.send(request).await }
+    })
+    .await;
+    assert!(sent.is_ok(), "{sent:?}");
+
+    // Another tenant claiming the domain has its own token: ids' records do not verify it.
+    let claimed = control
+        .add_domain(domain("other", "news.example"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(
+        claimed.records[0].value,
+        records[0]["value"].as_str().unwrap()
+    );
+    let not_theirs = control
+        .verify_domain(domain("other", "news.example"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!not_theirs.verified);
+    assert!(
+        not_theirs.records[0]
+            .problem
+            .contains("_cellmail.news.example")
+    );
+    let spoof = sender
+        .send(authorized(
+            &other_key,
+            message("hi@news.example", "j@example.com", ""),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(spoof.code(), Code::PermissionDenied);
+
+    // Bad input names the field; a domain never added is not found.
+    let bad = control
+        .add_domain(domain("ids", "not a domain"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert_eq!(
+        bad.get_details_bad_request().unwrap().field_violations[0].field,
+        "domain"
+    );
+    let unknown = control
+        .verify_domain(domain("ids", "never.example"))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+}
