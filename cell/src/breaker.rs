@@ -2,41 +2,46 @@
 //! policy's rolling window passes its threshold (with at least the policy's minimum volume
 //! sent), the cell trips the breaker in the registry. A tripped class gets no new sends
 //! (FAILED_PRECONDITION with the rates) and its queued mail is held in the cell store, not
-//! dropped. An operator's resume sets the breaker to resumed: the held mail is queued again
-//! and the window starts over. Every trip is audited with the resume that ends it.
+//! dropped. An operator's resume sets the breaker to resumed: delivery takes the held mail
+//! up again and the window starts over. Every trip is audited with the resume that ends it.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use cellmail_control::audit;
 use cellmail_control::catalog::WatchedCatalog;
 use cellmail_control::registry::{Compare, Registry};
 use cellmail_control::schema::{
-    self, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, Keys,
+    self, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, Keys, Tier,
 };
-use cellmail_proto::{CellId, MessageClass, MessageId, TenantId};
-use tokio_util::sync::CancellationToken;
+use cellmail_proto::{CellId, MessageClass, TenantId};
 
 use crate::accept::now_ms;
-use crate::queue::Queue;
 use crate::store::{Counts, Store};
 
 const MINUTE_MS: u64 = 60_000;
-/// How often held mail of resumed breakers is looked for.
-const RELEASE_EVERY: Duration = Duration::from_secs(1);
-/// Held messages queued again per store write.
-const RELEASE_BATCH: usize = 100;
 
-/// Whether a tenant's class is paused; delivery holds such mail instead of sending it.
+/// What delivery needs to know of a tenant: whether a class of its mail is paused (such mail
+/// is held instead of sent) and its share of the cell's sending (by tier).
 pub trait Gate: Send + Sync {
     fn paused(&self, tenant: &TenantId, class: MessageClass) -> bool;
+    fn weight(&self, tenant: &TenantId) -> u32;
 }
 
 impl Gate for WatchedCatalog {
     fn paused(&self, tenant: &TenantId, class: MessageClass) -> bool {
         self.read().tripped(tenant, class).is_some()
     }
+
+    fn weight(&self, tenant: &TenantId) -> u32 {
+        match self.read().tenants.get(tenant).map(|t| t.tier) {
+            Some(Tier::Premium) => PREMIUM_WEIGHT,
+            _ => 1,
+        }
+    }
 }
+
+/// How many messages a premium tenant's lane sends per turn, to a standard tenant's one.
+pub const PREMIUM_WEIGHT: u32 = 4;
 
 fn percent(count: u64, of: u64) -> f64 {
     count as f64 * 100.0 / of.max(1) as f64
@@ -177,47 +182,6 @@ impl Breakers {
         if written.is_some() {
             tracing::error!(%tenant, %class, cell = %self.cell, %detail, "ALARM: breaker tripped; this tenant's class is paused and its mail held");
             metrics::counter!("cellmail_breaker_trips_total", "cell" => self.cell.to_string(), "class" => class.as_str()).increment(1);
-        }
-        Ok(())
-    }
-
-    /// Queues the held mail of every resumed breaker again, until `shutdown`.
-    pub async fn release_held(self: Arc<Self>, queue: Arc<dyn Queue>, shutdown: CancellationToken) {
-        while !shutdown.is_cancelled() {
-            if let Err(err) = self.release_once(queue.as_ref()).await {
-                tracing::warn!(%err, "releasing held mail failed; retrying");
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(RELEASE_EVERY) => {}
-            }
-        }
-    }
-
-    async fn release_once(&self, queue: &dyn Queue) -> anyhow::Result<()> {
-        let resumed: Vec<(TenantId, MessageClass)> = self
-            .catalog
-            .read()
-            .breakers
-            .iter()
-            .filter(|(_, b)| !b.tripped())
-            .map(|(key, _)| key.clone())
-            .collect();
-        for (tenant, class) in resumed {
-            loop {
-                let held = self.store.held(&tenant, class, RELEASE_BATCH)?;
-                if held.is_empty() {
-                    break;
-                }
-                let mut ids: Vec<MessageId> = Vec::with_capacity(held.len());
-                for (id, body) in held {
-                    queue.send(class.into(), body).await?;
-                    ids.push(id);
-                }
-                let released = ids.len();
-                self.store.release(&tenant, class, ids, now_ms()).await?;
-                tracing::info!(%tenant, %class, released, "held mail queued again after resume");
-            }
         }
         Ok(())
     }

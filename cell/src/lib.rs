@@ -215,20 +215,19 @@ pub async fn run(
         keys.clone(),
         store.clone(),
     ));
-    let release = tokio::spawn(
-        breakers
-            .clone()
-            .release_held(backends.queue.clone(), shutdown.clone()),
-    );
     let ingest = Arc::new(feedback::Ingest::new(
         store.clone(),
         backends.queue.clone(),
         breakers,
     ));
     let ingest = tokio::spawn(ingest.run(shutdown.clone()));
-    let workers: Vec<_> = (0..config.workers)
+    // No workers: accept and queue only (intake too stays off, so nothing is taken in).
+    let mut workers: Vec<_> = (0..config.workers)
         .map(|_| tokio::spawn(worker.clone().run(shutdown.clone())))
         .collect();
+    if config.workers > 0 {
+        workers.push(tokio::spawn(worker.clone().intake(shutdown.clone())));
+    }
 
     let health = tonic_health::server::HealthReporter::new();
     let reporter = {
@@ -253,7 +252,6 @@ pub async fn run(
         worker.await?;
     }
     ingest.await?;
-    release.await?;
 
     keepalive.await??;
     registry.revoke_lease(lease).await?;

@@ -2,7 +2,8 @@
 //! the idempotency window (tenant + key -> the first answer), each message's record (state,
 //! recipients, events; it also stops a redelivered message from being sent twice) and each
 //! tenant's suppression list, its figures (by hour for stats, by minute for its breakers)
-//! and the mail held while a breaker pauses it.
+//! and the mail parked outside the queue: a tenant's overflow beyond its lane, retries of
+//! parked mail, and the mail held while a breaker pauses its class.
 //!
 //! An idempotency key is reserved durably *before* its message is queued, and completed
 //! after. A crash between the two leaves a pending reservation; the retry re-queues the same
@@ -19,6 +20,7 @@ use cellmail_proto::{MessageClass, MessageId, SuppressionReason, TenantId, suppr
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+use crate::accept::now_ms;
 use crate::commit::{GroupCommit, StorageError};
 use crate::message::{Accepted, EventKind, MessageEvent, MessageRecord, MessageState};
 
@@ -34,8 +36,8 @@ const BODIES: TableDefinition<&str, &[u8]> = TableDefinition::new("bodies");
 const STATS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("stats");
 /// (tenant, class, minute since the epoch) -> JSON [`Counts`] of sent, bounced, complained
 const WINDOW: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("window");
-/// (tenant, class, message id) -> the queued form of a message held by a paused breaker
-const HELD: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("held");
+/// (tenant, class, message id) -> [`Parked`] header (not before, attempts) + queued form
+const PARKED: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("parked");
 
 const HOUR_MS: u64 = 3_600_000;
 const MINUTE_MS: u64 = 60_000;
@@ -201,14 +203,14 @@ enum Write {
     DropBody {
         message_id: MessageId,
     },
-    Hold {
-        seed: MessageRecord,
-        body: Vec<u8>,
-        event: MessageEvent,
-    },
-    Release {
+    /// Messages to park, each with the held event when a breaker holds it.
+    Park(Vec<(MessageRecord, Parked, Option<MessageEvent>)>),
+    Unpark {
         tenant: TenantId,
         class: MessageClass,
+        id: MessageId,
+    },
+    Release {
         ids: Vec<MessageId>,
         at_ms: u64,
     },
@@ -349,40 +351,45 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 .map_err(err)?;
             Ok(Written::Found(true))
         }
-        Write::Hold { seed, body, event } => {
-            let id = seed.id.to_string();
-            txn.open_table(HELD)
-                .map_err(err)?
-                .insert(
-                    (seed.tenant.as_str(), seed.class.as_str(), id.as_str()),
-                    body.as_slice(),
-                )
-                .map_err(err)?;
-            apply(
-                txn,
-                Write::Outcome {
-                    seed,
-                    state: MessageState::Held,
-                    event,
-                },
-            )
+        Write::Park(entries) => {
+            for (seed, parked, held) in entries {
+                let id = seed.id.to_string();
+                txn.open_table(PARKED)
+                    .map_err(err)?
+                    .insert(
+                        (seed.tenant.as_str(), seed.class.as_str(), id.as_str()),
+                        parked.encode().as_slice(),
+                    )
+                    .map_err(err)?;
+                if let Some(event) = held {
+                    apply(
+                        txn,
+                        Write::Outcome {
+                            seed,
+                            state: MessageState::Held,
+                            event,
+                        },
+                    )?;
+                }
+            }
+            Ok(Written::Found(true))
         }
-        Write::Release {
-            tenant,
-            class,
-            ids,
-            at_ms,
-        } => {
-            let mut held = txn.open_table(HELD).map_err(err)?;
+        Write::Unpark { tenant, class, id } => {
+            let removed = txn
+                .open_table(PARKED)
+                .map_err(err)?
+                .remove((tenant.as_str(), class.as_str(), id.to_string().as_str()))
+                .map_err(err)?
+                .is_some();
+            Ok(Written::Found(removed))
+        }
+        Write::Release { ids, at_ms } => {
             let mut messages = txn.open_table(MESSAGES).map_err(err)?;
             for id in ids.iter().map(MessageId::to_string) {
-                held.remove((tenant.as_str(), class.as_str(), id.as_str()))
-                    .map_err(err)?;
                 let found: Option<MessageRecord> = match messages.get(id.as_str()).map_err(err)? {
                     Some(row) => Some(parse(row.value())?),
                     None => None,
                 };
-                // A worker may have sent it already, between its queueing and this write.
                 if let Some(mut record) = found.filter(|r| r.state == MessageState::Held) {
                     record.state = MessageState::Queued;
                     record.events.push(event(EventKind::Released, at_ms, ""));
@@ -467,7 +474,7 @@ impl Store {
         txn.open_table(BODIES).map_err(err)?;
         txn.open_table(STATS).map_err(err)?;
         txn.open_table(WINDOW).map_err(err)?;
-        txn.open_table(HELD).map_err(err)?;
+        txn.open_table(PARKED).map_err(err)?;
         txn.commit().map_err(err)?;
         let writes = GroupCommit::start("store", db.clone(), apply)?;
         Ok(Self { db, writes })
@@ -646,62 +653,90 @@ impl Store {
         )
     }
 
-    /// Durably keeps a message its tenant's breaker holds (its queued form) and marks it
-    /// held; the caller deletes it from its queue after.
-    pub async fn hold(
+    /// Durably parks messages outside the queue (the caller deletes them from their queue
+    /// after), each as (its record, its parked form, whether its tenant's breaker holds it).
+    pub async fn park(
         &self,
-        seed: MessageRecord,
-        body: Vec<u8>,
-        at_ms: u64,
+        entries: Vec<(MessageRecord, Parked, bool)>,
     ) -> Result<(), StorageError> {
-        let event = event(
-            EventKind::Held,
-            at_ms,
-            "its class is paused by the tenant's breaker",
-        );
-        self.found(Write::Hold { seed, body, event }, true)
-            .await
-            .map(|_| ())
+        let reason = "its class is paused by the tenant's breaker";
+        let entries = entries
+            .into_iter()
+            .map(|(seed, parked, held)| {
+                let held = held.then(|| event(EventKind::Held, now_ms(), reason));
+                (seed, parked, held)
+            })
+            .collect();
+        self.found(Write::Park(entries), true).await.map(|_| ())
     }
 
-    /// Up to `limit` of the messages held for `tenant`'s `class`, with their queued form.
-    pub fn held(
+    /// Up to `limit` of the messages parked for `tenant`'s `class` that may be sent at
+    /// `now_ms`, oldest first, and whether any is parked at all.
+    pub fn parked(
         &self,
         tenant: &TenantId,
         class: MessageClass,
         limit: usize,
-    ) -> Result<Vec<(MessageId, Vec<u8>)>, StorageError> {
+        now_ms: u64,
+    ) -> Result<(Vec<(MessageId, Parked)>, bool), StorageError> {
         let read = self.db.begin_read().map_err(err)?;
-        let table = read.open_table(HELD).map_err(err)?;
+        let table = read.open_table(PARKED).map_err(err)?;
         let (t, c) = (tenant.as_str(), class.as_str());
-        let mut held = Vec::new();
+        let (mut ready, mut any) = (Vec::new(), false);
         for row in table.range((t, c, "")..).map_err(err)? {
             let (key, value) = row.map_err(err)?;
             let (owner, of_class, id) = key.value();
-            if owner != t || of_class != c || held.len() == limit {
+            if owner != t || of_class != c || ready.len() == limit {
                 break;
             }
-            let id = id.parse().map_err(StorageError::from_display)?;
-            held.push((id, value.value().to_vec()));
+            any = true;
+            let parked = Parked::decode(value.value())?;
+            if parked.not_before_ms <= now_ms {
+                ready.push((id.parse().map_err(StorageError::from_display)?, parked));
+            }
         }
-        Ok(held)
+        Ok((ready, any))
     }
 
-    /// Forgets held messages the caller has queued again, and marks them queued.
-    pub async fn release(
+    /// Every tenant and class with parked messages.
+    pub fn parked_lanes(&self) -> Result<Vec<(TenantId, MessageClass)>, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let table = read.open_table(PARKED).map_err(err)?;
+        let mut lanes: Vec<(TenantId, MessageClass)> = Vec::new();
+        for row in table.iter().map_err(err)? {
+            let (key, _) = row.map_err(err)?;
+            let (tenant, class, _) = key.value();
+            let lane = (
+                TenantId::new(tenant).map_err(StorageError::from_display)?,
+                class.parse().map_err(StorageError::from_display)?,
+            );
+            if lanes.last() != Some(&lane) {
+                lanes.push(lane);
+            }
+        }
+        Ok(lanes)
+    }
+
+    /// Durably forgets a parked message (sent, dead-lettered or parked again).
+    pub async fn unpark(
         &self,
         tenant: &TenantId,
         class: MessageClass,
-        ids: Vec<MessageId>,
-        at_ms: u64,
+        id: MessageId,
     ) -> Result<(), StorageError> {
-        let write = Write::Release {
+        let write = Write::Unpark {
             tenant: tenant.clone(),
             class,
-            ids,
-            at_ms,
+            id,
         };
         self.found(write, true).await.map(|_| ())
+    }
+
+    /// Marks held messages queued again, now that their breaker is resumed.
+    pub async fn release(&self, ids: Vec<MessageId>, at_ms: u64) -> Result<(), StorageError> {
+        self.found(Write::Release { ids, at_ms }, false)
+            .await
+            .map(|_| ())
     }
 
     /// Durably keeps the queued form of a message too large for its queue.
@@ -795,6 +830,36 @@ impl Store {
             }
         }
         Ok(entries)
+    }
+}
+
+/// A message kept in the store instead of the queue: when it may be sent and how often it
+/// was tried, then its queued form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parked {
+    pub not_before_ms: u64,
+    pub attempts: u32,
+    pub body: Vec<u8>,
+}
+
+impl Parked {
+    fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(12 + self.body.len());
+        bytes.extend_from_slice(&self.not_before_ms.to_be_bytes());
+        bytes.extend_from_slice(&self.attempts.to_be_bytes());
+        bytes.extend_from_slice(&self.body);
+        bytes
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, StorageError> {
+        let short = || StorageError("a parked message is shorter than its header".into());
+        let (at, rest) = bytes.split_first_chunk::<8>().ok_or_else(short)?;
+        let (attempts, body) = rest.split_first_chunk::<4>().ok_or_else(short)?;
+        Ok(Self {
+            not_before_ms: u64::from_be_bytes(*at),
+            attempts: u32::from_be_bytes(*attempts),
+            body: body.to_vec(),
+        })
     }
 }
 

@@ -1,18 +1,25 @@
-//! Delivery workers: pull batches from the cell's queues (transactional first), send each
-//! message through the mailer, and settle it.
+//! Delivery. One intake task pulls batches from the cell's queues (transactional first) into
+//! per-tenant lanes; sender tasks take from the lanes fairly: transactional lanes before
+//! marketing ones, and tenants in turn, a premium tenant's lane sending more per turn (its
+//! tier's weight). A lane holds at most [`LANE_CAP`] messages: what a tenant queued beyond
+//! that is parked in the cell store (and deleted from the queue) and loaded back in order as
+//! its lane drains, so one tenant's backlog never stands in front of another tenant's mail.
+//! Mail of a class its tenant's breaker paused is parked as held, and loaded again once the
+//! breaker is resumed.
 //!
 //! A message already recorded as sent is only deleted (a redelivery after a crash). A
-//! retryable failure puts the message back with exponential backoff and jitter; a permanent
-//! one records the reason and moves the message to the dead-letter queue. Nothing is deleted
-//! before its outcome is durable.
+//! retryable failure tries the message again later with exponential backoff and jitter (a
+//! queued one by its visibility timeout, a parked one by its not-before time); a permanent
+//! failure, or a parked message's last attempt, records the reason and moves the message to
+//! the dead-letter queue. Nothing is deleted before its outcome is durable.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use cellmail_proto::{CellId, MessageId};
+use cellmail_proto::{CellId, MessageClass, MessageId, TenantId};
 use rand::Rng;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -22,24 +29,141 @@ use crate::mailer::{Mailer, MailerError};
 use crate::message::Message;
 use crate::message::{BodyRef, EventKind, MessageState};
 use crate::queue::{Delivery, Queue, QueueKind};
-use crate::store::{self, Store};
+use crate::store::{self, Parked, Store};
 
 const BATCH: usize = 10;
-/// How long a received message stays invisible while a worker sends it.
+/// How long a received message stays invisible while it waits in its lane and is sent.
 const VISIBILITY: Duration = Duration::from_secs(60);
-/// How long an idle worker long-polls the transactional queue before looking at marketing.
+/// How long intake long-polls the transactional queue before looking at marketing, and how
+/// long an idle sender waits before looking at the lanes again.
 const IDLE_WAIT: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Messages one tenant's lane holds for one class; more are parked in the store.
+pub const LANE_CAP: usize = 32;
+/// Messages all lanes hold together; intake waits for room beyond this.
+const BUFFER: usize = 512;
+/// Attempts of a parked message before it is dead-lettered, as the queues' redrive does.
+const MAX_ATTEMPTS: u32 = 5;
 
-/// The delivery side of a cell, shared by all its worker tasks.
+/// Where a message in a lane came from, which says how it is settled.
+enum Source {
+    Queue {
+        kind: QueueKind,
+        receipt: String,
+        receive_count: u32,
+    },
+    Parked {
+        attempts: u32,
+    },
+}
+
+impl Source {
+    /// Attempts made before this one.
+    fn attempts(&self) -> u32 {
+        match self {
+            Source::Queue { receive_count, .. } => receive_count.saturating_sub(1),
+            Source::Parked { attempts } => *attempts,
+        }
+    }
+}
+
+/// A message waiting in its lane, with its queued form.
+struct Item {
+    message: Message,
+    body: Vec<u8>,
+    by_reference: bool,
+    source: Source,
+}
+
+/// A tenant's place in the turn order of one class.
+struct Turn {
+    tenant: TenantId,
+    /// Messages it may still send this turn.
+    left: u32,
+    weight: u32,
+}
+
+fn class_index(class: MessageClass) -> usize {
+    match class {
+        MessageClass::Transactional => 0,
+        MessageClass::Marketing => 1,
+    }
+}
+
+/// The lanes: each tenant's received messages per class, and the turn order.
+#[derive(Default)]
+struct Lanes {
+    lanes: HashMap<(MessageClass, TenantId), VecDeque<Item>>,
+    /// Per class, transactional first: tenants whose lane is not empty, in turn order.
+    turns: [VecDeque<Turn>; 2],
+    buffered: usize,
+    /// Lanes with messages parked in the store.
+    parked: HashSet<(MessageClass, TenantId)>,
+    /// Parked messages loaded into a lane and not settled yet.
+    loaded: HashSet<MessageId>,
+}
+
+impl Lanes {
+    fn len(&self, class: MessageClass, tenant: &TenantId) -> usize {
+        self.lanes
+            .get(&(class, tenant.clone()))
+            .map_or(0, VecDeque::len)
+    }
+
+    fn push(&mut self, item: Item, weight: u32) {
+        let (class, tenant) = (item.message.class, item.message.tenant.clone());
+        let lane = self.lanes.entry((class, tenant.clone())).or_default();
+        if lane.is_empty() {
+            self.turns[class_index(class)].push_back(Turn {
+                tenant,
+                left: weight,
+                weight,
+            });
+        }
+        lane.push_back(item);
+        self.buffered += 1;
+    }
+
+    /// The next message to send: the first class with mail, the tenant whose turn it is.
+    fn pop(&mut self) -> Option<Item> {
+        for class in MessageClass::ALL {
+            let turns = &mut self.turns[class_index(class)];
+            let Some(mut turn) = turns.pop_front() else {
+                continue;
+            };
+            let key = (class, turn.tenant.clone());
+            let lane = self.lanes.get_mut(&key)?;
+            let item = lane.pop_front()?;
+            self.buffered -= 1;
+            if lane.is_empty() {
+                self.lanes.remove(&key);
+            } else if turn.left > 1 {
+                turn.left -= 1;
+                turns.push_front(turn);
+            } else {
+                turn.left = turn.weight;
+                turns.push_back(turn);
+            }
+            return Some(item);
+        }
+        None
+    }
+}
+
+/// The delivery side of a cell, shared by its intake and sender tasks.
 pub struct Worker {
     cell: CellId,
     store: Arc<Store>,
     queue: Arc<dyn Queue>,
     mailer: Arc<dyn Mailer>,
-    /// Which tenants' classes are paused by their breakers: their mail is held.
+    /// Which tenants' classes are paused by their breakers, and each tenant's weight.
     gate: Arc<dyn Gate>,
-    /// Until when the transport has paused all sending (every task waits, receiving nothing,
+    lanes: Mutex<Lanes>,
+    /// A message was put in a lane.
+    ready: Notify,
+    /// A message was taken from a lane.
+    room: Notify,
+    /// Until when the transport has paused all sending (intake receives nothing meanwhile,
     /// so held mail does not count receives towards the dead-letter queue).
     paused_until: Mutex<Option<Instant>>,
     /// Message ids some task is sending right now: a message queued twice (a retry after a
@@ -62,9 +186,9 @@ impl Drop for Claim<'_> {
     }
 }
 
-/// Exponential in the receive count, capped, with up to 50% added jitter.
-pub fn backoff(receive_count: u32, jitter: f64) -> Duration {
-    let base = Duration::from_secs(1u64 << receive_count.min(9)).min(MAX_BACKOFF);
+/// Exponential in the attempt, capped, with up to 50% added jitter.
+pub fn backoff(attempt: u32, jitter: f64) -> Duration {
+    let base = Duration::from_secs(1u64 << attempt.min(9)).min(MAX_BACKOFF);
     base.mul_f64(1.0 + jitter.clamp(0.0, 1.0) / 2.0)
 }
 
@@ -83,8 +207,16 @@ impl Worker {
             queue,
             mailer,
             gate,
+            lanes: Mutex::new(Lanes::default()),
+            ready: Notify::new(),
+            room: Notify::new(),
             sending: Mutex::new(HashSet::new()),
         }
+    }
+
+    fn lanes(&self) -> MutexGuard<'_, Lanes> {
+        // Only plain map and counter updates happen under this lock; none can panic halfway.
+        self.lanes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How long sending stays paused, if it is.
@@ -107,6 +239,61 @@ impl Worker {
         })
     }
 
+    /// Waits for `wake`, at most `IDLE_WAIT`; false once `shutdown` is cancelled.
+    async fn idle(wake: &Notify, shutdown: &CancellationToken) -> bool {
+        tokio::select! {
+            () = shutdown.cancelled() => false,
+            () = wake.notified() => true,
+            () = tokio::time::sleep(IDLE_WAIT) => true,
+        }
+    }
+
+    /// The intake task: fills the lanes from the queues and the store until `shutdown`.
+    pub async fn intake(self: Arc<Self>, shutdown: CancellationToken) {
+        match self.store.parked_lanes() {
+            Ok(parked) => self
+                .lanes()
+                .parked
+                .extend(parked.into_iter().map(|(tenant, class)| (class, tenant))),
+            Err(err) => tracing::error!(%err, "reading the parked lanes failed"),
+        }
+        while !shutdown.is_cancelled() {
+            if let Some(left) = self.pause_left() {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(left) => continue,
+                }
+            }
+            if self.lanes().buffered >= BUFFER {
+                if !Self::idle(&self.room, &shutdown).await {
+                    return;
+                }
+                continue;
+            }
+            if let Err(err) = self.refill().await {
+                tracing::warn!(%err, "loading parked mail failed; retrying");
+            }
+            let batch = tokio::select! {
+                () = shutdown.cancelled() => return,
+                batch = self.next_batch() => batch,
+            };
+            match batch {
+                Ok(Some((kind, deliveries))) => {
+                    if let Err(err) = self.admit(kind, deliveries).await {
+                        // Left in flight: they come back after their visibility timeout.
+                        tracing::error!(%err, "taking in received mail failed; it will be received again");
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(%err, "receiving from the queue failed");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// A sender task: sends from the lanes until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
             if let Some(left) = self.pause_left() {
@@ -115,17 +302,19 @@ impl Worker {
                     () = tokio::time::sleep(left) => continue,
                 }
             }
-            let batch = tokio::select! {
-                () = shutdown.cancelled() => return,
-                batch = self.next_batch() => batch,
-            };
-            match batch {
-                Ok(Some((kind, deliveries))) => self.settle_batch(kind, deliveries).await,
-                Ok(None) => {}
-                Err(err) => {
-                    tracing::warn!(%err, "receiving from the queue failed");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+            let Some(item) = self.lanes().pop() else {
+                if !Self::idle(&self.ready, &shutdown).await {
+                    return;
                 }
+                continue;
+            };
+            self.room.notify_one();
+            let parked = matches!(item.source, Source::Parked { .. }).then_some(item.message.id);
+            if let Err(err) = self.settle(item).await {
+                tracing::error!(%err, "settling a message failed; it will be retried");
+            }
+            if let Some(id) = parked {
+                self.lanes().loaded.remove(&id);
             }
         }
     }
@@ -146,21 +335,6 @@ impl Worker {
         Ok(None)
     }
 
-    async fn settle_batch(&self, kind: QueueKind, deliveries: Vec<Delivery>) {
-        let mut done = Vec::with_capacity(deliveries.len());
-        for delivery in deliveries {
-            match self.settle(kind, &delivery).await {
-                Ok(true) => done.push(delivery.receipt),
-                Ok(false) => {}
-                // Left in flight: it becomes visible again after its timeout and is retried.
-                Err(err) => tracing::error!(%err, "settling a message failed; it will be retried"),
-            }
-        }
-        if let Err(err) = self.queue.delete(kind, &done).await {
-            tracing::error!(%err, "deleting sent messages failed; they will be redelivered and skipped");
-        }
-    }
-
     /// The message a queued body carries (itself, or a reference to its copy in the store)
     /// and whether it came by reference; `None` for a reference to a message already sent.
     fn decode(&self, body: &[u8]) -> anyhow::Result<Option<(Message, bool)>> {
@@ -174,44 +348,217 @@ impl Worker {
         }
     }
 
-    /// Sends one message; `Ok(true)` when it may be deleted from its queue.
-    async fn settle(&self, kind: QueueKind, delivery: &Delivery) -> anyhow::Result<bool> {
-        let (message, by_reference) = match self.decode(&delivery.body) {
-            Ok(Some(decoded)) => decoded,
-            // A reference to a message already sent, whose stored body was dropped.
-            Ok(None) => return Ok(true),
-            Err(err) => {
-                tracing::error!(%err, "unreadable queued message; dead-lettering it");
-                self.queue
-                    .send(QueueKind::DeadLetter, delivery.body.clone())
-                    .await?;
-                return Ok(true);
+    /// Puts received messages in their lanes, or parks them: held when their class is
+    /// paused, overflow when their lane is full or already has parked mail (which goes first).
+    async fn admit(&self, kind: QueueKind, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
+        let (mut done, mut parked) = (Vec::new(), Vec::new());
+        for delivery in deliveries {
+            let (message, by_reference) = match self.decode(&delivery.body) {
+                Ok(Some(decoded)) => decoded,
+                Ok(None) => {
+                    done.push(delivery.receipt);
+                    continue;
+                }
+                Err(err) => {
+                    tracing::error!(%err, "unreadable queued message; dead-lettering it");
+                    self.queue
+                        .send(QueueKind::DeadLetter, delivery.body.clone())
+                        .await?;
+                    done.push(delivery.receipt);
+                    continue;
+                }
+            };
+            if self.store.settled(message.id)? {
+                done.push(delivery.receipt);
+                continue;
             }
-        };
-        if let Some(left) = self.pause_left() {
-            self.queue
-                .change_visibility(kind, &delivery.receipt, left)
-                .await?;
-            return Ok(false);
+            let (class, tenant) = (message.class, message.tenant.clone());
+            let held = self.gate.paused(&tenant, class);
+            let full = {
+                let lanes = self.lanes();
+                lanes.len(class, &tenant) >= LANE_CAP
+                    || lanes.parked.contains(&(class, tenant.clone()))
+            };
+            if held || full {
+                let form = Parked {
+                    not_before_ms: 0,
+                    attempts: delivery.receive_count.saturating_sub(1),
+                    body: delivery.body,
+                };
+                parked.push((message.queued_record(), form, held));
+                done.push(delivery.receipt);
+                continue;
+            }
+            let weight = self.gate.weight(&tenant);
+            let source = Source::Queue {
+                kind,
+                receipt: delivery.receipt,
+                receive_count: delivery.receive_count,
+            };
+            let item = Item {
+                message,
+                body: delivery.body,
+                by_reference,
+                source,
+            };
+            self.lanes().push(item, weight);
+            self.ready.notify_one();
         }
-        // Another task is sending this id: leave this copy in flight. When it is visible
-        // again its outcome is recorded and it is only deleted.
+        self.park(parked).await?;
+        self.queue.delete(kind, &done).await?;
+        Ok(())
+    }
+
+    /// Durably parks messages and notes their lanes.
+    async fn park(
+        &self,
+        entries: Vec<(crate::message::MessageRecord, Parked, bool)>,
+    ) -> anyhow::Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let lanes: Vec<_> = entries
+            .iter()
+            .map(|(record, _, held)| (record.class, record.tenant.clone(), *held))
+            .collect();
+        self.store.park(entries).await?;
+        let mut state = self.lanes();
+        for (class, tenant, held) in lanes {
+            if held {
+                metrics::counter!("cellmail_held_total", "cell" => self.cell.to_string(), "class" => class.as_str()).increment(1);
+            }
+            state.parked.insert((class, tenant));
+        }
+        Ok(())
+    }
+
+    /// Loads parked mail, oldest first, into lanes with room whose class is not paused.
+    async fn refill(&self) -> anyhow::Result<()> {
+        let parked: Vec<(MessageClass, TenantId)> = self.lanes().parked.iter().cloned().collect();
+        for (class, tenant) in parked {
+            let room = LANE_CAP.saturating_sub(self.lanes().len(class, &tenant));
+            if room < LANE_CAP / 2 || self.gate.paused(&tenant, class) {
+                continue;
+            }
+            let (ready, any) = self.store.parked(&tenant, class, 2 * LANE_CAP, now_ms())?;
+            if !any {
+                self.lanes().parked.remove(&(class, tenant));
+                continue;
+            }
+            let weight = self.gate.weight(&tenant);
+            let mut loaded = Vec::new();
+            for (id, form) in ready {
+                if loaded.len() == room || self.lanes().loaded.contains(&id) {
+                    continue;
+                }
+                let Some((message, by_reference)) = self.decode(&form.body)? else {
+                    self.store.unpark(&tenant, class, id).await?;
+                    continue;
+                };
+                let item = Item {
+                    message,
+                    body: form.body,
+                    by_reference,
+                    source: Source::Parked {
+                        attempts: form.attempts,
+                    },
+                };
+                let mut lanes = self.lanes();
+                lanes.loaded.insert(id);
+                lanes.push(item, weight);
+                loaded.push(id);
+                self.ready.notify_one();
+            }
+            if !loaded.is_empty() {
+                // Held mail taken up again after a resume is queued once more.
+                self.store.release(loaded, now_ms()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets a message whose outcome is recorded: deletes it from its queue or the store.
+    async fn done(&self, message: &Message, source: &Source) -> anyhow::Result<()> {
+        match source {
+            Source::Queue { kind, receipt, .. } => {
+                self.queue
+                    .delete(*kind, std::slice::from_ref(receipt))
+                    .await?
+            }
+            Source::Parked { .. } => {
+                self.store
+                    .unpark(&message.tenant, message.class, message.id)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Tries `item` again after `delay`; `attempts` counts the tries made so far.
+    async fn later(&self, item: &Item, delay: Duration, attempts: u32) -> anyhow::Result<()> {
+        match &item.source {
+            Source::Queue { kind, receipt, .. } => {
+                self.queue.change_visibility(*kind, receipt, delay).await?
+            }
+            Source::Parked { .. } => {
+                let form = Parked {
+                    not_before_ms: now_ms() + delay.as_millis() as u64,
+                    attempts,
+                    body: item.body.clone(),
+                };
+                self.park(vec![(item.message.queued_record(), form, false)])
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a permanent failure and moves the message to the dead-letter queue.
+    async fn dead_letter(&self, item: &Item, reason: String) -> anyhow::Result<()> {
+        tracing::warn!(%reason, "send refused permanently; dead-lettering");
+        let failed = store::event(EventKind::Failed, now_ms(), reason);
+        self.store
+            .record_outcome(item.message.queued_record(), MessageState::Failed, failed)
+            .await?;
+        self.queue
+            .send(QueueKind::DeadLetter, item.body.clone())
+            .await?;
+        self.done(&item.message, &item.source).await
+    }
+
+    /// Sends one message from a lane and settles it.
+    async fn settle(&self, item: Item) -> anyhow::Result<()> {
+        let message = &item.message;
+        // Another task is sending this id: leave this copy (a queued one comes back after its
+        // visibility timeout and is then only deleted; a parked one stays parked).
         let Some(_claim) = self.claim(message.id) else {
-            return Ok(false);
+            return Ok(());
         };
         if self.store.settled(message.id)? {
-            return Ok(true);
+            return self.done(message, &item.source).await;
         }
         if self.gate.paused(&message.tenant, message.class) {
-            self.store
-                .hold(message.queued_record(), delivery.body.clone(), now_ms())
+            // Paused while it waited in its lane.
+            let form = Parked {
+                not_before_ms: 0,
+                attempts: item.source.attempts(),
+                body: item.body.clone(),
+            };
+            self.park(vec![(message.queued_record(), form, true)])
                 .await?;
-            metrics::counter!("cellmail_held_total", "cell" => self.cell.to_string(), "class" => message.class.as_str()).increment(1);
-            return Ok(true);
+            if let Source::Queue { kind, receipt, .. } = &item.source {
+                self.queue
+                    .delete(*kind, std::slice::from_ref(receipt))
+                    .await?;
+            }
+            return Ok(());
+        }
+        if let Some(left) = self.pause_left() {
+            return self.later(&item, left, item.source.attempts()).await;
         }
         let span =
             tracing::info_span!("deliver", tenant = %message.tenant, message_id = %message.id);
-        let sent = self.mailer.send(&message).instrument(span).await;
+        let sent = self.mailer.send(message).instrument(span).await;
         let outcome = match &sent {
             Ok(()) => "sent",
             Err(MailerError::Retryable { .. }) => "retried",
@@ -220,28 +567,31 @@ impl Worker {
         };
         let (cell, class) = (self.cell.to_string(), message.class.as_str());
         metrics::counter!("cellmail_send_attempts_total", "cell" => cell, "class" => class, "outcome" => outcome).increment(1);
+        let attempts = item.source.attempts() + 1;
         match sent {
             Ok(()) => {
                 let sent = store::event(EventKind::Sent, now_ms(), "");
                 self.store
                     .record_outcome(message.queued_record(), MessageState::Sent, sent)
                     .await?;
-                if by_reference {
+                if item.by_reference {
                     self.store.drop_body(message.id).await?;
                 }
-                Ok(true)
+                self.done(message, &item.source).await
+            }
+            Err(MailerError::Retryable { reason, .. })
+                if matches!(item.source, Source::Parked { .. }) && attempts >= MAX_ATTEMPTS =>
+            {
+                self.dead_letter(&item, format!("{reason} (after {attempts} attempts)"))
+                    .await
             }
             Err(MailerError::Retryable {
                 reason,
                 retry_after,
             }) => {
-                let delay = retry_after
-                    .unwrap_or_else(|| backoff(delivery.receive_count, rand::rng().random()));
-                tracing::warn!(%reason, ?delay, attempt = delivery.receive_count, "send failed; retrying later");
-                self.queue
-                    .change_visibility(kind, &delivery.receipt, delay)
-                    .await?;
-                Ok(false)
+                let delay = retry_after.unwrap_or_else(|| backoff(attempts, rand::rng().random()));
+                tracing::warn!(%reason, ?delay, attempts, "send failed; retrying later");
+                self.later(&item, delay, attempts).await
             }
             Err(MailerError::Paused {
                 reason,
@@ -252,22 +602,9 @@ impl Worker {
                     .increment(1);
                 *self.paused_until.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(Instant::now() + retry_after);
-                self.queue
-                    .change_visibility(kind, &delivery.receipt, retry_after)
-                    .await?;
-                Ok(false)
+                self.later(&item, retry_after, item.source.attempts()).await
             }
-            Err(MailerError::Permanent { reason }) => {
-                tracing::warn!(%reason, "send refused permanently; dead-lettering");
-                let failed = store::event(EventKind::Failed, now_ms(), reason);
-                self.store
-                    .record_outcome(message.queued_record(), MessageState::Failed, failed)
-                    .await?;
-                self.queue
-                    .send(QueueKind::DeadLetter, delivery.body.clone())
-                    .await?;
-                Ok(true)
-            }
+            Err(MailerError::Permanent { reason }) => self.dead_letter(&item, reason).await,
         }
     }
 }
@@ -319,14 +656,28 @@ mod tests {
         fn paused(&self, tenant: &TenantId, class: MessageClass) -> bool {
             self.0.lock().unwrap().contains(&(tenant.clone(), class))
         }
+
+        fn weight(&self, _tenant: &TenantId) -> u32 {
+            1
+        }
     }
 
-    /// Runs 4 worker tasks until the token is cancelled.
+    /// Runs the intake and 4 sender tasks until the token is cancelled.
     fn spawn(
         store: &Arc<Store>,
         queue: &Arc<dyn Queue>,
         mailer: Arc<dyn Mailer>,
         gate: Arc<dyn Gate>,
+    ) -> (CancellationToken, Vec<tokio::task::JoinHandle<()>>) {
+        spawn_senders(store, queue, mailer, gate, 4)
+    }
+
+    fn spawn_senders(
+        store: &Arc<Store>,
+        queue: &Arc<dyn Queue>,
+        mailer: Arc<dyn Mailer>,
+        gate: Arc<dyn Gate>,
+        senders: usize,
     ) -> (CancellationToken, Vec<tokio::task::JoinHandle<()>>) {
         let worker = Arc::new(Worker::new(
             CellId::new("c").unwrap(),
@@ -336,9 +687,10 @@ mod tests {
             gate,
         ));
         let shutdown = CancellationToken::new();
-        let tasks = (0..4)
+        let mut tasks: Vec<_> = (0..senders)
             .map(|_| tokio::spawn(worker.clone().run(shutdown.clone())))
             .collect();
+        tasks.push(tokio::spawn(worker.clone().intake(shutdown.clone())));
         (shutdown, tasks)
     }
 
@@ -426,7 +778,10 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let (shutdown, tasks) = spawn(&store, &queue, mailer.clone(), Arc::new(Paused::default()));
+        // One sender: sends other senders had already started when the pause was reported
+        // finish; what this checks is that none starts after it.
+        let gate = Arc::new(Paused::default());
+        let (shutdown, tasks) = spawn_senders(&store, &queue, mailer.clone(), gate, 1);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !messages.iter().all(|m| store.settled(m.id).unwrap()) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -489,13 +844,14 @@ mod tests {
         }
         let mailer = Arc::new(Counting::default());
         let (shutdown, tasks) = spawn(&store, &queue, mailer.clone(), gate);
+        let held = || {
+            store
+                .parked(&marketing.tenant, MessageClass::Marketing, 10, u64::MAX)
+                .unwrap()
+                .0
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while store
-            .held(&marketing.tenant, MessageClass::Marketing, 10)
-            .unwrap()
-            .is_empty()
-            || mailer.0.lock().unwrap().len() < 2
-        {
+        while held().is_empty() || mailer.0.lock().unwrap().len() < 2 {
             assert!(Instant::now() < deadline, "nothing was held or sent");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -506,9 +862,7 @@ mod tests {
         let sent = mailer.0.lock().unwrap().clone();
         assert_eq!(sent.len(), 2);
         assert!(sent.contains(&transactional.id) && sent.contains(&other.id));
-        let held = store
-            .held(&marketing.tenant, MessageClass::Marketing, 10)
-            .unwrap();
+        let held = held();
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].0, marketing.id);
         let record = store
@@ -524,6 +878,121 @@ mod tests {
                 .is_empty(),
             "the held message left the queue"
         );
+    }
+
+    /// Sends slowly, recording whose message went out in which order.
+    #[derive(Default)]
+    struct Slow(Mutex<Vec<TenantId>>);
+
+    #[async_trait]
+    impl Mailer for Slow {
+        async fn send(&self, message: &Message) -> Result<(), MailerError> {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.0.lock().unwrap().push(message.tenant.clone());
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_tenants_backlog_does_not_stand_in_front_of_anothers_mail() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
+        let queue: Arc<dyn Queue> = Arc::new(
+            LocalQueue::open(&dir.path().join("queue.redb"), QueueConfig::default()).unwrap(),
+        );
+        let (noisy, calm) = (
+            TenantId::new("noisy").unwrap(),
+            TenantId::new("calm").unwrap(),
+        );
+        let mut ids = Vec::new();
+        // More than all lanes hold together: the calm tenant's mail is reached only because
+        // the noisy tenant's overflow is parked.
+        let backlog = BUFFER + 200;
+        for tenant in std::iter::repeat_n(&noisy, backlog).chain(std::iter::repeat_n(&calm, 5)) {
+            let mut m = message();
+            m.tenant = tenant.clone();
+            ids.push(m.id);
+            queue
+                .send(QueueKind::Transactional, serde_json::to_vec(&m).unwrap())
+                .await
+                .unwrap();
+        }
+        let mailer = Arc::new(Slow::default());
+        let (shutdown, tasks) = spawn_senders(
+            &store,
+            &queue,
+            mailer.clone(),
+            Arc::new(Paused::default()),
+            1,
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ids.iter().all(|id| store.settled(*id).unwrap()) {
+            assert!(Instant::now() < deadline, "not everything was sent");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let order = mailer.0.lock().unwrap().clone();
+        assert_eq!(
+            order.len(),
+            backlog + 5,
+            "each message sent once, parked ones too"
+        );
+        let last_calm = order.iter().rposition(|t| *t == calm).unwrap();
+        assert!(
+            last_calm < 120,
+            "the calm tenant's 5 messages waited behind the noisy backlog: last sent at {last_calm}"
+        );
+        let (parked, any) = store
+            .parked(&noisy, MessageClass::Transactional, 10, u64::MAX)
+            .unwrap();
+        assert!(parked.is_empty() && !any, "nothing is left parked");
+    }
+
+    fn item(tenant: &str, class: MessageClass) -> Item {
+        let mut message = message();
+        message.tenant = TenantId::new(tenant).unwrap();
+        message.class = class;
+        Item {
+            message,
+            body: Vec::new(),
+            by_reference: false,
+            source: Source::Parked { attempts: 0 },
+        }
+    }
+
+    #[test]
+    fn lanes_serve_transactional_first_then_tenants_in_turn_by_weight() {
+        let mut lanes = Lanes::default();
+        for _ in 0..6 {
+            lanes.push(item("premium", MessageClass::Marketing), 4);
+            lanes.push(item("standard", MessageClass::Marketing), 1);
+        }
+        lanes.push(item("standard", MessageClass::Transactional), 1);
+        let order: Vec<String> = std::iter::from_fn(|| lanes.pop())
+            .map(|i| format!("{}/{}", i.message.tenant, &i.message.class.as_str()[..1]))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "standard/t",
+                "premium/m",
+                "premium/m",
+                "premium/m",
+                "premium/m",
+                "standard/m",
+                "premium/m",
+                "premium/m",
+                "standard/m",
+                "standard/m",
+                "standard/m",
+                "standard/m",
+                "standard/m",
+            ]
+        );
+        assert_eq!(lanes.buffered, 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
