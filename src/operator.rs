@@ -567,7 +567,10 @@ pub async fn key(args: KeyArgs) -> anyhow::Result<()> {
                 .keys;
             let rows: Vec<_> = keys
                 .iter()
-                .map(|k| json!({"key_id": k.key_id, "created_at_ms": k.created_at_ms}))
+                .map(|k| {
+                    json!({"key_id": k.key_id, "created_at_ms": k.created_at_ms,
+                           "last_used_ms": k.last_used_ms})
+                })
                 .collect();
             println!("{}", json!(rows));
         }

@@ -97,6 +97,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             addr: "127.0.0.1:0".parse()?,
             capacity: 1000,
             workers: args.cell_workers,
+            top_tenants: 10,
         };
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
         tasks.spawn(async move {

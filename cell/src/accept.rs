@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use cellmail_control::catalog::{Catalog, WatchedCatalog};
 use cellmail_control::schema::TenantStatus;
@@ -21,6 +21,7 @@ use crate::fencing::{self, Verdict};
 use crate::message::{Accepted, BodyRef, Message, MessageState, RecipientOutcome};
 use crate::queue::{Queue, QueueError};
 use crate::store::{Reservation, Store};
+use crate::telemetry::TopTenants;
 use crate::validation;
 
 const HOUR_MS: u64 = 3_600_000;
@@ -36,14 +37,11 @@ pub struct Acceptor {
     catalog: Arc<WatchedCatalog>,
     store: Arc<Store>,
     queue: Arc<dyn Queue>,
+    top: Arc<TopTenants>,
     inflight: Mutex<HashMap<(TenantId, String), Flight>>,
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use cellmail_proto::now_ms;
 
 fn storage_error(err: StorageError) -> ApiError {
     ApiError::Unavailable(format!("cell store: {err}"))
@@ -59,12 +57,14 @@ impl Acceptor {
         catalog: Arc<WatchedCatalog>,
         store: Arc<Store>,
         queue: Arc<dyn Queue>,
+        top: Arc<TopTenants>,
     ) -> Self {
         Self {
             cell,
             catalog,
             store,
             queue,
+            top,
             inflight: Mutex::new(HashMap::new()),
         }
     }
@@ -246,7 +246,14 @@ impl Acceptor {
         };
         tracing::debug!(tenant = %message.tenant, message_id = %message.id, class = %message.class, ?state, "accepted");
         let (cell, class) = (self.cell.to_string(), message.class.as_str());
-        metrics::counter!("cellmail_accepted_total", "cell" => cell.clone(), "class" => class, "state" => state.as_str()).increment(1);
+        let tier = self
+            .catalog
+            .read()
+            .tenants
+            .get(&message.tenant)
+            .map_or("unknown", |t| t.tier.as_str());
+        metrics::counter!("cellmail_accepted_total", "cell" => cell.clone(), "class" => class, "tier" => tier, "state" => state.as_str()).increment(1);
+        self.top.record(&message.tenant);
         for scope in accepted
             .recipients
             .iter()

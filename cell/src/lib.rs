@@ -17,6 +17,7 @@
 //! - [`store`]: the cell's durable state (idempotency window, delivery outcomes).
 //! - [`commit`]: group commit, shared by the embedded queue and the store.
 //! - [`worker`]: delivery workers.
+//! - [`telemetry`]: per-tenant metrics for the busiest tenants only.
 
 pub mod accept;
 pub mod api;
@@ -29,6 +30,7 @@ pub mod mailer;
 pub mod message;
 pub mod queue;
 pub mod store;
+pub mod telemetry;
 pub mod validation;
 pub mod worker;
 
@@ -72,6 +74,13 @@ pub struct CellConfig {
         default_value_t = 4
     )]
     pub workers: usize,
+    /// How many of the busiest tenants get metric series of their own.
+    #[arg(
+        long = "metrics-top-tenants",
+        env = "CELLMAIL_METRICS_TOP_TENANTS",
+        default_value_t = 10
+    )]
+    pub top_tenants: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -235,11 +244,14 @@ pub async fn run(
         let component = config.id.to_string();
         tokio::spawn(async move { catalog.report_staleness(component, health, shutdown).await })
     };
+    let top = Arc::new(telemetry::TopTenants::new(config.top_tenants));
+    let publish = tokio::spawn(top.clone().publish(config.id.clone(), shutdown.clone()));
     let acceptor = Arc::new(accept::Acceptor::new(
         config.id.clone(),
         catalog,
         store.clone(),
         backends.queue,
+        top,
     ));
     let routes = tonic::service::Routes::new(CellServer::new(api::CellApi::new(acceptor, store)));
 
@@ -252,6 +264,7 @@ pub async fn run(
         worker.await?;
     }
     ingest.await?;
+    publish.await?;
 
     keepalive.await??;
     registry.revoke_lease(lease).await?;

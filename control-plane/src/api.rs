@@ -5,7 +5,6 @@
 //! fails if the tenant already exists.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use cellmail_proto::v1::{self, control_server::Control};
 use cellmail_proto::{
@@ -21,8 +20,8 @@ use crate::placement::{self, Candidate};
 use crate::registry::{Compare, Op, Registry, RegistryError, Snapshot};
 use crate::schema::{
     self, ApiKeyRecord, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState,
-    GlobalSuppressionRecord, IdentityRecord, Keys, PlacementRecord, PlacementState, Policy,
-    TenantRecord, TenantStatus, Tier,
+    GlobalSuppressionRecord, IdentityRecord, KeyUseRecord, Keys, PlacementRecord, PlacementState,
+    Policy, TenantRecord, TenantStatus, Tier,
 };
 
 pub struct ControlApi {
@@ -42,11 +41,7 @@ pub(crate) fn registry_error(err: RegistryError) -> ApiError {
     }
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub(crate) use cellmail_proto::now_ms;
 
 /// Lowercases and checks one domain a tenant may send from.
 fn parse_domain(field: String, domain: &str) -> Result<String, ApiError> {
@@ -427,11 +422,31 @@ impl ControlApi {
     ) -> Result<v1::ListApiKeysResponse, ApiError> {
         let id = TenantId::new(req.tenant_id)
             .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        let uses = self
+            .registry
+            .list(&self.keys.key_uses())
+            .await
+            .map_err(registry_error)?;
+        let last_used: std::collections::HashMap<&str, u64> = uses
+            .entries
+            .iter()
+            .filter_map(|kv| {
+                let hash = kv.key.rsplit('/').next()?;
+                let record = schema::decode::<KeyUseRecord>(&kv.value).ok()?;
+                Some((hash, record.last_used_ms))
+            })
+            .collect();
         let mut keys: Vec<_> = self
             .keys_of(&id)
             .await?
             .into_iter()
-            .map(|(_, r)| v1::ApiKeyInfo {
+            .map(|(key, r)| v1::ApiKeyInfo {
+                last_used_ms: key
+                    .rsplit('/')
+                    .next()
+                    .and_then(|hash| last_used.get(hash))
+                    .copied()
+                    .unwrap_or(0) as i64,
                 key_id: r.key_id,
                 created_at_ms: r.created_at_ms as i64,
             })
@@ -457,7 +472,17 @@ impl ControlApi {
         let Some((key, _)) = found else {
             return Ok(v1::RevokeApiKeyResponse { revoked: false });
         };
-        self.registry.delete(&key).await.map_err(registry_error)?;
+        let hash = key.rsplit('/').next().unwrap_or_default();
+        let ops = vec![
+            Op::Delete {
+                key: self.keys.key_use(hash),
+            },
+            Op::Delete { key: key.clone() },
+        ];
+        self.registry
+            .txn(Vec::new(), ops)
+            .await
+            .map_err(registry_error)?;
         tracing::info!(tenant = %id, key_id = %req.key_id, "API key revoked");
         Ok(v1::RevokeApiKeyResponse { revoked: true })
     }

@@ -69,6 +69,16 @@ impl Keys {
         format!("{}apikeys/{hash}", self.prefix)
     }
 
+    /// When a key was last used, kept apart from the key so that its updates stay out of
+    /// the catalog: `keyuse/<sha256 of the key>`.
+    pub fn key_use(&self, hash: &str) -> String {
+        format!("{}keyuse/{hash}", self.prefix)
+    }
+
+    pub fn key_uses(&self) -> String {
+        format!("{}keyuse/", self.prefix)
+    }
+
     pub fn global_suppressions(&self) -> String {
         format!("{}suppressions/", self.prefix)
     }
@@ -311,6 +321,12 @@ pub struct ApiKeyRecord {
     /// The public part of the key, shown in listings and audit records.
     pub key_id: String,
     pub created_at_ms: u64,
+}
+
+/// When a router last saw an API key used (to the minute).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyUseRecord {
+    pub last_used_ms: u64,
 }
 
 /// An address every tenant's mail skips, set by an operator.

@@ -31,3 +31,10 @@ pub use domain::{
 };
 
 pub use error::ApiError;
+
+/// Milliseconds since the Unix epoch, the time unit of every record.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

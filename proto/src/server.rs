@@ -36,8 +36,13 @@ impl MetricsConfig {
     /// process: the binaries and `cellmail up` call it, libraries only record.
     pub fn serve(&self) -> Result<(), metrics_exporter_prometheus::BuildError> {
         match self.metrics_addr {
+            // Gauges not set for a while (a tenant no longer among the busiest) are dropped.
             Some(addr) => metrics_exporter_prometheus::PrometheusBuilder::new()
                 .with_http_listener(addr)
+                .idle_timeout(
+                    metrics_util::MetricKindMask::GAUGE,
+                    Some(std::time::Duration::from_secs(60)),
+                )
                 .install(),
             None => Ok(()),
         }

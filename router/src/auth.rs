@@ -1,23 +1,83 @@
 //! Authentication, as a tonic interceptor in front of `Sender`: the caller's tenant comes
 //! only from `authorization: Bearer <api key>`, resolved through the hashed keys in the
-//! watched catalog (no registry read), and travels on as a request extension.
+//! watched catalog (no registry read), and travels on as a request extension. Each key's
+//! last use is noted in memory and written to the registry at most once a minute per key.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cellmail_control::apikey;
 use cellmail_control::catalog::WatchedCatalog;
+use cellmail_control::registry::Registry;
+use cellmail_control::schema::{self, KeyUseRecord, Keys};
 use cellmail_proto::{ApiError, TenantId};
+use tokio_util::sync::CancellationToken;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
+
+/// How often a key's last use is written to the registry, at most.
+const USE_EVERY: Duration = Duration::from_secs(60);
+
+/// Keys used since their last write: key hash -> (last used, last written), in ms.
+#[derive(Default)]
+pub struct Usage(Mutex<HashMap<String, (u64, u64)>>);
+
+impl Usage {
+    fn note(&self, hash: String, now_ms: u64) {
+        let mut used = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        used.entry(hash).or_insert((0, 0)).0 = now_ms;
+    }
+
+    /// Keys whose last use is not written yet and whose last write is over `USE_EVERY` old
+    /// (all of them with `force`), marked written.
+    fn due(&self, now_ms: u64, force: bool) -> Vec<(String, u64)> {
+        let mut used = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let every = USE_EVERY.as_millis() as u64;
+        used.iter_mut()
+            .filter(|(_, (last, written))| last > written && (force || now_ms >= written + every))
+            .map(|(hash, (last, written))| {
+                *written = *last;
+                (hash.clone(), *last)
+            })
+            .collect()
+    }
+
+    /// Writes due last uses every second (and all of them at `shutdown`).
+    pub async fn write(
+        self: Arc<Self>,
+        registry: Arc<dyn Registry>,
+        keys: Keys,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let stopping = tokio::select! {
+                () = shutdown.cancelled() => true,
+                () = tokio::time::sleep(Duration::from_secs(1)) => false,
+            };
+            for (hash, last_used_ms) in self.due(cellmail_proto::now_ms(), stopping) {
+                let record = KeyUseRecord { last_used_ms };
+                let key = keys.key_use(&hash);
+                if let Err(err) = registry.put(&key, schema::encode(&record), None).await {
+                    tracing::debug!(%err, "writing a key's last use failed");
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct Authenticate {
     catalog: Arc<WatchedCatalog>,
+    usage: Arc<Usage>,
 }
 
 impl Authenticate {
-    pub fn new(catalog: Arc<WatchedCatalog>) -> Self {
-        Self { catalog }
+    pub fn new(catalog: Arc<WatchedCatalog>, usage: Arc<Usage>) -> Self {
+        Self { catalog, usage }
     }
 
     fn tenant(&self, request: &Request<()>) -> Result<TenantId, ApiError> {
@@ -34,12 +94,15 @@ impl Authenticate {
                 ApiError::Unauthenticated("authorization must be `Bearer <api key>`".into())
             })?;
         let hash = apikey::hash(key);
-        self.catalog
+        let tenant = self
+            .catalog
             .read()
             .api_keys
             .get(&hash)
             .map(|record| record.tenant.clone())
-            .ok_or_else(|| ApiError::Unauthenticated("unknown or revoked API key".into()))
+            .ok_or_else(|| ApiError::Unauthenticated("unknown or revoked API key".into()))?;
+        self.usage.note(hash, cellmail_proto::now_ms());
+        Ok(tenant)
     }
 }
 
@@ -48,5 +111,23 @@ impl Interceptor for Authenticate {
         let tenant = self.tenant(&request)?;
         request.extensions_mut().insert(tenant);
         Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_written_on_first_use_then_at_most_once_a_minute() {
+        let usage = Usage::default();
+        usage.note("k".into(), 1_000);
+        assert_eq!(usage.due(1_000, false), [("k".to_owned(), 1_000)]);
+        usage.note("k".into(), 2_000);
+        assert!(usage.due(30_000, false).is_empty(), "written a second ago");
+        assert_eq!(usage.due(61_000, false), [("k".to_owned(), 2_000)]);
+        assert!(usage.due(200_000, false).is_empty(), "not used since");
+        usage.note("k".into(), 200_500);
+        assert_eq!(usage.due(200_600, true), [("k".to_owned(), 200_500)]);
     }
 }

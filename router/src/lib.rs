@@ -39,10 +39,12 @@ pub async fn serve(
     keys: Keys,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let catalog = Arc::new(WatchedCatalog::start(registry, keys).await?);
+    let catalog = Arc::new(WatchedCatalog::start(registry.clone(), keys.clone()).await?);
+    let usage = Arc::new(auth::Usage::default());
+    let usage_writer = tokio::spawn(usage.clone().write(registry, keys, shutdown.clone()));
     let api = SenderServer::with_interceptor(
         api::SenderApi::new(catalog.clone()),
-        auth::Authenticate::new(catalog.clone()),
+        auth::Authenticate::new(catalog.clone(), usage),
     );
     let routes = tonic::service::Routes::new(api);
     let health = tonic_health::server::HealthReporter::new();
@@ -57,5 +59,6 @@ pub async fn serve(
     let served =
         cellmail_proto::server::serve(listener, routes, &health, &[SERVICE_NAME], shutdown).await;
     reporter.abort();
+    usage_writer.await?;
     Ok(served?)
 }

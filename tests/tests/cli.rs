@@ -2,6 +2,7 @@
 //! and the health and reflection services every front door serves.
 
 use std::process::Command;
+use std::time::Duration;
 
 use cellmail_tests::{Platform, binary, cellmail, wait_for};
 use tonic_health::pb::{
@@ -281,11 +282,35 @@ async fn a_revoked_key_stops_working_and_the_tenants_other_keys_do_not() {
     }
     assert_eq!(code, tonic::Code::Unauthenticated);
     assert!(sender.send(send(&second_key)).await.is_ok());
-    let listed = cellmail(
+    // The key that sent shows when it was last used (the router writes it within a second
+    // or two of its first use); a key never used shows 0.
+    let unused = cellmail(
         &platform,
-        &["key", "list", "acme", "--control", &control, "--json"],
+        &["key", "issue", "acme", "--control", &control, "--json"],
     );
-    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let list = || {
+        cellmail(
+            &platform,
+            &["key", "list", "acme", "--control", &control, "--json"],
+        )
+    };
+    let listed = wait_for(Duration::from_secs(5), "the key's last use", || {
+        let listed = list();
+        let used = listed.as_array()?.iter().any(|k| {
+            k["key_id"] == second["key_id"] && k["last_used_ms"].as_i64().unwrap_or(0) > 0
+        });
+        used.then_some(listed)
+    })
+    .await
+    .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    let never = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key_id"] == unused["key_id"])
+        .unwrap();
+    assert_eq!(never["last_used_ms"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -284,6 +284,7 @@ pub(super) fn start_cell(
         addr: "127.0.0.1:0".parse()?,
         capacity: 10,
         workers,
+        top_tenants: 10,
     };
     let cell = {
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
