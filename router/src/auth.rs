@@ -19,25 +19,28 @@ use tonic::{Request, Status};
 /// How often a key's last use is written to the registry, at most.
 const USE_EVERY: Duration = Duration::from_secs(60);
 
-/// Keys used since their last write: key hash -> (last used, last written), in ms.
+/// Keys used since their last write: key hash -> when last used, the last use written, and
+/// when that write was (0: never), in ms.
 #[derive(Default)]
-pub struct Usage(Mutex<HashMap<String, (u64, u64)>>);
+pub struct Usage(Mutex<HashMap<String, (u64, u64, u64)>>);
 
 impl Usage {
     fn note(&self, hash: String, now_ms: u64) {
         let mut used = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        used.entry(hash).or_insert((0, 0)).0 = now_ms;
+        used.entry(hash).or_insert((0, 0, 0)).0 = now_ms;
     }
 
-    /// Keys whose last use is not written yet and whose last write is over `USE_EVERY` old
+    /// Keys whose last use is not written yet, never written or written over `USE_EVERY` ago
     /// (all of them with `force`), marked written.
     fn due(&self, now_ms: u64, force: bool) -> Vec<(String, u64)> {
         let mut used = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let every = USE_EVERY.as_millis() as u64;
         used.iter_mut()
-            .filter(|(_, (last, written))| last > written && (force || now_ms >= written + every))
-            .map(|(hash, (last, written))| {
-                *written = *last;
+            .filter(|(_, (last, written, at))| {
+                last > written && (force || *at == 0 || now_ms >= at + every)
+            })
+            .map(|(hash, (last, written, at))| {
+                (*written, *at) = (*last, now_ms);
                 (hash.clone(), *last)
             })
             .collect()
