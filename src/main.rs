@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => {
-            cellmail_proto::server::init_tracing();
+            let _telemetry = cellmail_proto::server::init_tracing("cellmail");
             up::run(args).await
         }
         Command::Tenant(args) => operator::tenant(args).await,

@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn run(args: Args) -> anyhow::Result<()> {
-    cellmail_proto::server::init_tracing();
+    let _telemetry = cellmail_proto::server::init_tracing("cellmail-cell");
     args.metrics.serve()?;
     let registry = args.registry.open(&args.data_dir).await?;
     let cell_dir = args.data_dir.join("cells").join(args.cell.id.as_str());

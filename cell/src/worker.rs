@@ -556,8 +556,7 @@ impl Worker {
         if let Some(left) = self.pause_left() {
             return self.later(&item, left, item.source.attempts()).await;
         }
-        let span =
-            tracing::info_span!("deliver", tenant = %message.tenant, message_id = %message.id);
+        let span = tracing::info_span!("deliver", tenant = %message.tenant, cell = %self.cell, message_id = %message.id, class = %message.class);
         let sent = self.mailer.send(message).instrument(span).await;
         let outcome = match &sent {
             Ok(()) => "sent",

@@ -10,17 +10,77 @@ use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_tracing() {
+/// Stops trace export when dropped, flushing the spans not sent yet (hold it in `main`).
+pub struct Telemetry(Option<opentelemetry_sdk::trace::SdkTracerProvider>);
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.0.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Whether an OTLP endpoint is configured, by OpenTelemetry's own variables.
+fn otlp_configured() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
+}
+
+/// Spans to an OTLP/gRPC collector (the endpoint, batching and service name from
+/// OpenTelemetry's `OTEL_*` variables; `service` by default).
+fn tracer_provider(
+    service: &str,
+) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    use opentelemetry_otlp::WithExportConfig as _;
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if let Ok(endpoint) = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        exporter = exporter.with_endpoint(endpoint);
+    }
+    let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(name)
+        .build();
+    Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter.build()?)
+        .with_resource(resource)
+        .build())
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); when an OTLP endpoint is set
+/// (`OTEL_EXPORTER_OTLP_ENDPOINT`), the same spans also go there as traces of `service`.
+/// Call inside the Tokio runtime (the exporter is a tonic client).
+pub fn init_tracing(service: &str) -> Telemetry {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // A second call (several components in one process) keeps the first subscriber.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    let provider = otlp_configured()
+        .then(|| tracer_provider(service))
+        .and_then(|built| {
+            built
+                .inspect_err(|err| eprintln!("OTLP trace export is off: {err}"))
+                .ok()
+        });
+    let traces = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service.to_owned())));
+    // A second call (several components in one process) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(traces)
         .try_init();
+    Telemetry(provider)
 }
 
 /// Where a process serves its Prometheus metrics, from flags or env.

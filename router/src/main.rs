@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn run(args: Args) -> anyhow::Result<()> {
-    cellmail_proto::server::init_tracing();
+    let _telemetry = cellmail_proto::server::init_tracing("cellmail-router");
     args.metrics.serve()?;
     let registry = args.registry.open(&args.data_dir).await?;
     let listener = tokio::net::TcpListener::bind(args.router.addr)

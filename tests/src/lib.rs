@@ -70,6 +70,15 @@ pub struct Platform {
 impl Platform {
     /// Starts `cellmail up` on free ports with `data_dir` and waits until it is ready.
     pub fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(data_dir, extra, &[])
+    }
+
+    /// [`Platform::start`] with extra environment variables.
+    pub fn start_with_env(
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(binary("cellmail")?)
             .arg("up")
             .arg("--data-dir")
@@ -82,6 +91,7 @@ impl Platform {
             ])
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
