@@ -23,7 +23,7 @@ enum Command {
     Up(up::UpArgs),
     /// Tenants: create, list, suspend, resume.
     Tenant(operator::TenantArgs),
-    /// Cells: list.
+    /// Cells: list, add, drain, disable, enable.
     Cell(operator::CellArgs),
     /// Tenant API keys: issue, list, revoke.
     Key(operator::KeyArgs),

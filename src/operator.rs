@@ -268,6 +268,49 @@ pub struct CellArgs {
 enum CellCommand {
     /// List cells with their state, liveness and load.
     List,
+    /// Register a cell ahead of its process, with its capacity and labels.
+    Add {
+        id: String,
+        /// Tenants the cell is sized for (default 1000).
+        #[arg(long, default_value_t = 0)]
+        capacity: u32,
+        /// A label key=value (repeatable), for placement by label.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Give the cell no new tenants (its tenants stay until moved).
+    Drain {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Take the cell out of placement.
+    Disable {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Make the cell ACTIVE again.
+    Enable {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("--label {text:?}: expected key=value"))
+}
+
+fn cell_json(c: &v1::CellInfo) -> serde_json::Value {
+    json!({
+        "cell": c.id, "endpoint": c.endpoint, "state": c.state, "alive": c.alive,
+        "capacity": c.capacity, "tenants": c.tenants, "version": c.version,
+    })
 }
 
 #[derive(Args)]
@@ -518,7 +561,7 @@ pub async fn tenant(args: TenantArgs) -> anyhow::Result<()> {
 
 pub async fn cell(args: CellArgs) -> anyhow::Result<()> {
     let mut client = args.connection.client().await?;
-    match args.command {
+    let (id, state, reason) = match args.command {
         CellCommand::List => {
             let cells = client
                 .list_cells(v1::ListCellsRequest {})
@@ -527,16 +570,7 @@ pub async fn cell(args: CellArgs) -> anyhow::Result<()> {
                 .into_inner()
                 .cells;
             if args.connection.json {
-                let rows: Vec<_> = cells
-                    .iter()
-                    .map(|c| {
-                        json!({
-                            "cell": c.id, "endpoint": c.endpoint, "state": c.state, "alive": c.alive,
-                            "capacity": c.capacity, "tenants": c.tenants, "version": c.version,
-                        })
-                    })
-                    .collect();
-                println!("{}", json!(rows));
+                println!("{}", json!(cells.iter().map(cell_json).collect::<Vec<_>>()));
             } else {
                 println!(
                     "{:<12} {:<9} {:<5} {:>8} {:>8}  {:<10} ENDPOINT",
@@ -550,8 +584,35 @@ pub async fn cell(args: CellArgs) -> anyhow::Result<()> {
                     );
                 }
             }
+            return Ok(());
         }
-    }
+        CellCommand::Add {
+            id,
+            capacity,
+            labels,
+            reason,
+        } => {
+            let request = acting(v1::AddCellRequest {
+                id,
+                capacity,
+                labels: labels.into_iter().collect(),
+                reason,
+            });
+            let added = client.add_cell(request).await.map_err(status)?;
+            println!("{}", cell_json(&added.into_inner()));
+            return Ok(());
+        }
+        CellCommand::Drain { id, reason } => (id, "DRAINING", reason),
+        CellCommand::Disable { id, reason } => (id, "DISABLED", reason),
+        CellCommand::Enable { id, reason } => (id, "ACTIVE", reason),
+    };
+    let request = acting(v1::SetCellStateRequest {
+        cell_id: id,
+        state: state.to_owned(),
+        reason,
+    });
+    let changed = client.set_cell_state(request).await.map_err(status)?;
+    println!("{}", cell_json(&changed.into_inner()));
     Ok(())
 }
 

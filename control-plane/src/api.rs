@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use cellmail_proto::v1::{self, control_server::Control};
 use cellmail_proto::{
-    ApiError, Epoch, MessageClass, SuppressionReason, SuppressionScope, TenantId, suppression_key,
+    ApiError, CellId, Epoch, MessageClass, SuppressionReason, SuppressionScope, TenantId,
+    suppression_key,
 };
 use tonic::{Request, Response, Status};
 
@@ -19,9 +20,9 @@ use crate::identity;
 use crate::placement::{self, Candidate};
 use crate::registry::{Compare, Op, Registry, RegistryError, Snapshot};
 use crate::schema::{
-    self, ApiKeyRecord, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState,
-    GlobalSuppressionRecord, IdentityRecord, KeyUseRecord, Keys, PlacementRecord, PlacementState,
-    Policy, TenantRecord, TenantStatus, Tier,
+    self, ApiKeyRecord, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, CellRecord,
+    CellState, GlobalSuppressionRecord, IdentityRecord, KeyUseRecord, Keys, PlacementRecord,
+    PlacementState, Policy, TenantRecord, TenantStatus, Tier,
 };
 
 pub struct ControlApi {
@@ -328,22 +329,133 @@ impl ControlApi {
 
     async fn list_cells(&self) -> Result<v1::ListCellsResponse, ApiError> {
         let catalog = self.catalog(&["cells", "alive", "placements"]).await?;
-        let load = catalog.load();
         let mut cells: Vec<_> = catalog
             .cells
             .iter()
-            .map(|(id, cell)| v1::CellInfo {
-                id: id.to_string(),
-                endpoint: cell.endpoint.clone(),
-                capacity: cell.capacity,
-                state: format!("{:?}", cell.state).to_uppercase(),
-                tenants: load.get(id).copied().unwrap_or(0),
-                alive: catalog.alive.contains(id),
-                version: cell.version.clone(),
-            })
+            .map(|(id, cell)| cell_info(&catalog, id, cell))
             .collect();
         cells.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(v1::ListCellsResponse { cells })
+    }
+
+    /// Cell `id` as operators see it now.
+    async fn cell_now(&self, id: &CellId) -> Result<v1::CellInfo, ApiError> {
+        let catalog = self.catalog(&["cells", "alive", "placements"]).await?;
+        let cell = catalog
+            .cells
+            .get(id)
+            .ok_or_else(|| ApiError::NotFound(format!("cell {id} does not exist")))?;
+        Ok(cell_info(&catalog, id, cell))
+    }
+
+    /// Writes `after` as cell `id`'s record if it is still at `revision` (0: absent), with
+    /// its audit entry.
+    async fn write_cell(
+        &self,
+        id: &CellId,
+        revision: u64,
+        after: &CellRecord,
+        entry: AuditRecord,
+    ) -> Result<(), ApiError> {
+        let key = self.keys.cell(id);
+        let compare = Compare {
+            key: key.clone(),
+            mod_revision: revision,
+        };
+        let ops = vec![
+            Op::Put {
+                key,
+                value: schema::encode(after),
+                lease: None,
+            },
+            audit::entry_op(&self.keys, &entry),
+        ];
+        match self.registry.txn(vec![compare], ops).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) if revision == 0 => {
+                Err(ApiError::AlreadyExists(format!("cell {id} already exists")))
+            }
+            Ok(None) => Err(ApiError::Aborted(format!(
+                "cell {id} changed meanwhile; try again"
+            ))),
+            Err(err) => Err(registry_error(err)),
+        }
+    }
+
+    async fn add_cell(
+        &self,
+        req: v1::AddCellRequest,
+        actor: String,
+    ) -> Result<v1::CellInfo, ApiError> {
+        let id = CellId::new(req.id).map_err(|e| ApiError::invalid("id", e.to_string()))?;
+        let record = CellRecord {
+            endpoint: String::new(),
+            capacity: if req.capacity == 0 {
+                1000
+            } else {
+                req.capacity
+            },
+            state: CellState::Active,
+            labels: req.labels.into_iter().collect(),
+            version: String::new(),
+        };
+        let entry = AuditRecord {
+            at_ms: now_ms(),
+            actor,
+            action: format!("cell.add {id}"),
+            tenant: None,
+            reason: req.reason,
+            before: None,
+            after: audit::snapshot(&record),
+        };
+        self.write_cell(&id, 0, &record, entry).await?;
+        self.cell_now(&id).await
+    }
+
+    async fn set_cell_state(
+        &self,
+        req: v1::SetCellStateRequest,
+        actor: String,
+    ) -> Result<v1::CellInfo, ApiError> {
+        let id =
+            CellId::new(req.cell_id).map_err(|e| ApiError::invalid("cell_id", e.to_string()))?;
+        let state = match req.state.to_ascii_uppercase().as_str() {
+            "ACTIVE" => CellState::Active,
+            "DRAINING" => CellState::Draining,
+            "DISABLED" => CellState::Disabled,
+            other => {
+                return Err(ApiError::invalid(
+                    "state",
+                    format!("{other:?} is not ACTIVE, DRAINING or DISABLED"),
+                ));
+            }
+        };
+        let kv = self
+            .registry
+            .get(&self.keys.cell(&id))
+            .await
+            .map_err(registry_error)?
+            .ok_or_else(|| ApiError::NotFound(format!("cell {id} does not exist")))?;
+        let before: CellRecord = schema::decode(&kv.value)
+            .map_err(|e| ApiError::Internal(format!("cell {id}'s record: {e}")))?;
+        if before.state != state {
+            let after = CellRecord {
+                state,
+                ..before.clone()
+            };
+            let entry = AuditRecord {
+                at_ms: now_ms(),
+                actor,
+                action: format!("cell.state {id}"),
+                tenant: None,
+                reason: req.reason,
+                before: audit::snapshot(&before),
+                after: audit::snapshot(&after),
+            };
+            self.write_cell(&id, kv.mod_revision, &after, entry).await?;
+            tracing::warn!(cell = %id, ?state, "cell state changed");
+        }
+        self.cell_now(&id).await
     }
 
     async fn issue_api_key(
@@ -897,6 +1009,18 @@ fn domain_info(identity: &IdentityRecord, problems: Vec<Option<String>>) -> v1::
     }
 }
 
+fn cell_info(catalog: &Catalog, id: &CellId, cell: &CellRecord) -> v1::CellInfo {
+    v1::CellInfo {
+        id: id.to_string(),
+        endpoint: cell.endpoint.clone(),
+        capacity: cell.capacity,
+        state: format!("{:?}", cell.state).to_uppercase(),
+        tenants: catalog.load().get(id).copied().unwrap_or(0),
+        alive: catalog.alive.contains(id),
+        version: cell.version.clone(),
+    }
+}
+
 fn global_suppression(record: GlobalSuppressionRecord) -> v1::Suppression {
     v1::Suppression {
         address: record.address,
@@ -1023,6 +1147,26 @@ impl Control for ControlApi {
         let actor = actor(&request);
         Ok(Response::new(
             ControlApi::verify_domain(self, request.into_inner(), actor).await?,
+        ))
+    }
+
+    async fn add_cell(
+        &self,
+        request: Request<v1::AddCellRequest>,
+    ) -> Result<Response<v1::CellInfo>, Status> {
+        let actor = actor(&request);
+        Ok(Response::new(
+            ControlApi::add_cell(self, request.into_inner(), actor).await?,
+        ))
+    }
+
+    async fn set_cell_state(
+        &self,
+        request: Request<v1::SetCellStateRequest>,
+    ) -> Result<Response<v1::CellInfo>, Status> {
+        let actor = actor(&request);
+        Ok(Response::new(
+            ControlApi::set_cell_state(self, request.into_inner(), actor).await?,
         ))
     }
 

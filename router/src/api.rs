@@ -124,7 +124,14 @@ impl SenderApi {
             epoch: target.epoch.0,
         };
         match call(self.channels.client(target)?, caller).await {
-            Err(status) if status.code() == tonic::Code::Unavailable => {
+            // A cell that died mid-call resets its streams (CANCELLED): to the caller that is
+            // the cell being unavailable, and the send is safe to retry with its key.
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Cancelled
+                ) =>
+            {
                 Err(ApiError::Unavailable(format!(
                     "cell {} of tenant {tenant} is unavailable: {}",
                     target.cell,

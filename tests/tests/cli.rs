@@ -406,3 +406,96 @@ async fn a_global_suppression_applies_to_every_tenant_until_removed() {
     }
     assert!(accepted, "removing the global entry lets mail through");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_and_disabled_cells_get_no_new_tenants_and_every_change_is_audited() {
+    use cellmail_proto::v1;
+    use tonic_types::StatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &["--cells", "2"]).unwrap();
+    let control = platform.control.trim_start_matches("http://").to_owned();
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--control", control.as_str(), "--json"]);
+        cellmail(&platform, &all)
+    };
+    let drained = cli(&["cell", "drain", "cell-1", "--reason", "maintenance"]);
+    assert_eq!(drained["state"], "DRAINING");
+    for n in 0..3 {
+        let (cell, _) = platform
+            .create_tenant(&format!("t{n}"), &["t.example"])
+            .await
+            .unwrap();
+        assert_eq!(cell, "cell-2", "a draining cell got a new tenant");
+    }
+    cli(&["cell", "disable", "cell-2"]);
+    let mut admin = platform.control().await.unwrap();
+    let nowhere = admin
+        .create_tenant(v1::CreateTenantRequest {
+            id: "late".into(),
+            domains: vec!["late.example".into()],
+            tier: String::new(),
+            policy: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(nowhere.code(), tonic::Code::Unavailable, "{nowhere:?}");
+    cli(&["cell", "enable", "cell-1"]);
+    let (cell, _) = platform
+        .create_tenant("late", &["late.example"])
+        .await
+        .unwrap();
+    assert_eq!(cell, "cell-1");
+
+    let added = cli(&[
+        "cell",
+        "add",
+        "cell-9",
+        "--capacity",
+        "5",
+        "--label",
+        "region=eu",
+    ]);
+    assert_eq!(added["state"], "ACTIVE");
+    assert_eq!(added["alive"], false, "registered ahead of its process");
+    assert_eq!(added["capacity"], 5);
+    let again = admin
+        .add_cell(v1::AddCellRequest {
+            id: "cell-9".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::AlreadyExists);
+    let bad = admin
+        .set_cell_state(v1::SetCellStateRequest {
+            cell_id: "cell-1".into(),
+            state: "BROKEN".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad.get_details_bad_request().unwrap().field_violations[0].field,
+        "state"
+    );
+    let unknown = admin
+        .set_cell_state(v1::SetCellStateRequest {
+            cell_id: "cell-7".into(),
+            state: "DRAINING".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    let audit = cli(&["audit"]);
+    let entries = audit.as_array().unwrap();
+    let drain = entries
+        .iter()
+        .find(|e| e["action"] == "cell.state cell-1" && e["after"]["state"] == "DRAINING")
+        .unwrap_or_else(|| panic!("no drain in {audit}"));
+    assert_eq!(drain["reason"], "maintenance");
+    assert_eq!(drain["before"]["state"], "ACTIVE");
+    assert!(entries.iter().any(|e| e["action"] == "cell.add cell-9"));
+}

@@ -1,5 +1,5 @@
-//! Noisy neighbour: tenant B's accept-to-sent latency (from the send call to its `.eml`
-//! written by the file sink) at a steady rate, alone and then while tenant A floods the router
+//! Noisy neighbour: tenant B's accept-to-sent latency (from the send call to the SENT event
+//! its cell records once the file sink wrote the message) at a steady rate, alone and then while tenant A floods the router
 //! with as many sends as it can, many times A's rate. One embedded cell with delivery workers
 //! serves both tenants; the router's per-tenant admission refuses A's excess.
 
@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime};
 
 use cellmail_control::registry::{Registry, local::LocalRegistry};
 use cellmail_control::schema::{Keys, Policy};
-use cellmail_proto::v1::sender_client::SenderClient;
+use cellmail_proto::v1::{self, sender_client::SenderClient};
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
 use super::send_path::{
     Door, UNLIMITED, closed_loop, next_key, runtime, seed, start_cell, start_router,
@@ -47,26 +48,35 @@ async fn steady(door: &Door, duration: Duration) -> Vec<(SystemTime, String)> {
     sent
 }
 
-/// Accept-to-sent latencies in ms, once every message's file is written (at most 30 s).
+/// Accept-to-sent latencies in ms (to the SENT event the cell records, whose time is in whole
+/// milliseconds), once every message is sent (at most 30 s).
 async fn delivered(
-    mail: &std::path::Path,
+    client: &SenderClient<Channel>,
+    key: &str,
     sent: &[(SystemTime, String)],
 ) -> anyhow::Result<Vec<f64>> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut latencies = Vec::with_capacity(sent.len());
     for (at, id) in sent {
-        let path = mail.join(format!("{id}.eml"));
-        let written = loop {
-            match std::fs::metadata(&path).and_then(|m| m.modified()) {
-                Ok(written) => break written,
-                Err(_) if std::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                Err(_) => anyhow::bail!("message {id} of {CALM} was not delivered within 30 s"),
+        let sent_at_ms = loop {
+            let mut request = tonic::Request::new(v1::GetMessageRequest {
+                message_id: id.clone(),
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {key}").parse()?);
+            let status = client.clone().get_message(request).await?.into_inner();
+            if let Some(event) = status.events.iter().find(|e| e.r#type == "SENT") {
+                break event.at_ms;
             }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "message {id} of {CALM} was not sent within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let latency = written.duration_since(*at).unwrap_or_default();
-        latencies.push(latency.as_secs_f64() * 1e3);
+        let started_ms = at.duration_since(SystemTime::UNIX_EPOCH)?.as_secs_f64() * 1e3;
+        latencies.push((sent_at_ms as f64 - started_ms).max(0.0));
     }
     Ok(latencies)
 }
@@ -100,30 +110,29 @@ pub fn run(quick: bool) -> anyhow::Result<Row> {
     })?;
     let (_, cell) = start_cell(&cell_rt, &registry, &keys, dir.path(), WORKERS, &shutdown)?;
     let router_addr = start_router(&router_rt, &registry, &keys, &shutdown)?;
-    let mail = dir.path().join("mail").join(CALM);
 
     let row = load_rt.block_on(async {
         let client = SenderClient::connect(format!("http://{router_addr}")).await?;
         let calm = Door::Sender {
             client: client.clone(),
-            key: Some(calm_key),
+            key: Some(calm_key.clone()),
         };
         let noisy = Door::Sender {
-            client,
+            client: client.clone(),
             key: Some(noisy_key),
         };
         calm.send(next_key()).await?;
         noisy.send(next_key()).await?;
 
         let alone = steady(&calm, duration).await;
-        let mut alone = delivered(&mail, &alone).await?;
+        let mut alone = delivered(&client, &calm_key, &alone).await?;
         let flood = {
             let noisy = noisy.clone();
             tokio::spawn(async move { closed_loop(&noisy, FLOOD_SENDERS, duration).await })
         };
         let crowded = steady(&calm, duration).await;
         let (admitted, refused) = flood.await?;
-        let mut crowded = delivered(&mail, &crowded).await?;
+        let mut crowded = delivered(&client, &calm_key, &crowded).await?;
 
         let (p99_alone, p99_crowded) = (
             percentile(&mut alone, 99.0),
