@@ -163,7 +163,7 @@ pub(super) fn next_key() -> String {
 }
 
 /// `senders` senders back to back for `duration`: (sends per second, failures).
-pub(super) async fn closed_loop(door: &Door, senders: usize, duration: Duration) -> (f64, u64) {
+async fn closed_loop(door: &Door, senders: usize, duration: Duration) -> (f64, u64) {
     let started = Instant::now();
     let tasks: Vec<_> = (0..senders)
         .map(|_| {
