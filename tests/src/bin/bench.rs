@@ -34,7 +34,7 @@ fn main() -> anyhow::Result<()> {
         "< 250",
         "not built yet: tenant moves",
     ));
-    rows.push(neighbours::run(args.quick)?);
+    rows.extend(neighbours::run(args.quick)?);
     if args.json {
         println!("{}", bench::json(&rows));
     } else {
