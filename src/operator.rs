@@ -93,6 +93,12 @@ enum TenantCommand {
         tier: String,
         #[command(flatten)]
         policy: PolicyArgs,
+        /// Pin the tenant to this cell.
+        #[arg(long)]
+        cell: Option<String>,
+        /// A label key=value its cell must carry (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
     },
     /// List tenants with their cell, placement epoch and paused classes.
     List,
@@ -445,13 +451,16 @@ pub async fn tenant(args: TenantArgs) -> anyhow::Result<()> {
             domains,
             tier,
             policy,
+            cell,
+            labels,
         } => {
-            let policy = Some(policy.into());
             let request = v1::CreateTenantRequest {
                 id,
                 domains,
                 tier,
-                policy,
+                policy: Some(policy.into()),
+                cell: cell.unwrap_or_default(),
+                labels: labels.into_iter().collect(),
             };
             let created = client
                 .create_tenant(request)

@@ -222,18 +222,30 @@ impl ControlApi {
             .map_err(|e: String| ApiError::invalid("tier", e))?;
         let policy = parse_policy(req.policy.unwrap_or_default())?;
 
+        let requirements = placement::Requirements {
+            cell: match req.cell.as_str() {
+                "" => None,
+                pinned => Some(
+                    CellId::new(pinned).map_err(|e| ApiError::invalid("cell", e.to_string()))?,
+                ),
+            },
+            labels: req.labels.into_iter().collect(),
+        };
         let catalog = self.catalog(&["cells", "alive", "placements"]).await?;
         let load = catalog.load();
-        let cell = placement::choose(catalog.cells.iter().map(|(id, record)| Candidate {
+        let candidates = catalog.cells.iter().map(|(id, record)| Candidate {
             id,
             record,
             alive: catalog.alive.contains(id),
             tenants: load.get(id).copied().unwrap_or(0),
-        }))
-        .ok_or_else(|| {
-            ApiError::Unavailable("no ACTIVE live cell has room for a new tenant".into())
-        })?
-        .clone();
+        });
+        let cell = placement::choose(candidates, &requirements)
+            .ok_or_else(|| {
+                ApiError::Unavailable(format!(
+                    "no ACTIVE live cell with room meets the placement ({requirements:?})"
+                ))
+            })?
+            .clone();
 
         let now = now_ms();
         let identities = domains

@@ -176,6 +176,7 @@ impl Platform {
             domains: domains.iter().map(|d| d.to_string()).collect(),
             tier: String::new(),
             policy: None,
+            ..Default::default()
         };
         let created = self
             .control()

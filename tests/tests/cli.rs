@@ -436,6 +436,7 @@ async fn drained_and_disabled_cells_get_no_new_tenants_and_every_change_is_audit
             domains: vec!["late.example".into()],
             tier: String::new(),
             policy: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -446,6 +447,38 @@ async fn drained_and_disabled_cells_get_no_new_tenants_and_every_change_is_audit
         .await
         .unwrap();
     assert_eq!(cell, "cell-1");
+
+    // Pinned placements: only the named cell, and only while it takes tenants.
+    let pinned = cli(&[
+        "tenant",
+        "create",
+        "pin",
+        "--domain",
+        "pin.example",
+        "--cell",
+        "cell-1",
+    ]);
+    assert_eq!(pinned["cell"], "cell-1");
+    let to_disabled = admin
+        .create_tenant(v1::CreateTenantRequest {
+            id: "pin2".into(),
+            domains: vec!["pin2.example".into()],
+            cell: "cell-2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(to_disabled.code(), tonic::Code::Unavailable);
+    let unlabelled = admin
+        .create_tenant(v1::CreateTenantRequest {
+            id: "eu".into(),
+            domains: vec!["eu.example".into()],
+            labels: [("region".to_owned(), "eu".to_owned())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(unlabelled.message().contains("region"), "{unlabelled:?}");
 
     let added = cli(&[
         "cell",

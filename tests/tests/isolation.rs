@@ -388,6 +388,7 @@ async fn a_tenant_over_its_rate_waits_with_a_retry_delay_and_others_do_not() {
             burst: 5,
             ..Default::default()
         }),
+        ..Default::default()
     };
     let flood = platform
         .control()
@@ -591,6 +592,7 @@ async fn a_daily_cap_and_a_suspension_stop_only_their_tenant_until_resumed() {
         domains: vec![format!("{id}.example")],
         tier: String::new(),
         policy: Some(policy),
+        ..Default::default()
     };
     // Bad policies are refused naming the field, and create nothing.
     let too_high = v1::TenantPolicy {

@@ -63,6 +63,7 @@ async fn a_killed_cell_fails_only_its_tenants_fast_and_loses_nothing_it_acknowle
         domains: vec![domain.into()],
         tier: String::new(),
         policy: None,
+        ..Default::default()
     };
     let a = control
         .create_tenant(create("ta", "a.example"))
@@ -185,6 +186,7 @@ async fn sends_keep_flowing_while_etcd_is_down_and_changes_arrive_after_it_retur
         domains: vec![format!("{id}.example")],
         tier: String::new(),
         policy: None,
+        ..Default::default()
     };
     // The cell registers itself; until it has, there is no cell to place on.
     let created = until_ok(Duration::from_secs(10), || {
@@ -323,6 +325,7 @@ async fn on_etcd_sqs_and_ses_a_send_through_the_router_reaches_ses_with_the_tena
         domains: vec![domain.clone()],
         tier: String::new(),
         policy: None,
+        ..Default::default()
     };
     // The cells register (and open their SQS queues) first; until then there is no cell.
     let created = until_ok(Duration::from_secs(10), || {
@@ -531,6 +534,7 @@ async fn ses_event_json_on_the_sqs_feedback_queue_suppresses_for_its_tenant_only
                 id,
                 tier: String::new(),
                 policy: None,
+                ..Default::default()
             };
             until_ok(Duration::from_secs(10), || {
                 let (mut client, request) = (control.clone(), request.clone());
