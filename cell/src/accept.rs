@@ -172,10 +172,10 @@ impl Acceptor {
     }
 
     /// Refuses a message whose class the tenant's breaker paused, or that is over the
-    /// tenant's daily cap.
-    fn admit(&self, message: &Message) -> Result<(), ApiError> {
+    /// tenant's daily cap; answers the tenant's tier (for the metrics).
+    fn admit(&self, message: &Message) -> Result<&'static str, ApiError> {
         let (tenant, class) = (&message.tenant, message.class);
-        let cap = {
+        let (cap, tier) = {
             let catalog = self.catalog.read();
             if let Some(breaker) = catalog.tripped(tenant, class) {
                 return Err(ApiError::Paused {
@@ -189,10 +189,10 @@ impl Acceptor {
             catalog
                 .tenants
                 .get(tenant)
-                .map_or(0, |t| t.policy.daily_cap)
+                .map_or((0, "unknown"), |t| (t.policy.daily_cap, t.tier.as_str()))
         };
         if cap == 0 {
-            return Ok(());
+            return Ok(tier);
         }
         let now = now_ms();
         let hours_today = (now % DAY_MS) / HOUR_MS + 1;
@@ -210,13 +210,13 @@ impl Acceptor {
                 retry_after: Duration::from_millis(DAY_MS - now % DAY_MS),
             });
         }
-        Ok(())
+        Ok(tier)
     }
 
     /// Takes suppressed recipients off the envelope, queues what is left (if anything) and
     /// records the message and the answer.
     async fn accept_new(&self, mut message: Message) -> Result<Accepted, ApiError> {
-        self.admit(&message)?;
+        let tier = self.admit(&message)?;
         let recipients = self.suppress(&mut message)?;
         let accepted = Accepted {
             message_id: message.id,
@@ -246,12 +246,6 @@ impl Acceptor {
         };
         tracing::debug!(tenant = %message.tenant, message_id = %message.id, class = %message.class, ?state, "accepted");
         let (cell, class) = (self.cell.to_string(), message.class.as_str());
-        let tier = self
-            .catalog
-            .read()
-            .tenants
-            .get(&message.tenant)
-            .map_or("unknown", |t| t.tier.as_str());
         metrics::counter!("cellmail_accepted_total", "cell" => cell.clone(), "class" => class, "tier" => tier, "state" => state.as_str()).increment(1);
         self.top.record(&message.tenant);
         for scope in accepted

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use cellmail_control::audit;
 use cellmail_control::catalog::WatchedCatalog;
-use cellmail_control::registry::{Compare, Registry};
+use cellmail_control::registry::Registry;
 use cellmail_control::schema::{
     self, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, Keys, Tier,
 };
@@ -163,23 +163,18 @@ impl Breakers {
             before: before.as_ref().and_then(audit::snapshot),
             after: audit::snapshot(&record),
         };
-        let compare = Compare {
-            key: key.clone(),
-            mod_revision: current.map_or(0, |kv| kv.mod_revision),
-        };
-        let put = cellmail_control::registry::Op::Put {
-            key,
-            value: schema::encode(&record),
-            lease: None,
-        };
-        let written = self
-            .registry
-            .txn(
-                vec![compare],
-                vec![put, audit::entry_op(&self.keys, &entry)],
-            )
-            .await?;
-        if written.is_some() {
+        let mod_revision = current.map_or(0, |kv| kv.mod_revision);
+        let value = schema::encode(&record);
+        let written = audit::write(
+            self.registry.as_ref(),
+            &self.keys,
+            &key,
+            mod_revision,
+            value,
+            &entry,
+        )
+        .await?;
+        if written {
             tracing::error!(%tenant, %class, cell = %self.cell, %detail, "ALARM: breaker tripped; this tenant's class is paused and its mail held");
             metrics::counter!("cellmail_breaker_trips_total", "cell" => self.cell.to_string(), "class" => class.as_str()).increment(1);
         }

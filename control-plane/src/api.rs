@@ -360,37 +360,32 @@ impl ControlApi {
         Ok(cell_info(&catalog, id, cell))
     }
 
-    /// Writes `after` as cell `id`'s record if it is still at `revision` (0: absent), with
-    /// its audit entry.
+    /// Writes `after` as cell `id`'s record, with its audit entry, if the record is still at
+    /// `revision` (0: absent).
     async fn write_cell(
         &self,
         id: &CellId,
         revision: u64,
         after: &CellRecord,
-        entry: AuditRecord,
+        entry: &AuditRecord,
     ) -> Result<(), ApiError> {
         let key = self.keys.cell(id);
-        let compare = Compare {
-            key: key.clone(),
-            mod_revision: revision,
-        };
-        let ops = vec![
-            Op::Put {
-                key,
-                value: schema::encode(after),
-                lease: None,
-            },
-            audit::entry_op(&self.keys, &entry),
-        ];
-        match self.registry.txn(vec![compare], ops).await {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) if revision == 0 => {
-                Err(ApiError::AlreadyExists(format!("cell {id} already exists")))
-            }
-            Ok(None) => Err(ApiError::Aborted(format!(
+        let written = audit::write(
+            self.registry.as_ref(),
+            &self.keys,
+            &key,
+            revision,
+            schema::encode(after),
+            entry,
+        )
+        .await
+        .map_err(registry_error)?;
+        match (written, revision) {
+            (true, _) => Ok(()),
+            (false, 0) => Err(ApiError::AlreadyExists(format!("cell {id} already exists"))),
+            (false, _) => Err(ApiError::Aborted(format!(
                 "cell {id} changed meanwhile; try again"
             ))),
-            Err(err) => Err(registry_error(err)),
         }
     }
 
@@ -420,7 +415,7 @@ impl ControlApi {
             before: None,
             after: audit::snapshot(&record),
         };
-        self.write_cell(&id, 0, &record, entry).await?;
+        self.write_cell(&id, 0, &record, &entry).await?;
         self.cell_now(&id).await
     }
 
@@ -464,7 +459,8 @@ impl ControlApi {
                 before: audit::snapshot(&before),
                 after: audit::snapshot(&after),
             };
-            self.write_cell(&id, kv.mod_revision, &after, entry).await?;
+            self.write_cell(&id, kv.mod_revision, &after, &entry)
+                .await?;
             tracing::warn!(cell = %id, ?state, "cell state changed");
         }
         self.cell_now(&id).await
@@ -656,44 +652,33 @@ impl ControlApi {
                 before: audit::snapshot(&before),
                 after: audit::snapshot(&after),
             };
-            self.write_tenant(
-                &id,
-                revision,
-                &after,
-                vec![audit::entry_op(&self.keys, &entry)],
-            )
-            .await?;
+            self.write_tenant(&id, revision, &after, &entry).await?;
             tracing::warn!(tenant = %id, reason = %entry.reason, "tenant suspended");
         }
         self.tenant_now(&id).await
     }
 
-    /// Writes tenant `id`'s record if it is still at `revision`, with `more` in the same
-    /// transaction; ABORTED when someone changed it meanwhile.
+    /// Writes tenant `id`'s record, with its audit entry, if it is still at `revision`;
+    /// ABORTED when someone changed it meanwhile.
     async fn write_tenant(
         &self,
         id: &TenantId,
         revision: u64,
         record: &TenantRecord,
-        more: Vec<Op>,
+        entry: &AuditRecord,
     ) -> Result<(), ApiError> {
         let key = self.keys.tenant(id);
-        let compare = Compare {
-            key: key.clone(),
-            mod_revision: revision,
-        };
-        let mut ops = vec![Op::Put {
-            key,
-            value: schema::encode(record),
-            lease: None,
-        }];
-        ops.extend(more);
-        match self.registry.txn(vec![compare], ops).await {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => Err(ApiError::Aborted(format!(
+        let value = schema::encode(record);
+        let registry = self.registry.as_ref();
+        if audit::write(registry, &self.keys, &key, revision, value, entry)
+            .await
+            .map_err(registry_error)?
+        {
+            Ok(())
+        } else {
+            Err(ApiError::Aborted(format!(
                 "tenant {id} changed meanwhile; try again"
-            ))),
-            Err(err) => Err(registry_error(err)),
+            )))
         }
     }
 
@@ -827,13 +812,7 @@ impl ControlApi {
             before: audit::snapshot(&before),
             after: audit::snapshot(&after),
         };
-        self.write_tenant(
-            &id,
-            revision,
-            &after,
-            vec![audit::entry_op(&self.keys, &entry)],
-        )
-        .await?;
+        self.write_tenant(&id, revision, &after, &entry).await?;
         Ok(domain_info(&added, Vec::new()))
     }
 
@@ -880,13 +859,7 @@ impl ControlApi {
             before: audit::snapshot(&before),
             after: audit::snapshot(&after),
         };
-        self.write_tenant(
-            &id,
-            revision,
-            &after,
-            vec![audit::entry_op(&self.keys, &entry)],
-        )
-        .await?;
+        self.write_tenant(&id, revision, &after, &entry).await?;
         tracing::info!(tenant = %id, %domain, "sending domain verified");
         let verified = IdentityRecord {
             verified_at_ms: Some(now),

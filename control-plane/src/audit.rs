@@ -5,7 +5,7 @@
 use cellmail_proto::TenantId;
 use serde::Serialize;
 
-use crate::registry::{Op, Registry, RegistryError};
+use crate::registry::{Compare, Op, Registry, RegistryError, Revision};
 use crate::schema::{self, AuditRecord, Keys};
 
 /// The write that records `entry`, to put in the transaction of the change itself.
@@ -15,6 +15,31 @@ pub fn entry_op(keys: &Keys, entry: &AuditRecord) -> Op {
         value: schema::encode(entry),
         lease: None,
     }
+}
+
+/// Writes `value` at `key` if the key is still at `mod_revision` (0: absent), with `entry` in
+/// the same transaction: `false` when the key changed meanwhile and nothing was written.
+pub async fn write(
+    registry: &dyn Registry,
+    keys: &Keys,
+    key: &str,
+    mod_revision: Revision,
+    value: Vec<u8>,
+    entry: &AuditRecord,
+) -> Result<bool, RegistryError> {
+    let compare = Compare {
+        key: key.to_owned(),
+        mod_revision,
+    };
+    let put = Op::Put {
+        key: key.to_owned(),
+        value,
+        lease: None,
+    };
+    let written = registry
+        .txn(vec![compare], vec![put, entry_op(keys, entry)])
+        .await?;
+    Ok(written.is_some())
 }
 
 /// A record as it goes into an entry's `before` or `after`.

@@ -190,6 +190,17 @@ impl Platform {
         ))
     }
 
+    /// Runs the CLI against this platform's control plane and parses its `--json` output.
+    pub fn cli(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend([
+            "--control",
+            self.control.trim_start_matches("http://"),
+            "--json",
+        ]);
+        cellmail(self, &all)
+    }
+
     /// The .eml files the file sink wrote for `tenant`.
     pub fn mail_of(&self, tenant: &str) -> Vec<PathBuf> {
         let dir = self.data_dir.join("mail").join(tenant);
@@ -252,6 +263,19 @@ pub fn authorized<T>(key: &str, message: T) -> tonic::Request<T> {
         request.metadata_mut().insert("authorization", value);
     }
     request
+}
+
+/// Tenant `key`'s message `id`, through the router.
+pub async fn get_message(
+    sender: &SenderClient<Channel>,
+    key: &str,
+    id: &str,
+) -> Result<v1::MessageStatus, tonic::Status> {
+    let request = v1::GetMessageRequest {
+        message_id: id.to_owned(),
+    };
+    let status = sender.clone().get_message(authorized(key, request)).await?;
+    Ok(status.into_inner())
 }
 
 /// A valid transactional message from `from` to `to`.

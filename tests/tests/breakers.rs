@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use cellmail_proto::v1::{self, sender_client::SenderClient};
-use cellmail_tests::{Platform, authorized, cellmail, message, wait_for};
+use cellmail_tests::{Platform, authorized, get_message, message, wait_for};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
@@ -18,16 +18,8 @@ fn marketing(from: &str, to: &str) -> v1::SendRequest {
     }
 }
 
-async fn state(sender: &mut SenderClient<Channel>, key: &str, id: &str) -> String {
-    let request = v1::GetMessageRequest {
-        message_id: id.to_owned(),
-    };
-    sender
-        .get_message(authorized(key, request))
-        .await
-        .unwrap()
-        .into_inner()
-        .state
+async fn state(sender: &SenderClient<Channel>, key: &str, id: &str) -> String {
+    get_message(sender, key, id).await.unwrap().state
 }
 
 /// The states of `ids`, once none of them is still QUEUED.
@@ -53,32 +45,22 @@ fn mail_ids(platform: &Platform, tenant: &str) -> HashSet<String> {
         .collect()
 }
 
-fn cli(platform: &Platform, args: &[&str]) -> serde_json::Value {
-    let mut all = args.to_vec();
-    let control = platform.control.trim_start_matches("http://");
-    all.extend(["--control", control, "--json"]);
-    cellmail(platform, &all)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn complaints_pause_one_tenants_marketing_only_and_resume_releases_the_held_mail() {
     let dir = tempfile::tempdir().unwrap();
     // Queue first, deliver nothing: volume, then a complaint, then a backlog behind it.
     let platform = Platform::start(dir.path(), &["--cells", "1", "--cell-workers", "0"]).unwrap();
-    let created = cli(
-        &platform,
-        &[
-            "tenant",
-            "create",
-            "noisy",
-            "--domain",
-            "noisy.example",
-            "--rate",
-            "100000",
-            "--breaker-min-volume",
-            "5",
-        ],
-    );
+    let created = platform.cli(&[
+        "tenant",
+        "create",
+        "noisy",
+        "--domain",
+        "noisy.example",
+        "--rate",
+        "100000",
+        "--breaker-min-volume",
+        "5",
+    ]);
     let a = created["api_key"].as_str().unwrap().to_owned();
     let (_, b) = platform
         .create_tenant("calm", &["calm.example"])
@@ -120,7 +102,7 @@ async fn complaints_pause_one_tenants_marketing_only_and_resume_releases_the_hel
             .all(|s| s == "SENT")
     );
     wait_for(Duration::from_secs(20), "the breaker to trip", || {
-        let tenants = cli(&platform, &["tenant", "list"]);
+        let tenants = platform.cli(&["tenant", "list"]);
         let noisy = tenants
             .as_array()?
             .iter()
@@ -196,18 +178,15 @@ async fn complaints_pause_one_tenants_marketing_only_and_resume_releases_the_hel
     .unwrap();
 
     // Resume: every held message is sent, none lost; new marketing mail is accepted again.
-    let resumed = cli(
-        &platform,
-        &[
-            "tenant",
-            "resume",
-            "noisy",
-            "--class",
-            "marketing",
-            "--reason",
-            "list cleaned",
-        ],
-    );
+    let resumed = platform.cli(&[
+        "tenant",
+        "resume",
+        "noisy",
+        "--class",
+        "marketing",
+        "--reason",
+        "list cleaned",
+    ]);
     assert_eq!(resumed["resumed_classes"][0], "marketing", "{resumed}");
     let mut states = Vec::new();
     for _ in 0..600 {
@@ -235,7 +214,7 @@ async fn complaints_pause_one_tenants_marketing_only_and_resume_releases_the_hel
         .await;
     assert!(after.is_ok(), "{after:?}");
 
-    let audit = cli(&platform, &["audit", "--tenant", "noisy"]);
+    let audit = platform.cli(&["audit", "--tenant", "noisy"]);
     let actions: Vec<&str> = audit
         .as_array()
         .unwrap()
@@ -253,7 +232,7 @@ async fn complaints_pause_one_tenants_marketing_only_and_resume_releases_the_hel
     assert_eq!(resume["reason"], "list cleaned");
     assert_eq!(resume["before"]["state"], "TRIPPED");
     assert_eq!(resume["after"]["state"], "RESUMED");
-    let calm_audit = cli(&platform, &["audit", "--tenant", "calm"]);
+    let calm_audit = platform.cli(&["audit", "--tenant", "calm"]);
     assert!(
         calm_audit.as_array().unwrap().is_empty(),
         "B has no trips: {calm_audit}"

@@ -413,13 +413,7 @@ async fn drained_and_disabled_cells_get_no_new_tenants_and_every_change_is_audit
     use tonic_types::StatusExt;
     let dir = tempfile::tempdir().unwrap();
     let platform = Platform::start(dir.path(), &["--cells", "2"]).unwrap();
-    let control = platform.control.trim_start_matches("http://").to_owned();
-    let cli = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend(["--control", control.as_str(), "--json"]);
-        cellmail(&platform, &all)
-    };
-    let drained = cli(&["cell", "drain", "cell-1", "--reason", "maintenance"]);
+    let drained = platform.cli(&["cell", "drain", "cell-1", "--reason", "maintenance"]);
     assert_eq!(drained["state"], "DRAINING");
     for n in 0..3 {
         let (cell, _) = platform
@@ -428,7 +422,7 @@ async fn drained_and_disabled_cells_get_no_new_tenants_and_every_change_is_audit
             .unwrap();
         assert_eq!(cell, "cell-2", "a draining cell got a new tenant");
     }
-    cli(&["cell", "disable", "cell-2"]);
+    platform.cli(&["cell", "disable", "cell-2"]);
     let mut admin = platform.control().await.unwrap();
     let nowhere = admin
         .create_tenant(v1::CreateTenantRequest {
@@ -441,7 +435,7 @@ async fn drained_and_disabled_cells_get_no_new_tenants_and_every_change_is_audit
         .await
         .unwrap_err();
     assert_eq!(nowhere.code(), tonic::Code::Unavailable, "{nowhere:?}");
-    cli(&["cell", "enable", "cell-1"]);
+    platform.cli(&["cell", "enable", "cell-1"]);
     let (cell, _) = platform
         .create_tenant("late", &["late.example"])
         .await
@@ -449,7 +443,7 @@ async fn drained_and_disabled_cells_get_no_new_tenants_and_every_change_is_audit
     assert_eq!(cell, "cell-1");
 
     // Pinned placements: only the named cell, and only while it takes tenants.
-    let pinned = cli(&[
+    let pinned = platform.cli(&[
         "tenant",
         "create",
         "pin",
@@ -480,7 +474,7 @@ async fn drained_and_disabled_cells_get_no_new_tenants_and_every_change_is_audit
         .unwrap_err();
     assert!(unlabelled.message().contains("region"), "{unlabelled:?}");
 
-    let added = cli(&[
+    let added = platform.cli(&[
         "cell",
         "add",
         "cell-9",
@@ -522,7 +516,7 @@ async fn drained_and_disabled_cells_get_no_new_tenants_and_every_change_is_audit
         .unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
 
-    let audit = cli(&["audit"]);
+    let audit = platform.cli(&["audit"]);
     let entries = audit.as_array().unwrap();
     let drain = entries
         .iter()

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cellmail_proto::v1;
 use cellmail_tests::dns::DnsServer;
-use cellmail_tests::{Platform, authorized, cellmail, message, until_ok};
+use cellmail_tests::{Platform, authorized, message, until_ok};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -32,20 +32,7 @@ async fn a_domain_is_sent_from_only_once_its_tenants_own_records_are_in_dns() {
         .create_tenant("other", &["other.example"])
         .await
         .unwrap();
-    let control_addr = platform.control.trim_start_matches("http://").to_owned();
-    let added = cellmail(
-        &platform,
-        &[
-            "tenant",
-            "domain",
-            "add",
-            "ids",
-            "news.example",
-            "--control",
-            &control_addr,
-            "--json",
-        ],
-    );
+    let added = platform.cli(&["tenant", "domain", "add", "ids", "news.example"]);
     assert_eq!(added["verified"], false);
     let records = added["records"].as_array().unwrap().clone();
     let purposes: Vec<&str> = records
@@ -103,19 +90,7 @@ async fn a_domain_is_sent_from_only_once_its_tenants_own_records_are_in_dns() {
             r["value"].as_str().unwrap(),
         );
     }
-    let verified = cellmail(
-        &platform,
-        &[
-            "tenant",
-            "domain",
-            "verify",
-            "ids",
-            "news.example",
-            "--control",
-            &control_addr,
-            "--json",
-        ],
-    );
+    let verified = platform.cli(&["tenant", "domain", "verify", "ids", "news.example"]);
     assert_eq!(verified["verified"], true, "{verified}");
     let sent = until_ok(Duration::from_secs(2), || {
         let mut sender = sender.clone();

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use cellmail_proto::v1::{self, sender_client::SenderClient};
-use cellmail_tests::{Platform, authorized, message};
+use cellmail_tests::{Platform, authorized, get_message, message};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -194,16 +194,7 @@ async fn a_bounce_and_a_complaint_suppress_the_address_for_that_tenant_only() {
     let id = sent.message_id.clone();
     let mut events = Vec::new();
     for _ in 0..400 {
-        let got = sender
-            .get_message(authorized(
-                &a,
-                v1::GetMessageRequest {
-                    message_id: id.clone(),
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+        let got = get_message(&sender, &a, &id).await.unwrap();
         events = got
             .events
             .iter()

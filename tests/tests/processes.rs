@@ -608,16 +608,9 @@ async fn ses_event_json_on_the_sqs_feedback_queue_suppresses_for_its_tenant_only
     }
     assert_eq!(a_list, [angry, gone]);
     assert!(list(b.clone()).await.is_empty(), "B's list is untouched");
-    let events: Vec<String> = sender
-        .get_message(authorized(
-            &a,
-            v1::GetMessageRequest {
-                message_id: id.clone(),
-            },
-        ))
+    let events: Vec<String> = cellmail_tests::get_message(&sender, &a, &id)
         .await
         .unwrap()
-        .into_inner()
         .events
         .into_iter()
         .map(|e| e.r#type)

@@ -4,16 +4,13 @@
 //! and load generator. One embedded cell with delivery workers serves both tenants; the
 //! router's per-tenant admission refuses A's excess.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use cellmail_control::registry::{Registry, local::LocalRegistry};
-use cellmail_control::schema::{Keys, Policy};
-use cellmail_proto::v1::{self, sender_client::SenderClient};
-use tokio_util::sync::CancellationToken;
+use cellmail_control::schema::Policy;
+use cellmail_proto::v1::sender_client::SenderClient;
 use tonic::transport::Channel;
 
-use super::send_path::{Door, UNLIMITED, next_key, runtime, seed, start_cell, start_router};
+use super::send_path::{Door, Stage, UNLIMITED, next_key, runtime, seed, start_cell, start_router};
 use super::{Row, percentile};
 
 const CALM: &str = "calm";
@@ -70,13 +67,7 @@ async fn delivered(
     let mut latencies = Vec::with_capacity(sent.len());
     for (at, id) in sent {
         let sent_at_ms = loop {
-            let mut request = tonic::Request::new(v1::GetMessageRequest {
-                message_id: id.clone(),
-            });
-            request
-                .metadata_mut()
-                .insert("authorization", format!("Bearer {key}").parse()?);
-            let status = client.clone().get_message(request).await?.into_inner();
+            let status = crate::get_message(client, key, id).await?;
             if let Some(event) = status.events.iter().find(|e| e.r#type == "SENT") {
                 break event.at_ms;
             }
@@ -93,23 +84,19 @@ async fn delivered(
 }
 
 pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
-    let duration = if quick {
-        Duration::from_secs(2)
-    } else {
-        Duration::from_secs(8)
-    };
     let (cell_rt, router_rt, load_rt, flood_rt) = (
         runtime("bench-cell")?,
         runtime("bench-router")?,
         runtime("bench-load")?,
         runtime("bench-flood")?,
     );
-    let dir = tempfile::tempdir()?;
-    let keys = Keys::new("/bench/");
-    let shutdown = CancellationToken::new();
-    let registry: Arc<dyn Registry> = cell_rt
-        .block_on(LocalRegistry::open(&dir.path().join("registry.redb")))
-        .map(Arc::new)?;
+    let Stage {
+        duration,
+        dir,
+        keys,
+        shutdown,
+        registry,
+    } = Stage::new(quick, &cell_rt)?;
     let noisy_policy = Policy {
         rate_per_second: NOISY_RATE,
         burst: NOISY_RATE,

@@ -322,6 +322,32 @@ pub(super) fn start_router(
     Ok(addr)
 }
 
+/// What each part of the bench starts from: how long each measurement runs, a scratch
+/// directory, the registry's keys, a shutdown token and an embedded registry opened on `rt`.
+pub(super) struct Stage {
+    pub duration: Duration,
+    pub dir: tempfile::TempDir,
+    pub keys: Keys,
+    pub shutdown: CancellationToken,
+    pub registry: Arc<dyn Registry>,
+}
+
+impl Stage {
+    pub(super) fn new(quick: bool, rt: &Runtime) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let registry: Arc<dyn Registry> = rt
+            .block_on(LocalRegistry::open(&dir.path().join("registry.redb")))
+            .map(Arc::new)?;
+        Ok(Self {
+            duration: Duration::from_secs(if quick { 2 } else { 8 }),
+            dir,
+            keys: Keys::new("/bench/"),
+            shutdown: CancellationToken::new(),
+            registry,
+        })
+    }
+}
+
 async fn bind() -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -329,24 +355,19 @@ async fn bind() -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
 }
 
 pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
-    let duration = if quick {
-        Duration::from_secs(2)
-    } else {
-        Duration::from_secs(8)
-    };
     let (cell_rt, router_rt, proxy_rt, load_rt) = (
         runtime("bench-cell")?,
         runtime("bench-router")?,
         runtime("bench-proxy")?,
         runtime("bench-load")?,
     );
-    let dir = tempfile::tempdir()?;
-    let keys = Keys::new("/bench/");
-    let shutdown = CancellationToken::new();
-
-    let registry: Arc<dyn Registry> = cell_rt
-        .block_on(LocalRegistry::open(&dir.path().join("registry.redb")))
-        .map(Arc::new)?;
+    let Stage {
+        duration,
+        dir,
+        keys,
+        shutdown,
+        registry,
+    } = Stage::new(quick, &cell_rt)?;
     let api_key = cell_rt.block_on(seed(registry.as_ref(), &keys, TENANT, UNLIMITED))?;
     let (endpoint, cell) = start_cell(&cell_rt, &registry, &keys, dir.path(), 0, &shutdown)?;
     let router_addr = start_router(&router_rt, &registry, &keys, &shutdown)?;
