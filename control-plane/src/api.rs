@@ -44,6 +44,11 @@ pub(crate) fn registry_error(err: RegistryError) -> ApiError {
 
 pub(crate) use cellmail_proto::now_ms;
 
+/// The `tenant_id` field of a request, checked.
+fn tenant_id(value: String) -> Result<TenantId, ApiError> {
+    TenantId::new(value).map_err(|e| ApiError::invalid("tenant_id", e.to_string()))
+}
+
 /// Lowercases and checks one domain a tenant may send from.
 fn parse_domain(field: String, domain: &str) -> Result<String, ApiError> {
     let domain = domain.trim().to_ascii_lowercase();
@@ -470,8 +475,7 @@ impl ControlApi {
         &self,
         req: v1::IssueApiKeyRequest,
     ) -> Result<v1::IssueApiKeyResponse, ApiError> {
-        let id = TenantId::new(req.tenant_id)
-            .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        let id = tenant_id(req.tenant_id)?;
         let tenant_key = self.keys.tenant(&id);
         let Some(tenant) = self
             .registry
@@ -540,8 +544,7 @@ impl ControlApi {
         &self,
         req: v1::ListApiKeysRequest,
     ) -> Result<v1::ListApiKeysResponse, ApiError> {
-        let id = TenantId::new(req.tenant_id)
-            .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        let id = tenant_id(req.tenant_id)?;
         let uses = self
             .registry
             .list(&self.keys.key_uses())
@@ -579,8 +582,7 @@ impl ControlApi {
         &self,
         req: v1::RevokeApiKeyRequest,
     ) -> Result<v1::RevokeApiKeyResponse, ApiError> {
-        let id = TenantId::new(req.tenant_id)
-            .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        let id = tenant_id(req.tenant_id)?;
         if req.key_id.is_empty() {
             return Err(ApiError::invalid("key_id", "is required"));
         }
@@ -635,8 +637,7 @@ impl ControlApi {
         req: v1::SuspendTenantRequest,
         actor: String,
     ) -> Result<v1::TenantInfo, ApiError> {
-        let id = TenantId::new(req.tenant_id)
-            .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        let id = tenant_id(req.tenant_id)?;
         let (before, revision) = self.tenant(&id).await?;
         if before.status != TenantStatus::Suspended {
             let after = TenantRecord {
@@ -687,8 +688,7 @@ impl ControlApi {
         req: v1::ResumeTenantRequest,
         actor: String,
     ) -> Result<v1::ResumeTenantResponse, ApiError> {
-        let id = TenantId::new(req.tenant_id)
-            .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        let id = tenant_id(req.tenant_id)?;
         let classes: Vec<MessageClass> = if req.class.is_empty() {
             MessageClass::ALL.to_vec()
         } else {
@@ -793,8 +793,7 @@ impl ControlApi {
         req: v1::DomainRequest,
         actor: String,
     ) -> Result<v1::DomainInfo, ApiError> {
-        let id = TenantId::new(req.tenant_id)
-            .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        let id = tenant_id(req.tenant_id)?;
         let domain = parse_domain("domain".into(), &req.domain)?;
         let (before, revision) = self.tenant(&id).await?;
         if let Some(known) = before.identities.iter().find(|i| i.domain == domain) {
@@ -821,8 +820,7 @@ impl ControlApi {
         req: v1::DomainRequest,
         actor: String,
     ) -> Result<v1::DomainInfo, ApiError> {
-        let id = TenantId::new(req.tenant_id)
-            .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        let id = tenant_id(req.tenant_id)?;
         let domain = parse_domain("domain".into(), &req.domain)?;
         let (before, revision) = self.tenant(&id).await?;
         let identity = before
@@ -875,10 +873,7 @@ impl ControlApi {
         let tenant = if req.tenant_id.is_empty() {
             None
         } else {
-            Some(
-                TenantId::new(req.tenant_id)
-                    .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?,
-            )
+            Some(tenant_id(req.tenant_id)?)
         };
         let limit = if req.limit == 0 {
             100
