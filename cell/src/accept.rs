@@ -2,18 +2,23 @@
 //!
 //! Concurrent sends with the same idempotency key share one attempt (single flight), so the
 //! store only has to settle keys across attempts and restarts.
+//!
+//! Every fenced call holds its tenant's gate (shared) until it is done. A move's export
+//! waits until this cell sees the tenant's placement frozen, then takes the gate exclusively
+//! once: every call let in before the freeze has finished by then, and every later one is
+//! refused by the fence, so the export misses nothing this cell accepted.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellmail_control::catalog::{Catalog, WatchedCatalog};
-use cellmail_control::schema::TenantStatus;
+use cellmail_control::schema::{PlacementState, TenantStatus};
 use cellmail_proto::v1::SendRequest;
 use cellmail_proto::{
     ApiError, CellId, Epoch, MessageClass, MessageId, SuppressionScope, TenantId, suppression_key,
 };
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, OwnedRwLockReadGuard, RwLock};
 
 use crate::breaker;
 use crate::commit::StorageError;
@@ -32,6 +37,12 @@ const CATCH_UP: Duration = Duration::from_secs(1);
 
 type Flight = Arc<OnceCell<Result<Accepted, ApiError>>>;
 
+/// A fenced call's hold on its tenant's gate, released when the call is done.
+pub type Entered = OwnedRwLockReadGuard<()>;
+
+/// How long an export waits for this cell to see the freeze the control plane wrote.
+const FREEZE_SEEN: Duration = Duration::from_secs(5);
+
 pub struct Acceptor {
     cell: CellId,
     catalog: Arc<WatchedCatalog>,
@@ -39,6 +50,7 @@ pub struct Acceptor {
     queue: Arc<dyn Queue>,
     top: Arc<TopTenants>,
     inflight: Mutex<HashMap<(TenantId, String), Flight>>,
+    gates: Mutex<HashMap<TenantId, Arc<RwLock<()>>>>,
 }
 
 pub use cellmail_proto::now_ms;
@@ -66,6 +78,7 @@ impl Acceptor {
             queue,
             top,
             inflight: Mutex::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
         }
     }
 
@@ -75,7 +88,7 @@ impl Acceptor {
         epoch: Epoch,
         request: SendRequest,
     ) -> Result<Accepted, ApiError> {
-        self.fence(&tenant, epoch).await?;
+        let _entered = self.fence(&tenant, epoch).await?;
         let domains = {
             let catalog = self.catalog.read();
             let record = catalog.tenants.get(&tenant).ok_or_else(|| {
@@ -126,10 +139,26 @@ impl Acceptor {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Refuses a call for `tenant` stamped with an `epoch` this cell does not own.
-    pub async fn fence(&self, tenant: &TenantId, epoch: Epoch) -> Result<(), ApiError> {
+    fn gate(&self, tenant: &TenantId) -> Arc<RwLock<()>> {
+        self.gates
+            .lock()
+            // Only whole inserts happen under this lock.
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(tenant.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Refuses a call for `tenant` stamped with an `epoch` this cell does not own; the call
+    /// holds what this answers until it is done.
+    pub async fn fence(&self, tenant: &TenantId, epoch: Epoch) -> Result<Entered, ApiError> {
+        let entered = self.gate(tenant).read_owned().await;
         let verdict = |catalog: &Catalog| {
-            let known = catalog.placements.get(tenant).map(|p| (&p.cell, p.epoch));
+            let known = catalog.placements.get(tenant).map(|p| fencing::Known {
+                cell: &p.cell,
+                epoch: p.epoch,
+                frozen: p.state == PlacementState::Frozen,
+            });
             fencing::check(&self.cell, known, epoch)
         };
         let mut current = verdict(&self.catalog.read());
@@ -140,7 +169,7 @@ impl Acceptor {
             current = verdict(&self.catalog.read());
         }
         match current {
-            Verdict::Owned => Ok(()),
+            Verdict::Owned => Ok(entered),
             Verdict::Moved => Err(ApiError::Moved {
                 tenant: tenant.to_string(),
                 epoch: epoch.0,
@@ -150,6 +179,28 @@ impl Acceptor {
                 self.cell
             ))),
         }
+    }
+
+    /// Returns once this cell no longer serves `tenant` at `epoch` (it sees the placement
+    /// frozen or moved on) and every call it let in for the tenant has finished.
+    pub async fn quiesce(&self, tenant: &TenantId, epoch: Epoch) -> Result<(), ApiError> {
+        let served_here = |catalog: &Catalog| {
+            catalog.placements.get(tenant).is_some_and(|p| {
+                p.cell == self.cell && p.epoch == epoch && p.state == PlacementState::Serving
+            })
+        };
+        if !self
+            .catalog
+            .wait_until(FREEZE_SEEN, |c| !served_here(c))
+            .await
+        {
+            return Err(ApiError::Unavailable(format!(
+                "cell {} has not seen tenant {tenant}'s placement frozen at epoch {epoch}",
+                self.cell
+            )));
+        }
+        drop(self.gate(tenant).write_owned().await);
+        Ok(())
     }
 
     async fn accept_once(&self, mut message: Message) -> Result<Accepted, ApiError> {

@@ -1,20 +1,28 @@
 //! The `Cell` gRPC service: the router's way into the accept path and into the tenant's own
 //! state (messages, suppression list). Every call is fenced on the tenant's placement epoch
-//! and scoped to the tenant the router authenticated.
+//! and scoped to the tenant the router authenticated. The control plane's calls of a tenant
+//! move (prepare, export, import, backlog) and feedback forwarded by other cells come in here
+//! too.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
+use cellmail_control::catalog::WatchedCatalog;
+use cellmail_control::schema::PlacementState;
 use cellmail_proto::v1::{self, cell_server::Cell};
 use cellmail_proto::{
-    ApiError, Epoch, MessageClass, MessageId, SuppressionReason, SuppressionScope, TenantId,
-    suppression_key,
+    ApiError, CellId, Epoch, MessageClass, MessageId, SuppressionReason, SuppressionScope,
+    TenantId, suppression_key,
 };
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::accept::{Acceptor, now_ms};
+use crate::accept::{Acceptor, Entered, now_ms};
 use crate::commit::StorageError;
+use crate::feedback::{self, Ingest};
+use crate::mailer::Mailer;
 use crate::message::{Accepted, MessageRecord, RecipientOutcome};
-use crate::store::{Store, Suppressed};
+use crate::store::{self, Store, Suppressed, TenantExport};
 use crate::validation::parse_mailbox;
 
 const DEFAULT_STATS_HOURS: u32 = 24;
@@ -22,25 +30,118 @@ const MAX_STATS_HOURS: u32 = 720;
 
 /// The most suppressions one page holds.
 const MAX_PAGE: usize = 1000;
+/// Entries per chunk of a tenant's export.
+const EXPORT_CHUNK: usize = 1000;
 
 pub struct CellApi {
-    acceptor: Arc<Acceptor>,
-    store: Arc<Store>,
+    pub cell: CellId,
+    pub acceptor: Arc<Acceptor>,
+    pub store: Arc<Store>,
+    pub catalog: Arc<WatchedCatalog>,
+    pub mailer: Arc<dyn Mailer>,
+    pub ingest: Arc<Ingest>,
+}
+
+fn tenant_id(value: String) -> Result<TenantId, ApiError> {
+    TenantId::new(value).map_err(|e| ApiError::invalid("tenant_id", e.to_string()))
 }
 
 impl CellApi {
-    pub fn new(acceptor: Arc<Acceptor>, store: Arc<Store>) -> Self {
-        Self { acceptor, store }
-    }
-
-    /// The caller's tenant, once the epoch it was routed with is known to be this cell's.
-    async fn caller(&self, caller: Option<v1::Caller>) -> Result<TenantId, ApiError> {
+    /// The caller's tenant, once the epoch it was routed with is known to be this cell's;
+    /// the call holds the returned gate until it is done.
+    async fn caller(&self, caller: Option<v1::Caller>) -> Result<(TenantId, Entered), ApiError> {
         let caller = caller.ok_or_else(|| ApiError::invalid("caller", "is required"))?;
         let tenant = TenantId::new(caller.tenant_id)
             .map_err(|e| ApiError::invalid("caller.tenant_id", e.to_string()))?;
-        self.acceptor.fence(&tenant, Epoch(caller.epoch)).await?;
-        Ok(tenant)
+        let entered = self.acceptor.fence(&tenant, Epoch(caller.epoch)).await?;
+        Ok((tenant, entered))
     }
+
+    /// Refuses to overwrite the state of a tenant this cell serves now.
+    fn not_serving(&self, tenant: &TenantId) -> Result<(), ApiError> {
+        let catalog = self.catalog.read();
+        match catalog.placements.get(tenant) {
+            Some(p) if p.cell == self.cell && p.state == PlacementState::Serving => {
+                Err(ApiError::Aborted(format!(
+                    "tenant {tenant} is served by cell {} at epoch {}: its state here is live",
+                    self.cell, p.epoch
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// One exported chunk back into store entries, naming what does not parse.
+fn import_chunk(chunk: v1::TenantChunk) -> Result<TenantExport, ApiError> {
+    let suppressions = chunk
+        .suppressions
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let field = |name: &str| format!("chunk.suppressions[{i}].{name}");
+            if s.address.trim().is_empty() {
+                return Err(ApiError::invalid(field("address"), "is required"));
+            }
+            let reason = SuppressionReason::from_wire(s.reason)
+                .ok_or_else(|| ApiError::invalid(field("reason"), "unknown reason"))?;
+            let message_id = match s.message_id.as_str() {
+                "" => None,
+                id => Some(id.parse().map_err(|e: cellmail_proto::IdError| {
+                    ApiError::invalid(field("message_id"), e.to_string())
+                })?),
+            };
+            Ok(Suppressed {
+                address: s.address,
+                reason,
+                at_ms: s.created_at_ms.max(0) as u64,
+                message_id,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let idempotency = chunk
+        .idempotency
+        .into_iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let field = |name: &str| format!("chunk.idempotency[{i}].{name}");
+            if entry.key.is_empty() {
+                return Err(ApiError::invalid(field("key"), "is required"));
+            }
+            store::readable_key_record(&entry.record)
+                .map_err(|e| ApiError::invalid(field("record"), e.to_string()))?;
+            Ok((entry.key, entry.record))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(TenantExport {
+        suppressions,
+        idempotency,
+    })
+}
+
+/// A tenant's export as the chunks it travels in.
+fn export_chunks(export: TenantExport) -> Vec<v1::TenantChunk> {
+    let mut chunks: Vec<v1::TenantChunk> = export
+        .suppressions
+        .chunks(EXPORT_CHUNK)
+        .map(|entries| v1::TenantChunk {
+            suppressions: entries.iter().cloned().map(suppression).collect(),
+            idempotency: Vec::new(),
+        })
+        .collect();
+    chunks.extend(export.idempotency.chunks(EXPORT_CHUNK).map(|entries| {
+        v1::TenantChunk {
+            suppressions: Vec::new(),
+            idempotency: entries
+                .iter()
+                .map(|(key, record)| v1::IdempotencyEntry {
+                    key: key.clone(),
+                    record: record.clone(),
+                })
+                .collect(),
+        }
+    }));
+    chunks
 }
 
 fn storage(err: StorageError) -> ApiError {
@@ -125,8 +226,82 @@ fn suppression(entry: Suppressed) -> v1::Suppression {
     }
 }
 
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<v1::TenantChunk, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Cell for CellApi {
+    type ExportTenantStream = ChunkStream;
+
+    async fn prepare_tenant(
+        &self,
+        request: Request<v1::PrepareTenantRequest>,
+    ) -> Result<Response<v1::PrepareTenantResponse>, Status> {
+        let tenant = tenant_id(request.into_inner().tenant_id)?;
+        self.not_serving(&tenant)?;
+        let domains = self
+            .catalog
+            .read()
+            .tenants
+            .get(&tenant)
+            .map(|t| t.domains.clone())
+            .ok_or_else(|| ApiError::NotFound(format!("tenant {tenant} is not known here")))?;
+        // What an earlier stay of the tenant left here is stale: the import replaces it.
+        self.store.forget(&tenant).await.map_err(storage)?;
+        self.mailer
+            .prepare(&tenant, &domains)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("preparing the mailer: {e}")))?;
+        Ok(Response::new(v1::PrepareTenantResponse {}))
+    }
+
+    async fn export_tenant(
+        &self,
+        request: Request<v1::ExportTenantRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let request = request.into_inner();
+        let tenant = tenant_id(request.tenant_id)?;
+        self.acceptor.quiesce(&tenant, Epoch(request.epoch)).await?;
+        let export = self.store.export(&tenant, now_ms()).map_err(storage)?;
+        tracing::info!(%tenant, suppressions = export.suppressions.len(), keys = export.idempotency.len(), "tenant exported");
+        let chunks = export_chunks(export).into_iter().map(Ok);
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn import_tenant(
+        &self,
+        request: Request<v1::ImportTenantRequest>,
+    ) -> Result<Response<v1::ImportTenantResponse>, Status> {
+        let request = request.into_inner();
+        let tenant = tenant_id(request.tenant_id)?;
+        let chunk = request
+            .chunk
+            .ok_or_else(|| ApiError::invalid("chunk", "is required"))?;
+        let export = import_chunk(chunk)?;
+        self.not_serving(&tenant)?;
+        self.store.import(&tenant, export).await.map_err(storage)?;
+        Ok(Response::new(v1::ImportTenantResponse {}))
+    }
+
+    async fn tenant_backlog(
+        &self,
+        request: Request<v1::TenantBacklogRequest>,
+    ) -> Result<Response<v1::TenantBacklogResponse>, Status> {
+        let tenant = tenant_id(request.into_inner().tenant_id)?;
+        let messages = self.store.backlog(&tenant).map_err(storage)?;
+        Ok(Response::new(v1::TenantBacklogResponse { messages }))
+    }
+
+    async fn forward_feedback(
+        &self,
+        request: Request<v1::ForwardFeedbackRequest>,
+    ) -> Result<Response<v1::ForwardFeedbackResponse>, Status> {
+        let record = request.into_inner().record;
+        let feedback =
+            feedback::parse(&record).map_err(|e| ApiError::invalid("record", e.to_string()))?;
+        self.ingest.apply(&feedback).await.map_err(storage)?;
+        Ok(Response::new(v1::ForwardFeedbackResponse {}))
+    }
+
     async fn accept(
         &self,
         request: Request<v1::AcceptRequest>,
@@ -149,7 +324,7 @@ impl Cell for CellApi {
         request: Request<v1::CellGetMessageRequest>,
     ) -> Result<Response<v1::MessageStatus>, Status> {
         let request = request.into_inner();
-        let tenant = self.caller(request.caller).await?;
+        let (tenant, _entered) = self.caller(request.caller).await?;
         let raw = request.request.unwrap_or_default().message_id;
         let id: MessageId = raw
             .parse()
@@ -168,7 +343,7 @@ impl Cell for CellApi {
         request: Request<v1::CellListSuppressionsRequest>,
     ) -> Result<Response<v1::ListSuppressionsResponse>, Status> {
         let request = request.into_inner();
-        let tenant = self.caller(request.caller).await?;
+        let (tenant, _entered) = self.caller(request.caller).await?;
         let page = request.request.unwrap_or_default();
         let size = match page.page_size as usize {
             0 => MAX_PAGE,
@@ -200,7 +375,7 @@ impl Cell for CellApi {
         request: Request<v1::CellAddSuppressionRequest>,
     ) -> Result<Response<v1::Suppression>, Status> {
         let request = request.into_inner();
-        let tenant = self.caller(request.caller).await?;
+        let (tenant, _entered) = self.caller(request.caller).await?;
         let add = request.request.unwrap_or_default();
         let address = parse_mailbox("address", &add.address)?.email;
         let reason = match SuppressionReason::from_wire(add.reason) {
@@ -232,7 +407,7 @@ impl Cell for CellApi {
         request: Request<v1::CellGetStatsRequest>,
     ) -> Result<Response<v1::GetStatsResponse>, Status> {
         let request = request.into_inner();
-        let tenant = self.caller(request.caller).await?;
+        let (tenant, _entered) = self.caller(request.caller).await?;
         let hours = match request.request.unwrap_or_default().hours {
             0 => DEFAULT_STATS_HOURS,
             n if n > MAX_STATS_HOURS => {
@@ -275,7 +450,7 @@ impl Cell for CellApi {
         request: Request<v1::CellRemoveSuppressionRequest>,
     ) -> Result<Response<v1::RemoveSuppressionResponse>, Status> {
         let request = request.into_inner();
-        let tenant = self.caller(request.caller).await?;
+        let (tenant, _entered) = self.caller(request.caller).await?;
         let address = parse_mailbox("address", &request.request.unwrap_or_default().address)?.email;
         let removed = self
             .store

@@ -7,12 +7,17 @@
 //! addresses it puts on that tenant's list: a permanent bounce or a complaint, never for
 //! another tenant. [`simulated`] builds the same records for the file sink's mailbox
 //! simulator, so both paths run through one parser. [`Ingest`] consumes the feedback
-//! queue and applies each record to the cell's store.
+//! queue and applies each record to the cell's store. Feedback for a tenant that has moved
+//! to another cell since is recorded on its message here (the message lives here) and
+//! forwarded to the tenant's current cell, which suppresses, counts and weighs it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellmail_proto::{MessageClass, MessageId, SuppressionReason, TenantId};
+use cellmail_control::catalog::WatchedCatalog;
+use cellmail_control::channels::CellChannels;
+use cellmail_proto::v1::ForwardFeedbackRequest;
+use cellmail_proto::{CellId, MessageClass, MessageId, SuppressionReason, TenantId};
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breakers;
@@ -239,9 +244,12 @@ pub fn parse(body: &[u8]) -> Result<Feedback, FeedbackError> {
 
 /// Applies the cell's feedback queue to its store.
 pub struct Ingest {
+    cell: CellId,
     store: Arc<Store>,
     queue: Arc<dyn Queue>,
     breakers: Arc<Breakers>,
+    catalog: Arc<WatchedCatalog>,
+    channels: CellChannels,
 }
 
 const BATCH: usize = 10;
@@ -249,11 +257,20 @@ const VISIBILITY: Duration = Duration::from_secs(60);
 const WAIT: Duration = Duration::from_secs(1);
 
 impl Ingest {
-    pub fn new(store: Arc<Store>, queue: Arc<dyn Queue>, breakers: Arc<Breakers>) -> Self {
+    pub fn new(
+        cell: CellId,
+        store: Arc<Store>,
+        queue: Arc<dyn Queue>,
+        breakers: Arc<Breakers>,
+        catalog: Arc<WatchedCatalog>,
+    ) -> Self {
         Self {
+            cell,
             store,
             queue,
             breakers,
+            catalog,
+            channels: CellChannels::default(),
         }
     }
 
@@ -277,7 +294,13 @@ impl Ingest {
         let mut done = Vec::new();
         for delivery in received? {
             match parse(&delivery.body) {
-                Ok(feedback) => self.apply(&feedback).await?,
+                Ok(feedback) => match self.elsewhere(&feedback.tenant) {
+                    Some((cell, endpoint)) => {
+                        self.forward(&feedback, &delivery.body, &cell, &endpoint)
+                            .await?
+                    }
+                    None => self.apply(&feedback).await?,
+                },
                 // Records of other senders or event types are not ours to keep.
                 Err(err @ (FeedbackError::Unattributed(_) | FeedbackError::Unsupported(_))) => {
                     tracing::debug!(%err, "feedback record skipped")
@@ -287,6 +310,38 @@ impl Ingest {
             done.push(delivery.receipt);
         }
         self.queue.delete(QueueKind::Feedback, &done).await?;
+        Ok(())
+    }
+
+    /// The cell (and its endpoint) `tenant` is placed on, when that is not this one.
+    fn elsewhere(&self, tenant: &TenantId) -> Option<(CellId, String)> {
+        let catalog = self.catalog.read();
+        let placement = catalog.placements.get(tenant)?;
+        let cell = catalog.cells.get(&placement.cell)?;
+        (placement.cell != self.cell).then(|| (placement.cell.clone(), cell.endpoint.clone()))
+    }
+
+    /// Records `feedback`'s events on its message here and hands the record to `cell`.
+    async fn forward(
+        &self,
+        feedback: &Feedback,
+        record: &[u8],
+        cell: &CellId,
+        endpoint: &str,
+    ) -> anyhow::Result<()> {
+        if let Some(id) = feedback.message_id {
+            self.store
+                .add_events(&feedback.tenant, id, feedback.events())
+                .await?;
+        }
+        let request = ForwardFeedbackRequest {
+            record: record.to_vec(),
+        };
+        self.channels
+            .client(cell, endpoint)?
+            .forward_feedback(request)
+            .await?;
+        tracing::info!(tenant = %feedback.tenant, %cell, "feedback forwarded to the tenant's current cell");
         Ok(())
     }
 

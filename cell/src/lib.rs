@@ -214,7 +214,7 @@ pub async fn run(
         config.id.clone(),
         store.clone(),
         backends.queue.clone(),
-        backends.mailer,
+        backends.mailer.clone(),
         catalog.clone(),
     ));
     let breakers = Arc::new(breaker::Breakers::new(
@@ -225,11 +225,13 @@ pub async fn run(
         store.clone(),
     ));
     let ingest = Arc::new(feedback::Ingest::new(
+        config.id.clone(),
         store.clone(),
         backends.queue.clone(),
         breakers,
+        catalog.clone(),
     ));
-    let ingest = tokio::spawn(ingest.run(shutdown.clone()));
+    let ingesting = tokio::spawn(ingest.clone().run(shutdown.clone()));
     // No workers: accept and queue only (intake too stays off, so nothing is taken in).
     let mut workers: Vec<_> = (0..config.workers)
         .map(|_| tokio::spawn(worker.clone().run(shutdown.clone())))
@@ -248,12 +250,20 @@ pub async fn run(
     let publish = tokio::spawn(top.clone().publish(config.id.clone(), shutdown.clone()));
     let acceptor = Arc::new(accept::Acceptor::new(
         config.id.clone(),
-        catalog,
+        catalog.clone(),
         store.clone(),
         backends.queue,
         top,
     ));
-    let routes = tonic::service::Routes::new(CellServer::new(api::CellApi::new(acceptor, store)));
+    let api = api::CellApi {
+        cell: config.id.clone(),
+        acceptor,
+        store,
+        catalog,
+        mailer: backends.mailer.clone(),
+        ingest,
+    };
+    let routes = tonic::service::Routes::new(CellServer::new(api));
 
     let served =
         cellmail_proto::server::serve(listener, routes, &health, &[SERVICE_NAME], shutdown.clone())
@@ -263,7 +273,7 @@ pub async fn run(
     for worker in workers {
         worker.await?;
     }
-    ingest.await?;
+    ingesting.await?;
     publish.await?;
 
     keepalive.await??;

@@ -9,6 +9,11 @@
 //! after. A crash between the two leaves a pending reservation; the retry re-queues the same
 //! message id, and the worker's record check keeps that from becoming a second send.
 //!
+//! A tenant's backlog (its messages queued or held here, not yet sent or failed) is indexed
+//! by tenant, so a cell a tenant moved away from can say when it has delivered everything it
+//! accepted. [`Store::export`] and [`Store::import`] carry a tenant's suppression list and
+//! idempotency window to the cell it moves to.
+//!
 //! Every read and write takes the tenant, and a message record answers only its own tenant,
 //! so one tenant's id or address never reaches another's data.
 
@@ -38,6 +43,8 @@ const STATS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("s
 const WINDOW: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("window");
 /// (tenant, class, message id) -> [`Parked`] header (not before, attempts) + queued form
 const PARKED: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("parked");
+/// (tenant, message id) of every message queued or held here and not yet sent or failed
+const OPEN: TableDefinition<(&str, &str), ()> = TableDefinition::new("open");
 
 const HOUR_MS: u64 = 3_600_000;
 const MINUTE_MS: u64 = 60_000;
@@ -137,6 +144,11 @@ struct KeyRecord {
     accepted: Option<Accepted>,
 }
 
+/// Why an exported idempotency record (from another cell) is not one this store can read.
+pub fn readable_key_record(record: &[u8]) -> Result<(), StorageError> {
+    parse::<KeyRecord>(record).map(|_| ())
+}
+
 /// What a reservation of an idempotency key found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reservation {
@@ -214,7 +226,25 @@ enum Write {
         ids: Vec<MessageId>,
         at_ms: u64,
     },
+    /// Another cell's export of a tenant's state.
+    Import {
+        tenant: TenantId,
+        export: TenantExport,
+    },
+    /// Drops what an earlier stay of a tenant left here, before its state is imported again.
+    Forget {
+        tenant: TenantId,
+    },
 }
+
+/// The state of a tenant that follows it to another cell.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantExport {
+    pub suppressions: Vec<Suppressed>,
+    /// (idempotency key, the store's record of it), live ones only.
+    pub idempotency: Vec<(String, Vec<u8>)>,
+}
+
 enum Written {
     Reservation(Reservation),
     /// Whether the write found what it was about (a message, a suppression).
@@ -316,6 +346,12 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 messages
                     .insert(id.as_str(), json(&record).as_slice())
                     .map_err(err)?;
+                if record.state == MessageState::Queued {
+                    txn.open_table(OPEN)
+                        .map_err(err)?
+                        .insert((record.tenant.as_str(), id.as_str()), ())
+                        .map_err(err)?;
+                }
             }
             Ok(Written::Found(true))
         }
@@ -344,6 +380,12 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 }
             };
             count(txn, &record.tenant, record.class, event.at_ms, &delta)?;
+            if matches!(state, MessageState::Sent | MessageState::Failed) {
+                txn.open_table(OPEN)
+                    .map_err(err)?
+                    .remove((record.tenant.as_str(), id.as_str()))
+                    .map_err(err)?;
+            }
             record.state = state;
             record.events.push(event);
             messages
@@ -449,6 +491,40 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             let removed = table.remove(message_id.to_string().as_str()).map_err(err)?;
             Ok(Written::Found(removed.is_some()))
         }
+        Write::Import { tenant, export } => {
+            let mut suppressions = txn.open_table(SUPPRESSIONS).map_err(err)?;
+            for entry in &export.suppressions {
+                let key = suppression_key(&entry.address);
+                suppressions
+                    .insert((tenant.as_str(), key.as_str()), json(entry).as_slice())
+                    .map_err(err)?;
+            }
+            let mut idempotency = txn.open_table(IDEMPOTENCY).map_err(err)?;
+            for (key, record) in &export.idempotency {
+                idempotency
+                    .insert((tenant.as_str(), key.as_str()), record.as_slice())
+                    .map_err(err)?;
+            }
+            Ok(Written::Found(true))
+        }
+        Write::Forget { tenant } => {
+            for table in [SUPPRESSIONS, IDEMPOTENCY] {
+                let mut table = txn.open_table(table).map_err(err)?;
+                let mut keys = Vec::new();
+                for row in table.range((tenant.as_str(), "")..).map_err(err)? {
+                    let (key, _) = row.map_err(err)?;
+                    let (owner, key) = key.value();
+                    if owner != tenant.as_str() {
+                        break;
+                    }
+                    keys.push(key.to_owned());
+                }
+                for key in keys {
+                    table.remove((tenant.as_str(), key.as_str())).map_err(err)?;
+                }
+            }
+            Ok(Written::Found(true))
+        }
         Write::Unsuppress { tenant, address } => {
             let mut table = txn.open_table(SUPPRESSIONS).map_err(err)?;
             let removed = table
@@ -475,6 +551,7 @@ impl Store {
         txn.open_table(STATS).map_err(err)?;
         txn.open_table(WINDOW).map_err(err)?;
         txn.open_table(PARKED).map_err(err)?;
+        txn.open_table(OPEN).map_err(err)?;
         txn.commit().map_err(err)?;
         let writes = GroupCommit::start("store", db.clone(), apply)?;
         Ok(Self { db, writes })
@@ -830,6 +907,72 @@ impl Store {
             }
         }
         Ok(entries)
+    }
+
+    /// How many of `tenant`'s messages are queued or held here, not yet sent or failed.
+    pub fn backlog(&self, tenant: &TenantId) -> Result<u64, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let table = read.open_table(OPEN).map_err(err)?;
+        let mut open = 0;
+        for row in table.range((tenant.as_str(), "")..).map_err(err)? {
+            if row.map_err(err)?.0.value().0 != tenant.as_str() {
+                break;
+            }
+            open += 1;
+        }
+        Ok(open)
+    }
+
+    /// `tenant`'s suppression list and live idempotency keys, in one consistent read.
+    pub fn export(&self, tenant: &TenantId, now_ms: u64) -> Result<TenantExport, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let mut export = TenantExport::default();
+        let suppressions = read.open_table(SUPPRESSIONS).map_err(err)?;
+        for row in suppressions.range((tenant.as_str(), "")..).map_err(err)? {
+            let (key, value) = row.map_err(err)?;
+            if key.value().0 != tenant.as_str() {
+                break;
+            }
+            export.suppressions.push(parse(value.value())?);
+        }
+        let idempotency = read.open_table(IDEMPOTENCY).map_err(err)?;
+        for row in idempotency.range((tenant.as_str(), "")..).map_err(err)? {
+            let (key, value) = row.map_err(err)?;
+            let (owner, key) = key.value();
+            if owner != tenant.as_str() {
+                break;
+            }
+            let record: KeyRecord = parse(value.value())?;
+            if now_ms.saturating_sub(record.reserved_at_ms) < IDEMPOTENCY_WINDOW.as_millis() as u64
+            {
+                export
+                    .idempotency
+                    .push((key.to_owned(), value.value().to_vec()));
+            }
+        }
+        Ok(export)
+    }
+
+    /// Writes (durably) what another cell exported of `tenant`, over what is here.
+    /// Each idempotency record must be one [`readable_key_record`] accepts.
+    pub async fn import(
+        &self,
+        tenant: &TenantId,
+        export: TenantExport,
+    ) -> Result<(), StorageError> {
+        let write = Write::Import {
+            tenant: tenant.clone(),
+            export,
+        };
+        self.found(write, true).await.map(|_| ())
+    }
+
+    /// Drops `tenant`'s suppression list and idempotency keys (left by an earlier stay here).
+    pub async fn forget(&self, tenant: &TenantId) -> Result<(), StorageError> {
+        let write = Write::Forget {
+            tenant: tenant.clone(),
+        };
+        self.found(write, true).await.map(|_| ())
     }
 }
 

@@ -17,6 +17,7 @@ use crate::apikey;
 use crate::audit;
 use crate::catalog::Catalog;
 use crate::identity;
+use crate::moves;
 use crate::placement::{self, Candidate};
 use crate::registry::{Compare, Op, Registry, RegistryError, Snapshot};
 use crate::schema::{
@@ -1157,5 +1158,38 @@ impl Control for ControlApi {
         Ok(Response::new(
             ControlApi::list_audit(self, request.into_inner()).await?,
         ))
+    }
+
+    async fn move_tenant(
+        &self,
+        request: Request<v1::MoveTenantRequest>,
+    ) -> Result<Response<v1::MoveInfo>, Status> {
+        let actor = actor(&request);
+        let request = request.into_inner();
+        let tenant = tenant_id(request.tenant_id)?;
+        let to = CellId::new(request.to_cell)
+            .map_err(|e| ApiError::invalid("to_cell", e.to_string()))?;
+        let record = moves::request(
+            self.registry.as_ref(),
+            &self.keys,
+            &tenant,
+            &to,
+            actor,
+            request.reason,
+        )
+        .await?;
+        tracing::info!(tenant = %tenant, from = %record.from, to = %record.to, "tenant move requested");
+        Ok(Response::new(moves::info(&record)))
+    }
+
+    async fn get_move(
+        &self,
+        request: Request<v1::GetMoveRequest>,
+    ) -> Result<Response<v1::MoveInfo>, Status> {
+        let tenant = tenant_id(request.into_inner().tenant_id)?;
+        let record = moves::latest(self.registry.as_ref(), &self.keys, &tenant)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("tenant {tenant} has not been moved")))?;
+        Ok(Response::new(moves::info(&record)))
     }
 }

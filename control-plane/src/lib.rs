@@ -2,6 +2,7 @@
 //!
 //! - [`registry`]: the `Registry` trait (revisioned KV with CAS, watches, leases) and its
 //!   implementations.
+//! - [`leader`]: running work on one control plane at a time, through registry elections.
 //! - [`schema`]: the registry's key layout and record types.
 //! - [`catalog`]: the typed, watch-fed view of the registry that routers and cells serve from.
 //! - [`placement`]: the pure choice of a cell for a new tenant.
@@ -10,13 +11,18 @@
 //! - [`auth`]: the operator credential every `Control` call must carry.
 //! - [`identity`]: the DNS records of a tenant's sending domains, and their check.
 //! - [`audit`]: the trail of control actions and breaker trips.
+//! - [`channels`]: gRPC channels to cells, shared by everything that calls one.
+//! - [`moves`]: moving a tenant between cells, step by persisted step.
 
 pub mod api;
 pub mod apikey;
 pub mod audit;
 pub mod auth;
 pub mod catalog;
+pub mod channels;
 pub mod identity;
+pub mod leader;
+pub mod moves;
 pub mod placement;
 pub mod registry;
 pub mod schema;
@@ -91,7 +97,12 @@ impl RegistryConfig {
     }
 }
 
-/// Serves the Control API on `listener` until `shutdown` is cancelled.
+/// How long a control plane that stopped renewing its leadership keeps it: the longest a
+/// standby waits before it takes unfinished moves over.
+const LEADER_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves the Control API on `listener` until `shutdown` is cancelled, and carries tenant
+/// moves forward while this control plane leads.
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<dyn registry::Registry>,
@@ -104,12 +115,26 @@ pub async fn serve(
         admin_token.len() >= 16,
         "the admin token must be at least 16 characters"
     );
+    let candidate = format!("{}/{}", listener.local_addr()?, ulid::Ulid::new());
+    let mover = moves::Mover::new(registry.clone(), keys.clone());
+    let leading = tokio::spawn(leader::run_as_leader(
+        registry.clone(),
+        keys.election(),
+        candidate,
+        LEADER_TTL,
+        shutdown.clone(),
+        move |lost| mover.clone().run(lost),
+    ));
     let api = ControlServer::with_interceptor(
         api::ControlApi::new(registry, keys, identities)?,
         auth::AdminAuth::new(admin_token),
     );
     let routes = tonic::service::Routes::new(api);
     let health = tonic_health::server::HealthReporter::new();
-    cellmail_proto::server::serve(listener, routes, &health, &[SERVICE_NAME], shutdown).await?;
-    Ok(())
+    let served =
+        cellmail_proto::server::serve(listener, routes, &health, &[SERVICE_NAME], shutdown.clone())
+            .await;
+    shutdown.cancel();
+    leading.await??;
+    Ok(served?)
 }

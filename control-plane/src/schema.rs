@@ -3,7 +3,8 @@
 //! Under a configurable prefix (default `/cellmail/`): `cells/<cell>`, `alive/<cell>` (bound
 //! to the cell's lease), `tenants/<tenant>`, `placements/<tenant>`, `apikeys/<sha256 of
 //! the key>`, `suppressions/<address, lowercased>` (the operators' global list),
-//! `breakers/<tenant>/<class>` (a tripped or resumed breaker) and `audit/<time>-<id>`. Values
+//! `breakers/<tenant>/<class>` (a tripped or resumed breaker), `moves/<tenant>` (the tenant's
+//! latest move and the step it reached) and `audit/<time>-<id>`. Values
 //! are JSON so an operator can read them with `etcdctl get`.
 
 use std::collections::BTreeMap;
@@ -94,6 +95,19 @@ impl Keys {
 
     pub fn breakers_of(&self, tenant: &TenantId) -> String {
         format!("{}breakers/{tenant}/", self.prefix)
+    }
+
+    pub fn moves(&self) -> String {
+        format!("{}moves/", self.prefix)
+    }
+
+    pub fn move_of(&self, tenant: &TenantId) -> String {
+        format!("{}moves/{tenant}", self.prefix)
+    }
+
+    /// The control planes' leader election.
+    pub fn election(&self) -> String {
+        format!("{}election/control", self.prefix)
     }
 
     pub fn audit(&self) -> String {
@@ -313,6 +327,63 @@ pub struct PlacementRecord {
     pub cell: CellId,
     pub epoch: Epoch,
     pub state: PlacementState,
+}
+
+/// The steps of a tenant move, each persisted before the work it names starts, so that a
+/// control plane taking over carries on from the last one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MoveStep {
+    /// Getting the target cell ready; the tenant is still served by the source.
+    Preparing,
+    /// The placement is frozen: the suppressions and idempotency window are being copied.
+    Frozen,
+    /// The tenant is served by the target; the source delivers what it had accepted.
+    Switched,
+    /// The source's backlog of the tenant is delivered.
+    Complete,
+    /// Given up before the switch; the tenant stayed on the source.
+    RolledBack,
+}
+
+impl MoveStep {
+    pub fn finished(self) -> bool {
+        matches!(self, MoveStep::Complete | MoveStep::RolledBack)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveStep::Preparing => "PREPARING",
+            MoveStep::Frozen => "FROZEN",
+            MoveStep::Switched => "SWITCHED",
+            MoveStep::Complete => "COMPLETE",
+            MoveStep::RolledBack => "ROLLED_BACK",
+        }
+    }
+}
+
+/// A tenant's latest move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    pub id: String,
+    pub tenant: TenantId,
+    pub from: CellId,
+    pub to: CellId,
+    /// The placement's epoch at the start; the target serves `from_epoch + 1`.
+    pub from_epoch: Epoch,
+    pub step: MoveStep,
+    #[serde(default)]
+    pub detail: String,
+    pub started_at_ms: u64,
+    pub updated_at_ms: u64,
+    /// When the placement was frozen, and for how long (once switched or rolled back).
+    #[serde(default)]
+    pub frozen_at_ms: u64,
+    #[serde(default)]
+    pub freeze_ms: u64,
+    pub actor: String,
+    #[serde(default)]
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

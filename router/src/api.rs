@@ -1,30 +1,34 @@
 //! The `Sender` gRPC service: every call is for the authenticated tenant and goes to that
 //! tenant's cell, stamped with the placement epoch and the caller's deadline.
 //!
-//! A cell answers "moved" when the router's placement is stale (a move switched the
-//! tenant's epoch). The router then waits, briefly, for its registry view to show the new
-//! placement and retries once; a second "moved" is UNAVAILABLE, which clients retry (sends
-//! with the same idempotency key).
+//! While a move has the tenant's placement frozen, the router holds the tenant's calls (at
+//! most [`FREEZE_HOLD`], then UNAVAILABLE). A cell answers "moved" when the router's
+//! placement is stale (the cell saw the freeze or the switch first). The router then waits,
+//! as long, for its registry view to show a newer placement and retries once; a second
+//! "moved" is UNAVAILABLE. Clients retry UNAVAILABLE (sends with the same idempotency key).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellmail_control::catalog::WatchedCatalog;
+use cellmail_control::catalog::{Catalog, WatchedCatalog};
+use cellmail_control::channels::CellChannels;
+use cellmail_control::schema::PlacementState;
 use cellmail_proto::v1::{self, cell_client::CellClient, sender_server::Sender};
 use cellmail_proto::{ApiError, TenantId};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::admission::Admission;
-use crate::forward::{self, Channels, DEFAULT_DEADLINE, Target};
+use crate::forward::{self, DEFAULT_DEADLINE, Target};
 
-/// How long a router waits for a placement newer than the one a cell called stale.
-const MOVED_WAIT: Duration = Duration::from_secs(2);
+/// How long a router holds a tenant's calls while a move has its placement frozen, and waits
+/// for a placement newer than the one a cell called stale.
+pub const FREEZE_HOLD: Duration = Duration::from_secs(2);
 
 pub struct SenderApi {
     catalog: Arc<WatchedCatalog>,
-    channels: Channels,
+    channels: CellChannels,
     admission: Admission,
 }
 
@@ -51,13 +55,26 @@ impl SenderApi {
     pub fn new(catalog: Arc<WatchedCatalog>) -> Self {
         Self {
             catalog,
-            channels: Channels::default(),
+            channels: CellChannels::default(),
             admission: Admission::default(),
         }
     }
 
-    fn resolve(&self, tenant: &TenantId) -> Result<Target, ApiError> {
-        forward::resolve(&self.catalog.read(), tenant)
+    /// `tenant`'s target once `ready` holds on the catalog or [`FREEZE_HOLD`] passed; a
+    /// placement still frozen then is UNAVAILABLE.
+    async fn target_when(
+        &self,
+        tenant: &TenantId,
+        ready: impl Fn(&Catalog) -> bool,
+    ) -> Result<Target, ApiError> {
+        self.catalog.wait_until(FREEZE_HOLD, ready).await;
+        let target = forward::resolve(&self.catalog.read(), tenant)?;
+        if target.frozen {
+            return Err(ApiError::Unavailable(format!(
+                "tenant {tenant} is moving to another cell; retry (sends with the same idempotency key)"
+            )));
+        }
+        Ok(target)
     }
 
     fn admit(&self, tenant: &TenantId) -> Result<(), ApiError> {
@@ -85,16 +102,23 @@ impl SenderApi {
         F: Fn(CellClient<Channel>, v1::Caller) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
-        let target = self.resolve(tenant)?;
+        let serving = |c: &Catalog| {
+            c.placements
+                .get(tenant)
+                .is_none_or(|p| p.state == PlacementState::Serving)
+        };
+        let mut target = forward::resolve(&self.catalog.read(), tenant)?;
+        if target.frozen {
+            target = self.target_when(tenant, serving).await?;
+        }
         match self.call_once(&target, tenant, &call).await {
             Err(status) if ApiError::is_moved(&status) => {
                 let stale = target.epoch;
-                self.catalog
-                    .wait_until(MOVED_WAIT, |c| {
-                        c.placements.get(tenant).is_some_and(|p| p.epoch > stale)
+                let target = self
+                    .target_when(tenant, |c| {
+                        serving(c) && c.placements.get(tenant).is_some_and(|p| p.epoch > stale)
                     })
-                    .await;
-                let target = self.resolve(tenant)?;
+                    .await?;
                 match self.call_once(&target, tenant, &call).await {
                     Err(status) if ApiError::is_moved(&status) => {
                         Err(ApiError::Unavailable(format!(
@@ -123,7 +147,8 @@ impl SenderApi {
             tenant_id: tenant.to_string(),
             epoch: target.epoch.0,
         };
-        match call(self.channels.client(target)?, caller).await {
+        let client = self.channels.client(&target.cell, &target.endpoint)?;
+        match call(client, caller).await {
             // A cell that died mid-call resets its streams (CANCELLED): to the caller that is
             // the cell being unavailable, and the send is safe to retry with its key.
             Err(status)

@@ -1,23 +1,17 @@
 //! Forwarding a send to the tenant's cell.
 //!
-//! The target comes from the watched catalog (placement -> cell -> endpoint). Each cell gets
-//! one lazily connected channel, replaced when the cell's endpoint changes. The caller's
+//! The target comes from the watched catalog (placement -> cell -> endpoint). The caller's
 //! deadline (`grpc-timeout`) is passed on, so a cell never works for a caller who gave up.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use cellmail_control::catalog::Catalog;
-use cellmail_control::schema::TenantStatus;
-use cellmail_proto::v1::cell_client::CellClient;
+use cellmail_control::schema::{PlacementState, TenantStatus};
 use cellmail_proto::{ApiError, CellId, Epoch, TenantId};
 use tonic::metadata::MetadataMap;
-use tonic::transport::{Channel, Endpoint};
 
 /// The deadline a send gets when its caller set none.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Where a tenant's sends go right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +19,8 @@ pub struct Target {
     pub cell: CellId,
     pub endpoint: String,
     pub epoch: Epoch,
+    /// A move froze the placement: the tenant's calls wait until it is switched.
+    pub frozen: bool,
 }
 
 /// Resolves `tenant` to its cell from the catalog.
@@ -53,6 +49,7 @@ pub fn resolve(catalog: &Catalog, tenant: &TenantId) -> Result<Target, ApiError>
         cell: placement.cell.clone(),
         endpoint: cell.endpoint.clone(),
         epoch: placement.epoch,
+        frozen: placement.state == PlacementState::Frozen,
     })
 }
 
@@ -73,39 +70,6 @@ pub fn deadline(metadata: &MetadataMap) -> Option<Duration> {
         "n" => Duration::from_nanos(amount),
         _ => return None,
     })
-}
-
-/// One channel per cell, rebuilt when the cell's endpoint changes.
-#[derive(Default)]
-pub struct Channels {
-    by_cell: Mutex<HashMap<CellId, (String, CellClient<Channel>)>>,
-}
-
-impl Channels {
-    pub fn client(&self, target: &Target) -> Result<CellClient<Channel>, ApiError> {
-        let mut by_cell = self
-            .by_cell
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((endpoint, client)) = by_cell.get(&target.cell)
-            && *endpoint == target.endpoint
-        {
-            return Ok(client.clone());
-        }
-        let channel = Endpoint::from_shared(target.endpoint.clone())
-            .map_err(|e| {
-                ApiError::Unavailable(format!("cell {} has a bad endpoint: {e}", target.cell))
-            })?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let client = CellClient::new(channel);
-        by_cell.insert(
-            target.cell.clone(),
-            (target.endpoint.clone(), client.clone()),
-        );
-        Ok(client)
-    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //!
 //! - [`auth`]: the interceptor that turns `authorization: Bearer <key>` into the tenant.
 //! - [`admission`]: the per-tenant rate limit applied before forwarding a send.
-//! - [`forward`]: tenant -> cell resolution from the watched catalog, deadlines, cell channels.
+//! - [`forward`]: tenant -> cell resolution from the watched catalog, deadlines.
 //! - [`api`]: the `Sender` gRPC service (forward, and one retry after a "moved" answer).
 
 pub mod admission;

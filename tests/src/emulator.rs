@@ -143,3 +143,28 @@ fn send_email_bodies(bytes: &[u8]) -> Vec<Value> {
     }
     bodies
 }
+
+/// A fixture from `tests/fixtures/ses-events` (raw, or wrapped by SNS or EventBridge),
+/// attributed by its tags to `tenant`'s message `id`.
+pub fn ses_event(name: &str, tenant: &str, id: &str) -> String {
+    fn tag(record: &mut serde_json::Value, tenant: &str, id: &str) {
+        let tags = &mut record["mail"]["tags"];
+        tags["tenant_id"] = serde_json::json!([tenant]);
+        tags["message_id"] = serde_json::json!([id]);
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/ses-events")
+        .join(name);
+    let mut event: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    if let Some(inner) = event["Message"].as_str() {
+        let mut inner: serde_json::Value = serde_json::from_str(inner).unwrap();
+        tag(&mut inner, tenant, id);
+        event["Message"] = inner.to_string().into();
+    } else if event["detail"].is_object() {
+        tag(&mut event["detail"], tenant, id);
+    } else {
+        tag(&mut event, tenant, id);
+    }
+    event.to_string()
+}

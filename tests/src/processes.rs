@@ -92,6 +92,11 @@ pub struct Front {
 }
 
 impl Front {
+    /// SIGKILLs the control plane, as in a crash (the router goes on).
+    pub fn kill_control(&mut self) {
+        self._control.kill();
+    }
+
     pub async fn start(registry: &[String], admin_token: &str) -> anyhow::Result<Self> {
         let (control, router, router_metrics) = (free_addr()?, free_addr()?, free_addr()?);
         let registry = registry.iter().map(String::as_str);

@@ -475,31 +475,6 @@ async fn a_cell_runs_from_its_config_file_alone() {
     assert!(dir.path().join("cells/cell-cfg/store.redb").exists());
 }
 
-/// A fixture from `tests/fixtures/ses-events` (raw, or wrapped by SNS or EventBridge),
-/// attributed by its tags to `tenant`'s message `id`.
-fn ses_event(name: &str, tenant: &str, id: &str) -> String {
-    fn tag(record: &mut serde_json::Value, tenant: &str, id: &str) {
-        let tags = &mut record["mail"]["tags"];
-        tags["tenant_id"] = serde_json::json!([tenant]);
-        tags["message_id"] = serde_json::json!([id]);
-    }
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/ses-events")
-        .join(name);
-    let mut event: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    if let Some(inner) = event["Message"].as_str() {
-        let mut inner: serde_json::Value = serde_json::from_str(inner).unwrap();
-        tag(&mut inner, tenant, id);
-        event["Message"] = inner.to_string().into();
-    } else if event["detail"].is_object() {
-        tag(&mut event["detail"], tenant, id);
-    } else {
-        tag(&mut event, tenant, id);
-    }
-    event.to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ses_event_json_on_the_sqs_feedback_queue_suppresses_for_its_tenant_only() {
     let unique = cellmail_proto::MessageId::generate()
@@ -577,7 +552,7 @@ async fn ses_event_json_on_the_sqs_feedback_queue_suppresses_for_its_tenant_only
     ] {
         sqs.send_message()
             .queue_url(&url)
-            .message_body(ses_event(fixture, &a_id, &id))
+            .message_body(cellmail_tests::emulator::ses_event(fixture, &a_id, &id))
             .send()
             .await
             .unwrap();

@@ -1,12 +1,19 @@
 //! The registry suite: every behaviour the platform relies on, as one generic test per
 //! behaviour, run against each `Registry` implementation.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cellmail_control::leader::run_as_leader;
 use cellmail_control::registry::etcd::EtcdRegistry;
 use cellmail_control::registry::local::LocalRegistry;
-use cellmail_control::registry::{Compare, EventKind, Op, Registry, RegistryError};
+use cellmail_control::registry::{
+    Compare, EventKind, LeaderKey, LeaseId, Op, Registry, RegistryError,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
 
 struct Subject {
     registry: Arc<dyn Registry>,
@@ -193,6 +200,265 @@ async fn keys_bound_to_an_expired_lease_disappear(s: Subject) {
     assert_eq!(put, Err(RegistryError::LeaseNotFound(lease)));
 }
 
+/// Leases of the election tests: far longer than any wait below, so a handover that waited
+/// for a lease to expire instead of following a revoke or resign fails the test.
+const CANDIDACY_TTL: Duration = Duration::from_secs(30);
+/// How long a handover (revoke or resign, then the next campaign resolving) may take.
+const HANDOVER: Duration = Duration::from_secs(5);
+/// A campaign that has not resolved after this long is taken to be waiting its turn.
+const STILL_WAITING: Duration = Duration::from_millis(500);
+
+fn spawn_campaign(
+    s: &Subject,
+    election: &str,
+    value: &str,
+    lease: LeaseId,
+) -> JoinHandle<Result<LeaderKey, RegistryError>> {
+    let (registry, election, value) = (s.registry.clone(), election.to_owned(), value.to_owned());
+    tokio::spawn(async move {
+        registry
+            .campaign(&election, value.into_bytes(), lease)
+            .await
+    })
+}
+
+async fn campaign_at_once(s: &Subject, election: &str, value: &str, lease: LeaseId) -> LeaderKey {
+    timeout(
+        HANDOVER,
+        s.registry
+            .campaign(election, value.as_bytes().to_vec(), lease),
+    )
+    .await
+    .expect("the campaign leads at once")
+    .unwrap()
+}
+
+async fn leader_value(s: &Subject, election: &str) -> Option<String> {
+    let value = s.registry.leader(election).await.unwrap();
+    value.map(|v| String::from_utf8(v).unwrap())
+}
+
+async fn the_first_candidate_leads_and_the_next_takes_over_when_its_lease_ends(s: Subject) {
+    let election = format!("{}election/control", s.prefix);
+    assert_eq!(leader_value(&s, &election).await, None, "no candidate yet");
+    let a = s.registry.grant_lease(CANDIDACY_TTL).await.unwrap();
+    let b = s.registry.grant_lease(CANDIDACY_TTL).await.unwrap();
+    let first = campaign_at_once(&s, &election, "a", a).await;
+    assert_eq!(
+        (first.key.as_str(), first.lease),
+        (format!("{election}/{a:x}").as_str(), a),
+        "etcd's key layout: <election>/<lease in hex>"
+    );
+    let mut second = spawn_campaign(&s, &election, "b", b);
+    assert!(
+        timeout(STILL_WAITING, &mut second).await.is_err(),
+        "b leads while a still does"
+    );
+    assert_eq!(leader_value(&s, &election).await.as_deref(), Some("a"));
+
+    s.registry.revoke_lease(a).await.unwrap();
+    let second = timeout(HANDOVER, second)
+        .await
+        .expect("b leads once a's lease ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.key, format!("{election}/{b:x}"));
+    assert!(second.create_revision > first.create_revision);
+    assert_eq!(leader_value(&s, &election).await.as_deref(), Some("b"));
+
+    s.registry.revoke_lease(b).await.unwrap();
+    assert_eq!(leader_value(&s, &election).await, None, "every lease ended");
+}
+
+async fn a_resigned_leader_hands_over_at_once(s: Subject) {
+    let election = format!("{}election/control", s.prefix);
+    let a = s.registry.grant_lease(CANDIDACY_TTL).await.unwrap();
+    let b = s.registry.grant_lease(CANDIDACY_TTL).await.unwrap();
+    let first = campaign_at_once(&s, &election, "a", a).await;
+    let mut second = spawn_campaign(&s, &election, "b", b);
+    assert!(
+        timeout(STILL_WAITING, &mut second).await.is_err(),
+        "b leads while a still does"
+    );
+
+    s.registry.resign(&first).await.unwrap();
+    timeout(HANDOVER, second)
+        .await
+        .expect("b leads once a resigned")
+        .unwrap()
+        .unwrap();
+    assert_eq!(leader_value(&s, &election).await.as_deref(), Some("b"));
+    assert_eq!(s.registry.get(&first.key).await.unwrap(), None);
+    s.registry.resign(&first).await.unwrap();
+    assert_eq!(
+        leader_value(&s, &election).await.as_deref(),
+        Some("b"),
+        "resigning an ended candidacy again touches nobody else's"
+    );
+    // Resigning gave the candidacy up, not the lease.
+    s.registry.keep_alive(a).await.unwrap();
+    s.registry.revoke_lease(a).await.unwrap();
+    s.registry.revoke_lease(b).await.unwrap();
+}
+
+async fn campaigning_again_on_the_same_lease_keeps_the_candidacy(s: Subject) {
+    let election = format!("{}election/control", s.prefix);
+    let a = s.registry.grant_lease(CANDIDACY_TTL).await.unwrap();
+    let b = s.registry.grant_lease(CANDIDACY_TTL).await.unwrap();
+    let first = campaign_at_once(&s, &election, "a", a).await;
+    let mut second = spawn_campaign(&s, &election, "b", b);
+    assert!(timeout(STILL_WAITING, &mut second).await.is_err());
+
+    let again = campaign_at_once(&s, &election, "a, again", a).await;
+    assert_eq!(again, first, "same key, same place in line");
+    assert_eq!(
+        leader_value(&s, &election).await.as_deref(),
+        Some("a, again")
+    );
+    assert!(
+        timeout(STILL_WAITING, &mut second).await.is_err(),
+        "b leads while a still does"
+    );
+    s.registry.revoke_lease(a).await.unwrap();
+    timeout(HANDOVER, second).await.unwrap().unwrap().unwrap();
+    s.registry.revoke_lease(b).await.unwrap();
+}
+
+async fn campaigning_on_an_ended_lease_is_refused(s: Subject) {
+    let election = format!("{}election/control", s.prefix);
+    let lease = s.registry.grant_lease(CANDIDACY_TTL).await.unwrap();
+    s.registry.revoke_lease(lease).await.unwrap();
+    let campaign = timeout(
+        HANDOVER,
+        s.registry.campaign(&election, b"a".to_vec(), lease),
+    )
+    .await
+    .expect("refused at once");
+    assert_eq!(campaign, Err(RegistryError::LeaseNotFound(lease)));
+    assert_eq!(leader_value(&s, &election).await, None);
+}
+
+/// What the work of `run_as_leader` candidates did, seen from outside.
+#[derive(Default)]
+struct Works {
+    running: Vec<String>,
+    most_at_once: usize,
+}
+
+struct Contender {
+    shutdown: CancellationToken,
+    run: JoinHandle<Result<(), RegistryError>>,
+}
+
+/// Starts a `run_as_leader` loop whose work records itself in `works`, says on `started`
+/// that it runs, and runs until leadership ends.
+fn contend(
+    s: &Subject,
+    election: &str,
+    id: &str,
+    works: &Arc<Mutex<Works>>,
+    started: &mpsc::UnboundedSender<String>,
+) -> Contender {
+    let shutdown = CancellationToken::new();
+    let (works, started, me) = (works.clone(), started.clone(), id.to_owned());
+    let work = move |lost: CancellationToken| {
+        let (works, started, me) = (works.clone(), started.clone(), me.clone());
+        async move {
+            {
+                let mut works = works.lock().unwrap();
+                works.running.push(me.clone());
+                works.most_at_once = works.most_at_once.max(works.running.len());
+            }
+            started.send(me.clone()).unwrap();
+            lost.cancelled().await;
+            works.lock().unwrap().running.retain(|r| *r != me);
+        }
+    };
+    // Keepalives every second: a revoked leader learns of it within one.
+    let ttl = Duration::from_secs(3);
+    let run = tokio::spawn(run_as_leader(
+        s.registry.clone(),
+        election.to_owned(),
+        id.to_owned(),
+        ttl,
+        shutdown.clone(),
+        work,
+    ));
+    Contender { shutdown, run }
+}
+
+async fn only_the_leader_runs_its_work_and_a_standby_takes_over(s: Subject) {
+    let election = format!("{}election/control", s.prefix);
+    let works = Arc::new(Mutex::new(Works::default()));
+    let (started, mut starts) = mpsc::unbounded_channel();
+    let mut contenders = vec![
+        ("one", contend(&s, &election, "one", &works, &started)),
+        ("two", contend(&s, &election, "two", &works, &started)),
+    ];
+    let running = |works: &Arc<Mutex<Works>>| works.lock().unwrap().running.clone();
+
+    let first = timeout(HANDOVER, starts.recv()).await.unwrap().unwrap();
+    assert!(
+        timeout(STILL_WAITING, starts.recv()).await.is_err(),
+        "a second leader runs"
+    );
+    assert_eq!(running(&works), [first.as_str()]);
+    assert_eq!(leader_value(&s, &election).await, Some(first.clone()));
+
+    // The registry drops the leader's lease: its keepalive is refused, its work told to stop.
+    let candidates = s
+        .registry
+        .list(&format!("{election}/"))
+        .await
+        .unwrap()
+        .entries;
+    let leading = candidates
+        .iter()
+        .min_by_key(|kv| kv.create_revision)
+        .and_then(|kv| kv.lease)
+        .expect("the leader's key is bound to a lease");
+    s.registry.revoke_lease(leading).await.unwrap();
+    let second = timeout(HANDOVER, starts.recv()).await.unwrap().unwrap();
+    assert_ne!(second, first, "the standby takes over");
+    cellmail_tests::wait_for(HANDOVER, "the revoked leader to stop", || {
+        (running(&works) == [second.as_str()]).then_some(())
+    })
+    .await
+    .unwrap();
+    // A revoked leader may overlap its successor until its next keepalive; from here on
+    // handovers are resignations, which must not overlap at all.
+    works.lock().unwrap().most_at_once = 1;
+
+    // The former leader campaigned again, so stopping the current one hands back to it.
+    let at = contenders.iter().position(|(id, _)| *id == second).unwrap();
+    let (_, stopped) = contenders.remove(at);
+    stopped.shutdown.cancel();
+    timeout(HANDOVER, stopped.run)
+        .await
+        .expect("a stopped loop returns")
+        .unwrap()
+        .unwrap();
+    let third = timeout(HANDOVER, starts.recv()).await.unwrap().unwrap();
+    assert_eq!(third, first);
+    assert_eq!(leader_value(&s, &election).await, Some(first.clone()));
+    assert_eq!(
+        works.lock().unwrap().most_at_once,
+        1,
+        "two leaders ran at once"
+    );
+
+    for (_, contender) in contenders {
+        contender.shutdown.cancel();
+        timeout(HANDOVER, contender.run)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    assert!(running(&works).is_empty());
+    assert_eq!(leader_value(&s, &election).await, None, "stopping resigned");
+}
+
 macro_rules! suite {
     ($implementation:ident: $($behaviour:ident),* $(,)?) => {
         mod $implementation {
@@ -211,6 +477,11 @@ suite!(local:
     a_failed_transaction_writes_nothing,
     watch_delivers_every_change_in_revision_order_from_a_revision,
     keys_bound_to_an_expired_lease_disappear,
+    the_first_candidate_leads_and_the_next_takes_over_when_its_lease_ends,
+    a_resigned_leader_hands_over_at_once,
+    campaigning_again_on_the_same_lease_keeps_the_candidacy,
+    campaigning_on_an_ended_lease_is_refused,
+    only_the_leader_runs_its_work_and_a_standby_takes_over,
 );
 
 suite!(etcd:
@@ -218,6 +489,11 @@ suite!(etcd:
     a_failed_transaction_writes_nothing,
     watch_delivers_every_change_in_revision_order_from_a_revision,
     keys_bound_to_an_expired_lease_disappear,
+    the_first_candidate_leads_and_the_next_takes_over_when_its_lease_ends,
+    a_resigned_leader_hands_over_at_once,
+    campaigning_again_on_the_same_lease_keeps_the_candidacy,
+    campaigning_on_an_ended_lease_is_refused,
+    only_the_leader_runs_its_work_and_a_standby_takes_over,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

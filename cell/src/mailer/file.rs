@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use cellmail_proto::TenantId;
 
 use super::{Mailer, MailerError, render};
 use crate::accept::now_ms;
@@ -62,5 +63,11 @@ impl Mailer for FileSink {
                 .map_err(|e| retryable(format!("simulated feedback: {e}")))?;
         }
         Ok(())
+    }
+
+    async fn prepare(&self, tenant: &TenantId, _domains: &[String]) -> Result<(), MailerError> {
+        tokio::fs::create_dir_all(self.root.join(tenant.as_str()))
+            .await
+            .map_err(|e| retryable(format!("creating the tenant's mail directory: {e}")))
     }
 }

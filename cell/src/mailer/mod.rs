@@ -18,6 +18,8 @@ use mail_builder::headers::Header;
 use mail_builder::headers::address::Address;
 use mail_builder::headers::raw::Raw;
 
+use cellmail_proto::TenantId;
+
 use crate::message::{Mailbox, Message};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,6 +45,13 @@ pub enum MailerError {
 #[async_trait]
 pub trait Mailer: Send + Sync + 'static {
     async fn send(&self, message: &Message) -> Result<(), MailerError>;
+
+    /// Sets up what sending for `tenant` from `domains` needs, before the tenant is moved
+    /// here (so its first send does not pay for it). A mailer with nothing to set up per
+    /// tenant keeps this default.
+    async fn prepare(&self, _tenant: &TenantId, _domains: &[String]) -> Result<(), MailerError> {
+        Ok(())
+    }
 }
 
 fn address(mailbox: &Mailbox) -> Address<'_> {

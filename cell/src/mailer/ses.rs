@@ -127,17 +127,23 @@ impl SesMailer {
         cell.get_or_try_init(provision).await.map(|_| ())
     }
 
-    async fn provision(&self, message: &Message) -> Result<(), MailerError> {
-        let tenant = &message.tenant;
+    /// The tenant's configuration set (and SES tenant) and the identities of `domains`.
+    async fn provision<'a>(
+        &self,
+        tenant: &TenantId,
+        domains: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), MailerError> {
         self.once(Provision::Tenant(tenant.clone()), || {
             self.provision_tenant(tenant)
         })
         .await?;
-        let domain = message.from.domain();
-        self.once(Provision::Domain(domain.to_owned()), || {
-            self.provision_identity(domain)
-        })
-        .await
+        for domain in domains {
+            self.once(Provision::Domain(domain.to_owned()), || {
+                self.provision_identity(domain)
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     async fn provision_tenant(&self, tenant: &TenantId) -> Result<(), MailerError> {
@@ -389,7 +395,8 @@ fn classify(err: &SdkError<SendEmailError, HttpResponse>) -> MailerError {
 #[async_trait]
 impl Mailer for SesMailer {
     async fn send(&self, message: &Message) -> Result<(), MailerError> {
-        self.provision(message).await?;
+        self.provision(&message.tenant, [message.from.domain()])
+            .await?;
         let request = self.request(message).map_err(|e| MailerError::Permanent {
             reason: format!("building the SES request: {e}"),
         })?;
@@ -400,6 +407,11 @@ impl Mailer for SesMailer {
             }
             Err(err) => Err(classify(&err)),
         }
+    }
+
+    async fn prepare(&self, tenant: &TenantId, domains: &[String]) -> Result<(), MailerError> {
+        self.provision(tenant, domains.iter().map(String::as_str))
+            .await
     }
 }
 

@@ -4,19 +4,24 @@
 //! mod revisions (etcd treats an absent key as revision 0), so the semantics match the
 //! embedded registry exactly. Transport failures and timeouts are `Unavailable`, which
 //! callers retry; a watch that starts at a compacted revision is `Compacted`.
+//!
+//! Elections are etcd's own election service. A campaign is one request that etcd answers
+//! only when the candidate leads, so it goes over a second connection without the request
+//! timeout: a timed-out campaign makes etcd withdraw the candidacy, and the candidate would
+//! lose its place in line every few seconds.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
     Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions,
-    Txn, TxnOp, WatchOptions,
+    ResignOptions, Txn, TxnOp, WatchOptions,
 };
 use tokio::sync::mpsc;
 
 use super::{
-    Compare, EventKind, KeyValue, LeaseId, Op, Registry, RegistryError, Revision, Snapshot,
-    WatchEvent, Watcher,
+    Compare, EventKind, KeyValue, LeaderKey, LeaseId, Op, Registry, RegistryError, Revision,
+    Snapshot, WatchEvent, Watcher,
 };
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -25,6 +30,8 @@ const KEEPALIVE: Duration = Duration::from_secs(2);
 
 pub struct EtcdRegistry {
     client: Client,
+    /// For campaigns only: no request timeout (see the module doc).
+    campaigns: Client,
 }
 
 fn error(err: etcd_client::Error) -> RegistryError {
@@ -45,8 +52,20 @@ fn error(err: etcd_client::Error) -> RegistryError {
 }
 
 /// etcd answers NotFound for a lease that expired or never was (put with a lease, revoke).
+/// Its election service passes that error on as a plain Go error, which gRPC carries as code
+/// Unknown: there the message is all there is.
 fn lease_not_found(err: &etcd_client::Error) -> bool {
-    matches!(err, etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::NotFound)
+    matches!(err, etcd_client::Error::GRpcStatus(status)
+        if status.code() == tonic::Code::NotFound
+            || (status.code() == tonic::Code::Unknown
+                && status.message() == "etcdserver: requested lease not found"))
+}
+
+/// etcd's election service answers an election without candidates with its Go error
+/// `election: no leader`, which gRPC carries as code Unknown: the message is all there is.
+fn no_leader(err: &etcd_client::Error) -> bool {
+    matches!(err, etcd_client::Error::GRpcStatus(status)
+        if status.code() == tonic::Code::Unknown && status.message() == "election: no leader")
 }
 
 fn revision(header: Option<&etcd_client::ResponseHeader>) -> Revision {
@@ -66,15 +85,21 @@ fn key_value(kv: &etcd_client::KeyValue) -> KeyValue {
 impl EtcdRegistry {
     /// Connects to any of `endpoints` (`host:port`).
     pub async fn connect(endpoints: &[String]) -> Result<Self, RegistryError> {
+        // The HTTP/2 keepalive is what ends a campaign on a dead connection.
         let options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(KEEPALIVE, KEEPALIVE)
             .with_keep_alive_while_idle(true);
-        let client = Client::connect(endpoints, Some(options))
+        let client = Client::connect(
+            endpoints,
+            Some(options.clone().with_timeout(REQUEST_TIMEOUT)),
+        )
+        .await
+        .map_err(error)?;
+        let campaigns = Client::connect(endpoints, Some(options))
             .await
             .map_err(error)?;
-        Ok(Self { client })
+        Ok(Self { client, campaigns })
     }
 }
 
@@ -204,19 +229,15 @@ impl Registry for EtcdRegistry {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), RegistryError> {
-        let (mut keeper, mut responses) = self
-            .client
-            .clone()
-            .lease_keep_alive(lease as i64)
-            .await
-            .map_err(error)?;
-        keeper.keep_alive().await.map_err(error)?;
-        match responses.message().await.map_err(error)? {
-            Some(response) if response.ttl() > 0 => Ok(()),
-            Some(_) => Err(RegistryError::LeaseNotFound(lease)),
-            None => Err(RegistryError::Unavailable(
-                "etcd closed the keepalive stream".into(),
-            )),
+        // Opening the keepalive stream already renews the lease once and waits for etcd's
+        // answer; etcd-client reports a lease etcd no longer has (TTL 0) as
+        // LeaseKeepAliveError, its only source of that error here.
+        match self.client.clone().lease_keep_alive(lease as i64).await {
+            Ok(_) => Ok(()),
+            Err(etcd_client::Error::LeaseKeepAliveError(_)) => {
+                Err(RegistryError::LeaseNotFound(lease))
+            }
+            Err(err) => Err(error(err)),
         }
     }
 
@@ -227,5 +248,54 @@ impl Registry for EtcdRegistry {
 
             Err(err) => Err(error(err)),
         }
+    }
+
+    async fn campaign(
+        &self,
+        election: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> Result<LeaderKey, RegistryError> {
+        let mut response = match self
+            .campaigns
+            .election_client()
+            .campaign(election, value, lease as i64)
+            .await
+        {
+            Ok(response) => response,
+            Err(err) if lease_not_found(&err) => return Err(RegistryError::LeaseNotFound(lease)),
+            Err(err) => return Err(error(err)),
+        };
+        let leader = response.take_leader().ok_or_else(|| {
+            RegistryError::Storage("etcd answered a campaign without a leader key".into())
+        })?;
+        Ok(LeaderKey {
+            election: election.to_owned(),
+            key: String::from_utf8_lossy(leader.key()).into_owned(),
+            lease: leader.lease() as LeaseId,
+            create_revision: leader.rev() as Revision,
+        })
+    }
+
+    async fn leader(&self, election: &str) -> Result<Option<Vec<u8>>, RegistryError> {
+        match self.client.election_client().leader(election).await {
+            Ok(mut response) => Ok(response.take_kv().map(|kv| kv.value().to_vec())),
+            Err(err) if no_leader(&err) => Ok(None),
+            Err(err) => Err(error(err)),
+        }
+    }
+
+    async fn resign(&self, leader: &LeaderKey) -> Result<(), RegistryError> {
+        let key = etcd_client::LeaderKey::new()
+            .with_name(leader.election.as_str())
+            .with_key(leader.key.as_str())
+            .with_rev(leader.create_revision as i64)
+            .with_lease(leader.lease as i64);
+        self.client
+            .election_client()
+            .resign(Some(ResignOptions::new().with_leader(key)))
+            .await
+            .map_err(error)?;
+        Ok(())
     }
 }

@@ -6,6 +6,10 @@
 //! for revisions older than the change history kept in memory (none survives a restart, as
 //! after an etcd compaction), and leases whose keys are deleted when they expire. Leases
 //! belong to the running process: keys bound to a lease are removed when the file is opened.
+//!
+//! Elections are etcd's recipe on top of that: a candidate's key is `<election>/<lease hex>`
+//! bound to its lease, and a campaign watches the election until no key under it was
+//! created before the candidate's own.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::Path;
@@ -17,8 +21,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::mpsc;
 
 use super::{
-    Compare, EventKind, KeyValue, LeaseId, Op, Registry, RegistryError, Revision, Snapshot,
-    WatchEvent, Watcher,
+    Compare, EventKind, KeyValue, LeaderKey, LeaseId, Op, Registry, RegistryError, Revision,
+    Snapshot, WatchEvent, Watcher,
 };
 
 /// key -> (value, create revision, mod revision, lease or 0)
@@ -313,9 +317,85 @@ impl Inner {
         let ops = keys.into_iter().map(|key| Op::Delete { key }).collect();
         self.apply(Vec::new(), ops).map(|_| ())
     }
+
+    /// Puts the candidate `key` bound to `lease`, or keeps it (with its place in line) when
+    /// the lease already stands; answers the key's create revision.
+    fn stand(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<Revision, RegistryError> {
+        loop {
+            let current = self
+                .lock()
+                .kv
+                .get(key)
+                .map(|kv| (kv.mod_revision, kv.create_revision, kv.value == value));
+            let (at, created) = match current {
+                Some((_, created, true)) => return Ok(created),
+                Some((modified, created, false)) => (modified, Some(created)),
+                None => (0, None),
+            };
+            let compare = Compare {
+                key: key.to_owned(),
+                mod_revision: at,
+            };
+            let put = Op::Put {
+                key: key.to_owned(),
+                value: value.clone(),
+                lease: Some(lease),
+            };
+            if let Some(revision) = self.apply(vec![compare], vec![put])? {
+                return Ok(created.unwrap_or(revision));
+            }
+            // The key changed between the read and the write: read it again.
+        }
+    }
+
+    /// Whether the candidate of `lease`, created at `created`, leads `prefix`: no candidate
+    /// created before it is left. Its lease gone, the candidacy is over.
+    fn leads(
+        &self,
+        prefix: &str,
+        lease: LeaseId,
+        created: Revision,
+    ) -> Result<bool, RegistryError> {
+        let state = self.lock();
+        if !state.leases.contains_key(&lease) {
+            return Err(RegistryError::LeaseNotFound(lease));
+        }
+        Ok(!state.under(prefix).any(|kv| kv.create_revision < created))
+    }
+
+    /// Deletes the candidate's key if it is still that candidacy (same create revision).
+    fn resign(&self, leader: &LeaderKey) -> Result<(), RegistryError> {
+        loop {
+            let current = self
+                .lock()
+                .kv
+                .get(&leader.key)
+                .filter(|kv| kv.create_revision == leader.create_revision)
+                .map(|kv| kv.mod_revision);
+            let Some(at) = current else { return Ok(()) };
+            let compare = Compare {
+                key: leader.key.clone(),
+                mod_revision: at,
+            };
+            let delete = Op::Delete {
+                key: leader.key.clone(),
+            };
+            if self.apply(vec![compare], vec![delete])?.is_some() {
+                return Ok(());
+            }
+        }
+    }
 }
 
 impl State {
+    /// Every entry whose key starts with `prefix`, in key order.
+    fn under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a KeyValue> + 'a {
+        self.kv
+            .range(prefix.to_owned()..)
+            .take_while(move |(key, _)| key.starts_with(prefix))
+            .map(|(_, kv)| kv)
+    }
+
     fn publish(&mut self, event: WatchEvent) {
         self.watchers.retain(|(prefix, tx)| {
             !event.key.starts_with(prefix.as_str()) || tx.send(Ok(event.clone())).is_ok()
@@ -345,12 +425,7 @@ impl Registry for LocalRegistry {
 
     async fn list(&self, prefix: &str) -> Result<Snapshot, RegistryError> {
         let state = self.inner.lock();
-        let entries = state
-            .kv
-            .range(prefix.to_owned()..)
-            .take_while(|(key, _)| key.starts_with(prefix))
-            .map(|(_, kv)| kv.clone())
-            .collect();
+        let entries = state.under(prefix).cloned().collect();
         Ok(Snapshot {
             revision: state.revision,
             entries,
@@ -412,5 +487,50 @@ impl Registry for LocalRegistry {
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), RegistryError> {
         self.blocking(move |inner| inner.revoke(lease)).await
+    }
+
+    async fn campaign(
+        &self,
+        election: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> Result<LeaderKey, RegistryError> {
+        let prefix = format!("{election}/");
+        let key = format!("{prefix}{lease:x}");
+        // Watching before standing, so that no deletion in between goes unseen.
+        let mut changes = self.watch(&prefix, 0).await?;
+        let candidate = key.clone();
+        let create_revision = self
+            .blocking(move |inner| inner.stand(&candidate, value, lease))
+            .await?;
+        while !self.inner.leads(&prefix, lease, create_revision)? {
+            match changes.next().await {
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Err(err),
+                None => {
+                    return Err(RegistryError::Unavailable(
+                        "the registry closed the election's watch".into(),
+                    ));
+                }
+            }
+        }
+        Ok(LeaderKey {
+            election: election.to_owned(),
+            key,
+            lease,
+            create_revision,
+        })
+    }
+
+    async fn leader(&self, election: &str) -> Result<Option<Vec<u8>>, RegistryError> {
+        let prefix = format!("{election}/");
+        let state = self.inner.lock();
+        let first = state.under(&prefix).min_by_key(|kv| kv.create_revision);
+        Ok(first.map(|kv| kv.value.clone()))
+    }
+
+    async fn resign(&self, leader: &LeaderKey) -> Result<(), RegistryError> {
+        let leader = leader.clone();
+        self.blocking(move |inner| inner.resign(&leader)).await
     }
 }

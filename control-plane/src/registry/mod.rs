@@ -8,6 +8,11 @@
 //! [`RegistryError::Compacted`] when that revision is no longer kept, so the caller resyncs.
 //! Keys bound to a lease disappear when the lease is not kept alive.
 //!
+//! Leader election follows etcd's election recipe: a candidate writes `<election>/<lease id
+//! in hex>` bound to its lease, and leads once every key under `<election>/` created before
+//! its own is gone. Candidates therefore lead in the order they campaigned, and leadership
+//! ends with the lease (or [`Registry::resign`]).
+//!
 //! Implementations: [`etcd::EtcdRegistry`] (production) and [`local::LocalRegistry`]
 //! (embedded, persisted to one file).
 
@@ -72,6 +77,20 @@ pub struct WatchEvent {
     pub mod_revision: Revision,
 }
 
+/// A candidacy in an election, as [`Registry::campaign`] returns it once it leads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderKey {
+    /// The election (key prefix) campaigned in.
+    pub election: String,
+    /// The candidate's key: `<election>/<lease id in hex>`. Leadership ends when it is deleted.
+    pub key: String,
+    /// The lease the key is bound to.
+    pub lease: LeaseId,
+    /// The key's create revision: its place in the line of candidates, and what resigning
+    /// compares so that only this candidacy is given up.
+    pub create_revision: Revision,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
     #[error("revision {requested} is compacted (oldest kept: {oldest}); resync from a fresh list")]
@@ -128,6 +147,27 @@ pub trait Registry: Send + Sync + 'static {
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), RegistryError>;
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), RegistryError>;
+
+    /// Campaigns in `election` (a key prefix, e.g. `<prefix>election/control`) with `value`,
+    /// bound to `lease`: resolves once this candidate leads, i.e. every candidate that
+    /// campaigned earlier is gone (its lease expired or it resigned). Leadership lasts as long
+    /// as the lease, so the caller keeps the lease alive while it waits and while it leads.
+    /// Campaigning again on the same lease keeps the candidacy (and its place in line) and
+    /// only replaces the value. Dropping the future may leave the candidacy in place until
+    /// the lease ends; [`Registry::resign`] or revoking the lease removes it at once.
+    async fn campaign(
+        &self,
+        election: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> Result<LeaderKey, RegistryError>;
+
+    /// The value of the current leader of `election`, if there is one.
+    async fn leader(&self, election: &str) -> Result<Option<Vec<u8>>, RegistryError>;
+
+    /// Gives leadership (or a pending candidacy) up at once. A candidacy that already ended
+    /// is not an error.
+    async fn resign(&self, leader: &LeaderKey) -> Result<(), RegistryError>;
 
     async fn put(
         &self,

@@ -5,9 +5,11 @@
 //!   proxy in CPU per send, added p99 latency at half load, durable accepts per second.
 //! - [`placements`]: the router's placement cache at scale (memory, lookup, cold sync) and
 //!   how fast a placement change reaches several routers over etcd.
+//! - [`moves`]: the freeze window of tenant moves under load.
 //! - [`neighbours`]: one tenant's delivery latency while another floods the router.
 //! - [`os`]: per-thread CPU time and resident memory, read from /proc.
 
+pub mod moves;
 pub mod neighbours;
 pub mod os;
 pub mod placements;

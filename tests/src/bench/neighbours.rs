@@ -10,7 +10,9 @@ use cellmail_control::schema::Policy;
 use cellmail_proto::v1::sender_client::SenderClient;
 use tonic::transport::Channel;
 
-use super::send_path::{Door, Stage, UNLIMITED, next_key, runtime, seed, start_cell, start_router};
+use super::send_path::{
+    CELL, Door, Stage, UNLIMITED, next_key, runtime, seed, start_cell, start_router,
+};
 use super::{Row, percentile};
 
 const CALM: &str = "calm";
@@ -103,11 +105,18 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
         ..UNLIMITED
     };
     let (calm_key, noisy_key) = cell_rt.block_on(async {
-        let calm = seed(registry.as_ref(), &keys, CALM, UNLIMITED).await?;
-        let noisy = seed(registry.as_ref(), &keys, NOISY, noisy_policy).await?;
+        let calm = seed(registry.as_ref(), &keys, CALM, UNLIMITED, CELL).await?;
+        let noisy = seed(registry.as_ref(), &keys, NOISY, noisy_policy, CELL).await?;
         anyhow::Ok((calm, noisy))
     })?;
-    let (_, cell) = start_cell(&cell_rt, &registry, &keys, dir.path(), WORKERS, &shutdown)?;
+    let (_, cell) = start_cell(
+        &cell_rt,
+        &registry,
+        &keys,
+        (dir.path(), CELL),
+        WORKERS,
+        &shutdown,
+    )?;
     let router_addr = start_router(&router_rt, &registry, &keys, &shutdown)?;
 
     let rows = load_rt.block_on(async {

@@ -32,7 +32,7 @@ use tonic::transport::Channel;
 use super::{Row, os, percentile};
 
 const TENANT: &str = "bench";
-const CELL: &str = "bench-1";
+pub(super) const CELL: &str = "bench-1";
 /// Senders for the side-by-side comparisons of the front doors.
 const CONCURRENCY: usize = 64;
 /// Senders for the cell's saturation figure: group commit needs many writes in flight.
@@ -228,12 +228,13 @@ pub(super) const UNLIMITED: Policy = Policy {
     },
 };
 
-/// Writes tenant `name` (sending from bench.example) placed on the bench cell: its API key.
+/// Writes tenant `name` (sending from bench.example) placed on `cell`: its API key.
 pub(super) async fn seed(
     registry: &dyn Registry,
     keys: &Keys,
     name: &str,
     policy: Policy,
+    cell: &str,
 ) -> anyhow::Result<String> {
     let tenant = TenantId::new(name)?;
     let record = TenantRecord {
@@ -245,7 +246,7 @@ pub(super) async fn seed(
         identities: Vec::new(),
     };
     let placement = PlacementRecord {
-        cell: CellId::new(CELL)?,
+        cell: CellId::new(cell)?,
         epoch: Epoch(1),
         state: PlacementState::Serving,
     };
@@ -267,20 +268,20 @@ pub(super) async fn seed(
     Ok(key.plaintext)
 }
 
-/// Starts the bench cell (embedded queue and store, the file sink under `dir/mail`) with
-/// `workers` delivery workers on `rt`: its endpoint and its task.
+/// Starts cell `id` (embedded queue and store under `dir/<id>`, the file sink under
+/// `dir/mail`) with `workers` delivery workers on `rt`: its endpoint and its task.
 pub(super) fn start_cell(
     rt: &Runtime,
     registry: &Arc<dyn Registry>,
     keys: &Keys,
-    dir: &std::path::Path,
+    (dir, id): (&std::path::Path, &str),
     workers: usize,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(String, tokio::task::JoinHandle<anyhow::Result<()>>)> {
-    let cell_dir = dir.join("cell");
+    let cell_dir = dir.join(id);
     let backends = cellmail_cell::Backends::embedded(&cell_dir, &dir.join("mail"))?;
     let config = cellmail_cell::CellConfig {
-        id: CellId::new(CELL)?,
+        id: CellId::new(id)?,
         addr: "127.0.0.1:0".parse()?,
         capacity: 10,
         workers,
@@ -293,14 +294,14 @@ pub(super) fn start_cell(
         })
     };
     let endpoint = rt.block_on(async {
-        let key = keys.cell(&CellId::new(CELL)?);
+        let key = keys.cell(&CellId::new(id)?);
         for _ in 0..500 {
             if let Some(kv) = registry.get(&key).await? {
                 return anyhow::Ok(schema::decode::<CellRecord>(&kv.value)?.endpoint);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        anyhow::bail!("the bench cell did not register")
+        anyhow::bail!("bench cell {id} did not register")
     })?;
     Ok((endpoint, cell))
 }
@@ -368,8 +369,9 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
         shutdown,
         registry,
     } = Stage::new(quick, &cell_rt)?;
-    let api_key = cell_rt.block_on(seed(registry.as_ref(), &keys, TENANT, UNLIMITED))?;
-    let (endpoint, cell) = start_cell(&cell_rt, &registry, &keys, dir.path(), 0, &shutdown)?;
+    let api_key = cell_rt.block_on(seed(registry.as_ref(), &keys, TENANT, UNLIMITED, CELL))?;
+    let (endpoint, cell) =
+        start_cell(&cell_rt, &registry, &keys, (dir.path(), CELL), 0, &shutdown)?;
     let router_addr = start_router(&router_rt, &registry, &keys, &shutdown)?;
     let (proxy_listener, proxy_addr) = proxy_rt.block_on(bind())?;
     let proxy_cell = {

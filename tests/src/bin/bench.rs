@@ -1,7 +1,7 @@
 //! `cellmail-bench`: cellmail's benchmark harness. Starts what it measures itself and prints
 //! one table (or `--json`). `--quick` finishes in under a minute, for CI to keep it working.
 
-use cellmail_tests::bench::{self, Row, neighbours, placements, send_path};
+use cellmail_tests::bench::{self, moves, neighbours, placements, send_path};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -28,12 +28,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         1000
     })?);
-    rows.push(Row::missing(
-        "tenant move freeze window, p99 over 50 moves under load",
-        "ms",
-        "< 250",
-        "not built yet: tenant moves",
-    ));
+    rows.push(moves::run(args.quick)?);
     rows.extend(neighbours::run(args.quick)?);
     if args.json {
         println!("{}", bench::json(&rows));

@@ -1,0 +1,619 @@
+//! Moving a tenant from one cell to another: no message lost, none sent twice, and a short,
+//! bounded pause for the moving tenant only.
+//!
+//! An operator's request writes the tenant's move record (`moves/<tenant>`, step PREPARING);
+//! the leading control plane's [`Mover`] carries every unfinished move forward, one persisted
+//! step at a time, so that a control plane taking over resumes where the last one stopped:
+//!
+//! 1. PREPARING: the target cell gets ready (its mailer's resources for the tenant; what an
+//!    earlier stay of the tenant left there is dropped). Then, in one transaction, the
+//!    placement is frozen (same epoch, compare-and-swap) and the step becomes FROZEN.
+//!    Routers hold the tenant's calls while the placement is frozen; cells refuse them.
+//! 2. FROZEN: the source exports the tenant's suppression list and idempotency window once it
+//!    sees the freeze and every call it had let in has finished; each chunk is imported by
+//!    the target. Then, in one transaction, the placement switches to the target at epoch +
+//!    1 (serving again) and the step becomes SWITCHED. A copy that keeps failing past
+//!    [`FREEZE_BUDGET`] rolls the move back: the placement is unfrozen on the source.
+//! 3. SWITCHED: the source keeps delivering what it had accepted and forwards late feedback;
+//!    once its backlog of the tenant is zero the move is COMPLETE.
+//!
+//! Every step change is audited in the transaction that makes it.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cellmail_proto::v1::{self, cell_client::CellClient};
+use cellmail_proto::{ApiError, CellId, Epoch, TenantId, now_ms};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::api::registry_error;
+use crate::audit;
+use crate::channels::CellChannels;
+use crate::registry::{Compare, KeyValue, Op, Registry};
+use crate::schema::{
+    self, AuditRecord, CellRecord, CellState, Keys, MoveRecord, MoveStep, PlacementRecord,
+    PlacementState,
+};
+
+/// How long a copy may keep failing while the placement is frozen before the move is rolled
+/// back (routers answer the tenant's calls UNAVAILABLE after their own, shorter hold).
+pub const FREEZE_BUDGET: Duration = Duration::from_secs(10);
+/// How often the leader looks for moves to carry forward.
+const SCAN: Duration = Duration::from_millis(100);
+/// Pause between attempts of a step that failed, and between backlog checks.
+const RETRY: Duration = Duration::from_millis(250);
+/// Attempts to prepare the target before the move is given up.
+const PREPARE_ATTEMPTS: u32 = 8;
+
+/// Writes a new move of `tenant` to `to` (step PREPARING) for the leader to carry out.
+pub async fn request(
+    registry: &dyn Registry,
+    keys: &Keys,
+    tenant: &TenantId,
+    to: &CellId,
+    actor: String,
+    reason: String,
+) -> Result<MoveRecord, ApiError> {
+    let placement_key = keys.placement(tenant);
+    let (placement, placement_revision) = read::<PlacementRecord>(registry, &placement_key)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("tenant {tenant} does not exist")))?;
+    if placement.cell == *to {
+        return Err(ApiError::invalid(
+            "to_cell",
+            format!("tenant {tenant} is already on cell {to}"),
+        ));
+    }
+    let (target, _) = read::<CellRecord>(registry, &keys.cell(to))
+        .await?
+        .ok_or_else(|| ApiError::invalid("to_cell", format!("cell {to} does not exist")))?;
+    if target.state != CellState::Active {
+        return Err(ApiError::invalid(
+            "to_cell",
+            format!(
+                "cell {to} is {:?}; only ACTIVE cells take tenants",
+                target.state
+            ),
+        ));
+    }
+    let move_key = keys.move_of(tenant);
+    let previous = read::<MoveRecord>(registry, &move_key).await?;
+    if let Some((running, _)) = previous.as_ref().filter(|(m, _)| !m.step.finished()) {
+        return Err(ApiError::Aborted(format!(
+            "tenant {tenant} is already moving to {} (move {}, {})",
+            running.to,
+            running.id,
+            running.step.as_str()
+        )));
+    }
+    let now = now_ms();
+    let record = MoveRecord {
+        id: ulid::Ulid::new().to_string(),
+        tenant: tenant.clone(),
+        from: placement.cell.clone(),
+        to: to.clone(),
+        from_epoch: placement.epoch,
+        step: MoveStep::Preparing,
+        detail: String::new(),
+        started_at_ms: now,
+        updated_at_ms: now,
+        frozen_at_ms: 0,
+        freeze_ms: 0,
+        actor: actor.clone(),
+        reason: reason.clone(),
+    };
+    let entry = AuditRecord {
+        at_ms: now,
+        actor,
+        action: format!("tenant.move {} -> {to}", placement.cell),
+        tenant: Some(tenant.clone()),
+        reason,
+        before: audit::snapshot(&placement),
+        after: audit::snapshot(&record),
+    };
+    let compares = vec![
+        Compare {
+            key: move_key.clone(),
+            mod_revision: previous.map_or(0, |(_, revision)| revision),
+        },
+        Compare {
+            key: placement_key,
+            mod_revision: placement_revision,
+        },
+    ];
+    let ops = vec![put(&move_key, &record), audit::entry_op(keys, &entry)];
+    match registry.txn(compares, ops).await.map_err(registry_error)? {
+        Some(_) => Ok(record),
+        None => Err(ApiError::Aborted(format!(
+            "tenant {tenant}'s placement or move changed meanwhile; try again"
+        ))),
+    }
+}
+
+/// The tenant's latest move.
+pub async fn latest(
+    registry: &dyn Registry,
+    keys: &Keys,
+    tenant: &TenantId,
+) -> Result<Option<MoveRecord>, ApiError> {
+    Ok(read(registry, &keys.move_of(tenant))
+        .await?
+        .map(|(record, _)| record))
+}
+
+async fn read<T: serde::de::DeserializeOwned>(
+    registry: &dyn Registry,
+    key: &str,
+) -> Result<Option<(T, u64)>, ApiError> {
+    let Some(KeyValue {
+        value,
+        mod_revision,
+        ..
+    }) = registry.get(key).await.map_err(registry_error)?
+    else {
+        return Ok(None);
+    };
+    let record = schema::decode(&value)
+        .map_err(|e| ApiError::Internal(format!("unreadable record {key}: {e}")))?;
+    Ok(Some((record, mod_revision)))
+}
+
+fn put<T: serde::Serialize>(key: &str, record: &T) -> Op {
+    Op::Put {
+        key: key.to_owned(),
+        value: schema::encode(record),
+        lease: None,
+    }
+}
+
+/// A cell's failed answer as the move sees it: the cell is not usable right now.
+fn unavailable(cell: &CellId) -> impl Fn(tonic::Status) -> ApiError + '_ {
+    move |s| ApiError::Unavailable(format!("cell {cell}: {}", s.message()))
+}
+
+/// Carries the registry's unfinished moves forward, on the leading control plane.
+pub struct Mover {
+    registry: Arc<dyn Registry>,
+    keys: Keys,
+    channels: CellChannels,
+    /// Tenants whose move a task of this mover is driving.
+    driving: Mutex<HashSet<TenantId>>,
+}
+
+/// A step's driver stopped: another writer changed the move or the placement (the record
+/// says what happened), or the registry could not be read; the next scan picks the move up
+/// again if it is unfinished.
+struct Stopped;
+
+impl Mover {
+    pub fn new(registry: Arc<dyn Registry>, keys: Keys) -> Arc<Self> {
+        Arc::new(Self {
+            registry,
+            keys,
+            channels: CellChannels::default(),
+            driving: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Until `lost` is cancelled: finds unfinished moves and drives each in a task of its own.
+    pub async fn run(self: Arc<Self>, lost: CancellationToken) {
+        let mut tick = tokio::time::interval(SCAN);
+        loop {
+            tokio::select! {
+                () = lost.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let listed = match self.registry.list(&self.keys.moves()).await {
+                Ok(listed) => listed,
+                Err(err) => {
+                    tracing::warn!(%err, "listing moves failed; retrying");
+                    continue;
+                }
+            };
+            for kv in listed.entries {
+                let Ok(record) = schema::decode::<MoveRecord>(&kv.value) else {
+                    tracing::error!(key = kv.key, "unreadable move record ignored");
+                    continue;
+                };
+                if record.step.finished() || !self.claim(&record.tenant) {
+                    continue;
+                }
+                let (mover, lost) = (self.clone(), lost.clone());
+                tokio::spawn(async move {
+                    let tenant = record.tenant.clone();
+                    tokio::select! {
+                        () = lost.cancelled() => {}
+                        () = mover.drive(&tenant) => {}
+                    }
+                    mover.release(&tenant);
+                });
+            }
+        }
+    }
+
+    fn driving(&self) -> std::sync::MutexGuard<'_, HashSet<TenantId>> {
+        // Only whole inserts and removes happen under this lock.
+        self.driving.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn claim(&self, tenant: &TenantId) -> bool {
+        self.driving().insert(tenant.clone())
+    }
+
+    fn release(&self, tenant: &TenantId) {
+        self.driving().remove(tenant);
+    }
+
+    /// Drives `tenant`'s move until it is finished or another writer took it over.
+    async fn drive(&self, tenant: &TenantId) {
+        loop {
+            let key = self.keys.move_of(tenant);
+            let (record, revision) = match read::<MoveRecord>(self.registry.as_ref(), &key).await {
+                Ok(Some(found)) => found,
+                Ok(None) => return,
+                Err(err) => {
+                    tracing::warn!(%err, %tenant, "reading the move failed; retrying");
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            };
+            if record.step.finished() {
+                return;
+            }
+            tracing::info!(%tenant, step = record.step.as_str(), from = %record.from, to = %record.to, "move step");
+            let outcome = match record.step {
+                MoveStep::Preparing => self.prepare(record, revision).await,
+                MoveStep::Frozen => self.copy(record, revision).await,
+                MoveStep::Switched => self.drain(record, revision).await,
+                MoveStep::Complete | MoveStep::RolledBack => return,
+            };
+            if outcome.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn client(&self, cell: &CellId) -> Result<CellClient<Channel>, ApiError> {
+        let (record, _) = read::<CellRecord>(self.registry.as_ref(), &self.keys.cell(cell))
+            .await?
+            .ok_or_else(|| ApiError::Unavailable(format!("cell {cell} is not registered")))?;
+        if record.endpoint.is_empty() {
+            return Err(ApiError::Unavailable(format!(
+                "cell {cell} has not registered an endpoint"
+            )));
+        }
+        self.channels.client(cell, &record.endpoint)
+    }
+
+    /// The tenant's placement and its mod revision.
+    async fn placement(&self, tenant: &TenantId) -> Result<(PlacementRecord, u64), ApiError> {
+        read(self.registry.as_ref(), &self.keys.placement(tenant))
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("tenant {tenant} has no placement")))
+    }
+
+    /// Writes `after` over the move record (still at `revision`), with `extra` compares and
+    /// ops in the same transaction and an audit entry of `action`.
+    async fn advance(
+        &self,
+        before: &MoveRecord,
+        revision: u64,
+        after: &MoveRecord,
+        action: &str,
+        extra: Vec<(Compare, Op)>,
+    ) -> Result<(), Stopped> {
+        let key = self.keys.move_of(&after.tenant);
+        let entry = AuditRecord {
+            at_ms: after.updated_at_ms,
+            actor: after.actor.clone(),
+            action: action.to_owned(),
+            tenant: Some(after.tenant.clone()),
+            reason: after.reason.clone(),
+            before: audit::snapshot(before),
+            after: audit::snapshot(after),
+        };
+        let mut compares = vec![Compare {
+            key: key.clone(),
+            mod_revision: revision,
+        }];
+        let mut ops = vec![put(&key, after), audit::entry_op(&self.keys, &entry)];
+        for (compare, op) in extra {
+            compares.push(compare);
+            ops.push(op);
+        }
+        loop {
+            match self.registry.txn(compares.clone(), ops.clone()).await {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) => {
+                    tracing::warn!(tenant = %after.tenant, action, "the move or placement changed meanwhile; this driver stops");
+                    return Err(Stopped);
+                }
+                Err(err) => {
+                    tracing::warn!(%err, tenant = %after.tenant, action, "writing the move step failed; retrying");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+    }
+
+    /// A change of the placement (at `revision`) to `after`, for [`Mover::advance`].
+    fn placement_change(
+        &self,
+        tenant: &TenantId,
+        revision: u64,
+        after: &PlacementRecord,
+    ) -> (Compare, Op) {
+        let key = self.keys.placement(tenant);
+        (
+            Compare {
+                key: key.clone(),
+                mod_revision: revision,
+            },
+            put(&key, after),
+        )
+    }
+
+    async fn prepare(&self, record: MoveRecord, revision: u64) -> Result<(), Stopped> {
+        let tenant = record.tenant.clone();
+        let mut attempt = 0;
+        let failure = loop {
+            attempt += 1;
+            let prepared = async {
+                let (placement, placement_revision) = self.placement(&tenant).await?;
+                let expected = PlacementRecord {
+                    cell: record.from.clone(),
+                    epoch: record.from_epoch,
+                    state: PlacementState::Serving,
+                };
+                if placement != expected {
+                    return Err(ApiError::Aborted(format!(
+                        "the placement changed since the move started: {placement:?}"
+                    )));
+                }
+                let request = v1::PrepareTenantRequest {
+                    tenant_id: tenant.to_string(),
+                };
+                self.client(&record.to)
+                    .await?
+                    .prepare_tenant(request)
+                    .await
+                    .map_err(unavailable(&record.to))?;
+                Ok(placement_revision)
+            }
+            .await;
+            match prepared {
+                Ok(placement_revision) => {
+                    let now = now_ms();
+                    let frozen = PlacementRecord {
+                        cell: record.from.clone(),
+                        epoch: record.from_epoch,
+                        state: PlacementState::Frozen,
+                    };
+                    let after = MoveRecord {
+                        step: MoveStep::Frozen,
+                        detail: String::new(),
+                        updated_at_ms: now,
+                        frozen_at_ms: now,
+                        ..record.clone()
+                    };
+                    let freeze = self.placement_change(&tenant, placement_revision, &frozen);
+                    return self
+                        .advance(
+                            &record,
+                            revision,
+                            &after,
+                            "tenant.move.freeze",
+                            vec![freeze],
+                        )
+                        .await;
+                }
+                Err(err @ ApiError::Aborted(_)) => break err,
+                Err(err) if attempt >= PREPARE_ATTEMPTS => break err,
+                Err(err) => {
+                    tracing::warn!(%err, %tenant, attempt, "preparing the target failed; retrying");
+                    tokio::time::sleep(RETRY * attempt).await;
+                }
+            }
+        };
+        let after = MoveRecord {
+            step: MoveStep::RolledBack,
+            detail: format!("preparing cell {} failed: {failure}", record.to),
+            updated_at_ms: now_ms(),
+            ..record.clone()
+        };
+        self.advance(
+            &record,
+            revision,
+            &after,
+            "tenant.move.rollback",
+            Vec::new(),
+        )
+        .await
+    }
+
+    /// Exports the tenant from the source and imports it into the target.
+    async fn transfer(&self, record: &MoveRecord) -> Result<(usize, usize), ApiError> {
+        let request = v1::ExportTenantRequest {
+            tenant_id: record.tenant.to_string(),
+            epoch: record.from_epoch.0,
+        };
+        let mut chunks = self
+            .client(&record.from)
+            .await?
+            .export_tenant(request)
+            .await
+            .map_err(unavailable(&record.from))?
+            .into_inner();
+        let mut target = self.client(&record.to).await?;
+        let (mut suppressions, mut keys) = (0, 0);
+        while let Some(chunk) = chunks.message().await.map_err(unavailable(&record.from))? {
+            suppressions += chunk.suppressions.len();
+            keys += chunk.idempotency.len();
+            let request = v1::ImportTenantRequest {
+                tenant_id: record.tenant.to_string(),
+                chunk: Some(chunk),
+            };
+            target
+                .import_tenant(request)
+                .await
+                .map_err(unavailable(&record.to))?;
+        }
+        Ok((suppressions, keys))
+    }
+
+    async fn copy(&self, record: MoveRecord, revision: u64) -> Result<(), Stopped> {
+        let tenant = record.tenant.clone();
+        let failure = loop {
+            let copied = async {
+                let (placement, placement_revision) = self.placement(&tenant).await?;
+                if placement.state != PlacementState::Frozen
+                    || placement.cell != record.from
+                    || placement.epoch != record.from_epoch
+                {
+                    return Err(ApiError::Aborted(format!(
+                        "the frozen placement changed meanwhile: {placement:?}"
+                    )));
+                }
+                let counts = self.transfer(&record).await?;
+                Ok((placement_revision, counts))
+            }
+            .await;
+            match copied {
+                Ok((placement_revision, (suppressions, keys))) => {
+                    let now = now_ms();
+                    let switched = PlacementRecord {
+                        cell: record.to.clone(),
+                        epoch: Epoch(record.from_epoch.0 + 1),
+                        state: PlacementState::Serving,
+                    };
+                    let after = MoveRecord {
+                        step: MoveStep::Switched,
+                        detail: format!(
+                            "copied {suppressions} suppressions and {keys} idempotency keys"
+                        ),
+                        updated_at_ms: now,
+                        freeze_ms: now.saturating_sub(record.frozen_at_ms),
+                        ..record.clone()
+                    };
+                    let switch = self.placement_change(&tenant, placement_revision, &switched);
+                    return self
+                        .advance(
+                            &record,
+                            revision,
+                            &after,
+                            "tenant.move.switch",
+                            vec![switch],
+                        )
+                        .await;
+                }
+                Err(err @ ApiError::Aborted(_)) => {
+                    tracing::error!(%err, %tenant, "move stopped");
+                    return Err(Stopped);
+                }
+                Err(err)
+                    if now_ms().saturating_sub(record.frozen_at_ms)
+                        >= FREEZE_BUDGET.as_millis() as u64 =>
+                {
+                    break err;
+                }
+                Err(err) => {
+                    tracing::warn!(%err, %tenant, "copying the tenant failed; retrying");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        };
+        self.roll_back(record, revision, failure).await
+    }
+
+    /// Unfreezes the placement on the source and marks the move rolled back.
+    async fn roll_back(
+        &self,
+        record: MoveRecord,
+        revision: u64,
+        failure: ApiError,
+    ) -> Result<(), Stopped> {
+        let (_, placement_revision) = self.placement(&record.tenant).await.map_err(|_| Stopped)?;
+        let now = now_ms();
+        let serving = PlacementRecord {
+            cell: record.from.clone(),
+            epoch: record.from_epoch,
+            state: PlacementState::Serving,
+        };
+        let after = MoveRecord {
+            step: MoveStep::RolledBack,
+            detail: format!("copying to cell {} failed: {failure}", record.to),
+            updated_at_ms: now,
+            freeze_ms: now.saturating_sub(record.frozen_at_ms),
+            ..record.clone()
+        };
+        tracing::error!(tenant = %record.tenant, %failure, "move rolled back; the tenant stays on {}", record.from);
+        let unfreeze = self.placement_change(&record.tenant, placement_revision, &serving);
+        self.advance(
+            &record,
+            revision,
+            &after,
+            "tenant.move.rollback",
+            vec![unfreeze],
+        )
+        .await
+    }
+
+    async fn drain(&self, record: MoveRecord, revision: u64) -> Result<(), Stopped> {
+        loop {
+            let request = v1::TenantBacklogRequest {
+                tenant_id: record.tenant.to_string(),
+            };
+            let backlog = match self.client(&record.from).await {
+                Ok(mut source) => source
+                    .tenant_backlog(request)
+                    .await
+                    .map(|r| r.into_inner().messages)
+                    .map_err(|s| s.message().to_owned()),
+                Err(err) => Err(err.to_string()),
+            };
+            match backlog {
+                Ok(0) => break,
+                Ok(messages) => {
+                    tracing::debug!(tenant = %record.tenant, messages, "the source is still delivering")
+                }
+                Err(err) => {
+                    tracing::warn!(tenant = %record.tenant, %err, "asking the source for its backlog failed; retrying")
+                }
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+        let after = MoveRecord {
+            step: MoveStep::Complete,
+            updated_at_ms: now_ms(),
+            ..record.clone()
+        };
+        self.advance(
+            &record,
+            revision,
+            &after,
+            "tenant.move.complete",
+            Vec::new(),
+        )
+        .await
+    }
+}
+
+/// A move as operators see it.
+pub fn info(record: &MoveRecord) -> v1::MoveInfo {
+    v1::MoveInfo {
+        id: record.id.clone(),
+        tenant_id: record.tenant.to_string(),
+        from_cell: record.from.to_string(),
+        to_cell: record.to.to_string(),
+        from_epoch: record.from_epoch.0,
+        state: record.step.as_str().to_owned(),
+        detail: record.detail.clone(),
+        started_at_ms: record.started_at_ms as i64,
+        updated_at_ms: record.updated_at_ms as i64,
+        freeze_ms: record.freeze_ms,
+        actor: record.actor.clone(),
+        reason: record.reason.clone(),
+    }
+}

@@ -1,0 +1,128 @@
+//! Tenant moves under load: two embedded cells, a router and the control plane's mover on
+//! one registry; senders keep sending for the moving tenant through the router (retrying
+//! UNAVAILABLE with the same key) while it is moved back and forth. The figure is the freeze
+//! window of each move: from the write that froze the placement to the one that switched it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use cellmail_control::moves::{self, Mover};
+use cellmail_control::schema::MoveStep;
+use cellmail_proto::v1::sender_client::SenderClient;
+use cellmail_proto::{CellId, TenantId};
+
+use super::send_path::{Door, Stage, UNLIMITED, next_key, runtime, seed, start_cell, start_router};
+use super::{Row, percentile};
+
+const TENANT: &str = "bench";
+const CELLS: [&str; 2] = ["bench-1", "bench-2"];
+const SENDERS: usize = 16;
+const WORKERS: usize = 2;
+
+pub fn run(quick: bool) -> anyhow::Result<Row> {
+    let moves = if quick { 5 } else { 50 };
+    let (cell_rt, router_rt, load_rt) = (
+        runtime("bench-cell")?,
+        runtime("bench-router")?,
+        runtime("bench-load")?,
+    );
+    let stage = Stage::new(quick, &cell_rt)?;
+    let (registry, keys) = (stage.registry.clone(), stage.keys.clone());
+    let api_key = cell_rt.block_on(seed(registry.as_ref(), &keys, TENANT, UNLIMITED, CELLS[0]))?;
+    let mut cells = Vec::new();
+    for id in CELLS {
+        let (_, cell) = start_cell(
+            &cell_rt,
+            &registry,
+            &keys,
+            (stage.dir.path(), id),
+            WORKERS,
+            &stage.shutdown,
+        )?;
+        cells.push(cell);
+    }
+    let router = start_router(&router_rt, &registry, &keys, &stage.shutdown)?;
+    cell_rt.spawn(Mover::new(registry.clone(), keys.clone()).run(stage.shutdown.clone()));
+
+    let (freezes, sends, failed) = load_rt.block_on(async {
+        let door = Door::Sender {
+            client: SenderClient::connect(format!("http://{router}")).await?,
+            key: Some(api_key),
+        };
+        door.send(next_key()).await?;
+        let (stop, sent, failed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let senders: Vec<_> = (0..SENDERS)
+            .map(|_| {
+                let (door, stop, sent, failed) =
+                    (door.clone(), stop.clone(), sent.clone(), failed.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let key = next_key();
+                        loop {
+                            match door.send(key.clone()).await {
+                                Ok(_) => break,
+                                Err(status) if status.code() == tonic::Code::Unavailable => {
+                                    tokio::time::sleep(Duration::from_millis(5)).await
+                                }
+                                Err(_) => {
+                                    failed.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
+                            }
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let tenant = TenantId::new(TENANT)?;
+        let mut freezes = Vec::new();
+        for n in 0..moves {
+            let to = CellId::new(CELLS[(n + 1) % 2])?;
+            let actor = "bench".to_owned();
+            moves::request(registry.as_ref(), &keys, &tenant, &to, actor, String::new()).await?;
+            let record = loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let latest = moves::latest(registry.as_ref(), &keys, &tenant).await?;
+                if let Some(record) = latest.filter(|m| m.step.finished()) {
+                    break record;
+                }
+            };
+            anyhow::ensure!(record.step == MoveStep::Complete, "move {n}: {record:?}");
+            freezes.push(record.freeze_ms as f64);
+        }
+        stop.store(true, Ordering::Relaxed);
+        for sender in senders {
+            sender.await?;
+        }
+        anyhow::Ok((
+            freezes,
+            sent.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed),
+        ))
+    })?;
+    stage.shutdown.cancel();
+    for cell in cells {
+        cell_rt.block_on(cell)??;
+    }
+    let mut freezes = freezes;
+    let (p50, p99) = (
+        percentile(&mut freezes, 50.0),
+        percentile(&mut freezes, 99.0),
+    );
+    Ok(Row::measured(
+        "tenant move freeze window, p99 over moves under load",
+        p99,
+        "ms",
+        "< 250",
+        p99 < 250.0 && failed == 0,
+        format!(
+            "p50 {p50:.0} ms over {moves} moves, {sends} sends by {SENDERS} senders meanwhile, {failed} failed"
+        ),
+    ))
+}

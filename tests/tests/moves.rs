@@ -1,0 +1,596 @@
+//! Tenant moves: under load nothing is lost or sent twice and the neighbours on the source
+//! cell see nothing; bad requests name their field; late feedback at the old cell reaches the
+//! new one; a standby control plane finishes a move its leader left.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use cellmail_proto::{ApiError, v1};
+use cellmail_tests::{Control, Platform, authorized, message, wait_for};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+type Sender = v1::sender_client::SenderClient<Channel>;
+
+const DELIVERY: Duration = Duration::from_secs(60);
+
+/// A tenant that may send fast enough for a load test, pinned to `cell`.
+async fn tenant(control: &mut Control, id: &str, cell: &str) -> String {
+    let request = v1::CreateTenantRequest {
+        id: id.to_owned(),
+        domains: vec![format!("{id}.example")],
+        policy: Some(v1::TenantPolicy {
+            rate_per_second: 10_000,
+            ..Default::default()
+        }),
+        cell: cell.to_owned(),
+        ..Default::default()
+    };
+    let created = control.create_tenant(request).await.unwrap().into_inner();
+    assert_eq!(created.tenant.unwrap().cell, cell);
+    created.api_key
+}
+
+/// Sends `request` until it is accepted, retrying what a client is told to retry (UNAVAILABLE,
+/// and a "moved" answer should one reach it) with the same idempotency key; returns the
+/// message id and how many attempts were retried.
+async fn send_retrying(sender: &Sender, key: &str, request: v1::SendRequest) -> (String, usize) {
+    let mut retries = 0;
+    loop {
+        match sender.clone().send(authorized(key, request.clone())).await {
+            Ok(sent) => return (sent.into_inner().message_id, retries),
+            Err(status) if status.code() == Code::Unavailable || ApiError::is_moved(&status) => {
+                retries += 1;
+                assert!(
+                    retries < 200,
+                    "still refused after {retries} tries: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("{}: {status:?}", request.idempotency_key),
+        }
+    }
+}
+
+/// Polls the tenant's move until it is finished; returns it.
+async fn finished_move(control: &Control, tenant: &str) -> v1::MoveInfo {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let request = v1::GetMoveRequest {
+            tenant_id: tenant.to_owned(),
+        };
+        let latest = control
+            .clone()
+            .get_move(request)
+            .await
+            .unwrap()
+            .into_inner();
+        if matches!(latest.state.as_str(), "COMPLETE" | "ROLLED_BACK") {
+            return latest;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the move did not finish: {latest:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_moved_under_load_sends_every_key_once_and_its_neighbour_sees_no_error() {
+    const KEYS: usize = 2000;
+    const CLIENTS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &[]).unwrap();
+    let mut control = platform.control().await.unwrap();
+    let mover = tenant(&mut control, "mover", "cell-1").await;
+    let steady = tenant(&mut control, "steady", "cell-1").await;
+    let sender = platform.sender().await.unwrap();
+
+    // A key sent before the move answers with the same message after it.
+    let early = message("shop@mover.example", "early@example.com", "early");
+    let (early_id, _) = send_retrying(&sender, &mover, early.clone()).await;
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let retried = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (sender, key, next, retried) =
+                (sender.clone(), mover.clone(), next.clone(), retried.clone());
+            tokio::spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= KEYS {
+                        return;
+                    }
+                    let to = format!("r{n}@example.com");
+                    let request = message("shop@mover.example", &to, &format!("key-{n}"));
+                    let (_, retries) = send_retrying(&sender, &key, request).await;
+                    retried.fetch_add(retries, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let neighbour = {
+        let (sender, key) = (sender.clone(), steady.clone());
+        tokio::spawn(async move {
+            let mut errors = Vec::new();
+            for n in 0..300 {
+                let request = message("news@steady.example", "n@example.com", &format!("s-{n}"));
+                if let Err(status) = sender.clone().send(authorized(&key, request)).await {
+                    errors.push(status);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            errors
+        })
+    };
+
+    wait_for(Duration::from_secs(30), "sends under way", || {
+        (next.load(Ordering::Relaxed) > KEYS / 5).then_some(())
+    })
+    .await
+    .unwrap();
+    let moved = platform.cli(&[
+        "tenant", "move", "mover", "--to", "cell-2", "--reason", "test",
+    ]);
+    assert_eq!(moved["from"], "cell-1");
+    assert_eq!(moved["from_epoch"], 1);
+    let done = finished_move(&control, "mover").await;
+    assert_eq!(done.state, "COMPLETE", "{done:?}");
+    assert!(done.freeze_ms > 0, "{done:?}");
+    assert!(
+        next.load(Ordering::Relaxed) < KEYS,
+        "the move finished while sends were still flowing"
+    );
+    for client in clients {
+        client.await.unwrap();
+    }
+    let neighbour_errors = neighbour.await.unwrap();
+    assert!(
+        neighbour_errors.is_empty(),
+        "the neighbour on the source cell saw errors: {neighbour_errors:?}"
+    );
+
+    let (again, _) = send_retrying(&sender, &mover, early).await;
+    assert_eq!(
+        again, early_id,
+        "the idempotency window moved with the tenant"
+    );
+    let tenants = platform.cli(&["tenant", "list"]);
+    let placed = tenants
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant"] == "mover")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (placed["cell"].clone(), placed["epoch"].clone()),
+        ("cell-2".into(), 2.into())
+    );
+
+    let keys = wait_for(DELIVERY, "every key delivered", || {
+        let keys = keys_in(&platform.data_dir.join("mail").join("mover"));
+        (keys.values().sum::<usize>() > KEYS).then_some(keys)
+    })
+    .await
+    .unwrap();
+    let doubled: Vec<_> = keys.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "sent twice: {doubled:?}");
+    let lost: Vec<_> = (0..KEYS)
+        .map(|n| format!("key-{n}"))
+        .filter(|k| !keys.contains_key(k))
+        .collect();
+    assert!(lost.is_empty(), "never sent: {lost:?}");
+    assert_eq!(keys.get("early"), Some(&1));
+    let actions: Vec<String> = platform
+        .cli(&["audit", "--tenant", "mover"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_owned())
+        .collect();
+    for step in [
+        "tenant.move cell-1 -> cell-2",
+        "tenant.move.freeze",
+        "tenant.move.switch",
+        "tenant.move.complete",
+    ] {
+        assert!(actions.iter().any(|a| a == step), "{step} in {actions:?}");
+    }
+    eprintln!(
+        "moved under load: {} ms frozen, {} sends retried",
+        done.freeze_ms,
+        retried.load(Ordering::Relaxed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_move_requests_are_refused_naming_the_field_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &[]).unwrap();
+    let mut control = platform.control().await.unwrap();
+    tenant(&mut control, "stays", "cell-1").await;
+    let request = |tenant: &str, to: &str| v1::MoveTenantRequest {
+        tenant_id: tenant.to_owned(),
+        to_cell: to.to_owned(),
+        reason: String::new(),
+    };
+    let cases = [
+        (request("stays", "cell-1"), Code::InvalidArgument, "to_cell"),
+        (request("stays", "cell-9"), Code::InvalidArgument, "to_cell"),
+        (
+            request("stays", "NOT A CELL"),
+            Code::InvalidArgument,
+            "to_cell",
+        ),
+        (request("", "cell-2"), Code::InvalidArgument, "tenant_id"),
+        (request("nobody", "cell-2"), Code::NotFound, ""),
+    ];
+    for (bad, code, field) in cases {
+        let status = control.move_tenant(bad.clone()).await.unwrap_err();
+        assert_eq!(status.code(), code, "{bad:?}: {status:?}");
+        if !field.is_empty() {
+            let violations = status.get_details_bad_request().unwrap().field_violations;
+            assert_eq!(violations[0].field, field, "{bad:?}");
+        }
+    }
+    platform.cli(&["cell", "drain", "cell-2"]);
+    let status = control
+        .move_tenant(request("stays", "cell-2"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::InvalidArgument,
+        "a draining cell takes no tenant"
+    );
+    let tenants = platform.cli(&["tenant", "list"]);
+    assert_eq!(tenants[0]["cell"], "cell-1");
+    assert_eq!(tenants[0]["epoch"], 1);
+    let status = control
+        .get_move(v1::GetMoveRequest {
+            tenant_id: "stays".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "no move was recorded");
+}
+
+/// Separate processes on etcd: two cells (queues on SQS when `sqs_prefix` is given), with
+/// extra flags for the first, a control plane and a router.
+mod deployed {
+    use super::*;
+    use cellmail_tests::processes::{Daemon, Front, registry_args, start_cell};
+    use cellmail_tests::services::{etcd_endpoint, unique_prefix};
+    use cellmail_tests::{control_client, until_ok};
+
+    pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+    /// Fields drop in order: the processes stop before their data dirs go.
+    pub struct Deployment {
+        pub cells: [Daemon; 2],
+        pub front: Front,
+        pub dirs: [tempfile::TempDir; 2],
+        pub registry: Vec<String>,
+        pub prefix: String,
+        pub control: Control,
+        pub sender: Sender,
+    }
+
+    /// Cell flags for queues on the AWS emulator under `prefix`.
+    pub fn sqs(prefix: &str) -> Vec<String> {
+        let endpoint = cellmail_tests::emulator::aws_endpoint();
+        [
+            "--queue",
+            "sqs",
+            "--aws-endpoint",
+            &endpoint,
+            "--aws-region",
+            "us-east-1",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(["--sqs-queue-prefix".to_owned(), prefix.to_owned()])
+        .collect()
+    }
+
+    impl Deployment {
+        pub async fn start(test: &str, first: &[String], both: &[String]) -> Self {
+            let prefix = unique_prefix(test);
+            let registry = registry_args(&etcd_endpoint(), &prefix);
+            let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+            let a: Vec<String> = both.iter().chain(first).cloned().collect();
+            let cells = [
+                start_cell("cell-a", &registry, dirs[0].path(), &strs(&a))
+                    .await
+                    .unwrap(),
+                start_cell("cell-b", &registry, dirs[1].path(), &strs(both))
+                    .await
+                    .unwrap(),
+            ];
+            let front = Front::start(&registry, ADMIN_TOKEN).await.unwrap();
+            let control = control_client(&format!("http://{}", front.control), ADMIN_TOKEN)
+                .await
+                .unwrap();
+            let sender = Sender::connect(format!("http://{}", front.router))
+                .await
+                .unwrap();
+            let deployment = Self {
+                registry,
+                prefix,
+                dirs,
+                cells,
+                front,
+                control,
+                sender,
+            };
+            wait_for_cells(&deployment.control).await;
+            deployment
+        }
+
+        /// Restarts cell `n` (0: cell-a) on its data dir with `flags`.
+        pub async fn restart_cell(&mut self, n: usize, flags: &[String]) {
+            self.cells[n].kill();
+            let id = ["cell-a", "cell-b"][n];
+            self.cells[n] = start_cell(id, &self.registry, self.dirs[n].path(), &strs(flags))
+                .await
+                .unwrap();
+        }
+
+        /// (idempotency key -> times sent) over both cells' file sinks.
+        pub fn sent_keys(&self, tenant: &str) -> HashMap<String, usize> {
+            let mut keys = HashMap::new();
+            for dir in &self.dirs {
+                for (key, n) in keys_in(&dir.path().join("mail").join(tenant)) {
+                    *keys.entry(key).or_default() += n;
+                }
+            }
+            keys
+        }
+
+        /// Sends one message for `key`'s tenant, retrying while the router catches up.
+        pub async fn send(&self, key: &str, request: v1::SendRequest) -> v1::SendResponse {
+            until_ok(Duration::from_secs(10), || {
+                let (mut sender, request) = (self.sender.clone(), authorized(key, request.clone()));
+                async move { sender.send(request).await }
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    }
+
+    fn strs(flags: &[String]) -> Vec<&str> {
+        flags.iter().map(String::as_str).collect()
+    }
+
+    async fn wait_for_cells(control: &Control) {
+        let alive = until_ok(Duration::from_secs(20), || {
+            let mut control = control.clone();
+            async move {
+                let cells = control
+                    .list_cells(v1::ListCellsRequest {})
+                    .await?
+                    .into_inner()
+                    .cells;
+                match cells.iter().filter(|c| c.alive).count() {
+                    2 => Ok(()),
+                    n => Err(tonic::Status::unavailable(format!("{n} of 2 cells alive"))),
+                }
+            }
+        })
+        .await;
+        alive.unwrap();
+    }
+}
+
+/// (idempotency key -> times sent) of the .eml files in `dir`.
+fn keys_in(dir: &std::path::Path) -> HashMap<String, usize> {
+    let mut keys = HashMap::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.path().extension().is_none_or(|e| e != "eml") {
+            continue;
+        }
+        let raw = std::fs::read(entry.path()).unwrap();
+        let parsed = mail_parser::MessageParser::default().parse(&raw).unwrap();
+        let key = parsed
+            .header_raw("X-Cellmail-Idempotency-Key")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        *keys.entry(key).or_default() += 1;
+    }
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_bounce_at_the_old_cell_suppresses_the_address_in_the_new_one() {
+    let unique = cellmail_proto::MessageId::generate()
+        .to_string()
+        .to_lowercase();
+    let queues = format!("m{}-", &unique[16..]);
+    let mut d = deployed::Deployment::start("late-bounce", &[], &deployed::sqs(&queues)).await;
+    let (moved_id, other_id) = (format!("l{unique}"), format!("o{unique}"));
+    let moved = tenant(&mut d.control, &moved_id, "cell-a").await;
+    let other = tenant(&mut d.control, &other_id, "cell-a").await;
+    let gone = "gone@dest.example";
+    let sent = d
+        .send(
+            &moved,
+            message(&format!("news@{moved_id}.example"), gone, "before"),
+        )
+        .await;
+
+    let request = v1::MoveTenantRequest {
+        tenant_id: moved_id.clone(),
+        to_cell: "cell-b".into(),
+        reason: "late bounce".into(),
+    };
+    d.control.move_tenant(request).await.unwrap();
+    assert_eq!(finished_move(&d.control, &moved_id).await.state, "COMPLETE");
+
+    // SES reports the bounce after the move, to the queue of the cell that sent the message.
+    let sqs = aws_sdk_sqs::Client::new(&cellmail_tests::emulator::aws_config().await);
+    let url = sqs
+        .get_queue_url()
+        .queue_name(format!("{queues}cell-a-feedback"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let bounce =
+        cellmail_tests::emulator::ses_event("sns-wrapped-bounce.json", &moved_id, &sent.message_id);
+    sqs.send_message()
+        .queue_url(&url)
+        .message_body(bounce)
+        .send()
+        .await
+        .unwrap();
+
+    let listed = cellmail_tests::until_ok(Duration::from_secs(20), || {
+        let (mut sender, key) = (d.sender.clone(), moved.clone());
+        async move {
+            let request = authorized(&key, v1::ListSuppressionsRequest::default());
+            let listed = sender
+                .list_suppressions(request)
+                .await?
+                .into_inner()
+                .suppressions;
+            if listed.is_empty() {
+                return Err(tonic::Status::not_found("not suppressed yet"));
+            }
+            Ok(listed)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(listed[0].address, "gone@dest.example");
+    assert_eq!(listed[0].message_id, sent.message_id);
+
+    let again = d
+        .send(
+            &moved,
+            message(&format!("news@{moved_id}.example"), gone, "after"),
+        )
+        .await;
+    assert_eq!(
+        again.recipients[0].state,
+        v1::RecipientState::Suppressed as i32
+    );
+    let for_other = d
+        .send(
+            &other,
+            message(&format!("news@{other_id}.example"), gone, "other"),
+        )
+        .await;
+    assert_eq!(
+        for_other.recipients[0].state,
+        v1::RecipientState::Accepted as i32,
+        "the other tenant on the old cell is not suppressed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_control_plane_finishes_the_move_its_leader_left() {
+    use cellmail_control::registry::Registry;
+    // cell-a delivers nothing at first: the move waits for its backlog after the switch.
+    let no_workers = ["--cell-workers".to_owned(), "0".to_owned()];
+    let mut d = deployed::Deployment::start("failover", &no_workers, &[]).await;
+    let etcd = cellmail_control::registry::etcd::EtcdRegistry::connect(&[
+        cellmail_tests::services::etcd_endpoint(),
+    ])
+    .await
+    .unwrap();
+    let election = cellmail_control::schema::Keys::new(&d.prefix).election();
+    let leader = || async {
+        let value = etcd.leader(&election).await.unwrap().unwrap_or_default();
+        String::from_utf8(value).unwrap()
+    };
+    let first = d.front.control.clone();
+    let standby_addr = cellmail_tests::processes::free_addr().unwrap();
+    let mut args = vec![
+        "--control-addr",
+        &standby_addr,
+        "--admin-token",
+        deployed::ADMIN_TOKEN,
+    ];
+    args.extend(d.registry.iter().map(String::as_str));
+    let _standby =
+        cellmail_tests::processes::Daemon::start("cellmail-control", &args, Some(&standby_addr))
+            .await
+            .unwrap();
+    assert!(
+        leader().await.starts_with(&first),
+        "the first control plane leads"
+    );
+    let mut standby =
+        cellmail_tests::control_client(&format!("http://{standby_addr}"), deployed::ADMIN_TOKEN)
+            .await
+            .unwrap();
+
+    let key = tenant(&mut d.control, "failover", "cell-a").await;
+    const KEYS: usize = 20;
+    for n in 0..KEYS {
+        let request = message("shop@failover.example", "x@example.com", &format!("k{n}"));
+        d.send(&key, request).await;
+    }
+    // The standby takes the request; the leader carries it out, up to the wait for cell-a.
+    let request = v1::MoveTenantRequest {
+        tenant_id: "failover".into(),
+        to_cell: "cell-b".into(),
+        reason: "failover".into(),
+    };
+    standby.move_tenant(request).await.unwrap();
+    wait_for_state(&standby, "failover", "SWITCHED").await;
+    d.front.kill_control();
+    d.restart_cell(0, &[]).await;
+
+    let done = finished_move(&standby, "failover").await;
+    assert_eq!(done.state, "COMPLETE", "{done:?}");
+    assert!(
+        leader().await.starts_with(&standby_addr),
+        "the standby leads now"
+    );
+    let keys = wait_for(DELIVERY, "the old cell's backlog delivered", || {
+        let keys = d.sent_keys("failover");
+        (keys.len() == KEYS).then_some(keys)
+    })
+    .await
+    .unwrap();
+    assert!(keys.values().all(|n| *n == 1), "{keys:?}");
+    let after = d
+        .send(
+            &key,
+            message("shop@failover.example", "x@example.com", "after"),
+        )
+        .await;
+    assert_eq!(
+        after.recipients[0].state,
+        v1::RecipientState::Accepted as i32
+    );
+}
+
+async fn wait_for_state(control: &Control, tenant: &str, state: &str) {
+    let reached = cellmail_tests::until_ok(Duration::from_secs(20), || {
+        let mut control = control.clone();
+        async move {
+            let request = v1::GetMoveRequest {
+                tenant_id: tenant.to_owned(),
+            };
+            let latest = control.get_move(request).await?.into_inner();
+            if latest.state == state {
+                Ok(latest)
+            } else {
+                Err(tonic::Status::unavailable(format!("{latest:?}")))
+            }
+        }
+    })
+    .await;
+    reached.unwrap();
+}
