@@ -119,14 +119,16 @@ fn import_chunk(chunk: v1::TenantChunk) -> Result<TenantExport, ApiError> {
     })
 }
 
-/// A tenant's export as the chunks it travels in.
-fn export_chunks(export: TenantExport) -> Vec<v1::TenantChunk> {
+/// A tenant's export (read at `as_of_ms`) as the chunks it travels in; at least one, so
+/// the receiver learns `as_of_ms` even when there is nothing to copy.
+fn export_chunks(export: TenantExport, as_of_ms: u64) -> Vec<v1::TenantChunk> {
     let mut chunks: Vec<v1::TenantChunk> = export
         .suppressions
         .chunks(EXPORT_CHUNK)
         .map(|entries| v1::TenantChunk {
             suppressions: entries.iter().cloned().map(suppression).collect(),
             idempotency: Vec::new(),
+            as_of_ms,
         })
         .collect();
     chunks.extend(export.idempotency.chunks(EXPORT_CHUNK).map(|entries| {
@@ -139,8 +141,15 @@ fn export_chunks(export: TenantExport) -> Vec<v1::TenantChunk> {
                     record: record.clone(),
                 })
                 .collect(),
+            as_of_ms,
         }
     }));
+    if chunks.is_empty() {
+        chunks.push(v1::TenantChunk {
+            as_of_ms,
+            ..Default::default()
+        });
+    }
     chunks
 }
 
@@ -260,10 +269,18 @@ impl Cell for CellApi {
     ) -> Result<Response<ChunkStream>, Status> {
         let request = request.into_inner();
         let tenant = tenant_id(request.tenant_id)?;
-        self.acceptor.quiesce(&tenant, Epoch(request.epoch)).await?;
-        let export = self.store.export(&tenant, now_ms()).map_err(storage)?;
-        tracing::info!(%tenant, suppressions = export.suppressions.len(), keys = export.idempotency.len(), "tenant exported");
-        let chunks = export_chunks(export).into_iter().map(Ok);
+        if !request.precopy {
+            self.acceptor.quiesce(&tenant, Epoch(request.epoch)).await?;
+        }
+        let since =
+            (!request.precopy && request.keys_since_ms > 0).then_some(request.keys_since_ms);
+        let as_of_ms = now_ms();
+        let export = self
+            .store
+            .export(&tenant, as_of_ms, since, !request.precopy)
+            .map_err(storage)?;
+        tracing::info!(%tenant, precopy = request.precopy, suppressions = export.suppressions.len(), keys = export.idempotency.len(), "tenant exported");
+        let chunks = export_chunks(export, as_of_ms).into_iter().map(Ok);
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 

@@ -12,7 +12,9 @@
 //! A tenant's backlog (its messages queued or held here, not yet sent or failed) is indexed
 //! by tenant, so a cell a tenant moved away from can say when it has delivered everything it
 //! accepted. [`Store::export`] and [`Store::import`] carry a tenant's suppression list and
-//! idempotency window to the cell it moves to.
+//! idempotency window to the cell it moves to; the keys are also indexed by when they were
+//! written, so the copy made while the tenant is frozen holds only what changed since a
+//! pre-copy and the freeze does not grow with the window.
 //!
 //! Every read and write takes the tenant, and a message record answers only its own tenant,
 //! so one tenant's id or address never reaches another's data.
@@ -45,6 +47,9 @@ const WINDOW: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("
 const PARKED: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("parked");
 /// (tenant, message id) of every message queued or held here and not yet sent or failed
 const OPEN: TableDefinition<(&str, &str), ()> = TableDefinition::new("open");
+/// (when, tenant, idempotency key) of every write of a key within the window, so that a
+/// move's final copy reads only the keys written since its pre-copy
+const RECENT: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("recent");
 
 const HOUR_MS: u64 = 3_600_000;
 const MINUTE_MS: u64 = 60_000;
@@ -100,6 +105,24 @@ fn count(
             .map_err(err)?;
     }
     Ok(())
+}
+
+/// Indexes a write of `tenant`'s idempotency `key` by its time, dropping what is past the
+/// window.
+fn written_recently(
+    txn: &WriteTransaction,
+    now_ms: u64,
+    tenant: &TenantId,
+    key: &str,
+) -> Result<(), StorageError> {
+    let mut recent = txn.open_table(RECENT).map_err(err)?;
+    recent
+        .insert((now_ms, tenant.as_str(), key), ())
+        .map_err(err)?;
+    let oldest = now_ms.saturating_sub(IDEMPOTENCY_WINDOW.as_millis() as u64);
+    recent
+        .retain_in((0, "", "")..(oldest, "", ""), |_, _| false)
+        .map_err(err)
 }
 
 fn add_to(
@@ -296,6 +319,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                     table
                         .insert((tenant.as_str(), key.as_str()), json(&record).as_slice())
                         .map_err(err)?;
+                    written_recently(txn, now_ms, &tenant, &key)?;
                     Reservation::New
                 }
             };
@@ -320,6 +344,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                         json(&done).as_slice(),
                     )
                     .map_err(err)?;
+                written_recently(txn, now_ms, &record.tenant, &key)?;
             }
             let suppressed = record
                 .recipients
@@ -552,6 +577,7 @@ impl Store {
         txn.open_table(WINDOW).map_err(err)?;
         txn.open_table(PARKED).map_err(err)?;
         txn.open_table(OPEN).map_err(err)?;
+        txn.open_table(RECENT).map_err(err)?;
         txn.commit().map_err(err)?;
         let writes = GroupCommit::start("store", db.clone(), apply)?;
         Ok(Self { db, writes })
@@ -923,37 +949,71 @@ impl Store {
         Ok(open)
     }
 
-    /// `tenant`'s suppression list and live idempotency keys, in one consistent read.
-    pub fn export(&self, tenant: &TenantId, now_ms: u64) -> Result<TenantExport, StorageError> {
+    /// What of `tenant` follows it to another cell, in one consistent read: its live
+    /// idempotency keys (only those written since `keys_since_ms`, when given) and, with
+    /// `suppressions`, its suppression list.
+    pub fn export(
+        &self,
+        tenant: &TenantId,
+        now_ms: u64,
+        keys_since_ms: Option<u64>,
+        suppressions: bool,
+    ) -> Result<TenantExport, StorageError> {
         let read = self.db.begin_read().map_err(err)?;
         let mut export = TenantExport::default();
-        let suppressions = read.open_table(SUPPRESSIONS).map_err(err)?;
-        for row in suppressions.range((tenant.as_str(), "")..).map_err(err)? {
-            let (key, value) = row.map_err(err)?;
-            if key.value().0 != tenant.as_str() {
-                break;
+        if suppressions {
+            let table = read.open_table(SUPPRESSIONS).map_err(err)?;
+            for row in table.range((tenant.as_str(), "")..).map_err(err)? {
+                let (key, value) = row.map_err(err)?;
+                if key.value().0 != tenant.as_str() {
+                    break;
+                }
+                export.suppressions.push(parse(value.value())?);
             }
-            export.suppressions.push(parse(value.value())?);
         }
         let idempotency = read.open_table(IDEMPOTENCY).map_err(err)?;
-        for row in idempotency.range((tenant.as_str(), "")..).map_err(err)? {
-            let (key, value) = row.map_err(err)?;
-            let (owner, key) = key.value();
-            if owner != tenant.as_str() {
-                break;
+        let keys: Vec<String> = match keys_since_ms {
+            Some(since) => {
+                let recent = read.open_table(RECENT).map_err(err)?;
+                let mut keys = std::collections::BTreeSet::new();
+                for row in recent.range((since, "", "")..).map_err(err)? {
+                    let (entry, _) = row.map_err(err)?;
+                    let (_, owner, key) = entry.value();
+                    if owner == tenant.as_str() {
+                        keys.insert(key.to_owned());
+                    }
+                }
+                keys.into_iter().collect()
             }
-            let record: KeyRecord = parse(value.value())?;
-            if now_ms.saturating_sub(record.reserved_at_ms) < IDEMPOTENCY_WINDOW.as_millis() as u64
-            {
-                export
-                    .idempotency
-                    .push((key.to_owned(), value.value().to_vec()));
+            None => {
+                let mut keys = Vec::new();
+                for row in idempotency.range((tenant.as_str(), "")..).map_err(err)? {
+                    let (entry, _) = row.map_err(err)?;
+                    let (owner, key) = entry.value();
+                    if owner != tenant.as_str() {
+                        break;
+                    }
+                    keys.push(key.to_owned());
+                }
+                keys
+            }
+        };
+        let window = IDEMPOTENCY_WINDOW.as_millis() as u64;
+        for key in keys {
+            let Some(row) = idempotency
+                .get((tenant.as_str(), key.as_str()))
+                .map_err(err)?
+            else {
+                continue;
+            };
+            let record: KeyRecord = parse(row.value())?;
+            if now_ms.saturating_sub(record.reserved_at_ms) < window {
+                export.idempotency.push((key, row.value().to_vec()));
             }
         }
         Ok(export)
     }
 
-    /// Writes (durably) what another cell exported of `tenant`, over what is here.
     /// Each idempotency record must be one [`readable_key_record`] accepts.
     pub async fn import(
         &self,
@@ -1307,5 +1367,129 @@ mod tests {
         assert!(store.unsuppress(&a, "C@X.EXAMPLE").await.unwrap());
         assert!(!store.unsuppress(&a, "c@x.example").await.unwrap());
         assert_eq!(store.list_suppressions(&b, "", 10).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_tenants_export_holds_only_its_own_state_and_the_final_copy_only_recent_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store.redb")).unwrap();
+        let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
+        let bounce = Suppressed {
+            address: "gone@x.example".into(),
+            reason: SuppressionReason::Bounce,
+            at_ms: 1,
+            message_id: None,
+        };
+        store.suppress(&a, bounce.clone()).await.unwrap();
+        store.suppress(&b, bounce.clone()).await.unwrap();
+        let (old, new, theirs) = (
+            MessageId::generate(),
+            MessageId::generate(),
+            MessageId::generate(),
+        );
+        store.reserve(&a, "old", old, 1_000).await.unwrap();
+        store
+            .accepted(Some("old"), accepted(old), record(old, &a), 1_000)
+            .await
+            .unwrap();
+        store.reserve(&b, "theirs", theirs, 5_000).await.unwrap();
+        store.reserve(&a, "new", new, 5_000).await.unwrap();
+
+        let precopy = store.export(&a, 6_000, None, false).unwrap();
+        assert!(
+            precopy.suppressions.is_empty(),
+            "a pre-copy carries keys only"
+        );
+        let keys: Vec<&str> = precopy
+            .idempotency
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(keys, ["new", "old"]);
+        let last = store.export(&a, 6_000, Some(4_000), true).unwrap();
+        assert_eq!(last.suppressions, [bounce.clone()]);
+        let keys: Vec<&str> = last.idempotency.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["new"],
+            "only keys written since the pre-copy, and only a's"
+        );
+
+        let target = Store::open(&dir.path().join("target.redb")).unwrap();
+        target
+            .suppress(
+                &a,
+                Suppressed {
+                    address: "stale@x.example".into(),
+                    ..bounce.clone()
+                },
+            )
+            .await
+            .unwrap();
+        target.forget(&a).await.unwrap();
+        assert!(
+            target.list_suppressions(&a, "", 10).unwrap().is_empty(),
+            "a stale stay is forgotten"
+        );
+        target.import(&a, precopy).await.unwrap();
+        target.import(&a, last).await.unwrap();
+        assert_eq!(
+            target
+                .reserve(&a, "old", MessageId::generate(), 7_000)
+                .await
+                .unwrap(),
+            Reservation::Done(accepted(old))
+        );
+        assert_eq!(
+            target
+                .reserve(&a, "new", MessageId::generate(), 7_000)
+                .await
+                .unwrap(),
+            Reservation::Pending(new)
+        );
+        assert_eq!(target.list_suppressions(&a, "", 10).unwrap(), [bounce]);
+        assert!(
+            target.list_suppressions(&b, "", 10).unwrap().is_empty(),
+            "b's state stayed home"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tenants_backlog_counts_its_messages_until_sent_or_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store.redb")).unwrap();
+        let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
+        let ids: Vec<MessageId> = (0..3).map(|_| MessageId::generate()).collect();
+        for id in &ids {
+            store
+                .accepted(None, accepted(*id), record(*id, &a), 1)
+                .await
+                .unwrap();
+        }
+        let theirs = MessageId::generate();
+        store
+            .accepted(None, accepted(theirs), record(theirs, &b), 1)
+            .await
+            .unwrap();
+        assert_eq!(store.backlog(&a).unwrap(), 3);
+        let sent = event(EventKind::Sent, 2, "");
+        store
+            .record_outcome(record(ids[0], &a), MessageState::Sent, sent.clone())
+            .await
+            .unwrap();
+        store
+            .record_outcome(record(ids[1], &a), MessageState::Failed, sent.clone())
+            .await
+            .unwrap();
+        store
+            .record_outcome(record(ids[2], &a), MessageState::Held, sent)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.backlog(&a).unwrap(),
+            1,
+            "held mail is still to be delivered"
+        );
+        assert_eq!(store.backlog(&b).unwrap(), 1);
     }
 }

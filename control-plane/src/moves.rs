@@ -6,13 +6,16 @@
 //! step at a time, so that a control plane taking over resumes where the last one stopped:
 //!
 //! 1. PREPARING: the target cell gets ready (its mailer's resources for the tenant; what an
-//!    earlier stay of the tenant left there is dropped). Then, in one transaction, the
+//!    earlier stay of the tenant left there is dropped) and the tenant's idempotency window
+//!    is pre-copied while the source still serves it. Then, in one transaction, the
 //!    placement is frozen (same epoch, compare-and-swap) and the step becomes FROZEN.
 //!    Routers hold the tenant's calls while the placement is frozen; cells refuse them.
-//! 2. FROZEN: the source exports the tenant's suppression list and idempotency window once it
-//!    sees the freeze and every call it had let in has finished; each chunk is imported by
-//!    the target. Then, in one transaction, the placement switches to the target at epoch +
-//!    1 (serving again) and the step becomes SWITCHED. A copy that keeps failing past
+//! 2. FROZEN: the source exports the tenant's suppression list and the idempotency keys
+//!    written since the pre-copy (less [`PRECOPY_MARGIN`]) once it sees the freeze and every
+//!    call it had let in has finished; each chunk is imported by the target. So the freeze
+//!    lasts as long as a few seconds of the tenant's traffic take to copy, not its whole
+//!    window. Then, in one transaction, the placement switches to the target at epoch + 1
+//!    (serving again) and the step becomes SWITCHED. A copy that keeps failing past
 //!    [`FREEZE_BUDGET`] rolls the move back: the placement is unfrozen on the source.
 //! 3. SWITCHED: the source keeps delivering what it had accepted and forwards late feedback;
 //!    once its backlog of the tenant is zero the move is COMPLETE.
@@ -40,6 +43,9 @@ use crate::schema::{
 /// How long a copy may keep failing while the placement is frozen before the move is rolled
 /// back (routers answer the tenant's calls UNAVAILABLE after their own, shorter hold).
 pub const FREEZE_BUDGET: Duration = Duration::from_secs(10);
+/// How far before the pre-copy's read the final copy starts: a key write stamped just before
+/// the read may commit just after it.
+pub const PRECOPY_MARGIN: Duration = Duration::from_secs(5);
 /// How often the leader looks for moves to carry forward.
 const SCAN: Duration = Duration::from_millis(100);
 /// Pause between attempts of a step that failed, and between backlog checks.
@@ -101,6 +107,7 @@ pub async fn request(
         updated_at_ms: now,
         frozen_at_ms: 0,
         freeze_ms: 0,
+        precopy_as_of_ms: 0,
         actor: actor.clone(),
         reason: reason.clone(),
     };
@@ -166,6 +173,23 @@ fn put<T: serde::Serialize>(key: &str, record: &T) -> Op {
         value: schema::encode(record),
         lease: None,
     }
+}
+
+/// Which of a move's two copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copy {
+    /// The idempotency window, while the source still serves the tenant.
+    Precopy,
+    /// While frozen: the suppression list and the keys written since the pre-copy.
+    Final,
+}
+
+/// What a copy carried, and when the source read it.
+#[derive(Debug, Default)]
+struct Copied {
+    suppressions: usize,
+    keys: usize,
+    as_of_ms: u64,
 }
 
 /// A cell's failed answer as the move sees it: the cell is not usable right now.
@@ -380,11 +404,12 @@ impl Mover {
                     .prepare_tenant(request)
                     .await
                     .map_err(unavailable(&record.to))?;
-                Ok(placement_revision)
+                let precopied = self.transfer(&record, Copy::Precopy).await?;
+                Ok((placement_revision, precopied.as_of_ms))
             }
             .await;
             match prepared {
-                Ok(placement_revision) => {
+                Ok((placement_revision, precopy_as_of_ms)) => {
                     let now = now_ms();
                     let frozen = PlacementRecord {
                         cell: record.from.clone(),
@@ -396,6 +421,7 @@ impl Mover {
                         detail: String::new(),
                         updated_at_ms: now,
                         frozen_at_ms: now,
+                        precopy_as_of_ms,
                         ..record.clone()
                     };
                     let freeze = self.placement_change(&tenant, placement_revision, &frozen);
@@ -434,10 +460,18 @@ impl Mover {
     }
 
     /// Exports the tenant from the source and imports it into the target.
-    async fn transfer(&self, record: &MoveRecord) -> Result<(usize, usize), ApiError> {
+    async fn transfer(&self, record: &MoveRecord, copy: Copy) -> Result<Copied, ApiError> {
+        let keys_since_ms = match copy {
+            Copy::Precopy => 0,
+            Copy::Final => record
+                .precopy_as_of_ms
+                .saturating_sub(PRECOPY_MARGIN.as_millis() as u64),
+        };
         let request = v1::ExportTenantRequest {
             tenant_id: record.tenant.to_string(),
             epoch: record.from_epoch.0,
+            precopy: copy == Copy::Precopy,
+            keys_since_ms,
         };
         let mut chunks = self
             .client(&record.from)
@@ -447,10 +481,14 @@ impl Mover {
             .map_err(unavailable(&record.from))?
             .into_inner();
         let mut target = self.client(&record.to).await?;
-        let (mut suppressions, mut keys) = (0, 0);
+        let mut copied = Copied::default();
         while let Some(chunk) = chunks.message().await.map_err(unavailable(&record.from))? {
-            suppressions += chunk.suppressions.len();
-            keys += chunk.idempotency.len();
+            copied.as_of_ms = chunk.as_of_ms;
+            if chunk.suppressions.is_empty() && chunk.idempotency.is_empty() {
+                continue;
+            }
+            copied.suppressions += chunk.suppressions.len();
+            copied.keys += chunk.idempotency.len();
             let request = v1::ImportTenantRequest {
                 tenant_id: record.tenant.to_string(),
                 chunk: Some(chunk),
@@ -460,7 +498,7 @@ impl Mover {
                 .await
                 .map_err(unavailable(&record.to))?;
         }
-        Ok((suppressions, keys))
+        Ok(copied)
     }
 
     async fn copy(&self, record: MoveRecord, revision: u64) -> Result<(), Stopped> {
@@ -476,12 +514,12 @@ impl Mover {
                         "the frozen placement changed meanwhile: {placement:?}"
                     )));
                 }
-                let counts = self.transfer(&record).await?;
-                Ok((placement_revision, counts))
+                let copied = self.transfer(&record, Copy::Final).await?;
+                Ok((placement_revision, copied))
             }
             .await;
             match copied {
-                Ok((placement_revision, (suppressions, keys))) => {
+                Ok((placement_revision, copied)) => {
                     let now = now_ms();
                     let switched = PlacementRecord {
                         cell: record.to.clone(),
@@ -491,7 +529,8 @@ impl Mover {
                     let after = MoveRecord {
                         step: MoveStep::Switched,
                         detail: format!(
-                            "copied {suppressions} suppressions and {keys} idempotency keys"
+                            "copied {} suppressions and {} idempotency keys while frozen",
+                            copied.suppressions, copied.keys
                         ),
                         updated_at_ms: now,
                         freeze_ms: now.saturating_sub(record.frozen_at_ms),

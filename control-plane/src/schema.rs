@@ -381,6 +381,10 @@ pub struct MoveRecord {
     pub frozen_at_ms: u64,
     #[serde(default)]
     pub freeze_ms: u64,
+    /// When (the source's clock) the pre-copy of the idempotency window was read: the copy
+    /// while frozen carries only the keys written since (0: all of them).
+    #[serde(default)]
+    pub precopy_as_of_ms: u64,
     pub actor: String,
     #[serde(default)]
     pub reason: String,
