@@ -1407,7 +1407,7 @@ mod tests {
             .collect();
         assert_eq!(keys, ["new", "old"]);
         let last = store.export(&a, 6_000, Some(4_000), true).unwrap();
-        assert_eq!(last.suppressions, [bounce.clone()]);
+        assert_eq!(last.suppressions, std::slice::from_ref(&bounce));
         let keys: Vec<&str> = last.idempotency.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             keys,
