@@ -21,10 +21,12 @@ struct Cli {
 enum Command {
     /// Run control plane, router and cells in this process on embedded defaults.
     Up(up::UpArgs),
-    /// Tenants: create, list, suspend, resume.
+    /// Tenants: create, list, domains, suspend, resume, move.
     Tenant(operator::TenantArgs),
-    /// Cells: list, add, drain, disable, enable.
+    /// Cells: list, add, drain, disable, enable, evacuate.
     Cell(operator::CellArgs),
+    /// Even out the tenants across cells: plan (a dry run), apply.
+    Rebalance(operator::RebalanceArgs),
     /// Tenant API keys: issue, list, revoke.
     Key(operator::KeyArgs),
     /// The operators' global suppression list: list, add, remove.
@@ -49,6 +51,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Tenant(args) => operator::tenant(args).await,
         Command::Cell(args) => operator::cell(args).await,
+        Command::Rebalance(args) => operator::rebalance(args).await,
         Command::Key(args) => operator::key(args).await,
         Command::Suppression(args) => operator::suppression(args).await,
         Command::Send(args) => send::run(args).await,

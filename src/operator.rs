@@ -329,6 +329,138 @@ enum CellCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Empty the cell: DRAINING, then every tenant moved to other cells, --parallel at a time.
+    Evacuate {
+        id: String,
+        #[command(flatten)]
+        operation: OperationArgs,
+    },
+}
+
+/// How an evacuation or a rebalance runs.
+#[derive(Args)]
+struct OperationArgs {
+    /// Moves under way at once (default 4).
+    #[arg(long, default_value_t = 0)]
+    parallel: u32,
+    /// Wait until every move is done.
+    #[arg(long)]
+    wait: bool,
+    #[arg(long, default_value = "")]
+    reason: String,
+}
+
+fn planned_json(m: &v1::PlannedMoveInfo) -> serde_json::Value {
+    json!({"tenant": m.tenant_id, "from": m.from_cell, "to": m.to_cell, "move_id": m.move_id,
+           "outcome": m.outcome})
+}
+
+/// Prints `operation` once it is finished (`wait`) or as it is now; fails if a move did not
+/// complete.
+async fn follow_operation(
+    client: &mut Client,
+    mut operation: v1::OperationInfo,
+    wait: bool,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    while wait && !operation.finished {
+        tokio::time::sleep(MOVE_POLL).await;
+        let request = v1::GetOperationRequest {
+            id: operation.id.clone(),
+        };
+        operation = client
+            .get_operation(request)
+            .await
+            .map_err(status)?
+            .into_inner();
+    }
+    let moves: Vec<_> = operation.moves.iter().map(planned_json).collect();
+    if as_json {
+        let out = json!({"id": operation.id, "kind": operation.kind, "cell": operation.cell,
+            "parallel": operation.parallel, "finished": operation.finished, "moves": moves});
+        println!("{out}");
+    } else {
+        let state = if operation.finished {
+            "finished"
+        } else {
+            "under way"
+        };
+        println!(
+            "{} {} {}: {state}",
+            operation.kind, operation.cell, operation.id
+        );
+        for m in &operation.moves {
+            println!(
+                "  {:<20} {:<12} -> {:<12} {}",
+                m.tenant_id, m.from_cell, m.to_cell, m.outcome
+            );
+        }
+    }
+    let failed: Vec<_> = operation
+        .moves
+        .iter()
+        .filter(|m| !m.outcome.is_empty() && m.outcome != "COMPLETE")
+        .map(|m| format!("{}: {}", m.tenant_id, m.outcome))
+        .collect();
+    anyhow::ensure!(failed.is_empty(), "not moved: {}", failed.join("; "));
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct RebalanceArgs {
+    #[command(subcommand)]
+    command: RebalanceCommand,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Subcommand)]
+enum RebalanceCommand {
+    /// The moves that would even out tenants per unit of capacity (a dry run).
+    Plan,
+    /// Carry out the plan as it is now.
+    Apply {
+        #[command(flatten)]
+        operation: OperationArgs,
+    },
+}
+
+pub async fn rebalance(args: RebalanceArgs) -> anyhow::Result<()> {
+    let mut client = args.connection.client().await?;
+    match args.command {
+        RebalanceCommand::Plan => {
+            let plan = client
+                .plan_rebalance(v1::PlanRebalanceRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            if args.connection.json {
+                println!(
+                    "{}",
+                    json!(plan.moves.iter().map(planned_json).collect::<Vec<_>>())
+                );
+            } else if plan.moves.is_empty() {
+                println!("balanced: no move would even the cells out further");
+            } else {
+                for m in &plan.moves {
+                    println!("{:<20} {:<12} -> {}", m.tenant_id, m.from_cell, m.to_cell);
+                }
+            }
+            Ok(())
+        }
+        RebalanceCommand::Apply { operation } => {
+            let request = acting(v1::ApplyRebalanceRequest {
+                parallel: operation.parallel,
+                reason: operation.reason,
+            });
+            let started = client
+                .apply_rebalance(request)
+                .await
+                .map_err(status)?
+                .into_inner();
+            follow_operation(&mut client, started, operation.wait, args.connection.json).await
+        }
+    }
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -689,6 +821,20 @@ pub async fn cell(args: CellArgs) -> anyhow::Result<()> {
             let added = client.add_cell(request).await.map_err(status)?;
             println!("{}", cell_json(&added.into_inner()));
             return Ok(());
+        }
+        CellCommand::Evacuate { id, operation } => {
+            let request = acting(v1::EvacuateCellRequest {
+                cell_id: id,
+                parallel: operation.parallel,
+                reason: operation.reason,
+            });
+            let started = client
+                .evacuate_cell(request)
+                .await
+                .map_err(status)?
+                .into_inner();
+            return follow_operation(&mut client, started, operation.wait, args.connection.json)
+                .await;
         }
         CellCommand::Drain { id, reason } => (id, "DRAINING", reason),
         CellCommand::Disable { id, reason } => (id, "DISABLED", reason),

@@ -18,12 +18,13 @@ use crate::audit;
 use crate::catalog::Catalog;
 use crate::identity;
 use crate::moves;
+use crate::operations;
 use crate::placement::{self, Candidate};
 use crate::registry::{Compare, Op, Registry, RegistryError, Snapshot};
 use crate::schema::{
     self, ApiKeyRecord, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, CellRecord,
-    CellState, GlobalSuppressionRecord, IdentityRecord, KeyUseRecord, Keys, PlacementRecord,
-    PlacementState, Policy, TenantRecord, TenantStatus, Tier,
+    CellState, GlobalSuppressionRecord, IdentityRecord, KeyUseRecord, Keys, OperationKind,
+    PlacementRecord, PlacementState, Policy, TenantRecord, TenantStatus, Tier,
 };
 
 pub struct ControlApi {
@@ -238,13 +239,7 @@ impl ControlApi {
             labels: req.labels.into_iter().collect(),
         };
         let catalog = self.catalog(&["cells", "alive", "placements"]).await?;
-        let load = catalog.load();
-        let candidates = catalog.cells.iter().map(|(id, record)| Candidate {
-            id,
-            record,
-            alive: catalog.alive.contains(id),
-            tenants: load.get(id).copied().unwrap_or(0),
-        });
+        let (candidates, _) = planning_view(&catalog);
         let cell = placement::choose(candidates, &requirements)
             .ok_or_else(|| {
                 ApiError::Unavailable(format!(
@@ -273,6 +268,7 @@ impl ControlApi {
             created_at_ms: now,
             policy,
             identities,
+            labels: requirements.labels.clone(),
         };
         let placement = PlacementRecord {
             cell,
@@ -332,6 +328,52 @@ impl ControlApi {
             api_key: key.plaintext,
             key_id: key.key_id,
         })
+    }
+
+    /// The cells and tenants as plans see them now.
+    async fn planning(&self) -> Result<Catalog, ApiError> {
+        self.catalog(&["cells", "alive", "placements", "tenants"])
+            .await
+    }
+
+    async fn evacuate_cell(
+        &self,
+        req: v1::EvacuateCellRequest,
+        actor: String,
+    ) -> Result<v1::OperationInfo, ApiError> {
+        let cell =
+            CellId::new(&req.cell_id).map_err(|e| ApiError::invalid("cell_id", e.to_string()))?;
+        let drain = v1::SetCellStateRequest {
+            cell_id: req.cell_id,
+            state: "DRAINING".into(),
+            reason: req.reason.clone(),
+        };
+        self.set_cell_state(drain, actor.clone()).await?;
+        let catalog = self.planning().await?;
+        let (candidates, placed) = planning_view(&catalog);
+        let (planned, stuck) = placement::evacuation(&candidates, &placed, &cell);
+        let mut moves: Vec<_> = planned.into_iter().map(operations::pending).collect();
+        moves.extend(stuck.into_iter().map(|tenant| {
+            let why = "no other ACTIVE live cell with room meets its labels".to_owned();
+            operations::stuck(tenant, cell.clone(), why)
+        }));
+        let kind = OperationKind::Evacuate { cell };
+        let record = operations::start(
+            self.registry.as_ref(),
+            &self.keys,
+            kind,
+            req.parallel,
+            moves,
+            (actor, req.reason),
+        )
+        .await?;
+        Ok(operations::info(&record))
+    }
+
+    async fn plan_rebalance(&self) -> Result<Vec<placement::Planned>, ApiError> {
+        let catalog = self.planning().await?;
+        let (candidates, placed) = planning_view(&catalog);
+        Ok(placement::rebalance(&candidates, &placed))
     }
 
     async fn list_tenants(&self) -> Result<v1::ListTenantsResponse, ApiError> {
@@ -969,6 +1011,38 @@ impl ControlApi {
     }
 }
 
+/// `catalog`'s cells and tenants as the placement plans take them.
+fn planning_view(catalog: &Catalog) -> (Vec<Candidate<'_>>, Vec<placement::Placed<'_>>) {
+    let load = catalog.load();
+    let candidates = catalog
+        .cells
+        .iter()
+        .map(|(id, record)| Candidate {
+            id,
+            record,
+            alive: catalog.alive.contains(id),
+            tenants: load.get(id).copied().unwrap_or(0),
+        })
+        .collect();
+    let placed = catalog
+        .placements
+        .iter()
+        .map(|(tenant, placement)| placement::Placed {
+            tenant,
+            cell: &placement.cell,
+            requirements: placement::Requirements {
+                cell: None,
+                labels: catalog
+                    .tenants
+                    .get(tenant)
+                    .map(|t| t.labels.clone())
+                    .unwrap_or_default(),
+            },
+        })
+        .collect();
+    (candidates, placed)
+}
+
 /// `identity`'s records, each with what a check found wrong (`problems`, in the same order;
 /// empty when not checked).
 fn domain_info(identity: &IdentityRecord, problems: Vec<Option<String>>) -> v1::DomainInfo {
@@ -1180,6 +1254,63 @@ impl Control for ControlApi {
         .await?;
         tracing::info!(tenant = %tenant, from = %record.from, to = %record.to, "tenant move requested");
         Ok(Response::new(moves::info(&record)))
+    }
+
+    async fn evacuate_cell(
+        &self,
+        request: Request<v1::EvacuateCellRequest>,
+    ) -> Result<Response<v1::OperationInfo>, Status> {
+        let actor = actor(&request);
+        Ok(Response::new(
+            ControlApi::evacuate_cell(self, request.into_inner(), actor).await?,
+        ))
+    }
+
+    async fn plan_rebalance(
+        &self,
+        _request: Request<v1::PlanRebalanceRequest>,
+    ) -> Result<Response<v1::RebalancePlan>, Status> {
+        let moves = ControlApi::plan_rebalance(self)
+            .await?
+            .into_iter()
+            .map(|p| operations::planned_info(&operations::pending(p)))
+            .collect();
+        Ok(Response::new(v1::RebalancePlan { moves }))
+    }
+
+    async fn apply_rebalance(
+        &self,
+        request: Request<v1::ApplyRebalanceRequest>,
+    ) -> Result<Response<v1::OperationInfo>, Status> {
+        let actor = actor(&request);
+        let request = request.into_inner();
+        let moves = ControlApi::plan_rebalance(self)
+            .await?
+            .into_iter()
+            .map(operations::pending)
+            .collect();
+        let record = operations::start(
+            self.registry.as_ref(),
+            &self.keys,
+            OperationKind::Rebalance,
+            request.parallel,
+            moves,
+            (actor, request.reason),
+        )
+        .await?;
+        Ok(Response::new(operations::info(&record)))
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<v1::GetOperationRequest>,
+    ) -> Result<Response<v1::OperationInfo>, Status> {
+        let id = request.into_inner().id;
+        if id.is_empty() {
+            return Err(ApiError::invalid("id", "is required").into());
+        }
+        let record = operations::get(self.registry.as_ref(), &self.keys, &id).await?;
+        Ok(Response::new(operations::info(&record)))
     }
 
     async fn get_move(

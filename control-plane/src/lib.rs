@@ -13,6 +13,7 @@
 //! - [`audit`]: the trail of control actions and breaker trips.
 //! - [`channels`]: gRPC channels to cells, shared by everything that calls one.
 //! - [`moves`]: moving a tenant between cells, step by persisted step.
+//! - [`operations`]: evacuations and rebalances, a bounded number of moves at a time.
 
 pub mod api;
 pub mod apikey;
@@ -23,6 +24,7 @@ pub mod channels;
 pub mod identity;
 pub mod leader;
 pub mod moves;
+pub mod operations;
 pub mod placement;
 pub mod registry;
 pub mod schema;

@@ -34,10 +34,11 @@ use tonic::transport::Channel;
 use crate::api::registry_error;
 use crate::audit;
 use crate::channels::CellChannels;
+use crate::operations;
 use crate::registry::{Compare, KeyValue, Op, Registry};
 use crate::schema::{
-    self, AuditRecord, CellRecord, CellState, Keys, MoveRecord, MoveStep, PlacementRecord,
-    PlacementState,
+    self, AuditRecord, CellRecord, CellState, Keys, MoveRecord, MoveStep, OperationRecord,
+    PlacementRecord, PlacementState,
 };
 
 /// How long a copy may keep failing while the placement is frozen before the move is rolled
@@ -221,7 +222,8 @@ impl Mover {
         })
     }
 
-    /// Until `lost` is cancelled: finds unfinished moves and drives each in a task of its own.
+    /// Until `lost` is cancelled: finds unfinished moves and drives each in a task of its own,
+    /// and advances every unfinished evacuation and rebalance by one pass.
     pub async fn run(self: Arc<Self>, lost: CancellationToken) {
         let mut tick = tokio::time::interval(SCAN);
         loop {
@@ -229,6 +231,7 @@ impl Mover {
                 () = lost.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            self.advance_operations().await;
             let listed = match self.registry.list(&self.keys.moves()).await {
                 Ok(listed) => listed,
                 Err(err) => {
@@ -253,6 +256,32 @@ impl Mover {
                     }
                     mover.release(&tenant);
                 });
+            }
+        }
+    }
+
+    async fn advance_operations(&self) {
+        let listed = match self.registry.list(&self.keys.operations()).await {
+            Ok(listed) => listed,
+            Err(err) => {
+                tracing::warn!(%err, "listing operations failed; retrying");
+                return;
+            }
+        };
+        for kv in listed.entries {
+            let Ok(record) = schema::decode::<OperationRecord>(&kv.value) else {
+                tracing::error!(key = kv.key, "unreadable operation record ignored");
+                continue;
+            };
+            if record.finished {
+                continue;
+            }
+            let id = record.id.clone();
+            if let Err(err) =
+                operations::advance(self.registry.as_ref(), &self.keys, record, kv.mod_revision)
+                    .await
+            {
+                tracing::warn!(%err, operation = %id, "advancing the operation failed; retrying");
             }
         }
     }

@@ -1,10 +1,15 @@
-//! Where a new tenant goes: among the ACTIVE, live cells that meet its requirements (a cell it
-//! is pinned to, labels the cell must carry), the one with the most headroom (capacity minus
-//! the tenants already placed there), ties broken by cell id so the choice is deterministic.
+//! Where tenants go, as pure decisions over plain data.
+//!
+//! [`choose`]: a new tenant goes, among the ACTIVE, live cells that meet its requirements (a
+//! cell it is pinned to, labels the cell must carry), to the one with the most headroom
+//! (capacity minus the tenants already placed there), ties broken by cell id so the choice is
+//! deterministic. [`evacuation`] places every tenant of a cell being emptied the same way, one
+//! after the other, counting the ones already placed. [`rebalance`] finds the fewest moves
+//! that even out the tenants per unit of capacity across the ACTIVE, live cells.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use cellmail_proto::CellId;
+use cellmail_proto::{CellId, TenantId};
 
 use crate::schema::{CellRecord, CellState};
 
@@ -50,6 +55,124 @@ pub fn choose<'a>(
             headroom(a).cmp(&headroom(b)).then_with(|| b.id.cmp(a.id))
         })
         .map(|c| c.id)
+}
+
+/// A move a plan asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    pub tenant: TenantId,
+    pub from: CellId,
+    pub to: CellId,
+}
+
+/// A tenant as a plan sees it: where it is and what it asks of its cell.
+pub struct Placed<'a> {
+    pub tenant: &'a TenantId,
+    pub cell: &'a CellId,
+    pub requirements: Requirements,
+}
+
+fn with_load<'a>(candidates: &[Candidate<'a>], load: &HashMap<&CellId, u32>) -> Vec<Candidate<'a>> {
+    candidates
+        .iter()
+        .map(|c| Candidate {
+            id: c.id,
+            record: c.record,
+            alive: c.alive,
+            tenants: load.get(c.id).copied().unwrap_or(c.tenants),
+        })
+        .collect()
+}
+
+/// Where each tenant of `leaving` goes (in tenant order), and the tenants no cell has room
+/// for. `leaving` itself is never a target.
+pub fn evacuation(
+    candidates: &[Candidate],
+    tenants: &[Placed],
+    leaving: &CellId,
+) -> (Vec<Planned>, Vec<TenantId>) {
+    let mut load: HashMap<&CellId, u32> = candidates.iter().map(|c| (c.id, c.tenants)).collect();
+    let mut on_cell: Vec<&Placed> = tenants.iter().filter(|t| t.cell == leaving).collect();
+    on_cell.sort_by(|a, b| a.tenant.cmp(b.tenant));
+    let (mut planned, mut stuck) = (Vec::new(), Vec::new());
+    for placed in on_cell {
+        let others = with_load(candidates, &load)
+            .into_iter()
+            .filter(|c| c.id != leaving);
+        match choose(others, &placed.requirements) {
+            Some(to) => {
+                *load.entry(to).or_default() += 1;
+                planned.push(Planned {
+                    tenant: placed.tenant.clone(),
+                    from: leaving.clone(),
+                    to: to.clone(),
+                });
+            }
+            None => stuck.push(placed.tenant.clone()),
+        }
+    }
+    (planned, stuck)
+}
+
+/// The fewest moves that bring every ACTIVE, live cell's tenants as close as whole tenants
+/// allow to its share of them by capacity. Tenants on other cells stay where they are (an
+/// evacuation moves them); a tenant moves only to a cell that meets its requirements.
+pub fn rebalance(candidates: &[Candidate], tenants: &[Placed]) -> Vec<Planned> {
+    let eligible: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|c| c.alive && c.record.state == CellState::Active)
+        .collect();
+    let capacity: f64 = eligible.iter().map(|c| f64::from(c.record.capacity)).sum();
+    if eligible.len() < 2 || capacity == 0.0 {
+        return Vec::new();
+    }
+    let mut on: HashMap<&CellId, Vec<&Placed>> = HashMap::new();
+    for placed in tenants {
+        if eligible.iter().any(|c| c.id == placed.cell) {
+            on.entry(placed.cell).or_default().push(placed);
+        }
+    }
+    for list in on.values_mut() {
+        list.sort_by(|a, b| b.tenant.cmp(a.tenant));
+    }
+    let total: usize = on.values().map(Vec::len).sum();
+    let share = |c: &Candidate| total as f64 * f64::from(c.record.capacity) / capacity;
+    let excess = |c: &Candidate, on: &HashMap<&CellId, Vec<&Placed>>| {
+        on.get(c.id).map_or(0, Vec::len) as f64 - share(c)
+    };
+    let mut planned = Vec::new();
+    loop {
+        let mut by_excess: Vec<&&Candidate> = eligible.iter().collect();
+        by_excess.sort_by(|a, b| {
+            excess(a, &on)
+                .total_cmp(&excess(b, &on))
+                .then(a.id.cmp(b.id))
+        });
+        let Some(&&from) = by_excess.last() else {
+            break;
+        };
+        // The most loaded cell gives one tenant to the least loaded cell that takes it, as
+        // long as that narrows the gap between them.
+        let found = by_excess.iter().find_map(|&&to| {
+            let full = on.get(to.id).map_or(0, Vec::len) as u32 >= to.record.capacity;
+            if full || excess(from, &on) - excess(to, &on) <= 1.0 {
+                return None;
+            }
+            let list = on.get(from.id)?;
+            let index = list.iter().position(|p| p.requirements.met_by(to))?;
+            Some((to, index))
+        });
+        let Some((to, index)) = found else { break };
+        let moved = on.get_mut(from.id).map(|list| list.remove(index));
+        let Some(moved) = moved else { break };
+        planned.push(Planned {
+            tenant: moved.tenant.clone(),
+            from: from.id.clone(),
+            to: to.id.clone(),
+        });
+        on.entry(to.id).or_default().push(moved);
+    }
+    planned
 }
 
 #[cfg(test)]
@@ -188,5 +311,117 @@ mod tests {
             labels: labels(&[("region", "eu")]),
         };
         assert_eq!(pick(nowhere), None);
+    }
+
+    fn tenants(n: usize, prefix: &str) -> Vec<TenantId> {
+        (0..n)
+            .map(|i| TenantId::new(format!("{prefix}{i:02}")).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn an_evacuation_spreads_the_tenants_by_headroom_and_names_those_with_nowhere_to_go() {
+        let ids: Vec<CellId> = ["a", "b", "c"].map(|s| CellId::new(s).unwrap()).into();
+        let (draining, big, small) = (
+            cell(100, CellState::Draining),
+            cell(100, CellState::Active),
+            cell(3, CellState::Active),
+        );
+        let records = [&draining, &big, &small];
+        let candidates: Vec<Candidate> = ids
+            .iter()
+            .zip(records)
+            .map(|(id, record)| Candidate {
+                id,
+                record,
+                alive: true,
+                tenants: 0,
+            })
+            .collect();
+        let names = tenants(5, "t");
+        let mut placed: Vec<Placed> = names
+            .iter()
+            .map(|tenant| Placed {
+                tenant,
+                cell: &ids[0],
+                requirements: Requirements::default(),
+            })
+            .collect();
+        let elsewhere = TenantId::new("stays").unwrap();
+        placed.push(Placed {
+            tenant: &elsewhere,
+            cell: &ids[1],
+            requirements: Requirements::default(),
+        });
+        let eu = TenantId::new("eu").unwrap();
+        placed.push(Placed {
+            tenant: &eu,
+            cell: &ids[0],
+            requirements: Requirements {
+                labels: [("region".to_owned(), "eu".to_owned())].into(),
+                ..Default::default()
+            },
+        });
+        let (planned, stuck) = evacuation(&candidates, &placed, &ids[0]);
+        assert_eq!(stuck, [eu], "no other cell carries its label");
+        assert_eq!(planned.len(), 5);
+        assert!(planned.iter().all(|p| p.from == ids[0] && p.to != ids[0]));
+        let to_small = planned.iter().filter(|p| p.to == ids[2]).count();
+        assert_eq!(
+            to_small, 0,
+            "the big cell keeps the most headroom throughout"
+        );
+    }
+
+    #[test]
+    fn a_rebalance_evens_tenants_by_capacity_with_the_fewest_moves() {
+        let ids: Vec<CellId> = ["a", "b", "c", "d"].map(|s| CellId::new(s).unwrap()).into();
+        let (active, draining) = (cell(100, CellState::Active), cell(100, CellState::Draining));
+        let records = [&active, &active, &active, &draining];
+        let candidates: Vec<Candidate> = ids
+            .iter()
+            .zip(records)
+            .map(|(id, record)| Candidate {
+                id,
+                record,
+                alive: true,
+                tenants: 0,
+            })
+            .collect();
+        let (on_a, on_c, on_d) = (tenants(10, "a"), tenants(2, "c"), tenants(4, "d"));
+        let placed: Vec<Placed> = [(&on_a, 0), (&on_c, 2), (&on_d, 3)]
+            .into_iter()
+            .flat_map(|(names, cell)| names.iter().map(move |tenant| (tenant, cell)))
+            .map(|(tenant, cell)| Placed {
+                tenant,
+                cell: &ids[cell],
+                requirements: Requirements::default(),
+            })
+            .collect();
+        let planned = rebalance(&candidates, &placed);
+        assert_eq!(
+            planned.len(),
+            6,
+            "a holds 6 over its share of 4: {planned:?}"
+        );
+        assert!(planned.iter().all(|p| p.from == ids[0]));
+        let to = |cell: &CellId| planned.iter().filter(|p| &p.to == cell).count();
+        assert_eq!((to(&ids[1]), to(&ids[2]), to(&ids[3])), (4, 2, 0));
+
+        let even: Vec<Placed> = placed
+            .iter()
+            .map(|p| {
+                let moved = planned.iter().find(|m| &m.tenant == p.tenant);
+                Placed {
+                    tenant: p.tenant,
+                    cell: moved.map_or(p.cell, |m| &m.to),
+                    requirements: Requirements::default(),
+                }
+            })
+            .collect();
+        assert!(
+            rebalance(&candidates, &even).is_empty(),
+            "a balanced placement stays"
+        );
     }
 }

@@ -4,7 +4,8 @@
 //! to the cell's lease), `tenants/<tenant>`, `placements/<tenant>`, `apikeys/<sha256 of
 //! the key>`, `suppressions/<address, lowercased>` (the operators' global list),
 //! `breakers/<tenant>/<class>` (a tripped or resumed breaker), `moves/<tenant>` (the tenant's
-//! latest move and the step it reached) and `audit/<time>-<id>`. Values
+//! latest move and the step it reached), `operations/<id>` (an evacuation or a rebalance: the
+//! moves it plans and how far it got) and `audit/<time>-<id>`. Values
 //! are JSON so an operator can read them with `etcdctl get`.
 
 use std::collections::BTreeMap;
@@ -103,6 +104,14 @@ impl Keys {
 
     pub fn move_of(&self, tenant: &TenantId) -> String {
         format!("{}moves/{tenant}", self.prefix)
+    }
+
+    pub fn operations(&self) -> String {
+        format!("{}operations/", self.prefix)
+    }
+
+    pub fn operation(&self, id: &str) -> String {
+        format!("{}operations/{id}", self.prefix)
     }
 
     /// The control planes' leader election.
@@ -208,6 +217,9 @@ pub struct TenantRecord {
     /// Domains added for verification, with the records they need (verified ones too).
     #[serde(default)]
     pub identities: Vec<IdentityRecord>,
+    /// Labels the tenant's cell must carry, wherever it is moved.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A domain a tenant asked to send from, and the tokens of the DNS records it must publish.
@@ -388,6 +400,46 @@ pub struct MoveRecord {
     pub actor: String,
     #[serde(default)]
     pub reason: String,
+}
+
+/// What an operation does: empty a cell, or even out the cells' load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationKind {
+    Evacuate { cell: CellId },
+    Rebalance,
+}
+
+/// One planned move of an operation, and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedMove {
+    pub tenant: TenantId,
+    pub from: CellId,
+    /// `None` for a tenant no cell can take (its outcome says why).
+    pub to: Option<CellId>,
+    /// The move's id once it was requested.
+    #[serde(default)]
+    pub move_id: Option<String>,
+    /// COMPLETE, or why it did not happen; empty while pending or under way.
+    #[serde(default)]
+    pub outcome: String,
+}
+
+/// An evacuation or a rebalance: moves carried out a bounded number at a time by the
+/// leading control plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationRecord {
+    pub id: String,
+    pub kind: OperationKind,
+    /// How many of its moves may be under way at once.
+    pub parallel: u32,
+    pub moves: Vec<PlannedMove>,
+    pub finished: bool,
+    pub actor: String,
+    #[serde(default)]
+    pub reason: String,
+    pub started_at_ms: u64,
+    pub updated_at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

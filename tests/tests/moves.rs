@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cellmail_proto::{ApiError, v1};
@@ -593,4 +593,137 @@ async fn wait_for_state(control: &Control, tenant: &str, state: &str) {
     })
     .await;
     reached.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evacuated_cell_hands_every_tenant_over_while_sends_flow_and_a_rebalance_evens_out() {
+    const TENANTS: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &["--cells", "3"]).unwrap();
+    let mut control = platform.control().await.unwrap();
+    let mut keys = Vec::new();
+    for n in 0..TENANTS {
+        keys.push(tenant(&mut control, &format!("t{n:02}"), "cell-1").await);
+    }
+    let sender = platform.sender().await.unwrap();
+    // Every tenant sends until the evacuation is over; each task answers how many it sent.
+    let (sent, stop) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let load: Vec<_> = keys
+        .iter()
+        .enumerate()
+        .map(|(n, key)| {
+            let (sender, key, sent, stop) =
+                (sender.clone(), key.clone(), sent.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut count = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let from = format!("shop@t{n:02}.example");
+                    let request = message(&from, "x@example.com", &format!("k{count}"));
+                    send_retrying(&sender, &key, request).await;
+                    count += 1;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                count
+            })
+        })
+        .collect();
+    wait_for(Duration::from_secs(30), "sends under way", || {
+        (sent.load(Ordering::Relaxed) >= TENANTS).then_some(())
+    })
+    .await
+    .unwrap();
+    let before = sent.load(Ordering::Relaxed);
+    let evacuated = platform.cli(&["cell", "evacuate", "cell-1", "--parallel", "4", "--wait"]);
+    let during = sent.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    let moves = evacuated["moves"].as_array().unwrap();
+    assert_eq!(moves.len(), TENANTS);
+    assert!(
+        moves
+            .iter()
+            .all(|m| m["outcome"] == "COMPLETE" && m["to"] != "cell-1"),
+        "{moves:?}"
+    );
+    assert!(during > 0, "sends flowed during the evacuation");
+    let mut counts = Vec::new();
+    for task in load {
+        counts.push(task.await.unwrap());
+    }
+    let cells = platform.cli(&["cell", "list"]);
+    let tenants_on = |cell: &str| {
+        cells
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["cell"] == cell)
+            .map(|c| {
+                (
+                    c["tenants"].as_u64().unwrap(),
+                    c["state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .unwrap()
+    };
+    assert_eq!(tenants_on("cell-1"), (0, "DRAINING".to_owned()));
+    let (on_2, on_3) = (tenants_on("cell-2").0, tenants_on("cell-3").0);
+    assert_eq!(
+        (on_2 + on_3, on_2.abs_diff(on_3) <= 1),
+        (TENANTS as u64, true)
+    );
+    for (n, count) in counts.into_iter().enumerate() {
+        let tenant = format!("t{n:02}");
+        let delivered = wait_for(DELIVERY, "every message delivered", || {
+            let delivered = keys_in(&platform.data_dir.join("mail").join(&tenant));
+            (delivered.values().sum::<usize>() >= count).then_some(delivered)
+        })
+        .await
+        .unwrap();
+        let expected: HashMap<String, usize> = (0..count).map(|i| (format!("k{i}"), 1)).collect();
+        assert_eq!(
+            delivered, expected,
+            "{tenant}: each key sent once, none lost"
+        );
+    }
+
+    // Back in service, cell-1 is the emptiest: a rebalance plans the fewest moves onto it.
+    platform.cli(&["cell", "enable", "cell-1"]);
+    let plan = platform.cli(&["rebalance", "plan"]);
+    let planned = plan.as_array().unwrap();
+    assert_eq!(
+        planned.len(),
+        6,
+        "20 tenants on 3 equal cells: 6 onto cell-1: {plan}"
+    );
+    assert!(planned.iter().all(|m| m["to"] == "cell-1"), "{plan}");
+    assert_eq!(
+        tenants_on("cell-2"),
+        (on_2, "ACTIVE".to_owned()),
+        "a plan moves nothing"
+    );
+    let applied = platform.cli(&["rebalance", "apply", "--wait"]);
+    let moves = applied["moves"].as_array().unwrap();
+    assert!(
+        moves.iter().all(|m| m["outcome"] == "COMPLETE"),
+        "{applied}"
+    );
+    let cells = platform.cli(&["cell", "list"]);
+    let mut counts: Vec<u64> = cells
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["tenants"].as_u64().unwrap())
+        .collect();
+    counts.sort();
+    assert_eq!(counts, [6, 7, 7]);
+    assert!(
+        platform
+            .cli(&["rebalance", "plan"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 }

@@ -64,6 +64,7 @@ pub fn cache_at_scale(tenants: usize) -> anyhow::Result<Vec<Row>> {
                 ..Policy::default()
             },
             identities: Vec::new(),
+            labels: Default::default(),
         });
         let mut ops = Vec::with_capacity(WRITE_BATCH);
         for n in 0..tenants {

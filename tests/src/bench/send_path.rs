@@ -244,6 +244,7 @@ pub(super) async fn seed(
         created_at_ms: 0,
         policy,
         identities: Vec::new(),
+        labels: Default::default(),
     };
     let placement = PlacementRecord {
         cell: CellId::new(cell)?,

@@ -1,0 +1,232 @@
+//! Evacuations and rebalances: a planned list of tenant moves (`operations/<id>`), carried
+//! out a bounded number at a time by the leading control plane.
+//!
+//! The plan is made when the operation starts ([`crate::placement::evacuation`],
+//! [`crate::placement::rebalance`]) and persisted with it. On every pass the leader settles
+//! the moves that finished (COMPLETE, or why not), then requests more until `parallel` are
+//! under way; when none is left the operation is finished. A move an operation requested
+//! carries the operation in its actor, so a pass that requested a move but could not record
+//! it adopts the move on the next pass instead of refusing it as "already moving".
+
+use cellmail_proto::v1;
+use cellmail_proto::{ApiError, CellId, TenantId, now_ms};
+
+use crate::api::registry_error;
+use crate::audit;
+use crate::moves;
+use crate::placement::Planned;
+use crate::registry::{Compare, Op, Registry};
+use crate::schema::{
+    self, AuditRecord, Keys, MoveStep, OperationKind, OperationRecord, PlannedMove,
+};
+
+/// Moves under way at once when the operator sets none.
+pub const DEFAULT_PARALLEL: u32 = 4;
+
+/// The actor of the moves operation `record` requests.
+fn mover_of(record: &OperationRecord) -> String {
+    format!("{} (operation {})", record.actor, record.id)
+}
+
+/// A planned move, not yet requested.
+pub fn pending(planned: Planned) -> PlannedMove {
+    PlannedMove {
+        tenant: planned.tenant,
+        from: planned.from,
+        to: Some(planned.to),
+        move_id: None,
+        outcome: String::new(),
+    }
+}
+
+/// A tenant of `cell` that no other cell can take, and why.
+pub fn stuck(tenant: TenantId, cell: CellId, why: String) -> PlannedMove {
+    PlannedMove {
+        tenant,
+        from: cell,
+        to: None,
+        move_id: None,
+        outcome: why,
+    }
+}
+
+/// Writes a new operation of `moves`, with its audit entry.
+pub async fn start(
+    registry: &dyn Registry,
+    keys: &Keys,
+    kind: OperationKind,
+    parallel: u32,
+    moves: Vec<PlannedMove>,
+    (actor, reason): (String, String),
+) -> Result<OperationRecord, ApiError> {
+    let now = now_ms();
+    let record = OperationRecord {
+        id: ulid::Ulid::new().to_string(),
+        kind,
+        parallel: if parallel == 0 {
+            DEFAULT_PARALLEL
+        } else {
+            parallel
+        },
+        finished: moves.iter().all(|m| !m.outcome.is_empty()),
+        moves,
+        actor: actor.clone(),
+        reason: reason.clone(),
+        started_at_ms: now,
+        updated_at_ms: now,
+    };
+    let entry = AuditRecord {
+        at_ms: now,
+        actor,
+        action: format!("operation.{}", kind_name(&record.kind)),
+        tenant: None,
+        reason,
+        before: None,
+        after: audit::snapshot(&record),
+    };
+    let key = keys.operation(&record.id);
+    let written = audit::write(registry, keys, &key, 0, schema::encode(&record), &entry)
+        .await
+        .map_err(registry_error)?;
+    if !written {
+        return Err(ApiError::Aborted(format!("operation {} exists", record.id)));
+    }
+    Ok(record)
+}
+
+fn kind_name(kind: &OperationKind) -> &'static str {
+    match kind {
+        OperationKind::Evacuate { .. } => "evacuate",
+        OperationKind::Rebalance => "rebalance",
+    }
+}
+
+pub async fn get(
+    registry: &dyn Registry,
+    keys: &Keys,
+    id: &str,
+) -> Result<OperationRecord, ApiError> {
+    let kv = registry
+        .get(&keys.operation(id))
+        .await
+        .map_err(registry_error)?
+        .ok_or_else(|| ApiError::NotFound(format!("operation {id} does not exist")))?;
+    schema::decode(&kv.value).map_err(|e| ApiError::Internal(format!("operation {id}: {e}")))
+}
+
+/// One pass over a running operation (`revision`: its record's): settles the moves that
+/// finished, requests more up to `parallel`, and finishes it when nothing is left.
+pub async fn advance(
+    registry: &dyn Registry,
+    keys: &Keys,
+    mut record: OperationRecord,
+    revision: u64,
+) -> Result<(), ApiError> {
+    let before = record.clone();
+    let mover = mover_of(&record);
+    let mut under_way = 0;
+    for planned in record.moves.iter_mut().filter(|m| m.outcome.is_empty()) {
+        let latest = moves::latest(registry, keys, &planned.tenant).await?;
+        match (&planned.move_id, latest) {
+            (Some(id), Some(latest)) if *id == latest.id => match latest.step {
+                MoveStep::Complete => planned.outcome = latest.step.as_str().to_owned(),
+                MoveStep::RolledBack => planned.outcome = format!("ROLLED_BACK: {}", latest.detail),
+                _ => under_way += 1,
+            },
+            (Some(_), _) => planned.outcome = "replaced by another move".to_owned(),
+            (None, Some(latest)) if latest.actor == mover && !latest.step.finished() => {
+                planned.move_id = Some(latest.id);
+                under_way += 1;
+            }
+            (None, _) if under_way < record.parallel => {
+                let Some(to) = &planned.to else { continue };
+                let requested = moves::request(
+                    registry,
+                    keys,
+                    &planned.tenant,
+                    to,
+                    mover.clone(),
+                    record.reason.clone(),
+                )
+                .await;
+                match requested {
+                    Ok(started) => {
+                        planned.move_id = Some(started.id);
+                        under_way += 1;
+                    }
+                    Err(err) => planned.outcome = err.to_string(),
+                }
+            }
+            (None, _) => {}
+        }
+    }
+    record.finished = under_way == 0 && record.moves.iter().all(|m| !m.outcome.is_empty());
+    if record == before {
+        return Ok(());
+    }
+    record.updated_at_ms = now_ms();
+    let key = keys.operation(&record.id);
+    let mut ops = vec![Op::Put {
+        key: key.clone(),
+        value: schema::encode(&record),
+        lease: None,
+    }];
+    if record.finished {
+        let done = record
+            .moves
+            .iter()
+            .filter(|m| m.outcome == "COMPLETE")
+            .count();
+        tracing::info!(operation = %record.id, done, of = record.moves.len(), "operation finished");
+        ops.push(audit::entry_op(
+            keys,
+            &AuditRecord {
+                at_ms: record.updated_at_ms,
+                actor: record.actor.clone(),
+                action: format!("operation.{}.finish", kind_name(&record.kind)),
+                tenant: None,
+                reason: format!("{done} of {} moves complete", record.moves.len()),
+                before: audit::snapshot(&before),
+                after: audit::snapshot(&record),
+            },
+        ));
+    }
+    let compare = Compare {
+        key,
+        mod_revision: revision,
+    };
+    registry
+        .txn(vec![compare], ops)
+        .await
+        .map_err(registry_error)?;
+    Ok(())
+}
+
+/// A planned move as operators see it.
+pub fn planned_info(m: &PlannedMove) -> v1::PlannedMoveInfo {
+    v1::PlannedMoveInfo {
+        tenant_id: m.tenant.to_string(),
+        from_cell: m.from.to_string(),
+        to_cell: m.to.as_ref().map(ToString::to_string).unwrap_or_default(),
+        move_id: m.move_id.clone().unwrap_or_default(),
+        outcome: m.outcome.clone(),
+    }
+}
+
+pub fn info(record: &OperationRecord) -> v1::OperationInfo {
+    v1::OperationInfo {
+        id: record.id.clone(),
+        kind: kind_name(&record.kind).to_owned(),
+        cell: match &record.kind {
+            OperationKind::Evacuate { cell } => cell.to_string(),
+            OperationKind::Rebalance => String::new(),
+        },
+        parallel: record.parallel,
+        moves: record.moves.iter().map(planned_info).collect(),
+        finished: record.finished,
+        actor: record.actor.clone(),
+        reason: record.reason.clone(),
+        started_at_ms: record.started_at_ms as i64,
+        updated_at_ms: record.updated_at_ms as i64,
+    }
+}
