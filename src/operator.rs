@@ -138,7 +138,57 @@ enum TenantCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Take the tenant off the platform: suspend it, wait until its mail is delivered, write
+    /// everything the cells keep of it (suppressions, messages and their events, figures) to
+    /// a JSON file, then delete it everywhere.
+    Offboard {
+        tenant: String,
+        /// The file the tenant's data is written to (it must not exist yet).
+        #[arg(long)]
+        export: std::path::PathBuf,
+        /// How long to wait for its cell to deliver what it had accepted.
+        #[arg(long, default_value_t = 300)]
+        drain_timeout_secs: u64,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
+
+/// What `tenant offboard` writes: every part the cells exported, merged.
+fn export_json(tenant: &str, parts: &[v1::TenantData]) -> serde_json::Value {
+    let class =
+        |wire: i32| v1::MessageClass::try_from(wire).map_or("UNSPECIFIED", |c| c.as_str_name());
+    let mut stats = Vec::new();
+    let (mut suppressions, mut messages) = (Vec::new(), Vec::new());
+    for part in parts {
+        for s in &part.stats {
+            stats.push(json!({
+                "cell": part.cell, "class": class(s.message_class), "accepted": s.accepted,
+                "sent": s.sent, "delivered": s.delivered, "bounced": s.bounced,
+                "complained": s.complained, "suppressed": s.suppressed, "rejected": s.rejected,
+            }));
+        }
+        suppressions.extend(part.suppressions.iter().map(suppression_json));
+        for m in &part.messages {
+            let events: Vec<_> = m
+                .events
+                .iter()
+                .map(|e| json!({"type": e.r#type, "at_ms": e.at_ms, "recipient": e.recipient, "detail": e.detail}))
+                .collect();
+            let recipients: Vec<_> = m.recipients.iter().map(|r| &r.address).collect();
+            messages.push(json!({
+                "cell": part.cell, "message_id": m.message_id, "class": class(m.message_class),
+                "state": m.state, "accepted_at_ms": m.accepted_at_ms, "recipients": recipients,
+                "events": events,
+            }));
+        }
+    }
+    json!({"tenant": tenant, "stats": stats, "suppressions": suppressions, "messages": messages})
+}
+
+/// How often `tenant offboard` asks whether the tenant's mail is delivered.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn move_json(m: &v1::MoveInfo) -> serde_json::Value {
     json!({
@@ -720,6 +770,67 @@ pub async fn tenant(args: TenantArgs) -> anyhow::Result<()> {
             out["unsuspended"] = json!(resumed.unsuspended);
             out["resumed_classes"] = json!(resumed.resumed_classes);
             println!("{out}");
+        }
+        TenantCommand::Offboard {
+            tenant,
+            export,
+            drain_timeout_secs,
+            reason,
+        } => {
+            use std::io::Write;
+            // Created first, so an existing file is refused before anything changes.
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&export)
+                .map_err(|e| anyhow::anyhow!("--export {}: {e}", export.display()))?;
+            let suspend = acting(v1::SuspendTenantRequest {
+                tenant_id: tenant.clone(),
+                reason: format!("offboarding: {reason}"),
+            });
+            client.suspend_tenant(suspend).await.map_err(status)?;
+            let deadline =
+                std::time::Instant::now() + std::time::Duration::from_secs(drain_timeout_secs);
+            let request = v1::TenantDataRequest {
+                tenant_id: tenant.clone(),
+            };
+            let mut stream = loop {
+                match client.export_tenant_data(request.clone()).await {
+                    Ok(stream) => break stream.into_inner(),
+                    Err(err)
+                        if err.code() == tonic::Code::Unavailable
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(DRAIN_POLL).await
+                    }
+                    Err(err) => return Err(status(err)),
+                }
+            };
+            let mut parts = Vec::new();
+            while let Some(part) = stream.message().await.map_err(status)? {
+                parts.push(part);
+            }
+            let exported = export_json(&tenant, &parts);
+            file.write_all(exported.to_string().as_bytes())?;
+            file.sync_all()?;
+            let delete = acting(v1::DeleteTenantRequest {
+                tenant_id: tenant.clone(),
+                reason,
+            });
+            let deleted = client
+                .delete_tenant(delete)
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "{}",
+                json!({
+                    "tenant": tenant, "export": export.display().to_string(),
+                    "suppressions": exported["suppressions"].as_array().map_or(0, Vec::len),
+                    "messages": exported["messages"].as_array().map_or(0, Vec::len),
+                    "erased_on": deleted.cells, "unreachable": deleted.unreachable,
+                })
+            );
         }
         TenantCommand::Move {
             tenant,

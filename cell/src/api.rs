@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use cellmail_control::catalog::WatchedCatalog;
-use cellmail_control::schema::PlacementState;
+use cellmail_control::schema::{PlacementState, TenantStatus};
 use cellmail_proto::v1::{self, cell_server::Cell};
 use cellmail_proto::{
     ApiError, CellId, Epoch, MessageClass, MessageId, SuppressionReason, SuppressionScope,
@@ -119,6 +119,29 @@ fn import_chunk(chunk: v1::TenantChunk) -> Result<TenantExport, ApiError> {
     })
 }
 
+/// Exported message records back into the store's, each `tenant`'s own.
+fn import_messages(
+    tenant: &TenantId,
+    stored: Vec<v1::StoredMessage>,
+) -> Result<Vec<MessageRecord>, ApiError> {
+    stored
+        .into_iter()
+        .enumerate()
+        .map(|(i, stored)| {
+            let field = format!("chunk.messages[{i}].record");
+            let record: MessageRecord = serde_json::from_slice(&stored.record)
+                .map_err(|e| ApiError::invalid(field.clone(), e.to_string()))?;
+            if record.tenant != *tenant || record.id.to_string() != stored.id {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("is not tenant {tenant}'s message {}", stored.id),
+                ));
+            }
+            Ok(record)
+        })
+        .collect()
+}
+
 /// A tenant's export (read at `as_of_ms`) as the chunks it travels in; at least one, so
 /// the receiver learns `as_of_ms` even when there is nothing to copy.
 fn export_chunks(export: TenantExport, as_of_ms: u64) -> Vec<v1::TenantChunk> {
@@ -127,13 +150,12 @@ fn export_chunks(export: TenantExport, as_of_ms: u64) -> Vec<v1::TenantChunk> {
         .chunks(EXPORT_CHUNK)
         .map(|entries| v1::TenantChunk {
             suppressions: entries.iter().cloned().map(suppression).collect(),
-            idempotency: Vec::new(),
             as_of_ms,
+            ..Default::default()
         })
         .collect();
     chunks.extend(export.idempotency.chunks(EXPORT_CHUNK).map(|entries| {
         v1::TenantChunk {
-            suppressions: Vec::new(),
             idempotency: entries
                 .iter()
                 .map(|(key, record)| v1::IdempotencyEntry {
@@ -142,6 +164,7 @@ fn export_chunks(export: TenantExport, as_of_ms: u64) -> Vec<v1::TenantChunk> {
                 })
                 .collect(),
             as_of_ms,
+            ..Default::default()
         }
     }));
     if chunks.is_empty() {
@@ -222,6 +245,39 @@ fn message_status(record: MessageRecord) -> v1::MessageStatus {
     }
 }
 
+/// `tenant`'s figures by class over the last `hours` hours.
+fn class_stats(
+    store: &Store,
+    tenant: &TenantId,
+    hours: u32,
+) -> Result<Vec<v1::ClassStats>, StorageError> {
+    let now = now_ms();
+    let mut classes = Vec::new();
+    for class in MessageClass::ALL {
+        let counts = store.stats(tenant, class, now, u64::from(hours))?;
+        let rate = |n: u64| {
+            if counts.sent == 0 {
+                0.0
+            } else {
+                n as f64 / counts.sent as f64
+            }
+        };
+        classes.push(v1::ClassStats {
+            message_class: class_to_wire(class),
+            accepted: counts.accepted,
+            sent: counts.sent,
+            delivered: counts.delivered,
+            bounced: counts.bounced,
+            complained: counts.complained,
+            suppressed: counts.suppressed,
+            rejected: counts.rejected,
+            bounce_rate: rate(counts.bounced),
+            complaint_rate: rate(counts.complained),
+        });
+    }
+    Ok(classes)
+}
+
 fn suppression(entry: Suppressed) -> v1::Suppression {
     v1::Suppression {
         address: entry.address,
@@ -236,10 +292,76 @@ fn suppression(entry: Suppressed) -> v1::Suppression {
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<v1::TenantChunk, Status>> + Send>>;
+type DataStream = Pin<Box<dyn Stream<Item = Result<v1::TenantData, Status>> + Send>>;
+
+/// Entries per part of an offboarding export.
+const DATA_PAGE: usize = 500;
 
 #[tonic::async_trait]
 impl Cell for CellApi {
     type ExportTenantStream = ChunkStream;
+    type ExportTenantDataStream = DataStream;
+
+    async fn export_tenant_data(
+        &self,
+        request: Request<v1::TenantDataRequest>,
+    ) -> Result<Response<DataStream>, Status> {
+        let tenant = tenant_id(request.into_inner().tenant_id)?;
+        let cell = self.cell.to_string();
+        let mut parts = vec![v1::TenantData {
+            cell: cell.clone(),
+            stats: class_stats(&self.store, &tenant, MAX_STATS_HOURS).map_err(storage)?,
+            ..Default::default()
+        }];
+        let mut after = String::new();
+        loop {
+            let page = self
+                .store
+                .list_suppressions(&tenant, &after, DATA_PAGE)
+                .map_err(storage)?;
+            let Some(last) = page.last() else { break };
+            after = suppression_key(&last.address);
+            parts.push(v1::TenantData {
+                cell: cell.clone(),
+                suppressions: page.into_iter().map(suppression).collect(),
+                ..Default::default()
+            });
+        }
+        let mut after = String::new();
+        loop {
+            let page = self
+                .store
+                .messages_of(&tenant, &after, DATA_PAGE)
+                .map_err(storage)?;
+            let Some(last) = page.last() else { break };
+            after = last.id.to_string();
+            parts.push(v1::TenantData {
+                cell: cell.clone(),
+                messages: page.into_iter().map(message_status).collect(),
+                ..Default::default()
+            });
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            parts.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn erase_tenant(
+        &self,
+        request: Request<v1::TenantDataRequest>,
+    ) -> Result<Response<v1::EraseTenantResponse>, Status> {
+        let tenant = tenant_id(request.into_inner().tenant_id)?;
+        let status = self.catalog.read().tenants.get(&tenant).map(|t| t.status);
+        if status == Some(TenantStatus::Active) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "tenant {tenant} is active: suspend it before its data is erased"
+            ))
+            .into());
+        }
+        self.store.erase(&tenant).await.map_err(storage)?;
+        tracing::info!(%tenant, "tenant erased");
+        Ok(Response::new(v1::EraseTenantResponse {}))
+    }
 
     async fn prepare_tenant(
         &self,
@@ -269,6 +391,32 @@ impl Cell for CellApi {
     ) -> Result<Response<ChunkStream>, Status> {
         let request = request.into_inner();
         let tenant = tenant_id(request.tenant_id)?;
+        if request.messages {
+            let as_of_ms = now_ms();
+            let mut chunks = Vec::new();
+            let mut after = String::new();
+            loop {
+                let page = self
+                    .store
+                    .messages_of(&tenant, &after, EXPORT_CHUNK)
+                    .map_err(storage)?;
+                let Some(last) = page.last() else { break };
+                after = last.id.to_string();
+                let messages = page
+                    .iter()
+                    .map(|record| v1::StoredMessage {
+                        id: record.id.to_string(),
+                        record: serde_json::to_vec(record).unwrap_or_default(),
+                    })
+                    .collect();
+                chunks.push(Ok(v1::TenantChunk {
+                    messages,
+                    as_of_ms,
+                    ..Default::default()
+                }));
+            }
+            return Ok(Response::new(Box::pin(tokio_stream::iter(chunks))));
+        }
         if !request.precopy {
             self.acceptor.quiesce(&tenant, Epoch(request.epoch)).await?;
         }
@@ -290,12 +438,21 @@ impl Cell for CellApi {
     ) -> Result<Response<v1::ImportTenantResponse>, Status> {
         let request = request.into_inner();
         let tenant = tenant_id(request.tenant_id)?;
-        let chunk = request
+        let mut chunk = request
             .chunk
             .ok_or_else(|| ApiError::invalid("chunk", "is required"))?;
+        let messages = import_messages(&tenant, std::mem::take(&mut chunk.messages))?;
         let export = import_chunk(chunk)?;
-        self.not_serving(&tenant)?;
-        self.store.import(&tenant, export).await.map_err(storage)?;
+        if export != TenantExport::default() {
+            self.not_serving(&tenant)?;
+            self.store.import(&tenant, export).await.map_err(storage)?;
+        }
+        if !messages.is_empty() {
+            self.store
+                .import_messages(messages)
+                .await
+                .map_err(storage)?;
+        }
         Ok(Response::new(v1::ImportTenantResponse {}))
     }
 
@@ -432,33 +589,7 @@ impl Cell for CellApi {
             }
             n => n,
         };
-        let now = now_ms();
-        let mut classes = Vec::new();
-        for class in MessageClass::ALL {
-            let counts = self
-                .store
-                .stats(&tenant, class, now, u64::from(hours))
-                .map_err(storage)?;
-            let rate = |n: u64| {
-                if counts.sent == 0 {
-                    0.0
-                } else {
-                    n as f64 / counts.sent as f64
-                }
-            };
-            classes.push(v1::ClassStats {
-                message_class: class_to_wire(class),
-                accepted: counts.accepted,
-                sent: counts.sent,
-                delivered: counts.delivered,
-                bounced: counts.bounced,
-                complained: counts.complained,
-                suppressed: counts.suppressed,
-                rejected: counts.rejected,
-                bounce_rate: rate(counts.bounced),
-                complaint_rate: rate(counts.complained),
-            });
-        }
+        let classes = class_stats(&self.store, &tenant, hours).map_err(storage)?;
         Ok(Response::new(v1::GetStatsResponse { hours, classes }))
     }
 

@@ -47,6 +47,8 @@ const WINDOW: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("
 const PARKED: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("parked");
 /// (tenant, message id) of every message queued or held here and not yet sent or failed
 const OPEN: TableDefinition<(&str, &str), ()> = TableDefinition::new("open");
+/// (tenant, message id) of every message record here
+const TENANT_MESSAGES: TableDefinition<(&str, &str), ()> = TableDefinition::new("tenant_messages");
 /// (when, tenant, idempotency key) of every write of a key within the window, so that a
 /// move's final copy reads only the keys written since its pre-copy
 const RECENT: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("recent");
@@ -258,6 +260,18 @@ enum Write {
     Forget {
         tenant: TenantId,
     },
+    /// Drops everything of an offboarded tenant.
+    Erase {
+        tenant: TenantId,
+    },
+    /// Message records of a tenant that moved here, as its old cell has them.
+    ImportMessages(Vec<MessageRecord>),
+}
+
+/// The first tenant id past every key of `tenant` in a table keyed by tenant first: keys
+/// `(tenant, …)` are exactly those in `(tenant, "")..(past(tenant), "")`.
+fn past(tenant: &TenantId) -> String {
+    format!("{tenant}\0")
 }
 
 /// The state of a tenant that follows it to another cell.
@@ -371,6 +385,10 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 messages
                     .insert(id.as_str(), json(&record).as_slice())
                     .map_err(err)?;
+                txn.open_table(TENANT_MESSAGES)
+                    .map_err(err)?
+                    .insert((record.tenant.as_str(), id.as_str()), ())
+                    .map_err(err)?;
                 if record.state == MessageState::Queued {
                     txn.open_table(OPEN)
                         .map_err(err)?
@@ -385,7 +403,13 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             let id = seed.id.to_string();
             let mut record: MessageRecord = match messages.get(id.as_str()).map_err(err)? {
                 Some(row) => parse(row.value())?,
-                None => seed,
+                None => {
+                    txn.open_table(TENANT_MESSAGES)
+                        .map_err(err)?
+                        .insert((seed.tenant.as_str(), id.as_str()), ())
+                        .map_err(err)?;
+                    seed
+                }
             };
             let delta = match state {
                 MessageState::Sent => Counts {
@@ -533,21 +557,67 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             Ok(Written::Found(true))
         }
         Write::Forget { tenant } => {
+            let (t, past) = (tenant.as_str(), past(&tenant));
             for table in [SUPPRESSIONS, IDEMPOTENCY] {
                 let mut table = txn.open_table(table).map_err(err)?;
-                let mut keys = Vec::new();
-                for row in table.range((tenant.as_str(), "")..).map_err(err)? {
-                    let (key, _) = row.map_err(err)?;
-                    let (owner, key) = key.value();
-                    if owner != tenant.as_str() {
-                        break;
-                    }
-                    keys.push(key.to_owned());
-                }
-                for key in keys {
-                    table.remove((tenant.as_str(), key.as_str())).map_err(err)?;
-                }
+                table
+                    .retain_in((t, "")..(past.as_str(), ""), |_, _| false)
+                    .map_err(err)?;
             }
+            Ok(Written::Found(true))
+        }
+        Write::ImportMessages(records) => {
+            let mut messages = txn.open_table(MESSAGES).map_err(err)?;
+            let mut index = txn.open_table(TENANT_MESSAGES).map_err(err)?;
+            for record in &records {
+                let id = record.id.to_string();
+                messages
+                    .insert(id.as_str(), json(record).as_slice())
+                    .map_err(err)?;
+                index
+                    .insert((record.tenant.as_str(), id.as_str()), ())
+                    .map_err(err)?;
+            }
+            Ok(Written::Found(true))
+        }
+        Write::Erase { tenant } => {
+            apply(
+                txn,
+                Write::Forget {
+                    tenant: tenant.clone(),
+                },
+            )?;
+            let (t, past) = (tenant.as_str(), past(&tenant));
+            let mut index = txn.open_table(TENANT_MESSAGES).map_err(err)?;
+            let mut messages = txn.open_table(MESSAGES).map_err(err)?;
+            let mut bodies = txn.open_table(BODIES).map_err(err)?;
+            for row in index.range((t, "")..(past.as_str(), "")).map_err(err)? {
+                let (key, _) = row.map_err(err)?;
+                let id = key.value().1;
+                messages.remove(id).map_err(err)?;
+                bodies.remove(id).map_err(err)?;
+            }
+            index
+                .retain_in((t, "")..(past.as_str(), ""), |_, _| false)
+                .map_err(err)?;
+            txn.open_table(OPEN)
+                .map_err(err)?
+                .retain_in((t, "")..(past.as_str(), ""), |_, _| false)
+                .map_err(err)?;
+            for table in [STATS, WINDOW] {
+                txn.open_table(table)
+                    .map_err(err)?
+                    .retain_in((t, "", 0)..(past.as_str(), "", 0), |_, _| false)
+                    .map_err(err)?;
+            }
+            txn.open_table(PARKED)
+                .map_err(err)?
+                .retain_in((t, "", "")..(past.as_str(), "", ""), |_, _| false)
+                .map_err(err)?;
+            txn.open_table(RECENT)
+                .map_err(err)?
+                .retain(|(_, owner, _), _| owner != t)
+                .map_err(err)?;
             Ok(Written::Found(true))
         }
         Write::Unsuppress { tenant, address } => {
@@ -578,6 +648,7 @@ impl Store {
         txn.open_table(PARKED).map_err(err)?;
         txn.open_table(OPEN).map_err(err)?;
         txn.open_table(RECENT).map_err(err)?;
+        txn.open_table(TENANT_MESSAGES).map_err(err)?;
         txn.commit().map_err(err)?;
         let writes = GroupCommit::start("store", db.clone(), apply)?;
         Ok(Self { db, writes })
@@ -1023,6 +1094,54 @@ impl Store {
         let write = Write::Import {
             tenant: tenant.clone(),
             export,
+        };
+        self.found(write, true).await.map(|_| ())
+    }
+
+    /// Up to `limit` of `tenant`'s message records after message id `after` ("" for the
+    /// first), in id (so acceptance) order.
+    pub fn messages_of(
+        &self,
+        tenant: &TenantId,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let index = read.open_table(TENANT_MESSAGES).map_err(err)?;
+        let messages = read.open_table(MESSAGES).map_err(err)?;
+        let past = past(tenant);
+        let mut records = Vec::new();
+        for row in index
+            .range((tenant.as_str(), after)..(past.as_str(), ""))
+            .map_err(err)?
+        {
+            let (key, _) = row.map_err(err)?;
+            let id = key.value().1;
+            if id == after {
+                continue;
+            }
+            if records.len() == limit {
+                break;
+            }
+            if let Some(record) = messages.get(id).map_err(err)? {
+                records.push(parse(record.value())?);
+            }
+        }
+        Ok(records)
+    }
+
+    /// Writes (durably) message records another cell kept of a tenant that moved here.
+    pub async fn import_messages(&self, records: Vec<MessageRecord>) -> Result<(), StorageError> {
+        self.found(Write::ImportMessages(records), true)
+            .await
+            .map(|_| ())
+    }
+
+    /// Drops everything this cell keeps of `tenant`: suppressions, idempotency keys, message
+    /// records and bodies, figures, parked and held mail.
+    pub async fn erase(&self, tenant: &TenantId) -> Result<(), StorageError> {
+        let write = Write::Erase {
+            tenant: tenant.clone(),
         };
         self.found(write, true).await.map(|_| ())
     }

@@ -16,8 +16,10 @@ use tonic::{Request, Response, Status};
 use crate::apikey;
 use crate::audit;
 use crate::catalog::Catalog;
+use crate::channels::CellChannels;
 use crate::identity;
 use crate::moves;
+use crate::offboard;
 use crate::operations;
 use crate::placement::{self, Candidate};
 use crate::registry::{Compare, Op, Registry, RegistryError, Snapshot};
@@ -33,6 +35,8 @@ pub struct ControlApi {
     dns: identity::Checker,
     /// Whether a new tenant's domains count as verified (one-machine setups).
     trust_new_domains: bool,
+    /// To the cells, for offboarding.
+    channels: CellChannels,
 }
 
 pub(crate) fn registry_error(err: RegistryError) -> ApiError {
@@ -188,6 +192,7 @@ impl ControlApi {
             keys,
             dns: identity::Checker::new(identities)?,
             trust_new_domains: identities.trust_new_domains,
+            channels: CellChannels::default(),
         })
     }
 
@@ -564,23 +569,10 @@ impl ControlApi {
 }
 
 impl ControlApi {
-    /// Every key record of the registry with its registry key, for one tenant.
     async fn keys_of(&self, tenant: &TenantId) -> Result<Vec<(String, ApiKeyRecord)>, ApiError> {
-        let listed = self
-            .registry
-            .list(&format!("{}apikeys/", self.keys.prefix()))
+        apikey::of_tenant(self.registry.as_ref(), &self.keys, tenant)
             .await
-            .map_err(registry_error)?;
-        Ok(listed
-            .entries
-            .into_iter()
-            .filter_map(|kv| {
-                schema::decode::<ApiKeyRecord>(&kv.value)
-                    .ok()
-                    .map(|record| (kv.key, record))
-            })
-            .filter(|(_, record)| record.tenant == *tenant)
-            .collect())
+            .map_err(registry_error)
     }
 
     async fn list_api_keys(
@@ -1086,8 +1078,43 @@ fn global_suppression(record: GlobalSuppressionRecord) -> v1::Suppression {
     }
 }
 
+type DataStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::TenantData, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Control for ControlApi {
+    type ExportTenantDataStream = DataStream;
+
+    async fn export_tenant_data(
+        &self,
+        request: Request<v1::TenantDataRequest>,
+    ) -> Result<Response<DataStream>, Status> {
+        let tenant = tenant_id(request.into_inner().tenant_id)?;
+        let parts =
+            offboard::export(self.registry.as_ref(), &self.keys, &self.channels, &tenant).await?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            parts.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn delete_tenant(
+        &self,
+        request: Request<v1::DeleteTenantRequest>,
+    ) -> Result<Response<v1::DeleteTenantResponse>, Status> {
+        let actor = actor(&request);
+        let request = request.into_inner();
+        let tenant = tenant_id(request.tenant_id)?;
+        let deleted = offboard::delete(
+            self.registry.as_ref(),
+            &self.keys,
+            &self.channels,
+            &tenant,
+            (actor, request.reason),
+        )
+        .await?;
+        Ok(Response::new(deleted))
+    }
+
     async fn create_tenant(
         &self,
         request: Request<v1::CreateTenantRequest>,

@@ -3,8 +3,31 @@
 //! fast hash is right for keys of this entropy, and it lets the router resolve a key with
 //! one map lookup.
 
+use cellmail_proto::TenantId;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+
+use crate::registry::{Registry, RegistryError};
+use crate::schema::{self, ApiKeyRecord, Keys};
+
+/// Every key record of `tenant`, with its registry key.
+pub async fn of_tenant(
+    registry: &dyn Registry,
+    keys: &Keys,
+    tenant: &TenantId,
+) -> Result<Vec<(String, ApiKeyRecord)>, RegistryError> {
+    let listed = registry.list(&format!("{}apikeys/", keys.prefix())).await?;
+    Ok(listed
+        .entries
+        .into_iter()
+        .filter_map(|kv| {
+            schema::decode::<ApiKeyRecord>(&kv.value)
+                .ok()
+                .map(|record| (kv.key, record))
+        })
+        .filter(|(_, record)| record.tenant == *tenant)
+        .collect())
+}
 
 pub struct IssuedKey {
     pub plaintext: String,

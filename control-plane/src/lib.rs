@@ -14,6 +14,7 @@
 //! - [`channels`]: gRPC channels to cells, shared by everything that calls one.
 //! - [`moves`]: moving a tenant between cells, step by persisted step.
 //! - [`operations`]: evacuations and rebalances, a bounded number of moves at a time.
+//! - [`offboard`]: a suspended tenant's data exported from every cell, then deleted everywhere.
 
 pub mod api;
 pub mod apikey;
@@ -24,6 +25,7 @@ pub mod channels;
 pub mod identity;
 pub mod leader;
 pub mod moves;
+pub mod offboard;
 pub mod operations;
 pub mod placement;
 pub mod registry;

@@ -18,7 +18,8 @@
 //!    (serving again) and the step becomes SWITCHED. A copy that keeps failing past
 //!    [`FREEZE_BUDGET`] rolls the move back: the placement is unfrozen on the source.
 //! 3. SWITCHED: the source keeps delivering what it had accepted and forwards late feedback;
-//!    once its backlog of the tenant is zero the move is COMPLETE.
+//!    once its backlog of the tenant is zero, the tenant's message records (copied once
+//!    before the freeze already) are copied again as they ended, and the move is COMPLETE.
 //!
 //! Every step change is audited in the transaction that makes it.
 
@@ -183,6 +184,9 @@ enum Copy {
     Precopy,
     /// While frozen: the suppression list and the keys written since the pre-copy.
     Final,
+    /// The tenant's message records (status and events), so that GetMessage answers for
+    /// them on the target: before the freeze, and again once the source has delivered.
+    Messages,
 }
 
 /// What a copy carried, and when the source read it.
@@ -190,6 +194,7 @@ enum Copy {
 struct Copied {
     suppressions: usize,
     keys: usize,
+    messages: usize,
     as_of_ms: u64,
 }
 
@@ -434,6 +439,7 @@ impl Mover {
                     .await
                     .map_err(unavailable(&record.to))?;
                 let precopied = self.transfer(&record, Copy::Precopy).await?;
+                self.transfer(&record, Copy::Messages).await?;
                 Ok((placement_revision, precopied.as_of_ms))
             }
             .await;
@@ -491,7 +497,7 @@ impl Mover {
     /// Exports the tenant from the source and imports it into the target.
     async fn transfer(&self, record: &MoveRecord, copy: Copy) -> Result<Copied, ApiError> {
         let keys_since_ms = match copy {
-            Copy::Precopy => 0,
+            Copy::Precopy | Copy::Messages => 0,
             Copy::Final => record
                 .precopy_as_of_ms
                 .saturating_sub(PRECOPY_MARGIN.as_millis() as u64),
@@ -501,6 +507,7 @@ impl Mover {
             epoch: record.from_epoch.0,
             precopy: copy == Copy::Precopy,
             keys_since_ms,
+            messages: copy == Copy::Messages,
         };
         let mut chunks = self
             .client(&record.from)
@@ -513,11 +520,15 @@ impl Mover {
         let mut copied = Copied::default();
         while let Some(chunk) = chunks.message().await.map_err(unavailable(&record.from))? {
             copied.as_of_ms = chunk.as_of_ms;
-            if chunk.suppressions.is_empty() && chunk.idempotency.is_empty() {
+            if chunk.suppressions.is_empty()
+                && chunk.idempotency.is_empty()
+                && chunk.messages.is_empty()
+            {
                 continue;
             }
             copied.suppressions += chunk.suppressions.len();
             copied.keys += chunk.idempotency.len();
+            copied.messages += chunk.messages.len();
             let request = v1::ImportTenantRequest {
                 tenant_id: record.tenant.to_string(),
                 chunk: Some(chunk),
@@ -642,7 +653,12 @@ impl Mover {
                 Err(err) => Err(err.to_string()),
             };
             match backlog {
-                Ok(0) => break,
+                Ok(0) => match self.transfer(&record, Copy::Messages).await {
+                    Ok(_) => break,
+                    Err(err) => {
+                        tracing::warn!(tenant = %record.tenant, %err, "copying the message records failed; retrying")
+                    }
+                },
                 Ok(messages) => {
                     tracing::debug!(tenant = %record.tenant, messages, "the source is still delivering")
                 }

@@ -46,6 +46,9 @@ pub enum ApiError {
         detail: String,
         rates: Vec<(String, String)>,
     },
+    /// The system is not in the state the call needs (e.g. a tenant must be suspended first).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// Retryable: the cell is down or the tenant's placement is not usable right now.
     #[error("{0}")]
     Unavailable(String),
@@ -114,6 +117,10 @@ impl From<ApiError> for Status {
             ApiError::Paused { rates, .. } => (
                 Code::FailedPrecondition,
                 ApiError::info(REASON_TENANT_PAUSED, rates.into_iter().collect()),
+            ),
+            ApiError::FailedPrecondition(_) => (
+                Code::FailedPrecondition,
+                ApiError::info("FAILED_PRECONDITION", HashMap::new()),
             ),
             ApiError::Unavailable(_) => (
                 Code::Unavailable,
