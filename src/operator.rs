@@ -828,7 +828,7 @@ pub async fn tenant(args: TenantArgs) -> anyhow::Result<()> {
                     "tenant": tenant, "export": export.display().to_string(),
                     "suppressions": exported["suppressions"].as_array().map_or(0, Vec::len),
                     "messages": exported["messages"].as_array().map_or(0, Vec::len),
-                    "erased_on": deleted.cells, "unreachable": deleted.unreachable,
+                    "erased_on": deleted.cells,
                 })
             );
         }

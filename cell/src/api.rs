@@ -72,6 +72,38 @@ impl CellApi {
     }
 }
 
+/// Every message record of `tenant` here, in pages of `size`.
+fn message_pages(
+    store: &Store,
+    tenant: &TenantId,
+    size: usize,
+) -> Result<Vec<Vec<MessageRecord>>, StorageError> {
+    let (mut pages, mut after) = (Vec::new(), String::new());
+    loop {
+        let page = store.messages_of(tenant, &after, size)?;
+        let Some(last) = page.last() else {
+            return Ok(pages);
+        };
+        after = last.id.to_string();
+        pages.push(page);
+    }
+}
+
+/// Runs a fenced write to the end in a task of its own, holding its tenant's gate, even if
+/// the caller goes away: a move's export waits for the gate and must find the write done.
+async fn to_the_end<T: Send + 'static>(
+    entered: Entered,
+    write: impl Future<Output = Result<T, StorageError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(async move {
+        let _entered = entered;
+        write.await
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("the write task failed: {e}")))?
+    .map_err(storage)
+}
+
 /// One exported chunk back into store entries, naming what does not parse.
 fn import_chunk(chunk: v1::TenantChunk) -> Result<TenantExport, ApiError> {
     let suppressions = chunk
@@ -327,14 +359,7 @@ impl Cell for CellApi {
                 ..Default::default()
             });
         }
-        let mut after = String::new();
-        loop {
-            let page = self
-                .store
-                .messages_of(&tenant, &after, DATA_PAGE)
-                .map_err(storage)?;
-            let Some(last) = page.last() else { break };
-            after = last.id.to_string();
+        for page in message_pages(&self.store, &tenant, DATA_PAGE).map_err(storage)? {
             parts.push(v1::TenantData {
                 cell: cell.clone(),
                 messages: page.into_iter().map(message_status).collect(),
@@ -393,28 +418,24 @@ impl Cell for CellApi {
         let tenant = tenant_id(request.tenant_id)?;
         if request.messages {
             let as_of_ms = now_ms();
-            let mut chunks = Vec::new();
-            let mut after = String::new();
-            loop {
-                let page = self
-                    .store
-                    .messages_of(&tenant, &after, EXPORT_CHUNK)
-                    .map_err(storage)?;
-                let Some(last) = page.last() else { break };
-                after = last.id.to_string();
-                let messages = page
-                    .iter()
-                    .map(|record| v1::StoredMessage {
-                        id: record.id.to_string(),
-                        record: serde_json::to_vec(record).unwrap_or_default(),
+            let pages = message_pages(&self.store, &tenant, EXPORT_CHUNK).map_err(storage)?;
+            let chunks: Vec<_> = pages
+                .into_iter()
+                .map(|page| {
+                    let messages = page
+                        .iter()
+                        .map(|record| v1::StoredMessage {
+                            id: record.id.to_string(),
+                            record: serde_json::to_vec(record).unwrap_or_default(),
+                        })
+                        .collect();
+                    Ok(v1::TenantChunk {
+                        messages,
+                        as_of_ms,
+                        ..Default::default()
                     })
-                    .collect();
-                chunks.push(Ok(v1::TenantChunk {
-                    messages,
-                    as_of_ms,
-                    ..Default::default()
-                }));
-            }
+                })
+                .collect();
             return Ok(Response::new(Box::pin(tokio_stream::iter(chunks))));
         }
         if !request.precopy {
@@ -472,6 +493,14 @@ impl Cell for CellApi {
         let record = request.into_inner().record;
         let feedback =
             feedback::parse(&record).map_err(|e| ApiError::invalid("record", e.to_string()))?;
+        // Only the tenant's serving cell applies it; the sender keeps it and tries again.
+        if self.ingest.route(&feedback.tenant) != feedback::Route::Here {
+            return Err(ApiError::Unavailable(format!(
+                "cell {} does not serve tenant {} now",
+                self.cell, feedback.tenant
+            ))
+            .into());
+        }
         self.ingest.apply(&feedback).await.map_err(storage)?;
         Ok(Response::new(v1::ForwardFeedbackResponse {}))
     }
@@ -486,10 +515,15 @@ impl Cell for CellApi {
         let message = request
             .message
             .ok_or_else(|| ApiError::invalid("message", "is required"))?;
-        let accepted = self
-            .acceptor
-            .accept(tenant, Epoch(request.epoch), message)
-            .await?;
+        // Run to the end even if the caller goes away: a move's export waits for every
+        // accept let in before its freeze, and must not find it half done.
+        let acceptor = self.acceptor.clone();
+        let accepted =
+            tokio::spawn(
+                async move { acceptor.accept(tenant, Epoch(request.epoch), message).await },
+            )
+            .await
+            .map_err(|e| ApiError::Internal(format!("the accept task failed: {e}")))??;
         Ok(Response::new(send_response(accepted)))
     }
 
@@ -549,7 +583,7 @@ impl Cell for CellApi {
         request: Request<v1::CellAddSuppressionRequest>,
     ) -> Result<Response<v1::Suppression>, Status> {
         let request = request.into_inner();
-        let (tenant, _entered) = self.caller(request.caller).await?;
+        let (tenant, entered) = self.caller(request.caller).await?;
         let add = request.request.unwrap_or_default();
         let address = parse_mailbox("address", &add.address)?.email;
         let reason = match SuppressionReason::from_wire(add.reason) {
@@ -569,10 +603,9 @@ impl Cell for CellApi {
             at_ms: now_ms(),
             message_id: None,
         };
-        self.store
-            .suppress(&tenant, entry.clone())
-            .await
-            .map_err(storage)?;
+        let store = self.store.clone();
+        let added = entry.clone();
+        to_the_end(entered, async move { store.suppress(&tenant, added).await }).await?;
         Ok(Response::new(suppression(entry)))
     }
 
@@ -598,13 +631,14 @@ impl Cell for CellApi {
         request: Request<v1::CellRemoveSuppressionRequest>,
     ) -> Result<Response<v1::RemoveSuppressionResponse>, Status> {
         let request = request.into_inner();
-        let (tenant, _entered) = self.caller(request.caller).await?;
+        let (tenant, entered) = self.caller(request.caller).await?;
         let address = parse_mailbox("address", &request.request.unwrap_or_default().address)?.email;
-        let removed = self
-            .store
-            .unsuppress(&tenant, &address)
-            .await
-            .map_err(storage)?;
+        let store = self.store.clone();
+        let removed = to_the_end(
+            entered,
+            async move { store.unsuppress(&tenant, &address).await },
+        )
+        .await?;
         Ok(Response::new(v1::RemoveSuppressionResponse { removed }))
     }
 }

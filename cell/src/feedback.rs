@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use cellmail_control::catalog::WatchedCatalog;
 use cellmail_control::channels::CellChannels;
+use cellmail_control::schema::PlacementState;
 use cellmail_proto::v1::ForwardFeedbackRequest;
 use cellmail_proto::{CellId, MessageClass, MessageId, SuppressionReason, TenantId};
 use tokio_util::sync::CancellationToken;
@@ -242,6 +243,17 @@ pub fn parse(body: &[u8]) -> Result<Feedback, FeedbackError> {
     })
 }
 
+/// Where a feedback record is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// This cell serves the tenant (or knows of no placement for it).
+    Here,
+    /// The tenant moved to this cell (and endpoint).
+    To(CellId, String),
+    /// A move froze the tenant's placement.
+    Frozen,
+}
+
 /// Applies the cell's feedback queue to its store.
 pub struct Ingest {
     cell: CellId,
@@ -294,12 +306,20 @@ impl Ingest {
         let mut done = Vec::new();
         for delivery in received? {
             match parse(&delivery.body) {
-                Ok(feedback) => match self.elsewhere(&feedback.tenant) {
-                    Some((cell, endpoint)) => {
-                        self.forward(&feedback, &delivery.body, &cell, &endpoint)
-                            .await?
+                Ok(feedback) => match self.route(&feedback.tenant) {
+                    Route::Here => self.apply(&feedback).await?,
+                    Route::To(cell, endpoint) => {
+                        if let Err(err) = self
+                            .forward(&feedback, &delivery.body, &cell, &endpoint)
+                            .await
+                        {
+                            // Left on the queue: it comes back after its visibility timeout.
+                            tracing::warn!(%err, tenant = %feedback.tenant, %cell, "forwarding feedback failed; it will be retried");
+                            continue;
+                        }
                     }
-                    None => self.apply(&feedback).await?,
+                    // Applied now, it could miss the copy the move is making: it waits.
+                    Route::Frozen => continue,
                 },
                 // Records of other senders or event types are not ours to keep.
                 Err(err @ (FeedbackError::Unattributed(_) | FeedbackError::Unsupported(_))) => {
@@ -313,12 +333,21 @@ impl Ingest {
         Ok(())
     }
 
-    /// The cell (and its endpoint) `tenant` is placed on, when that is not this one.
-    fn elsewhere(&self, tenant: &TenantId) -> Option<(CellId, String)> {
+    /// Where feedback for `tenant` goes now.
+    pub fn route(&self, tenant: &TenantId) -> Route {
         let catalog = self.catalog.read();
-        let placement = catalog.placements.get(tenant)?;
-        let cell = catalog.cells.get(&placement.cell)?;
-        (placement.cell != self.cell).then(|| (placement.cell.clone(), cell.endpoint.clone()))
+        let Some(placement) = catalog.placements.get(tenant) else {
+            return Route::Here;
+        };
+        if placement.state == PlacementState::Frozen {
+            return Route::Frozen;
+        }
+        match catalog.cells.get(&placement.cell) {
+            Some(cell) if placement.cell != self.cell => {
+                Route::To(placement.cell.clone(), cell.endpoint.clone())
+            }
+            _ => Route::Here,
+        }
     }
 
     /// Records `feedback`'s events on its message here and hands the record to `cell`.

@@ -24,7 +24,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cellmail_proto::{MessageClass, MessageId, SuppressionReason, TenantId, suppression_key};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::accept::now_ms;
@@ -49,9 +52,9 @@ const PARKED: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new(
 const OPEN: TableDefinition<(&str, &str), ()> = TableDefinition::new("open");
 /// (tenant, message id) of every message record here
 const TENANT_MESSAGES: TableDefinition<(&str, &str), ()> = TableDefinition::new("tenant_messages");
-/// (when, tenant, idempotency key) of every write of a key within the window, so that a
+/// (tenant, when, idempotency key) of every write of a key within the window, so that a
 /// move's final copy reads only the keys written since its pre-copy
-const RECENT: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("recent");
+const RECENT: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("recent_keys");
 
 const HOUR_MS: u64 = 3_600_000;
 const MINUTE_MS: u64 = 60_000;
@@ -109,6 +112,27 @@ fn count(
     Ok(())
 }
 
+/// Builds the message indexes (by tenant, and of the open ones) over the records a store
+/// made before it kept them, once: a store that has the by-tenant table already is indexed.
+fn index_messages(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let mut index = txn.open_table(TENANT_MESSAGES).map_err(err)?;
+    let messages = txn.open_table(MESSAGES).map_err(err)?;
+    if !index.is_empty().map_err(err)? || messages.is_empty().map_err(err)? {
+        return Ok(());
+    }
+    let mut open = txn.open_table(OPEN).map_err(err)?;
+    for row in messages.iter().map_err(err)? {
+        let (id, value) = row.map_err(err)?;
+        let record: MessageRecord = parse(value.value())?;
+        let key = (record.tenant.as_str(), id.value());
+        index.insert(key, ()).map_err(err)?;
+        if matches!(record.state, MessageState::Queued | MessageState::Held) {
+            open.insert(key, ()).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
 /// Indexes a write of `tenant`'s idempotency `key` by its time, dropping what is past the
 /// window.
 fn written_recently(
@@ -117,13 +141,11 @@ fn written_recently(
     tenant: &TenantId,
     key: &str,
 ) -> Result<(), StorageError> {
-    let mut recent = txn.open_table(RECENT).map_err(err)?;
-    recent
-        .insert((now_ms, tenant.as_str(), key), ())
-        .map_err(err)?;
+    let (mut recent, t) = (txn.open_table(RECENT).map_err(err)?, tenant.as_str());
+    recent.insert((t, now_ms, key), ()).map_err(err)?;
     let oldest = now_ms.saturating_sub(IDEMPOTENCY_WINDOW.as_millis() as u64);
     recent
-        .retain_in((0, "", "")..(oldest, "", ""), |_, _| false)
+        .retain_in((t, 0, "")..(t, oldest, ""), |_, _| false)
         .map_err(err)
 }
 
@@ -571,6 +593,14 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             let mut index = txn.open_table(TENANT_MESSAGES).map_err(err)?;
             for record in &records {
                 let id = record.id.to_string();
+                let here: Option<MessageRecord> = match messages.get(id.as_str()).map_err(err)? {
+                    Some(row) => Some(parse(row.value())?),
+                    None => None,
+                };
+                // Forwarded feedback may have reached the copy here after the export was read.
+                if here.is_some_and(|here| here.events.len() > record.events.len()) {
+                    continue;
+                }
                 messages
                     .insert(id.as_str(), json(record).as_slice())
                     .map_err(err)?;
@@ -616,7 +646,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 .map_err(err)?;
             txn.open_table(RECENT)
                 .map_err(err)?
-                .retain(|(_, owner, _), _| owner != t)
+                .retain_in((t, 0, "")..(past.as_str(), 0, ""), |_, _| false)
                 .map_err(err)?;
             Ok(Written::Found(true))
         }
@@ -648,7 +678,7 @@ impl Store {
         txn.open_table(PARKED).map_err(err)?;
         txn.open_table(OPEN).map_err(err)?;
         txn.open_table(RECENT).map_err(err)?;
-        txn.open_table(TENANT_MESSAGES).map_err(err)?;
+        index_messages(&txn)?;
         txn.commit().map_err(err)?;
         let writes = GroupCommit::start("store", db.clone(), apply)?;
         Ok(Self { db, writes })
@@ -1010,14 +1040,11 @@ impl Store {
     pub fn backlog(&self, tenant: &TenantId) -> Result<u64, StorageError> {
         let read = self.db.begin_read().map_err(err)?;
         let table = read.open_table(OPEN).map_err(err)?;
-        let mut open = 0;
-        for row in table.range((tenant.as_str(), "")..).map_err(err)? {
-            if row.map_err(err)?.0.value().0 != tenant.as_str() {
-                break;
-            }
-            open += 1;
-        }
-        Ok(open)
+        let past = past(tenant);
+        let rows = table
+            .range((tenant.as_str(), "")..(past.as_str(), ""))
+            .map_err(err)?;
+        Ok(rows.count() as u64)
     }
 
     /// What of `tenant` follows it to another cell, in one consistent read: its live
@@ -1034,37 +1061,38 @@ impl Store {
         let mut export = TenantExport::default();
         if suppressions {
             let table = read.open_table(SUPPRESSIONS).map_err(err)?;
-            for row in table.range((tenant.as_str(), "")..).map_err(err)? {
-                let (key, value) = row.map_err(err)?;
-                if key.value().0 != tenant.as_str() {
-                    break;
-                }
-                export.suppressions.push(parse(value.value())?);
+            let past = past(tenant);
+            for row in table
+                .range((tenant.as_str(), "")..(past.as_str(), ""))
+                .map_err(err)?
+            {
+                export
+                    .suppressions
+                    .push(parse(row.map_err(err)?.1.value())?);
             }
         }
         let idempotency = read.open_table(IDEMPOTENCY).map_err(err)?;
         let keys: Vec<String> = match keys_since_ms {
             Some(since) => {
                 let recent = read.open_table(RECENT).map_err(err)?;
+                let (t, past) = (tenant.as_str(), past(tenant));
                 let mut keys = std::collections::BTreeSet::new();
-                for row in recent.range((since, "", "")..).map_err(err)? {
-                    let (entry, _) = row.map_err(err)?;
-                    let (_, owner, key) = entry.value();
-                    if owner == tenant.as_str() {
-                        keys.insert(key.to_owned());
-                    }
+                for row in recent
+                    .range((t, since, "")..(past.as_str(), 0, ""))
+                    .map_err(err)?
+                {
+                    keys.insert(row.map_err(err)?.0.value().2.to_owned());
                 }
                 keys.into_iter().collect()
             }
             None => {
+                let past = past(tenant);
                 let mut keys = Vec::new();
-                for row in idempotency.range((tenant.as_str(), "")..).map_err(err)? {
-                    let (entry, _) = row.map_err(err)?;
-                    let (owner, key) = entry.value();
-                    if owner != tenant.as_str() {
-                        break;
-                    }
-                    keys.push(key.to_owned());
+                for row in idempotency
+                    .range((tenant.as_str(), "")..(past.as_str(), ""))
+                    .map_err(err)?
+                {
+                    keys.push(row.map_err(err)?.0.value().1.to_owned());
                 }
                 keys
             }
@@ -1610,5 +1638,45 @@ mod tests {
             "held mail is still to be delivered"
         );
         assert_eq!(store.backlog(&b).unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn records_of_a_store_made_before_the_indexes_are_indexed_when_it_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let tenant = TenantId::new("old").unwrap();
+        let (queued, sent) = (MessageId::generate(), MessageId::generate());
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut messages = txn.open_table(MESSAGES).unwrap();
+                for (id, state) in [(queued, MessageState::Queued), (sent, MessageState::Sent)] {
+                    let stored = MessageRecord {
+                        state,
+                        ..record(id, &tenant)
+                    };
+                    let key = id.to_string();
+                    messages
+                        .insert(key.as_str(), json(&stored).as_slice())
+                        .unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.backlog(&tenant).unwrap(), 1, "the queued one is open");
+        let ids: Vec<MessageId> = store
+            .messages_of(&tenant, "", 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        let mut expected = vec![queued, sent];
+        expected.sort_by_key(|id| id.to_string());
+        assert_eq!(ids, expected);
+        store.erase(&tenant).await.unwrap();
+        assert!(store.messages_of(&tenant, "", 10).unwrap().is_empty());
+        assert_eq!(store.backlog(&tenant).unwrap(), 0);
     }
 }

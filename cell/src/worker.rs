@@ -578,9 +578,9 @@ impl Worker {
                 }
                 self.done(message, &item.source).await
             }
-            Err(MailerError::Retryable { reason, .. })
-                if matches!(item.source, Source::Parked { .. }) && attempts >= MAX_ATTEMPTS =>
-            {
+            // The last attempt is dead-lettered here, not by the queue's redrive, so that the
+            // message is recorded as failed (and leaves its tenant's backlog).
+            Err(MailerError::Retryable { reason, .. }) if attempts >= MAX_ATTEMPTS => {
                 self.dead_letter(&item, format!("{reason} (after {attempts} attempts)"))
                     .await
             }

@@ -11,6 +11,9 @@ use cellmail_proto::{ApiError, CellId};
 use tonic::transport::{Channel, Endpoint};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest any call to a cell may take to answer when its caller set no shorter
+/// deadline: a hung cell fails its calls instead of holding them (and a move) forever.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 pub struct CellChannels {
@@ -33,6 +36,7 @@ impl CellChannels {
         let channel = Endpoint::from_shared(endpoint.to_owned())
             .map_err(|e| ApiError::Unavailable(format!("cell {cell} has a bad endpoint: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(CALL_TIMEOUT)
             .tcp_nodelay(true)
             .connect_lazy();
         let client = CellClient::new(channel);

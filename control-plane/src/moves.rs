@@ -177,9 +177,9 @@ fn put<T: serde::Serialize>(key: &str, record: &T) -> Op {
     }
 }
 
-/// Which of a move's two copies.
+/// Which of a move's copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Copy {
+enum Pass {
     /// The idempotency window, while the source still serves the tenant.
     Precopy,
     /// While frozen: the suppression list and the keys written since the pre-copy.
@@ -227,8 +227,8 @@ impl Mover {
         })
     }
 
-    /// Until `lost` is cancelled: finds unfinished moves and drives each in a task of its own,
-    /// and advances every unfinished evacuation and rebalance by one pass.
+    /// Until `lost` is cancelled: advances every unfinished evacuation and rebalance by one
+    /// pass, and drives each unfinished move in a task of its own.
     pub async fn run(self: Arc<Self>, lost: CancellationToken) {
         let mut tick = tokio::time::interval(SCAN);
         loop {
@@ -236,19 +236,20 @@ impl Mover {
                 () = lost.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            self.advance_operations().await;
-            let listed = match self.registry.list(&self.keys.moves()).await {
-                Ok(listed) => listed,
-                Err(err) => {
-                    tracing::warn!(%err, "listing moves failed; retrying");
+            for (record, revision) in self
+                .records::<OperationRecord>(&self.keys.operations())
+                .await
+            {
+                if record.finished {
                     continue;
                 }
-            };
-            for kv in listed.entries {
-                let Ok(record) = schema::decode::<MoveRecord>(&kv.value) else {
-                    tracing::error!(key = kv.key, "unreadable move record ignored");
-                    continue;
-                };
+                let (registry, id) = (self.registry.as_ref(), record.id.clone());
+                if let Err(err) = operations::advance(registry, &self.keys, record, revision).await
+                {
+                    tracing::warn!(%err, operation = %id, "advancing the operation failed; retrying");
+                }
+            }
+            for (record, _) in self.records::<MoveRecord>(&self.keys.moves()).await {
                 if record.step.finished() || !self.claim(&record.tenant) {
                     continue;
                 }
@@ -265,30 +266,27 @@ impl Mover {
         }
     }
 
-    async fn advance_operations(&self) {
-        let listed = match self.registry.list(&self.keys.operations()).await {
+    /// The readable records under `prefix`, with their mod revisions (none while the
+    /// registry cannot be read: the next scan tries again).
+    async fn records<T: serde::de::DeserializeOwned>(&self, prefix: &str) -> Vec<(T, u64)> {
+        let listed = match self.registry.list(prefix).await {
             Ok(listed) => listed,
             Err(err) => {
-                tracing::warn!(%err, "listing operations failed; retrying");
-                return;
+                tracing::warn!(%err, prefix, "listing failed; retrying");
+                return Vec::new();
             }
         };
-        for kv in listed.entries {
-            let Ok(record) = schema::decode::<OperationRecord>(&kv.value) else {
-                tracing::error!(key = kv.key, "unreadable operation record ignored");
-                continue;
-            };
-            if record.finished {
-                continue;
-            }
-            let id = record.id.clone();
-            if let Err(err) =
-                operations::advance(self.registry.as_ref(), &self.keys, record, kv.mod_revision)
-                    .await
-            {
-                tracing::warn!(%err, operation = %id, "advancing the operation failed; retrying");
-            }
-        }
+        listed
+            .entries
+            .into_iter()
+            .filter_map(|kv| match schema::decode(&kv.value) {
+                Ok(record) => Some((record, kv.mod_revision)),
+                Err(err) => {
+                    tracing::error!(key = kv.key, %err, "unreadable record ignored");
+                    None
+                }
+            })
+            .collect()
     }
 
     fn driving(&self) -> std::sync::MutexGuard<'_, HashSet<TenantId>> {
@@ -438,8 +436,8 @@ impl Mover {
                     .prepare_tenant(request)
                     .await
                     .map_err(unavailable(&record.to))?;
-                let precopied = self.transfer(&record, Copy::Precopy).await?;
-                self.transfer(&record, Copy::Messages).await?;
+                let precopied = self.transfer(&record, Pass::Precopy).await?;
+                self.transfer(&record, Pass::Messages).await?;
                 Ok((placement_revision, precopied.as_of_ms))
             }
             .await;
@@ -495,19 +493,19 @@ impl Mover {
     }
 
     /// Exports the tenant from the source and imports it into the target.
-    async fn transfer(&self, record: &MoveRecord, copy: Copy) -> Result<Copied, ApiError> {
-        let keys_since_ms = match copy {
-            Copy::Precopy | Copy::Messages => 0,
-            Copy::Final => record
+    async fn transfer(&self, record: &MoveRecord, pass: Pass) -> Result<Copied, ApiError> {
+        let keys_since_ms = match pass {
+            Pass::Precopy | Pass::Messages => 0,
+            Pass::Final => record
                 .precopy_as_of_ms
                 .saturating_sub(PRECOPY_MARGIN.as_millis() as u64),
         };
         let request = v1::ExportTenantRequest {
             tenant_id: record.tenant.to_string(),
             epoch: record.from_epoch.0,
-            precopy: copy == Copy::Precopy,
+            precopy: pass == Pass::Precopy,
             keys_since_ms,
-            messages: copy == Copy::Messages,
+            messages: pass == Pass::Messages,
         };
         let mut chunks = self
             .client(&record.from)
@@ -554,7 +552,16 @@ impl Mover {
                         "the frozen placement changed meanwhile: {placement:?}"
                     )));
                 }
-                let copied = self.transfer(&record, Copy::Final).await?;
+                // A copy that hangs must not keep the tenant frozen past the budget.
+                let spent = Duration::from_millis(now_ms().saturating_sub(record.frozen_at_ms));
+                let left = FREEZE_BUDGET.saturating_sub(spent);
+                let copied = tokio::time::timeout(left, self.transfer(&record, Pass::Final))
+                    .await
+                    .map_err(|_| {
+                        ApiError::Unavailable(format!(
+                            "the copy took longer than {FREEZE_BUDGET:?}"
+                        ))
+                    })??;
                 Ok((placement_revision, copied))
             }
             .await;
@@ -588,8 +595,23 @@ impl Mover {
                         .await;
                 }
                 Err(err @ ApiError::Aborted(_)) => {
-                    tracing::error!(%err, %tenant, "move stopped");
-                    return Err(Stopped);
+                    // Someone else changed the placement: it is theirs now, and stays as it is.
+                    tracing::error!(%err, %tenant, "move given up");
+                    let after = MoveRecord {
+                        step: MoveStep::RolledBack,
+                        detail: err.to_string(),
+                        updated_at_ms: now_ms(),
+                        ..record.clone()
+                    };
+                    return self
+                        .advance(
+                            &record,
+                            revision,
+                            &after,
+                            "tenant.move.rollback",
+                            Vec::new(),
+                        )
+                        .await;
                 }
                 Err(err)
                     if now_ms().saturating_sub(record.frozen_at_ms)
@@ -653,7 +675,7 @@ impl Mover {
                 Err(err) => Err(err.to_string()),
             };
             match backlog {
-                Ok(0) => match self.transfer(&record, Copy::Messages).await {
+                Ok(0) => match self.transfer(&record, Pass::Messages).await {
                     Ok(_) => break,
                     Err(err) => {
                         tracing::warn!(tenant = %record.tenant, %err, "copying the message records failed; retrying")

@@ -1,7 +1,7 @@
-//! Offboarding a tenant: once it is suspended (every router refuses its sends) and its cell
-//! has delivered what it had accepted, [`export`] gathers everything every live cell keeps of
-//! it (suppressions, messages with their events, figures), and [`delete`] erases that on every
-//! live cell and then its records in the registry (tenant, placement, API keys and their use,
+//! Offboarding a tenant: once it is suspended (every router refuses its sends), its cell has
+//! delivered what it had accepted and every cell is up, [`export`] gathers everything every
+//! cell keeps of it (suppressions, messages with their events, figures), and [`delete`]
+//! erases that on every cell and then its records in the registry (tenant, placement, API keys and their use,
 //! breakers, move), audited in the same transaction. The operator's CLI writes the export to
 //! a file before it asks for the deletion.
 
@@ -93,22 +93,32 @@ async fn suspended(
     ))
 }
 
-/// Everything every live cell keeps of the suspended `tenant`; UNAVAILABLE while its cell
-/// still has its mail to deliver, or is down.
-pub async fn export(
+/// The registered cells, once every one is up and the tenant's cell has delivered what it
+/// accepted: an offboarding must reach every cell that may hold some of the tenant, both to
+/// export it and to erase it, so a cell that is down stops it (UNAVAILABLE, retry).
+async fn reachable(
     registry: &dyn Registry,
     keys: &Keys,
     channels: &CellChannels,
     tenant: &TenantId,
-) -> Result<Vec<v1::TenantData>, ApiError> {
-    let (_, (placement, _)) = suspended(registry, keys, tenant).await?;
+    placement: &PlacementRecord,
+) -> Result<Vec<Cell>, ApiError> {
     let cells = cells(registry, keys).await?;
+    let down: Vec<String> = cells
+        .iter()
+        .filter(|c| !c.alive)
+        .map(|c| c.id.to_string())
+        .collect();
+    if !down.is_empty() {
+        return Err(ApiError::Unavailable(format!(
+            "cells {} are down and may hold some of tenant {tenant}: bring them back first",
+            down.join(", ")
+        )));
+    }
     let home = cells
         .iter()
-        .find(|c| c.id == placement.cell && c.alive)
-        .ok_or_else(|| {
-            ApiError::Unavailable(format!("tenant {tenant}'s cell {} is down", placement.cell))
-        })?;
+        .find(|c| c.id == placement.cell)
+        .ok_or_else(|| ApiError::Internal(format!("cell {} is not registered", placement.cell)))?;
     let request = v1::TenantBacklogRequest {
         tenant_id: tenant.to_string(),
     };
@@ -125,8 +135,19 @@ pub async fn export(
             home.id
         )));
     }
+    Ok(cells)
+}
+
+/// Everything every cell keeps of the suspended `tenant`.
+pub async fn export(
+    registry: &dyn Registry,
+    keys: &Keys,
+    channels: &CellChannels,
+    tenant: &TenantId,
+) -> Result<Vec<v1::TenantData>, ApiError> {
+    let (_, (placement, _)) = suspended(registry, keys, tenant).await?;
     let mut parts = Vec::new();
-    for cell in cells.iter().filter(|c| c.alive) {
+    for cell in reachable(registry, keys, channels, tenant, &placement).await? {
         let request = v1::TenantDataRequest {
             tenant_id: tenant.to_string(),
         };
@@ -180,8 +201,7 @@ fn once_each(mut parts: Vec<v1::TenantData>) -> Vec<v1::TenantData> {
     parts
 }
 
-/// Erases the suspended `tenant` on every live cell, then its registry records: the cells
-/// erased and those that were down.
+/// Erases the suspended `tenant` on every cell, then its registry records: the cells erased.
 pub async fn delete(
     registry: &dyn Registry,
     keys: &Keys,
@@ -192,11 +212,7 @@ pub async fn delete(
     let ((record, tenant_revision), (placement, placement_revision)) =
         suspended(registry, keys, tenant).await?;
     let mut response = v1::DeleteTenantResponse::default();
-    for cell in cells(registry, keys).await? {
-        if !cell.alive {
-            response.unreachable.push(cell.id.to_string());
-            continue;
-        }
+    for cell in reachable(registry, keys, channels, tenant, &placement).await? {
         let request = v1::TenantDataRequest {
             tenant_id: tenant.to_string(),
         };
@@ -268,6 +284,6 @@ pub async fn delete(
             "tenant {tenant} changed meanwhile; try again"
         )));
     }
-    tracing::info!(%tenant, cells = ?response.cells, unreachable = ?response.unreachable, "tenant offboarded");
+    tracing::info!(%tenant, cells = ?response.cells, "tenant offboarded");
     Ok(response)
 }

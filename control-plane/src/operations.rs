@@ -126,6 +126,9 @@ pub async fn advance(
     let mover = mover_of(&record);
     let mut under_way = 0;
     for planned in record.moves.iter_mut().filter(|m| m.outcome.is_empty()) {
+        if planned.move_id.is_none() && under_way >= record.parallel {
+            continue;
+        }
         let latest = moves::latest(registry, keys, &planned.tenant).await?;
         match (&planned.move_id, latest) {
             (Some(id), Some(latest)) if *id == latest.id => match latest.step {
@@ -138,7 +141,7 @@ pub async fn advance(
                 planned.move_id = Some(latest.id);
                 under_way += 1;
             }
-            (None, _) if under_way < record.parallel => {
+            (None, _) => {
                 let Some(to) = &planned.to else { continue };
                 let requested = moves::request(
                     registry,
@@ -157,7 +160,6 @@ pub async fn advance(
                     Err(err) => planned.outcome = err.to_string(),
                 }
             }
-            (None, _) => {}
         }
     }
     record.finished = under_way == 0 && record.moves.iter().all(|m| !m.outcome.is_empty());

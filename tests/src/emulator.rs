@@ -168,3 +168,24 @@ pub fn ses_event(name: &str, tenant: &str, id: &str) -> String {
     }
     event.to_string()
 }
+
+/// Puts `records` on the emulator's SQS queue `queue` (a cell's feedback queue, as SES
+/// publishes through SNS or EventBridge).
+pub async fn put_on_queue(queue: &str, records: &[String]) -> anyhow::Result<()> {
+    let sqs = aws_sdk_sqs::Client::new(&aws_config().await);
+    let url = sqs
+        .get_queue_url()
+        .queue_name(queue)
+        .send()
+        .await?
+        .queue_url
+        .ok_or_else(|| anyhow::anyhow!("queue {queue} has no URL"))?;
+    for record in records {
+        sqs.send_message()
+            .queue_url(&url)
+            .message_body(record)
+            .send()
+            .await?;
+    }
+    Ok(())
+}

@@ -435,21 +435,9 @@ async fn a_late_bounce_at_the_old_cell_suppresses_the_address_in_the_new_one() {
     assert_eq!(finished_move(&d.control, &moved_id).await.state, "COMPLETE");
 
     // SES reports the bounce after the move, to the queue of the cell that sent the message.
-    let sqs = aws_sdk_sqs::Client::new(&cellmail_tests::emulator::aws_config().await);
-    let url = sqs
-        .get_queue_url()
-        .queue_name(format!("{queues}cell-a-feedback"))
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
     let bounce =
         cellmail_tests::emulator::ses_event("sns-wrapped-bounce.json", &moved_id, &sent.message_id);
-    sqs.send_message()
-        .queue_url(&url)
-        .message_body(bounce)
-        .send()
+    cellmail_tests::emulator::put_on_queue(&format!("{queues}cell-a-feedback"), &[bounce])
         .await
         .unwrap();
 

@@ -537,26 +537,17 @@ async fn ses_event_json_on_the_sqs_feedback_queue_suppresses_for_its_tenant_only
     let id = sent.unwrap().into_inner().message_id;
 
     // SES publishes through SNS or EventBridge to the cell's feedback queue.
-    let sqs = aws_sdk_sqs::Client::new(&cellmail_tests::emulator::aws_config().await);
-    let url = sqs
-        .get_queue_url()
-        .queue_name(format!("{queue_prefix}cell-f-feedback"))
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
-    for fixture in [
+    let records: Vec<String> = [
         "sns-wrapped-bounce.json",
         "eventbridge-wrapped-complaint.json",
-    ] {
-        sqs.send_message()
-            .queue_url(&url)
-            .message_body(cellmail_tests::emulator::ses_event(fixture, &a_id, &id))
-            .send()
-            .await
-            .unwrap();
-    }
+    ]
+    .into_iter()
+    .map(|fixture| cellmail_tests::emulator::ses_event(fixture, &a_id, &id))
+    .collect();
+    let queue = format!("{queue_prefix}cell-f-feedback");
+    cellmail_tests::emulator::put_on_queue(&queue, &records)
+        .await
+        .unwrap();
 
     let list = |key: String| {
         let mut sender = sender.clone();
