@@ -242,6 +242,7 @@ impl ControlApi {
                 ),
             },
             labels: req.labels.into_iter().collect(),
+            tenant: Some((id.clone(), tier)),
         };
         let catalog = self.catalog(&["cells", "alive", "placements"]).await?;
         let (candidates, _) = planning_view(&catalog);
@@ -274,6 +275,7 @@ impl ControlApi {
             policy,
             identities,
             labels: requirements.labels.clone(),
+            pinned: requirements.cell.is_some(),
         };
         let placement = PlacementRecord {
             cell,
@@ -1019,17 +1021,14 @@ fn planning_view(catalog: &Catalog) -> (Vec<Candidate<'_>>, Vec<placement::Place
     let placed = catalog
         .placements
         .iter()
-        .map(|(tenant, placement)| placement::Placed {
-            tenant,
-            cell: &placement.cell,
-            requirements: placement::Requirements {
-                cell: None,
-                labels: catalog
-                    .tenants
-                    .get(tenant)
-                    .map(|t| t.labels.clone())
-                    .unwrap_or_default(),
-            },
+        .map(|(tenant, placement)| {
+            let record = catalog.tenants.get(tenant);
+            placement::Placed {
+                tenant,
+                cell: &placement.cell,
+                requirements: record.map(|r| r.requirements(tenant)).unwrap_or_default(),
+                pinned: record.is_some_and(|r| r.pinned),
+            }
         })
         .collect();
     (candidates, placed)

@@ -39,7 +39,7 @@ use crate::operations;
 use crate::registry::{Compare, KeyValue, Op, Registry};
 use crate::schema::{
     self, AuditRecord, CellRecord, CellState, Keys, MoveRecord, MoveStep, OperationRecord,
-    PlacementRecord, PlacementState,
+    PlacementRecord, PlacementState, TenantRecord,
 };
 
 /// How long a copy may keep failing while the placement is frozen before the move is rolled
@@ -83,6 +83,28 @@ pub async fn request(
             format!(
                 "cell {to} is {:?}; only ACTIVE cells take tenants",
                 target.state
+            ),
+        ));
+    }
+    if registry
+        .get(&keys.alive(to))
+        .await
+        .map_err(registry_error)?
+        .is_none()
+    {
+        return Err(ApiError::invalid("to_cell", format!("cell {to} is down")));
+    }
+    let (tenant_record, _) = read::<TenantRecord>(registry, &keys.tenant(tenant))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("tenant {tenant} does not exist")))?;
+    if !tenant_record.requirements(tenant).admitted_by(&target) {
+        return Err(ApiError::invalid(
+            "to_cell",
+            format!(
+                "cell {to}'s labels ({:?}) do not admit tenant {tenant} (its labels {:?}, tier {})",
+                target.labels,
+                tenant_record.labels,
+                tenant_record.tier.as_str()
             ),
         ));
     }

@@ -1,17 +1,25 @@
 //! Where tenants go, as pure decisions over plain data.
 //!
 //! [`choose`]: a new tenant goes, among the ACTIVE, live cells that meet its requirements (a
-//! cell it is pinned to, labels the cell must carry), to the one with the most headroom
+//! cell it is pinned to, labels the cell must carry; a cell labelled `tier=<tier>` takes only
+//! tenants of that tier, one labelled `dedicated=<tenant>` only that tenant), to the one with
+//! the most headroom
 //! (capacity minus the tenants already placed there), ties broken by cell id so the choice is
 //! deterministic. [`evacuation`] places every tenant of a cell being emptied the same way, one
 //! after the other, counting the ones already placed. [`rebalance`] finds the fewest moves
-//! that even out the tenants per unit of capacity across the ACTIVE, live cells.
+//! that even out the tenants per unit of capacity across the ACTIVE, live cells, leaving
+//! the tenants an operator pinned where they are.
 
 use std::collections::{BTreeMap, HashMap};
 
 use cellmail_proto::{CellId, TenantId};
 
-use crate::schema::{CellRecord, CellState};
+use crate::schema::{CellRecord, CellState, Tier};
+
+/// The cell label that restricts a cell to tenants of one tier.
+pub const TIER_LABEL: &str = "tier";
+/// The cell label that restricts a cell to one tenant.
+pub const DEDICATED_LABEL: &str = "dedicated";
 
 /// A cell as placement sees it.
 pub struct Candidate<'a> {
@@ -28,6 +36,9 @@ pub struct Requirements {
     pub cell: Option<CellId>,
     /// Labels the cell must carry, with these values.
     pub labels: BTreeMap<String, String>,
+    /// The tenant and its tier, which a cell's `tier` and `dedicated` labels must admit
+    /// (`None`: no cell with either label admits it).
+    pub tenant: Option<(TenantId, Tier)>,
 }
 
 impl Requirements {
@@ -35,10 +46,26 @@ impl Requirements {
         self.cell
             .as_ref()
             .is_none_or(|pinned| pinned == candidate.id)
-            && self
-                .labels
-                .iter()
-                .all(|(key, value)| candidate.record.labels.get(key) == Some(value))
+            && self.admitted_by(candidate.record)
+    }
+
+    /// Whether `cell`'s labels admit this tenant: it carries every label asked for, and its
+    /// `tier` and `dedicated` labels, if any, name the tenant's tier and the tenant.
+    pub fn admitted_by(&self, cell: &CellRecord) -> bool {
+        let names = |label: &str, value: Option<&str>| {
+            cell.labels
+                .get(label)
+                .is_none_or(|v| Some(v.as_str()) == value)
+        };
+        let (tenant, tier) = match &self.tenant {
+            Some((tenant, tier)) => (Some(tenant.as_str()), Some(tier.as_str())),
+            None => (None, None),
+        };
+        self.labels
+            .iter()
+            .all(|(key, value)| cell.labels.get(key) == Some(value))
+            && names(TIER_LABEL, tier)
+            && names(DEDICATED_LABEL, tenant)
     }
 }
 
@@ -70,6 +97,8 @@ pub struct Placed<'a> {
     pub tenant: &'a TenantId,
     pub cell: &'a CellId,
     pub requirements: Requirements,
+    /// Placed by an operator: a rebalance leaves it where it is.
+    pub pinned: bool,
 }
 
 fn with_load<'a>(candidates: &[Candidate<'a>], load: &HashMap<&CellId, u32>) -> Vec<Candidate<'a>> {
@@ -159,7 +188,9 @@ pub fn rebalance(candidates: &[Candidate], tenants: &[Placed]) -> Vec<Planned> {
                 return None;
             }
             let list = on.get(from.id)?;
-            let index = list.iter().position(|p| p.requirements.met_by(to))?;
+            let index = list
+                .iter()
+                .position(|p| !p.pinned && p.requirements.met_by(to))?;
             Some((to, index))
         });
         let Some((to, index)) = found else { break };
@@ -309,6 +340,7 @@ mod tests {
         let nowhere = Requirements {
             cell: Some(ids[2].clone()),
             labels: labels(&[("region", "eu")]),
+            ..Default::default()
         };
         assert_eq!(pick(nowhere), None);
     }
@@ -345,6 +377,7 @@ mod tests {
                 tenant,
                 cell: &ids[0],
                 requirements: Requirements::default(),
+                pinned: false,
             })
             .collect();
         let elsewhere = TenantId::new("stays").unwrap();
@@ -352,6 +385,7 @@ mod tests {
             tenant: &elsewhere,
             cell: &ids[1],
             requirements: Requirements::default(),
+            pinned: false,
         });
         let eu = TenantId::new("eu").unwrap();
         placed.push(Placed {
@@ -361,6 +395,7 @@ mod tests {
                 labels: [("region".to_owned(), "eu".to_owned())].into(),
                 ..Default::default()
             },
+            pinned: false,
         });
         let (planned, stuck) = evacuation(&candidates, &placed, &ids[0]);
         assert_eq!(stuck, [eu], "no other cell carries its label");
@@ -396,6 +431,7 @@ mod tests {
                 tenant,
                 cell: &ids[cell],
                 requirements: Requirements::default(),
+                pinned: false,
             })
             .collect();
         let planned = rebalance(&candidates, &placed);
@@ -416,6 +452,7 @@ mod tests {
                     tenant: p.tenant,
                     cell: moved.map_or(p.cell, |m| &m.to),
                     requirements: Requirements::default(),
+                    pinned: false,
                 }
             })
             .collect();
@@ -423,5 +460,60 @@ mod tests {
             rebalance(&candidates, &even).is_empty(),
             "a balanced placement stays"
         );
+    }
+
+    #[test]
+    fn tier_and_dedicated_labels_admit_only_their_tier_and_tenant() {
+        let labelled = |label: &str, value: &str| {
+            let mut record = cell(100, CellState::Active);
+            record.labels.insert(label.into(), value.into());
+            record
+        };
+        let (premium_cell, acme_cell, plain) = (
+            labelled(TIER_LABEL, "premium"),
+            labelled(DEDICATED_LABEL, "acme"),
+            cell(100, CellState::Active),
+        );
+        let asks = |tenant: &str, tier: Tier| Requirements {
+            tenant: Some((TenantId::new(tenant).unwrap(), tier)),
+            ..Default::default()
+        };
+        let (acme, beta) = (asks("acme", Tier::Standard), asks("beta", Tier::Premium));
+        assert!(!acme.admitted_by(&premium_cell) && beta.admitted_by(&premium_cell));
+        assert!(acme.admitted_by(&acme_cell) && !beta.admitted_by(&acme_cell));
+        assert!(acme.admitted_by(&plain) && beta.admitted_by(&plain));
+        assert!(
+            !Requirements::default().admitted_by(&acme_cell),
+            "an unnamed tenant gets no dedicated cell"
+        );
+    }
+
+    #[test]
+    fn a_rebalance_leaves_pinned_tenants_where_they_are() {
+        let ids: Vec<CellId> = ["a", "b"].map(|s| CellId::new(s).unwrap()).into();
+        let active = cell(100, CellState::Active);
+        let candidates: Vec<Candidate> = ids
+            .iter()
+            .map(|id| Candidate {
+                id,
+                record: &active,
+                alive: true,
+                tenants: 0,
+            })
+            .collect();
+        let names = tenants(4, "p");
+        let placed: Vec<Placed> = names
+            .iter()
+            .enumerate()
+            .map(|(n, tenant)| Placed {
+                tenant,
+                cell: &ids[0],
+                requirements: Requirements::default(),
+                pinned: n < 3,
+            })
+            .collect();
+        let planned = rebalance(&candidates, &placed);
+        assert_eq!(planned.len(), 1, "only the unpinned one moves: {planned:?}");
+        assert_eq!(planned[0].tenant, names[3]);
     }
 }

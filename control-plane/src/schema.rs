@@ -220,6 +220,20 @@ pub struct TenantRecord {
     /// Labels the tenant's cell must carry, wherever it is moved.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Placed on its cell by an operator: rebalances leave it there.
+    #[serde(default)]
+    pub pinned: bool,
+}
+
+impl TenantRecord {
+    /// What tenant `id` (of this record) asks of any cell it is placed or moved on.
+    pub fn requirements(&self, id: &TenantId) -> crate::placement::Requirements {
+        crate::placement::Requirements {
+            cell: None,
+            labels: self.labels.clone(),
+            tenant: Some((id.clone(), self.tier)),
+        }
+    }
 }
 
 /// A domain a tenant asked to send from, and the tokens of the DNS records it must publish.

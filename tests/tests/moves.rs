@@ -17,8 +17,13 @@ type Sender = v1::sender_client::SenderClient<Channel>;
 
 const DELIVERY: Duration = Duration::from_secs(60);
 
-/// A tenant that may send fast enough for a load test, pinned to `cell`.
+/// A tenant that may send fast enough for a load test, placed on `cell` (pinned, unless it
+/// is `""`: then it must land there by placement).
 async fn tenant(control: &mut Control, id: &str, cell: &str) -> String {
+    tenant_on(control, id, cell, true).await
+}
+
+async fn tenant_on(control: &mut Control, id: &str, cell: &str, pinned: bool) -> String {
     let request = v1::CreateTenantRequest {
         id: id.to_owned(),
         domains: vec![format!("{id}.example")],
@@ -26,7 +31,11 @@ async fn tenant(control: &mut Control, id: &str, cell: &str) -> String {
             rate_per_second: 10_000,
             ..Default::default()
         }),
-        cell: cell.to_owned(),
+        cell: if pinned {
+            cell.to_owned()
+        } else {
+            String::new()
+        },
         ..Default::default()
     };
     let created = control.create_tenant(request).await.unwrap().into_inner();
@@ -589,9 +598,16 @@ async fn an_evacuated_cell_hands_every_tenant_over_while_sends_flow_and_a_rebala
     let dir = tempfile::tempdir().unwrap();
     let platform = Platform::start(dir.path(), &["--cells", "3"]).unwrap();
     let mut control = platform.control().await.unwrap();
+    // Placed (not pinned, which a rebalance respects) on cell-1 while it is the only ACTIVE one.
+    for cell in ["cell-2", "cell-3"] {
+        platform.cli(&["cell", "drain", cell]);
+    }
     let mut keys = Vec::new();
     for n in 0..TENANTS {
-        keys.push(tenant(&mut control, &format!("t{n:02}"), "cell-1").await);
+        keys.push(tenant_on(&mut control, &format!("t{n:02}"), "cell-1", false).await);
+    }
+    for cell in ["cell-2", "cell-3"] {
+        platform.cli(&["cell", "enable", cell]);
     }
     let sender = platform.sender().await.unwrap();
     // Every tenant sends until the evacuation is over; each task answers how many it sent.

@@ -65,6 +65,7 @@ pub fn cache_at_scale(tenants: usize) -> anyhow::Result<Vec<Row>> {
             },
             identities: Vec::new(),
             labels: Default::default(),
+            pinned: false,
         });
         let mut ops = Vec::with_capacity(WRITE_BATCH);
         for n in 0..tenants {

@@ -245,6 +245,7 @@ pub(super) async fn seed(
         policy,
         identities: Vec::new(),
         labels: Default::default(),
+        pinned: false,
     };
     let placement = PlacementRecord {
         cell: CellId::new(cell)?,
