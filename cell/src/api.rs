@@ -145,8 +145,23 @@ fn import_chunk(chunk: v1::TenantChunk) -> Result<TenantExport, ApiError> {
             Ok((entry.key, entry.record))
         })
         .collect::<Result<_, _>>()?;
+    let removed_suppressions = chunk
+        .removed_suppressions
+        .into_iter()
+        .enumerate()
+        .map(|(i, key)| {
+            if key.is_empty() {
+                return Err(ApiError::invalid(
+                    format!("chunk.removed_suppressions[{i}]"),
+                    "is empty",
+                ));
+            }
+            Ok(key)
+        })
+        .collect::<Result<_, _>>()?;
     Ok(TenantExport {
         suppressions,
+        removed_suppressions,
         idempotency,
     })
 }
@@ -174,8 +189,7 @@ fn import_messages(
         .collect()
 }
 
-/// A tenant's export (read at `as_of_ms`) as the chunks it travels in; at least one, so
-/// the receiver learns `as_of_ms` even when there is nothing to copy.
+/// A tenant's export (read at `as_of_ms`) as the chunks it travels in.
 fn export_chunks(export: TenantExport, as_of_ms: u64) -> Vec<v1::TenantChunk> {
     let mut chunks: Vec<v1::TenantChunk> = export
         .suppressions
@@ -199,12 +213,13 @@ fn export_chunks(export: TenantExport, as_of_ms: u64) -> Vec<v1::TenantChunk> {
             ..Default::default()
         }
     }));
-    if chunks.is_empty() {
-        chunks.push(v1::TenantChunk {
-            as_of_ms,
-            ..Default::default()
-        });
-    }
+    // Removals are few (made by hand, within seconds of the pre-copy): one chunk, and always
+    // one, so the receiver learns `as_of_ms` even when there is nothing to copy.
+    chunks.push(v1::TenantChunk {
+        removed_suppressions: export.removed_suppressions,
+        as_of_ms,
+        ..Default::default()
+    });
     chunks
 }
 
@@ -441,12 +456,11 @@ impl Cell for CellApi {
         if !request.precopy {
             self.acceptor.quiesce(&tenant, Epoch(request.epoch)).await?;
         }
-        let since =
-            (!request.precopy && request.keys_since_ms > 0).then_some(request.keys_since_ms);
+        let since = (!request.precopy && request.since_ms > 0).then_some(request.since_ms);
         let as_of_ms = now_ms();
         let export = self
             .store
-            .export(&tenant, as_of_ms, since, !request.precopy)
+            .export(&tenant, as_of_ms, since)
             .map_err(storage)?;
         tracing::info!(%tenant, precopy = request.precopy, suppressions = export.suppressions.len(), keys = export.idempotency.len(), "tenant exported");
         let chunks = export_chunks(export, as_of_ms).into_iter().map(Ok);

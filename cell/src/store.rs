@@ -55,6 +55,10 @@ const TENANT_MESSAGES: TableDefinition<(&str, &str), ()> = TableDefinition::new(
 /// (tenant, when, idempotency key) of every write of a key within the window, so that a
 /// move's final copy reads only the keys written since its pre-copy
 const RECENT: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("recent_keys");
+/// (tenant, when, suppression key) of every write of a suppression (added or removed)
+/// within the idempotency window, for the same copy
+const RECENT_SUPPRESSIONS: TableDefinition<(&str, u64, &str), ()> =
+    TableDefinition::new("recent_suppressions");
 
 const HOUR_MS: u64 = 3_600_000;
 const MINUTE_MS: u64 = 60_000;
@@ -112,6 +116,25 @@ fn count(
     Ok(())
 }
 
+/// The keys of `tenant` written to `recent` since `since_ms`, once each.
+fn written_since(
+    read: &redb::ReadTransaction,
+    recent: TableDefinition<(&str, u64, &str), ()>,
+    tenant: &TenantId,
+    since_ms: u64,
+) -> Result<Vec<String>, StorageError> {
+    let table = read.open_table(recent).map_err(err)?;
+    let (t, past) = (tenant.as_str(), past(tenant));
+    let mut keys = std::collections::BTreeSet::new();
+    for row in table
+        .range((t, since_ms, "")..(past.as_str(), 0, ""))
+        .map_err(err)?
+    {
+        keys.insert(row.map_err(err)?.0.value().2.to_owned());
+    }
+    Ok(keys.into_iter().collect())
+}
+
 /// Builds the message indexes (by tenant, and of the open ones) over the records a store
 /// made before it kept them, once: a store that has the by-tenant table already is indexed.
 fn index_messages(txn: &WriteTransaction) -> Result<(), StorageError> {
@@ -133,15 +156,16 @@ fn index_messages(txn: &WriteTransaction) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// Indexes a write of `tenant`'s idempotency `key` by its time, dropping what is past the
-/// window.
+/// Indexes a write of `tenant`'s `key` in `recent` ([`RECENT`] or [`RECENT_SUPPRESSIONS`]) by
+/// its time, dropping what is past the window.
 fn written_recently(
     txn: &WriteTransaction,
+    recent: TableDefinition<(&str, u64, &str), ()>,
     now_ms: u64,
     tenant: &TenantId,
     key: &str,
 ) -> Result<(), StorageError> {
-    let (mut recent, t) = (txn.open_table(RECENT).map_err(err)?, tenant.as_str());
+    let (mut recent, t) = (txn.open_table(recent).map_err(err)?, tenant.as_str());
     recent.insert((t, now_ms, key), ()).map_err(err)?;
     let oldest = now_ms.saturating_sub(IDEMPOTENCY_WINDOW.as_millis() as u64);
     recent
@@ -300,6 +324,8 @@ fn past(tenant: &TenantId) -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TenantExport {
     pub suppressions: Vec<Suppressed>,
+    /// Suppression keys taken off the list since the copy this one follows.
+    pub removed_suppressions: Vec<String>,
     /// (idempotency key, the store's record of it), live ones only.
     pub idempotency: Vec<(String, Vec<u8>)>,
 }
@@ -355,7 +381,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                     table
                         .insert((tenant.as_str(), key.as_str()), json(&record).as_slice())
                         .map_err(err)?;
-                    written_recently(txn, now_ms, &tenant, &key)?;
+                    written_recently(txn, RECENT, now_ms, &tenant, &key)?;
                     Reservation::New
                 }
             };
@@ -380,7 +406,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                         json(&done).as_slice(),
                     )
                     .map_err(err)?;
-                written_recently(txn, now_ms, &record.tenant, &key)?;
+                written_recently(txn, RECENT, now_ms, &record.tenant, &key)?;
             }
             let suppressed = record
                 .recipients
@@ -539,6 +565,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             table
                 .insert((tenant.as_str(), key.as_str()), json(&entry).as_slice())
                 .map_err(err)?;
+            written_recently(txn, RECENT_SUPPRESSIONS, now_ms(), &tenant, &key)?;
             Ok(Written::Found(true))
         }
         Write::Count {
@@ -568,6 +595,11 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 let key = suppression_key(&entry.address);
                 suppressions
                     .insert((tenant.as_str(), key.as_str()), json(entry).as_slice())
+                    .map_err(err)?;
+            }
+            for key in &export.removed_suppressions {
+                suppressions
+                    .remove((tenant.as_str(), key.as_str()))
                     .map_err(err)?;
             }
             let mut idempotency = txn.open_table(IDEMPOTENCY).map_err(err)?;
@@ -644,18 +676,25 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 .map_err(err)?
                 .retain_in((t, "", "")..(past.as_str(), "", ""), |_, _| false)
                 .map_err(err)?;
-            txn.open_table(RECENT)
-                .map_err(err)?
-                .retain_in((t, 0, "")..(past.as_str(), 0, ""), |_, _| false)
-                .map_err(err)?;
+            for recent in [RECENT, RECENT_SUPPRESSIONS] {
+                txn.open_table(recent)
+                    .map_err(err)?
+                    .retain_in((t, 0, "")..(past.as_str(), 0, ""), |_, _| false)
+                    .map_err(err)?;
+            }
             Ok(Written::Found(true))
         }
         Write::Unsuppress { tenant, address } => {
             let mut table = txn.open_table(SUPPRESSIONS).map_err(err)?;
+            let key = suppression_key(&address);
             let removed = table
-                .remove((tenant.as_str(), suppression_key(&address).as_str()))
-                .map_err(err)?;
-            Ok(Written::Found(removed.is_some()))
+                .remove((tenant.as_str(), key.as_str()))
+                .map_err(err)?
+                .is_some();
+            if removed {
+                written_recently(txn, RECENT_SUPPRESSIONS, now_ms(), &tenant, &key)?;
+            }
+            Ok(Written::Found(removed))
         }
     }
 }
@@ -678,6 +717,7 @@ impl Store {
         txn.open_table(PARKED).map_err(err)?;
         txn.open_table(OPEN).map_err(err)?;
         txn.open_table(RECENT).map_err(err)?;
+        txn.open_table(RECENT_SUPPRESSIONS).map_err(err)?;
         index_messages(&txn)?;
         txn.commit().map_err(err)?;
         let writes = GroupCommit::start("store", db.clone(), apply)?;
@@ -1047,62 +1087,52 @@ impl Store {
         Ok(rows.count() as u64)
     }
 
-    /// What of `tenant` follows it to another cell, in one consistent read: its live
-    /// idempotency keys (only those written since `keys_since_ms`, when given) and, with
-    /// `suppressions`, its suppression list.
+    /// What of `tenant` follows it to another cell, in one consistent read: its suppression
+    /// list and live idempotency keys, or with `since_ms` only what was written since (with
+    /// the suppressions taken off the list since).
     pub fn export(
         &self,
         tenant: &TenantId,
         now_ms: u64,
-        keys_since_ms: Option<u64>,
-        suppressions: bool,
+        since_ms: Option<u64>,
     ) -> Result<TenantExport, StorageError> {
         let read = self.db.begin_read().map_err(err)?;
+        let (t, past) = (tenant.as_str(), past(tenant));
         let mut export = TenantExport::default();
-        if suppressions {
-            let table = read.open_table(SUPPRESSIONS).map_err(err)?;
-            let past = past(tenant);
-            for row in table
-                .range((tenant.as_str(), "")..(past.as_str(), ""))
-                .map_err(err)?
-            {
-                export
-                    .suppressions
-                    .push(parse(row.map_err(err)?.1.value())?);
-            }
-        }
+        let suppressions = read.open_table(SUPPRESSIONS).map_err(err)?;
         let idempotency = read.open_table(IDEMPOTENCY).map_err(err)?;
-        let keys: Vec<String> = match keys_since_ms {
-            Some(since) => {
-                let recent = read.open_table(RECENT).map_err(err)?;
-                let (t, past) = (tenant.as_str(), past(tenant));
-                let mut keys = std::collections::BTreeSet::new();
-                for row in recent
-                    .range((t, since, "")..(past.as_str(), 0, ""))
-                    .map_err(err)?
-                {
-                    keys.insert(row.map_err(err)?.0.value().2.to_owned());
-                }
-                keys.into_iter().collect()
-            }
+        let (suppression_keys, keys) = match since_ms {
+            Some(since) => (
+                written_since(&read, RECENT_SUPPRESSIONS, tenant, since)?,
+                written_since(&read, RECENT, tenant, since)?,
+            ),
             None => {
-                let past = past(tenant);
                 let mut keys = Vec::new();
                 for row in idempotency
-                    .range((tenant.as_str(), "")..(past.as_str(), ""))
+                    .range((t, "")..(past.as_str(), ""))
                     .map_err(err)?
                 {
                     keys.push(row.map_err(err)?.0.value().1.to_owned());
                 }
-                keys
+                let mut listed = Vec::new();
+                for row in suppressions
+                    .range((t, "")..(past.as_str(), ""))
+                    .map_err(err)?
+                {
+                    listed.push(row.map_err(err)?.0.value().1.to_owned());
+                }
+                (listed, keys)
             }
         };
+        for key in suppression_keys {
+            match suppressions.get((t, key.as_str())).map_err(err)? {
+                Some(row) => export.suppressions.push(parse(row.value())?),
+                None => export.removed_suppressions.push(key),
+            }
+        }
         let window = IDEMPOTENCY_WINDOW.as_millis() as u64;
         for key in keys {
-            let Some(row) = idempotency
-                .get((tenant.as_str(), key.as_str()))
-                .map_err(err)?
-            else {
+            let Some(row) = idempotency.get((t, key.as_str())).map_err(err)? else {
                 continue;
             };
             let record: KeyRecord = parse(row.value())?;
@@ -1517,7 +1547,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_tenants_export_holds_only_its_own_state_and_the_final_copy_only_recent_keys() {
+    async fn a_tenants_export_holds_only_its_own_state_and_the_final_copy_what_changed_since() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("store.redb")).unwrap();
         let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
@@ -1542,19 +1572,24 @@ mod tests {
         store.reserve(&b, "theirs", theirs, 5_000).await.unwrap();
         store.reserve(&a, "new", new, 5_000).await.unwrap();
 
-        let precopy = store.export(&a, 6_000, None, false).unwrap();
-        assert!(
-            precopy.suppressions.is_empty(),
-            "a pre-copy carries keys only"
-        );
+        let precopy = store.export(&a, 6_000, None).unwrap();
+        assert_eq!(precopy.suppressions, std::slice::from_ref(&bounce));
         let keys: Vec<&str> = precopy
             .idempotency
             .iter()
             .map(|(k, _)| k.as_str())
             .collect();
         assert_eq!(keys, ["new", "old"]);
-        let last = store.export(&a, 6_000, Some(4_000), true).unwrap();
-        assert_eq!(last.suppressions, std::slice::from_ref(&bounce));
+        // After the pre-copy: an address is added and the bounced one taken off the list.
+        let later = Suppressed {
+            address: "later@x.example".into(),
+            ..bounce.clone()
+        };
+        store.suppress(&a, later.clone()).await.unwrap();
+        assert!(store.unsuppress(&a, "Gone@x.example").await.unwrap());
+        let last = store.export(&a, 6_000, Some(4_000)).unwrap();
+        assert_eq!(last.suppressions, std::slice::from_ref(&later));
+        assert_eq!(last.removed_suppressions, ["gone@x.example"]);
         let keys: Vec<&str> = last.idempotency.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             keys,
@@ -1594,7 +1629,7 @@ mod tests {
                 .unwrap(),
             Reservation::Pending(new)
         );
-        assert_eq!(target.list_suppressions(&a, "", 10).unwrap(), [bounce]);
+        assert_eq!(target.list_suppressions(&a, "", 10).unwrap(), [later]);
         assert!(
             target.list_suppressions(&b, "", 10).unwrap().is_empty(),
             "b's state stayed home"

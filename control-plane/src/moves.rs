@@ -6,15 +6,15 @@
 //! step at a time, so that a control plane taking over resumes where the last one stopped:
 //!
 //! 1. PREPARING: the target cell gets ready (its mailer's resources for the tenant; what an
-//!    earlier stay of the tenant left there is dropped) and the tenant's idempotency window
-//!    is pre-copied while the source still serves it. Then, in one transaction, the
+//!    earlier stay of the tenant left there is dropped) and the tenant's suppression list,
+//!    idempotency window and message records are pre-copied while the source still serves it. Then, in one transaction, the
 //!    placement is frozen (same epoch, compare-and-swap) and the step becomes FROZEN.
 //!    Routers hold the tenant's calls while the placement is frozen; cells refuse them.
-//! 2. FROZEN: the source exports the tenant's suppression list and the idempotency keys
+//! 2. FROZEN: the source exports the suppressions (added or removed) and idempotency keys
 //!    written since the pre-copy (less [`PRECOPY_MARGIN`]) once it sees the freeze and every
 //!    call it had let in has finished; each chunk is imported by the target. So the freeze
 //!    lasts as long as a few seconds of the tenant's traffic take to copy, not its whole
-//!    window. Then, in one transaction, the placement switches to the target at epoch + 1
+//!    list and window. Then, in one transaction, the placement switches to the target at epoch + 1
 //!    (serving again) and the step becomes SWITCHED. A copy that keeps failing past
 //!    [`FREEZE_BUDGET`] rolls the move back: the placement is unfrozen on the source.
 //! 3. SWITCHED: the source keeps delivering what it had accepted and forwards late feedback;
@@ -202,9 +202,9 @@ fn put<T: serde::Serialize>(key: &str, record: &T) -> Op {
 /// Which of a move's copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pass {
-    /// The idempotency window, while the source still serves the tenant.
+    /// The suppression list and idempotency window, while the source still serves the tenant.
     Precopy,
-    /// While frozen: the suppression list and the keys written since the pre-copy.
+    /// While frozen: the suppressions and keys written since the pre-copy.
     Final,
     /// The tenant's message records (status and events), so that GetMessage answers for
     /// them on the target: before the freeze, and again once the source has delivered.
@@ -516,7 +516,7 @@ impl Mover {
 
     /// Exports the tenant from the source and imports it into the target.
     async fn transfer(&self, record: &MoveRecord, pass: Pass) -> Result<Copied, ApiError> {
-        let keys_since_ms = match pass {
+        let since_ms = match pass {
             Pass::Precopy | Pass::Messages => 0,
             Pass::Final => record
                 .precopy_as_of_ms
@@ -526,7 +526,7 @@ impl Mover {
             tenant_id: record.tenant.to_string(),
             epoch: record.from_epoch.0,
             precopy: pass == Pass::Precopy,
-            keys_since_ms,
+            since_ms,
             messages: pass == Pass::Messages,
         };
         let mut chunks = self
@@ -541,6 +541,7 @@ impl Mover {
         while let Some(chunk) = chunks.message().await.map_err(unavailable(&record.from))? {
             copied.as_of_ms = chunk.as_of_ms;
             if chunk.suppressions.is_empty()
+                && chunk.removed_suppressions.is_empty()
                 && chunk.idempotency.is_empty()
                 && chunk.messages.is_empty()
             {
