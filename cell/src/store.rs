@@ -381,7 +381,6 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                     table
                         .insert((tenant.as_str(), key.as_str()), json(&record).as_slice())
                         .map_err(err)?;
-                    written_recently(txn, RECENT, now_ms, &tenant, &key)?;
                     Reservation::New
                 }
             };
@@ -406,6 +405,9 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                         json(&done).as_slice(),
                     )
                     .map_err(err)?;
+                // Only a completed key is indexed: an accept the freeze waited for completes
+                // before the final copy, and a reservation whose queueing failed must not
+                // follow the tenant as pending (its retry on the new cell is a new send).
                 written_recently(txn, RECENT, now_ms, &record.tenant, &key)?;
             }
             let suppressed = record
@@ -1587,6 +1589,15 @@ mod tests {
         };
         store.suppress(&a, later.clone()).await.unwrap();
         assert!(store.unsuppress(&a, "Gone@x.example").await.unwrap());
+        // The pending key completes, and one whose queueing failed is left pending.
+        store
+            .accepted(Some("new"), accepted(new), record(new, &a), 5_500)
+            .await
+            .unwrap();
+        store
+            .reserve(&a, "stray", MessageId::generate(), 5_600)
+            .await
+            .unwrap();
         let last = store.export(&a, 6_000, Some(4_000)).unwrap();
         assert_eq!(last.suppressions, std::slice::from_ref(&later));
         assert_eq!(last.removed_suppressions, ["gone@x.example"]);
@@ -1594,7 +1605,7 @@ mod tests {
         assert_eq!(
             keys,
             ["new"],
-            "only keys written since the pre-copy, and only a's"
+            "only keys completed since the pre-copy, and only a's"
         );
 
         let target = Store::open(&dir.path().join("target.redb")).unwrap();
@@ -1627,7 +1638,15 @@ mod tests {
                 .reserve(&a, "new", MessageId::generate(), 7_000)
                 .await
                 .unwrap(),
-            Reservation::Pending(new)
+            Reservation::Done(accepted(new))
+        );
+        assert_eq!(
+            target
+                .reserve(&a, "stray", MessageId::generate(), 7_000)
+                .await
+                .unwrap(),
+            Reservation::New,
+            "a send that was never queued is a new send on the new cell"
         );
         assert_eq!(target.list_suppressions(&a, "", 10).unwrap(), [later]);
         assert!(
