@@ -1,8 +1,39 @@
 //! Generates the cellmail.v1 client and server code and the descriptor set that gRPC
-//! server reflection serves.
-use std::path::PathBuf;
+//! server reflection serves, and stamps the build id every binary reports: `CELLMAIL_BUILD_ID`
+//! when the build sets it (a packaged build), else the commit it was built from.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn build_id() -> String {
+    println!("cargo:rerun-if-env-changed=CELLMAIL_BUILD_ID");
+    if let Ok(id) = std::env::var("CELLMAIL_BUILD_ID") {
+        return id;
+    }
+    // Rebuilt when the checkout moves to another commit.
+    let git = Path::new("../.git");
+    println!("cargo:rerun-if-changed={}", git.join("HEAD").display());
+    if let Ok(head) = std::fs::read_to_string(git.join("HEAD"))
+        && let Some(reference) = head.trim().strip_prefix("ref: ")
+    {
+        println!("cargo:rerun-if-changed={}", git.join(reference).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            git.join("packed-refs").display()
+        );
+    }
+    Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rustc-env=CELLMAIL_BUILD_ID={}", build_id());
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("cellmail_v1_descriptor.bin"))

@@ -9,7 +9,7 @@ mod up;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(version, about = "cellmail: cell-based multi-tenant email sending")]
+#[command(version = cellmail_proto::VERSION, about = "cellmail: cell-based multi-tenant email sending")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -904,13 +904,13 @@ pub async fn cell(args: CellArgs) -> anyhow::Result<()> {
                 println!("{}", json!(cells.iter().map(cell_json).collect::<Vec<_>>()));
             } else {
                 println!(
-                    "{:<12} {:<9} {:<5} {:>8} {:>8}  {:<10} ENDPOINT",
+                    "{:<12} {:<9} {:<5} {:>8} {:>8}  {:<20} ENDPOINT",
                     "CELL", "STATE", "UP", "TENANTS", "CAPACITY", "VERSION"
                 );
                 for c in cells {
                     let up = if c.alive { "up" } else { "DOWN" };
                     println!(
-                        "{:<12} {:<9} {:<5} {:>8} {:>8}  {:<10} {}",
+                        "{:<12} {:<9} {:<5} {:>8} {:>8}  {:<20} {}",
                         c.id, c.state, up, c.tenants, c.capacity, c.version, c.endpoint
                     );
                 }

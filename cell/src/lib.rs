@@ -202,7 +202,7 @@ pub async fn run(
         .with_context(|| format!("binding --cell-addr {}", config.addr))?;
     let endpoint = format!("http://{}", listener.local_addr()?);
     let lease = register(registry.as_ref(), &keys, &config, &endpoint).await?;
-    tracing::info!(cell = %config.id, %endpoint, "cell serving");
+    tracing::info!(cell = %config.id, %endpoint, version = cellmail_proto::VERSION, "cell serving");
 
     let keepalive = {
         let (registry, stop) = (registry.clone(), shutdown.clone());
@@ -310,7 +310,7 @@ async fn register(
             ),
         };
         record.endpoint = endpoint.to_owned();
-        record.version = env!("CARGO_PKG_VERSION").to_owned();
+        record.version = cellmail_proto::VERSION.to_owned();
         if registry
             .compare_and_swap(&key, mod_revision, schema::encode(&record))
             .await?

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
-    version,
+    version = cellmail_proto::VERSION,
     about = "cellmail cell: accepts, queues and delivers the mail of the tenants placed on it"
 )]
 struct Args {

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
-    version,
+    version = cellmail_proto::VERSION,
     about = "cellmail control plane: the Control gRPC API over the placement registry"
 )]
 struct Args {

@@ -32,6 +32,10 @@ pub use domain::{
 
 pub use error::ApiError;
 
+/// What every binary reports as its version: the release and the build it came from
+/// (`<version>+<build id>`), as `--version` prints and a cell records in the registry.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+", env!("CELLMAIL_BUILD_ID"));
+
 /// Milliseconds since the Unix epoch, the time unit of every record.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

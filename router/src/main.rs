@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
-    version,
+    version = cellmail_proto::VERSION,
     about = "cellmail router: authenticates tenants and forwards their sends to their cell"
 )]
 struct Args {

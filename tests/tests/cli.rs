@@ -69,6 +69,22 @@ async fn the_cli_creates_and_lists_tenants_and_cells_and_sends() {
             .iter()
             .all(|c| c["alive"] == true && c["state"] == "ACTIVE")
     );
+    // Each cell runs this build: its release and the commit it was built from.
+    assert!(cellmail_proto::VERSION.starts_with(concat!(env!("CARGO_PKG_VERSION"), "+")));
+    assert!(
+        cells
+            .iter()
+            .all(|c| c["version"] == cellmail_proto::VERSION),
+        "{cells:?}"
+    );
+    let version = std::process::Command::new(cellmail_tests::binary("cellmail-cell").unwrap())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("cellmail-cell {}", cellmail_proto::VERSION)
+    );
     assert_eq!(
         cells
             .iter()
