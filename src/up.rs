@@ -22,6 +22,8 @@ pub struct UpArgs {
     backends: cellmail_cell::BackendConfig,
     #[command(flatten)]
     metrics: cellmail_proto::server::MetricsConfig,
+    #[command(flatten)]
+    hold: cellmail_router::HoldConfig,
     /// Where every component keeps its state; mail lands in <data-dir>/mail/<tenant>/.
     #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
     data_dir: PathBuf,
@@ -124,6 +126,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         router,
         registry,
         keys,
+        args.hold,
         shutdown.clone(),
     ));
 

@@ -2,7 +2,7 @@
 //! tenant's cell, stamped with the placement epoch and the caller's deadline.
 //!
 //! While a move has the tenant's placement frozen, the router holds the tenant's calls (at
-//! most [`FREEZE_HOLD`], then UNAVAILABLE). A cell answers "moved" when the router's
+//! most its freeze hold, `--freeze-hold-ms`, default 2 s; then UNAVAILABLE). A cell answers "moved" when the router's
 //! placement is stale (the cell saw the freeze or the switch first). The router then waits,
 //! as long, for its registry view to show a newer placement and retries once; a second
 //! "moved" is UNAVAILABLE. Clients retry UNAVAILABLE (sends with the same idempotency key).
@@ -22,14 +22,12 @@ use tonic::{Request, Response, Status};
 use crate::admission::Admission;
 use crate::forward::{self, DEFAULT_DEADLINE, Target};
 
-/// How long a router holds a tenant's calls while a move has its placement frozen, and waits
-/// for a placement newer than the one a cell called stale.
-pub const FREEZE_HOLD: Duration = Duration::from_secs(2);
-
 pub struct SenderApi {
     catalog: Arc<WatchedCatalog>,
     channels: CellChannels,
     admission: Admission,
+    /// How long a frozen tenant's calls are held, and a newer placement waited for.
+    hold: Duration,
 }
 
 /// The authenticated tenant of a request and the deadline its caller gave.
@@ -52,22 +50,23 @@ fn with_deadline<T>(message: T, deadline: Duration) -> Request<T> {
 }
 
 impl SenderApi {
-    pub fn new(catalog: Arc<WatchedCatalog>) -> Self {
+    pub fn new(catalog: Arc<WatchedCatalog>, hold: Duration) -> Self {
         Self {
             catalog,
             channels: CellChannels::default(),
             admission: Admission::default(),
+            hold,
         }
     }
 
-    /// `tenant`'s target once `ready` holds on the catalog or [`FREEZE_HOLD`] passed; a
-    /// placement still frozen then is UNAVAILABLE.
+    /// `tenant`'s target once `ready` holds on the catalog or the hold passed; a placement
+    /// still frozen then is UNAVAILABLE.
     async fn target_when(
         &self,
         tenant: &TenantId,
         ready: impl Fn(&Catalog) -> bool,
     ) -> Result<Target, ApiError> {
-        self.catalog.wait_until(FREEZE_HOLD, ready).await;
+        self.catalog.wait_until(self.hold, ready).await;
         let target = forward::resolve(&self.catalog.read(), tenant)?;
         if target.frozen {
             return Err(ApiError::Unavailable(format!(

@@ -30,6 +30,38 @@ pub struct RouterConfig {
         default_value = "127.0.0.1:50051"
     )]
     pub addr: SocketAddr,
+    #[command(flatten)]
+    pub hold: HoldConfig,
+}
+
+const DEFAULT_FREEZE_HOLD_MS: u64 = 2000;
+
+/// How long a router holds a tenant's calls while a move has its placement frozen (and waits
+/// for a newer placement after a cell's "moved" answer) before it answers UNAVAILABLE.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct HoldConfig {
+    /// Milliseconds a moving tenant's calls are held while its placement is frozen, before
+    /// they are answered UNAVAILABLE (clients retry with the same idempotency key).
+    #[arg(
+        long = "freeze-hold-ms",
+        env = "CELLMAIL_FREEZE_HOLD_MS",
+        default_value_t = DEFAULT_FREEZE_HOLD_MS
+    )]
+    pub freeze_hold_ms: u64,
+}
+
+impl Default for HoldConfig {
+    fn default() -> Self {
+        Self {
+            freeze_hold_ms: DEFAULT_FREEZE_HOLD_MS,
+        }
+    }
+}
+
+impl HoldConfig {
+    pub fn duration(self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.freeze_hold_ms)
+    }
 }
 
 /// Serves `Sender` on `listener` until `shutdown` is cancelled.
@@ -37,13 +69,14 @@ pub async fn serve(
     listener: TcpListener,
     registry: Arc<dyn Registry>,
     keys: Keys,
+    hold: HoldConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let catalog = Arc::new(WatchedCatalog::start(registry.clone(), keys.clone()).await?);
     let usage = Arc::new(auth::Usage::default());
     let usage_writer = tokio::spawn(usage.clone().write(registry, keys, shutdown.clone()));
     let api = SenderServer::with_interceptor(
-        api::SenderApi::new(catalog.clone()),
+        api::SenderApi::new(catalog.clone(), hold.duration()),
         auth::Authenticate::new(catalog.clone(), usage),
     );
     let routes = tonic::service::Routes::new(api);

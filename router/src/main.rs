@@ -41,5 +41,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "router serving");
     let shutdown = CancellationToken::new();
     tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
-    cellmail_router::serve(listener, registry, args.registry.keys(), shutdown).await
+    let keys = args.registry.keys();
+    cellmail_router::serve(listener, registry, keys, args.router.hold, shutdown).await
 }

@@ -731,3 +731,77 @@ async fn an_evacuated_cell_hands_every_tenant_over_while_sends_flow_and_a_rebala
             .is_empty()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_tenant_is_held_then_told_to_retry_and_its_neighbour_is_not() {
+    use cellmail_control::registry::Registry;
+    use cellmail_control::schema::{self, Keys, PlacementRecord, PlacementState};
+    let mut d = deployed::Deployment::start("frozen", &[], &[]).await;
+    let frozen = tenant(&mut d.control, "frozen", "cell-a").await;
+    let other = tenant(&mut d.control, "other", "cell-a").await;
+    d.send(
+        &frozen,
+        message("shop@frozen.example", "x@example.com", "before"),
+    )
+    .await;
+    let etcd = cellmail_control::registry::etcd::EtcdRegistry::connect(&[
+        cellmail_tests::services::etcd_endpoint(),
+    ])
+    .await
+    .unwrap();
+    let key = Keys::new(&d.prefix).placement(&cellmail_proto::TenantId::new("frozen").unwrap());
+    let placed: PlacementRecord =
+        schema::decode(&etcd.get(&key).await.unwrap().unwrap().value).unwrap();
+    let freeze = |state| PlacementRecord {
+        state,
+        ..placed.clone()
+    };
+    etcd.put(&key, schema::encode(&freeze(PlacementState::Frozen)), None)
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let refused = until_unavailable(&d.sender, &frozen).await;
+    assert!(refused.message().contains("moving"), "{refused:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "held for the router's freeze hold first: {:?}",
+        started.elapsed()
+    );
+    let neighbour = d
+        .send(&other, message("shop@other.example", "x@example.com", "n"))
+        .await;
+    assert_eq!(
+        neighbour.recipients[0].state,
+        v1::RecipientState::Accepted as i32
+    );
+
+    // Unfrozen while a call is held: the held call goes through.
+    let held = {
+        let (sender, key) = (d.sender.clone(), frozen.clone());
+        tokio::spawn(async move {
+            let request = message("shop@frozen.example", "x@example.com", "held");
+            sender.clone().send(authorized(&key, request)).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    etcd.put(&key, schema::encode(&freeze(PlacementState::Serving)), None)
+        .await
+        .unwrap();
+    let sent = held.await.unwrap();
+    assert!(sent.is_ok(), "{sent:?}");
+}
+
+/// Sends for `key`'s tenant until the router answers UNAVAILABLE (it may not have seen the
+/// freeze yet); that answer.
+async fn until_unavailable(sender: &Sender, key: &str) -> tonic::Status {
+    for n in 0..50 {
+        let request = message("shop@frozen.example", "x@example.com", &format!("f{n}"));
+        match sender.clone().send(authorized(key, request)).await {
+            Err(status) if status.code() == Code::Unavailable => return status,
+            Err(status) => panic!("{status:?}"),
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    panic!("the frozen tenant's sends were never held");
+}

@@ -320,6 +320,7 @@ pub(super) fn start_router(
         listener,
         registry.clone(),
         keys.clone(),
+        cellmail_router::HoldConfig::default(),
         shutdown.clone(),
     ));
     Ok(addr)
