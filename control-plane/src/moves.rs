@@ -220,6 +220,15 @@ struct Copied {
     as_of_ms: u64,
 }
 
+/// The tenant's placement on the move's source, at the epoch the move started from.
+fn on_source(record: &MoveRecord, state: PlacementState) -> PlacementRecord {
+    PlacementRecord {
+        cell: record.from.clone(),
+        epoch: record.from_epoch,
+        state,
+    }
+}
+
 /// A cell's failed answer as the move sees it: the cell is not usable right now.
 fn unavailable(cell: &CellId) -> impl Fn(tonic::Status) -> ApiError + '_ {
     move |s| ApiError::Unavailable(format!("cell {cell}: {}", s.message()))
@@ -440,11 +449,7 @@ impl Mover {
             attempt += 1;
             let prepared = async {
                 let (placement, placement_revision) = self.placement(&tenant).await?;
-                let expected = PlacementRecord {
-                    cell: record.from.clone(),
-                    epoch: record.from_epoch,
-                    state: PlacementState::Serving,
-                };
+                let expected = on_source(&record, PlacementState::Serving);
                 if placement != expected {
                     return Err(ApiError::Aborted(format!(
                         "the placement changed since the move started: {placement:?}"
@@ -466,11 +471,7 @@ impl Mover {
             match prepared {
                 Ok((placement_revision, precopy_as_of_ms)) => {
                     let now = now_ms();
-                    let frozen = PlacementRecord {
-                        cell: record.from.clone(),
-                        epoch: record.from_epoch,
-                        state: PlacementState::Frozen,
-                    };
+                    let frozen = on_source(&record, PlacementState::Frozen);
                     let after = MoveRecord {
                         step: MoveStep::Frozen,
                         detail: String::new(),
@@ -567,10 +568,7 @@ impl Mover {
         let failure = loop {
             let copied = async {
                 let (placement, placement_revision) = self.placement(&tenant).await?;
-                if placement.state != PlacementState::Frozen
-                    || placement.cell != record.from
-                    || placement.epoch != record.from_epoch
-                {
+                if placement != on_source(&record, PlacementState::Frozen) {
                     return Err(ApiError::Aborted(format!(
                         "the frozen placement changed meanwhile: {placement:?}"
                     )));
@@ -660,11 +658,7 @@ impl Mover {
     ) -> Result<(), Stopped> {
         let (_, placement_revision) = self.placement(&record.tenant).await.map_err(|_| Stopped)?;
         let now = now_ms();
-        let serving = PlacementRecord {
-            cell: record.from.clone(),
-            epoch: record.from_epoch,
-            state: PlacementState::Serving,
-        };
+        let serving = on_source(&record, PlacementState::Serving);
         let after = MoveRecord {
             step: MoveStep::RolledBack,
             detail: format!("copying to cell {} failed: {failure}", record.to),
