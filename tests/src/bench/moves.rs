@@ -1,7 +1,10 @@
 //! Tenant moves under load: two embedded cells, a router and the control plane's mover on
 //! one registry; senders keep sending for the moving tenant through the router (retrying
-//! UNAVAILABLE with the same key) while it is moved back and forth. The figure is the freeze
-//! window of each move: from the write that froze the placement to the one that switched it.
+//! UNAVAILABLE with the same key) while it is moved back and forth. The figures are the
+//! freeze window of each move (from the write that froze the placement to the one that
+//! switched it), and what the moves cost a neighbour that stays on the source cell: its p99
+//! send latency while the moves run over the same figure before they start, with the same
+//! load on.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,8 +26,12 @@ const SENDERS: usize = 16;
 const PAUSE: Duration = Duration::from_millis(20);
 const WORKERS: usize = 2;
 
-pub fn run(quick: bool) -> anyhow::Result<Row> {
+/// The neighbour's pause between sends, and how long it is measured before the moves.
+const NEIGHBOUR_PAUSE: Duration = Duration::from_millis(10);
+
+pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
     let moves = if quick { 5 } else { 50 };
+    let baseline = Duration::from_secs(if quick { 2 } else { 10 });
     let (cell_rt, router_rt, load_rt) = (
         runtime("bench-cell")?,
         runtime("bench-router")?,
@@ -33,6 +40,13 @@ pub fn run(quick: bool) -> anyhow::Result<Row> {
     let stage = Stage::new(quick, &cell_rt)?;
     let (registry, keys) = (stage.registry.clone(), stage.keys.clone());
     let api_key = cell_rt.block_on(seed(registry.as_ref(), &keys, TENANT, UNLIMITED, CELLS[0]))?;
+    let neighbour_key = cell_rt.block_on(seed(
+        registry.as_ref(),
+        &keys,
+        "neighbour",
+        UNLIMITED,
+        CELLS[0],
+    ))?;
     let mut cells = Vec::new();
     for id in CELLS {
         let (_, cell) = start_cell(
@@ -48,12 +62,18 @@ pub fn run(quick: bool) -> anyhow::Result<Row> {
     let router = start_router(&router_rt, &registry, &keys, &stage.shutdown)?;
     cell_rt.spawn(Mover::new(registry.clone(), keys.clone()).run(stage.shutdown.clone()));
 
-    let (freezes, (sends, seconds), failed) = load_rt.block_on(async {
+    let (freezes, (sends, seconds), failed, (calm, moving)) = load_rt.block_on(async {
+        let client = SenderClient::connect(format!("http://{router}")).await?;
         let door = Door::Sender {
-            client: SenderClient::connect(format!("http://{router}")).await?,
+            client: client.clone(),
             key: Some(api_key),
         };
         door.send(next_key()).await?;
+        let neighbour = Door::Sender {
+            client,
+            key: Some(neighbour_key),
+        };
+        neighbour.send(next_key()).await?;
         let (stop, sent, failed) = (
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicU64::new(0)),
@@ -84,6 +104,35 @@ pub fn run(quick: bool) -> anyhow::Result<Row> {
                 })
             })
             .collect();
+        // (whether moves were under way, seconds) of each of the neighbour's sends.
+        let (phase, samples) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(std::sync::Mutex::new(Vec::new())),
+        );
+        // The mover's senders warm up first, so the neighbour's figures before the moves
+        // are taken under the same load as those during them.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let watcher = {
+            let (stop, phase, samples, failed) =
+                (stop.clone(), phase.clone(), samples.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let began = std::time::Instant::now();
+                    let during = phase.load(Ordering::Relaxed);
+                    if neighbour.send(next_key()).await.is_err() {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let took = began.elapsed().as_secs_f64();
+                    samples
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((during, took));
+                    tokio::time::sleep(NEIGHBOUR_PAUSE).await;
+                }
+            })
+        };
+        tokio::time::sleep(baseline).await;
+        phase.store(true, Ordering::Relaxed);
         let tenant = TenantId::new(TENANT)?;
         let started = std::time::Instant::now();
         let mut freezes = Vec::new();
@@ -105,11 +154,16 @@ pub fn run(quick: bool) -> anyhow::Result<Row> {
         for sender in senders {
             sender.await?;
         }
+        watcher.await?;
         let sends = (
             sent.load(Ordering::Relaxed),
             started.elapsed().as_secs_f64(),
         );
-        anyhow::Ok((freezes, sends, failed.load(Ordering::Relaxed)))
+        let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
+        let (during, before): (Vec<_>, Vec<_>) = samples.into_iter().partition(|(d, _)| *d);
+        let millis = |v: Vec<(bool, f64)>| v.into_iter().map(|(_, s)| s * 1e3).collect::<Vec<_>>();
+        let latencies = (millis(before), millis(during));
+        anyhow::Ok((freezes, sends, failed.load(Ordering::Relaxed), latencies))
     })?;
     stage.shutdown.cancel();
     for cell in cells {
@@ -120,7 +174,22 @@ pub fn run(quick: bool) -> anyhow::Result<Row> {
         percentile(&mut freezes, 50.0),
         percentile(&mut freezes, 99.0),
     );
-    Ok(Row::measured(
+    let (mut calm, mut moving) = (calm, moving);
+    let (calm_p99, moving_p99) = (percentile(&mut calm, 99.0), percentile(&mut moving, 99.0));
+    let ratio = moving_p99 / calm_p99;
+    let neighbour = Row::measured(
+        "tenant move: a source-cell neighbour's p99 send latency, moves under way / none",
+        ratio,
+        "ratio",
+        "<= 1.2",
+        ratio <= 1.2 && failed == 0,
+        format!(
+            "p99 {moving_p99:.2} ms over {} sends during the moves vs {calm_p99:.2} ms over {} before",
+            moving.len(),
+            calm.len()
+        ),
+    );
+    let freeze = Row::measured(
         "tenant move freeze window, p99 over moves under load",
         p99,
         "ms",
@@ -129,5 +198,6 @@ pub fn run(quick: bool) -> anyhow::Result<Row> {
         format!(
             "p50 {p50:.0} ms over {moves} moves in {seconds:.1} s, {sends} sends by {SENDERS} senders meanwhile, {failed} failed"
         ),
-    ))
+    );
+    Ok(vec![freeze, neighbour])
 }

@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         1000
     })?);
-    rows.push(moves::run(args.quick)?);
+    rows.extend(moves::run(args.quick)?);
     rows.extend(neighbours::run(args.quick)?);
     if args.json {
         println!("{}", bench::json(&rows));
