@@ -72,13 +72,15 @@ impl CellApi {
     }
 }
 
-/// Every message record of `tenant` here, in pages of `size`.
+/// The message records of `tenant` here after message id `after` ("": all), in pages of
+/// `size`.
 fn message_pages(
     store: &Store,
     tenant: &TenantId,
+    after: &str,
     size: usize,
 ) -> Result<Vec<Vec<MessageRecord>>, StorageError> {
-    let (mut pages, mut after) = (Vec::new(), String::new());
+    let (mut pages, mut after) = (Vec::new(), after.to_owned());
     loop {
         let page = store.messages_of(tenant, &after, size)?;
         let Some(last) = page.last() else {
@@ -374,7 +376,7 @@ impl Cell for CellApi {
                 ..Default::default()
             });
         }
-        for page in message_pages(&self.store, &tenant, DATA_PAGE).map_err(storage)? {
+        for page in message_pages(&self.store, &tenant, "", DATA_PAGE).map_err(storage)? {
             parts.push(v1::TenantData {
                 cell: cell.clone(),
                 messages: page.into_iter().map(message_status).collect(),
@@ -433,7 +435,17 @@ impl Cell for CellApi {
         let tenant = tenant_id(request.tenant_id)?;
         if request.messages {
             let as_of_ms = now_ms();
-            let pages = message_pages(&self.store, &tenant, EXPORT_CHUNK).map_err(storage)?;
+            let oldest_open_ms = self
+                .store
+                .oldest_open(&tenant)
+                .map_err(storage)?
+                .map_or(as_of_ms, |id| id.at_ms());
+            let after = match request.since_ms {
+                0 => String::new(),
+                since => MessageId::first_at(since).to_string(),
+            };
+            let pages =
+                message_pages(&self.store, &tenant, &after, EXPORT_CHUNK).map_err(storage)?;
             let chunks: Vec<_> = pages
                 .into_iter()
                 .map(|page| {
@@ -447,6 +459,7 @@ impl Cell for CellApi {
                     Ok(v1::TenantChunk {
                         messages,
                         as_of_ms,
+                        oldest_open_ms,
                         ..Default::default()
                     })
                 })

@@ -1078,6 +1078,27 @@ impl Store {
         Ok(entries)
     }
 
+    /// The oldest of `tenant`'s messages still queued or held here.
+    pub fn oldest_open(&self, tenant: &TenantId) -> Result<Option<MessageId>, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let table = read.open_table(OPEN).map_err(err)?;
+        let past = past(tenant);
+        let mut rows = table
+            .range((tenant.as_str(), "")..(past.as_str(), ""))
+            .map_err(err)?;
+        match rows.next() {
+            Some(row) => Ok(Some(
+                row.map_err(err)?
+                    .0
+                    .value()
+                    .1
+                    .parse()
+                    .map_err(StorageError::from_display)?,
+            )),
+            None => Ok(None),
+        }
+    }
+
     /// How many of `tenant`'s messages are queued or held here, not yet sent or failed.
     pub fn backlog(&self, tenant: &TenantId) -> Result<u64, StorageError> {
         let read = self.db.begin_read().map_err(err)?;
@@ -1673,6 +1694,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.backlog(&a).unwrap(), 3);
+        let mut sorted = ids.clone();
+        sorted.sort_by_key(|id| id.to_string());
+        assert_eq!(store.oldest_open(&a).unwrap(), Some(sorted[0]));
         let sent = event(EventKind::Sent, 2, "");
         store
             .record_outcome(record(ids[0], &a), MessageState::Sent, sent.clone())
@@ -1691,6 +1715,7 @@ mod tests {
             1,
             "held mail is still to be delivered"
         );
+        assert_eq!(store.oldest_open(&a).unwrap(), Some(ids[2]));
         assert_eq!(store.backlog(&b).unwrap(), 1);
     }
 

@@ -18,8 +18,9 @@
 //!    (serving again) and the step becomes SWITCHED. A copy that keeps failing past
 //!    [`FREEZE_BUDGET`] rolls the move back: the placement is unfrozen on the source.
 //! 3. SWITCHED: the source keeps delivering what it had accepted and forwards late feedback;
-//!    once its backlog of the tenant is zero, the tenant's message records (copied once
-//!    before the freeze already) are copied again as they ended, and the move is COMPLETE.
+//!    once its backlog of the tenant is zero, the message records that may have changed
+//!    since the pre-copy (accepted after it, or still open then) are copied again as they
+//!    ended, and the move is COMPLETE.
 //!
 //! Every step change is audited in the transaction that makes it.
 
@@ -132,6 +133,7 @@ pub async fn request(
         frozen_at_ms: 0,
         freeze_ms: 0,
         precopy_as_of_ms: 0,
+        messages_since_ms: 0,
         actor: actor.clone(),
         reason: reason.clone(),
     };
@@ -207,7 +209,8 @@ enum Pass {
     /// While frozen: the suppressions and keys written since the pre-copy.
     Final,
     /// The tenant's message records (status and events), so that GetMessage answers for
-    /// them on the target: before the freeze, and again once the source has delivered.
+    /// them on the target: all before the freeze, and once the source has delivered, those
+    /// that may have changed meanwhile.
     Messages,
 }
 
@@ -217,6 +220,7 @@ struct Copied {
     suppressions: usize,
     keys: usize,
     messages: usize,
+    oldest_open_ms: u64,
     as_of_ms: u64,
 }
 
@@ -464,12 +468,19 @@ impl Mover {
                     .await
                     .map_err(unavailable(&record.to))?;
                 let precopied = self.transfer(&record, Pass::Precopy).await?;
-                self.transfer(&record, Pass::Messages).await?;
-                Ok((placement_revision, precopied.as_of_ms))
+                let messages = self.transfer(&record, Pass::Messages).await?;
+                let messages_since_ms = match messages.as_of_ms {
+                    0 => 0,
+                    as_of => messages
+                        .oldest_open_ms
+                        .min(as_of)
+                        .saturating_sub(PRECOPY_MARGIN.as_millis() as u64),
+                };
+                Ok((placement_revision, precopied.as_of_ms, messages_since_ms))
             }
             .await;
             match prepared {
-                Ok((placement_revision, precopy_as_of_ms)) => {
+                Ok((placement_revision, precopy_as_of_ms, messages_since_ms)) => {
                     let now = now_ms();
                     let frozen = on_source(&record, PlacementState::Frozen);
                     let after = MoveRecord {
@@ -478,6 +489,7 @@ impl Mover {
                         updated_at_ms: now,
                         frozen_at_ms: now,
                         precopy_as_of_ms,
+                        messages_since_ms,
                         ..record.clone()
                     };
                     let freeze = self.placement_change(&tenant, placement_revision, &frozen);
@@ -518,7 +530,8 @@ impl Mover {
     /// Exports the tenant from the source and imports it into the target.
     async fn transfer(&self, record: &MoveRecord, pass: Pass) -> Result<Copied, ApiError> {
         let since_ms = match pass {
-            Pass::Precopy | Pass::Messages => 0,
+            Pass::Precopy => 0,
+            Pass::Messages => record.messages_since_ms,
             Pass::Final => record
                 .precopy_as_of_ms
                 .saturating_sub(PRECOPY_MARGIN.as_millis() as u64),
@@ -541,6 +554,7 @@ impl Mover {
         let mut copied = Copied::default();
         while let Some(chunk) = chunks.message().await.map_err(unavailable(&record.from))? {
             copied.as_of_ms = chunk.as_of_ms;
+            copied.oldest_open_ms = chunk.oldest_open_ms;
             if chunk.suppressions.is_empty()
                 && chunk.removed_suppressions.is_empty()
                 && chunk.idempotency.is_empty()

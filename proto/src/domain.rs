@@ -108,6 +108,16 @@ impl MessageId {
     pub fn generate() -> Self {
         Self(ulid::Ulid::new())
     }
+
+    /// When the id was generated (ms since the Unix epoch): ids sort by it.
+    pub fn at_ms(&self) -> u64 {
+        self.0.timestamp_ms()
+    }
+
+    /// The lowest id generated at `at_ms`: every id generated then or later sorts after it.
+    pub fn first_at(at_ms: u64) -> Self {
+        Self(ulid::Ulid::from_parts(at_ms, 0))
+    }
 }
 
 impl TryFrom<String> for MessageId {
