@@ -385,15 +385,16 @@ impl Mover {
             .ok_or_else(|| ApiError::NotFound(format!("tenant {tenant} has no placement")))
     }
 
-    /// Writes `after` over the move record (still at `revision`), with `extra` compares and
-    /// ops in the same transaction and an audit entry of `action`.
+    /// Writes `after` over the move record (still at `revision`) with an audit entry of
+    /// `action`, and with `placement` (the tenant's new placement and the mod revision its
+    /// key must still be at), all in one transaction.
     async fn advance(
         &self,
         before: &MoveRecord,
         revision: u64,
         after: &MoveRecord,
         action: &str,
-        extra: Vec<(Compare, Op)>,
+        placement: Option<(u64, &PlacementRecord)>,
     ) -> Result<(), Stopped> {
         let key = self.keys.move_of(&after.tenant);
         let entry = AuditRecord {
@@ -410,9 +411,10 @@ impl Mover {
             mod_revision: revision,
         }];
         let mut ops = vec![put(&key, after), audit::entry_op(&self.keys, &entry)];
-        for (compare, op) in extra {
-            compares.push(compare);
-            ops.push(op);
+        if let Some((mod_revision, placement)) = placement {
+            let key = self.keys.placement(&after.tenant);
+            ops.push(put(&key, placement));
+            compares.push(Compare { key, mod_revision });
         }
         loop {
             match self.registry.txn(compares.clone(), ops.clone()).await {
@@ -427,23 +429,6 @@ impl Mover {
                 }
             }
         }
-    }
-
-    /// A change of the placement (at `revision`) to `after`, for [`Mover::advance`].
-    fn placement_change(
-        &self,
-        tenant: &TenantId,
-        revision: u64,
-        after: &PlacementRecord,
-    ) -> (Compare, Op) {
-        let key = self.keys.placement(tenant);
-        (
-            Compare {
-                key: key.clone(),
-                mod_revision: revision,
-            },
-            put(&key, after),
-        )
     }
 
     async fn prepare(&self, record: MoveRecord, revision: u64) -> Result<(), Stopped> {
@@ -492,14 +477,13 @@ impl Mover {
                         messages_since_ms,
                         ..record.clone()
                     };
-                    let freeze = self.placement_change(&tenant, placement_revision, &frozen);
                     return self
                         .advance(
                             &record,
                             revision,
                             &after,
                             "tenant.move.freeze",
-                            vec![freeze],
+                            Some((placement_revision, &frozen)),
                         )
                         .await;
                 }
@@ -517,14 +501,8 @@ impl Mover {
             updated_at_ms: now_ms(),
             ..record.clone()
         };
-        self.advance(
-            &record,
-            revision,
-            &after,
-            "tenant.move.rollback",
-            Vec::new(),
-        )
-        .await
+        self.advance(&record, revision, &after, "tenant.move.rollback", None)
+            .await
     }
 
     /// Exports the tenant from the source and imports it into the target.
@@ -618,14 +596,13 @@ impl Mover {
                         freeze_ms: now.saturating_sub(record.frozen_at_ms),
                         ..record.clone()
                     };
-                    let switch = self.placement_change(&tenant, placement_revision, &switched);
                     return self
                         .advance(
                             &record,
                             revision,
                             &after,
                             "tenant.move.switch",
-                            vec![switch],
+                            Some((placement_revision, &switched)),
                         )
                         .await;
                 }
@@ -639,13 +616,7 @@ impl Mover {
                         ..record.clone()
                     };
                     return self
-                        .advance(
-                            &record,
-                            revision,
-                            &after,
-                            "tenant.move.rollback",
-                            Vec::new(),
-                        )
+                        .advance(&record, revision, &after, "tenant.move.rollback", None)
                         .await;
                 }
                 Err(err)
@@ -681,13 +652,12 @@ impl Mover {
             ..record.clone()
         };
         tracing::error!(tenant = %record.tenant, %failure, "move rolled back; the tenant stays on {}", record.from);
-        let unfreeze = self.placement_change(&record.tenant, placement_revision, &serving);
         self.advance(
             &record,
             revision,
             &after,
             "tenant.move.rollback",
-            vec![unfreeze],
+            Some((placement_revision, &serving)),
         )
         .await
     }
@@ -726,14 +696,8 @@ impl Mover {
             updated_at_ms: now_ms(),
             ..record.clone()
         };
-        self.advance(
-            &record,
-            revision,
-            &after,
-            "tenant.move.complete",
-            Vec::new(),
-        )
-        .await
+        self.advance(&record, revision, &after, "tenant.move.complete", None)
+            .await
     }
 }
 
