@@ -140,13 +140,13 @@ impl Acceptor {
     }
 
     fn gate(&self, tenant: &TenantId) -> Arc<RwLock<()>> {
-        self.gates
-            .lock()
-            // Only whole inserts happen under this lock.
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .entry(tenant.clone())
-            .or_default()
-            .clone()
+        // Only whole inserts happen under this lock.
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        // Looked up first: the key is cloned only for a tenant's first call here.
+        if let Some(gate) = gates.get(tenant) {
+            return gate.clone();
+        }
+        gates.entry(tenant.clone()).or_default().clone()
     }
 
     /// Refuses a call for `tenant` stamped with an `epoch` this cell does not own; the call
