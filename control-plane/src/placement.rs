@@ -345,6 +345,19 @@ mod tests {
         assert_eq!(pick(nowhere), None);
     }
 
+    /// Live cells `ids` with `records` (in order), no tenants placed yet.
+    fn empty_live<'a>(ids: &'a [CellId], records: &[&'a CellRecord]) -> Vec<Candidate<'a>> {
+        ids.iter()
+            .zip(records)
+            .map(|(id, record)| Candidate {
+                id,
+                record,
+                alive: true,
+                tenants: 0,
+            })
+            .collect()
+    }
+
     fn tenants(n: usize, prefix: &str) -> Vec<TenantId> {
         (0..n)
             .map(|i| TenantId::new(format!("{prefix}{i:02}")).unwrap())
@@ -360,16 +373,7 @@ mod tests {
             cell(3, CellState::Active),
         );
         let records = [&draining, &big, &small];
-        let candidates: Vec<Candidate> = ids
-            .iter()
-            .zip(records)
-            .map(|(id, record)| Candidate {
-                id,
-                record,
-                alive: true,
-                tenants: 0,
-            })
-            .collect();
+        let candidates = empty_live(&ids, &records);
         let names = tenants(5, "t");
         let mut placed: Vec<Placed> = names
             .iter()
@@ -413,16 +417,7 @@ mod tests {
         let ids: Vec<CellId> = ["a", "b", "c", "d"].map(|s| CellId::new(s).unwrap()).into();
         let (active, draining) = (cell(100, CellState::Active), cell(100, CellState::Draining));
         let records = [&active, &active, &active, &draining];
-        let candidates: Vec<Candidate> = ids
-            .iter()
-            .zip(records)
-            .map(|(id, record)| Candidate {
-                id,
-                record,
-                alive: true,
-                tenants: 0,
-            })
-            .collect();
+        let candidates = empty_live(&ids, &records);
         let (on_a, on_c, on_d) = (tenants(10, "a"), tenants(2, "c"), tenants(4, "d"));
         let placed: Vec<Placed> = [(&on_a, 0), (&on_c, 2), (&on_d, 3)]
             .into_iter()
@@ -492,15 +487,7 @@ mod tests {
     fn a_rebalance_leaves_pinned_tenants_where_they_are() {
         let ids: Vec<CellId> = ["a", "b"].map(|s| CellId::new(s).unwrap()).into();
         let active = cell(100, CellState::Active);
-        let candidates: Vec<Candidate> = ids
-            .iter()
-            .map(|id| Candidate {
-                id,
-                record: &active,
-                alive: true,
-                tenants: 0,
-            })
-            .collect();
+        let candidates = empty_live(&ids, &[&active, &active]);
         let names = tenants(4, "p");
         let placed: Vec<Placed> = names
             .iter()
