@@ -1,8 +1,9 @@
 //! `cellmail`: runs the whole platform on embedded defaults (`cellmail up`) and is the
-//! operator's client of the control plane (tenants, cells, API keys) and a client of the
+//! operator's client of the control plane (tenants, cells, API keys, rollouts) and a client of the
 //! router (`cellmail send`).
 
 mod operator;
+mod rollout;
 mod send;
 mod up;
 
@@ -35,6 +36,8 @@ enum Command {
     Send(send::SendArgs),
     /// The audit trail of control actions and breaker trips.
     Audit(operator::AuditArgs),
+    /// Roll a version out cell by cell: start, status, pause, resume, abort.
+    Rollout(rollout::RolloutArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,5 +59,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Suppression(args) => operator::suppression(args).await,
         Command::Send(args) => send::run(args).await,
         Command::Audit(args) => operator::audit(args).await,
+        Command::Rollout(args) => rollout::run(args).await,
     }
 }

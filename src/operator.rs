@@ -28,13 +28,13 @@ pub struct Connection {
     admin_token: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
-type Client = ControlClient<InterceptedService<Channel, Bearer>>;
+pub(crate) type Client = ControlClient<InterceptedService<Channel, Bearer>>;
 
 impl Connection {
-    async fn client(&self) -> anyhow::Result<Client> {
+    pub(crate) async fn client(&self) -> anyhow::Result<Client> {
         let token = match &self.admin_token {
             Some(token) => token.clone(),
             None => std::fs::read_to_string(
@@ -59,7 +59,7 @@ impl Connection {
     }
 }
 /// A request that names the operator acting (the login name) for the audit trail.
-fn acting<T>(message: T) -> tonic::Request<T> {
+pub(crate) fn acting<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     let name = std::env::var("USER").unwrap_or_default();
     if let Ok(value) = name.parse() {
@@ -68,7 +68,7 @@ fn acting<T>(message: T) -> tonic::Request<T> {
     request
 }
 
-fn status(err: tonic::Status) -> anyhow::Error {
+pub(crate) fn status(err: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", err.code(), err.message())
 }
 
@@ -522,7 +522,7 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 fn cell_json(c: &v1::CellInfo) -> serde_json::Value {
     json!({
         "cell": c.id, "endpoint": c.endpoint, "state": c.state, "alive": c.alive,
-        "capacity": c.capacity, "tenants": c.tenants, "version": c.version,
+        "capacity": c.capacity, "tenants": c.tenants, "version": c.version, "build": c.build,
     })
 }
 
@@ -904,14 +904,14 @@ pub async fn cell(args: CellArgs) -> anyhow::Result<()> {
                 println!("{}", json!(cells.iter().map(cell_json).collect::<Vec<_>>()));
             } else {
                 println!(
-                    "{:<12} {:<9} {:<5} {:>8} {:>8}  {:<20} ENDPOINT",
-                    "CELL", "STATE", "UP", "TENANTS", "CAPACITY", "VERSION"
+                    "{:<12} {:<9} {:<5} {:>8} {:>8}  {:<20} {:<20} ENDPOINT",
+                    "CELL", "STATE", "UP", "TENANTS", "CAPACITY", "VERSION", "BUILD"
                 );
                 for c in cells {
                     let up = if c.alive { "up" } else { "DOWN" };
                     println!(
-                        "{:<12} {:<9} {:<5} {:>8} {:>8}  {:<20} {}",
-                        c.id, c.state, up, c.tenants, c.capacity, c.version, c.endpoint
+                        "{:<12} {:<9} {:<5} {:>8} {:>8}  {:<20} {:<20} {}",
+                        c.id, c.state, up, c.tenants, c.capacity, c.version, c.build, c.endpoint
                     );
                 }
             }

@@ -100,6 +100,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             capacity: 1000,
             workers: args.cell_workers,
             top_tenants: 10,
+            release: None,
+            fault_send_failure_ratio: 0.0,
         };
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
         tasks.spawn(async move {
@@ -118,8 +120,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             trust_new_domains: true,
         };
         tasks.spawn(async move {
-            cellmail_control::serve(control, registry, keys, &admin_token, &identities, shutdown)
-                .await
+            cellmail_control::serve(
+                control,
+                registry,
+                keys,
+                &admin_token,
+                &identities,
+                None,
+                shutdown,
+            )
+            .await
         });
     }
     tasks.spawn(cellmail_router::serve(

@@ -6,6 +6,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use cellmail_control::catalog::WatchedCatalog;
 use cellmail_control::schema::{PlacementState, TenantStatus};
@@ -20,6 +21,7 @@ use tonic::{Request, Response, Status};
 use crate::accept::{Acceptor, Entered, now_ms};
 use crate::commit::StorageError;
 use crate::feedback::{self, Ingest};
+use crate::health::{self, Health};
 use crate::mailer::Mailer;
 use crate::message::{Accepted, MessageRecord, RecipientOutcome};
 use crate::store::{self, Store, Suppressed, TenantExport};
@@ -40,6 +42,9 @@ pub struct CellApi {
     pub catalog: Arc<WatchedCatalog>,
     pub mailer: Arc<dyn Mailer>,
     pub ingest: Arc<Ingest>,
+    pub health: Arc<Health>,
+    /// The release this process runs.
+    pub release: String,
 }
 
 fn tenant_id(value: String) -> Result<TenantId, ApiError> {
@@ -405,6 +410,20 @@ impl Cell for CellApi {
         Ok(Response::new(v1::EraseTenantResponse {}))
     }
 
+    async fn get_health_report(
+        &self,
+        request: Request<v1::HealthReportRequest>,
+    ) -> Result<Response<v1::HealthReport>, Status> {
+        let figures = self
+            .health
+            .report(u64::from(request.into_inner().window_secs));
+        Ok(Response::new(cellmail_control::rollout::report(
+            &self.cell,
+            &self.release,
+            &figures,
+        )))
+    }
+
     async fn prepare_tenant(
         &self,
         request: Request<v1::PrepareTenantRequest>,
@@ -545,13 +564,22 @@ impl Cell for CellApi {
         // Run to the end even if the caller goes away: a move's export waits for every
         // accept let in before its freeze, and must not find it half done.
         let acceptor = self.acceptor.clone();
+        let started = Instant::now();
         let accepted =
             tokio::spawn(
                 async move { acceptor.accept(tenant, Epoch(request.epoch), message).await },
             )
             .await
-            .map_err(|e| ApiError::Internal(format!("the accept task failed: {e}")))??;
-        Ok(Response::new(send_response(accepted)))
+            .map_err(|e| ApiError::Internal(format!("the accept task failed: {e}")))
+            .flatten();
+        match &accepted {
+            Ok(_) => self
+                .health
+                .record(health::Outcome::Accepted(started.elapsed())),
+            Err(ApiError::Internal(_)) => self.health.record(health::Outcome::AcceptFailed),
+            Err(_) => {}
+        }
+        Ok(Response::new(send_response(accepted?)))
     }
 
     async fn get_message(

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breakers;
 use crate::commit::StorageError;
+use crate::health::{self, Health};
 use crate::queue::{Queue, QueueError, QueueKind};
 use crate::store::{Counts, Store, Suppressed};
 use serde_json::{Value, json};
@@ -262,6 +263,7 @@ pub struct Ingest {
     breakers: Arc<Breakers>,
     catalog: Arc<WatchedCatalog>,
     channels: CellChannels,
+    health: Arc<Health>,
 }
 
 const BATCH: usize = 10;
@@ -275,6 +277,7 @@ impl Ingest {
         queue: Arc<dyn Queue>,
         breakers: Arc<Breakers>,
         catalog: Arc<WatchedCatalog>,
+        health: Arc<Health>,
     ) -> Self {
         Self {
             cell,
@@ -283,6 +286,7 @@ impl Ingest {
             breakers,
             catalog,
             channels: CellChannels::default(),
+            health,
         }
     }
 
@@ -397,6 +401,11 @@ impl Ingest {
             },
             _ => Counts::default(),
         };
+        if delta.bounced > 0 {
+            self.health.record(health::Outcome::Bounced);
+        } else if delta.complained > 0 {
+            self.health.record(health::Outcome::Complained);
+        }
         if let Some(class) = feedback.class
             && delta != Counts::default()
         {

@@ -18,6 +18,7 @@
 //! - [`commit`]: group commit, shared by the embedded queue and the store.
 //! - [`worker`]: delivery workers.
 //! - [`telemetry`]: per-tenant metrics for the busiest tenants only.
+//! - [`health`]: the cell's own figures over its last minutes, for rollout health gates.
 
 pub mod accept;
 pub mod api;
@@ -26,6 +27,7 @@ pub mod breaker;
 pub mod commit;
 pub mod feedback;
 pub mod fencing;
+pub mod health;
 pub mod mailer;
 pub mod message;
 pub mod queue;
@@ -81,6 +83,26 @@ pub struct CellConfig {
         default_value_t = 10
     )]
     pub top_tenants: usize,
+    /// The release this process runs, as the deployer names it (an image tag, a release
+    /// directory); recorded in the registry, where rollouts wait for it. The build's own
+    /// version when unset.
+    #[arg(long = "release", env = "CELLMAIL_RELEASE")]
+    pub release: Option<String>,
+    /// Fault injection for game days and rollout drills: this share (0 to 1) of delivery
+    /// attempts fails, retryably, before it reaches the mailer.
+    #[arg(
+        long = "fault-send-failure-ratio",
+        env = "CELLMAIL_FAULT_SEND_FAILURE_RATIO",
+        default_value_t = 0.0
+    )]
+    pub fault_send_failure_ratio: f64,
+}
+
+impl CellConfig {
+    /// The release recorded for this process.
+    pub fn release(&self) -> &str {
+        self.release.as_deref().unwrap_or(cellmail_proto::VERSION)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -202,7 +224,17 @@ pub async fn run(
         .with_context(|| format!("binding --cell-addr {}", config.addr))?;
     let endpoint = format!("http://{}", listener.local_addr()?);
     let lease = register(registry.as_ref(), &keys, &config, &endpoint).await?;
-    tracing::info!(cell = %config.id, %endpoint, version = cellmail_proto::VERSION, "cell serving");
+    tracing::info!(cell = %config.id, %endpoint, release = config.release(), build = cellmail_proto::VERSION, "cell serving");
+    let mailer: Arc<dyn mailer::Mailer> = if config.fault_send_failure_ratio > 0.0 {
+        tracing::warn!(cell = %config.id, ratio = config.fault_send_failure_ratio, "fault injection: failing this share of delivery attempts");
+        Arc::new(mailer::fault::FaultyMailer::new(
+            backends.mailer,
+            config.fault_send_failure_ratio,
+        )?)
+    } else {
+        backends.mailer
+    };
+    let cell_health = Arc::new(health::Health::default());
 
     let keepalive = {
         let (registry, stop) = (registry.clone(), shutdown.clone());
@@ -214,8 +246,9 @@ pub async fn run(
         config.id.clone(),
         store.clone(),
         backends.queue.clone(),
-        backends.mailer.clone(),
+        mailer.clone(),
         catalog.clone(),
+        cell_health.clone(),
     ));
     let breakers = Arc::new(breaker::Breakers::new(
         config.id.clone(),
@@ -230,6 +263,7 @@ pub async fn run(
         backends.queue.clone(),
         breakers,
         catalog.clone(),
+        cell_health.clone(),
     ));
     let ingesting = tokio::spawn(ingest.clone().run(shutdown.clone()));
     // No workers: accept and queue only (intake too stays off, so nothing is taken in).
@@ -260,8 +294,10 @@ pub async fn run(
         acceptor,
         store,
         catalog,
-        mailer: backends.mailer.clone(),
+        mailer,
         ingest,
+        health: cell_health,
+        release: config.release().to_owned(),
     };
     let routes = tonic::service::Routes::new(CellServer::new(api));
 
@@ -282,7 +318,7 @@ pub async fn run(
     Ok(())
 }
 
-/// Records the cell's endpoint and version (keeping its operator-set state, capacity and
+/// Records the cell's endpoint, release and build (keeping its operator-set state, capacity and
 /// labels) and its liveness key on a fresh lease.
 async fn register(
     registry: &dyn Registry,
@@ -306,11 +342,13 @@ async fn register(
                     state: CellState::Active,
                     labels: Default::default(),
                     version: String::new(),
+                    build: String::new(),
                 },
             ),
         };
         record.endpoint = endpoint.to_owned();
-        record.version = cellmail_proto::VERSION.to_owned();
+        record.version = config.release().to_owned();
+        record.build = cellmail_proto::VERSION.to_owned();
         if registry
             .compare_and_swap(&key, mod_revision, schema::encode(&record))
             .await?

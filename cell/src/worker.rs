@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::accept::now_ms;
 use crate::breaker::Gate;
+use crate::health::{self, Health};
 use crate::mailer::{Mailer, MailerError};
 use crate::message::Message;
 use crate::message::{BodyRef, EventKind, MessageState};
@@ -158,6 +159,8 @@ pub struct Worker {
     mailer: Arc<dyn Mailer>,
     /// Which tenants' classes are paused by their breakers, and each tenant's weight.
     gate: Arc<dyn Gate>,
+    /// Attempts, failures and dead letters, for the cell's health report.
+    health: Arc<Health>,
     lanes: Mutex<Lanes>,
     /// A message was put in a lane.
     ready: Notify,
@@ -199,9 +202,11 @@ impl Worker {
         queue: Arc<dyn Queue>,
         mailer: Arc<dyn Mailer>,
         gate: Arc<dyn Gate>,
+        health: Arc<Health>,
     ) -> Self {
         Self {
             cell,
+            health,
             paused_until: Mutex::new(None),
             store,
             queue,
@@ -523,6 +528,7 @@ impl Worker {
         self.queue
             .send(QueueKind::DeadLetter, item.body.clone())
             .await?;
+        self.health.record(health::Outcome::DeadLettered);
         self.done(&item.message, &item.source).await
     }
 
@@ -564,6 +570,10 @@ impl Worker {
             Err(MailerError::Permanent { .. }) => "failed",
             Err(MailerError::Paused { .. }) => "paused",
         };
+        self.health.record(match &sent {
+            Ok(()) => health::Outcome::Sent,
+            Err(_) => health::Outcome::SendFailed,
+        });
         let (cell, class) = (self.cell.to_string(), message.class.as_str());
         metrics::counter!("cellmail_send_attempts_total", "cell" => cell, "class" => class, "outcome" => outcome).increment(1);
         let attempts = item.source.attempts() + 1;
@@ -684,6 +694,7 @@ mod tests {
             queue.clone(),
             mailer,
             gate,
+            Arc::default(),
         ));
         let shutdown = CancellationToken::new();
         let mut tasks: Vec<_> = (0..senders)

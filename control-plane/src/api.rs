@@ -23,6 +23,7 @@ use crate::offboard;
 use crate::operations;
 use crate::placement::{self, Candidate};
 use crate::registry::{Compare, Op, Registry, RegistryError, Snapshot};
+use crate::rollout;
 use crate::schema::{
     self, ApiKeyRecord, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, CellRecord,
     CellState, GlobalSuppressionRecord, IdentityRecord, KeyUseRecord, Keys, OperationKind,
@@ -37,6 +38,8 @@ pub struct ControlApi {
     trust_new_domains: bool,
     /// To the cells, for offboarding.
     channels: CellChannels,
+    /// Whether this control plane has a deployer (rollouts are refused without one).
+    rollouts: bool,
 }
 
 pub(crate) fn registry_error(err: RegistryError) -> ApiError {
@@ -186,6 +189,7 @@ impl ControlApi {
         registry: Arc<dyn Registry>,
         keys: Keys,
         identities: &identity::IdentityConfig,
+        rollouts: bool,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             registry,
@@ -193,7 +197,26 @@ impl ControlApi {
             dns: identity::Checker::new(identities)?,
             trust_new_domains: identities.trust_new_domains,
             channels: CellChannels::default(),
+            rollouts,
         })
+    }
+
+    async fn act_on_rollout(
+        &self,
+        request: Request<v1::RolloutActionRequest>,
+        action: rollout::Action,
+    ) -> Result<Response<v1::RolloutInfo>, Status> {
+        let actor = actor(&request);
+        let request = request.into_inner();
+        let record = rollout::act(
+            self.registry.as_ref(),
+            &self.keys,
+            &request.id,
+            action,
+            (actor, request.reason),
+        )
+        .await?;
+        Ok(Response::new(rollout::info(&record)))
     }
 
     /// A catalog of the given kinds of record (`cells`, `alive`, `tenants`, `placements`).
@@ -460,6 +483,7 @@ impl ControlApi {
             state: CellState::Active,
             labels: req.labels.into_iter().collect(),
             version: String::new(),
+            build: String::new(),
         };
         let entry = AuditRecord {
             at_ms: now_ms(),
@@ -1064,6 +1088,7 @@ fn cell_info(catalog: &Catalog, id: &CellId, cell: &CellRecord) -> v1::CellInfo 
         tenants: catalog.load().get(id).copied().unwrap_or(0),
         alive: catalog.alive.contains(id),
         version: cell.version.clone(),
+        build: cell.build.clone(),
     }
 }
 
@@ -1337,6 +1362,73 @@ impl Control for ControlApi {
         }
         let record = operations::get(self.registry.as_ref(), &self.keys, &id).await?;
         Ok(Response::new(operations::info(&record)))
+    }
+
+    async fn start_rollout(
+        &self,
+        request: Request<v1::StartRolloutRequest>,
+    ) -> Result<Response<v1::RolloutInfo>, Status> {
+        let actor = actor(&request);
+        let request = request.into_inner();
+        if !self.rollouts {
+            return Err(ApiError::FailedPrecondition(
+                "this control plane has no deployer (--deployer): rollouts are off".into(),
+            )
+            .into());
+        }
+        let canary = match request.canary.as_str() {
+            "" => None,
+            id => Some(CellId::new(id).map_err(|e| ApiError::invalid("canary", e.to_string()))?),
+        };
+        let secs_or = |secs: u64, default: std::time::Duration| match secs {
+            0 => default,
+            secs => std::time::Duration::from_secs(secs),
+        };
+        let start = rollout::Start {
+            version: request.version,
+            canary,
+            waves: match request.waves.as_str() {
+                "" => rollout::DEFAULT_WAVES.to_owned(),
+                waves => waves.to_owned(),
+            },
+            bake: secs_or(request.bake_secs, rollout::DEFAULT_BAKE),
+            ready_timeout: secs_or(request.ready_timeout_secs, rollout::DEFAULT_READY_TIMEOUT),
+            gate: rollout::gate_config(request.gate)?,
+            actor,
+            reason: request.reason,
+        };
+        let record = rollout::start(self.registry.as_ref(), &self.keys, start).await?;
+        Ok(Response::new(rollout::info(&record)))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<v1::GetRolloutRequest>,
+    ) -> Result<Response<v1::RolloutInfo>, Status> {
+        let id = request.into_inner().id;
+        let (record, _) = rollout::get(self.registry.as_ref(), &self.keys, &id).await?;
+        Ok(Response::new(rollout::info(&record)))
+    }
+
+    async fn pause_rollout(
+        &self,
+        request: Request<v1::RolloutActionRequest>,
+    ) -> Result<Response<v1::RolloutInfo>, Status> {
+        self.act_on_rollout(request, rollout::Action::Pause).await
+    }
+
+    async fn resume_rollout(
+        &self,
+        request: Request<v1::RolloutActionRequest>,
+    ) -> Result<Response<v1::RolloutInfo>, Status> {
+        self.act_on_rollout(request, rollout::Action::Resume).await
+    }
+
+    async fn abort_rollout(
+        &self,
+        request: Request<v1::RolloutActionRequest>,
+    ) -> Result<Response<v1::RolloutInfo>, Status> {
+        self.act_on_rollout(request, rollout::Action::Abort).await
     }
 
     async fn get_move(

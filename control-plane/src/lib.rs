@@ -15,6 +15,9 @@
 //! - [`moves`]: moving a tenant between cells, step by persisted step.
 //! - [`operations`]: evacuations and rebalances, a bounded number of moves at a time.
 //! - [`offboard`]: a suspended tenant's data exported from every cell, then deleted everywhere.
+//! - [`rollout`]: a version going out cell by cell, in waves gated on their health.
+//! - [`deployer`]: the `Deployer` trait (how a cell is made to run a version) and its
+//!   implementations.
 
 pub mod api;
 pub mod apikey;
@@ -22,6 +25,7 @@ pub mod audit;
 pub mod auth;
 pub mod catalog;
 pub mod channels;
+pub mod deployer;
 pub mod identity;
 pub mod leader;
 pub mod moves;
@@ -29,6 +33,7 @@ pub mod offboard;
 pub mod operations;
 pub mod placement;
 pub mod registry;
+pub mod rollout;
 pub mod schema;
 
 use std::net::SocketAddr;
@@ -58,6 +63,8 @@ pub struct ControlConfig {
     pub admin_token: String,
     #[command(flatten)]
     pub identities: identity::IdentityConfig,
+    #[command(flatten)]
+    pub deployer: deployer::DeployerConfig,
 }
 /// Which registry a binary uses, and under which prefix.
 #[derive(Debug, Clone, clap::Args)]
@@ -106,13 +113,15 @@ impl RegistryConfig {
 const LEADER_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves the Control API on `listener` until `shutdown` is cancelled, and carries tenant
-/// moves forward while this control plane leads.
+/// moves, operations and rollouts (with `deployer`, if any) forward while this control plane
+/// leads.
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<dyn registry::Registry>,
     keys: schema::Keys,
     admin_token: &str,
     identities: &identity::IdentityConfig,
+    deployer: Option<Arc<dyn deployer::Deployer>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -121,16 +130,22 @@ pub async fn serve(
     );
     let candidate = format!("{}/{}", listener.local_addr()?, ulid::Ulid::new());
     let mover = moves::Mover::new(registry.clone(), keys.clone());
+    let roller = rollout::Roller::new(registry.clone(), keys.clone(), deployer.clone());
     let leading = tokio::spawn(leader::run_as_leader(
         registry.clone(),
         keys.election(),
         candidate,
         LEADER_TTL,
         shutdown.clone(),
-        move |lost| mover.clone().run(lost),
+        move |lost| {
+            let (mover, roller) = (mover.clone(), roller.clone());
+            async move {
+                tokio::join!(mover.run(lost.clone()), roller.run(lost));
+            }
+        },
     ));
     let api = ControlServer::with_interceptor(
-        api::ControlApi::new(registry, keys, identities)?,
+        api::ControlApi::new(registry, keys, identities, deployer.is_some())?,
         auth::AdminAuth::new(admin_token),
     );
     let routes = tonic::service::Routes::new(api);

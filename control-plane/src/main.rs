@@ -39,6 +39,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding --control-addr {}", args.control.addr))?;
     tracing::info!(addr = %listener.local_addr()?, "control plane serving");
+    let deployer = args.control.deployer.open().await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
     cellmail_control::serve(
@@ -47,6 +48,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.registry.keys(),
         &args.control.admin_token,
         &args.control.identities,
+        deployer,
         shutdown,
     )
     .await

@@ -217,6 +217,7 @@ mod tests {
             state,
             labels: Default::default(),
             version: String::new(),
+            build: String::new(),
         }
     }
 

@@ -114,6 +114,15 @@ impl Keys {
         format!("{}operations/{id}", self.prefix)
     }
 
+    pub fn rollouts(&self) -> String {
+        format!("{}rollouts/", self.prefix)
+    }
+
+    /// Rollout ids are ULIDs, so the last key is the latest rollout.
+    pub fn rollout(&self, id: &str) -> String {
+        format!("{}rollouts/{id}", self.prefix)
+    }
+
     /// The control planes' leader election.
     pub fn election(&self) -> String {
         format!("{}election/control", self.prefix)
@@ -167,8 +176,13 @@ pub struct CellRecord {
     pub state: CellState,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The release the cell's process runs (what a rollout deployed; its build's version
+    /// unless the deployer named it otherwise).
     #[serde(default)]
     pub version: String,
+    /// The build of the cell's binary (`<package version>+<build id>`).
+    #[serde(default)]
+    pub build: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -534,4 +548,158 @@ mod tests {
         assert_eq!("".parse::<Tier>(), Ok(Tier::Standard));
         assert!("gold".parse::<Tier>().unwrap_err().contains("gold"));
     }
+}
+
+/// What a cell did over a window (its health report), or a sum of several cells'.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthFigures {
+    pub window_secs: u64,
+    pub accepts: u64,
+    /// Accepts the cell failed with a server error.
+    pub accept_errors: u64,
+    pub accept_p99_us: u64,
+    pub send_attempts: u64,
+    pub send_failures: u64,
+    pub sent: u64,
+    pub bounces: u64,
+    pub complaints: u64,
+    pub dead_letters: u64,
+}
+
+impl HealthFigures {
+    /// Adds `other`'s counts; of two windows and p99s, keeps the longer and the higher (a
+    /// sum of cells is judged by its slowest).
+    pub fn add(&mut self, other: &HealthFigures) {
+        self.window_secs = self.window_secs.max(other.window_secs);
+        self.accept_p99_us = self.accept_p99_us.max(other.accept_p99_us);
+        self.accepts += other.accepts;
+        self.accept_errors += other.accept_errors;
+        self.send_attempts += other.send_attempts;
+        self.send_failures += other.send_failures;
+        self.sent += other.sent;
+        self.bounces += other.bounces;
+        self.complaints += other.complaints;
+        self.dead_letters += other.dead_letters;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RolloutState {
+    Running,
+    Paused,
+    Completed,
+    RolledBack,
+    Aborted,
+}
+
+impl RolloutState {
+    pub fn finished(self) -> bool {
+        matches!(self, Self::Completed | Self::RolledBack | Self::Aborted)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum WaveState {
+    Pending,
+    Deploying,
+    /// Deployed; waiting until every cell of the wave serves the version.
+    Readying,
+    Baking,
+    Passed,
+    RollingBack,
+    RolledBack,
+}
+
+/// How far a wave's health may fall behind its baseline's.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GateConfig {
+    pub max_error_rate_delta: f64,
+    pub max_accept_p99_ratio: f64,
+    pub p99_slack_ms: u64,
+    pub max_bounce_rate_delta: f64,
+    pub max_complaint_rate_delta: f64,
+    pub max_dead_letter_rate_delta: f64,
+    pub min_attempts: u64,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        Self {
+            max_error_rate_delta: 0.02,
+            max_accept_p99_ratio: 2.0,
+            p99_slack_ms: 20,
+            max_bounce_rate_delta: 0.02,
+            max_complaint_rate_delta: 0.001,
+            max_dead_letter_rate_delta: 0.01,
+            min_attempts: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateCheck {
+    pub name: String,
+    pub wave: f64,
+    pub baseline: f64,
+    pub limit: f64,
+    pub passed: bool,
+    /// Why the check was not judged, when it was not.
+    #[serde(default)]
+    pub note: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaveRecord {
+    pub cells: Vec<CellId>,
+    pub state: WaveState,
+    /// Each cell's version before the wave: what a rollback deploys.
+    #[serde(default)]
+    pub previous: BTreeMap<CellId, String>,
+    /// The wave's cells' own figures before the deploy: the baseline when no cell is left
+    /// unrolled.
+    #[serde(default)]
+    pub before: Option<HealthFigures>,
+    /// Until when the deployed cells may take to serve the version (or the previous one,
+    /// rolling back).
+    #[serde(default)]
+    pub ready_by_ms: u64,
+    #[serde(default)]
+    pub bake_until_ms: u64,
+    /// The cells the gate compared with; empty: the wave's own figures before the deploy.
+    #[serde(default)]
+    pub baseline: Vec<CellId>,
+    #[serde(default)]
+    pub checks: Vec<GateCheck>,
+    /// Rolling back: the previous versions were deployed and the cells are readying.
+    #[serde(default)]
+    pub rollback_deployed: bool,
+}
+
+/// `rollouts/<id>`: a version going out wave by wave.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub id: String,
+    pub version: String,
+    pub waves: Vec<WaveRecord>,
+    /// The wave under way (or the last one).
+    pub wave: usize,
+    pub state: RolloutState,
+    pub bake_ms: u64,
+    pub ready_timeout_ms: u64,
+    pub gate: GateConfig,
+    /// An operator aborted it: the wave under way rolls back and the rollout ends ABORTED.
+    #[serde(default)]
+    pub aborted: bool,
+    /// What the rollout waits for, or why it stopped.
+    #[serde(default)]
+    pub detail: String,
+    /// A step that failed is not tried again before this time.
+    #[serde(default)]
+    pub next_attempt_ms: u64,
+    pub actor: String,
+    pub reason: String,
+    pub started_at_ms: u64,
+    pub updated_at_ms: u64,
 }

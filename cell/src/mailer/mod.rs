@@ -5,8 +5,10 @@
 //! [`mailbox_text`] the one-line form of an address for APIs that take addresses as text.
 //!
 //! Implementations: [`file::FileSink`] (embedded: one .eml per message on disk) and
-//! [`ses::SesMailer`] (production: SES v2 `SendEmail`, one configuration set per tenant).
+//! [`ses::SesMailer`] (production: SES v2 `SendEmail`, one configuration set per tenant);
+//! [`fault::FaultyMailer`] wraps either to fail a share of attempts on purpose.
 
+pub mod fault;
 pub mod file;
 pub mod ses;
 

@@ -48,6 +48,7 @@ pub fn cache_at_scale(tenants: usize) -> anyhow::Result<Vec<Row>> {
                 state: CellState::Active,
                 labels: Default::default(),
                 version: String::new(),
+                build: String::new(),
             };
             registry
                 .put(&keys.cell(cell), schema::encode(&record), None)

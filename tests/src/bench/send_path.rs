@@ -288,6 +288,8 @@ pub(super) fn start_cell(
         capacity: 10,
         workers,
         top_tenants: 10,
+        release: None,
+        fault_send_failure_ratio: 0.0,
     };
     let cell = {
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
