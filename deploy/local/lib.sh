@@ -75,3 +75,23 @@ start_test_services() {
   export AWS_EC2_METADATA_DISABLED=true
   echo "test services: etcd $CELLMAIL_TEST_ETCD, AWS emulator $CELLMAIL_TEST_AWS_ENDPOINT" >&2
 }
+
+# running PID: whether the process runs (an exited one its parent has not reaped yet does not).
+running() {
+  [ -r "/proc/$1/stat" ] && [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
+
+# stop_pid FILE: stops the process whose pid FILE holds (TERM, then KILL after 15 s) and
+# removes FILE.
+stop_pid() {
+  local pid
+  pid=$(cat "$1")
+  if kill -TERM "$pid" 2>/dev/null; then
+    for _ in $(seq 150); do
+      running "$pid" || break
+      sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$1"
+}

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod dns;
 pub mod emulator;
+pub mod local;
 pub mod processes;
 pub mod services;
 
@@ -326,4 +327,52 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Sends `request` until it is accepted, retrying what a client is told to retry (UNAVAILABLE,
+/// and a "moved" answer should one reach it) with the same idempotency key; returns the
+/// message id and how many attempts were retried.
+pub async fn send_retrying(
+    sender: &SenderClient<Channel>,
+    key: &str,
+    request: v1::SendRequest,
+) -> (String, usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut retries = 0;
+    loop {
+        match sender.clone().send(authorized(key, request.clone())).await {
+            Ok(sent) => return (sent.into_inner().message_id, retries),
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    || cellmail_proto::ApiError::is_moved(&status) =>
+            {
+                retries += 1;
+                assert!(
+                    Instant::now() < deadline,
+                    "still refused after {retries} tries: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("{}: {status:?}", request.idempotency_key),
+        }
+    }
+}
+
+/// (idempotency key -> times sent) of the .eml files in `dir`.
+pub fn keys_in(dir: &std::path::Path) -> std::collections::HashMap<String, usize> {
+    let mut keys = std::collections::HashMap::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.path().extension().is_none_or(|e| e != "eml") {
+            continue;
+        }
+        let raw = std::fs::read(entry.path()).unwrap();
+        let parsed = mail_parser::MessageParser::default().parse(&raw).unwrap();
+        let key = parsed
+            .header_raw("X-Cellmail-Idempotency-Key")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        *keys.entry(key).or_default() += 1;
+    }
+    keys
 }

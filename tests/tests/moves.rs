@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use cellmail_proto::{ApiError, v1};
-use cellmail_tests::{Control, Platform, authorized, message, wait_for};
+use cellmail_proto::v1;
+use cellmail_tests::{Control, Platform, authorized, keys_in, message, send_retrying, wait_for};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
@@ -41,27 +41,6 @@ async fn tenant_on(control: &mut Control, id: &str, cell: &str, pinned: bool) ->
     let created = control.create_tenant(request).await.unwrap().into_inner();
     assert_eq!(created.tenant.unwrap().cell, cell);
     created.api_key
-}
-
-/// Sends `request` until it is accepted, retrying what a client is told to retry (UNAVAILABLE,
-/// and a "moved" answer should one reach it) with the same idempotency key; returns the
-/// message id and how many attempts were retried.
-async fn send_retrying(sender: &Sender, key: &str, request: v1::SendRequest) -> (String, usize) {
-    let mut retries = 0;
-    loop {
-        match sender.clone().send(authorized(key, request.clone())).await {
-            Ok(sent) => return (sent.into_inner().message_id, retries),
-            Err(status) if status.code() == Code::Unavailable || ApiError::is_moved(&status) => {
-                retries += 1;
-                assert!(
-                    retries < 200,
-                    "still refused after {retries} tries: {status:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(status) => panic!("{}: {status:?}", request.idempotency_key),
-        }
-    }
 }
 
 /// Polls the tenant's move until it is finished; returns it.
@@ -396,25 +375,6 @@ mod deployed {
         .await;
         alive.unwrap();
     }
-}
-
-/// (idempotency key -> times sent) of the .eml files in `dir`.
-fn keys_in(dir: &std::path::Path) -> HashMap<String, usize> {
-    let mut keys = HashMap::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if entry.path().extension().is_none_or(|e| e != "eml") {
-            continue;
-        }
-        let raw = std::fs::read(entry.path()).unwrap();
-        let parsed = mail_parser::MessageParser::default().parse(&raw).unwrap();
-        let key = parsed
-            .header_raw("X-Cellmail-Idempotency-Key")
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
-        *keys.entry(key).or_default() += 1;
-    }
-    keys
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Runs the platform as separate processes on this machine, as it is deployed: etcd, cells
+# (cell-1 .. cell-N), a router and two control planes (one leads, one stands by), with their
+# state, logs and pid files under $CELLMAIL_LOCAL_DIR (default ./.cellmail-local).
+#
+#   deploy/local/cluster.sh start    start everything, print the addresses, then `ready`
+#   deploy/local/cluster.sh stop     stop every process started under the dir
+#
+# Rollouts deploy with deploy/local/deploy-cell.sh: release V is the cellmail-cell binary (or
+# a script that runs one) at $DIR/releases/V/cellmail-cell; `start` makes the first release,
+# $CELLMAIL_LOCAL_RELEASE (default `initial`), from the built binaries. Settings (env):
+#   CELLMAIL_LOCAL_CELLS    cells to start (3)
+#   CELLMAIL_LOCAL_ETCD     host:port of an etcd to use instead of starting one
+#   CELLMAIL_REGISTRY_PREFIX  key prefix in etcd (/cellmail/)
+#   CELLMAIL_BIN_DIR        where the binaries are (target/release, built if missing)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$ROOT/deploy/local/lib.sh"
+DIR=$(mkdir -p "${CELLMAIL_LOCAL_DIR:-.cellmail-local}" && cd "${CELLMAIL_LOCAL_DIR:-.cellmail-local}" && pwd)
+CELLS=${CELLMAIL_LOCAL_CELLS:-3}
+BIN=${CELLMAIL_BIN_DIR:-$ROOT/target/release}
+RELEASE=${CELLMAIL_LOCAL_RELEASE:-initial}
+PREFIX=${CELLMAIL_REGISTRY_PREFIX:-/cellmail/}
+
+# daemon NAME CMD...: starts CMD in its own session, logging to $DIR/NAME.log.
+daemon() {
+  local name=$1
+  shift
+  setsid "$@" </dev/null >>"$DIR/$name.log" 2>&1 &
+  echo $! >"$DIR/$name.pid"
+}
+
+wait_tcp() {
+  python3 - "$1" <<'PY'
+import socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+deadline = time.time() + 30
+while True:
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+        break
+    except OSError as err:
+        if time.time() > deadline:
+            sys.exit(f"{sys.argv[1]} did not accept connections within 30 s: {err}")
+        time.sleep(0.1)
+PY
+}
+
+start() {
+  need_packages python3:python3
+  if [ ! -x "$BIN/cellmail-control" ]; then
+    [ -z "${CELLMAIL_BIN_DIR:-}" ] || { echo "no binaries in $BIN" >&2; exit 1; }
+    need_cargo
+    need_packages protoc:protobuf-compiler
+    (cd "$ROOT" && cargo build --release --locked --bins)
+  fi
+  mkdir -p "$DIR/releases/$RELEASE" "$DIR/cells"
+  [ -e "$DIR/releases/$RELEASE/cellmail-cell" ] || ln -s "$BIN/cellmail-cell" "$DIR/releases/$RELEASE/cellmail-cell"
+
+  local etcd=${CELLMAIL_LOCAL_ETCD:-}
+  if [ -z "$etcd" ]; then
+    need_packages etcd:etcd-server
+    local client peer
+    client=$(free_port) peer=$(free_port)
+    daemon etcd etcd --name cellmail-local --data-dir "$DIR/etcd" \
+      --listen-client-urls "http://127.0.0.1:$client" --advertise-client-urls "http://127.0.0.1:$client" \
+      --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+      --initial-cluster "cellmail-local=http://127.0.0.1:$peer"
+    etcd=127.0.0.1:$client
+    wait_http "http://$etcd/health"
+  fi
+  [ -s "$DIR/admin-token" ] || python3 -c 'import secrets; print(secrets.token_hex(16))' >"$DIR/admin-token"
+  # What every process (and deploy-cell.sh) shares.
+  cat >"$DIR/env" <<ENV
+export CELLMAIL_REGISTRY=etcd://$etcd
+export CELLMAIL_REGISTRY_PREFIX=$PREFIX
+export CELLMAIL_ADMIN_TOKEN=$(cat "$DIR/admin-token")
+export CELLMAIL_LOCAL_DIR=$DIR
+ENV
+  . "$DIR/env"
+
+  for n in $(seq 1 "$CELLS"); do
+    "$ROOT/deploy/local/deploy-cell.sh" "cell-$n" "$RELEASE"
+  done
+  local controls=()
+  for n in 1 2; do
+    local addr=127.0.0.1:$(free_port)
+    daemon "control-$n" "$BIN/cellmail-control" --control-addr "$addr" --trust-new-domains \
+      --data-dir "$DIR/control-$n" --deployer command --deploy-command "$ROOT/deploy/local/deploy-cell.sh"
+    controls+=("$addr")
+  done
+  local router=127.0.0.1:$(free_port) metrics=127.0.0.1:$(free_port)
+  daemon router "$BIN/cellmail-router" --router-addr "$router" --metrics-addr "$metrics" --data-dir "$DIR/router"
+  for addr in "${controls[@]}" "$router"; do wait_tcp "$addr"; done
+  cat >>"$DIR/env" <<ENV
+export CELLMAIL_CONTROL=${controls[0]}
+export CELLMAIL_CONTROL_STANDBY=${controls[1]}
+export CELLMAIL_ROUTER=$router
+ENV
+  echo "etcd: $etcd"
+  echo "router: $router"
+  echo "control: ${controls[*]}"
+  echo "env: . $DIR/env   (then e.g. cellmail cell list)"
+  echo "ready"
+}
+
+stop() {
+  local pidfile
+  for pidfile in "$DIR"/*.pid "$DIR"/cells/*/pid; do
+    [ -f "$pidfile" ] || continue
+    stop_pid "$pidfile"
+  done
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac
