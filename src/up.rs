@@ -97,6 +97,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let config = cellmail_cell::CellConfig {
             id: id.clone(),
             addr: "127.0.0.1:0".parse()?,
+            advertise: None,
             capacity: 1000,
             workers: args.cell_workers,
             top_tenants: 10,

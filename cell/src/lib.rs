@@ -62,6 +62,10 @@ pub struct CellConfig {
         default_value = "127.0.0.1:0"
     )]
     pub addr: SocketAddr,
+    /// `host:port` routers and the control plane reach the cell at, when it is not the bound
+    /// address (a pod's IP or DNS name behind `--cell-addr 0.0.0.0:...`).
+    #[arg(long = "cell-advertise-addr", env = "CELLMAIL_CELL_ADVERTISE_ADDR")]
+    pub advertise: Option<String>,
     /// How many tenants the cell is sized for (used by placement when it first registers).
     #[arg(
         long = "cell-capacity",
@@ -222,7 +226,10 @@ pub async fn run(
     let listener = TcpListener::bind(config.addr)
         .await
         .with_context(|| format!("binding --cell-addr {}", config.addr))?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
+    let endpoint = match &config.advertise {
+        Some(advertised) => format!("http://{advertised}"),
+        None => format!("http://{}", listener.local_addr()?),
+    };
     let lease = register(registry.as_ref(), &keys, &config, &endpoint).await?;
     tracing::info!(cell = %config.id, %endpoint, release = config.release(), build = cellmail_proto::VERSION, "cell serving");
     let mailer: Arc<dyn mailer::Mailer> = if config.fault_send_failure_ratio > 0.0 {

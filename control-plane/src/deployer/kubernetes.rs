@@ -39,7 +39,7 @@ pub struct KubernetesSettings {
     #[arg(
         long = "k8s-image",
         env = "CELLMAIL_K8S_IMAGE",
-        default_value = "cellmail/cellmail-cell:{version}"
+        default_value = "cellmail/cellmail:{version}"
     )]
     pub image: String,
 }

@@ -285,6 +285,7 @@ pub(super) fn start_cell(
     let config = cellmail_cell::CellConfig {
         id: CellId::new(id)?,
         addr: "127.0.0.1:0".parse()?,
+        advertise: None,
         capacity: 10,
         workers,
         top_tenants: 10,
