@@ -9,17 +9,14 @@ fn build_id() -> String {
     if let Ok(id) = std::env::var("CELLMAIL_BUILD_ID") {
         return id;
     }
-    // Rebuilt when the checkout moves to another commit.
+    // Rebuilt when the checkout moves to another commit: HEAD, or the branch it names (a
+    // loose ref under refs/, or packed). Only paths that exist are watched: a missing one
+    // would make every build rebuild.
     let git = Path::new("../.git");
-    println!("cargo:rerun-if-changed={}", git.join("HEAD").display());
-    if let Ok(head) = std::fs::read_to_string(git.join("HEAD"))
-        && let Some(reference) = head.trim().strip_prefix("ref: ")
-    {
-        println!("cargo:rerun-if-changed={}", git.join(reference).display());
-        println!(
-            "cargo:rerun-if-changed={}",
-            git.join("packed-refs").display()
-        );
+    for watched in [git.join("HEAD"), git.join("refs"), git.join("packed-refs")] {
+        if watched.exists() {
+            println!("cargo:rerun-if-changed={}", watched.display());
+        }
     }
     Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])

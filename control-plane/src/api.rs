@@ -53,6 +53,39 @@ pub(crate) fn registry_error(err: RegistryError) -> ApiError {
 
 pub(crate) use cellmail_proto::now_ms;
 
+/// A registered cell and whether it is up (its liveness key is there and it has registered
+/// an endpoint).
+pub(crate) struct RegisteredCell {
+    pub id: CellId,
+    pub record: CellRecord,
+    pub alive: bool,
+}
+
+/// Every registered cell, by id, read from the registry now.
+pub(crate) async fn cells(
+    registry: &dyn Registry,
+    keys: &Keys,
+) -> Result<Vec<RegisteredCell>, ApiError> {
+    let listed = registry.list(&keys.cells()).await.map_err(registry_error)?;
+    let mut cells = Vec::new();
+    for kv in listed.entries {
+        let Some(crate::schema::Entity::Cell(id)) = keys.parse(&kv.key) else {
+            continue;
+        };
+        let record: CellRecord = crate::schema::decode(&kv.value)
+            .map_err(|e| ApiError::Internal(format!("cell {id}'s record: {e}")))?;
+        let alive = registry
+            .get(&keys.alive(&id))
+            .await
+            .map_err(registry_error)?
+            .is_some()
+            && !record.endpoint.is_empty();
+        cells.push(RegisteredCell { id, record, alive });
+    }
+    cells.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(cells)
+}
+
 /// The `tenant_id` field of a request, checked.
 fn tenant_id(value: String) -> Result<TenantId, ApiError> {
     TenantId::new(value).map_err(|e| ApiError::invalid("tenant_id", e.to_string()))

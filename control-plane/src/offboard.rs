@@ -6,47 +6,16 @@
 //! a file before it asks for the deletion.
 
 use cellmail_proto::v1;
-use cellmail_proto::{ApiError, CellId, TenantId, now_ms};
+use cellmail_proto::{ApiError, TenantId, now_ms};
 
-use crate::api::registry_error;
+use crate::api::{self, RegisteredCell, registry_error};
 use crate::apikey;
 use crate::audit;
 use crate::channels::CellChannels;
 use crate::registry::{Compare, Op, Registry};
 use crate::schema::{
-    self, AuditRecord, CellRecord, Keys, MoveRecord, PlacementRecord, TenantRecord, TenantStatus,
+    self, AuditRecord, Keys, MoveRecord, PlacementRecord, TenantRecord, TenantStatus,
 };
-
-/// A cell as offboarding sees it.
-struct Cell {
-    id: CellId,
-    endpoint: String,
-    alive: bool,
-}
-
-async fn cells(registry: &dyn Registry, keys: &Keys) -> Result<Vec<Cell>, ApiError> {
-    let listed = registry.list(&keys.cells()).await.map_err(registry_error)?;
-    let mut cells = Vec::new();
-    for kv in listed.entries {
-        let Some(schema::Entity::Cell(id)) = keys.parse(&kv.key) else {
-            continue;
-        };
-        let record: CellRecord = schema::decode(&kv.value)
-            .map_err(|e| ApiError::Internal(format!("cell {id}'s record: {e}")))?;
-        let alive = registry
-            .get(&keys.alive(&id))
-            .await
-            .map_err(registry_error)?
-            .is_some();
-        cells.push(Cell {
-            id,
-            alive: alive && !record.endpoint.is_empty(),
-            endpoint: record.endpoint,
-        });
-    }
-    cells.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(cells)
-}
 
 /// The tenant's record, placement and their mod revisions, once it is suspended and not
 /// moving.
@@ -102,8 +71,8 @@ async fn reachable(
     channels: &CellChannels,
     tenant: &TenantId,
     placement: &PlacementRecord,
-) -> Result<Vec<Cell>, ApiError> {
-    let cells = cells(registry, keys).await?;
+) -> Result<Vec<RegisteredCell>, ApiError> {
+    let cells = api::cells(registry, keys).await?;
     let down: Vec<String> = cells
         .iter()
         .filter(|c| !c.alive)
@@ -123,7 +92,7 @@ async fn reachable(
         tenant_id: tenant.to_string(),
     };
     let backlog = channels
-        .client(&home.id, &home.endpoint)?
+        .client(&home.id, &home.record.endpoint)?
         .tenant_backlog(request)
         .await
         .map_err(|s| ApiError::Unavailable(format!("cell {}: {}", home.id, s.message())))?
@@ -154,7 +123,7 @@ pub async fn export(
         let unavailable =
             |s: tonic::Status| ApiError::Unavailable(format!("cell {}: {}", cell.id, s.message()));
         let mut stream = channels
-            .client(&cell.id, &cell.endpoint)?
+            .client(&cell.id, &cell.record.endpoint)?
             .export_tenant_data(request)
             .await
             .map_err(unavailable)?
@@ -217,7 +186,7 @@ pub async fn delete(
             tenant_id: tenant.to_string(),
         };
         channels
-            .client(&cell.id, &cell.endpoint)?
+            .client(&cell.id, &cell.record.endpoint)?
             .erase_tenant(request)
             .await
             .map_err(|s| ApiError::Unavailable(format!("cell {}: {}", cell.id, s.message())))?;

@@ -31,7 +31,7 @@ use cellmail_proto::v1;
 use cellmail_proto::{ApiError, CellId, now_ms};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::registry_error;
+use crate::api::{self, registry_error};
 use crate::audit;
 use crate::channels::CellChannels;
 use crate::deployer::Deployer;
@@ -173,46 +173,38 @@ fn rate_check(
 /// The checks of a wave's gate: `wave`'s figures against `baseline`'s.
 pub fn gate(wave: &HealthFigures, baseline: &HealthFigures, config: &GateConfig) -> Vec<GateCheck> {
     let min = config.min_attempts;
-    let mut checks = vec![
-        rate_check(
+    type Rate = fn(&HealthFigures) -> (u64, u64);
+    let rates: [(&str, Rate, f64); 5] = [
+        (
             "send error rate",
-            (wave.send_failures, wave.send_attempts),
-            (baseline.send_failures, baseline.send_attempts),
+            |f| (f.send_failures, f.send_attempts),
             config.max_error_rate_delta,
-            min,
         ),
-        rate_check(
+        (
             "accept error rate",
-            (wave.accept_errors, wave.accepts + wave.accept_errors),
-            (
-                baseline.accept_errors,
-                baseline.accepts + baseline.accept_errors,
-            ),
+            |f| (f.accept_errors, f.accepts + f.accept_errors),
             config.max_error_rate_delta,
-            min,
         ),
-        rate_check(
+        (
             "bounce rate",
-            (wave.bounces, wave.sent),
-            (baseline.bounces, baseline.sent),
+            |f| (f.bounces, f.sent),
             config.max_bounce_rate_delta,
-            min,
         ),
-        rate_check(
+        (
             "complaint rate",
-            (wave.complaints, wave.sent),
-            (baseline.complaints, baseline.sent),
+            |f| (f.complaints, f.sent),
             config.max_complaint_rate_delta,
-            min,
         ),
-        rate_check(
+        (
             "dead-letter rate",
-            (wave.dead_letters, wave.send_attempts),
-            (baseline.dead_letters, baseline.send_attempts),
+            |f| (f.dead_letters, f.send_attempts),
             config.max_dead_letter_rate_delta,
-            min,
         ),
     ];
+    let mut checks: Vec<GateCheck> = rates
+        .into_iter()
+        .map(|(name, of, limit)| rate_check(name, of(wave), of(baseline), limit, min))
+        .collect();
     let (wave_ms, baseline_ms) = (
         wave.accept_p99_us as f64 / 1000.0,
         baseline.accept_p99_us as f64 / 1000.0,
@@ -521,28 +513,18 @@ pub async fn start(
             state_name(running.state)
         )));
     }
-    let listed = registry.list(&keys.cells()).await.map_err(registry_error)?;
     let mut cells = Vec::new();
-    for kv in listed.entries {
-        let Some(schema::Entity::Cell(id)) = keys.parse(&kv.key) else {
-            continue;
-        };
-        let record: CellRecord = schema::decode(&kv.value)
-            .map_err(|e| ApiError::Internal(format!("unreadable cell {id}: {e}")))?;
-        if record.state == CellState::Disabled {
+    for cell in api::cells(registry, keys).await? {
+        if cell.record.state == CellState::Disabled {
             continue;
         }
-        if registry
-            .get(&keys.alive(&id))
-            .await
-            .map_err(registry_error)?
-            .is_none()
-        {
+        if !cell.alive {
             return Err(ApiError::FailedPrecondition(format!(
-                "cell {id} is down: a rollout gates on every cell it rolls (disable the cell to leave it out)"
+                "cell {} is down: a rollout gates on every cell it rolls (disable the cell to leave it out)",
+                cell.id
             )));
         }
-        cells.push(id);
+        cells.push(cell.id);
     }
     let waves = plan_waves(&cells, request.canary.as_ref(), &request.waves)?;
     let now = now_ms();
@@ -753,7 +735,7 @@ impl Roller {
                 }
                 wave.before = self.figures(&wave.cells, record.bake_ms).await.ok();
                 wave.state = WaveState::Deploying;
-                record.detail = format!("deploying {version} to {:?}", wave.cells);
+                record.detail = format!("deploying {version} to {}", names(&wave.cells));
             }
             WaveState::Deploying => {
                 let targets: Vec<_> = wave
@@ -765,7 +747,8 @@ impl Roller {
                     Ok(()) => {
                         wave.state = WaveState::Readying;
                         wave.ready_by_ms = now + record.ready_timeout_ms;
-                        record.detail = format!("waiting for {:?} to serve {version}", wave.cells);
+                        record.detail =
+                            format!("waiting for {} to serve {version}", names(&wave.cells));
                     }
                     Err(err) => {
                         record.detail = err;
@@ -778,7 +761,7 @@ impl Roller {
                 None => {
                     wave.state = WaveState::Baking;
                     wave.bake_until_ms = now + record.bake_ms;
-                    record.detail = format!("baking {:?} on {version}", wave.cells);
+                    record.detail = format!("baking {} on {version}", names(&wave.cells));
                 }
                 Some(waiting) if now > wave.ready_by_ms => {
                     record.detail = format!(
@@ -1013,6 +996,14 @@ impl Roller {
             Err(failures(&wave.checks))
         }
     }
+}
+
+fn names(cells: &[CellId]) -> String {
+    cells
+        .iter()
+        .map(CellId::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A wave that failed: its cells go back to their previous versions.

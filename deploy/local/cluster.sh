@@ -12,7 +12,7 @@
 #   CELLMAIL_LOCAL_CELLS    cells to start (3)
 #   CELLMAIL_LOCAL_ETCD     host:port of an etcd to use instead of starting one
 #   CELLMAIL_REGISTRY_PREFIX  key prefix in etcd (/cellmail/)
-#   CELLMAIL_BIN_DIR        where the binaries are (target/release, built if missing)
+#   CELLMAIL_BIN_DIR        where the built binaries are (default: build target/release)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 . "$ROOT/deploy/local/lib.sh"
@@ -30,30 +30,23 @@ daemon() {
   echo $! >"$DIR/$name.pid"
 }
 
+# wait_tcp HOST:PORT: waits (30 s at most) until something listens there.
 wait_tcp() {
-  python3 - "$1" <<'PY'
-import socket, sys, time
-host, port = sys.argv[1].rsplit(":", 1)
-deadline = time.time() + 30
-while True:
-    try:
-        socket.create_connection((host, int(port)), timeout=1).close()
-        break
-    except OSError as err:
-        if time.time() > deadline:
-            sys.exit(f"{sys.argv[1]} did not accept connections within 30 s: {err}")
-        time.sleep(0.1)
-PY
+  local deadline=$((SECONDS + 30))
+  until (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; do
+    [ "$SECONDS" -lt "$deadline" ] || { echo "$1 did not accept connections within 30 s" >&2; return 1; }
+    sleep 0.1
+  done
 }
 
 start() {
   need_packages python3:python3
-  if [ ! -x "$BIN/cellmail-control" ]; then
-    [ -z "${CELLMAIL_BIN_DIR:-}" ] || { echo "no binaries in $BIN" >&2; exit 1; }
+  if [ -z "${CELLMAIL_BIN_DIR:-}" ]; then
     need_cargo
     need_packages protoc:protobuf-compiler
-    (cd "$ROOT" && cargo build --release --locked --bins)
+    (cd "$ROOT" && cargo build --release --locked -p cellmail -p cellmail-cell -p cellmail-router -p cellmail-control)
   fi
+  [ -x "$BIN/cellmail-control" ] || { echo "no cellmail binaries in $BIN" >&2; exit 1; }
   mkdir -p "$DIR/releases/$RELEASE" "$DIR/cells"
   [ -e "$DIR/releases/$RELEASE/cellmail-cell" ] || ln -s "$BIN/cellmail-cell" "$DIR/releases/$RELEASE/cellmail-cell"
 

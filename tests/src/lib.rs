@@ -228,9 +228,15 @@ impl Drop for Platform {
 
 /// Runs the CLI as an operator of `platform` and parses its JSON output.
 pub fn cellmail(platform: &Platform, args: &[&str]) -> serde_json::Value {
+    let token = platform.admin_token().unwrap();
+    cellmail_with(&[("CELLMAIL_ADMIN_TOKEN", &token)], args)
+}
+
+/// Runs the CLI with `env` and parses its JSON output.
+pub fn cellmail_with(env: &[(&str, &str)], args: &[&str]) -> serde_json::Value {
     let output = Command::new(binary("cellmail").unwrap())
         .args(args)
-        .env("CELLMAIL_ADMIN_TOKEN", platform.admin_token().unwrap())
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     assert!(
@@ -375,4 +381,31 @@ pub fn keys_in(dir: &std::path::Path) -> std::collections::HashMap<String, usize
         *keys.entry(key).or_default() += 1;
     }
     keys
+}
+
+/// Waits (20 s at most) until `n` registered cells are as `wanted` says; returns them all.
+pub async fn cells_until(
+    control: &Control,
+    wanted: impl Fn(&v1::CellInfo) -> bool,
+    n: usize,
+) -> Vec<v1::CellInfo> {
+    let cells = until_ok(Duration::from_secs(20), || {
+        let mut control = control.clone();
+        let wanted = &wanted;
+        async move {
+            let cells = control
+                .list_cells(v1::ListCellsRequest {})
+                .await?
+                .into_inner()
+                .cells;
+            match cells.iter().filter(|c| wanted(c)).count() {
+                found if found == n => Ok(cells),
+                found => Err(tonic::Status::unavailable(format!(
+                    "{found} of {n} cells as wanted: {cells:?}"
+                ))),
+            }
+        }
+    })
+    .await;
+    cells.unwrap()
 }

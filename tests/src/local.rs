@@ -99,6 +99,17 @@ impl LocalCluster {
         )
     }
 
+    /// Runs the CLI against control plane 0 and parses its `--json` output.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let env = [
+            ("CELLMAIL_CONTROL", self.var("CELLMAIL_CONTROL")?),
+            ("CELLMAIL_ADMIN_TOKEN", self.var("CELLMAIL_ADMIN_TOKEN")?),
+        ];
+        let mut all = args.to_vec();
+        all.push("--json");
+        Ok(crate::cellmail_with(&env, &all))
+    }
+
     /// SIGKILLs control plane `n`, as in a crash.
     pub fn kill_control(&self, n: usize) -> anyhow::Result<()> {
         let pid = std::fs::read_to_string(self.dir.path().join(format!("control-{}.pid", n + 1)))?;

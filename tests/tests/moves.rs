@@ -358,22 +358,7 @@ mod deployed {
     }
 
     async fn wait_for_cells(control: &Control) {
-        let alive = until_ok(Duration::from_secs(20), || {
-            let mut control = control.clone();
-            async move {
-                let cells = control
-                    .list_cells(v1::ListCellsRequest {})
-                    .await?
-                    .into_inner()
-                    .cells;
-                match cells.iter().filter(|c| c.alive).count() {
-                    2 => Ok(()),
-                    n => Err(tonic::Status::unavailable(format!("{n} of 2 cells alive"))),
-                }
-            }
-        })
-        .await;
-        alive.unwrap();
+        cellmail_tests::cells_until(control, |c| c.alive, 2).await;
     }
 }
 

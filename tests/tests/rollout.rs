@@ -12,7 +12,7 @@ use std::time::Duration;
 use cellmail_proto::v1;
 use cellmail_tests::local::LocalCluster;
 use cellmail_tests::services::{etcd_endpoint, unique_prefix};
-use cellmail_tests::{Control, keys_in, message, send_retrying, until_ok, wait_for};
+use cellmail_tests::{Control, cells_until, keys_in, message, send_retrying, until_ok, wait_for};
 use tonic::transport::Channel;
 
 type Sender = v1::sender_client::SenderClient<Channel>;
@@ -61,6 +61,18 @@ impl Drill {
         }
     }
 
+    /// Starts `request`'s rollout while every tenant sends; returns it with the traffic's
+    /// stop switch and its task (which returns what it sent).
+    async fn start_under_traffic(
+        &mut self,
+        request: v1::StartRolloutRequest,
+    ) -> (v1::RolloutInfo, Traffic) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sending = self.traffic(stop.clone());
+        let started = self.control.start_rollout(request).await.unwrap();
+        (started.into_inner(), Traffic { stop, sending })
+    }
+
     /// Sends for every tenant, one message each 20 ms, until `stop`; each send is retried
     /// with its idempotency key while a cell restarts. Returns each tenant's keys.
     fn traffic(&self, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<HashMap<String, usize>> {
@@ -107,29 +119,22 @@ impl Drill {
     }
 }
 
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    sending: tokio::task::JoinHandle<HashMap<String, usize>>,
+}
+
+impl Traffic {
+    /// Stops sending; what each tenant sent.
+    async fn stop(self) -> HashMap<String, usize> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.sending.await.unwrap()
+    }
+}
+
 /// Waits until all three cells are up on `release`.
 async fn wait_for_cells(control: &Control, release: &str) {
-    let up = until_ok(Duration::from_secs(30), || {
-        let mut control = control.clone();
-        async move {
-            let cells = control
-                .list_cells(v1::ListCellsRequest {})
-                .await?
-                .into_inner()
-                .cells;
-            let serving = cells
-                .iter()
-                .filter(|c| c.alive && c.version == release)
-                .count();
-            if serving == CELLS.len() {
-                Ok(cells)
-            } else {
-                Err(tonic::Status::unavailable(format!("{cells:?}")))
-            }
-        }
-    })
-    .await;
-    let cells = up.unwrap();
+    let cells = cells_until(control, |c| c.alive && c.version == release, CELLS.len()).await;
     assert!(cells.iter().all(|c| !c.build.is_empty()), "{cells:?}");
 }
 
@@ -177,6 +182,22 @@ async fn rollout_until(
     }
 }
 
+/// The rollout entries of the audit trail: (action, reason).
+async fn rollout_audit(control: &Control) -> Vec<(String, String)> {
+    let audit = control
+        .clone()
+        .list_audit(v1::ListAuditRequest::default())
+        .await;
+    audit
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .filter(|e| e.action.starts_with("rollout."))
+        .map(|e| (e.action, e.reason))
+        .collect()
+}
+
 fn ended(rollout: &v1::RolloutInfo) -> bool {
     matches!(
         rollout.state.as_str(),
@@ -200,19 +221,12 @@ fn pairs(deploys: &[(&str, &str)]) -> Vec<(String, String)> {
 async fn a_good_release_goes_out_wave_by_wave_with_every_message_sent_once() {
     let mut drill = Drill::start("rollout-good").await;
     drill.cluster.release("v2", &[]).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic = drill.traffic(stop.clone());
-
-    let started = drill
-        .control
-        .start_rollout(start("v2", "", "1,2,100%", 3))
-        .await
-        .unwrap()
-        .into_inner();
+    let (started, traffic) = drill
+        .start_under_traffic(start("v2", "", "1,2,100%", 3))
+        .await;
     assert_eq!(started.waves.len(), 3);
     let done = rollout_until(&drill.control, &started.id, ended).await;
-    stop.store(true, Ordering::Relaxed);
-    let sent = traffic.await.unwrap();
+    let sent = traffic.stop().await;
 
     assert_eq!(done.state, "COMPLETED", "{done:#?}");
     for wave in &done.waves {
@@ -246,21 +260,14 @@ async fn a_release_failing_its_sends_stops_at_the_canary_which_is_rolled_back_lo
         .cluster
         .release("v2-bad", &["--fault-send-failure-ratio", "0.5"])
         .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic = drill.traffic(stop.clone());
-
-    let started = drill
-        .control
-        .start_rollout(start("v2-bad", "cell-2", "1,100%", 4))
-        .await
-        .unwrap()
-        .into_inner();
+    let (started, traffic) = drill
+        .start_under_traffic(start("v2-bad", "cell-2", "1,100%", 4))
+        .await;
     assert_eq!(started.waves[0].cells, vec!["cell-2"]);
     let done = rollout_until(&drill.control, &started.id, ended).await;
     // Sends go on a while after the rollback: the canary serves on the previous release.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let sent = traffic.await.unwrap();
+    let sent = traffic.stop().await;
 
     assert_eq!(done.state, "ROLLED_BACK", "{done:#?}");
     let canary = &done.waves[0];
@@ -280,18 +287,8 @@ async fn a_release_failing_its_sends_stops_at_the_canary_which_is_rolled_back_lo
     wait_for_cells(&drill.control, "v1").await;
     // The sends the bad release failed were retried, not dropped.
     drill.all_delivered_once(&sent).await;
-    let audit = drill
-        .control
-        .list_audit(v1::ListAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let actions: Vec<_> = audit
-        .entries
-        .iter()
-        .map(|e| e.action.as_str())
-        .filter(|a| a.starts_with("rollout."))
-        .collect();
+    let actions: Vec<_> = rollout_audit(&drill.control).await;
+    let actions: Vec<_> = actions.iter().map(|(a, _)| a.as_str()).collect();
     assert_eq!(
         actions,
         ["rollout.start", "rollout.wave.fail", "rollout.finish"]
@@ -347,4 +344,110 @@ async fn a_standby_carries_the_rollout_on_from_the_wave_its_leader_left() {
     deploys.sort();
     assert_eq!(deploys, pairs(&[("cell-2", "v2"), ("cell-3", "v2")]));
     wait_for_cells(&standby, "v2").await;
+}
+
+fn field(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status.get_details_bad_request().unwrap().field_violations[0]
+        .field
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_pause_resume_and_abort_and_bad_requests_name_their_field() {
+    let mut drill = Drill::start("rollout-operate").await;
+    drill.cluster.release("v2", &[]).unwrap();
+    let c = &mut drill.control;
+    for (request, want) in [
+        (start("", "", "1,100%", 1), "version"),
+        (start("v2 beta", "", "1,100%", 1), "version"),
+        (start("v2", "", "1,50%", 1), "waves"),
+        (start("v2", "cell-9", "1,100%", 1), "canary"),
+        (
+            v1::StartRolloutRequest {
+                gate: Some(v1::GateThresholds {
+                    max_complaint_rate_delta: Some(-1.0),
+                    ..Default::default()
+                }),
+                ..start("v2", "", "1,100%", 1)
+            },
+            "gate.max_complaint_rate_delta",
+        ),
+    ] {
+        let refused = c.start_rollout(request).await.unwrap_err();
+        assert_eq!(field(&refused), want);
+    }
+    let none = c.get_rollout(v1::GetRolloutRequest::default()).await;
+    assert_eq!(
+        none.unwrap_err().code(),
+        tonic::Code::NotFound,
+        "nothing was started"
+    );
+
+    // Through the CLI, as an operator would: a long bake, paused and resumed, then aborted.
+    let started = drill
+        .cluster
+        .cli(&[
+            "rollout",
+            "start",
+            "--version",
+            "v2",
+            "--waves",
+            "1,100%",
+            "--bake",
+            "10m",
+        ])
+        .unwrap();
+    assert_eq!(started["state"], "RUNNING");
+    let id = started["id"].as_str().unwrap().to_owned();
+    let again = c
+        .start_rollout(start("v2", "", "1,100%", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        again.code(),
+        tonic::Code::FailedPrecondition,
+        "one rollout at a time"
+    );
+    rollout_until(c, &id, |r| r.waves[0].state == "BAKING").await;
+    let paused = drill
+        .cluster
+        .cli(&["rollout", "pause", "--reason", "looking"])
+        .unwrap();
+    assert_eq!(paused["state"], "PAUSED");
+    let resumed = drill.cluster.cli(&["rollout", "resume"]).unwrap();
+    assert_eq!(resumed["state"], "RUNNING");
+    assert_eq!(resumed["waves"][0]["state"], "BAKING");
+    drill
+        .cluster
+        .cli(&["rollout", "abort", "--reason", "drill"])
+        .unwrap();
+    let done = rollout_until(c, &id, ended).await;
+    assert_eq!(done.state, "ABORTED", "{done:#?}");
+    assert_eq!(done.waves[0].state, "ROLLED_BACK");
+    assert_eq!(done.waves[1].state, "PENDING");
+    assert_eq!(
+        rollout_deploys(&drill.cluster),
+        pairs(&[("cell-1", "v2"), ("cell-1", "v1")]),
+        "the aborted canary went back; nothing else was touched"
+    );
+    let status = drill.cluster.cli(&["rollout", "status"]).unwrap();
+    assert_eq!(status["state"], "ABORTED");
+    wait_for_cells(c, "v1").await;
+    let actions = rollout_audit(c).await;
+    let actions: Vec<_> = actions
+        .iter()
+        .map(|(a, r)| (a.as_str(), r.as_str()))
+        .collect();
+    assert_eq!(
+        actions[..4],
+        [
+            ("rollout.start", ""),
+            ("rollout.pause", "looking"),
+            ("rollout.resume", ""),
+            ("rollout.abort", "drill")
+        ]
+    );
+    assert_eq!(actions[4].0, "rollout.finish");
 }
