@@ -13,23 +13,47 @@ struct Args {
     /// Print {"rows": [{"figure", "value", "unit", "goal", "met", "note"}]}.
     #[arg(long)]
     json: bool,
+    /// Only these parts (default: all), e.g. `--only neighbours` while working on one.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Part>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    SendPath,
+    Placements,
+    Propagation,
+    Moves,
+    Neighbours,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut rows = send_path::run(args.quick)?;
-    rows.extend(placements::cache_at_scale(if args.quick {
-        100_000
-    } else {
-        1_000_000
-    })?);
-    rows.push(placements::propagation(if args.quick {
-        100
-    } else {
-        1000
-    })?);
-    rows.extend(moves::run(args.quick)?);
-    rows.extend(neighbours::run(args.quick)?);
+    let runs = |part| args.only.is_empty() || args.only.contains(&part);
+    let mut rows = Vec::new();
+    if runs(Part::SendPath) {
+        rows.extend(send_path::run(args.quick)?);
+    }
+    if runs(Part::Placements) {
+        rows.extend(placements::cache_at_scale(if args.quick {
+            100_000
+        } else {
+            1_000_000
+        })?);
+    }
+    if runs(Part::Propagation) {
+        rows.push(placements::propagation(if args.quick {
+            100
+        } else {
+            1000
+        })?);
+    }
+    if runs(Part::Moves) {
+        rows.extend(moves::run(args.quick)?);
+    }
+    if runs(Part::Neighbours) {
+        rows.extend(neighbours::run(args.quick)?);
+    }
     if args.json {
         println!("{}", bench::json(&rows));
     } else {
