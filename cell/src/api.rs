@@ -96,6 +96,17 @@ fn message_pages(
     }
 }
 
+/// Runs `work` on a blocking thread: reads and encodings that walk a tenant's whole state (a
+/// move's copies) would otherwise hold an async thread, and every other tenant's calls on
+/// it, for as long as they take.
+async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::Internal(format!("a store task failed: {e}")))?
+}
+
 /// Runs a fenced write to the end in a task of its own, holding its tenant's gate, even if
 /// the caller goes away: a move's export waits for the gate and must find the write done.
 async fn to_the_end<T: Send + 'static>(
@@ -453,50 +464,57 @@ impl Cell for CellApi {
         let request = request.into_inner();
         let tenant = tenant_id(request.tenant_id)?;
         if request.messages {
-            let as_of_ms = now_ms();
-            let oldest_open_ms = self
-                .store
-                .oldest_open(&tenant)
-                .map_err(storage)?
-                .map_or(as_of_ms, |id| id.at_ms());
-            let after = match request.since_ms {
-                0 => String::new(),
-                since => MessageId::first_at(since).to_string(),
-            };
-            let pages =
-                message_pages(&self.store, &tenant, &after, EXPORT_CHUNK).map_err(storage)?;
-            let chunks: Vec<_> = pages
-                .into_iter()
-                .map(|page| {
-                    let messages = page
-                        .iter()
-                        .map(|record| v1::StoredMessage {
-                            id: record.id.to_string(),
-                            record: serde_json::to_vec(record).unwrap_or_default(),
+            let store = self.store.clone();
+            let chunks = off_thread(move || {
+                let as_of_ms = now_ms();
+                let oldest_open_ms = store
+                    .oldest_open(&tenant)
+                    .map_err(storage)?
+                    .map_or(as_of_ms, |id| id.at_ms());
+                let after = match request.since_ms {
+                    0 => String::new(),
+                    since => MessageId::first_at(since).to_string(),
+                };
+                let pages =
+                    message_pages(&store, &tenant, &after, EXPORT_CHUNK).map_err(storage)?;
+                let chunks: Vec<_> = pages
+                    .into_iter()
+                    .map(|page| {
+                        let messages = page
+                            .iter()
+                            .map(|record| v1::StoredMessage {
+                                id: record.id.to_string(),
+                                record: serde_json::to_vec(record).unwrap_or_default(),
+                            })
+                            .collect();
+                        Ok(v1::TenantChunk {
+                            messages,
+                            as_of_ms,
+                            oldest_open_ms,
+                            ..Default::default()
                         })
-                        .collect();
-                    Ok(v1::TenantChunk {
-                        messages,
-                        as_of_ms,
-                        oldest_open_ms,
-                        ..Default::default()
                     })
-                })
-                .collect();
+                    .collect();
+                Ok(chunks)
+            })
+            .await?;
             return Ok(Response::new(Box::pin(tokio_stream::iter(chunks))));
         }
         if !request.precopy {
             self.acceptor.quiesce(&tenant, Epoch(request.epoch)).await?;
         }
         let since = (!request.precopy && request.since_ms > 0).then_some(request.since_ms);
-        let as_of_ms = now_ms();
-        let export = self
-            .store
-            .export(&tenant, as_of_ms, since)
-            .map_err(storage)?;
-        tracing::info!(%tenant, precopy = request.precopy, suppressions = export.suppressions.len(), keys = export.idempotency.len(), "tenant exported");
-        let chunks = export_chunks(export, as_of_ms).into_iter().map(Ok);
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+        let store = self.store.clone();
+        let chunks = off_thread(move || {
+            let as_of_ms = now_ms();
+            let export = store.export(&tenant, as_of_ms, since).map_err(storage)?;
+            tracing::info!(%tenant, precopy = request.precopy, suppressions = export.suppressions.len(), keys = export.idempotency.len(), "tenant exported");
+            Ok(export_chunks(export, as_of_ms))
+        })
+        .await?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
     }
 
     async fn import_tenant(
@@ -508,8 +526,14 @@ impl Cell for CellApi {
         let mut chunk = request
             .chunk
             .ok_or_else(|| ApiError::invalid("chunk", "is required"))?;
-        let messages = import_messages(&tenant, std::mem::take(&mut chunk.messages))?;
-        let export = import_chunk(chunk)?;
+        let (messages, export) = {
+            let tenant = tenant.clone();
+            off_thread(move || {
+                let messages = import_messages(&tenant, std::mem::take(&mut chunk.messages))?;
+                Ok((messages, import_chunk(chunk)?))
+            })
+            .await?
+        };
         if export != TenantExport::default() {
             self.not_serving(&tenant)?;
             self.store.import(&tenant, export).await.map_err(storage)?;

@@ -4,7 +4,8 @@
 //! freeze window of each move (from the write that froze the placement to the one that
 //! switched it), and what the moves cost a neighbour that stays on the source cell: its p99
 //! send latency while the moves run over the same figure before they start, with the same
-//! load on.
+//! load on. As deployed, each cell and the control plane's mover run apart (each on a runtime
+//! of its own), so one cell's copy work does not run on the other's threads.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,12 +33,14 @@ const NEIGHBOUR_PAUSE: Duration = Duration::from_millis(10);
 pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
     let moves = if quick { 5 } else { 50 };
     let baseline = Duration::from_secs(if quick { 2 } else { 10 });
-    let (cell_rt, router_rt, load_rt) = (
-        runtime("bench-cell")?,
+    let (cell_rts, control_rt, router_rt, load_rt) = (
+        [runtime("bench-cell-1")?, runtime("bench-cell-2")?],
+        runtime("bench-control")?,
         runtime("bench-router")?,
         runtime("bench-load")?,
     );
-    let stage = Stage::new(quick, &cell_rt)?;
+    let cell_rt = &cell_rts[0];
+    let stage = Stage::new(quick, cell_rt)?;
     let (registry, keys) = (stage.registry.clone(), stage.keys.clone());
     let api_key = cell_rt.block_on(seed(registry.as_ref(), &keys, TENANT, UNLIMITED, CELLS[0]))?;
     let neighbour_key = cell_rt.block_on(seed(
@@ -48,9 +51,9 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
         CELLS[0],
     ))?;
     let mut cells = Vec::new();
-    for id in CELLS {
+    for (id, cell_rt) in CELLS.into_iter().zip(&cell_rts) {
         let (_, cell) = start_cell(
-            &cell_rt,
+            cell_rt,
             &registry,
             &keys,
             (stage.dir.path(), id),
@@ -60,7 +63,7 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
         cells.push(cell);
     }
     let router = start_router(&router_rt, &registry, &keys, &stage.shutdown)?;
-    cell_rt.spawn(Mover::new(registry.clone(), keys.clone()).run(stage.shutdown.clone()));
+    control_rt.spawn(Mover::new(registry.clone(), keys.clone()).run(stage.shutdown.clone()));
 
     let (freezes, (sends, seconds), failed, (calm, moving)) = load_rt.block_on(async {
         let client = SenderClient::connect(format!("http://{router}")).await?;
