@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use cellmail_control::rollout::Action;
 use cellmail_proto::v1;
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -162,12 +163,6 @@ pub async fn run(args: RolloutArgs) -> anyhow::Result<()> {
         rollout.detail
     );
     Ok(())
-}
-
-enum Action {
-    Pause,
-    Resume,
-    Abort,
 }
 
 async fn act(

@@ -176,7 +176,7 @@ pub async fn latest(
         .map(|(record, _)| record))
 }
 
-async fn read<T: serde::de::DeserializeOwned>(
+pub(crate) async fn read<T: serde::de::DeserializeOwned>(
     registry: &dyn Registry,
     key: &str,
 ) -> Result<Option<(T, u64)>, ApiError> {

@@ -35,6 +35,7 @@ use crate::api::{self, registry_error};
 use crate::audit;
 use crate::channels::CellChannels;
 use crate::deployer::Deployer;
+use crate::moves;
 use crate::registry::{Compare, Op, Registry};
 use crate::schema::{
     self, AuditRecord, CellRecord, CellState, GateCheck, GateConfig, HealthFigures, Keys,
@@ -446,16 +447,7 @@ pub async fn get(
     let found = if id.is_empty() {
         all(registry, keys).await?.pop()
     } else {
-        let kv = registry
-            .get(&keys.rollout(id))
-            .await
-            .map_err(registry_error)?;
-        kv.map(|kv| {
-            schema::decode(&kv.value)
-                .map(|record| (record, kv.mod_revision))
-                .map_err(|e| ApiError::Internal(format!("unreadable rollout {id}: {e}")))
-        })
-        .transpose()?
+        moves::read(registry, &keys.rollout(id)).await?
     };
     found.ok_or_else(|| {
         ApiError::NotFound(if id.is_empty() {
@@ -893,16 +885,8 @@ impl Roller {
     }
 
     async fn cell(&self, cell: &CellId) -> Result<Option<CellRecord>, ApiError> {
-        let kv = self
-            .registry
-            .get(&self.keys.cell(cell))
-            .await
-            .map_err(registry_error)?;
-        kv.map(|kv| {
-            schema::decode(&kv.value)
-                .map_err(|e| ApiError::Internal(format!("unreadable cell {cell}: {e}")))
-        })
-        .transpose()
+        let read = moves::read(self.registry.as_ref(), &self.keys.cell(cell)).await?;
+        Ok(read.map(|(record, _)| record))
     }
 
     /// `cell`'s health report over `window_ms`, from the process itself.
