@@ -297,6 +297,12 @@ enum Write {
         ids: Vec<MessageId>,
         at_ms: u64,
     },
+    /// Marks a lane's parked messages that are still queued held: its class is paused.
+    Hold {
+        tenant: TenantId,
+        class: MessageClass,
+        at_ms: u64,
+    },
     /// Another cell's export of a tenant's state.
     Import {
         tenant: TenantId,
@@ -347,6 +353,31 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageError> {
 
 fn err(e: impl std::fmt::Display) -> StorageError {
     StorageError::from_display(e)
+}
+
+/// Why a breaker's held mail waits.
+const HELD_REASON: &str = "its class is paused by the tenant's breaker";
+
+/// Moves message `id` from state `from` to `to` with `event`; a message in another state (or
+/// none) is left as it is.
+fn restate(
+    txn: &WriteTransaction,
+    id: &str,
+    from: MessageState,
+    to: MessageState,
+    event: &MessageEvent,
+) -> Result<(), StorageError> {
+    let mut messages = txn.open_table(MESSAGES).map_err(err)?;
+    let found: Option<MessageRecord> = match messages.get(id).map_err(err)? {
+        Some(row) => Some(parse(row.value())?),
+        None => None,
+    };
+    if let Some(mut record) = found.filter(|r| r.state == from) {
+        record.state = to;
+        record.events.push(event.clone());
+        messages.insert(id, json(&record).as_slice()).map_err(err)?;
+    }
+    Ok(())
 }
 
 fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> {
@@ -525,19 +556,40 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             Ok(Written::Found(removed))
         }
         Write::Release { ids, at_ms } => {
-            let mut messages = txn.open_table(MESSAGES).map_err(err)?;
-            for id in ids.iter().map(MessageId::to_string) {
-                let found: Option<MessageRecord> = match messages.get(id.as_str()).map_err(err)? {
-                    Some(row) => Some(parse(row.value())?),
-                    None => None,
-                };
-                if let Some(mut record) = found.filter(|r| r.state == MessageState::Held) {
-                    record.state = MessageState::Queued;
-                    record.events.push(event(EventKind::Released, at_ms, ""));
-                    messages
-                        .insert(id.as_str(), json(&record).as_slice())
-                        .map_err(err)?;
+            let released = event(EventKind::Released, at_ms, "");
+            for id in &ids {
+                restate(
+                    txn,
+                    &id.to_string(),
+                    MessageState::Held,
+                    MessageState::Queued,
+                    &released,
+                )?;
+            }
+            Ok(Written::Found(!ids.is_empty()))
+        }
+        Write::Hold {
+            tenant,
+            class,
+            at_ms,
+        } => {
+            let ids: Vec<String> = {
+                let table = txn.open_table(PARKED).map_err(err)?;
+                let (t, c) = (tenant.as_str(), class.as_str());
+                let mut ids = Vec::new();
+                for row in table.range((t, c, "")..).map_err(err)? {
+                    let (key, _) = row.map_err(err)?;
+                    let (owner, of_class, id) = key.value();
+                    if owner != t || of_class != c {
+                        break;
+                    }
+                    ids.push(id.to_owned());
                 }
+                ids
+            };
+            let held = event(EventKind::Held, at_ms, HELD_REASON);
+            for id in &ids {
+                restate(txn, id, MessageState::Queued, MessageState::Held, &held)?;
             }
             Ok(Written::Found(!ids.is_empty()))
         }
@@ -905,11 +957,10 @@ impl Store {
         &self,
         entries: Vec<(MessageRecord, Parked, bool)>,
     ) -> Result<(), StorageError> {
-        let reason = "its class is paused by the tenant's breaker";
         let entries = entries
             .into_iter()
             .map(|(seed, parked, held)| {
-                let held = held.then(|| event(EventKind::Held, now_ms(), reason));
+                let held = held.then(|| event(EventKind::Held, now_ms(), HELD_REASON));
                 (seed, parked, held)
             })
             .collect();
@@ -976,6 +1027,22 @@ impl Store {
             id,
         };
         self.found(write, true).await.map(|_| ())
+    }
+
+    /// Marks the messages parked for `tenant`'s `class` that are still queued held (mail
+    /// parked because its lane was full when the class was paused).
+    pub async fn hold(
+        &self,
+        tenant: &TenantId,
+        class: MessageClass,
+        at_ms: u64,
+    ) -> Result<(), StorageError> {
+        let write = Write::Hold {
+            tenant: tenant.clone(),
+            class,
+            at_ms,
+        };
+        self.found(write, false).await.map(|_| ())
     }
 
     /// Marks held messages queued again, now that their breaker is resumed.

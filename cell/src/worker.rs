@@ -102,6 +102,8 @@ struct Lanes {
     parked: HashSet<(MessageClass, TenantId)>,
     /// Parked messages loaded into a lane and not settled yet.
     loaded: HashSet<MessageId>,
+    /// Paused lanes whose parked messages are marked held, for as long as the pause lasts.
+    holding: HashSet<(MessageClass, TenantId)>,
 }
 
 impl Lanes {
@@ -437,12 +439,22 @@ impl Worker {
         Ok(())
     }
 
-    /// Loads parked mail, oldest first, into lanes with room whose class is not paused.
+    /// Loads parked mail, oldest first, into lanes with room whose class is not paused; the
+    /// parked mail of a paused class (overflow parked before the pause too) is marked held.
     async fn refill(&self) -> anyhow::Result<()> {
         let parked: Vec<(MessageClass, TenantId)> = self.lanes().parked.iter().cloned().collect();
         for (class, tenant) in parked {
+            let lane = (class, tenant.clone());
+            if self.gate.paused(&tenant, class) {
+                if !self.lanes().holding.contains(&lane) {
+                    self.store.hold(&tenant, class, now_ms()).await?;
+                    self.lanes().holding.insert(lane);
+                }
+                continue;
+            }
+            self.lanes().holding.remove(&lane);
             let room = LANE_CAP.saturating_sub(self.lanes().len(class, &tenant));
-            if room < LANE_CAP / 2 || self.gate.paused(&tenant, class) {
+            if room < LANE_CAP / 2 {
                 continue;
             }
             let (ready, any) = self.store.parked(&tenant, class, 2 * LANE_CAP, now_ms())?;
@@ -888,6 +900,82 @@ mod tests {
                 .is_empty(),
             "the held message left the queue"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mail_parked_behind_a_full_lane_is_held_once_its_class_is_paused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
+        let queue: Arc<dyn Queue> = Arc::new(
+            LocalQueue::open(&dir.path().join("queue.redb"), QueueConfig::default()).unwrap(),
+        );
+        let messages: Vec<Message> = (0..3 * LANE_CAP)
+            .map(|_| Message {
+                class: MessageClass::Marketing,
+                ..message()
+            })
+            .collect();
+        let tenant = messages[0].tenant.clone();
+        for m in &messages {
+            let accepted = crate::message::Accepted {
+                message_id: m.id,
+                recipients: Vec::new(),
+            };
+            store
+                .accepted(None, accepted, m.queued_record(), now_ms())
+                .await
+                .unwrap();
+            queue
+                .send(QueueKind::Marketing, serde_json::to_vec(m).unwrap())
+                .await
+                .unwrap();
+        }
+        // No sender: one lane's worth waits in the lane, the rest is parked as overflow.
+        let gate = Arc::new(Paused::default());
+        let (shutdown, tasks) = spawn_senders(
+            &store,
+            &queue,
+            Arc::new(Counting::default()),
+            gate.clone(),
+            0,
+        );
+        let parked = || {
+            store
+                .parked(&tenant, MessageClass::Marketing, usize::MAX, u64::MAX)
+                .unwrap()
+                .0
+        };
+        let state = |id| store.message(&tenant, id).unwrap().unwrap().state;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while parked().len() < 2 * LANE_CAP {
+            assert!(Instant::now() < deadline, "the overflow was not parked");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            parked()
+                .iter()
+                .all(|(id, _)| state(*id) == MessageState::Queued)
+        );
+
+        gate.0
+            .lock()
+            .unwrap()
+            .insert((tenant.clone(), MessageClass::Marketing));
+        while !parked()
+            .iter()
+            .all(|(id, _)| state(*id) == MessageState::Held)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the parked overflow was not held"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(parked().len(), 2 * LANE_CAP, "held mail stays parked");
     }
 
     /// Sends slowly, recording whose message went out in which order.

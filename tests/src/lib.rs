@@ -146,7 +146,18 @@ impl Platform {
             .arg(self.child.id().to_string())
             .status()?;
         anyhow::ensure!(status.success(), "kill -TERM failed");
-        let exit = self.child.wait()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let exit = loop {
+            if let Some(exit) = self.child.try_wait()? {
+                break exit;
+            }
+            // Dropping `self` kills it.
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "cellmail up did not exit within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
         anyhow::ensure!(exit.success(), "cellmail up exited with {exit}");
         Ok(())
     }

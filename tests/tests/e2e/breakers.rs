@@ -2,8 +2,8 @@
 //! marketing mail only; its queued mail is held, not dropped; the operator's resume releases
 //! it, and the trip and the resume are in the audit trail.
 
-use std::collections::HashSet;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
 
 use cellmail_proto::v1::{self, sender_client::SenderClient};
 use cellmail_tests::{Platform, authorized, get_message, message, wait_for};
@@ -22,19 +22,36 @@ async fn state(sender: &SenderClient<Channel>, key: &str, id: &str) -> String {
     get_message(sender, key, id).await.unwrap().state
 }
 
-/// The states of `ids`, once none of them is still QUEUED.
-async fn settled(sender: &mut SenderClient<Channel>, key: &str, ids: &[String]) -> Vec<String> {
-    for _ in 0..600 {
+/// The states of `ids` once every one satisfies `done`; panics after 30 s with the count of
+/// each state they were in.
+async fn states_when(
+    sender: &mut SenderClient<Channel>,
+    key: &str,
+    ids: &[String],
+    done: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
         let mut states = Vec::with_capacity(ids.len());
         for id in ids {
             states.push(state(sender, key, id).await);
         }
-        if states.iter().all(|s| s != "QUEUED") {
+        if states.iter().all(|s| done(s)) {
             return states;
+        }
+        if Instant::now() > deadline {
+            let mut counts = BTreeMap::new();
+            for s in &states {
+                *counts.entry(s.as_str()).or_insert(0) += 1;
+            }
+            panic!("after 30 s the messages are {counts:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("messages still queued after 30 s");
+}
+
+fn not_queued(state: &str) -> bool {
+    state != "QUEUED"
 }
 
 fn mail_ids(platform: &Platform, tenant: &str) -> HashSet<String> {
@@ -96,7 +113,7 @@ async fn complaints_pause_one_tenants_marketing_only_and_resume_releases_the_hel
     let platform = Platform::start(dir.path(), &["--cells", "1", "--cell-workers", "1"]).unwrap();
     let mut sender = platform.sender().await.unwrap();
     assert!(
-        settled(&mut sender, &a, &first)
+        states_when(&mut sender, &a, &first, not_queued)
             .await
             .iter()
             .all(|s| s == "SENT")
@@ -112,7 +129,7 @@ async fn complaints_pause_one_tenants_marketing_only_and_resume_releases_the_hel
     })
     .await
     .unwrap();
-    let states = settled(&mut sender, &a, &queued).await;
+    let states = states_when(&mut sender, &a, &queued, not_queued).await;
     let held: Vec<&String> = queued
         .iter()
         .zip(&states)
@@ -188,18 +205,7 @@ async fn complaints_pause_one_tenants_marketing_only_and_resume_releases_the_hel
         "list cleaned",
     ]);
     assert_eq!(resumed["resumed_classes"][0], "marketing", "{resumed}");
-    let mut states = Vec::new();
-    for _ in 0..600 {
-        states = settled(&mut sender, &a, &queued).await;
-        if states.iter().all(|s| s == "SENT") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        states.iter().all(|s| s == "SENT"),
-        "not all released: {states:?}"
-    );
+    states_when(&mut sender, &a, &queued, |s| s == "SENT").await;
     let delivered = mail_ids(&platform, "noisy");
     queued.extend(first);
     assert!(
