@@ -66,6 +66,14 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
                     }
                     commit_batch(&db, &apply, &mut batch);
                 }
+                // Closing: make the last lazy commits durable, so a clean stop forgets none.
+                let flushed = db
+                    .begin_write()
+                    .map_err(StorageError::from_display)
+                    .and_then(|txn| txn.commit().map_err(StorageError::from_display));
+                if let Err(err) = flushed {
+                    tracing::error!(%err, "the last commit before closing failed");
+                }
             })
             .map_err(StorageError::from_display)?;
         Ok(Self {
@@ -95,6 +103,11 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
     /// once all are durable.
     pub async fn submit_all(&self, ops: Vec<Op>) -> Result<Vec<Out>, StorageError> {
         self.submit_many(ops, true).await
+    }
+
+    /// [`GroupCommit::submit_all`] without waiting for an fsync (see `submit_lazy`).
+    pub async fn submit_all_lazy(&self, ops: Vec<Op>) -> Result<Vec<Out>, StorageError> {
+        self.submit_many(ops, false).await
     }
 
     async fn submit_many(&self, ops: Vec<Op>, durable: bool) -> Result<Vec<Out>, StorageError> {

@@ -39,8 +39,10 @@ const VISIBILITY: Duration = Duration::from_secs(60);
 /// long an idle sender waits before looking at the lanes again.
 const IDLE_WAIT: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// Messages one tenant's lane holds for one class; more are parked in the store.
-pub const LANE_CAP: usize = 32;
+/// Messages one tenant's lane holds for one class; more are parked in the store. A tenant's
+/// burst up to this size waits in memory, where the lanes take turns, instead of being
+/// parked first (a store write for every batch received) in front of the next tenant's mail.
+pub const LANE_CAP: usize = 256;
 /// Messages all lanes hold together; intake waits for room beyond this.
 const BUFFER: usize = 512;
 /// Attempts of a parked message before it is dead-lettered, as the queues' redrive does.

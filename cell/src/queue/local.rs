@@ -1,9 +1,13 @@
 //! The embedded queue: messages in one redb file, the visible/in-flight index in memory.
 //!
 //! Sends, receive counts, dead-letter moves and deletes go through a group commit, so every
-//! acknowledged send is fsynced and many concurrent sends share one fsync. Visibility is kept
-//! in memory only: after a restart every message not deleted is visible again, which is what
-//! SQS does for messages whose visibility timeout ran out.
+//! acknowledged send and dead-letter move is fsynced and many concurrent sends share one
+//! fsync. Receive counts and deletes are committed without waiting for an fsync (the next
+//! fsync makes them durable): a crash may forget the last of them, so a message comes back
+//! once more or counts one receive fewer. Delivery is at least once either way, as on SQS,
+//! and consumers settle a message once (the cell's store records what it sent). Visibility
+//! is kept in memory only: after a restart every message not deleted is visible again, which
+//! is what SQS does for messages whose visibility timeout ran out.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -185,12 +189,14 @@ impl LocalQueue {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn write(&self, writes: Vec<Write>) -> Result<(), QueueError> {
-        self.writes
-            .submit_all(writes)
-            .await
-            .map(|_| ())
-            .map_err(|e| QueueError::Storage(e.0))
+    /// Commits `writes`; returns once they are fsynced too when `durable`.
+    async fn write(&self, writes: Vec<Write>, durable: bool) -> Result<(), QueueError> {
+        let committed = if durable {
+            self.writes.submit_all(writes).await
+        } else {
+            self.writes.submit_all_lazy(writes).await
+        };
+        committed.map(|_| ()).map_err(|e| QueueError::Storage(e.0))
     }
 
     /// Takes up to `max` visible messages of `kind`, moving the ones received too often to
@@ -241,7 +247,7 @@ impl LocalQueue {
             seq,
             count,
         }));
-        self.write(writes).await?;
+        self.write(writes, !dead.is_empty()).await?;
         if !dead.is_empty() {
             tracing::warn!(queue = ?kind, count = dead.len(), "messages received too often; dead-lettered");
             let mut state = self.lock();
@@ -275,7 +281,7 @@ impl Queue for LocalQueue {
             state.next_seq += 1;
             state.next_seq - 1
         };
-        self.write(vec![Write::Insert { kind: k, seq, body }])
+        self.write(vec![Write::Insert { kind: k, seq, body }], true)
             .await?;
         self.lock().lanes[k as usize].ready.push_back((seq, 0));
         self.visible.notify_waiters();
@@ -325,6 +331,7 @@ impl Queue for LocalQueue {
                 .into_iter()
                 .map(|seq| Write::Remove { kind: k, seq })
                 .collect(),
+            false,
         )
         .await
     }
@@ -361,5 +368,36 @@ mod tests {
         assert_eq!(parse_receipt("12.3"), Some((12, 3)));
         assert_eq!(parse_receipt("12"), None);
         assert_eq!(parse_receipt("a.b"), None);
+    }
+
+    #[tokio::test]
+    async fn deletes_and_receive_counts_survive_a_clean_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.redb");
+        let kind = QueueKind::Transactional;
+        {
+            let queue = LocalQueue::open(&path, QueueConfig::default()).unwrap();
+            for body in [b"kept".to_vec(), b"deleted".to_vec()] {
+                queue.send(kind, body).await.unwrap();
+            }
+            let received = queue
+                .receive(kind, 10, Duration::from_secs(60), Duration::ZERO)
+                .await
+                .unwrap();
+            assert_eq!(received.len(), 2);
+            let deleted = received.iter().find(|d| d.body == b"deleted").unwrap();
+            queue
+                .delete(kind, std::slice::from_ref(&deleted.receipt))
+                .await
+                .unwrap();
+        }
+        let queue = LocalQueue::open(&path, QueueConfig::default()).unwrap();
+        let again = queue
+            .receive(kind, 10, Duration::from_secs(60), Duration::ZERO)
+            .await
+            .unwrap();
+        let bodies: Vec<&[u8]> = again.iter().map(|d| d.body.as_slice()).collect();
+        assert_eq!(bodies, [b"kept".as_slice()]);
+        assert_eq!(again[0].receive_count, 2, "the first receive was counted");
     }
 }

@@ -39,11 +39,22 @@ const CONCURRENCY: usize = 64;
 const SATURATION: usize = 512;
 
 pub(super) fn runtime(name: &str) -> anyhow::Result<Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name(name)
-        .enable_all()
-        .build()?)
+    runtime_on(name, None)
+}
+
+/// A one-worker runtime whose threads (its blocking ones and the threads they start too) run
+/// only on CPU `cpu`, when one is given.
+pub(super) fn runtime_on(name: &str, cpu: Option<usize>) -> anyhow::Result<Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(1).thread_name(name).enable_all();
+    if let Some(id) = cpu {
+        builder.on_thread_start(move || {
+            if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+                eprintln!("warning: could not pin a bench thread to CPU {id}");
+            }
+        });
+    }
+    Ok(builder.build()?)
 }
 
 /// The floor: forwards every send to the cell for a fixed tenant, doing nothing else.
@@ -281,7 +292,13 @@ pub(super) fn start_cell(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(String, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let cell_dir = dir.join(id);
-    let backends = cellmail_cell::Backends::embedded(&cell_dir, &dir.join("mail"))?;
+    // Opened on the cell's runtime: the threads the backends start share its CPUs.
+    let backends = {
+        let (cell_dir, mail) = (cell_dir.clone(), dir.join("mail"));
+        rt.block_on(
+            rt.spawn_blocking(move || cellmail_cell::Backends::embedded(&cell_dir, &mail)),
+        )??
+    };
     let config = cellmail_cell::CellConfig {
         id: CellId::new(id)?,
         addr: "127.0.0.1:0".parse()?,
