@@ -99,18 +99,9 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
             .ok_or_else(|| StorageError("the commit thread lost a write".into()))
     }
 
-    /// Applies every op (queued together, so they usually share one commit) and returns
-    /// once all are durable.
-    pub async fn submit_all(&self, ops: Vec<Op>) -> Result<Vec<Out>, StorageError> {
-        self.submit_many(ops, true).await
-    }
-
-    /// [`GroupCommit::submit_all`] without waiting for an fsync (see `submit_lazy`).
-    pub async fn submit_all_lazy(&self, ops: Vec<Op>) -> Result<Vec<Out>, StorageError> {
-        self.submit_many(ops, false).await
-    }
-
-    async fn submit_many(&self, ops: Vec<Op>, durable: bool) -> Result<Vec<Out>, StorageError> {
+    /// Applies every op (queued together, so they usually share one commit) and returns once
+    /// all are committed, and fsynced too when `durable` (see `submit_lazy` for when not).
+    pub async fn submit_many(&self, ops: Vec<Op>, durable: bool) -> Result<Vec<Out>, StorageError> {
         let mut replies = Vec::with_capacity(ops.len());
         for op in ops {
             let (tx, rx) = oneshot::channel();

@@ -191,12 +191,11 @@ impl LocalQueue {
 
     /// Commits `writes`; returns once they are fsynced too when `durable`.
     async fn write(&self, writes: Vec<Write>, durable: bool) -> Result<(), QueueError> {
-        let committed = if durable {
-            self.writes.submit_all(writes).await
-        } else {
-            self.writes.submit_all_lazy(writes).await
-        };
-        committed.map(|_| ()).map_err(|e| QueueError::Storage(e.0))
+        self.writes
+            .submit_many(writes, durable)
+            .await
+            .map(|_| ())
+            .map_err(|e| QueueError::Storage(e.0))
     }
 
     /// Takes up to `max` visible messages of `kind`, moving the ones received too often to
