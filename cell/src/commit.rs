@@ -5,7 +5,12 @@
 //! then answers each caller. Under load a single fsync covers hundreds of accepts; with one
 //! caller it costs the same as a plain commit. A batch of only lazy writes is committed
 //! without an fsync; the next durable commit makes it durable too.
+//!
+//! Bulk writes (a move's copy of a tenant's records, a thousand at a time) are committed one
+//! per transaction, and only while no other write waits: an accept never shares a commit
+//! with one, so it waits at most for the one under way.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use redb::{Database, Durability, WriteTransaction};
@@ -23,8 +28,20 @@ impl StorageError {
     }
 }
 
-/// An operation, whether it must be fsynced before its caller hears back, and the reply.
-type Job<Op, Out> = (Op, bool, oneshot::Sender<Result<Out, StorageError>>);
+/// How a write is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// Answered once committed, before the fsync: it becomes durable with the next durable
+    /// commit. For writes whose loss in a crash is harmless.
+    Lazy,
+    /// Answered once fsynced.
+    Durable,
+    /// Durable, in a transaction of its own, after every other write waiting.
+    Bulk,
+}
+
+/// An operation, how it is committed, and the reply.
+type Job<Op, Out> = (Op, Commit, oneshot::Sender<Result<Out, StorageError>>);
 
 pub struct GroupCommit<Op, Out> {
     /// `None` only while dropping.
@@ -55,14 +72,27 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
         let thread = std::thread::Builder::new()
             .name(format!("commit-{name}"))
             .spawn(move || {
-                let mut batch = Vec::new();
-                while let Some(first) = rx.blocking_recv() {
-                    batch.push(first);
+                let (mut batch, mut bulk) = (Vec::new(), VecDeque::new());
+                let take =
+                    |job: Job<Op, Out>, batch: &mut Vec<_>, bulk: &mut VecDeque<_>| match job.1 {
+                        Commit::Bulk => bulk.push_back(job),
+                        Commit::Lazy | Commit::Durable => batch.push(job),
+                    };
+                loop {
+                    if batch.is_empty() && bulk.is_empty() {
+                        match rx.blocking_recv() {
+                            Some(job) => take(job, &mut batch, &mut bulk),
+                            None => break,
+                        }
+                    }
                     while batch.len() < MAX_BATCH {
                         match rx.try_recv() {
-                            Ok(job) => batch.push(job),
+                            Ok(job) => take(job, &mut batch, &mut bulk),
                             Err(_) => break,
                         }
+                    }
+                    if batch.is_empty() {
+                        batch.extend(bulk.pop_front());
                     }
                     commit_batch(&db, &apply, &mut batch);
                 }
@@ -82,33 +112,27 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
         })
     }
 
-    /// Applies `op` and returns once it is durable.
-    pub async fn submit(&self, op: Op) -> Result<Out, StorageError> {
-        self.submit_one(op, true).await
-    }
-
-    /// Applies `op` and returns once it is committed, before it is fsynced: it becomes
-    /// durable with the next durable commit. For writes whose loss in a crash is harmless.
-    pub async fn submit_lazy(&self, op: Op) -> Result<Out, StorageError> {
-        self.submit_one(op, false).await
-    }
-
-    async fn submit_one(&self, op: Op, durable: bool) -> Result<Out, StorageError> {
-        let mut outs = self.submit_many(vec![op], durable).await?;
+    /// Applies `op`; returns once it is committed as `commit` says.
+    pub async fn submit(&self, op: Op, commit: Commit) -> Result<Out, StorageError> {
+        let mut outs = self.submit_many(vec![op], commit).await?;
         outs.pop()
             .ok_or_else(|| StorageError("the commit thread lost a write".into()))
     }
 
-    /// Applies every op (queued together, so they usually share one commit) and returns once
-    /// all are committed, and fsynced too when `durable` (see `submit_lazy` for when not).
-    pub async fn submit_many(&self, ops: Vec<Op>, durable: bool) -> Result<Vec<Out>, StorageError> {
+    /// Applies every op (queued together, so they usually share one commit, bulk ones
+    /// excepted) and returns once all are committed as `commit` says.
+    pub async fn submit_many(
+        &self,
+        ops: Vec<Op>,
+        commit: Commit,
+    ) -> Result<Vec<Out>, StorageError> {
         let mut replies = Vec::with_capacity(ops.len());
         for op in ops {
             let (tx, rx) = oneshot::channel();
             self.jobs
                 .as_ref()
                 .ok_or_else(|| StorageError("the store is closing".into()))?
-                .send((op, durable, tx))
+                .send((op, commit, tx))
                 .map_err(|_| StorageError("the commit thread has stopped".into()))?;
             replies.push(rx);
         }
@@ -131,7 +155,7 @@ fn commit_batch<Op, Out>(
     let run =
         |batch: &mut Vec<Job<Op, Out>>| -> Result<Vec<(Out, oneshot::Sender<_>)>, StorageError> {
             let mut txn = db.begin_write().map_err(StorageError::from_display)?;
-            if !batch.iter().any(|(_, durable, _)| *durable) {
+            if batch.iter().all(|(_, commit, _)| *commit == Commit::Lazy) {
                 txn.set_durability(Durability::None)
                     .map_err(StorageError::from_display)?;
             }
@@ -151,5 +175,72 @@ fn commit_batch<Op, Out>(
         // Every job of the batch was drained and dropped on the way out, so each caller is
         // answered with an error and none is told its write is durable.
         Err(err) => tracing::error!(%err, "group commit failed; the batch is not durable"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    type Applied = Arc<Mutex<Vec<&'static str>>>;
+
+    /// A writer whose op "hold" waits until told, recording the order ops are applied in;
+    /// op "bad" fails its transaction.
+    fn writer() -> (
+        tempfile::TempDir,
+        GroupCommit<&'static str, ()>,
+        Applied,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("t.redb")).unwrap());
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = Mutex::new(held);
+        let seen = applied.clone();
+        let commits = GroupCommit::start("test", db, move |_, op| {
+            if op == "hold" {
+                held.lock().unwrap().recv().unwrap();
+            }
+            seen.lock().unwrap().push(op);
+            match op {
+                "bad" => Err(StorageError("bad op".into())),
+                _ => Ok(()),
+            }
+        })
+        .unwrap();
+        (dir, commits, applied, release)
+    }
+
+    #[tokio::test]
+    async fn bulk_writes_wait_for_the_others_and_commit_alone() {
+        let (_dir, commits, applied, release) = writer();
+        let commits = Arc::new(commits);
+        let submit = |op, commit| {
+            let commits = commits.clone();
+            tokio::spawn(async move { commits.submit(op, commit).await })
+        };
+        let hold = submit("hold", Commit::Durable);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Queued while the writer is busy: two bulk writes first, then two others.
+        let first_bulk = submit("bulk-1", Commit::Bulk);
+        let bad_bulk = submit("bad", Commit::Bulk);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let accept = submit("accept", Commit::Durable);
+        let delete = submit("delete", Commit::Lazy);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        release.send(()).unwrap();
+
+        hold.await.unwrap().unwrap();
+        accept.await.unwrap().unwrap();
+        delete.await.unwrap().unwrap();
+        first_bulk.await.unwrap().unwrap();
+        // The failing bulk write failed alone: nobody else's write shared its transaction.
+        assert!(bad_bulk.await.unwrap().is_err());
+        assert_eq!(
+            *applied.lock().unwrap(),
+            ["hold", "accept", "delete", "bulk-1", "bad"]
+        );
     }
 }

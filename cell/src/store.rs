@@ -31,7 +31,7 @@ use redb::{
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::accept::now_ms;
-use crate::commit::{GroupCommit, StorageError};
+use crate::commit::{Commit, GroupCommit, StorageError};
 use crate::message::{Accepted, EventKind, MessageEvent, MessageRecord, MessageState};
 
 /// (tenant, idempotency key) -> JSON [`KeyRecord`]
@@ -778,13 +778,8 @@ impl Store {
         Ok(Self { db, writes })
     }
 
-    async fn found(&self, write: Write, durable: bool) -> Result<bool, StorageError> {
-        let written = if durable {
-            self.writes.submit(write).await?
-        } else {
-            self.writes.submit_lazy(write).await?
-        };
-        match written {
+    async fn found(&self, write: Write, commit: Commit) -> Result<bool, StorageError> {
+        match self.writes.submit(write, commit).await? {
             Written::Found(found) => Ok(found),
             Written::Reservation(_) => {
                 Err(StorageError("a write answered like a reservation".into()))
@@ -806,7 +801,7 @@ impl Store {
             message_id,
             now_ms,
         };
-        match self.writes.submit(write).await? {
+        match self.writes.submit(write, Commit::Durable).await? {
             Written::Reservation(reservation) => Ok(reservation),
             Written::Found(_) => Err(StorageError("a reservation answered like a write".into())),
         }
@@ -828,7 +823,7 @@ impl Store {
             record,
             now_ms,
         };
-        self.found(write, false).await.map(|_| ())
+        self.found(write, Commit::Lazy).await.map(|_| ())
     }
 
     /// Durably records what became of a message (`seed` stands in if its record was lost).
@@ -838,7 +833,7 @@ impl Store {
         state: MessageState,
         event: MessageEvent,
     ) -> Result<(), StorageError> {
-        self.found(Write::Outcome { seed, state, event }, true)
+        self.found(Write::Outcome { seed, state, event }, Commit::Durable)
             .await
             .map(|_| ())
     }
@@ -856,7 +851,7 @@ impl Store {
                 message_id,
                 events,
             },
-            true,
+            Commit::Durable,
         )
         .await
     }
@@ -905,7 +900,7 @@ impl Store {
                 at_ms,
                 delta,
             },
-            false,
+            Commit::Lazy,
         )
         .await
         .map(|_| ())
@@ -964,7 +959,9 @@ impl Store {
                 (seed, parked, held)
             })
             .collect();
-        self.found(Write::Park(entries), true).await.map(|_| ())
+        self.found(Write::Park(entries), Commit::Durable)
+            .await
+            .map(|_| ())
     }
 
     /// Up to `limit` of the messages parked for `tenant`'s `class` that may be sent at
@@ -1026,7 +1023,7 @@ impl Store {
             class,
             id,
         };
-        self.found(write, true).await.map(|_| ())
+        self.found(write, Commit::Durable).await.map(|_| ())
     }
 
     /// Marks the messages parked for `tenant`'s `class` that are still queued held (mail
@@ -1042,19 +1039,19 @@ impl Store {
             class,
             at_ms,
         };
-        self.found(write, false).await.map(|_| ())
+        self.found(write, Commit::Lazy).await.map(|_| ())
     }
 
     /// Marks held messages queued again, now that their breaker is resumed.
     pub async fn release(&self, ids: Vec<MessageId>, at_ms: u64) -> Result<(), StorageError> {
-        self.found(Write::Release { ids, at_ms }, false)
+        self.found(Write::Release { ids, at_ms }, Commit::Lazy)
             .await
             .map(|_| ())
     }
 
     /// Durably keeps the queued form of a message too large for its queue.
     pub async fn put_body(&self, message_id: MessageId, body: Vec<u8>) -> Result<(), StorageError> {
-        self.found(Write::PutBody { message_id, body }, true)
+        self.found(Write::PutBody { message_id, body }, Commit::Durable)
             .await
             .map(|_| ())
     }
@@ -1070,7 +1067,7 @@ impl Store {
 
     /// Forgets a stored body once its message is settled (lazily: a crash only leaves it).
     pub async fn drop_body(&self, message_id: MessageId) -> Result<(), StorageError> {
-        self.found(Write::DropBody { message_id }, false)
+        self.found(Write::DropBody { message_id }, Commit::Lazy)
             .await
             .map(|_| ())
     }
@@ -1081,7 +1078,7 @@ impl Store {
                 tenant: tenant.clone(),
                 entry,
             },
-            true,
+            Commit::Durable,
         )
         .await
         .map(|_| ())
@@ -1094,7 +1091,7 @@ impl Store {
                 tenant: tenant.clone(),
                 address: address.to_owned(),
             },
-            true,
+            Commit::Durable,
         )
         .await
     }
@@ -1243,7 +1240,7 @@ impl Store {
             tenant: tenant.clone(),
             export,
         };
-        self.found(write, true).await.map(|_| ())
+        self.found(write, Commit::Bulk).await.map(|_| ())
     }
 
     /// Up to `limit` of `tenant`'s message records after message id `after` ("" for the
@@ -1280,7 +1277,7 @@ impl Store {
 
     /// Writes (durably) message records another cell kept of a tenant that moved here.
     pub async fn import_messages(&self, records: Vec<MessageRecord>) -> Result<(), StorageError> {
-        self.found(Write::ImportMessages(records), true)
+        self.found(Write::ImportMessages(records), Commit::Bulk)
             .await
             .map(|_| ())
     }
@@ -1291,7 +1288,7 @@ impl Store {
         let write = Write::Erase {
             tenant: tenant.clone(),
         };
-        self.found(write, true).await.map(|_| ())
+        self.found(write, Commit::Durable).await.map(|_| ())
     }
 
     /// Drops `tenant`'s suppression list and idempotency keys (left by an earlier stay here).
@@ -1299,7 +1296,7 @@ impl Store {
         let write = Write::Forget {
             tenant: tenant.clone(),
         };
-        self.found(write, true).await.map(|_| ())
+        self.found(write, Commit::Durable).await.map(|_| ())
     }
 }
 

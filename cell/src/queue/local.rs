@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{Delivery, Queue, QueueConfig, QueueError, QueueKind};
-use crate::commit::{GroupCommit, StorageError};
+use crate::commit::{Commit, GroupCommit, StorageError};
 
 /// (queue, sequence) -> (body, receive count)
 const MESSAGES: TableDefinition<(u8, u64), (&[u8], u32)> = TableDefinition::new("messages");
@@ -189,10 +189,10 @@ impl LocalQueue {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Commits `writes`; returns once they are fsynced too when `durable`.
-    async fn write(&self, writes: Vec<Write>, durable: bool) -> Result<(), QueueError> {
+    /// Commits `writes`; returns once they are committed as `commit` says.
+    async fn write(&self, writes: Vec<Write>, commit: Commit) -> Result<(), QueueError> {
         self.writes
-            .submit_many(writes, durable)
+            .submit_many(writes, commit)
             .await
             .map(|_| ())
             .map_err(|e| QueueError::Storage(e.0))
@@ -246,7 +246,13 @@ impl LocalQueue {
             seq,
             count,
         }));
-        self.write(writes, !dead.is_empty()).await?;
+        // A dead-letter move is fsynced; receive counts alone are not.
+        let commit = if dead.is_empty() {
+            Commit::Lazy
+        } else {
+            Commit::Durable
+        };
+        self.write(writes, commit).await?;
         if !dead.is_empty() {
             tracing::warn!(queue = ?kind, count = dead.len(), "messages received too often; dead-lettered");
             let mut state = self.lock();
@@ -280,7 +286,7 @@ impl Queue for LocalQueue {
             state.next_seq += 1;
             state.next_seq - 1
         };
-        self.write(vec![Write::Insert { kind: k, seq, body }], true)
+        self.write(vec![Write::Insert { kind: k, seq, body }], Commit::Durable)
             .await?;
         self.lock().lanes[k as usize].ready.push_back((seq, 0));
         self.visible.notify_waiters();
@@ -330,7 +336,7 @@ impl Queue for LocalQueue {
                 .into_iter()
                 .map(|seq| Write::Remove { kind: k, seq })
                 .collect(),
-            false,
+            Commit::Lazy,
         )
         .await
     }

@@ -36,8 +36,11 @@ const FLOODS: [(u32, &str); 2] = [
     ),
 ];
 const WORKERS: usize = 4;
-/// How many times each condition (alone, each flood) takes its turn.
-const ROUNDS: u32 = 3;
+/// How many times each condition (alone, each flood) takes its turn, and for how long: B's
+/// p99 over 2,400 sends per condition, so that a stall of the machine (one slow fsync of
+/// 50 ms delays a handful of sends) does not decide it.
+const ROUNDS: u32 = 6;
+const PHASE: Duration = Duration::from_secs(4);
 
 /// What B saw during one flood's turns, and what A offered and got admitted.
 #[derive(Default)]
@@ -105,32 +108,25 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
         runtime_on("bench-load", Some(0))?,
         runtime_on("bench-flood", Some(0))?,
     );
+    let stage = Stage::new(quick, &cell_rt)?;
     let Stage {
-        duration,
-        dir,
         keys,
         shutdown,
         registry,
-    } = Stage::new(quick, &cell_rt)?;
+        ..
+    } = &stage;
     let noisy_policy = Policy {
         rate_per_second: NOISY_RATE,
         burst: NOISY_RATE,
         ..UNLIMITED
     };
     let (calm_key, noisy_key) = cell_rt.block_on(async {
-        let calm = seed(registry.as_ref(), &keys, CALM, UNLIMITED, CELL).await?;
-        let noisy = seed(registry.as_ref(), &keys, NOISY, noisy_policy, CELL).await?;
+        let calm = seed(registry.as_ref(), keys, CALM, UNLIMITED, CELL).await?;
+        let noisy = seed(registry.as_ref(), keys, NOISY, noisy_policy, CELL).await?;
         anyhow::Ok((calm, noisy))
     })?;
-    let (_, cell) = start_cell(
-        &cell_rt,
-        &registry,
-        &keys,
-        (dir.path(), CELL),
-        WORKERS,
-        &shutdown,
-    )?;
-    let router_addr = start_router(&router_rt, &registry, &keys, &shutdown)?;
+    let (_, cell) = start_cell(&cell_rt, &stage, CELL, WORKERS)?;
+    let router_addr = start_router(&router_rt, registry, keys, shutdown)?;
 
     let rows = load_rt.block_on(async {
         let client = SenderClient::connect(format!("http://{router_addr}")).await?;
@@ -150,12 +146,16 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
         calm.send(next_key()).await?;
         noisy.send(next_key()).await?;
 
-        // The conditions take turns, ROUNDS times, so that a stall of the machine (a slow
+        // The conditions take turns, `rounds` times, so that a stall of the machine (a slow
         // fsync, the host) falls on any of them alike instead of on whichever ran then.
-        let phase = duration / ROUNDS;
+        let (rounds, phase) = if quick {
+            (1, Duration::from_secs(1))
+        } else {
+            (ROUNDS, PHASE)
+        };
         let mut alone = Vec::new();
         let mut crowded: Vec<Crowded> = FLOODS.iter().map(|_| Crowded::default()).collect();
-        for _ in 0..ROUNDS {
+        for _ in 0..rounds {
             let (sent, _) = steady(&calm, CALM_RATE, phase).await;
             alone.extend(delivered(&client, &calm_key, &sent).await?);
             for ((times, _), seen) in FLOODS.iter().zip(&mut crowded) {
@@ -174,7 +174,7 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
             }
         }
         let p99_alone = percentile(&mut alone, 99.0);
-        let seconds = (phase * ROUNDS).as_secs_f64();
+        let seconds = (phase * rounds).as_secs_f64();
         let mut rows = Vec::new();
         for ((times, figure), mut seen) in FLOODS.into_iter().zip(crowded) {
             let p99_crowded = percentile(&mut seen.latencies, 99.0);
@@ -188,7 +188,7 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
                 "<= 1.5",
                 ratio <= 1.5,
                 format!(
-                    "p99 {p99_crowded:.2} ms vs {p99_alone:.2} ms; B at {CALM_RATE:.0}/s, A offered {offered:.0}/s ({times}x its {NOISY_RATE}/s; {admitted:.0}/s admitted); {ROUNDS} rounds"
+                    "p99 {p99_crowded:.2} ms vs {p99_alone:.2} ms; B at {CALM_RATE:.0}/s, A offered {offered:.0}/s ({times}x its {NOISY_RATE}/s; {admitted:.0}/s admitted); {rounds} rounds of {phase:?}"
                 ),
             ));
         }
