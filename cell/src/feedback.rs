@@ -348,7 +348,7 @@ impl Ingest {
         }
         match catalog.cells.get(&placement.cell) {
             Some(cell) if placement.cell != self.cell => {
-                Route::To(placement.cell.clone(), cell.endpoint.clone())
+                Route::To(placement.cell.clone(), cell.endpoint.to_string())
             }
             _ => Route::Here,
         }

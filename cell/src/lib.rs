@@ -344,7 +344,7 @@ async fn register(
             None => (
                 0,
                 CellRecord {
-                    endpoint: String::new(),
+                    endpoint: "".into(),
                     capacity: config.capacity,
                     state: CellState::Active,
                     labels: Default::default(),
@@ -353,7 +353,7 @@ async fn register(
                 },
             ),
         };
-        record.endpoint = endpoint.to_owned();
+        record.endpoint = endpoint.into();
         record.version = config.release().to_owned();
         record.build = cellmail_proto::VERSION.to_owned();
         if registry

@@ -507,7 +507,7 @@ impl ControlApi {
     ) -> Result<v1::CellInfo, ApiError> {
         let id = CellId::new(req.id).map_err(|e| ApiError::invalid("id", e.to_string()))?;
         let record = CellRecord {
-            endpoint: String::new(),
+            endpoint: "".into(),
             capacity: if req.capacity == 0 {
                 1000
             } else {
@@ -1115,7 +1115,7 @@ fn domain_info(identity: &IdentityRecord, problems: Vec<Option<String>>) -> v1::
 fn cell_info(catalog: &Catalog, id: &CellId, cell: &CellRecord) -> v1::CellInfo {
     v1::CellInfo {
         id: id.to_string(),
-        endpoint: cell.endpoint.clone(),
+        endpoint: cell.endpoint.to_string(),
         capacity: cell.capacity,
         state: format!("{:?}", cell.state).to_uppercase(),
         tenants: catalog.load().get(id).copied().unwrap_or(0),

@@ -22,17 +22,21 @@ use crate::schema::{
     PlacementRecord, TenantRecord,
 };
 
+/// The catalog's maps: hashed with foldhash (seeded per process), several times faster than
+/// the standard SipHash on short keys, for the lookups every send makes.
+pub type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
-    pub cells: HashMap<CellId, CellRecord>,
-    pub alive: HashSet<CellId>,
-    pub tenants: HashMap<TenantId, TenantRecord>,
-    pub placements: HashMap<TenantId, PlacementRecord>,
+    pub cells: Map<CellId, CellRecord>,
+    pub alive: HashSet<CellId, foldhash::fast::RandomState>,
+    pub tenants: Map<TenantId, TenantRecord>,
+    pub placements: Map<TenantId, PlacementRecord>,
     /// SHA-256 of an API key -> the key's record.
-    pub api_keys: HashMap<String, ApiKeyRecord>,
+    pub api_keys: Map<String, ApiKeyRecord>,
     /// Suppression key -> the operators' entry.
-    pub global_suppressions: HashMap<String, GlobalSuppressionRecord>,
-    pub breakers: HashMap<(TenantId, MessageClass), BreakerRecord>,
+    pub global_suppressions: Map<String, GlobalSuppressionRecord>,
+    pub breakers: Map<(TenantId, MessageClass), BreakerRecord>,
     pub revision: Revision,
 }
 
@@ -93,7 +97,7 @@ impl Catalog {
     }
 }
 
-fn upsert<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, value: Option<V>) {
+fn upsert<K: std::hash::Hash + Eq, V>(map: &mut Map<K, V>, key: K, value: Option<V>) {
     match value {
         Some(value) => map.insert(key, value),
         None => map.remove(&key),

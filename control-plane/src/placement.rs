@@ -212,7 +212,7 @@ mod tests {
 
     fn cell(capacity: u32, state: CellState) -> CellRecord {
         CellRecord {
-            endpoint: String::new(),
+            endpoint: "".into(),
             capacity,
             state,
             labels: Default::default(),

@@ -169,8 +169,9 @@ pub enum CellState {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CellRecord {
-    /// `http://host:port` of the cell's gRPC server.
-    pub endpoint: String,
+    /// `http://host:port` of the cell's gRPC server (shared, not copied, by every send's
+    /// routing answer).
+    pub endpoint: std::sync::Arc<str>,
     /// How many tenants the cell is sized for.
     pub capacity: u32,
     pub state: CellState,

@@ -17,7 +17,7 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub cell: CellId,
-    pub endpoint: String,
+    pub endpoint: std::sync::Arc<str>,
     pub epoch: Epoch,
     /// A move froze the placement: the tenant's calls wait until it is switched.
     pub frozen: bool,

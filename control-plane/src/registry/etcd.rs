@@ -27,6 +27,9 @@ use super::{
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const KEEPALIVE: Duration = Duration::from_secs(2);
+/// Keys per page of a list: one response must stay under gRPC's 4 MB, whatever the prefix
+/// holds (a catalog of 10,000 tenants is more than that).
+const LIST_PAGE: i64 = 1_000;
 
 pub struct EtcdRegistry {
     client: Client,
@@ -66,6 +69,19 @@ fn lease_not_found(err: &etcd_client::Error) -> bool {
 fn no_leader(err: &etcd_client::Error) -> bool {
     matches!(err, etcd_client::Error::GRpcStatus(status)
         if status.code() == tonic::Code::Unknown && status.message() == "election: no leader")
+}
+
+/// The first key after every key that starts with `prefix` (etcd's range end of a prefix).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte was 0xff (or the prefix was empty): to the end of the key space.
+    vec![0]
 }
 
 fn revision(header: Option<&etcd_client::ResponseHeader>) -> Revision {
@@ -110,17 +126,39 @@ impl Registry for EtcdRegistry {
         Ok(response.kvs().first().map(key_value))
     }
 
+    /// In pages, every page read at the revision of the first, so the whole is one
+    /// consistent read (a compaction past that revision in between fails it; retry).
     async fn list(&self, prefix: &str) -> Result<Snapshot, RegistryError> {
-        let response = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(error)?;
-        Ok(Snapshot {
-            revision: revision(response.header()),
-            entries: response.kvs().iter().map(key_value).collect(),
-        })
+        let end = prefix_end(prefix);
+        let (mut from, mut snapshot) = (prefix.as_bytes().to_vec(), Snapshot::default());
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if snapshot.revision > 0 {
+                options = options.with_revision(snapshot.revision as i64);
+            }
+            let response = self
+                .client
+                .clone()
+                .get(from.clone(), Some(options))
+                .await
+                .map_err(error)?;
+            if snapshot.revision == 0 {
+                snapshot.revision = revision(response.header());
+            }
+            snapshot
+                .entries
+                .extend(response.kvs().iter().map(key_value));
+            match response.kvs().last() {
+                Some(last) if response.more() => {
+                    // The next page starts right after the last key read.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(snapshot),
+            }
+        }
     }
 
     async fn txn(
@@ -297,5 +335,17 @@ impl Registry for EtcdRegistry {
             .await
             .map_err(error)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn a_prefix_ends_at_the_first_key_past_it() {
+        assert_eq!(prefix_end("/cellmail/"), b"/cellmail0");
+        assert_eq!(prefix_end("a\u{7f}"), b"a\x80");
+        assert_eq!(prefix_end(""), [0]);
     }
 }

@@ -329,7 +329,7 @@ pub(super) fn start_cell(
         }
         anyhow::bail!("bench cell {id} did not register")
     })?;
-    Ok((endpoint, cell))
+    Ok((endpoint.to_string(), cell))
 }
 
 /// Starts a router on `rt`: its address.

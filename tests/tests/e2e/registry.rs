@@ -107,6 +107,34 @@ async fn a_failed_transaction_writes_nothing(s: Subject) {
     assert_eq!(s.registry.get(&b).await.unwrap(), None);
 }
 
+/// A prefix holding more than one gRPC response may carry (4 MB by default) is listed whole
+/// and in key order, and nothing outside the prefix comes with it.
+async fn a_list_larger_than_one_response_is_whole_and_in_order(s: Subject) {
+    let under = format!("{}big/", s.prefix);
+    let value = |n: usize| format!("{n:06}").repeat(350).into_bytes();
+    let mut last = 0;
+    for batch in 0..30 {
+        let ops = (0..100)
+            .map(|i| Op::Put {
+                key: format!("{under}{:06}", batch * 100 + i),
+                value: value(batch * 100 + i),
+                lease: None,
+            })
+            .collect();
+        last = s.registry.txn(Vec::new(), ops).await.unwrap().unwrap();
+    }
+    // Right after the prefix in key order, and not under it.
+    let beside = format!("{}big0", s.prefix);
+    s.registry.put(&beside, b"x".to_vec(), None).await.unwrap();
+    let snapshot = s.registry.list(&under).await.unwrap();
+    assert!(snapshot.revision > last);
+    assert_eq!(snapshot.entries.len(), 3000);
+    for (n, kv) in snapshot.entries.iter().enumerate() {
+        assert_eq!(kv.key, format!("{under}{n:06}"));
+        assert_eq!(kv.value, value(n), "value of {}", kv.key);
+    }
+}
+
 async fn watch_delivers_every_change_in_revision_order_from_a_revision(s: Subject) {
     let key = |n: u32| format!("{}k{n}", s.prefix);
     let first = s.registry.put(&key(0), b"0".to_vec(), None).await.unwrap();
@@ -475,6 +503,7 @@ macro_rules! suite {
 suite!(local:
     cas_conflict_is_refused,
     a_failed_transaction_writes_nothing,
+    a_list_larger_than_one_response_is_whole_and_in_order,
     watch_delivers_every_change_in_revision_order_from_a_revision,
     keys_bound_to_an_expired_lease_disappear,
     the_first_candidate_leads_and_the_next_takes_over_when_its_lease_ends,
@@ -487,6 +516,7 @@ suite!(local:
 suite!(etcd:
     cas_conflict_is_refused,
     a_failed_transaction_writes_nothing,
+    a_list_larger_than_one_response_is_whole_and_in_order,
     watch_delivers_every_change_in_revision_order_from_a_revision,
     keys_bound_to_an_expired_lease_disappear,
     the_first_candidate_leads_and_the_next_takes_over_when_its_lease_ends,
