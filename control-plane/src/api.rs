@@ -22,7 +22,7 @@ use crate::moves;
 use crate::offboard;
 use crate::operations;
 use crate::placement::{self, Candidate};
-use crate::registry::{Compare, Op, Registry, RegistryError, Snapshot};
+use crate::registry::{Compare, Op, Registry, RegistryError};
 use crate::rollout;
 use crate::schema::{
     self, ApiKeyRecord, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, CellRecord,
@@ -254,17 +254,13 @@ impl ControlApi {
 
     /// A catalog of the given kinds of record (`cells`, `alive`, `tenants`, `placements`).
     async fn catalog(&self, kinds: &[&str]) -> Result<Catalog, ApiError> {
-        let mut merged = Snapshot::default();
-        for kind in kinds {
-            let snapshot = self
-                .registry
-                .list(&format!("{}{kind}/", self.keys.prefix()))
-                .await
-                .map_err(registry_error)?;
-            merged.revision = merged.revision.max(snapshot.revision);
-            merged.entries.extend(snapshot.entries);
-        }
-        Ok(Catalog::from_snapshot(&self.keys, &merged))
+        let prefixes: Vec<String> = kinds
+            .iter()
+            .map(|kind| format!("{}{kind}/", self.keys.prefix()))
+            .collect();
+        Catalog::fetch(self.registry.as_ref(), &self.keys, &prefixes)
+            .await
+            .map_err(registry_error)
     }
 
     async fn create_tenant(

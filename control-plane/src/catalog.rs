@@ -2,7 +2,7 @@
 //!
 //! [`Catalog`] is plain data: cells, live cells, tenants, placements and API key hashes,
 //! changed one registry event at a time by [`Catalog::apply`]. [`WatchedCatalog`] loads the
-//! prefix at revision R, watches from R+1 and applies every change, so lookups never touch
+//! prefix (a page at a time) at revision R, watches from R+1 and applies every change, so lookups never touch
 //! the registry. When the watch breaks it resumes from the last revision it applied, and
 //! reloads the whole prefix when that revision was compacted. Readers can wait for a
 //! revision or a condition (a router that was told "moved" waits for the new placement).
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::registry::{EventKind, Registry, RegistryError, Revision, Snapshot, Watcher};
+use crate::registry::{EventKind, Registry, RegistryError, Revision, Watcher};
 use crate::schema::{
     self, ApiKeyRecord, BreakerRecord, CellRecord, Entity, GlobalSuppressionRecord, Keys,
     PlacementRecord, TenantRecord,
@@ -41,13 +41,26 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    pub fn from_snapshot(keys: &Keys, snapshot: &Snapshot) -> Self {
+    /// Reads the records under `prefixes` (all of them: `keys.prefix()`) a page at a time,
+    /// so that the registry's raw records are never all held at once beside what they parse
+    /// into. The revision is the latest the reads were made at.
+    pub async fn fetch(
+        registry: &dyn Registry,
+        keys: &Keys,
+        prefixes: &[String],
+    ) -> Result<Self, RegistryError> {
         let mut catalog = Catalog::default();
-        for kv in &snapshot.entries {
-            catalog.apply(keys, &kv.key, Some(&kv.value));
+        for prefix in prefixes {
+            let revision = registry
+                .list_pages(prefix, &mut |page| {
+                    for kv in page {
+                        catalog.apply(keys, &kv.key, Some(&kv.value));
+                    }
+                })
+                .await?;
+            catalog.revision = catalog.revision.max(revision);
         }
-        catalog.revision = snapshot.revision;
-        catalog
+        Ok(catalog)
     }
 
     /// Applies one put (`Some(value)`) or delete (`None`). A value that does not parse is
@@ -139,8 +152,7 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 impl WatchedCatalog {
     /// Loads the prefix and starts following it.
     pub async fn start(registry: Arc<dyn Registry>, keys: Keys) -> Result<Self, RegistryError> {
-        let snapshot = registry.list(keys.prefix()).await?;
-        let catalog = Catalog::from_snapshot(&keys, &snapshot);
+        let catalog = Catalog::fetch(registry.as_ref(), &keys, &[keys.prefix().to_owned()]).await?;
         let (revision, _) = tokio::sync::watch::channel(catalog.revision);
         let shared = Arc::new(Shared {
             catalog: RwLock::new(catalog),
@@ -278,10 +290,10 @@ async fn resync(
     keys: &Keys,
     shared: &Shared,
 ) -> Result<(), RegistryError> {
-    let snapshot = registry.list(keys.prefix()).await?;
-    let catalog = Catalog::from_snapshot(keys, &snapshot);
+    let catalog = Catalog::fetch(registry, keys, &[keys.prefix().to_owned()]).await?;
+    let revision = catalog.revision;
     *shared.catalog.write().unwrap_or_else(|p| p.into_inner()) = catalog;
-    shared.revision.send_replace(snapshot.revision);
+    shared.revision.send_replace(revision);
     Ok(())
 }
 

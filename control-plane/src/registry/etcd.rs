@@ -20,16 +20,13 @@ use etcd_client::{
 use tokio::sync::mpsc;
 
 use super::{
-    Compare, EventKind, KeyValue, LeaderKey, LeaseId, Op, Registry, RegistryError, Revision,
-    Snapshot, WatchEvent, Watcher,
+    Compare, EventKind, KeyValue, LIST_PAGE, LeaderKey, LeaseId, Op, Registry, RegistryError,
+    Revision, WatchEvent, Watcher,
 };
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const KEEPALIVE: Duration = Duration::from_secs(2);
-/// Keys per page of a list: one response must stay under gRPC's 4 MB, whatever the prefix
-/// holds (a catalog of 10,000 tenants is more than that).
-const LIST_PAGE: i64 = 1_000;
 
 pub struct EtcdRegistry {
     client: Client,
@@ -126,17 +123,23 @@ impl Registry for EtcdRegistry {
         Ok(response.kvs().first().map(key_value))
     }
 
-    /// In pages, every page read at the revision of the first, so the whole is one
-    /// consistent read (a compaction past that revision in between fails it; retry).
-    async fn list(&self, prefix: &str) -> Result<Snapshot, RegistryError> {
+    /// A response per page (one must stay under gRPC's 4 MB, whatever the prefix holds: a
+    /// catalog of 10,000 tenants is more), every page read at the revision of the first, so
+    /// the whole is one consistent read (a compaction past that revision in between fails
+    /// it; retry).
+    async fn list_pages(
+        &self,
+        prefix: &str,
+        page: &mut (dyn FnMut(Vec<KeyValue>) + Send),
+    ) -> Result<Revision, RegistryError> {
         let end = prefix_end(prefix);
-        let (mut from, mut snapshot) = (prefix.as_bytes().to_vec(), Snapshot::default());
+        let (mut from, mut at) = (prefix.as_bytes().to_vec(), 0);
         loop {
             let mut options = GetOptions::new()
                 .with_range(end.clone())
-                .with_limit(LIST_PAGE);
-            if snapshot.revision > 0 {
-                options = options.with_revision(snapshot.revision as i64);
+                .with_limit(LIST_PAGE as i64);
+            if at > 0 {
+                options = options.with_revision(at as i64);
             }
             let response = self
                 .client
@@ -144,19 +147,17 @@ impl Registry for EtcdRegistry {
                 .get(from.clone(), Some(options))
                 .await
                 .map_err(error)?;
-            if snapshot.revision == 0 {
-                snapshot.revision = revision(response.header());
+            if at == 0 {
+                at = revision(response.header());
             }
-            snapshot
-                .entries
-                .extend(response.kvs().iter().map(key_value));
+            page(response.kvs().iter().map(key_value).collect());
             match response.kvs().last() {
                 Some(last) if response.more() => {
                     // The next page starts right after the last key read.
                     from = last.key().to_vec();
                     from.push(0);
                 }
-                _ => return Ok(snapshot),
+                _ => return Ok(at),
             }
         }
     }

@@ -21,8 +21,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::mpsc;
 
 use super::{
-    Compare, EventKind, KeyValue, LeaderKey, LeaseId, Op, Registry, RegistryError, Revision,
-    Snapshot, WatchEvent, Watcher,
+    Compare, EventKind, KeyValue, LIST_PAGE, LeaderKey, LeaseId, Op, Registry, RegistryError,
+    Revision, WatchEvent, Watcher,
 };
 
 /// key -> (value, create revision, mod revision, lease or 0)
@@ -423,13 +423,17 @@ impl Registry for LocalRegistry {
         Ok(self.inner.lock().kv.get(key).cloned())
     }
 
-    async fn list(&self, prefix: &str) -> Result<Snapshot, RegistryError> {
+    async fn list_pages(
+        &self,
+        prefix: &str,
+        page: &mut (dyn FnMut(Vec<KeyValue>) + Send),
+    ) -> Result<Revision, RegistryError> {
         let state = self.inner.lock();
-        let entries = state.under(prefix).cloned().collect();
-        Ok(Snapshot {
-            revision: state.revision,
-            entries,
-        })
+        let mut entries = state.under(prefix).cloned().peekable();
+        while entries.peek().is_some() {
+            page(entries.by_ref().take(LIST_PAGE).collect());
+        }
+        Ok(state.revision)
     }
 
     async fn txn(

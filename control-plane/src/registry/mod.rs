@@ -25,6 +25,9 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 pub type Revision = u64;
+
+/// Keys per page of [`Registry::list_pages`].
+pub const LIST_PAGE: usize = 1_000;
 pub type LeaseId = u64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,7 +132,22 @@ pub trait Registry: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, RegistryError>;
 
     /// Every key under `prefix`, with the store revision the read was made at.
-    async fn list(&self, prefix: &str) -> Result<Snapshot, RegistryError>;
+    async fn list(&self, prefix: &str) -> Result<Snapshot, RegistryError> {
+        let mut entries = Vec::new();
+        let revision = self
+            .list_pages(prefix, &mut |page| entries.extend(page))
+            .await?;
+        Ok(Snapshot { revision, entries })
+    }
+
+    /// Every key under `prefix` in key order, handed to `page` some at a time, each page
+    /// dropped before the next is read; all of it read at one revision, which is returned.
+    /// For readers that keep less than the whole prefix (a catalog keeps what it parsed).
+    async fn list_pages(
+        &self,
+        prefix: &str,
+        page: &mut (dyn FnMut(Vec<KeyValue>) + Send),
+    ) -> Result<Revision, RegistryError>;
 
     /// Applies `ops` atomically when every compare holds: `Some(new revision)`, or `None`
     /// (nothing written) when one did not.
