@@ -42,7 +42,15 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     cellmail_proto::config::load_from_args()?;
-    run(Cli::parse())
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Up(_)) {
+        // An operator's command piped into `head` ends quietly once its reader is gone, as
+        // command-line tools do, instead of panicking on the write (Rust ignores SIGPIPE).
+        // Not for `up`, whose servers must live through a closed pipe of their own.
+        // SAFETY: sets a signal's disposition to its default before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    run(cli)
 }
 
 #[tokio::main]

@@ -61,6 +61,28 @@ async fn the_cli_creates_and_lists_tenants_and_cells_and_sends() {
     );
     assert_eq!(tenants.as_array().unwrap().len(), 1);
     assert_eq!(tenants[0]["domains"][0], "acme.example");
+    // Piped into a reader that is gone (`| head -0`), the CLI ends quietly, as command-line
+    // tools do, instead of panicking on the write.
+    let mut piped = Command::new(binary("cellmail").unwrap())
+        .args(["cell", "list", "--control", control])
+        .env("CELLMAIL_ADMIN_TOKEN", platform.admin_token().unwrap())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(piped.stdout.take());
+    let closed = piped.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&closed.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            closed.status.success() || closed.status.signal() == Some(13),
+            "ended by SIGPIPE or cleanly: {:?}",
+            closed.status
+        );
+    }
+
     let cells = cellmail(&platform, &["cell", "list", "--control", control, "--json"]);
     let cells = cells.as_array().unwrap();
     assert_eq!(cells.len(), 3);
