@@ -435,6 +435,10 @@ impl Worker {
         for (class, tenant, held) in lanes {
             if held {
                 metrics::counter!("cellmail_held_total", "cell" => self.cell.to_string(), "class" => class.as_str()).increment(1);
+            } else {
+                // Parked queued, while the class was not paused: if it is paused again
+                // before the next refill, that refill must mark this mail held too.
+                state.holding.remove(&(class, tenant.clone()));
             }
             state.parked.insert((class, tenant));
         }
@@ -904,6 +908,18 @@ mod tests {
         );
     }
 
+    /// Records `m` in the store as the accept path does, so its state can be read.
+    async fn record_accepted(store: &Store, m: &Message) {
+        let accepted = crate::message::Accepted {
+            message_id: m.id,
+            recipients: Vec::new(),
+        };
+        store
+            .accepted(None, accepted, m.queued_record(), now_ms())
+            .await
+            .unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mail_parked_behind_a_full_lane_is_held_once_its_class_is_paused() {
         let dir = tempfile::tempdir().unwrap();
@@ -919,14 +935,7 @@ mod tests {
             .collect();
         let tenant = messages[0].tenant.clone();
         for m in &messages {
-            let accepted = crate::message::Accepted {
-                message_id: m.id,
-                recipients: Vec::new(),
-            };
-            store
-                .accepted(None, accepted, m.queued_record(), now_ms())
-                .await
-                .unwrap();
+            record_accepted(&store, m).await;
             queue
                 .send(QueueKind::Marketing, serde_json::to_vec(m).unwrap())
                 .await
@@ -978,6 +987,67 @@ mod tests {
             task.await.unwrap();
         }
         assert_eq!(parked().len(), 2 * LANE_CAP, "held mail stays parked");
+    }
+
+    #[tokio::test]
+    async fn overflow_parked_between_two_pauses_is_held_by_the_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
+        let queue: Arc<dyn Queue> = Arc::new(
+            LocalQueue::open(&dir.path().join("queue.redb"), QueueConfig::default()).unwrap(),
+        );
+        let gate = Arc::new(Paused::default());
+        let worker = Worker::new(
+            CellId::new("c").unwrap(),
+            store.clone(),
+            queue,
+            Arc::new(Counting::default()),
+            gate.clone(),
+            Arc::default(),
+        );
+        let first = Message {
+            class: MessageClass::Marketing,
+            ..message()
+        };
+        let second = Message {
+            id: MessageId::generate(),
+            ..first.clone()
+        };
+        let tenant = first.tenant.clone();
+        let overflow = |m: &Message| {
+            let form = Parked {
+                not_before_ms: 0,
+                attempts: 0,
+                body: serde_json::to_vec(m).unwrap(),
+            };
+            vec![(m.queued_record(), form, false)]
+        };
+        let lane = (tenant.clone(), MessageClass::Marketing);
+        let pause = |on: bool| {
+            let mut paused = gate.0.lock().unwrap();
+            if on {
+                paused.insert(lane.clone());
+            } else {
+                paused.remove(&lane);
+            }
+        };
+        let state = |id| store.message(&tenant, id).unwrap().unwrap().state;
+        for m in [&first, &second] {
+            record_accepted(&store, m).await;
+        }
+
+        worker.park(overflow(&first)).await.unwrap();
+        pause(true);
+        worker.refill().await.unwrap();
+        assert_eq!(state(first.id), MessageState::Held);
+        // Resumed and paused again before intake refilled: overflow parked in between is
+        // held by the second pause too.
+        pause(false);
+        worker.park(overflow(&second)).await.unwrap();
+        pause(true);
+        worker.refill().await.unwrap();
+        assert_eq!(state(second.id), MessageState::Held);
+        assert_eq!(state(first.id), MessageState::Held);
     }
 
     /// Sends slowly, recording whose message went out in which order.
