@@ -2,10 +2,11 @@
 //!
 //! [`Catalog`] is plain data: cells, live cells, tenants, placements and API key hashes,
 //! changed one registry event at a time by [`Catalog::apply`]. [`WatchedCatalog`] loads the
-//! prefix (a page at a time) at revision R, watches from R+1 and applies every change, so lookups never touch
-//! the registry. When the watch breaks it resumes from the last revision it applied, and
-//! reloads the whole prefix when that revision was compacted. Readers can wait for a
-//! revision or a condition (a router that was told "moved" waits for the new placement).
+//! prefix (a page at a time) at revision R, watches from R+1 and applies every change, so
+//! lookups never touch the registry. When the watch breaks it resumes from the last revision
+//! it applied, and reloads the whole prefix when that revision was compacted. Readers can
+//! wait for a revision or a condition (a router that was told "moved" waits for the new
+//! placement).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock, RwLockReadGuard};

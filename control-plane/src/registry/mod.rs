@@ -25,10 +25,10 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 pub type Revision = u64;
+pub type LeaseId = u64;
 
 /// Keys per page of [`Registry::list_pages`].
 pub const LIST_PAGE: usize = 1_000;
-pub type LeaseId = u64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {

@@ -4,8 +4,9 @@
 //! freeze window of each move (from the write that froze the placement to the one that
 //! switched it), and what the moves cost a neighbour that stays on the source cell: its p99
 //! send latency while the moves run over the same figure in the quiet second before each
-//! move, with the same load on. As deployed, each cell and the control plane's mover run apart (each on a runtime
-//! of its own), so one cell's copy work does not run on the other's threads.
+//! move, with the same load on. As deployed, each cell and the control plane's mover run
+//! apart (each on a runtime of its own), so one cell's copy work does not run on the other's
+//! threads.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
