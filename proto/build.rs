@@ -32,15 +32,18 @@ fn build_id() -> String {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rustc-env=CELLMAIL_BUILD_ID={}", build_id());
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let protos = [
+        "cellmail/v1/sender.proto",
+        "cellmail/v1/cell.proto",
+        "cellmail/v1/control.proto",
+    ];
+    // Watching the git paths above replaces cargo's default of rerunning on any change in
+    // the package, so the protos are watched by name.
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("cellmail_v1_descriptor.bin"))
-        .compile_protos(
-            &[
-                "cellmail/v1/sender.proto",
-                "cellmail/v1/cell.proto",
-                "cellmail/v1/control.proto",
-            ],
-            &["."],
-        )?;
+        .compile_protos(&protos, &["."])?;
     Ok(())
 }

@@ -82,18 +82,14 @@ impl CellApi {
 fn message_pages(
     store: &Store,
     tenant: &TenantId,
-    after: &str,
+    since_ms: u64,
     size: usize,
-) -> Result<Vec<Vec<MessageRecord>>, StorageError> {
-    let (mut pages, mut after) = (Vec::new(), after.to_owned());
-    loop {
-        let page = store.messages_of(tenant, &after, size)?;
-        let Some(last) = page.last() else {
-            return Ok(pages);
-        };
-        after = last.id.to_string();
-        pages.push(page);
-    }
+) -> Result<Vec<Vec<(MessageRecord, u64)>>, StorageError> {
+    let written = store.written_messages(tenant, since_ms)?;
+    written
+        .chunks(size)
+        .map(|page| store.messages(page))
+        .collect()
 }
 
 /// Runs `work` on a blocking thread: reads and encodings that walk a tenant's whole state (a
@@ -188,7 +184,7 @@ fn import_chunk(chunk: v1::TenantChunk) -> Result<TenantExport, ApiError> {
 fn import_messages(
     tenant: &TenantId,
     stored: Vec<v1::StoredMessage>,
-) -> Result<Vec<MessageRecord>, ApiError> {
+) -> Result<Vec<(MessageRecord, u64)>, ApiError> {
     stored
         .into_iter()
         .enumerate()
@@ -202,7 +198,7 @@ fn import_messages(
                     format!("is not tenant {tenant}'s message {}", stored.id),
                 ));
             }
-            Ok(record)
+            Ok((record, stored.written_ms))
         })
         .collect()
 }
@@ -392,10 +388,10 @@ impl Cell for CellApi {
                 ..Default::default()
             });
         }
-        for page in message_pages(&self.store, &tenant, "", DATA_PAGE).map_err(storage)? {
+        for page in message_pages(&self.store, &tenant, 0, DATA_PAGE).map_err(storage)? {
             parts.push(v1::TenantData {
                 cell: cell.clone(),
-                messages: page.into_iter().map(message_status).collect(),
+                messages: page.into_iter().map(|(m, _)| message_status(m)).collect(),
                 ..Default::default()
             });
         }
@@ -448,13 +444,19 @@ impl Cell for CellApi {
             .get(&tenant)
             .map(|t| t.domains.clone())
             .ok_or_else(|| ApiError::NotFound(format!("tenant {tenant} is not known here")))?;
-        // What an earlier stay of the tenant left here is stale: the import replaces it.
-        self.store.forget(&tenant).await.map_err(storage)?;
+        // What an earlier stay of the tenant left here is current as of its hand-over, when
+        // that is recent enough for the copy to start there; otherwise the import replaces it.
+        let handed_over = self.store.handed_over(&tenant, now_ms()).map_err(storage)?;
+        if handed_over.is_none() {
+            self.store.forget(&tenant).await.map_err(storage)?;
+        }
         self.mailer
             .prepare(&tenant, &domains)
             .await
             .map_err(|e| ApiError::Unavailable(format!("preparing the mailer: {e}")))?;
-        Ok(Response::new(v1::PrepareTenantResponse {}))
+        Ok(Response::new(v1::PrepareTenantResponse {
+            kept_as_of_ms: handed_over.unwrap_or(0),
+        }))
     }
 
     async fn export_tenant(
@@ -465,45 +467,52 @@ impl Cell for CellApi {
         let tenant = tenant_id(request.tenant_id)?;
         if request.messages {
             let store = self.store.clone();
-            let chunks = off_thread(move || {
-                let as_of_ms = now_ms();
-                let oldest_open_ms = store
-                    .oldest_open(&tenant)
-                    .map_err(storage)?
-                    .map_or(as_of_ms, |id| id.at_ms());
-                let after = match request.since_ms {
-                    0 => String::new(),
-                    since => MessageId::first_at(since).to_string(),
-                };
-                let pages =
-                    message_pages(&store, &tenant, &after, EXPORT_CHUNK).map_err(storage)?;
-                let chunks: Vec<_> = pages
-                    .into_iter()
-                    .map(|page| {
-                        let messages = page
-                            .iter()
-                            .map(|record| v1::StoredMessage {
-                                id: record.id.to_string(),
-                                record: serde_json::to_vec(record).unwrap_or_default(),
-                            })
-                            .collect();
-                        Ok(v1::TenantChunk {
-                            messages,
+            let chunks = {
+                let (store, tenant) = (store.clone(), tenant.clone());
+                off_thread(move || {
+                    let as_of_ms = now_ms();
+                    let pages = message_pages(&store, &tenant, request.since_ms, EXPORT_CHUNK)
+                        .map_err(storage)?;
+                    let mut chunks: Vec<_> = pages
+                        .into_iter()
+                        .map(|page| v1::TenantChunk {
+                            messages: page
+                                .iter()
+                                .map(|(record, written_ms)| v1::StoredMessage {
+                                    id: record.id.to_string(),
+                                    record: serde_json::to_vec(record).unwrap_or_default(),
+                                    written_ms: *written_ms,
+                                })
+                                .collect(),
                             as_of_ms,
-                            oldest_open_ms,
                             ..Default::default()
                         })
-                    })
-                    .collect();
-                Ok(chunks)
-            })
-            .await?;
-            return Ok(Response::new(Box::pin(tokio_stream::iter(chunks))));
+                        .collect();
+                    if chunks.is_empty() {
+                        // Even with nothing to copy, a chunk tells when the records were read.
+                        chunks.push(v1::TenantChunk {
+                            as_of_ms,
+                            ..Default::default()
+                        });
+                    }
+                    Ok(chunks)
+                })
+                .await?
+            };
+            if request.handover {
+                store
+                    .hand_over(&tenant, request.since_ms)
+                    .await
+                    .map_err(storage)?;
+            }
+            return Ok(Response::new(Box::pin(tokio_stream::iter(
+                chunks.into_iter().map(Ok),
+            ))));
         }
         if !request.precopy {
             self.acceptor.quiesce(&tenant, Epoch(request.epoch)).await?;
         }
-        let since = (!request.precopy && request.since_ms > 0).then_some(request.since_ms);
+        let since = (request.since_ms > 0).then_some(request.since_ms);
         let store = self.store.clone();
         let chunks = off_thread(move || {
             let as_of_ms = now_ms();
@@ -540,7 +549,7 @@ impl Cell for CellApi {
         }
         if !messages.is_empty() {
             self.store
-                .import_messages(messages)
+                .import_messages(&tenant, messages)
                 .await
                 .map_err(storage)?;
         }

@@ -6,8 +6,8 @@
 //! caller it costs the same as a plain commit. A batch of only lazy writes is committed
 //! without an fsync; the next durable commit makes it durable too.
 //!
-//! Bulk writes (a move's copy of a tenant's records, a thousand at a time) are committed one
-//! per transaction, and only while no other write waits: an accept never shares a commit
+//! Bulk writes (a move's copy of a tenant's records, a hundred or so at a time) are committed
+//! one per transaction, and only while no other write waits: an accept never shares a commit
 //! with one, so it waits at most for the one under way.
 
 use std::collections::VecDeque;

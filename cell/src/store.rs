@@ -59,8 +59,19 @@ const RECENT: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("rec
 /// within the idempotency window, for the same copy
 const RECENT_SUPPRESSIONS: TableDefinition<(&str, u64, &str), ()> =
     TableDefinition::new("recent_suppressions");
+/// (tenant, when, message id) of every write of a message record after the one that accepted
+/// it (outcomes, events, holds and releases, imports) within the idempotency window: with
+/// the ids accepted since (which sort by time), the records a move copies incrementally
+const RECENT_MESSAGES: TableDefinition<(&str, u64, &str), ()> =
+    TableDefinition::new("recent_messages");
+/// tenant -> when (this cell's clock) the tenant was handed over to another cell: what this
+/// cell keeps of it is current as of then, so a move back copies only what changed since
+const HANDED_OVER: TableDefinition<&str, u64> = TableDefinition::new("handed_over");
 
 const HOUR_MS: u64 = 3_600_000;
+/// Entries of an import committed together: a move's copy holds the writer (and the cell's
+/// accepts waiting behind it) only this long at a time.
+const BULK_PART: usize = 128;
 const MINUTE_MS: u64 = 60_000;
 /// How many minutes of breaker figures are kept (the longest window a policy may set).
 pub const WINDOW_MINUTES: u64 = 24 * 60;
@@ -156,21 +167,39 @@ fn index_messages(txn: &WriteTransaction) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// Indexes a write of `tenant`'s `key` in `recent` ([`RECENT`] or [`RECENT_SUPPRESSIONS`]) by
-/// its time, dropping what is past the window.
-fn written_recently(
+/// Indexes writes of `tenant`'s keys in `recent` ([`RECENT`], [`RECENT_SUPPRESSIONS`] or
+/// [`RECENT_MESSAGES`]), each (when, key), dropping what is past the window at `now_ms`.
+fn written_recently<'k>(
     txn: &WriteTransaction,
     recent: TableDefinition<(&str, u64, &str), ()>,
     now_ms: u64,
     tenant: &TenantId,
-    key: &str,
+    written: impl IntoIterator<Item = (u64, &'k str)>,
 ) -> Result<(), StorageError> {
     let (mut recent, t) = (txn.open_table(recent).map_err(err)?, tenant.as_str());
-    recent.insert((t, now_ms, key), ()).map_err(err)?;
+    for (at_ms, key) in written {
+        recent.insert((t, at_ms, key), ()).map_err(err)?;
+    }
     let oldest = now_ms.saturating_sub(IDEMPOTENCY_WINDOW.as_millis() as u64);
     recent
         .retain_in((t, 0, "")..(t, oldest, ""), |_, _| false)
         .map_err(err)
+}
+
+/// Indexes a write of `tenant`'s `key` in `recent` made now.
+fn written_now(
+    txn: &WriteTransaction,
+    recent: TableDefinition<(&str, u64, &str), ()>,
+    tenant: &TenantId,
+    key: &str,
+) -> Result<(), StorageError> {
+    let now = now_ms();
+    written_recently(txn, recent, now, tenant, [(now, key)])
+}
+
+/// Indexes a write of message record `id` of `tenant` after the one that accepted it.
+fn changed(txn: &WriteTransaction, tenant: &TenantId, id: &str) -> Result<(), StorageError> {
+    written_now(txn, RECENT_MESSAGES, tenant, id)
 }
 
 fn add_to(
@@ -316,8 +345,17 @@ enum Write {
     Erase {
         tenant: TenantId,
     },
-    /// Message records of a tenant that moved here, as its old cell has them.
-    ImportMessages(Vec<MessageRecord>),
+    /// Message records of a tenant that moved here, as its old cell has them, each with
+    /// when that cell last wrote it.
+    ImportMessages {
+        tenant: TenantId,
+        records: Vec<(MessageRecord, u64)>,
+    },
+    /// Notes that a tenant was handed over to another cell as of a time.
+    HandedOver {
+        tenant: TenantId,
+        as_of_ms: u64,
+    },
 }
 
 /// The first tenant id past every key of `tenant` in a table keyed by tenant first: keys
@@ -376,6 +414,7 @@ fn restate(
         record.state = to;
         record.events.push(event.clone());
         messages.insert(id, json(&record).as_slice()).map_err(err)?;
+        changed(txn, &record.tenant, id)?;
     }
     Ok(())
 }
@@ -439,7 +478,13 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 // Only a completed key is indexed: an accept the freeze waited for completes
                 // before the final copy, and a reservation whose queueing failed must not
                 // follow the tenant as pending (its retry on the new cell is a new send).
-                written_recently(txn, RECENT, now_ms, &record.tenant, &key)?;
+                written_recently(
+                    txn,
+                    RECENT,
+                    now_ms,
+                    &record.tenant,
+                    [(now_ms, key.as_str())],
+                )?;
             }
             let suppressed = record
                 .recipients
@@ -521,6 +566,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             messages
                 .insert(id.as_str(), json(&record).as_slice())
                 .map_err(err)?;
+            changed(txn, &record.tenant, &id)?;
             Ok(Written::Found(true))
         }
         Write::Park(entries) => {
@@ -611,6 +657,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             messages
                 .insert(id.as_str(), json(&record).as_slice())
                 .map_err(err)?;
+            changed(txn, &tenant, &id)?;
             Ok(Written::Found(true))
         }
         Write::Suppress { tenant, entry } => {
@@ -619,7 +666,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             table
                 .insert((tenant.as_str(), key.as_str()), json(&entry).as_slice())
                 .map_err(err)?;
-            written_recently(txn, RECENT_SUPPRESSIONS, now_ms(), &tenant, &key)?;
+            written_now(txn, RECENT_SUPPRESSIONS, &tenant, &key)?;
             Ok(Written::Found(true))
         }
         Write::Count {
@@ -662,6 +709,26 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                     .insert((tenant.as_str(), key.as_str()), record.as_slice())
                     .map_err(err)?;
             }
+            // Indexed so that a move on from here carries them further: a completed key as
+            // when it was accepted (its old cell's clock, as that cell indexed it), the list's
+            // changes as written here (an entry's own time is its feedback's, not its write's).
+            let now = now_ms();
+            let mut done = Vec::with_capacity(export.idempotency.len());
+            for (key, record) in &export.idempotency {
+                let record: KeyRecord = parse(record)?;
+                if record.accepted.is_some() {
+                    done.push((record.reserved_at_ms, key.as_str()));
+                }
+            }
+            written_recently(txn, RECENT, now, &tenant, done)?;
+            let listed: Vec<String> = (export.suppressions.iter())
+                .map(|e| suppression_key(&e.address))
+                .collect();
+            let suppression_keys = listed
+                .iter()
+                .chain(&export.removed_suppressions)
+                .map(|key| (now, key.as_str()));
+            written_recently(txn, RECENT_SUPPRESSIONS, now, &tenant, suppression_keys)?;
             Ok(Written::Found(true))
         }
         Write::Forget { tenant } => {
@@ -672,12 +739,17 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                     .retain_in((t, "")..(past.as_str(), ""), |_, _| false)
                     .map_err(err)?;
             }
+            txn.open_table(HANDED_OVER)
+                .map_err(err)?
+                .remove(t)
+                .map_err(err)?;
             Ok(Written::Found(true))
         }
-        Write::ImportMessages(records) => {
+        Write::ImportMessages { tenant, records } => {
             let mut messages = txn.open_table(MESSAGES).map_err(err)?;
             let mut index = txn.open_table(TENANT_MESSAGES).map_err(err)?;
-            for record in &records {
+            let (now, mut written) = (now_ms(), Vec::with_capacity(records.len()));
+            for (record, written_ms) in &records {
                 let id = record.id.to_string();
                 let here: Option<MessageRecord> = match messages.get(id.as_str()).map_err(err)? {
                     Some(row) => Some(parse(row.value())?),
@@ -693,7 +765,13 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 index
                     .insert((record.tenant.as_str(), id.as_str()), ())
                     .map_err(err)?;
+                // Indexed as written when its old cell wrote it (that cell's clock): what a move
+                // back to a cell that kept the tenant copies is what changed since, anywhere.
+                // A cell that does not say when counts as writing it now.
+                written.push((Some(*written_ms).filter(|at| *at > 0).unwrap_or(now), id));
             }
+            let written = written.iter().map(|(at, id)| (*at, id.as_str()));
+            written_recently(txn, RECENT_MESSAGES, now, &tenant, written)?;
             Ok(Written::Found(true))
         }
         Write::Erase { tenant } => {
@@ -730,12 +808,19 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 .map_err(err)?
                 .retain_in((t, "", "")..(past.as_str(), "", ""), |_, _| false)
                 .map_err(err)?;
-            for recent in [RECENT, RECENT_SUPPRESSIONS] {
+            for recent in [RECENT, RECENT_SUPPRESSIONS, RECENT_MESSAGES] {
                 txn.open_table(recent)
                     .map_err(err)?
                     .retain_in((t, 0, "")..(past.as_str(), 0, ""), |_, _| false)
                     .map_err(err)?;
             }
+            Ok(Written::Found(true))
+        }
+        Write::HandedOver { tenant, as_of_ms } => {
+            txn.open_table(HANDED_OVER)
+                .map_err(err)?
+                .insert(tenant.as_str(), as_of_ms)
+                .map_err(err)?;
             Ok(Written::Found(true))
         }
         Write::Unsuppress { tenant, address } => {
@@ -746,7 +831,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 .map_err(err)?
                 .is_some();
             if removed {
-                written_recently(txn, RECENT_SUPPRESSIONS, now_ms(), &tenant, &key)?;
+                written_now(txn, RECENT_SUPPRESSIONS, &tenant, &key)?;
             }
             Ok(Written::Found(removed))
         }
@@ -772,6 +857,8 @@ impl Store {
         txn.open_table(OPEN).map_err(err)?;
         txn.open_table(RECENT).map_err(err)?;
         txn.open_table(RECENT_SUPPRESSIONS).map_err(err)?;
+        txn.open_table(RECENT_MESSAGES).map_err(err)?;
+        txn.open_table(HANDED_OVER).map_err(err)?;
         index_messages(&txn)?;
         txn.commit().map_err(err)?;
         let writes = GroupCommit::start("store", db.clone(), apply)?;
@@ -1142,27 +1229,6 @@ impl Store {
         Ok(entries)
     }
 
-    /// The oldest of `tenant`'s messages still queued or held here.
-    pub fn oldest_open(&self, tenant: &TenantId) -> Result<Option<MessageId>, StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
-        let table = read.open_table(OPEN).map_err(err)?;
-        let past = past(tenant);
-        let mut rows = table
-            .range((tenant.as_str(), "")..(past.as_str(), ""))
-            .map_err(err)?;
-        match rows.next() {
-            Some(row) => Ok(Some(
-                row.map_err(err)?
-                    .0
-                    .value()
-                    .1
-                    .parse()
-                    .map_err(StorageError::from_display)?,
-            )),
-            None => Ok(None),
-        }
-    }
-
     /// How many of `tenant`'s messages are queued or held here, not yet sent or failed.
     pub fn backlog(&self, tenant: &TenantId) -> Result<u64, StorageError> {
         let read = self.db.begin_read().map_err(err)?;
@@ -1236,48 +1302,127 @@ impl Store {
         tenant: &TenantId,
         export: TenantExport,
     ) -> Result<(), StorageError> {
-        let write = Write::Import {
-            tenant: tenant.clone(),
-            export,
-        };
-        self.found(write, Commit::Bulk).await.map(|_| ())
+        let TenantExport {
+            suppressions,
+            removed_suppressions,
+            idempotency,
+        } = export;
+        // In parts: a key is either listed or removed, so their order does not matter.
+        let listed = suppressions.chunks(BULK_PART).map(|part| TenantExport {
+            suppressions: part.to_vec(),
+            ..TenantExport::default()
+        });
+        let keys = idempotency.chunks(BULK_PART).map(|part| TenantExport {
+            idempotency: part.to_vec(),
+            ..TenantExport::default()
+        });
+        let removed = (!removed_suppressions.is_empty()).then(|| TenantExport {
+            removed_suppressions,
+            ..TenantExport::default()
+        });
+        let writes = (listed.chain(keys).chain(removed))
+            .map(|export| Write::Import {
+                tenant: tenant.clone(),
+                export,
+            })
+            .collect();
+        self.writes
+            .submit_many(writes, Commit::Bulk)
+            .await
+            .map(|_| ())
     }
 
-    /// Up to `limit` of `tenant`'s message records after message id `after` ("" for the
-    /// first), in id (so acceptance) order.
-    pub fn messages_of(
+    /// `tenant`'s message records, in id (so acceptance) order, each as (id, when this cell
+    /// last wrote it): all of them, or with `since_ms` > 0 those written since (accepted
+    /// then or later, or changed since; within the idempotency window).
+    pub fn written_messages(
         &self,
         tenant: &TenantId,
-        after: &str,
-        limit: usize,
-    ) -> Result<Vec<MessageRecord>, StorageError> {
+        since_ms: u64,
+    ) -> Result<Vec<(String, u64)>, StorageError> {
         let read = self.db.begin_read().map_err(err)?;
-        let index = read.open_table(TENANT_MESSAGES).map_err(err)?;
-        let messages = read.open_table(MESSAGES).map_err(err)?;
-        let past = past(tenant);
-        let mut records = Vec::new();
-        for row in index
-            .range((tenant.as_str(), after)..(past.as_str(), ""))
+        let (t, past) = (tenant.as_str(), past(tenant));
+        let mut written = std::collections::BTreeMap::new();
+        let recent = read.open_table(RECENT_MESSAGES).map_err(err)?;
+        for row in recent
+            .range((t, since_ms, "")..(past.as_str(), 0, ""))
             .map_err(err)?
         {
             let (key, _) = row.map_err(err)?;
+            let (_, at_ms, id) = key.value();
+            written.insert(id.to_owned(), at_ms);
+        }
+        // A record written only when it was accepted was written when its id was made.
+        let first = MessageId::first_at(since_ms).to_string();
+        let from = if since_ms == 0 { "" } else { first.as_str() };
+        let index = read.open_table(TENANT_MESSAGES).map_err(err)?;
+        for row in index.range((t, from)..(past.as_str(), "")).map_err(err)? {
+            let (key, _) = row.map_err(err)?;
             let id = key.value().1;
-            if id == after {
-                continue;
+            if !written.contains_key(id) {
+                let at_ms = id.parse::<MessageId>().map_or(0, |id| id.at_ms());
+                written.insert(id.to_owned(), at_ms);
             }
-            if records.len() == limit {
-                break;
-            }
-            if let Some(record) = messages.get(id).map_err(err)? {
-                records.push(parse(record.value())?);
+        }
+        Ok(written.into_iter().collect())
+    }
+
+    /// The message records of `written` (those that exist), each with its time beside it.
+    pub fn messages(
+        &self,
+        written: &[(String, u64)],
+    ) -> Result<Vec<(MessageRecord, u64)>, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let messages = read.open_table(MESSAGES).map_err(err)?;
+        let mut records = Vec::with_capacity(written.len());
+        for (id, at_ms) in written {
+            if let Some(record) = messages.get(id.as_str()).map_err(err)? {
+                records.push((parse(record.value())?, *at_ms));
             }
         }
         Ok(records)
     }
 
-    /// Writes (durably) message records another cell kept of a tenant that moved here.
-    pub async fn import_messages(&self, records: Vec<MessageRecord>) -> Result<(), StorageError> {
-        self.found(Write::ImportMessages(records), Commit::Bulk)
+    /// Notes (durably) that `tenant` was handed over to another cell: what this cell keeps
+    /// of it is current as of `as_of_ms` (this cell's clock), until the tenant moves back.
+    pub async fn hand_over(&self, tenant: &TenantId, as_of_ms: u64) -> Result<(), StorageError> {
+        let write = Write::HandedOver {
+            tenant: tenant.clone(),
+            as_of_ms,
+        };
+        self.found(write, Commit::Durable).await.map(|_| ())
+    }
+
+    /// When `tenant` was last handed over from here, while a copy from then on can still be
+    /// read incrementally (the write indexes keep an idempotency window; an hour of it is
+    /// left for the copy's margins); `None` when what is here must be copied in full.
+    pub fn handed_over(&self, tenant: &TenantId, now_ms: u64) -> Result<Option<u64>, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let table = read.open_table(HANDED_OVER).map_err(err)?;
+        let usable = IDEMPOTENCY_WINDOW.as_millis() as u64 - HOUR_MS;
+        Ok(table
+            .get(tenant.as_str())
+            .map_err(err)?
+            .map(|at| at.value())
+            .filter(|at| now_ms.saturating_sub(*at) < usable))
+    }
+
+    /// Writes (durably) message records another cell kept of a tenant that moved here, each
+    /// with when that cell last wrote it.
+    pub async fn import_messages(
+        &self,
+        tenant: &TenantId,
+        records: Vec<(MessageRecord, u64)>,
+    ) -> Result<(), StorageError> {
+        let writes = records
+            .chunks(BULK_PART)
+            .map(|part| Write::ImportMessages {
+                tenant: tenant.clone(),
+                records: part.to_vec(),
+            })
+            .collect();
+        self.writes
+            .submit_many(writes, Commit::Bulk)
             .await
             .map(|_| ())
     }
@@ -1740,6 +1885,130 @@ mod tests {
         );
     }
 
+    /// Moves `tenant`'s state from `from` to `to` as a move's copies do, from `since_ms`
+    /// (0: everything).
+    async fn copy(from: &Store, to: &Store, tenant: &TenantId, since_ms: u64) {
+        let since = (since_ms > 0).then_some(since_ms);
+        to.import(tenant, from.export(tenant, now_ms(), since).unwrap())
+            .await
+            .unwrap();
+        let written = from.written_messages(tenant, since_ms).unwrap();
+        to.import_messages(tenant, from.messages(&written).unwrap())
+            .await
+            .unwrap();
+    }
+
+    /// Waits for the clock to pass `at_ms`, so that what follows is written after it.
+    async fn after(at_ms: u64) {
+        while now_ms() <= at_ms {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tenant_handed_over_and_back_copies_only_what_was_written_since_its_hand_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (x, y) = (
+            Store::open(&dir.path().join("x.redb")).unwrap(),
+            Store::open(&dir.path().join("y.redb")).unwrap(),
+        );
+        let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
+        let entry = |address: &str| Suppressed {
+            address: address.into(),
+            reason: SuppressionReason::Manual,
+            at_ms: 1,
+            message_id: None,
+        };
+        // On x: a sends two messages (one bounces later), and has one suppression.
+        let (quiet, bounced, theirs) = (
+            MessageId::generate(),
+            MessageId::generate(),
+            MessageId::generate(),
+        );
+        for (key, id) in [("quiet", quiet), ("bounced", bounced)] {
+            store_sent(&x, &a, key, id).await;
+        }
+        store_sent(&x, &b, "theirs", theirs).await;
+        x.suppress(&a, entry("old@x.example")).await.unwrap();
+        assert_eq!(x.handed_over(&a, now_ms()).unwrap(), None);
+
+        // a moves to y: everything is copied, and x notes the hand-over.
+        copy(&x, &y, &a, 0).await;
+        let handed_over = now_ms();
+        x.hand_over(&a, handed_over).await.unwrap();
+        after(handed_over).await;
+
+        // On y: a new message, a late bounce of an old one, the list changes.
+        let new = MessageId::generate();
+        store_sent(&y, &a, "new", new).await;
+        let bounce = event(EventKind::Bounce, now_ms(), "permanent");
+        assert!(
+            y.add_events(&a, bounced, vec![bounce.clone()])
+                .await
+                .unwrap()
+        );
+        y.suppress(&a, entry("new@x.example")).await.unwrap();
+        assert!(y.unsuppress(&a, "old@x.example").await.unwrap());
+
+        // a moves back: x kept its state as of the hand-over, and y sends only what changed.
+        assert_eq!(x.handed_over(&a, now_ms()).unwrap(), Some(handed_over));
+        let ids = |written: Vec<(String, u64)>| -> Vec<String> {
+            written.into_iter().map(|(id, _)| id).collect()
+        };
+        let mut changed = vec![bounced.to_string(), new.to_string()];
+        changed.sort();
+        assert_eq!(
+            ids(y.written_messages(&a, handed_over).unwrap()),
+            changed,
+            "not the quiet message (y wrote it only as x had it), and not b's"
+        );
+        let export = y.export(&a, now_ms(), Some(handed_over)).unwrap();
+        let keys: Vec<&str> = export.idempotency.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["new"], "the keys x has are not sent back");
+        copy(&y, &x, &a, handed_over).await;
+
+        let record = x.message(&a, bounced).unwrap().unwrap();
+        assert_eq!(record.events.last(), Some(&bounce));
+        assert!(x.message(&a, new).unwrap().is_some());
+        assert!(x.message(&a, quiet).unwrap().is_some());
+        assert_eq!(
+            x.list_suppressions(&a, "", 10).unwrap(),
+            [entry("new@x.example")]
+        );
+        for (key, id) in [("quiet", quiet), ("new", new)] {
+            let again = x.reserve(&a, key, MessageId::generate(), now_ms());
+            assert_eq!(again.await.unwrap(), Reservation::Done(accepted(id)));
+        }
+        assert!(
+            y.message(&b, theirs).unwrap().is_none(),
+            "b's state stayed home"
+        );
+
+        // Imported records keep when they were written, so a move on from x carries what
+        // changed on y further; a hand-over older than the indexes keep is not usable.
+        assert_eq!(ids(x.written_messages(&a, handed_over).unwrap()), changed);
+        let late = handed_over + IDEMPOTENCY_WINDOW.as_millis() as u64;
+        assert_eq!(x.handed_over(&a, late).unwrap(), None);
+        x.forget(&a).await.unwrap();
+        assert_eq!(x.handed_over(&a, now_ms()).unwrap(), None);
+    }
+
+    /// `tenant` sends message `id` with idempotency key `key` on `store`, and it is sent.
+    async fn store_sent(store: &Store, tenant: &TenantId, key: &str, id: MessageId) {
+        let now = now_ms();
+        store.reserve(tenant, key, id, now).await.unwrap();
+        let record = record(id, tenant);
+        store
+            .accepted(Some(key), accepted(id), record.clone(), now)
+            .await
+            .unwrap();
+        let sent = event(EventKind::Sent, now, "");
+        store
+            .record_outcome(record, MessageState::Sent, sent)
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn a_tenants_backlog_counts_its_messages_until_sent_or_failed() {
         let dir = tempfile::tempdir().unwrap();
@@ -1758,9 +2027,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.backlog(&a).unwrap(), 3);
-        let mut sorted = ids.clone();
-        sorted.sort_by_key(|id| id.to_string());
-        assert_eq!(store.oldest_open(&a).unwrap(), Some(sorted[0]));
         let sent = event(EventKind::Sent, 2, "");
         store
             .record_outcome(record(ids[0], &a), MessageState::Sent, sent.clone())
@@ -1779,7 +2045,6 @@ mod tests {
             1,
             "held mail is still to be delivered"
         );
-        assert_eq!(store.oldest_open(&a).unwrap(), Some(ids[2]));
         assert_eq!(store.backlog(&b).unwrap(), 1);
     }
 
@@ -1810,16 +2075,16 @@ mod tests {
         let store = Store::open(&path).unwrap();
         assert_eq!(store.backlog(&tenant).unwrap(), 1, "the queued one is open");
         let ids: Vec<MessageId> = store
-            .messages_of(&tenant, "", 10)
+            .messages(&store.written_messages(&tenant, 0).unwrap())
             .unwrap()
             .into_iter()
-            .map(|r| r.id)
+            .map(|(r, _)| r.id)
             .collect();
         let mut expected = vec![queued, sent];
         expected.sort_by_key(|id| id.to_string());
         assert_eq!(ids, expected);
         store.erase(&tenant).await.unwrap();
-        assert!(store.messages_of(&tenant, "", 10).unwrap().is_empty());
+        assert!(store.written_messages(&tenant, 0).unwrap().is_empty());
         assert_eq!(store.backlog(&tenant).unwrap(), 0);
     }
 }

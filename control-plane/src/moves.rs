@@ -5,22 +5,27 @@
 //! the leading control plane's [`Mover`] carries every unfinished move forward, one persisted
 //! step at a time, so that a control plane taking over resumes where the last one stopped:
 //!
-//! 1. PREPARING: the target cell gets ready (its mailer's resources for the tenant; what an
-//!    earlier stay of the tenant left there is dropped) and the tenant's suppression list,
-//!    idempotency window and message records are pre-copied while the source still serves it. Then, in one transaction, the
-//!    placement is frozen (same epoch, compare-and-swap) and the step becomes FROZEN.
-//!    Routers hold the tenant's calls while the placement is frozen; cells refuse them.
+//! 1. PREPARING: the target cell gets ready (its mailer's resources for the tenant) and says
+//!    from when it needs the tenant's state: a cell the tenant was handed over from keeps
+//!    what it had, current as of that hand-over, so only what was written since is
+//!    pre-copied (the suppressions, idempotency keys and message records written since,
+//!    less [`PRECOPY_MARGIN`]); a cell without a usable hand-over drops what it had and
+//!    gets everything. The source still serves the tenant meanwhile. Then, in one
+//!    transaction, the placement is frozen (same epoch, compare-and-swap) and the step
+//!    becomes FROZEN. Routers hold the tenant's calls while the placement is frozen; cells
+//!    refuse them.
 //! 2. FROZEN: the source exports the suppressions (added or removed) and idempotency keys
-//!    written since the pre-copy (less [`PRECOPY_MARGIN`]) once it sees the freeze and every
-//!    call it had let in has finished; each chunk is imported by the target. So the freeze
-//!    lasts as long as a few seconds of the tenant's traffic take to copy, not its whole
-//!    list and window. Then, in one transaction, the placement switches to the target at epoch + 1
+//!    written since the pre-copy (less the margin) once it sees the freeze and every call it
+//!    had let in has finished; each chunk is imported by the target. So the freeze lasts as
+//!    long as a few seconds of the tenant's traffic take to copy, not its whole list and
+//!    window. Then, in one transaction, the placement switches to the target at epoch + 1
 //!    (serving again) and the step becomes SWITCHED. A copy that keeps failing past
 //!    [`FREEZE_BUDGET`] rolls the move back: the placement is unfrozen on the source.
 //! 3. SWITCHED: the source keeps delivering what it had accepted and forwards late feedback;
-//!    once its backlog of the tenant is zero, the message records that may have changed
-//!    since the pre-copy (accepted after it, or still open then) are copied again as they
-//!    ended, and the move is COMPLETE.
+//!    once its backlog of the tenant is zero, the message records written since their
+//!    pre-copy (less the margin) are copied again as they ended, the source notes that hand-
+//!    over, and the move is COMPLETE. So each move copies what the tenant wrote since it
+//!    last left the target, not its whole history.
 //!
 //! Every step change is audited in the transaction that makes it.
 
@@ -49,6 +54,11 @@ pub const FREEZE_BUDGET: Duration = Duration::from_secs(10);
 /// How far before the pre-copy's read the final copy starts: a key write stamped just before
 /// the read may commit just after it.
 pub const PRECOPY_MARGIN: Duration = Duration::from_secs(5);
+/// [`PRECOPY_MARGIN`] in milliseconds.
+fn margin() -> u64 {
+    PRECOPY_MARGIN.as_millis() as u64
+}
+
 /// How often the leader looks for moves to carry forward.
 const SCAN: Duration = Duration::from_millis(100);
 /// Pause between attempts of a step that failed, and between backlog checks.
@@ -204,14 +214,18 @@ fn put<T: serde::Serialize>(key: &str, record: &T) -> Op {
 /// Which of a move's copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pass {
-    /// The suppression list and idempotency window, while the source still serves the tenant.
-    Precopy,
+    /// While the source still serves the tenant: its suppression list and idempotency window
+    /// as written since the given time (0: all of it).
+    Precopy(u64),
     /// While frozen: the suppressions and keys written since the pre-copy.
     Final,
-    /// The tenant's message records (status and events), so that GetMessage answers for
-    /// them on the target: all before the freeze, and once the source has delivered, those
-    /// that may have changed meanwhile.
-    Messages,
+    /// Before the freeze: the tenant's message records (status and events) written since the
+    /// given time (0: all of them), so that GetMessage answers for them on the target.
+    Messages(u64),
+    /// Once the source has delivered: the message records written since the pre-copy. The
+    /// source then keeps that what it has of the tenant is current as of that time, so a
+    /// move back to it starts from there.
+    Handover,
 }
 
 /// What a copy carried, and when the source read it.
@@ -220,7 +234,6 @@ struct Copied {
     suppressions: usize,
     keys: usize,
     messages: usize,
-    oldest_open_ms: u64,
     as_of_ms: u64,
 }
 
@@ -447,30 +460,50 @@ impl Mover {
                 let request = v1::PrepareTenantRequest {
                     tenant_id: tenant.to_string(),
                 };
-                self.client(&record.to)
+                let kept_as_of_ms = self
+                    .client(&record.to)
                     .await?
                     .prepare_tenant(request)
                     .await
-                    .map_err(unavailable(&record.to))?;
-                let precopied = self.transfer(&record, Pass::Precopy).await?;
-                let messages = self.transfer(&record, Pass::Messages).await?;
-                let messages_since_ms = match messages.as_of_ms {
+                    .map_err(unavailable(&record.to))?
+                    .into_inner()
+                    .kept_as_of_ms;
+                // What the target kept of an earlier stay is current as of its hand-over:
+                // only what was written since (on the source's clock, less the margin) is
+                // copied.
+                let since = match kept_as_of_ms {
                     0 => 0,
-                    as_of => messages
-                        .oldest_open_ms
-                        .min(as_of)
-                        .saturating_sub(PRECOPY_MARGIN.as_millis() as u64),
+                    kept => kept.saturating_sub(margin()),
                 };
-                Ok((placement_revision, precopied.as_of_ms, messages_since_ms))
+                let precopied = self.transfer(&record, Pass::Precopy(since)).await?;
+                let messages = self.transfer(&record, Pass::Messages(since)).await?;
+                let detail = format!(
+                    "pre-copied {} suppressions, {} idempotency keys and {} message records{}",
+                    precopied.suppressions,
+                    precopied.keys,
+                    messages.messages,
+                    if since > 0 {
+                        " written since the target's hand-over"
+                    } else {
+                        ""
+                    }
+                );
+                let messages_since_ms = messages.as_of_ms.saturating_sub(margin());
+                Ok((
+                    placement_revision,
+                    precopied.as_of_ms,
+                    messages_since_ms,
+                    detail,
+                ))
             }
             .await;
             match prepared {
-                Ok((placement_revision, precopy_as_of_ms, messages_since_ms)) => {
+                Ok((placement_revision, precopy_as_of_ms, messages_since_ms, detail)) => {
                     let now = now_ms();
                     let frozen = on_source(&record, PlacementState::Frozen);
                     let after = MoveRecord {
                         step: MoveStep::Frozen,
-                        detail: String::new(),
+                        detail,
                         updated_at_ms: now,
                         frozen_at_ms: now,
                         precopy_as_of_ms,
@@ -507,19 +540,19 @@ impl Mover {
 
     /// Exports the tenant from the source and imports it into the target.
     async fn transfer(&self, record: &MoveRecord, pass: Pass) -> Result<Copied, ApiError> {
-        let since_ms = match pass {
-            Pass::Precopy => 0,
-            Pass::Messages => record.messages_since_ms,
-            Pass::Final => record
-                .precopy_as_of_ms
-                .saturating_sub(PRECOPY_MARGIN.as_millis() as u64),
+        let (since_ms, messages) = match pass {
+            Pass::Precopy(since) => (since, false),
+            Pass::Final => (record.precopy_as_of_ms.saturating_sub(margin()), false),
+            Pass::Messages(since) => (since, true),
+            Pass::Handover => (record.messages_since_ms, true),
         };
         let request = v1::ExportTenantRequest {
             tenant_id: record.tenant.to_string(),
             epoch: record.from_epoch.0,
-            precopy: pass == Pass::Precopy,
+            precopy: matches!(pass, Pass::Precopy(_)),
             since_ms,
-            messages: pass == Pass::Messages,
+            messages,
+            handover: pass == Pass::Handover,
         };
         let mut chunks = self
             .client(&record.from)
@@ -532,7 +565,6 @@ impl Mover {
         let mut copied = Copied::default();
         while let Some(chunk) = chunks.message().await.map_err(unavailable(&record.from))? {
             copied.as_of_ms = chunk.as_of_ms;
-            copied.oldest_open_ms = chunk.oldest_open_ms;
             if chunk.suppressions.is_empty()
                 && chunk.removed_suppressions.is_empty()
                 && chunk.idempotency.is_empty()
@@ -589,8 +621,8 @@ impl Mover {
                     let after = MoveRecord {
                         step: MoveStep::Switched,
                         detail: format!(
-                            "copied {} suppressions and {} idempotency keys while frozen",
-                            copied.suppressions, copied.keys
+                            "{}; copied {} suppressions and {} idempotency keys while frozen",
+                            record.detail, copied.suppressions, copied.keys
                         ),
                         updated_at_ms: now,
                         freeze_ms: now.saturating_sub(record.frozen_at_ms),
@@ -676,7 +708,7 @@ impl Mover {
                 Err(err) => Err(err.to_string()),
             };
             match backlog {
-                Ok(0) => match self.transfer(&record, Pass::Messages).await {
+                Ok(0) => match self.transfer(&record, Pass::Handover).await {
                     Ok(_) => break,
                     Err(err) => {
                         tracing::warn!(tenant = %record.tenant, %err, "copying the message records failed; retrying")

@@ -426,9 +426,9 @@ pub struct MoveRecord {
     /// while frozen carries only the keys written since (0: all of them).
     #[serde(default)]
     pub precopy_as_of_ms: u64,
-    /// The message records copied again once the source has delivered are those accepted
-    /// since (the source's clock): the oldest still open at the pre-copy, or the pre-copy
-    /// itself, less a margin (0: all of them).
+    /// The message records copied again once the source has delivered are those written
+    /// since (the source's clock): the pre-copy of the records, less a margin (0: all of
+    /// them). The source keeps it as when it handed the tenant over.
     #[serde(default)]
     pub messages_since_ms: u64,
     pub actor: String,

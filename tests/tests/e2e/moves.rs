@@ -197,6 +197,127 @@ async fn a_tenant_moved_under_load_sends_every_key_once_and_its_neighbour_sees_n
     );
 }
 
+/// Waits until every one of `ids` of tenant `key` is SENT.
+async fn all_sent(sender: &Sender, key: &str, ids: &[String]) {
+    for id in ids {
+        let sent = cellmail_tests::until_ok(DELIVERY, || async {
+            let status = cellmail_tests::get_message(sender, key, id).await?;
+            match status.state.as_str() {
+                "SENT" => Ok(()),
+                state => Err(tonic::Status::unavailable(format!("{id} is {state}"))),
+            }
+        });
+        sent.await.unwrap();
+    }
+}
+
+/// The suppressed addresses of tenant `key`, sorted.
+async fn suppressed(sender: &Sender, key: &str) -> Vec<String> {
+    let request = authorized(key, v1::ListSuppressionsRequest::default());
+    let listed = sender.clone().list_suppressions(request).await.unwrap();
+    let mut addresses: Vec<String> = (listed.into_inner().suppressions.into_iter())
+        .map(|s| s.address)
+        .collect();
+    addresses.sort();
+    addresses
+}
+
+async fn suppress(sender: &Sender, key: &str, address: &str) {
+    let request = v1::AddSuppressionRequest {
+        address: address.into(),
+        reason: 0,
+    };
+    sender
+        .clone()
+        .add_suppression(authorized(key, request))
+        .await
+        .unwrap();
+}
+
+/// Moves `tenant` to `cell` and waits until the move is complete.
+async fn moved(platform: &Platform, control: &Control, tenant: &str, cell: &str) -> v1::MoveInfo {
+    platform.cli(&["tenant", "move", tenant, "--to", cell]);
+    let done = finished_move(control, tenant).await;
+    assert_eq!(done.state, "COMPLETE", "{done:?}");
+    done
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_moved_back_is_copied_only_what_changed_meanwhile_and_has_all_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &[]).unwrap();
+    let mut control = platform.control().await.unwrap();
+    let key = tenant(&mut control, "returner", "cell-1").await;
+    let neighbour = tenant(&mut control, "neighbour", "cell-2").await;
+    let sender = platform.sender().await.unwrap();
+    let send = |n: &str| {
+        let (sender, key) = (sender.clone(), key.clone());
+        let request = message("shop@returner.example", &format!("{n}@example.com"), n);
+        async move { send_retrying(&sender, &key, request).await.0 }
+    };
+    let mut old = Vec::new();
+    for n in 0..20 {
+        old.push(send(&format!("old-{n}")).await);
+    }
+    suppress(&sender, &key, "kept@example.com").await;
+    suppress(&sender, &key, "dropped@example.com").await;
+    suppress(&sender, &neighbour, "theirs@example.com").await;
+    all_sent(&sender, &key, &old).await;
+    // A move copies again what was written within its margins before it (clock skew, late
+    // commits): let the old messages age past them.
+    tokio::time::sleep(2 * cellmail_control::moves::PRECOPY_MARGIN + Duration::from_secs(1)).await;
+
+    let away = moved(&platform, &control, "returner", "cell-2").await;
+    assert!(
+        away.detail
+            .starts_with("pre-copied 2 suppressions, 20 idempotency keys and 20 message records;"),
+        "{away:?}"
+    );
+    let new = vec![
+        send("new-0").await,
+        send("new-1").await,
+        send("new-2").await,
+    ];
+    let request = authorized(
+        &key,
+        v1::RemoveSuppressionRequest {
+            address: "dropped@example.com".into(),
+        },
+    );
+    sender.clone().remove_suppression(request).await.unwrap();
+    suppress(&sender, &key, "added@example.com").await;
+    all_sent(&sender, &key, &new).await;
+
+    let back = moved(&platform, &control, "returner", "cell-1").await;
+    assert!(
+        back.detail.contains(
+            " 3 idempotency keys and 3 message records written since the target's hand-over;"
+        ),
+        "only what changed on cell-2 is copied back: {back:?}"
+    );
+    // Cell-1 answers for all of it as it is now.
+    for id in old.iter().chain(&new) {
+        let status = cellmail_tests::get_message(&sender, &key, id)
+            .await
+            .unwrap();
+        assert_eq!(status.state, "SENT", "{status:?}");
+    }
+    assert_eq!(
+        suppressed(&sender, &key).await,
+        ["added@example.com", "kept@example.com"]
+    );
+    assert_eq!(
+        suppressed(&sender, &neighbour).await,
+        ["theirs@example.com"]
+    );
+    for (n, id) in [("old-0", &old[0]), ("new-2", &new[2])] {
+        assert_eq!(&send(n).await, id, "{n} was sent once, before");
+    }
+    let keys = keys_in(&platform.data_dir.join("mail").join("returner"));
+    assert!(keys.values().all(|n| *n == 1), "sent twice: {keys:?}");
+    assert_eq!(keys.len(), 23);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_move_requests_are_refused_naming_the_field_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
