@@ -61,12 +61,13 @@ impl<Op, Out> Drop for GroupCommit<Op, Out> {
 }
 
 impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
-    /// Starts the writer thread. `apply` runs each operation inside the shared transaction;
-    /// its error fails the whole batch (nothing of it is committed).
+    /// Starts the writer thread. `apply` runs a batch's operations, in order, inside the
+    /// shared transaction (opening what they write once for all of them) and answers one
+    /// output each; its error fails the whole batch (nothing of it is committed).
     pub fn start(
         name: &str,
         db: Arc<Database>,
-        apply: impl Fn(&WriteTransaction, Op) -> Result<Out, StorageError> + Send + 'static,
+        apply: impl Fn(&WriteTransaction, Vec<Op>) -> Result<Vec<Out>, StorageError> + Send + 'static,
     ) -> Result<Self, StorageError> {
         let (jobs, mut rx) = mpsc::unbounded_channel::<Job<Op, Out>>();
         let thread = std::thread::Builder::new()
@@ -149,7 +150,7 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
 
 fn commit_batch<Op, Out>(
     db: &Database,
-    apply: &impl Fn(&WriteTransaction, Op) -> Result<Out, StorageError>,
+    apply: &impl Fn(&WriteTransaction, Vec<Op>) -> Result<Vec<Out>, StorageError>,
     batch: &mut Vec<Job<Op, Out>>,
 ) {
     let run =
@@ -159,12 +160,16 @@ fn commit_batch<Op, Out>(
                 txn.set_durability(Durability::None)
                     .map_err(StorageError::from_display)?;
             }
-            let mut done = Vec::with_capacity(batch.len());
-            for (op, _, reply) in batch.drain(..) {
-                done.push((apply(&txn, op)?, reply));
+            let (ops, replies): (Vec<Op>, Vec<_>) =
+                batch.drain(..).map(|(op, _, reply)| (op, reply)).unzip();
+            let outs = apply(&txn, ops)?;
+            if outs.len() != replies.len() {
+                return Err(StorageError(
+                    "a batch answered the wrong number of writes".into(),
+                ));
             }
             txn.commit().map_err(StorageError::from_display)?;
-            Ok(done)
+            Ok(outs.into_iter().zip(replies).collect())
         };
     match run(batch) {
         Ok(done) => {
@@ -199,15 +204,19 @@ mod tests {
         let (release, held) = std::sync::mpsc::channel::<()>();
         let held = Mutex::new(held);
         let seen = applied.clone();
-        let commits = GroupCommit::start("test", db, move |_, op| {
-            if op == "hold" {
-                held.lock().unwrap().recv().unwrap();
-            }
-            seen.lock().unwrap().push(op);
-            match op {
-                "bad" => Err(StorageError("bad op".into())),
-                _ => Ok(()),
-            }
+        let commits = GroupCommit::start("test", db, move |_, ops| {
+            ops.into_iter()
+                .map(|op| {
+                    if op == "hold" {
+                        held.lock().unwrap().recv().unwrap();
+                    }
+                    seen.lock().unwrap().push(op);
+                    match op {
+                        "bad" => Err(StorageError("bad op".into())),
+                        _ => Ok(()),
+                    }
+                })
+                .collect()
         })
         .unwrap();
         (dir, commits, applied, release)

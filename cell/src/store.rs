@@ -68,6 +68,47 @@ const RECENT_MESSAGES: TableDefinition<(&str, u64, &str), ()> =
 /// cell keeps of it is current as of then, so a move back copies only what changed since
 const HANDED_OVER: TableDefinition<&str, u64> = TableDefinition::new("handed_over");
 
+type Recent<'t> = redb::Table<'t, (&'static str, u64, &'static str), ()>;
+
+/// Every table a batch of writes may change, opened once for the batch's transaction:
+/// opening and closing a table reads and rewrites redb's table of tables, which costs more
+/// than most of the writes themselves.
+struct Tables<'t> {
+    idempotency: redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
+    messages: redb::Table<'t, &'static str, &'static [u8]>,
+    suppressions: redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
+    bodies: redb::Table<'t, &'static str, &'static [u8]>,
+    stats: redb::Table<'t, (&'static str, &'static str, u64), &'static [u8]>,
+    window: redb::Table<'t, (&'static str, &'static str, u64), &'static [u8]>,
+    parked: redb::Table<'t, (&'static str, &'static str, &'static str), &'static [u8]>,
+    open: redb::Table<'t, (&'static str, &'static str), ()>,
+    tenant_messages: redb::Table<'t, (&'static str, &'static str), ()>,
+    recent: Recent<'t>,
+    recent_suppressions: Recent<'t>,
+    recent_messages: Recent<'t>,
+    handed_over: redb::Table<'t, &'static str, u64>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StorageError> {
+        Ok(Self {
+            idempotency: txn.open_table(IDEMPOTENCY).map_err(err)?,
+            messages: txn.open_table(MESSAGES).map_err(err)?,
+            suppressions: txn.open_table(SUPPRESSIONS).map_err(err)?,
+            bodies: txn.open_table(BODIES).map_err(err)?,
+            stats: txn.open_table(STATS).map_err(err)?,
+            window: txn.open_table(WINDOW).map_err(err)?,
+            parked: txn.open_table(PARKED).map_err(err)?,
+            open: txn.open_table(OPEN).map_err(err)?,
+            tenant_messages: txn.open_table(TENANT_MESSAGES).map_err(err)?,
+            recent: txn.open_table(RECENT).map_err(err)?,
+            recent_suppressions: txn.open_table(RECENT_SUPPRESSIONS).map_err(err)?,
+            recent_messages: txn.open_table(RECENT_MESSAGES).map_err(err)?,
+            handed_over: txn.open_table(HANDED_OVER).map_err(err)?,
+        })
+    }
+}
+
 const HOUR_MS: u64 = 3_600_000;
 /// Entries of an import committed together: a move's copy holds the writer (and the cell's
 /// accepts waiting behind it) only this long at a time.
@@ -103,25 +144,20 @@ impl Counts {
 /// Adds `delta` to `tenant`'s figures for `class` in the hour of `at_ms`, and to its
 /// breaker's minute when it holds what a breaker weighs (dropping minutes past a day).
 fn count(
-    txn: &WriteTransaction,
+    t: &mut Tables,
     tenant: &TenantId,
     class: MessageClass,
     at_ms: u64,
     delta: &Counts,
 ) -> Result<(), StorageError> {
-    let (t, c) = (tenant.as_str(), class.as_str());
-    add_to(
-        &mut txn.open_table(STATS).map_err(err)?,
-        (t, c, at_ms / HOUR_MS),
-        delta,
-    )?;
+    let (tenant, c) = (tenant.as_str(), class.as_str());
+    add_to(&mut t.stats, (tenant, c, at_ms / HOUR_MS), delta)?;
     if delta.sent + delta.bounced + delta.complained > 0 {
         let minute = at_ms / MINUTE_MS;
-        let mut window = txn.open_table(WINDOW).map_err(err)?;
-        add_to(&mut window, (t, c, minute), delta)?;
+        add_to(&mut t.window, (tenant, c, minute), delta)?;
         let oldest = minute.saturating_sub(WINDOW_MINUTES);
-        window
-            .retain_in((t, c, 0)..(t, c, oldest), |_, _| false)
+        t.window
+            .retain_in((tenant, c, 0)..(tenant, c, oldest), |_, _| false)
             .map_err(err)?;
     }
     Ok(())
@@ -170,13 +206,12 @@ fn index_messages(txn: &WriteTransaction) -> Result<(), StorageError> {
 /// Indexes writes of `tenant`'s keys in `recent` ([`RECENT`], [`RECENT_SUPPRESSIONS`] or
 /// [`RECENT_MESSAGES`]), each (when, key), dropping what is past the window at `now_ms`.
 fn written_recently<'k>(
-    txn: &WriteTransaction,
-    recent: TableDefinition<(&str, u64, &str), ()>,
+    recent: &mut Recent,
     now_ms: u64,
     tenant: &TenantId,
     written: impl IntoIterator<Item = (u64, &'k str)>,
 ) -> Result<(), StorageError> {
-    let (mut recent, t) = (txn.open_table(recent).map_err(err)?, tenant.as_str());
+    let t = tenant.as_str();
     for (at_ms, key) in written {
         recent.insert((t, at_ms, key), ()).map_err(err)?;
     }
@@ -187,19 +222,9 @@ fn written_recently<'k>(
 }
 
 /// Indexes a write of `tenant`'s `key` in `recent` made now.
-fn written_now(
-    txn: &WriteTransaction,
-    recent: TableDefinition<(&str, u64, &str), ()>,
-    tenant: &TenantId,
-    key: &str,
-) -> Result<(), StorageError> {
+fn written_now(recent: &mut Recent, tenant: &TenantId, key: &str) -> Result<(), StorageError> {
     let now = now_ms();
-    written_recently(txn, recent, now, tenant, [(now, key)])
-}
-
-/// Indexes a write of message record `id` of `tenant` after the one that accepted it.
-fn changed(txn: &WriteTransaction, tenant: &TenantId, id: &str) -> Result<(), StorageError> {
-    written_now(txn, RECENT_MESSAGES, tenant, id)
+    written_recently(recent, now, tenant, [(now, key)])
 }
 
 fn add_to(
@@ -399,13 +424,13 @@ const HELD_REASON: &str = "its class is paused by the tenant's breaker";
 /// Moves message `id` from state `from` to `to` with `event`; a message in another state (or
 /// none) is left as it is.
 fn restate(
-    txn: &WriteTransaction,
+    t: &mut Tables,
     id: &str,
     from: MessageState,
     to: MessageState,
     event: &MessageEvent,
 ) -> Result<(), StorageError> {
-    let mut messages = txn.open_table(MESSAGES).map_err(err)?;
+    let messages = &mut t.messages;
     let found: Option<MessageRecord> = match messages.get(id).map_err(err)? {
         Some(row) => Some(parse(row.value())?),
         None => None,
@@ -414,12 +439,12 @@ fn restate(
         record.state = to;
         record.events.push(event.clone());
         messages.insert(id, json(&record).as_slice()).map_err(err)?;
-        changed(txn, &record.tenant, id)?;
+        written_now(&mut t.recent_messages, &record.tenant, id)?;
     }
     Ok(())
 }
 
-fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> {
+fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
     match write {
         Write::Reserve {
             tenant,
@@ -427,7 +452,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             message_id,
             now_ms,
         } => {
-            let mut table = txn.open_table(IDEMPOTENCY).map_err(err)?;
+            let table = &mut t.idempotency;
             let found: Option<KeyRecord> =
                 match table.get((tenant.as_str(), key.as_str())).map_err(err)? {
                     Some(row) => Some(parse(row.value())?),
@@ -463,7 +488,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             now_ms,
         } => {
             if let Some(key) = key {
-                let mut table = txn.open_table(IDEMPOTENCY).map_err(err)?;
+                let table = &mut t.idempotency;
                 let done = KeyRecord {
                     message_id: accepted.message_id,
                     reserved_at_ms: now_ms,
@@ -479,8 +504,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 // before the final copy, and a reservation whose queueing failed must not
                 // follow the tenant as pending (its retry on the new cell is a new send).
                 written_recently(
-                    txn,
-                    RECENT,
+                    &mut t.recent,
                     now_ms,
                     &record.tenant,
                     [(now_ms, key.as_str())],
@@ -498,26 +522,24 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 ..Counts::default()
             };
             count(
-                txn,
+                t,
                 &record.tenant,
                 record.class,
                 record.accepted_at_ms,
                 &delta,
             )?;
-            let mut messages = txn.open_table(MESSAGES).map_err(err)?;
+            let messages = &mut t.messages;
             let id = record.id.to_string();
             // A worker may already have recorded the send; keep its record.
             if messages.get(id.as_str()).map_err(err)?.is_none() {
                 messages
                     .insert(id.as_str(), json(&record).as_slice())
                     .map_err(err)?;
-                txn.open_table(TENANT_MESSAGES)
-                    .map_err(err)?
+                t.tenant_messages
                     .insert((record.tenant.as_str(), id.as_str()), ())
                     .map_err(err)?;
                 if record.state == MessageState::Queued {
-                    txn.open_table(OPEN)
-                        .map_err(err)?
+                    t.open
                         .insert((record.tenant.as_str(), id.as_str()), ())
                         .map_err(err)?;
                 }
@@ -525,13 +547,11 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             Ok(Written::Found(true))
         }
         Write::Outcome { seed, state, event } => {
-            let mut messages = txn.open_table(MESSAGES).map_err(err)?;
             let id = seed.id.to_string();
-            let mut record: MessageRecord = match messages.get(id.as_str()).map_err(err)? {
+            let mut record: MessageRecord = match t.messages.get(id.as_str()).map_err(err)? {
                 Some(row) => parse(row.value())?,
                 None => {
-                    txn.open_table(TENANT_MESSAGES)
-                        .map_err(err)?
+                    t.tenant_messages
                         .insert((seed.tenant.as_str(), id.as_str()), ())
                         .map_err(err)?;
                     seed
@@ -554,26 +574,24 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                     Counts::default()
                 }
             };
-            count(txn, &record.tenant, record.class, event.at_ms, &delta)?;
+            count(t, &record.tenant, record.class, event.at_ms, &delta)?;
             if matches!(state, MessageState::Sent | MessageState::Failed) {
-                txn.open_table(OPEN)
-                    .map_err(err)?
+                t.open
                     .remove((record.tenant.as_str(), id.as_str()))
                     .map_err(err)?;
             }
             record.state = state;
             record.events.push(event);
-            messages
+            t.messages
                 .insert(id.as_str(), json(&record).as_slice())
                 .map_err(err)?;
-            changed(txn, &record.tenant, &id)?;
+            written_now(&mut t.recent_messages, &record.tenant, &id)?;
             Ok(Written::Found(true))
         }
         Write::Park(entries) => {
             for (seed, parked, held) in entries {
                 let id = seed.id.to_string();
-                txn.open_table(PARKED)
-                    .map_err(err)?
+                t.parked
                     .insert(
                         (seed.tenant.as_str(), seed.class.as_str(), id.as_str()),
                         parked.encode().as_slice(),
@@ -581,7 +599,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                     .map_err(err)?;
                 if let Some(event) = held {
                     apply(
-                        txn,
+                        t,
                         Write::Outcome {
                             seed,
                             state: MessageState::Held,
@@ -593,9 +611,8 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             Ok(Written::Found(true))
         }
         Write::Unpark { tenant, class, id } => {
-            let removed = txn
-                .open_table(PARKED)
-                .map_err(err)?
+            let removed = t
+                .parked
                 .remove((tenant.as_str(), class.as_str(), id.to_string().as_str()))
                 .map_err(err)?
                 .is_some();
@@ -605,7 +622,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             let released = event(EventKind::Released, at_ms, "");
             for id in &ids {
                 restate(
-                    txn,
+                    t,
                     &id.to_string(),
                     MessageState::Held,
                     MessageState::Queued,
@@ -620,13 +637,12 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             at_ms,
         } => {
             let ids: Vec<String> = {
-                let table = txn.open_table(PARKED).map_err(err)?;
-                let (t, c) = (tenant.as_str(), class.as_str());
+                let (tenant, c) = (tenant.as_str(), class.as_str());
                 let mut ids = Vec::new();
-                for row in table.range((t, c, "")..).map_err(err)? {
+                for row in t.parked.range((tenant, c, "")..).map_err(err)? {
                     let (key, _) = row.map_err(err)?;
                     let (owner, of_class, id) = key.value();
-                    if owner != t || of_class != c {
+                    if owner != tenant || of_class != c {
                         break;
                     }
                     ids.push(id.to_owned());
@@ -635,7 +651,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             };
             let held = event(EventKind::Held, at_ms, HELD_REASON);
             for id in &ids {
-                restate(txn, id, MessageState::Queued, MessageState::Held, &held)?;
+                restate(t, id, MessageState::Queued, MessageState::Held, &held)?;
             }
             Ok(Written::Found(!ids.is_empty()))
         }
@@ -644,7 +660,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             message_id,
             events,
         } => {
-            let mut messages = txn.open_table(MESSAGES).map_err(err)?;
+            let messages = &mut t.messages;
             let id = message_id.to_string();
             let found: Option<MessageRecord> = match messages.get(id.as_str()).map_err(err)? {
                 Some(row) => Some(parse(row.value())?),
@@ -657,16 +673,16 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             messages
                 .insert(id.as_str(), json(&record).as_slice())
                 .map_err(err)?;
-            changed(txn, &tenant, &id)?;
+            written_now(&mut t.recent_messages, &tenant, &id)?;
             Ok(Written::Found(true))
         }
         Write::Suppress { tenant, entry } => {
-            let mut table = txn.open_table(SUPPRESSIONS).map_err(err)?;
+            let table = &mut t.suppressions;
             let key = suppression_key(&entry.address);
             table
                 .insert((tenant.as_str(), key.as_str()), json(&entry).as_slice())
                 .map_err(err)?;
-            written_now(txn, RECENT_SUPPRESSIONS, &tenant, &key)?;
+            written_now(&mut t.recent_suppressions, &tenant, &key)?;
             Ok(Written::Found(true))
         }
         Write::Count {
@@ -675,23 +691,23 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
             at_ms,
             delta,
         } => {
-            count(txn, &tenant, class, at_ms, &delta)?;
+            count(t, &tenant, class, at_ms, &delta)?;
             Ok(Written::Found(true))
         }
         Write::PutBody { message_id, body } => {
-            let mut table = txn.open_table(BODIES).map_err(err)?;
+            let table = &mut t.bodies;
             table
                 .insert(message_id.to_string().as_str(), body.as_slice())
                 .map_err(err)?;
             Ok(Written::Found(true))
         }
         Write::DropBody { message_id } => {
-            let mut table = txn.open_table(BODIES).map_err(err)?;
+            let table = &mut t.bodies;
             let removed = table.remove(message_id.to_string().as_str()).map_err(err)?;
             Ok(Written::Found(removed.is_some()))
         }
         Write::Import { tenant, export } => {
-            let mut suppressions = txn.open_table(SUPPRESSIONS).map_err(err)?;
+            let suppressions = &mut t.suppressions;
             for entry in &export.suppressions {
                 let key = suppression_key(&entry.address);
                 suppressions
@@ -703,7 +719,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                     .remove((tenant.as_str(), key.as_str()))
                     .map_err(err)?;
             }
-            let mut idempotency = txn.open_table(IDEMPOTENCY).map_err(err)?;
+            let idempotency = &mut t.idempotency;
             for (key, record) in &export.idempotency {
                 idempotency
                     .insert((tenant.as_str(), key.as_str()), record.as_slice())
@@ -720,7 +736,7 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                     done.push((record.reserved_at_ms, key.as_str()));
                 }
             }
-            written_recently(txn, RECENT, now, &tenant, done)?;
+            written_recently(&mut t.recent, now, &tenant, done)?;
             let listed: Vec<String> = (export.suppressions.iter())
                 .map(|e| suppression_key(&e.address))
                 .collect();
@@ -728,26 +744,22 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 .iter()
                 .chain(&export.removed_suppressions)
                 .map(|key| (now, key.as_str()));
-            written_recently(txn, RECENT_SUPPRESSIONS, now, &tenant, suppression_keys)?;
+            written_recently(&mut t.recent_suppressions, now, &tenant, suppression_keys)?;
             Ok(Written::Found(true))
         }
         Write::Forget { tenant } => {
-            let (t, past) = (tenant.as_str(), past(&tenant));
-            for table in [SUPPRESSIONS, IDEMPOTENCY] {
-                let mut table = txn.open_table(table).map_err(err)?;
+            let (tenant, past) = (tenant.as_str(), past(&tenant));
+            for table in [&mut t.suppressions, &mut t.idempotency] {
                 table
-                    .retain_in((t, "")..(past.as_str(), ""), |_, _| false)
+                    .retain_in((tenant, "")..(past.as_str(), ""), |_, _| false)
                     .map_err(err)?;
             }
-            txn.open_table(HANDED_OVER)
-                .map_err(err)?
-                .remove(t)
-                .map_err(err)?;
+            t.handed_over.remove(tenant).map_err(err)?;
             Ok(Written::Found(true))
         }
         Write::ImportMessages { tenant, records } => {
-            let mut messages = txn.open_table(MESSAGES).map_err(err)?;
-            let mut index = txn.open_table(TENANT_MESSAGES).map_err(err)?;
+            let messages = &mut t.messages;
+            let index = &mut t.tenant_messages;
             let (now, mut written) = (now_ms(), Vec::with_capacity(records.len()));
             for (record, written_ms) in &records {
                 let id = record.id.to_string();
@@ -771,67 +783,61 @@ fn apply(txn: &WriteTransaction, write: Write) -> Result<Written, StorageError> 
                 written.push((Some(*written_ms).filter(|at| *at > 0).unwrap_or(now), id));
             }
             let written = written.iter().map(|(at, id)| (*at, id.as_str()));
-            written_recently(txn, RECENT_MESSAGES, now, &tenant, written)?;
+            written_recently(&mut t.recent_messages, now, &tenant, written)?;
             Ok(Written::Found(true))
         }
         Write::Erase { tenant } => {
             apply(
-                txn,
+                t,
                 Write::Forget {
                     tenant: tenant.clone(),
                 },
             )?;
-            let (t, past) = (tenant.as_str(), past(&tenant));
-            let mut index = txn.open_table(TENANT_MESSAGES).map_err(err)?;
-            let mut messages = txn.open_table(MESSAGES).map_err(err)?;
-            let mut bodies = txn.open_table(BODIES).map_err(err)?;
-            for row in index.range((t, "")..(past.as_str(), "")).map_err(err)? {
+            let (tenant, past) = (tenant.as_str(), past(&tenant));
+            let mine = (tenant, "")..(past.as_str(), "");
+            for row in t.tenant_messages.range(mine.clone()).map_err(err)? {
                 let (key, _) = row.map_err(err)?;
                 let id = key.value().1;
-                messages.remove(id).map_err(err)?;
-                bodies.remove(id).map_err(err)?;
+                t.messages.remove(id).map_err(err)?;
+                t.bodies.remove(id).map_err(err)?;
             }
-            index
-                .retain_in((t, "")..(past.as_str(), ""), |_, _| false)
-                .map_err(err)?;
-            txn.open_table(OPEN)
-                .map_err(err)?
-                .retain_in((t, "")..(past.as_str(), ""), |_, _| false)
-                .map_err(err)?;
-            for table in [STATS, WINDOW] {
-                txn.open_table(table)
-                    .map_err(err)?
-                    .retain_in((t, "", 0)..(past.as_str(), "", 0), |_, _| false)
+            for table in [&mut t.tenant_messages, &mut t.open] {
+                table.retain_in(mine.clone(), |_, _| false).map_err(err)?;
+            }
+            for table in [&mut t.stats, &mut t.window] {
+                table
+                    .retain_in((tenant, "", 0)..(past.as_str(), "", 0), |_, _| false)
                     .map_err(err)?;
             }
-            txn.open_table(PARKED)
-                .map_err(err)?
-                .retain_in((t, "", "")..(past.as_str(), "", ""), |_, _| false)
+            t.parked
+                .retain_in((tenant, "", "")..(past.as_str(), "", ""), |_, _| false)
                 .map_err(err)?;
-            for recent in [RECENT, RECENT_SUPPRESSIONS, RECENT_MESSAGES] {
-                txn.open_table(recent)
-                    .map_err(err)?
-                    .retain_in((t, 0, "")..(past.as_str(), 0, ""), |_, _| false)
+            for recent in [
+                &mut t.recent,
+                &mut t.recent_suppressions,
+                &mut t.recent_messages,
+            ] {
+                recent
+                    .retain_in((tenant, 0, "")..(past.as_str(), 0, ""), |_, _| false)
                     .map_err(err)?;
             }
             Ok(Written::Found(true))
         }
         Write::HandedOver { tenant, as_of_ms } => {
-            txn.open_table(HANDED_OVER)
-                .map_err(err)?
+            t.handed_over
                 .insert(tenant.as_str(), as_of_ms)
                 .map_err(err)?;
             Ok(Written::Found(true))
         }
         Write::Unsuppress { tenant, address } => {
-            let mut table = txn.open_table(SUPPRESSIONS).map_err(err)?;
+            let table = &mut t.suppressions;
             let key = suppression_key(&address);
             let removed = table
                 .remove((tenant.as_str(), key.as_str()))
                 .map_err(err)?
                 .is_some();
             if removed {
-                written_now(txn, RECENT_SUPPRESSIONS, &tenant, &key)?;
+                written_now(&mut t.recent_suppressions, &tenant, &key)?;
             }
             Ok(Written::Found(removed))
         }
@@ -847,21 +853,14 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self, StorageError> {
         let db = Arc::new(Database::create(path).map_err(err)?);
         let txn = db.begin_write().map_err(err)?;
-        txn.open_table(IDEMPOTENCY).map_err(err)?;
-        txn.open_table(MESSAGES).map_err(err)?;
-        txn.open_table(SUPPRESSIONS).map_err(err)?;
-        txn.open_table(BODIES).map_err(err)?;
-        txn.open_table(STATS).map_err(err)?;
-        txn.open_table(WINDOW).map_err(err)?;
-        txn.open_table(PARKED).map_err(err)?;
-        txn.open_table(OPEN).map_err(err)?;
-        txn.open_table(RECENT).map_err(err)?;
-        txn.open_table(RECENT_SUPPRESSIONS).map_err(err)?;
-        txn.open_table(RECENT_MESSAGES).map_err(err)?;
-        txn.open_table(HANDED_OVER).map_err(err)?;
+        // Creates the tables a store made by an older version lacks.
+        drop(Tables::open(&txn)?);
         index_messages(&txn)?;
         txn.commit().map_err(err)?;
-        let writes = GroupCommit::start("store", db.clone(), apply)?;
+        let writes = GroupCommit::start("store", db.clone(), |txn, writes| {
+            let mut tables = Tables::open(txn)?;
+            writes.into_iter().map(|w| apply(&mut tables, w)).collect()
+        })?;
         Ok(Self { db, writes })
     }
 

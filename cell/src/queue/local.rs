@@ -42,10 +42,20 @@ enum Write {
     Remove { kind: u8, seq: u64 },
 }
 
-fn apply(txn: &WriteTransaction, write: Write) -> Result<(), StorageError> {
+/// Applies a batch of writes, with the table opened once for all of them.
+fn apply(txn: &WriteTransaction, writes: Vec<Write>) -> Result<Vec<()>, StorageError> {
     let mut table = txn
         .open_table(MESSAGES)
         .map_err(StorageError::from_display)?;
+    writes
+        .into_iter()
+        .map(|write| apply_one(&mut table, write))
+        .collect()
+}
+
+type Messages<'t> = redb::Table<'t, (u8, u64), (&'static [u8], u32)>;
+
+fn apply_one(table: &mut Messages, write: Write) -> Result<(), StorageError> {
     let missing = || StorageError("queued message vanished from the queue file".into());
     match write {
         Write::Insert { kind, seq, body } => {
