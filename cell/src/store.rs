@@ -68,6 +68,10 @@ const RECENT_MESSAGES: TableDefinition<(&str, u64, &str), ()> =
 /// cell keeps of it is current as of then, so a move back copies only what changed since
 const HANDED_OVER: TableDefinition<&str, u64> = TableDefinition::new("handed_over");
 
+/// Entries of an import committed together: a move's copy holds the writer (and the cell's
+/// accepts waiting behind it) only this long at a time.
+const BULK_PART: usize = 128;
+
 type Recent<'t> = redb::Table<'t, (&'static str, u64, &'static str), ()>;
 
 /// Every table a batch of writes may change, opened once for the batch's transaction:
@@ -110,9 +114,6 @@ impl<'t> Tables<'t> {
 }
 
 const HOUR_MS: u64 = 3_600_000;
-/// Entries of an import committed together: a move's copy holds the writer (and the cell's
-/// accepts waiting behind it) only this long at a time.
-const BULK_PART: usize = 128;
 const MINUTE_MS: u64 = 60_000;
 /// How many minutes of breaker figures are kept (the longest window a policy may set).
 pub const WINDOW_MINUTES: u64 = 24 * 60;
@@ -719,23 +720,20 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
                     .remove((tenant.as_str(), key.as_str()))
                     .map_err(err)?;
             }
-            let idempotency = &mut t.idempotency;
-            for (key, record) in &export.idempotency {
-                idempotency
-                    .insert((tenant.as_str(), key.as_str()), record.as_slice())
-                    .map_err(err)?;
-            }
             // Indexed so that a move on from here carries them further: a completed key as
             // when it was accepted (its old cell's clock, as that cell indexed it), the list's
             // changes as written here (an entry's own time is its feedback's, not its write's).
-            let now = now_ms();
             let mut done = Vec::with_capacity(export.idempotency.len());
-            for (key, record) in &export.idempotency {
-                let record: KeyRecord = parse(record)?;
+            for (key, bytes) in &export.idempotency {
+                t.idempotency
+                    .insert((tenant.as_str(), key.as_str()), bytes.as_slice())
+                    .map_err(err)?;
+                let record: KeyRecord = parse(bytes)?;
                 if record.accepted.is_some() {
                     done.push((record.reserved_at_ms, key.as_str()));
                 }
             }
+            let now = now_ms();
             written_recently(&mut t.recent, now, &tenant, done)?;
             let listed: Vec<String> = (export.suppressions.iter())
                 .map(|e| suppression_key(&e.address))
