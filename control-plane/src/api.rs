@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::apikey;
 use crate::audit;
-use crate::catalog::Catalog;
+use crate::catalog::{self, Catalog};
 use crate::channels::CellChannels;
 use crate::identity;
 use crate::moves;
@@ -258,8 +258,9 @@ impl ControlApi {
             .iter()
             .map(|kind| format!("{}{kind}/", self.keys.prefix()))
             .collect();
-        Catalog::fetch(self.registry.as_ref(), &self.keys, &prefixes)
+        catalog::fetch(self.registry.as_ref(), &self.keys, &prefixes)
             .await
+            .map(|(catalog, _)| catalog)
             .map_err(registry_error)
     }
 

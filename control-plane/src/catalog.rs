@@ -1,9 +1,10 @@
-//! The typed view of the registry that routers and cells serve from.
+//! The typed views of the registry that routers and cells serve from.
 //!
-//! [`Catalog`] is plain data: cells, live cells, tenants, placements and API key hashes,
-//! changed one registry event at a time by [`Catalog::apply`]. [`WatchedCatalog`] loads the
-//! prefix (a page at a time) at revision R, watches from R+1 and applies every change, so
-//! lookups never touch the registry. When the watch breaks it resumes from the last revision
+//! A [`View`] is plain data changed one registry event at a time by [`View::apply`]:
+//! [`Catalog`] keeps every record (cells, live cells, tenants, placements, API key hashes,
+//! global suppressions, breakers); the router keeps a narrower view of its own.
+//! [`WatchedCatalog`] loads the prefix (a page at a time) at revision R, watches from R+1 and
+//! applies every change, so lookups never touch the registry. When the watch breaks it resumes from the last revision
 //! it applied, and reloads the whole prefix when that revision was compacted. Readers can
 //! wait for a revision or a condition (a router that was told "moved" waits for the new
 //! placement).
@@ -38,40 +39,48 @@ pub struct Catalog {
     /// Suppression key -> the operators' entry.
     pub global_suppressions: Map<String, GlobalSuppressionRecord>,
     pub breakers: Map<(TenantId, MessageClass), BreakerRecord>,
-    pub revision: Revision,
 }
 
-impl Catalog {
-    /// Reads the records under `prefixes` (all of them: `keys.prefix()`) a page at a time,
-    /// so that the registry's raw records are never all held at once beside what they parse
-    /// into. The revision is the latest the reads were made at.
-    pub async fn fetch(
-        registry: &dyn Registry,
-        keys: &Keys,
-        prefixes: &[String],
-    ) -> Result<Self, RegistryError> {
-        let mut catalog = Catalog::default();
-        for prefix in prefixes {
-            let revision = registry
-                .list_pages(prefix, &mut |page| {
-                    for kv in page {
-                        catalog.apply(keys, &kv.key, Some(&kv.value));
-                    }
-                })
-                .await?;
-            catalog.revision = catalog.revision.max(revision);
-        }
-        Ok(catalog)
-    }
+/// A view of the registry's records, kept by [`WatchedCatalog`].
+pub trait View: Default + Send + Sync + 'static {
+    /// Applies one put (`Some(value)`) or delete (`None`) of `key`. A value that does not
+    /// parse is logged and treated as absent ([`parse`]), so one bad record never stops the
+    /// view.
+    fn apply(&mut self, keys: &Keys, key: &str, value: Option<&[u8]>);
+}
 
-    /// Applies one put (`Some(value)`) or delete (`None`). A value that does not parse is
-    /// logged and treated as absent, so one bad record never stops the view.
-    pub fn apply(&mut self, keys: &Keys, key: &str, value: Option<&[u8]>) {
-        fn parse<T: serde::de::DeserializeOwned>(key: &str, value: Option<&[u8]>) -> Option<T> {
-            schema::decode(value?)
-                .inspect_err(|err| tracing::error!(key, %err, "unreadable registry record ignored"))
-                .ok()
-        }
+/// Reads the records under `prefixes` (all of them: `keys.prefix()`) into a view a page at a
+/// time, so that the registry's raw records are never all held at once beside what they
+/// parse into. The revision is the latest the reads were made at.
+pub async fn fetch<V: View>(
+    registry: &dyn Registry,
+    keys: &Keys,
+    prefixes: &[String],
+) -> Result<(V, Revision), RegistryError> {
+    let mut view = V::default();
+    let mut latest = 0;
+    for prefix in prefixes {
+        let revision = registry
+            .list_pages(prefix, &mut |page| {
+                for kv in page {
+                    view.apply(keys, &kv.key, Some(&kv.value));
+                }
+            })
+            .await?;
+        latest = latest.max(revision);
+    }
+    Ok((view, latest))
+}
+
+/// The record a put carries, or `None` for a delete or a value that does not parse (logged).
+pub fn parse<T: serde::de::DeserializeOwned>(key: &str, value: Option<&[u8]>) -> Option<T> {
+    schema::decode(value?)
+        .inspect_err(|err| tracing::error!(key, %err, "unreadable registry record ignored"))
+        .ok()
+}
+
+impl View for Catalog {
+    fn apply(&mut self, keys: &Keys, key: &str, value: Option<&[u8]>) {
         match keys.parse(key) {
             Some(Entity::Cell(id)) => upsert(&mut self.cells, id, parse(key, value)),
             Some(Entity::Alive(id)) => {
@@ -93,7 +102,9 @@ impl Catalog {
             None => {}
         }
     }
+}
 
+impl Catalog {
     /// The tripped breaker of `tenant`'s `class`, if it is paused.
     pub fn tripped(&self, tenant: &TenantId, class: MessageClass) -> Option<&BreakerRecord> {
         self.breakers
@@ -111,27 +122,28 @@ impl Catalog {
     }
 }
 
-fn upsert<K: std::hash::Hash + Eq, V>(map: &mut Map<K, V>, key: K, value: Option<V>) {
+/// Sets (`Some`) or removes (`None`) `key`'s entry.
+pub fn upsert<K: std::hash::Hash + Eq, V>(map: &mut Map<K, V>, key: K, value: Option<V>) {
     match value {
         Some(value) => map.insert(key, value),
         None => map.remove(&key),
     };
 }
 
-/// A [`Catalog`] kept current by a registry watch.
-pub struct WatchedCatalog {
-    shared: Arc<Shared>,
+/// A [`View`] ([`Catalog`] unless said otherwise) kept current by a registry watch.
+pub struct WatchedCatalog<V: View = Catalog> {
+    shared: Arc<Shared<V>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-struct Shared {
-    catalog: RwLock<Catalog>,
+struct Shared<V> {
+    catalog: RwLock<V>,
     revision: tokio::sync::watch::Sender<Revision>,
     /// Since when the watch has been broken (`None` while it is following the registry).
     broken_since: std::sync::Mutex<Option<Instant>>,
 }
 
-impl Shared {
+impl<V> Shared<V> {
     fn set_following(&self, following: bool) {
         let mut broken = self.broken_since.lock().unwrap_or_else(|p| p.into_inner());
         match (following, *broken) {
@@ -150,11 +162,12 @@ const STALENESS_REPORT: Duration = Duration::from_millis(500);
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
-impl WatchedCatalog {
+impl<V: View> WatchedCatalog<V> {
     /// Loads the prefix and starts following it.
     pub async fn start(registry: Arc<dyn Registry>, keys: Keys) -> Result<Self, RegistryError> {
-        let catalog = Catalog::fetch(registry.as_ref(), &keys, &[keys.prefix().to_owned()]).await?;
-        let (revision, _) = tokio::sync::watch::channel(catalog.revision);
+        let (catalog, revision) =
+            fetch::<V>(registry.as_ref(), &keys, &[keys.prefix().to_owned()]).await?;
+        let (revision, _) = tokio::sync::watch::channel(revision);
         let shared = Arc::new(Shared {
             catalog: RwLock::new(catalog),
             revision,
@@ -164,7 +177,7 @@ impl WatchedCatalog {
         Ok(Self { shared, task })
     }
 
-    pub fn read(&self) -> RwLockReadGuard<'_, Catalog> {
+    pub fn read(&self) -> RwLockReadGuard<'_, V> {
         // Writers never panic while holding the lock (apply only logs), so a poisoned lock
         // still guards a consistent catalog.
         self.shared
@@ -213,11 +226,7 @@ impl WatchedCatalog {
     }
 
     /// Waits until `condition` holds on the catalog, at most `timeout`; returns whether it did.
-    pub async fn wait_until(
-        &self,
-        timeout: Duration,
-        condition: impl Fn(&Catalog) -> bool,
-    ) -> bool {
+    pub async fn wait_until(&self, timeout: Duration, condition: impl Fn(&V) -> bool) -> bool {
         let mut revisions = self.shared.revision.subscribe();
         tokio::time::timeout(timeout, async {
             loop {
@@ -234,13 +243,13 @@ impl WatchedCatalog {
     }
 }
 
-impl Drop for WatchedCatalog {
+impl<V: View> Drop for WatchedCatalog<V> {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
-async fn follow(registry: Arc<dyn Registry>, keys: Keys, shared: Arc<Shared>) {
+async fn follow<V: View>(registry: Arc<dyn Registry>, keys: Keys, shared: Arc<Shared<V>>) {
     let mut pause = RETRY_FIRST;
     loop {
         let from = *shared.revision.borrow() + 1;
@@ -269,14 +278,17 @@ async fn follow(registry: Arc<dyn Registry>, keys: Keys, shared: Arc<Shared>) {
 }
 
 /// Applies every event of `watcher` until it ends; returns why it ended.
-async fn apply_events(mut watcher: Watcher, keys: &Keys, shared: &Shared) -> RegistryError {
+async fn apply_events<V: View>(
+    mut watcher: Watcher,
+    keys: &Keys,
+    shared: &Shared<V>,
+) -> RegistryError {
     loop {
         match watcher.next().await {
             Some(Ok(event)) => {
                 let value = (event.kind == EventKind::Put).then_some(event.value.as_slice());
                 let mut catalog = shared.catalog.write().unwrap_or_else(|p| p.into_inner());
                 catalog.apply(keys, &event.key, value);
-                catalog.revision = event.mod_revision;
                 drop(catalog);
                 shared.revision.send_replace(event.mod_revision);
             }
@@ -286,13 +298,12 @@ async fn apply_events(mut watcher: Watcher, keys: &Keys, shared: &Shared) -> Reg
     }
 }
 
-async fn resync(
+async fn resync<V: View>(
     registry: &dyn Registry,
     keys: &Keys,
-    shared: &Shared,
+    shared: &Shared<V>,
 ) -> Result<(), RegistryError> {
-    let catalog = Catalog::fetch(registry, keys, &[keys.prefix().to_owned()]).await?;
-    let revision = catalog.revision;
+    let (catalog, revision) = fetch::<V>(registry, keys, &[keys.prefix().to_owned()]).await?;
     *shared.catalog.write().unwrap_or_else(|p| p.into_inner()) = catalog;
     shared.revision.send_replace(revision);
     Ok(())

@@ -10,34 +10,36 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cellmail_control::schema::Policy;
 use cellmail_proto::TenantId;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
+use crate::routes::SendRate;
+
 #[derive(Default)]
 pub struct Admission {
-    limiters: Mutex<HashMap<TenantId, (Policy, Arc<DefaultDirectRateLimiter>)>>,
+    limiters: Mutex<HashMap<TenantId, (SendRate, Arc<DefaultDirectRateLimiter>)>>,
     clock: DefaultClock,
 }
 
-fn quota(policy: Policy) -> Quota {
-    let rate = NonZeroU32::new(policy.rate_per_second).unwrap_or(NonZeroU32::MIN);
-    let burst = NonZeroU32::new(policy.burst).unwrap_or(rate);
+fn quota(rate: SendRate) -> Quota {
+    let burst = NonZeroU32::new(rate.burst);
+    let rate = NonZeroU32::new(rate.per_second).unwrap_or(NonZeroU32::MIN);
+    let burst = burst.unwrap_or(rate);
     Quota::per_second(rate).allow_burst(burst)
 }
 
 impl Admission {
-    /// Admits one send for `tenant` under `policy`, or says how long until one would be.
-    pub fn check(&self, tenant: &TenantId, policy: Policy) -> Result<(), Duration> {
+    /// Admits one send for `tenant` at `rate`, or says how long until one would be.
+    pub fn check(&self, tenant: &TenantId, rate: SendRate) -> Result<(), Duration> {
         let limiter = {
             let mut limiters = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
             match limiters.get(tenant) {
-                Some((current, limiter)) if *current == policy => limiter.clone(),
-                // New tenant or changed policy: a fresh bucket with the policy's burst.
+                Some((current, limiter)) if *current == rate => limiter.clone(),
+                // New tenant or changed rate: a fresh bucket with the rate's burst.
                 _ => {
-                    let limiter = Arc::new(RateLimiter::direct(quota(policy)));
-                    limiters.insert(tenant.clone(), (policy, limiter.clone()));
+                    let limiter = Arc::new(RateLimiter::direct(quota(rate)));
+                    limiters.insert(tenant.clone(), (rate, limiter.clone()));
                     limiter
                 }
             }
@@ -56,10 +58,9 @@ mod tests {
     fn a_tenant_over_its_burst_waits_and_others_do_not() {
         let admission = Admission::default();
         let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
-        let policy = Policy {
-            rate_per_second: 10,
+        let policy = SendRate {
+            per_second: 10,
             burst: 3,
-            ..Policy::default()
         };
         for _ in 0..3 {
             assert!(admission.check(&a, policy).is_ok());
@@ -70,10 +71,9 @@ mod tests {
             "{wait:?}"
         );
         assert!(admission.check(&b, policy).is_ok(), "b has its own bucket");
-        let raised = Policy {
-            rate_per_second: 1000,
+        let raised = SendRate {
+            per_second: 1000,
             burst: 1000,
-            ..Policy::default()
         };
         assert!(
             admission.check(&a, raised).is_ok(),

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellmail_control::catalog::{Catalog, WatchedCatalog};
+use cellmail_control::catalog::WatchedCatalog;
 use cellmail_control::channels::CellChannels;
 use cellmail_control::schema::PlacementState;
 use cellmail_proto::v1::{self, cell_client::CellClient, sender_server::Sender};
@@ -20,10 +20,11 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::admission::Admission;
-use crate::forward::{self, DEFAULT_DEADLINE, Target};
+use crate::forward::{self, DEFAULT_DEADLINE};
+use crate::routes::{Routes, Target};
 
 pub struct SenderApi {
-    catalog: Arc<WatchedCatalog>,
+    catalog: Arc<WatchedCatalog<Routes>>,
     channels: CellChannels,
     admission: Admission,
     /// How long a frozen tenant's calls are held, and a newer placement waited for.
@@ -50,7 +51,7 @@ fn with_deadline<T>(message: T, deadline: Duration) -> Request<T> {
 }
 
 impl SenderApi {
-    pub fn new(catalog: Arc<WatchedCatalog>, hold: Duration) -> Self {
+    pub fn new(catalog: Arc<WatchedCatalog<Routes>>, hold: Duration) -> Self {
         Self {
             catalog,
             channels: CellChannels::default(),
@@ -64,10 +65,10 @@ impl SenderApi {
     async fn target_when(
         &self,
         tenant: &TenantId,
-        ready: impl Fn(&Catalog) -> bool,
+        ready: impl Fn(&Routes) -> bool,
     ) -> Result<Target, ApiError> {
         self.catalog.wait_until(self.hold, ready).await;
-        let target = forward::resolve(&self.catalog.read(), tenant)?;
+        let target = self.catalog.read().target(tenant)?;
         if target.frozen {
             return Err(ApiError::Unavailable(format!(
                 "tenant {tenant} is moving to another cell; retry (sends with the same idempotency key)"
@@ -77,19 +78,13 @@ impl SenderApi {
     }
 
     fn admit(&self, tenant: &TenantId) -> Result<(), ApiError> {
-        let policy = self
-            .catalog
-            .read()
-            .tenants
-            .get(tenant)
-            .map(|t| t.policy)
-            .unwrap_or_default();
+        let rate = self.catalog.read().rate(tenant);
         self.admission
-            .check(tenant, policy)
+            .check(tenant, rate)
             .map_err(|retry_after| ApiError::ResourceExhausted {
                 reason: format!(
                     "tenant {tenant} is over its rate of {} sends/s",
-                    policy.rate_per_second
+                    rate.per_second
                 ),
                 retry_after,
             })
@@ -101,12 +96,12 @@ impl SenderApi {
         F: Fn(CellClient<Channel>, v1::Caller) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
-        let serving = |c: &Catalog| {
-            c.placements
-                .get(tenant)
-                .is_none_or(|p| p.state == PlacementState::Serving)
+        let serving = |routes: &Routes| {
+            routes
+                .placement(tenant)
+                .is_none_or(|(_, state)| state == PlacementState::Serving)
         };
-        let mut target = forward::resolve(&self.catalog.read(), tenant)?;
+        let mut target = self.catalog.read().target(tenant)?;
         if target.frozen {
             target = self.target_when(tenant, serving).await?;
         }
@@ -114,8 +109,11 @@ impl SenderApi {
             Err(status) if ApiError::is_moved(&status) => {
                 let stale = target.epoch;
                 let target = self
-                    .target_when(tenant, |c| {
-                        serving(c) && c.placements.get(tenant).is_some_and(|p| p.epoch > stale)
+                    .target_when(tenant, |routes| {
+                        serving(routes)
+                            && routes
+                                .placement(tenant)
+                                .is_some_and(|(epoch, _)| epoch > stale)
                     })
                     .await?;
                 match self.call_once(&target, tenant, &call).await {

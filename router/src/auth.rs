@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use cellmail_control::apikey;
 use cellmail_control::catalog::WatchedCatalog;
+
+use crate::routes::Routes;
 use cellmail_control::registry::Registry;
 use cellmail_control::schema::{self, KeyUseRecord, Keys};
 use cellmail_proto::{ApiError, TenantId};
@@ -74,12 +76,12 @@ impl Usage {
 
 #[derive(Clone)]
 pub struct Authenticate {
-    catalog: Arc<WatchedCatalog>,
+    catalog: Arc<WatchedCatalog<Routes>>,
     usage: Arc<Usage>,
 }
 
 impl Authenticate {
-    pub fn new(catalog: Arc<WatchedCatalog>, usage: Arc<Usage>) -> Self {
+    pub fn new(catalog: Arc<WatchedCatalog<Routes>>, usage: Arc<Usage>) -> Self {
         Self { catalog, usage }
     }
 
@@ -100,9 +102,8 @@ impl Authenticate {
         let tenant = self
             .catalog
             .read()
-            .api_keys
-            .get(&hash)
-            .map(|record| record.tenant.clone())
+            .key_tenant(&hash)
+            .cloned()
             .ok_or_else(|| ApiError::Unauthenticated("unknown or revoked API key".into()))?;
         self.usage.note(hash, cellmail_proto::now_ms());
         Ok(tenant)

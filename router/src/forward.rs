@@ -1,57 +1,11 @@
-//! Forwarding a send to the tenant's cell.
-//!
-//! The target comes from the watched catalog (placement -> cell -> endpoint). The caller's
-//! deadline (`grpc-timeout`) is passed on, so a cell never works for a caller who gave up.
+//! Forwarding a call to the tenant's cell: the caller's deadline (`grpc-timeout`) is passed on, so a cell never works for a caller who gave up.
 
 use std::time::Duration;
 
-use cellmail_control::catalog::Catalog;
-use cellmail_control::schema::{PlacementState, TenantStatus};
-use cellmail_proto::{ApiError, CellId, Epoch, TenantId};
 use tonic::metadata::MetadataMap;
 
 /// The deadline a send gets when its caller set none.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
-
-/// Where a tenant's sends go right now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub cell: CellId,
-    pub endpoint: std::sync::Arc<str>,
-    pub epoch: Epoch,
-    /// A move froze the placement: the tenant's calls wait until it is switched.
-    pub frozen: bool,
-}
-
-/// Resolves `tenant` to its cell from the catalog.
-pub fn resolve(catalog: &Catalog, tenant: &TenantId) -> Result<Target, ApiError> {
-    let record = catalog.tenants.get(tenant).ok_or_else(|| {
-        ApiError::Unavailable(format!(
-            "tenant {tenant} is not in this router's registry view yet"
-        ))
-    })?;
-    if record.status == TenantStatus::Suspended {
-        return Err(ApiError::PermissionDenied(format!(
-            "tenant {tenant} is suspended"
-        )));
-    }
-    let placement = catalog
-        .placements
-        .get(tenant)
-        .ok_or_else(|| ApiError::Unavailable(format!("tenant {tenant} has no placement")))?;
-    let cell = catalog.cells.get(&placement.cell).ok_or_else(|| {
-        ApiError::Unavailable(format!(
-            "cell {} of tenant {tenant} is not registered",
-            placement.cell
-        ))
-    })?;
-    Ok(Target {
-        cell: placement.cell.clone(),
-        endpoint: cell.endpoint.clone(),
-        epoch: placement.epoch,
-        frozen: placement.state == PlacementState::Frozen,
-    })
-}
 
 /// The caller's `grpc-timeout` (gRPC over HTTP/2 spec: up to 8 digits and a unit).
 pub fn deadline(metadata: &MetadataMap) -> Option<Duration> {

@@ -2,13 +2,15 @@
 //!
 //! - [`auth`]: the interceptor that turns `authorization: Bearer <key>` into the tenant.
 //! - [`admission`]: the per-tenant rate limit applied before forwarding a send.
-//! - [`forward`]: tenant -> cell resolution from the watched catalog, deadlines.
+//! - [`routes`]: the router's compact registry view; tenant -> cell resolution.
+//! - [`forward`]: the deadline a forwarded call carries.
 //! - [`api`]: the `Sender` gRPC service (forward, and one retry after a "moved" answer).
 
 pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod forward;
+pub mod routes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -72,7 +74,8 @@ pub async fn serve(
     hold: HoldConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let catalog = Arc::new(WatchedCatalog::start(registry.clone(), keys.clone()).await?);
+    let catalog =
+        Arc::new(WatchedCatalog::<routes::Routes>::start(registry.clone(), keys.clone()).await?);
     let usage = Arc::new(auth::Usage::default());
     let usage_writer = tokio::spawn(usage.clone().write(registry, keys, shutdown.clone()));
     let api = SenderServer::with_interceptor(

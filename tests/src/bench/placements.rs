@@ -11,6 +11,7 @@ use cellmail_control::schema::{
     TenantStatus, Tier,
 };
 use cellmail_proto::{CellId, Epoch, TenantId};
+use cellmail_router::routes::Routes;
 
 use super::{Row, os, percentile};
 use crate::services::EtcdServer;
@@ -93,11 +94,11 @@ pub fn cache_at_scale(tenants: usize) -> anyhow::Result<Vec<Row>> {
 
         let rss_before = os::rss_bytes();
         let started = Instant::now();
-        let catalog = WatchedCatalog::start(registry.clone(), keys.clone()).await?;
+        let catalog = WatchedCatalog::<Routes>::start(registry.clone(), keys.clone()).await?;
         let sync = started.elapsed().as_secs_f64();
         let rss_delta = os::rss_bytes().saturating_sub(rss_before) as f64 / 1e6;
         anyhow::ensure!(
-            catalog.read().placements.len() == tenants,
+            catalog.read().len() == tenants,
             "the catalog holds every placement"
         );
 
@@ -106,7 +107,7 @@ pub fn cache_at_scale(tenants: usize) -> anyhow::Result<Vec<Row>> {
             .collect::<Result<_, _>>()?;
         let started = Instant::now();
         for id in &probes {
-            let target = cellmail_router::forward::resolve(&catalog.read(), id)?;
+            let target = catalog.read().target(id)?;
             std::hint::black_box(target);
         }
         let lookup_ns = started.elapsed().as_secs_f64() * 1e9 / probes.len() as f64;
@@ -163,7 +164,7 @@ pub fn propagation(changes: usize) -> anyhow::Result<Row> {
         for _ in 0..3 {
             let registry: Arc<dyn Registry> =
                 Arc::new(EtcdRegistry::connect(std::slice::from_ref(&etcd.endpoint)).await?);
-            routers.push(WatchedCatalog::start(registry, keys.clone()).await?);
+            routers.push(WatchedCatalog::<Routes>::start(registry, keys.clone()).await?);
         }
         let id = tenant(0)?;
         let cell = CellId::new("cell-1")?;
@@ -180,10 +181,10 @@ pub fn propagation(changes: usize) -> anyhow::Result<Row> {
                 .await?;
             for router in &routers {
                 let seen = router
-                    .wait_until(Duration::from_secs(5), |c| {
-                        c.placements
-                            .get(&id)
-                            .is_some_and(|p| p.epoch == Epoch(epoch))
+                    .wait_until(Duration::from_secs(5), |routes| {
+                        routes
+                            .placement(&id)
+                            .is_some_and(|(seen, _)| seen == Epoch(epoch))
                     })
                     .await;
                 anyhow::ensure!(seen, "a router did not see epoch {epoch} within 5 s");

@@ -1,0 +1,336 @@
+//! The router's view of the registry: cell endpoints, API key hashes and, for every tenant,
+//! only what a send reads (status, rate, placement) in one map.
+//!
+//! A router holds every tenant of every cell, so a tenant costs one map entry of 56 bytes
+//! with no allocation of its own: the tenant id inline, its cell as an index into the
+//! interned cell ids, and no domains, identities, labels or breaker policy (the cell checks
+//! those for its own tenants).
+
+use std::collections::hash_map::Entry;
+use std::sync::Arc;
+
+use cellmail_control::catalog::{Map, View, parse, upsert};
+use cellmail_control::schema::{
+    ApiKeyRecord, CellRecord, Entity, Keys, PlacementRecord, PlacementState, Policy, TenantRecord,
+    TenantStatus,
+};
+use cellmail_proto::{ApiError, CellId, Epoch, TenantId};
+
+/// What the router admits of a tenant: sends per second sustained, and at once above it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendRate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl From<&Policy> for SendRate {
+    fn from(policy: &Policy) -> Self {
+        Self {
+            per_second: policy.rate_per_second,
+            burst: policy.burst,
+        }
+    }
+}
+
+/// Where a tenant's sends go right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub cell: CellId,
+    pub endpoint: Arc<str>,
+    pub epoch: Epoch,
+    /// A move froze the placement: the tenant's calls wait until it is switched.
+    pub frozen: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Routes {
+    endpoints: Map<CellId, Arc<str>>,
+    /// Cell ids by the index placements hold (an id once seen keeps its index).
+    cell_ids: Vec<CellId>,
+    cell_index: Map<CellId, u32>,
+    tenants: Map<TenantId, Route>,
+    /// SHA-256 of an API key -> its tenant.
+    api_keys: Map<String, TenantId>,
+}
+
+/// A tenant's record and placement arrive as two registry keys: the entry lives while
+/// either does.
+#[derive(Debug, Default, Clone, Copy)]
+struct Route {
+    tenant: Option<Sending>,
+    placement: Option<Placed>,
+}
+
+impl Route {
+    fn is_empty(&self) -> bool {
+        self.tenant.is_none() && self.placement.is_none()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sending {
+    status: TenantStatus,
+    rate: SendRate,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    cell: u32,
+    epoch: Epoch,
+    state: PlacementState,
+}
+
+impl View for Routes {
+    fn apply(&mut self, keys: &Keys, key: &str, value: Option<&[u8]>) {
+        match keys.parse(key) {
+            Some(Entity::Cell(id)) => {
+                let record: Option<CellRecord> = parse(key, value);
+                upsert(&mut self.endpoints, id, record.map(|r| r.endpoint));
+            }
+            Some(Entity::Tenant(id)) => {
+                let sending = parse(key, value).map(|record: TenantRecord| Sending {
+                    status: record.status,
+                    rate: SendRate::from(&record.policy),
+                });
+                self.update(id, |route| route.tenant = sending);
+            }
+            Some(Entity::Placement(id)) => {
+                let placed = parse(key, value).map(|record: PlacementRecord| Placed {
+                    cell: self.intern(record.cell),
+                    epoch: record.epoch,
+                    state: record.state,
+                });
+                self.update(id, |route| route.placement = placed);
+            }
+            Some(Entity::ApiKey(hash)) => {
+                let record: Option<ApiKeyRecord> = parse(key, value);
+                upsert(&mut self.api_keys, hash, record.map(|r| r.tenant));
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Routes {
+    fn intern(&mut self, cell: CellId) -> u32 {
+        if let Some(index) = self.cell_index.get(&cell) {
+            return *index;
+        }
+        let index = u32::try_from(self.cell_ids.len()).expect("fewer than 2^32 cells");
+        self.cell_ids.push(cell.clone());
+        self.cell_index.insert(cell, index);
+        index
+    }
+
+    fn update(&mut self, tenant: TenantId, change: impl FnOnce(&mut Route)) {
+        match self.tenants.entry(tenant) {
+            Entry::Occupied(mut entry) => {
+                change(entry.get_mut());
+                if entry.get().is_empty() {
+                    entry.remove();
+                }
+            }
+            Entry::Vacant(entry) => {
+                let mut route = Route::default();
+                change(&mut route);
+                if !route.is_empty() {
+                    entry.insert(route);
+                }
+            }
+        }
+    }
+
+    /// Tenants with a record or a placement in the view.
+    pub fn len(&self) -> usize {
+        self.tenants.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tenants.is_empty()
+    }
+
+    /// The tenant an API key (its SHA-256) belongs to.
+    pub fn key_tenant(&self, hash: &str) -> Option<&TenantId> {
+        self.api_keys.get(hash)
+    }
+
+    /// What the router admits of `tenant` (the default policy's rate while its record is not
+    /// in the view).
+    pub fn rate(&self, tenant: &TenantId) -> SendRate {
+        self.sending(tenant)
+            .map_or_else(|| SendRate::from(&Policy::default()), |s| s.rate)
+    }
+
+    /// `tenant`'s placement epoch and state.
+    pub fn placement(&self, tenant: &TenantId) -> Option<(Epoch, PlacementState)> {
+        let placed = self.tenants.get(tenant)?.placement?;
+        Some((placed.epoch, placed.state))
+    }
+
+    fn sending(&self, tenant: &TenantId) -> Option<Sending> {
+        self.tenants.get(tenant)?.tenant
+    }
+
+    /// Resolves `tenant` to its cell.
+    pub fn target(&self, tenant: &TenantId) -> Result<Target, ApiError> {
+        let route = self.tenants.get(tenant).copied().unwrap_or_default();
+        let sending = route.tenant.ok_or_else(|| {
+            ApiError::Unavailable(format!(
+                "tenant {tenant} is not in this router's registry view yet"
+            ))
+        })?;
+        if sending.status == TenantStatus::Suspended {
+            return Err(ApiError::PermissionDenied(format!(
+                "tenant {tenant} is suspended"
+            )));
+        }
+        let placed = route
+            .placement
+            .ok_or_else(|| ApiError::Unavailable(format!("tenant {tenant} has no placement")))?;
+        let cell = &self.cell_ids[placed.cell as usize];
+        let endpoint = self.endpoints.get(cell).ok_or_else(|| {
+            ApiError::Unavailable(format!("cell {cell} of tenant {tenant} is not registered"))
+        })?;
+        Ok(Target {
+            cell: cell.clone(),
+            endpoint: endpoint.clone(),
+            epoch: placed.epoch,
+            frozen: placed.state == PlacementState::Frozen,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellmail_control::schema::{CellState, encode};
+
+    fn tenant_record(status: TenantStatus, rate_per_second: u32) -> Vec<u8> {
+        encode(&TenantRecord {
+            tier: cellmail_control::schema::Tier::Standard,
+            status,
+            domains: vec!["example.com".into()],
+            created_at_ms: 0,
+            policy: Policy {
+                rate_per_second,
+                ..Policy::default()
+            },
+            identities: Vec::new(),
+            labels: Default::default(),
+            pinned: false,
+        })
+    }
+
+    fn cell_record(endpoint: &str) -> Vec<u8> {
+        encode(&CellRecord {
+            endpoint: endpoint.into(),
+            capacity: 10,
+            state: CellState::Active,
+            labels: Default::default(),
+            version: String::new(),
+            build: String::new(),
+        })
+    }
+
+    fn placement(cell: &CellId, epoch: u64, state: PlacementState) -> Vec<u8> {
+        encode(&PlacementRecord {
+            cell: cell.clone(),
+            epoch: Epoch(epoch),
+            state,
+        })
+    }
+
+    fn target(cell: &CellId, endpoint: &str, epoch: u64, frozen: bool) -> Target {
+        Target {
+            cell: cell.clone(),
+            endpoint: endpoint.into(),
+            epoch: Epoch(epoch),
+            frozen,
+        }
+    }
+
+    #[test]
+    fn a_route_follows_its_tenant_placement_and_cell_records() {
+        let keys = Keys::new("/r/");
+        let (acme, c1, c2) = (
+            TenantId::new("acme").unwrap(),
+            CellId::new("c1").unwrap(),
+            CellId::new("c2").unwrap(),
+        );
+        let mut routes = Routes::default();
+        routes.apply(
+            &keys,
+            &keys.placement(&acme),
+            Some(&placement(&c1, 1, PlacementState::Serving)),
+        );
+        assert!(
+            matches!(routes.target(&acme), Err(ApiError::Unavailable(m)) if m.contains("not in this router's registry view")),
+            "a placement without its tenant record is not routed"
+        );
+        routes.apply(
+            &keys,
+            &keys.tenant(&acme),
+            Some(&tenant_record(TenantStatus::Active, 7)),
+        );
+        assert!(
+            matches!(routes.target(&acme), Err(ApiError::Unavailable(m)) if m.contains("cell c1")),
+            "a placement on an unregistered cell is not routed"
+        );
+        routes.apply(&keys, &keys.cell(&c1), Some(&cell_record("http://one")));
+        routes.apply(&keys, &keys.cell(&c2), Some(&cell_record("http://two")));
+        assert_eq!(
+            routes.target(&acme),
+            Ok(target(&c1, "http://one", 1, false))
+        );
+        assert_eq!(routes.rate(&acme).per_second, 7);
+
+        routes.apply(
+            &keys,
+            &keys.placement(&acme),
+            Some(&placement(&c2, 2, PlacementState::Frozen)),
+        );
+        assert_eq!(routes.target(&acme), Ok(target(&c2, "http://two", 2, true)));
+        assert_eq!(
+            routes.placement(&acme),
+            Some((Epoch(2), PlacementState::Frozen))
+        );
+
+        routes.apply(
+            &keys,
+            &keys.tenant(&acme),
+            Some(&tenant_record(TenantStatus::Suspended, 7)),
+        );
+        assert!(matches!(
+            routes.target(&acme),
+            Err(ApiError::PermissionDenied(_))
+        ));
+
+        routes.apply(&keys, &keys.tenant(&acme), None);
+        assert_eq!(routes.len(), 1, "the placement keeps the entry");
+        assert_eq!(routes.rate(&acme), SendRate::from(&Policy::default()));
+        routes.apply(&keys, &keys.placement(&acme), None);
+        assert!(routes.is_empty(), "gone with both of its records");
+        assert_eq!(routes.placement(&acme), None);
+    }
+
+    #[test]
+    fn api_keys_name_their_tenant_until_deleted_and_garbage_is_skipped() {
+        let keys = Keys::new("/r/");
+        let acme = TenantId::new("acme").unwrap();
+        let record = encode(&ApiKeyRecord {
+            tenant: acme.clone(),
+            key_id: "k1".into(),
+            created_at_ms: 0,
+        });
+        let mut routes = Routes::default();
+        routes.apply(&keys, &keys.api_key("hash"), Some(&record));
+        assert_eq!(routes.key_tenant("hash"), Some(&acme));
+        routes.apply(&keys, &keys.api_key("hash"), Some(b"{not json"));
+        assert_eq!(routes.key_tenant("hash"), None);
+    }
+
+    #[test]
+    fn a_route_entry_stays_within_56_bytes() {
+        assert!(std::mem::size_of::<(TenantId, Route)>() <= 56);
+    }
+}
