@@ -29,6 +29,10 @@ enum Part {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // What it measures runs as deployed, under the binaries' subscriber (`RUST_LOG`, default
+    // `info`, to stderr): without one, every disabled span and event of the stack would fall
+    // back to the `log` crate's checks, a cost no deployed process pays.
+    let _telemetry = cellmail_proto::server::init_tracing("cellmail-bench");
     let runs = |part| args.only.is_empty() || args.only.contains(&part);
     let mut rows = Vec::new();
     if runs(Part::SendPath) {
