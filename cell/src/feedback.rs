@@ -25,7 +25,7 @@ use crate::breaker::Breakers;
 use crate::commit::StorageError;
 use crate::health::{self, Health};
 use crate::queue::{Queue, QueueError, QueueKind};
-use crate::store::{Counts, Store, Suppressed};
+use crate::store::{Counts, Recorded, Store, Suppressed};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -362,11 +362,14 @@ impl Ingest {
         cell: &CellId,
         endpoint: &str,
     ) -> anyhow::Result<()> {
-        if let Some(id) = feedback.message_id {
-            self.store
-                .add_events(&feedback.tenant, id, feedback.events())
-                .await?;
-        }
+        self.store
+            .record_feedback(
+                &feedback.tenant,
+                feedback.message_id,
+                feedback.events(),
+                None,
+            )
+            .await?;
         let request = ForwardFeedbackRequest {
             record: record.to_vec(),
         };
@@ -401,24 +404,8 @@ impl Ingest {
             },
             _ => Counts::default(),
         };
-        if delta.bounced > 0 {
-            self.health.record(health::Outcome::Bounced);
-        } else if delta.complained > 0 {
-            self.health.record(health::Outcome::Complained);
-        }
-        if let Some(class) = feedback.class
-            && delta != Counts::default()
-        {
-            self.store
-                .count(&feedback.tenant, class, feedback.at_ms, delta)
-                .await?;
-            if delta.bounced + delta.complained > 0
-                && let Err(err) = self.breakers.evaluate(&feedback.tenant, class).await
-            {
-                // The next bounce or complaint weighs it again.
-                tracing::warn!(%err, tenant = %feedback.tenant, %class, "weighing the breaker failed");
-            }
-        }
+        // Suppressions first: setting one again is harmless, so a record delivered again
+        // after a crash here still suppresses.
         if let Some(reason) = feedback.suppresses() {
             for address in &feedback.recipients {
                 let entry = Suppressed {
@@ -431,13 +418,40 @@ impl Ingest {
                 tracing::info!(tenant = %feedback.tenant, %address, reason = reason.as_str(), "address suppressed by feedback");
             }
         }
-        if let Some(id) = feedback.message_id
-            && !self
-                .store
-                .add_events(&feedback.tenant, id, feedback.events())
-                .await?
+        let counts = feedback
+            .class
+            .filter(|_| delta != Counts::default())
+            .map(|class| (class, feedback.at_ms, delta));
+        let recorded = self
+            .store
+            .record_feedback(
+                &feedback.tenant,
+                feedback.message_id,
+                feedback.events(),
+                counts,
+            )
+            .await?;
+        match (recorded, feedback.message_id) {
+            (Recorded::Duplicate, _) => {
+                tracing::debug!(tenant = %feedback.tenant, "feedback delivered again: recorded and counted before");
+                return Ok(());
+            }
+            (Recorded::NoMessage, Some(id)) => {
+                tracing::debug!(tenant = %feedback.tenant, message_id = %id, "feedback for a message this cell does not hold");
+            }
+            _ => {}
+        }
+        if delta.bounced > 0 {
+            self.health.record(health::Outcome::Bounced);
+        } else if delta.complained > 0 {
+            self.health.record(health::Outcome::Complained);
+        }
+        if let Some((class, ..)) = counts
+            && delta.bounced + delta.complained > 0
+            && let Err(err) = self.breakers.evaluate(&feedback.tenant, class).await
         {
-            tracing::debug!(tenant = %feedback.tenant, message_id = %id, "feedback for a message this cell does not hold");
+            // The next bounce or complaint weighs it again.
+            tracing::warn!(%err, tenant = %feedback.tenant, %class, "weighing the breaker failed");
         }
         Ok(())
     }

@@ -142,6 +142,36 @@ impl Counts {
     }
 }
 
+/// Adds those of `events` that `tenant`'s message `id` does not have yet to it.
+fn add_events(
+    t: &mut Tables,
+    tenant: &TenantId,
+    id: MessageId,
+    events: Vec<MessageEvent>,
+) -> Result<Recorded, StorageError> {
+    let id = id.to_string();
+    let found: Option<MessageRecord> = match t.messages.get(id.as_str()).map_err(err)? {
+        Some(row) => Some(parse(row.value())?),
+        None => None,
+    };
+    let Some(mut record) = found.filter(|r| r.tenant == *tenant) else {
+        return Ok(Recorded::NoMessage);
+    };
+    let new: Vec<MessageEvent> = events
+        .into_iter()
+        .filter(|event| !record.events.contains(event))
+        .collect();
+    if new.is_empty() {
+        return Ok(Recorded::Duplicate);
+    }
+    record.events.extend(new);
+    t.messages
+        .insert(id.as_str(), json(&record).as_slice())
+        .map_err(err)?;
+    written_now(&mut t.recent_messages, tenant, &id)?;
+    Ok(Recorded::New)
+}
+
 /// Adds `delta` to `tenant`'s figures for `class` in the hour of `at_ms`, and to its
 /// breaker's minute when it holds what a breaker weighs (dropping minutes past a day).
 fn count(
@@ -315,10 +345,11 @@ enum Write {
         state: MessageState,
         event: MessageEvent,
     },
-    Events {
+    Feedback {
         tenant: TenantId,
-        message_id: MessageId,
+        message_id: Option<MessageId>,
         events: Vec<MessageEvent>,
+        counts: Option<(MessageClass, u64, Counts)>,
     },
     Suppress {
         tenant: TenantId,
@@ -327,12 +358,6 @@ enum Write {
     Unsuppress {
         tenant: TenantId,
         address: String,
-    },
-    Count {
-        tenant: TenantId,
-        class: MessageClass,
-        at_ms: u64,
-        delta: Counts,
     },
     PutBody {
         message_id: MessageId,
@@ -400,8 +425,20 @@ pub struct TenantExport {
     pub idempotency: Vec<(String, Vec<u8>)>,
 }
 
+/// What recording a feedback record did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Its events were added to the tenant's message, its counts counted.
+    New,
+    /// The message already had every one of its events: counted before, not again.
+    Duplicate,
+    /// No message of the tenant here to record on (counted: nothing to tell a redelivery by).
+    NoMessage,
+}
+
 enum Written {
     Reservation(Reservation),
+    Feedback(Recorded),
     /// Whether the write found what it was about (a message, a suppression).
     Found(bool),
 }
@@ -656,26 +693,22 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
             }
             Ok(Written::Found(!ids.is_empty()))
         }
-        Write::Events {
+        Write::Feedback {
             tenant,
             message_id,
             events,
+            counts,
         } => {
-            let messages = &mut t.messages;
-            let id = message_id.to_string();
-            let found: Option<MessageRecord> = match messages.get(id.as_str()).map_err(err)? {
-                Some(row) => Some(parse(row.value())?),
-                None => None,
+            let recorded = match message_id {
+                Some(id) => add_events(t, &tenant, id, events)?,
+                None => Recorded::NoMessage,
             };
-            let Some(mut record) = found.filter(|r| r.tenant == tenant) else {
-                return Ok(Written::Found(false));
-            };
-            record.events.extend(events);
-            messages
-                .insert(id.as_str(), json(&record).as_slice())
-                .map_err(err)?;
-            written_now(&mut t.recent_messages, &tenant, &id)?;
-            Ok(Written::Found(true))
+            if recorded != Recorded::Duplicate
+                && let Some((class, at_ms, delta)) = counts
+            {
+                count(t, &tenant, class, at_ms, &delta)?;
+            }
+            Ok(Written::Feedback(recorded))
         }
         Write::Suppress { tenant, entry } => {
             let table = &mut t.suppressions;
@@ -684,15 +717,6 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
                 .insert((tenant.as_str(), key.as_str()), json(&entry).as_slice())
                 .map_err(err)?;
             written_now(&mut t.recent_suppressions, &tenant, &key)?;
-            Ok(Written::Found(true))
-        }
-        Write::Count {
-            tenant,
-            class,
-            at_ms,
-            delta,
-        } => {
-            count(t, &tenant, class, at_ms, &delta)?;
             Ok(Written::Found(true))
         }
         Write::PutBody { message_id, body } => {
@@ -865,9 +889,7 @@ impl Store {
     async fn found(&self, write: Write, commit: Commit) -> Result<bool, StorageError> {
         match self.writes.submit(write, commit).await? {
             Written::Found(found) => Ok(found),
-            Written::Reservation(_) => {
-                Err(StorageError("a write answered like a reservation".into()))
-            }
+            _ => Err(StorageError("a write answered like another kind".into())),
         }
     }
 
@@ -887,7 +909,9 @@ impl Store {
         };
         match self.writes.submit(write, Commit::Durable).await? {
             Written::Reservation(reservation) => Ok(reservation),
-            Written::Found(_) => Err(StorageError("a reservation answered like a write".into())),
+            _ => Err(StorageError(
+                "a reservation answered like another write".into(),
+            )),
         }
     }
 
@@ -922,22 +946,29 @@ impl Store {
             .map(|_| ())
     }
 
-    /// Appends feedback events to `tenant`'s message; false if it has no such message here.
-    pub async fn add_events(
+    /// Records one feedback record of `tenant` in one commit: its events on the tenant's
+    /// message `message_id`, and `counts` (class, time, delta) in the tenant's figures,
+    /// unless the message already has every one of the events (the record was delivered
+    /// again: queues deliver at least once), so that a redelivery is never counted twice.
+    pub async fn record_feedback(
         &self,
         tenant: &TenantId,
-        message_id: MessageId,
+        message_id: Option<MessageId>,
         events: Vec<MessageEvent>,
-    ) -> Result<bool, StorageError> {
-        self.found(
-            Write::Events {
-                tenant: tenant.clone(),
-                message_id,
-                events,
-            },
-            Commit::Durable,
-        )
-        .await
+        counts: Option<(MessageClass, u64, Counts)>,
+    ) -> Result<Recorded, StorageError> {
+        let write = Write::Feedback {
+            tenant: tenant.clone(),
+            message_id,
+            events,
+            counts,
+        };
+        match self.writes.submit(write, Commit::Durable).await? {
+            Written::Feedback(recorded) => Ok(recorded),
+            _ => Err(StorageError(
+                "a feedback write answered like another".into(),
+            )),
+        }
     }
 
     /// `tenant`'s message `id`; `None` when it does not exist or is another tenant's.
@@ -970,26 +1001,6 @@ impl Store {
     }
 
     /// Adds feedback's figures for `tenant` (lazily: figures are not worth an fsync).
-    pub async fn count(
-        &self,
-        tenant: &TenantId,
-        class: MessageClass,
-        at_ms: u64,
-        delta: Counts,
-    ) -> Result<(), StorageError> {
-        self.found(
-            Write::Count {
-                tenant: tenant.clone(),
-                class,
-                at_ms,
-                delta,
-            },
-            Commit::Lazy,
-        )
-        .await
-        .map(|_| ())
-    }
-
     /// `tenant`'s figures for `class` over the `hours` hours up to and including `now_ms`'s.
     pub fn stats(
         &self,
@@ -1598,18 +1609,37 @@ mod tests {
             .await
             .unwrap();
         assert!(store.settled(id).unwrap());
-        assert!(
-            !store
-                .add_events(&b, id, vec![event(EventKind::Bounce, 3, "")])
+        let delivered = async |tenant: &TenantId| {
+            let counts = Counts {
+                delivered: 1,
+                ..Counts::default()
+            };
+            let events = vec![event(EventKind::Delivery, 3, "")];
+            let counts = Some((MessageClass::Transactional, 3, counts));
+            store
+                .record_feedback(tenant, Some(id), events, counts)
                 .await
-                .unwrap(),
+        };
+        assert_eq!(
+            delivered(&b).await.unwrap(),
+            Recorded::NoMessage,
             "b cannot touch a's message"
         );
-        assert!(
+        assert_eq!(delivered(&a).await.unwrap(), Recorded::New);
+        assert_eq!(
+            delivered(&a).await.unwrap(),
+            Recorded::Duplicate,
+            "the same record delivered again"
+        );
+        let figures = |tenant| {
             store
-                .add_events(&a, id, vec![event(EventKind::Delivery, 3, "")])
-                .await
+                .stats(tenant, MessageClass::Transactional, 3, 1)
                 .unwrap()
+        };
+        assert_eq!(
+            (figures(&a).delivered, figures(&b).delivered),
+            (1, 1),
+            "counted once for a; b's figures count what b was told, not a's message"
         );
         assert_eq!(store.message(&b, id).unwrap(), None);
         let mine = store.message(&a, id).unwrap().unwrap();
@@ -1620,6 +1650,21 @@ mod tests {
         );
     }
 
+    /// Counts `delta` in `tenant`'s figures the way feedback for no message here does.
+    async fn count(
+        store: &Store,
+        tenant: &TenantId,
+        class: MessageClass,
+        at_ms: u64,
+        delta: Counts,
+    ) {
+        let counts = Some((class, at_ms, delta));
+        let recorded = store
+            .record_feedback(tenant, None, Vec::new(), counts)
+            .await;
+        assert_eq!(recorded.unwrap(), Recorded::NoMessage);
+    }
+
     #[tokio::test]
     async fn figures_add_up_per_tenant_class_and_hour_window() {
         let dir = tempfile::tempdir().unwrap();
@@ -1628,8 +1673,8 @@ mod tests {
         let class = MessageClass::Transactional;
         let hour = 3_600_000;
         let now = 1_000 * hour + 5;
-        store
-            .count(
+        for (tenant, class, at_ms, delta) in [
+            (
                 &a,
                 class,
                 now,
@@ -1638,11 +1683,8 @@ mod tests {
                     bounced: 1,
                     ..Counts::default()
                 },
-            )
-            .await
-            .unwrap();
-        store
-            .count(
+            ),
+            (
                 &a,
                 class,
                 now - hour,
@@ -1650,11 +1692,8 @@ mod tests {
                     sent: 3,
                     ..Counts::default()
                 },
-            )
-            .await
-            .unwrap();
-        store
-            .count(
+            ),
+            (
                 &a,
                 class,
                 now - 5 * hour,
@@ -1662,11 +1701,8 @@ mod tests {
                     sent: 100,
                     ..Counts::default()
                 },
-            )
-            .await
-            .unwrap();
-        store
-            .count(
+            ),
+            (
                 &a,
                 MessageClass::Marketing,
                 now,
@@ -1674,11 +1710,8 @@ mod tests {
                     complained: 1,
                     ..Counts::default()
                 },
-            )
-            .await
-            .unwrap();
-        store
-            .count(
+            ),
+            (
                 &b,
                 class,
                 now,
@@ -1686,9 +1719,10 @@ mod tests {
                     sent: 7,
                     ..Counts::default()
                 },
-            )
-            .await
-            .unwrap();
+            ),
+        ] {
+            count(&store, tenant, class, at_ms, delta).await;
+        }
         assert_eq!(
             store.stats(&a, class, now, 1).unwrap(),
             Counts {
@@ -1940,9 +1974,10 @@ mod tests {
         store_sent(&y, &a, "new", new).await;
         let bounce = event(EventKind::Bounce, now_ms(), "permanent");
         assert!(
-            y.add_events(&a, bounced, vec![bounce.clone()])
+            y.record_feedback(&a, Some(bounced), vec![bounce.clone()], None)
                 .await
                 .unwrap()
+                == Recorded::New
         );
         y.suppress(&a, entry("new@x.example")).await.unwrap();
         assert!(y.unsuppress(&a, "old@x.example").await.unwrap());

@@ -574,16 +574,35 @@ async fn ses_event_json_on_the_sqs_feedback_queue_suppresses_for_its_tenant_only
     }
     assert_eq!(a_list, [angry, gone]);
     assert!(list(b.clone()).await.is_empty(), "B's list is untouched");
-    let events: Vec<String> = cellmail_tests::get_message(&sender, &a, &id)
-        .await
-        .unwrap()
-        .events
-        .into_iter()
-        .map(|e| e.r#type)
-        .collect();
+    let events_of_first = async || -> Vec<String> {
+        let status = cellmail_tests::get_message(&sender, &a, &id).await.unwrap();
+        status.events.into_iter().map(|e| e.r#type).collect()
+    };
+    let events = events_of_first().await;
     assert!(
         events.contains(&"BOUNCE".to_owned()) && events.contains(&"COMPLAINT".to_owned()),
         "{events:?}"
+    );
+
+    // Queues deliver at least once: the bounce again, then an open to tell it was read.
+    let again = ["sns-wrapped-bounce.json", "open.json"]
+        .map(|fixture| cellmail_tests::emulator::ses_event(fixture, &a_id, &id));
+    cellmail_tests::emulator::put_on_queue(&queue, &again)
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    for _ in 0..200 {
+        events = events_of_first().await;
+        if events.iter().any(|e| e == "OPEN") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bounces = events.iter().filter(|e| *e == "BOUNCE").count();
+    assert!(events.iter().any(|e| e == "OPEN"), "{events:?}");
+    assert_eq!(
+        bounces, 1,
+        "a bounce delivered twice is recorded once: {events:?}"
     );
 
     let again = sender
