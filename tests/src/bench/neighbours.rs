@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use super::send_path::{
     CELL, Door, Stage, UNLIMITED, next_key, runtime_on, seed, start_cell, start_router,
 };
-use super::{Row, percentile};
+use super::{Row, os, percentile};
 
 const CALM: &str = "calm";
 const NOISY: &str = "noisy";
@@ -47,6 +47,8 @@ const PHASE: Duration = Duration::from_secs(4);
 struct Seen {
     latencies: Vec<f64>,
     accepts: Vec<f64>,
+    /// CPU seconds the hypervisor took from the machine during this condition's turns.
+    stolen: f64,
 }
 
 impl Seen {
@@ -55,7 +57,9 @@ impl Seen {
         client: &SenderClient<Channel>,
         key: &str,
         sent: Vec<Sent>,
+        stolen: f64,
     ) -> anyhow::Result<()> {
+        self.stolen += stolen;
         self.latencies.extend(delivered(client, key, &sent).await?);
         self.accepts
             .extend(sent.iter().map(|s| s.took.as_secs_f64() * 1e3));
@@ -193,9 +197,12 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
         let mut alone = Seen::default();
         let mut crowded: Vec<Crowded> = FLOODS.iter().map(|_| Crowded::default()).collect();
         for _ in 0..rounds {
+            let steal = os::steal_seconds();
             let (sent, _) = steady(&calm, CALM_RATE, phase).await;
-            alone.add(&client, &calm_key, sent).await?;
+            let stolen = os::stolen_since(steal);
+            alone.add(&client, &calm_key, sent, stolen).await?;
             for ((times, _), seen) in FLOODS.iter().zip(&mut crowded) {
+                let steal = os::steal_seconds();
                 let flood = {
                     let noisy = noisy.clone();
                     let rate = f64::from(NOISY_RATE * times);
@@ -203,20 +210,23 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
                 };
                 let (sent, calm_refused) = steady(&calm, CALM_RATE, phase).await;
                 let (admitted, refused) = flood.await?;
+                let stolen = os::stolen_since(steal);
                 anyhow::ensure!(calm_refused == 0, "{calm_refused} of B's sends failed");
-                seen.seen.add(&client, &calm_key, sent).await?;
+                seen.seen.add(&client, &calm_key, sent, stolen).await?;
                 seen.admitted += admitted.len();
                 seen.offered += admitted.len() + refused;
             }
         }
         let (p99_alone, accept_alone) = alone.p99s();
         let seconds = (phase * rounds).as_secs_f64();
+        let steal_alone = os::steal_percent(alone.stolen, phase * rounds);
         let mut rows = Vec::new();
         for ((times, figure), mut seen) in FLOODS.into_iter().zip(crowded) {
             let (p99_crowded, accept_crowded) = seen.seen.p99s();
             let ratio = p99_crowded / p99_alone;
             let offered = seen.offered as f64 / seconds;
             let admitted = seen.admitted as f64 / seconds;
+            let steal = os::steal_percent(seen.seen.stolen, phase * rounds);
             rows.push(Row::measured(
                 figure,
                 ratio,
@@ -224,7 +234,7 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
                 "<= 1.5",
                 ratio <= 1.5,
                 format!(
-                    "p99 {p99_crowded:.2} ms vs {p99_alone:.2} ms; B's accept p99 {accept_crowded:.2} ms vs {accept_alone:.2} ms; B at {CALM_RATE:.0}/s, A offered {offered:.0}/s ({times}x its {NOISY_RATE}/s; {admitted:.0}/s admitted); {rounds} rounds of {phase:?}"
+                    "p99 {p99_crowded:.2} ms vs {p99_alone:.2} ms; B's accept p99 {accept_crowded:.2} ms vs {accept_alone:.2} ms; B at {CALM_RATE:.0}/s, A offered {offered:.0}/s ({times}x its {NOISY_RATE}/s; {admitted:.0}/s admitted); {rounds} rounds of {phase:?}; the hypervisor took {steal:.0}% of the CPU time then, {steal_alone:.0}% while B was alone"
                 ),
             ));
         }

@@ -1,4 +1,5 @@
-//! What the kernel knows about this process: CPU time per thread name and resident memory.
+//! What the kernel knows: this process's CPU time per thread name and resident memory, and
+//! the CPU time the hypervisor took from this machine (steal).
 
 /// Linux reports thread times in clock ticks of USER_HZ, which is 100 on every Linux ABI.
 const TICKS_PER_SECOND: f64 = 100.0;
@@ -27,6 +28,34 @@ pub fn thread_cpu_seconds(prefix: &str) -> f64 {
             Some((utime + stime) / TICKS_PER_SECOND)
         })
         .sum()
+}
+
+/// CPU seconds, over all CPUs, that the hypervisor gave to others while this machine had
+/// work to run (the `steal` column of `/proc/stat`) since boot.
+pub fn steal_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    // cpu user nice system idle iowait irq softirq steal ...
+    let ticks: f64 = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .nth(8)?
+        .parse()
+        .ok()?;
+    Some(ticks / TICKS_PER_SECOND)
+}
+
+/// Steal seconds since `from` (a reading of [`steal_seconds`]); 0 where there is none.
+pub fn stolen_since(from: Option<f64>) -> f64 {
+    steal_seconds()
+        .zip(from)
+        .map_or(0.0, |(now, from)| now - from)
+}
+
+/// `stolen` steal seconds as a share of all CPUs' time over `during`, in percent.
+pub fn steal_percent(stolen: f64, during: std::time::Duration) -> f64 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    stolen * 100.0 / (during.as_secs_f64() * cpus)
 }
 
 /// Resident set size of this process, in bytes.
@@ -66,5 +95,6 @@ mod tests {
         );
         assert_eq!(thread_cpu_seconds("no-such-thread"), 0.0);
         assert!(rss_bytes() > 1 << 20);
+        assert!(steal_seconds().is_some(), "/proc/stat has a steal column");
     }
 }
