@@ -44,13 +44,19 @@ pub struct Target {
 
 #[derive(Debug, Default)]
 pub struct Routes {
-    endpoints: Map<CellId, Arc<str>>,
-    /// Cell ids by the index placements hold (an id once seen keeps its index).
-    cell_ids: Vec<CellId>,
+    /// Cells by the index placements hold (an id once seen keeps its index), with their
+    /// endpoints while they are registered.
+    cells: Vec<Cell>,
     cell_index: Map<CellId, u32>,
     tenants: Map<TenantId, Route>,
     /// SHA-256 of an API key -> its tenant.
     api_keys: Map<String, TenantId>,
+}
+
+#[derive(Debug)]
+struct Cell {
+    id: CellId,
+    endpoint: Option<Arc<str>>,
 }
 
 /// A tenant's record and placement arrive as two registry keys: the entry lives while
@@ -85,7 +91,8 @@ impl View for Routes {
         match keys.parse(key) {
             Some(Entity::Cell(id)) => {
                 let record: Option<CellRecord> = parse(key, value);
-                upsert(&mut self.endpoints, id, record.map(|r| r.endpoint));
+                let index = self.intern(id) as usize;
+                self.cells[index].endpoint = record.map(|r| r.endpoint);
             }
             Some(Entity::Tenant(id)) => {
                 let sending = parse(key, value).map(|record: TenantRecord| Sending {
@@ -116,8 +123,11 @@ impl Routes {
         if let Some(index) = self.cell_index.get(&cell) {
             return *index;
         }
-        let index = u32::try_from(self.cell_ids.len()).expect("fewer than 2^32 cells");
-        self.cell_ids.push(cell.clone());
+        let index = u32::try_from(self.cells.len()).expect("fewer than 2^32 cells");
+        self.cells.push(Cell {
+            id: cell.clone(),
+            endpoint: None,
+        });
         self.cell_index.insert(cell, index);
         index
     }
@@ -157,18 +167,14 @@ impl Routes {
     /// What the router admits of `tenant` (the default policy's rate while its record is not
     /// in the view).
     pub fn rate(&self, tenant: &TenantId) -> SendRate {
-        self.sending(tenant)
-            .map_or_else(|| SendRate::from(&Policy::default()), |s| s.rate)
+        let sending = self.tenants.get(tenant).and_then(|route| route.tenant);
+        sending.map_or_else(|| SendRate::from(&Policy::default()), |s| s.rate)
     }
 
     /// `tenant`'s placement epoch and state.
     pub fn placement(&self, tenant: &TenantId) -> Option<(Epoch, PlacementState)> {
         let placed = self.tenants.get(tenant)?.placement?;
         Some((placed.epoch, placed.state))
-    }
-
-    fn sending(&self, tenant: &TenantId) -> Option<Sending> {
-        self.tenants.get(tenant)?.tenant
     }
 
     /// Resolves `tenant` to its cell.
@@ -187,12 +193,15 @@ impl Routes {
         let placed = route
             .placement
             .ok_or_else(|| ApiError::Unavailable(format!("tenant {tenant} has no placement")))?;
-        let cell = &self.cell_ids[placed.cell as usize];
-        let endpoint = self.endpoints.get(cell).ok_or_else(|| {
-            ApiError::Unavailable(format!("cell {cell} of tenant {tenant} is not registered"))
+        let cell = &self.cells[placed.cell as usize];
+        let endpoint = cell.endpoint.as_ref().ok_or_else(|| {
+            ApiError::Unavailable(format!(
+                "cell {} of tenant {tenant} is not registered",
+                cell.id
+            ))
         })?;
         Ok(Target {
-            cell: cell.clone(),
+            cell: cell.id.clone(),
             endpoint: endpoint.clone(),
             epoch: placed.epoch,
             frozen: placed.state == PlacementState::Frozen,
