@@ -1000,7 +1000,6 @@ impl Store {
         ))
     }
 
-    /// Adds feedback's figures for `tenant` (lazily: figures are not worth an fsync).
     /// `tenant`'s figures for `class` over the `hours` hours up to and including `now_ms`'s.
     pub fn stats(
         &self,

@@ -22,10 +22,9 @@ pub struct Admission {
     clock: DefaultClock,
 }
 
-fn quota(rate: SendRate) -> Quota {
-    let burst = NonZeroU32::new(rate.burst);
-    let rate = NonZeroU32::new(rate.per_second).unwrap_or(NonZeroU32::MIN);
-    let burst = burst.unwrap_or(rate);
+fn quota(send: SendRate) -> Quota {
+    let rate = NonZeroU32::new(send.per_second).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(send.burst).unwrap_or(rate);
     Quota::per_second(rate).allow_burst(burst)
 }
 
@@ -58,19 +57,19 @@ mod tests {
     fn a_tenant_over_its_burst_waits_and_others_do_not() {
         let admission = Admission::default();
         let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
-        let policy = SendRate {
+        let rate = SendRate {
             per_second: 10,
             burst: 3,
         };
         for _ in 0..3 {
-            assert!(admission.check(&a, policy).is_ok());
+            assert!(admission.check(&a, rate).is_ok());
         }
-        let wait = admission.check(&a, policy).unwrap_err();
+        let wait = admission.check(&a, rate).unwrap_err();
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_millis(100),
             "{wait:?}"
         );
-        assert!(admission.check(&b, policy).is_ok(), "b has its own bucket");
+        assert!(admission.check(&b, rate).is_ok(), "b has its own bucket");
         let raised = SendRate {
             per_second: 1000,
             burst: 1000,

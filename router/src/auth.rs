@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use cellmail_control::apikey;
 use cellmail_control::catalog::WatchedCatalog;
-
-use crate::routes::Routes;
 use cellmail_control::registry::Registry;
 use cellmail_control::schema::{self, KeyUseRecord, Keys};
 use cellmail_proto::{ApiError, TenantId};
 use tokio_util::sync::CancellationToken;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
+
+use crate::routes::Routes;
 
 /// How often a key's last use is written to the registry, at most.
 const USE_EVERY: Duration = Duration::from_secs(60);

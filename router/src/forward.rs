@@ -1,4 +1,5 @@
-//! Forwarding a call to the tenant's cell: the caller's deadline (`grpc-timeout`) is passed on, so a cell never works for a caller who gave up.
+//! Forwarding a call to the tenant's cell: the caller's deadline (`grpc-timeout`) is passed
+//! on, so a cell never works for a caller who gave up.
 
 use std::time::Duration;
 
