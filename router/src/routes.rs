@@ -336,6 +336,15 @@ mod tests {
         assert_eq!(routes.key_tenant("hash"), Some(&acme));
         routes.apply(&keys, &keys.api_key("hash"), Some(b"{not json"));
         assert_eq!(routes.key_tenant("hash"), None);
+        let c1 = CellId::new("c1").unwrap();
+        let serving = placement(&c1, 1, PlacementState::Serving);
+        routes.apply(&keys, &keys.placement(&acme), Some(&serving));
+        routes.apply(&keys, &keys.placement(&acme), Some(b"{not json"));
+        assert_eq!(
+            routes.placement(&acme),
+            None,
+            "an unreadable placement is absent"
+        );
     }
 
     #[test]
