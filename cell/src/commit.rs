@@ -8,7 +8,8 @@
 //!
 //! Bulk writes (a move's copy of a tenant's records, a hundred or so at a time) are committed
 //! one per transaction, and only while no other write waits: an accept never shares a commit
-//! with one, so it waits at most for the one under way.
+//! with one, so it waits at most for the one under way. The parts of one bulk submission are
+//! fsynced once, with the last of them: a durable commit makes every earlier one durable.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -36,12 +37,19 @@ pub enum Commit {
     Lazy,
     /// Answered once fsynced.
     Durable,
-    /// Durable, in a transaction of its own, after every other write waiting.
+    /// Durable, in a transaction of its own, after every other write waiting; of several
+    /// submitted together only the last waits for an fsync (which covers the others).
     Bulk,
 }
 
 /// An operation, how it is committed, and the reply.
-type Job<Op, Out> = (Op, Commit, oneshot::Sender<Result<Out, StorageError>>);
+struct Job<Op, Out> {
+    op: Op,
+    commit: Commit,
+    /// Whether its commit is fsynced before it is answered.
+    fsync: bool,
+    reply: oneshot::Sender<Result<Out, StorageError>>,
+}
 
 pub struct GroupCommit<Op, Out> {
     /// `None` only while dropping.
@@ -74,11 +82,12 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
             .name(format!("commit-{name}"))
             .spawn(move || {
                 let (mut batch, mut bulk) = (Vec::new(), VecDeque::new());
-                let take =
-                    |job: Job<Op, Out>, batch: &mut Vec<_>, bulk: &mut VecDeque<_>| match job.1 {
-                        Commit::Bulk => bulk.push_back(job),
-                        Commit::Lazy | Commit::Durable => batch.push(job),
-                    };
+                let take = |job: Job<Op, Out>, batch: &mut Vec<_>, bulk: &mut VecDeque<_>| match job
+                    .commit
+                {
+                    Commit::Bulk => bulk.push_back(job),
+                    Commit::Lazy | Commit::Durable => batch.push(job),
+                };
                 loop {
                     if batch.is_empty() && bulk.is_empty() {
                         match rx.blocking_recv() {
@@ -127,13 +136,24 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
         ops: Vec<Op>,
         commit: Commit,
     ) -> Result<Vec<Out>, StorageError> {
-        let mut replies = Vec::with_capacity(ops.len());
-        for op in ops {
-            let (tx, rx) = oneshot::channel();
+        let (mut replies, last) = (Vec::with_capacity(ops.len()), ops.len().saturating_sub(1));
+        for (n, op) in ops.into_iter().enumerate() {
+            let (reply, rx) = oneshot::channel();
+            let fsync = match commit {
+                Commit::Lazy => false,
+                Commit::Durable => true,
+                Commit::Bulk => n == last,
+            };
+            let job = Job {
+                op,
+                commit,
+                fsync,
+                reply,
+            };
             self.jobs
                 .as_ref()
                 .ok_or_else(|| StorageError("the store is closing".into()))?
-                .send((op, commit, tx))
+                .send(job)
                 .map_err(|_| StorageError("the commit thread has stopped".into()))?;
             replies.push(rx);
         }
@@ -156,12 +176,12 @@ fn commit_batch<Op, Out>(
     let run =
         |batch: &mut Vec<Job<Op, Out>>| -> Result<Vec<(Out, oneshot::Sender<_>)>, StorageError> {
             let mut txn = db.begin_write().map_err(StorageError::from_display)?;
-            if batch.iter().all(|(_, commit, _)| *commit == Commit::Lazy) {
+            if batch.iter().all(|job| !job.fsync) {
                 txn.set_durability(Durability::None)
                     .map_err(StorageError::from_display)?;
             }
             let (ops, replies): (Vec<Op>, Vec<_>) =
-                batch.drain(..).map(|(op, _, reply)| (op, reply)).unzip();
+                batch.drain(..).map(|job| (job.op, job.reply)).unzip();
             let outs = apply(&txn, ops)?;
             if outs.len() != replies.len() {
                 return Err(StorageError(
@@ -251,5 +271,53 @@ mod tests {
             *applied.lock().unwrap(),
             ["hold", "accept", "delete", "bulk-1", "bad"]
         );
+    }
+
+    const ROWS: redb::TableDefinition<&str, ()> = redb::TableDefinition::new("rows");
+
+    /// The rows a copy of the file taken now holds: what a crash now would leave.
+    fn on_disk(path: &std::path::Path) -> Vec<String> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let copy = path.with_extension("copy");
+        std::fs::copy(path, &copy).unwrap();
+        let db = Database::open(&copy).unwrap();
+        let read = db.begin_read().unwrap();
+        let rows = match read.open_table(ROWS) {
+            Ok(table) => table
+                .iter()
+                .unwrap()
+                .map(|row| row.unwrap().0.value().to_owned())
+                .collect(),
+            Err(redb::TableError::TableDoesNotExist(_)) => Vec::new(),
+            Err(err) => panic!("{err}"),
+        };
+        std::fs::remove_file(copy).unwrap();
+        rows
+    }
+
+    #[tokio::test]
+    async fn a_bulk_submission_is_durable_once_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let db = Arc::new(Database::create(&path).unwrap());
+        let commits = GroupCommit::start("test", db, |txn, ops: Vec<&'static str>| {
+            let mut rows = txn.open_table(ROWS).map_err(StorageError::from_display)?;
+            ops.into_iter()
+                .map(|op| {
+                    rows.insert(op, ())
+                        .map(|_| ())
+                        .map_err(StorageError::from_display)
+                })
+                .collect()
+        })
+        .unwrap();
+        // A lazy write is not on disk until a durable commit follows it.
+        commits.submit("lazy", Commit::Lazy).await.unwrap();
+        assert!(on_disk(&path).is_empty());
+        commits
+            .submit_many(vec!["part-1", "part-2", "part-3"], Commit::Bulk)
+            .await
+            .unwrap();
+        assert_eq!(on_disk(&path), ["lazy", "part-1", "part-2", "part-3"]);
     }
 }
