@@ -515,8 +515,7 @@ impl Cell for CellApi {
         let since = (request.since_ms > 0).then_some(request.since_ms);
         let store = self.store.clone();
         let chunks = off_thread(move || {
-            let as_of_ms = now_ms();
-            let export = store.export(&tenant, as_of_ms, since).map_err(storage)?;
+            let (as_of_ms, export) = store.export(&tenant, now_ms(), since).map_err(storage)?;
             tracing::info!(%tenant, precopy = request.precopy, suppressions = export.suppressions.len(), keys = export.idempotency.len(), "tenant exported");
             Ok(export_chunks(export, as_of_ms))
         })

@@ -13,6 +13,9 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cellmail_proto::now_ms;
 
 use redb::{Database, Durability, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
@@ -54,6 +57,8 @@ struct Job<Op, Out> {
 pub struct GroupCommit<Op, Out> {
     /// `None` only while dropping.
     jobs: Option<mpsc::UnboundedSender<Job<Op, Out>>>,
+    /// When the batch being written began (ms), or `u64::MAX` while none is.
+    writing_since: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -78,6 +83,8 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
         apply: impl Fn(&WriteTransaction, Vec<Op>) -> Result<Vec<Out>, StorageError> + Send + 'static,
     ) -> Result<Self, StorageError> {
         let (jobs, mut rx) = mpsc::unbounded_channel::<Job<Op, Out>>();
+        let writing_since = Arc::new(AtomicU64::new(u64::MAX));
+        let writing = writing_since.clone();
         let thread = std::thread::Builder::new()
             .name(format!("commit-{name}"))
             .spawn(move || {
@@ -104,7 +111,9 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
                     if batch.is_empty() {
                         batch.extend(bulk.pop_front());
                     }
+                    writing.store(now_ms(), Ordering::SeqCst);
                     commit_batch(&db, &apply, &mut batch);
+                    writing.store(u64::MAX, Ordering::SeqCst);
                 }
                 // Closing: make the last lazy commits durable, so a clean stop forgets none.
                 let flushed = db
@@ -118,8 +127,17 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
             .map_err(StorageError::from_display)?;
         Ok(Self {
             jobs: Some(jobs),
+            writing_since,
             thread: Some(thread),
         })
+    }
+
+    /// A time (ms) before which every write is committed: a read begun after this returns
+    /// sees every write that `apply` stamped (with the clock, as it applied it) before it.
+    /// The batch under way, if any, was stamped from when it began; a later one, from after.
+    pub fn committed_before(&self) -> u64 {
+        let now = now_ms();
+        now.min(self.writing_since.load(Ordering::SeqCst))
     }
 
     /// Applies `op`; returns once it is committed as `commit` says.
@@ -319,5 +337,28 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(on_disk(&path), ["lazy", "part-1", "part-2", "part-3"]);
+    }
+
+    #[tokio::test]
+    async fn what_is_committed_before_excludes_the_batch_under_way() {
+        let (_dir, commits, _, release) = writer();
+        let commits = Arc::new(commits);
+        let began = now_ms();
+        let held = {
+            let commits = commits.clone();
+            tokio::spawn(async move { commits.submit("hold", Commit::Durable).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        let during = commits.committed_before();
+        assert!(
+            during < began + 30 && now_ms() >= began + 60,
+            "while a batch is written, only what was stamped before it began is committed: {during} vs {began}"
+        );
+        release.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        assert!(
+            commits.committed_before() >= began + 60,
+            "idle: everything until now"
+        );
     }
 }

@@ -541,12 +541,7 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
                 // Only a completed key is indexed: an accept the freeze waited for completes
                 // before the final copy, and a reservation whose queueing failed must not
                 // follow the tenant as pending (its retry on the new cell is a new send).
-                written_recently(
-                    &mut t.recent,
-                    now_ms,
-                    &record.tenant,
-                    [(now_ms, key.as_str())],
-                )?;
+                written_now(&mut t.recent, &record.tenant, key.as_str())?;
             }
             let suppressed = record
                 .recipients
@@ -1248,14 +1243,16 @@ impl Store {
     }
 
     /// What of `tenant` follows it to another cell, in one consistent read: its suppression
-    /// list and live idempotency keys, or with `since_ms` only what was written since (with
-    /// the suppressions taken off the list since).
+    /// list and live idempotency keys (live at `now_ms`), or with `since_ms` only what was
+    /// written since (with the suppressions taken off the list since). With the time it is
+    /// complete as of: an export since then misses nothing written after this one's read.
     pub fn export(
         &self,
         tenant: &TenantId,
         now_ms: u64,
         since_ms: Option<u64>,
-    ) -> Result<TenantExport, StorageError> {
+    ) -> Result<(u64, TenantExport), StorageError> {
+        let as_of_ms = self.writes.committed_before();
         let read = self.db.begin_read().map_err(err)?;
         let (t, past) = (tenant.as_str(), past(tenant));
         let mut export = TenantExport::default();
@@ -1300,7 +1297,7 @@ impl Store {
                 export.idempotency.push((key, row.value().to_vec()));
             }
         }
-        Ok(export)
+        Ok((as_of_ms, export))
     }
 
     /// Each idempotency record must be one [`readable_key_record`] accepts.
@@ -1834,7 +1831,8 @@ mod tests {
         store.reserve(&b, "theirs", theirs, 5_000).await.unwrap();
         store.reserve(&a, "new", new, 5_000).await.unwrap();
 
-        let precopy = store.export(&a, 6_000, None).unwrap();
+        after(now_ms()).await;
+        let (as_of, precopy) = store.export(&a, 6_000, None).unwrap();
         assert_eq!(precopy.suppressions, std::slice::from_ref(&bounce));
         let keys: Vec<&str> = precopy
             .idempotency
@@ -1858,7 +1856,7 @@ mod tests {
             .reserve(&a, "stray", MessageId::generate(), 5_600)
             .await
             .unwrap();
-        let last = store.export(&a, 6_000, Some(4_000)).unwrap();
+        let (_, last) = store.export(&a, 6_000, Some(as_of)).unwrap();
         assert_eq!(last.suppressions, std::slice::from_ref(&later));
         assert_eq!(last.removed_suppressions, ["gone@x.example"]);
         let keys: Vec<&str> = last.idempotency.iter().map(|(k, _)| k.as_str()).collect();
@@ -1919,7 +1917,7 @@ mod tests {
     /// (0: everything).
     async fn copy(from: &Store, to: &Store, tenant: &TenantId, since_ms: u64) {
         let since = (since_ms > 0).then_some(since_ms);
-        to.import(tenant, from.export(tenant, now_ms(), since).unwrap())
+        to.import(tenant, from.export(tenant, now_ms(), since).unwrap().1)
             .await
             .unwrap();
         let written = from.written_messages(tenant, since_ms).unwrap();
@@ -1993,7 +1991,7 @@ mod tests {
             changed,
             "not the quiet message (y wrote it only as x had it), and not b's"
         );
-        let export = y.export(&a, now_ms(), Some(handed_over)).unwrap();
+        let (_, export) = y.export(&a, now_ms(), Some(handed_over)).unwrap();
         let keys: Vec<&str> = export.idempotency.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["new"], "the keys x has are not sent back");
         copy(&y, &x, &a, handed_over).await;

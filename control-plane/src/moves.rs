@@ -15,8 +15,9 @@
 //!    becomes FROZEN. Routers hold the tenant's calls while the placement is frozen; cells
 //!    refuse them.
 //! 2. FROZEN: the source exports the suppressions (added or removed) and idempotency keys
-//!    written since the pre-copy (less the margin) once it sees the freeze and every call it
-//!    had let in has finished; each chunk is imported by the target. So the freeze lasts as
+//!    written since its pre-copy read (every write not in that read is stamped as of it or
+//!    later: the cell's store stamps its writes as it commits them) once it sees the freeze
+//!    and every call it had let in has finished; each chunk is imported by the target. So the freeze lasts as
 //!    long as a few seconds of the tenant's traffic take to copy, not its whole list and
 //!    window. Then, in one transaction, the placement switches to the target at epoch + 1
 //!    (serving again) and the step becomes SWITCHED. A copy that keeps failing past
@@ -51,8 +52,9 @@ use crate::schema::{
 /// How long a copy may keep failing while the placement is frozen before the move is rolled
 /// back (routers answer the tenant's calls UNAVAILABLE after their own, shorter hold).
 pub const FREEZE_BUDGET: Duration = Duration::from_secs(10);
-/// How far before the pre-copy's read the final copy starts: a key write stamped just before
-/// the read may commit just after it.
+/// How far before a time another cell's clock gave (what the target kept is current as of
+/// its hand-over), or a message id's time, a copy starts: those are stamped before their
+/// writes commit, and clocks differ between cells.
 pub const PRECOPY_MARGIN: Duration = Duration::from_secs(5);
 /// [`PRECOPY_MARGIN`] in milliseconds.
 fn margin() -> u64 {
@@ -542,7 +544,7 @@ impl Mover {
     async fn transfer(&self, record: &MoveRecord, pass: Pass) -> Result<Copied, ApiError> {
         let (since_ms, messages) = match pass {
             Pass::Precopy(since) => (since, false),
-            Pass::Final => (record.precopy_as_of_ms.saturating_sub(margin()), false),
+            Pass::Final => (record.precopy_as_of_ms, false),
             Pass::Messages(since) => (since, true),
             Pass::Handover => (record.messages_since_ms, true),
         };
