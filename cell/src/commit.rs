@@ -112,8 +112,7 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
                         batch.extend(bulk.pop_front());
                     }
                     writing.store(now_ms(), Ordering::SeqCst);
-                    commit_batch(&db, &apply, &mut batch);
-                    writing.store(u64::MAX, Ordering::SeqCst);
+                    commit_batch(&db, &apply, &mut batch, &writing);
                 }
                 // Closing: make the last lazy commits durable, so a clean stop forgets none.
                 let flushed = db
@@ -190,6 +189,7 @@ fn commit_batch<Op, Out>(
     db: &Database,
     apply: &impl Fn(&WriteTransaction, Vec<Op>) -> Result<Vec<Out>, StorageError>,
     batch: &mut Vec<Job<Op, Out>>,
+    writing: &AtomicU64,
 ) {
     let run =
         |batch: &mut Vec<Job<Op, Out>>| -> Result<Vec<(Out, oneshot::Sender<_>)>, StorageError> {
@@ -209,7 +209,10 @@ fn commit_batch<Op, Out>(
             txn.commit().map_err(StorageError::from_display)?;
             Ok(outs.into_iter().zip(replies).collect())
         };
-    match run(batch) {
+    let result = run(batch);
+    // Done before anyone is answered: a caller's next read finds the batch committed.
+    writing.store(u64::MAX, Ordering::SeqCst);
+    match result {
         Ok(done) => {
             for (out, reply) in done {
                 let _ = reply.send(Ok(out));
@@ -341,24 +344,32 @@ mod tests {
 
     #[tokio::test]
     async fn what_is_committed_before_excludes_the_batch_under_way() {
+        use std::time::Duration;
         let (_dir, commits, _, release) = writer();
         let commits = Arc::new(commits);
-        let began = now_ms();
         let held = {
             let commits = commits.clone();
             tokio::spawn(async move { commits.submit("hold", Commit::Durable).await })
         };
-        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        // Once the held batch is under way, the time stops at when it began.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while commits.committed_before() + 10 > now_ms() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the time kept up with the clock while a batch was written"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let during = commits.committed_before();
-        assert!(
-            during < began + 30 && now_ms() >= began + 60,
-            "while a batch is written, only what was stamped before it began is committed: {during} vs {began}"
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(
+            commits.committed_before(),
+            during,
+            "still the batch's start"
         );
         release.send(()).unwrap();
         held.await.unwrap().unwrap();
-        assert!(
-            commits.committed_before() >= began + 60,
-            "idle: everything until now"
-        );
+        // Answered, so done: everything up to now is committed.
+        assert!(commits.committed_before() >= during + 40);
     }
 }
