@@ -740,8 +740,9 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
                     .map_err(err)?;
             }
             // Indexed so that a move on from here carries them further: a completed key as
-            // when it was accepted (its old cell's clock, as that cell indexed it), the list's
-            // changes as written here (an entry's own time is its feedback's, not its write's).
+            // when it was reserved (its old cell's clock; the copies that start from another
+            // cell's time keep a margin), the list's changes as written here (an entry's own
+            // time is its feedback's, not its write's).
             let mut done = Vec::with_capacity(export.idempotency.len());
             for (key, bytes) in &export.idempotency {
                 t.idempotency
