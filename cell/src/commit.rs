@@ -22,6 +22,15 @@ use tokio::sync::{mpsc, oneshot};
 
 const MAX_BATCH: usize = 4096;
 
+/// The time (ms) writes are stamped with as they are applied: the wall clock, except that it
+/// never goes back within this process (a step back of the system clock holds it where it
+/// was), so a write applied later never carries an earlier stamp.
+pub fn stamp_ms() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = now_ms();
+    LAST.fetch_max(now, Ordering::SeqCst).max(now)
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("storage failed: {0}")]
 pub struct StorageError(pub String);
@@ -111,7 +120,7 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
                     if batch.is_empty() {
                         batch.extend(bulk.pop_front());
                     }
-                    writing.store(now_ms(), Ordering::SeqCst);
+                    writing.store(stamp_ms(), Ordering::SeqCst);
                     commit_batch(&db, &apply, &mut batch, &writing);
                 }
                 // Closing: make the last lazy commits durable, so a clean stop forgets none.
@@ -132,10 +141,10 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
     }
 
     /// A time (ms) before which every write is committed: a read begun after this returns
-    /// sees every write that `apply` stamped (with the clock, as it applied it) before it.
+    /// sees every write that `apply` stamped (with [`stamp_ms`], as it applied it) before it.
     /// The batch under way, if any, was stamped from when it began; a later one, from after.
     pub fn committed_before(&self) -> u64 {
-        let now = now_ms();
+        let now = stamp_ms();
         now.min(self.writing_since.load(Ordering::SeqCst))
     }
 

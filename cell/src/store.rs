@@ -31,7 +31,7 @@ use redb::{
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::accept::now_ms;
-use crate::commit::{Commit, GroupCommit, StorageError};
+use crate::commit::{Commit, GroupCommit, StorageError, stamp_ms};
 use crate::message::{Accepted, EventKind, MessageEvent, MessageRecord, MessageState};
 
 /// (tenant, idempotency key) -> JSON [`KeyRecord`]
@@ -254,7 +254,7 @@ fn written_recently<'k>(
 
 /// Indexes a write of `tenant`'s `key` in `recent` made now.
 fn written_now(recent: &mut Recent, tenant: &TenantId, key: &str) -> Result<(), StorageError> {
-    let now = now_ms();
+    let now = stamp_ms();
     written_recently(recent, now, tenant, [(now, key)])
 }
 
@@ -753,7 +753,7 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
                     done.push((record.reserved_at_ms, key.as_str()));
                 }
             }
-            let now = now_ms();
+            let now = stamp_ms();
             written_recently(&mut t.recent, now, &tenant, done)?;
             let listed: Vec<String> = (export.suppressions.iter())
                 .map(|e| suppression_key(&e.address))
@@ -778,7 +778,7 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
         Write::ImportMessages { tenant, records } => {
             let messages = &mut t.messages;
             let index = &mut t.tenant_messages;
-            let (now, mut written) = (now_ms(), Vec::with_capacity(records.len()));
+            let (now, mut written) = (stamp_ms(), Vec::with_capacity(records.len()));
             for (record, written_ms) in &records {
                 let id = record.id.to_string();
                 let here: Option<MessageRecord> = match messages.get(id.as_str()).map_err(err)? {
