@@ -5,9 +5,9 @@
 //! global suppressions, breakers); the router keeps a narrower view of its own.
 //! [`WatchedCatalog`] loads the prefix (a page at a time) at revision R, watches from R+1 and
 //! applies every change, so lookups never touch the registry. When the watch breaks it
-//! resumes from the last revision it applied, and reloads the whole prefix when that revision was compacted. Readers can
-//! wait for a revision or a condition (a router that was told "moved" waits for the new
-//! placement).
+//! resumes from the last revision it applied, and reloads the whole prefix when that
+//! revision was compacted. Readers can wait for a revision or a condition (a router that
+//! was told "moved" waits for the new placement).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock, RwLockReadGuard};

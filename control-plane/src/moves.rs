@@ -17,11 +17,12 @@
 //! 2. FROZEN: the source exports the suppressions (added or removed) and idempotency keys
 //!    written since its pre-copy read (every write not in that read is stamped as of it or
 //!    later: the cell's store stamps its writes as it commits them) once it sees the freeze
-//!    and every call it had let in has finished; each chunk is imported by the target. So the freeze lasts as
-//!    long as a few seconds of the tenant's traffic take to copy, not its whole list and
-//!    window. Then, in one transaction, the placement switches to the target at epoch + 1
-//!    (serving again) and the step becomes SWITCHED. A copy that keeps failing past
-//!    [`FREEZE_BUDGET`] rolls the move back: the placement is unfrozen on the source.
+//!    and every call it had let in has finished; each chunk is imported by the target. So
+//!    the freeze lasts as long as what the tenant wrote during the pre-copy takes to copy,
+//!    not its whole list and window. Then, in one transaction, the placement switches to the
+//!    target at epoch + 1 (serving again) and the step becomes SWITCHED. A copy that keeps
+//!    failing past [`FREEZE_BUDGET`] rolls the move back: the placement is unfrozen on the
+//!    source.
 //! 3. SWITCHED: the source keeps delivering what it had accepted and forwards late feedback;
 //!    once its backlog of the tenant is zero, the message records written since their
 //!    pre-copy (less the margin) are copied again as they ended, the source notes that hand-
