@@ -1,6 +1,7 @@
 //! The operator commands: each is one call to the control plane's `Control` API, printed as
 //! a table or, with `--json`, as JSON for scripts.
 
+use anyhow::Context;
 use cellmail_proto::bearer::Bearer;
 use cellmail_proto::v1::{self, control_client::ControlClient};
 use clap::{Args, Subcommand};
@@ -468,11 +469,45 @@ pub struct RebalanceArgs {
 enum RebalanceCommand {
     /// The moves that would even out tenants per unit of capacity (a dry run).
     Plan,
-    /// Carry out the plan as it is now.
+    /// Carry out a plan: the one `rebalance plan --json` saved in `--plan FILE` (refused
+    /// whole if a tenant of it moved since), or without `--plan` the plan as it is now.
     Apply {
+        #[arg(long, value_name = "FILE")]
+        plan: Option<std::path::PathBuf>,
         #[command(flatten)]
         operation: OperationArgs,
     },
+}
+
+/// The moves of a plan `rebalance plan --json` printed, saved in `path`.
+fn read_plan(path: &std::path::Path) -> anyhow::Result<Vec<v1::PlannedMoveInfo>> {
+    let at = || format!("--plan {}", path.display());
+    let text = std::fs::read_to_string(path).with_context(at)?;
+    let plan: serde_json::Value = serde_json::from_str(&text).with_context(at)?;
+    let moves = plan.as_array().with_context(|| {
+        format!(
+            "{}: not the JSON array `rebalance plan --json` prints",
+            at()
+        )
+    })?;
+    moves
+        .iter()
+        .enumerate()
+        .map(|(n, m)| {
+            let field = |name: &str| {
+                m[name]
+                    .as_str()
+                    .map(str::to_owned)
+                    .with_context(|| format!("{}: move {n} has no \"{name}\"", at()))
+            };
+            Ok(v1::PlannedMoveInfo {
+                tenant_id: field("tenant")?,
+                from_cell: field("from")?,
+                to_cell: field("to")?,
+                ..Default::default()
+            })
+        })
+        .collect()
 }
 
 pub async fn rebalance(args: RebalanceArgs) -> anyhow::Result<()> {
@@ -498,10 +533,30 @@ pub async fn rebalance(args: RebalanceArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        RebalanceCommand::Apply { operation } => {
+        RebalanceCommand::Apply { plan, operation } => {
+            let moves = match plan {
+                Some(path) => {
+                    let moves = read_plan(&path)?;
+                    if moves.is_empty() {
+                        // An empty request would mean "the plan as it is now".
+                        if args.connection.json {
+                            println!(
+                                "{}",
+                                json!({"kind": "rebalance", "finished": true, "moves": []})
+                            );
+                        } else {
+                            println!("the plan has no moves: nothing to apply");
+                        }
+                        return Ok(());
+                    }
+                    moves
+                }
+                None => Vec::new(),
+            };
             let request = acting(v1::ApplyRebalanceRequest {
                 parallel: operation.parallel,
                 reason: operation.reason,
+                moves,
             });
             let started = client
                 .apply_rebalance(request)

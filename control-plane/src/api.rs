@@ -1365,11 +1365,15 @@ impl Control for ControlApi {
     ) -> Result<Response<v1::OperationInfo>, Status> {
         let actor = actor(&request);
         let request = request.into_inner();
-        let moves = ControlApi::plan_rebalance(self)
-            .await?
-            .into_iter()
-            .map(operations::pending)
-            .collect();
+        let moves = if request.moves.is_empty() {
+            ControlApi::plan_rebalance(self)
+                .await?
+                .into_iter()
+                .map(operations::pending)
+                .collect()
+        } else {
+            operations::reviewed(&request.moves, &self.planning().await?)?
+        };
         let record = operations::start(
             self.registry.as_ref(),
             &self.keys,

@@ -8,11 +8,14 @@
 //! carries the operation in its actor, so a pass that requested a move but could not record
 //! it adopts the move on the next pass instead of refusing it as "already moving".
 
+use std::collections::HashSet;
+
 use cellmail_proto::v1;
 use cellmail_proto::{ApiError, CellId, TenantId, now_ms};
 
 use crate::api::registry_error;
 use crate::audit;
+use crate::catalog::Catalog;
 use crate::moves;
 use crate::placement::Planned;
 use crate::registry::{Compare, Op, Registry};
@@ -37,6 +40,49 @@ pub fn pending(planned: Planned) -> PlannedMove {
         move_id: None,
         outcome: String::new(),
     }
+}
+
+/// The moves of a plan an operator reviewed (as [`planned_info`] gave them), checked against
+/// the registry now: a plan naming an unknown tenant or cell, a tenant twice, or a tenant
+/// that is no longer where the plan found it is refused whole, naming the move, so that what
+/// runs is what was reviewed. Whether the target still takes the tenant is checked when each
+/// move is requested, as for any move.
+pub fn reviewed(
+    plan: &[v1::PlannedMoveInfo],
+    catalog: &Catalog,
+) -> Result<Vec<PlannedMove>, ApiError> {
+    let mut seen = HashSet::new();
+    plan.iter()
+        .enumerate()
+        .map(|(n, m)| {
+            let field = |name: &str| format!("moves[{n}].{name}");
+            let id = |name: &str, text: &str| {
+                CellId::new(text).map_err(|e| ApiError::invalid(field(name), e.to_string()))
+            };
+            let tenant = TenantId::new(&m.tenant_id)
+                .map_err(|e| ApiError::invalid(field("tenant_id"), e.to_string()))?;
+            let (from, to) = (id("from_cell", &m.from_cell)?, id("to_cell", &m.to_cell)?);
+            if !seen.insert(tenant.clone()) {
+                let why = format!("tenant {tenant} is moved twice in the plan");
+                return Err(ApiError::invalid(field("tenant_id"), why));
+            }
+            if !catalog.cells.contains_key(&to) {
+                return Err(ApiError::invalid(field("to_cell"), format!("cell {to} does not exist")));
+            }
+            let Some(placement) = catalog.placements.get(&tenant) else {
+                let why = format!("tenant {tenant} does not exist");
+                return Err(ApiError::invalid(field("tenant_id"), why));
+            };
+            if placement.cell != from {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "{}: tenant {tenant} is on cell {}, not {from}: the plan is stale, make a new one",
+                    field("from_cell"),
+                    placement.cell
+                )));
+            }
+            Ok(pending(Planned { tenant, from, to }))
+        })
+        .collect()
 }
 
 /// A tenant of `cell` that no other cell can take, and why.
@@ -230,5 +276,100 @@ pub fn info(record: &OperationRecord) -> v1::OperationInfo {
         reason: record.reason.clone(),
         started_at_ms: record.started_at_ms as i64,
         updated_at_ms: record.updated_at_ms as i64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{CellRecord, CellState, PlacementRecord, PlacementState};
+    use cellmail_proto::Epoch;
+
+    fn planned(tenant: &str, from: &str, to: &str) -> v1::PlannedMoveInfo {
+        v1::PlannedMoveInfo {
+            tenant_id: tenant.into(),
+            from_cell: from.into(),
+            to_cell: to.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Cells c1 and c2; tenant a on c1, b on c2.
+    fn catalog() -> Catalog {
+        let mut catalog = Catalog::default();
+        for cell in ["c1", "c2"] {
+            let record = CellRecord {
+                endpoint: "".into(),
+                capacity: 10,
+                state: CellState::Active,
+                labels: Default::default(),
+                version: String::new(),
+                build: String::new(),
+            };
+            catalog.cells.insert(CellId::new(cell).unwrap(), record);
+        }
+        for (tenant, cell) in [("a", "c1"), ("b", "c2")] {
+            let placement = PlacementRecord {
+                cell: CellId::new(cell).unwrap(),
+                epoch: Epoch(1),
+                state: PlacementState::Serving,
+            };
+            catalog
+                .placements
+                .insert(TenantId::new(tenant).unwrap(), placement);
+        }
+        catalog
+    }
+
+    #[test]
+    fn a_reviewed_plan_runs_as_reviewed_and_a_stale_or_bad_one_is_refused_naming_the_move() {
+        let catalog = catalog();
+        let moves = reviewed(
+            &[planned("a", "c1", "c2"), planned("b", "c2", "c1")],
+            &catalog,
+        )
+        .unwrap();
+        let pairs: Vec<_> = moves
+            .iter()
+            .map(|m| {
+                (
+                    m.tenant.as_str(),
+                    m.from.as_str(),
+                    m.to.as_ref().map(|c| c.as_str()),
+                )
+            })
+            .collect();
+        assert_eq!(pairs, [("a", "c1", Some("c2")), ("b", "c2", Some("c1"))]);
+        assert!(
+            moves
+                .iter()
+                .all(|m| m.move_id.is_none() && m.outcome.is_empty())
+        );
+
+        let refused = |plan: &[v1::PlannedMoveInfo]| reviewed(plan, &catalog).unwrap_err();
+        // b moved to c2 after the plan saw it on c1.
+        match refused(&[planned("a", "c1", "c2"), planned("b", "c1", "c2")]) {
+            ApiError::FailedPrecondition(why) => {
+                assert!(
+                    why.starts_with("moves[1].from_cell: tenant b is on cell c2"),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        for (plan, field) in [
+            (vec![planned("ghost", "c1", "c2")], "moves[0].tenant_id"),
+            (vec![planned("a", "c1", "c9")], "moves[0].to_cell"),
+            (vec![planned("a", "c1", "not a cell!")], "moves[0].to_cell"),
+            (
+                vec![planned("a", "c1", "c2"), planned("a", "c1", "c2")],
+                "moves[1].tenant_id",
+            ),
+        ] {
+            match refused(&plan) {
+                ApiError::InvalidArgument { field: named, .. } => assert_eq!(named, field),
+                other => panic!("{plan:?}: {other:?}"),
+            }
+        }
     }
 }

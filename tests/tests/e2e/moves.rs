@@ -774,11 +774,42 @@ async fn an_evacuated_cell_hands_every_tenant_over_while_sends_flow_and_a_rebala
         (on_2, "ACTIVE".to_owned()),
         "a plan moves nothing"
     );
-    let applied = platform.cli(&["rebalance", "apply", "--wait"]);
+    // The plan an operator reviewed is the one that runs.
+    let reviewed = dir.path().join("plan.json");
+    std::fs::write(&reviewed, plan.to_string()).unwrap();
+    let reviewed_arg = reviewed.to_str().unwrap();
+    let applied = platform.cli(&["rebalance", "apply", "--plan", reviewed_arg, "--wait"]);
     let moves = applied["moves"].as_array().unwrap();
     assert!(
         moves.iter().all(|m| m["outcome"] == "COMPLETE"),
         "{applied}"
+    );
+    let route = |m: &serde_json::Value| (m["tenant"].clone(), m["from"].clone(), m["to"].clone());
+    assert_eq!(
+        moves.iter().map(route).collect::<Vec<_>>(),
+        planned.iter().map(route).collect::<Vec<_>>()
+    );
+    // Applied again, the same plan is stale: refused whole, naming the move, nothing moved.
+    let stale = planned
+        .iter()
+        .map(|m| v1::PlannedMoveInfo {
+            tenant_id: m["tenant"].as_str().unwrap().into(),
+            from_cell: m["from"].as_str().unwrap().into(),
+            to_cell: m["to"].as_str().unwrap().into(),
+            ..Default::default()
+        })
+        .collect();
+    let refused = control
+        .apply_rebalance(v1::ApplyRebalanceRequest {
+            moves: stale,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("moves[0].from_cell") && refused.message().contains("stale"),
+        "{refused:?}"
     );
     let cells = platform.cli(&["cell", "list"]);
     let mut counts: Vec<u64> = cells
