@@ -902,3 +902,110 @@ async fn until_unavailable(sender: &Sender, key: &str) -> tonic::Status {
     }
     panic!("the frozen tenant's sends were never held");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_behind_a_move_is_told_moved_waits_for_the_new_placement_and_retries_once() {
+    use cellmail_control::registry::Registry;
+    use cellmail_control::schema::{self, Keys, PlacementRecord};
+    use cellmail_tests::processes::{Daemon, free_addr, registry_args};
+    use cellmail_tests::services::{etcd_endpoint, unique_prefix};
+    let d = deployed::Deployment::start("moved", &[], &[]).await;
+    let mut control = d.control.clone();
+    let key = tenant(&mut control, "late", "cell-a").await;
+    let etcd = cellmail_control::registry::etcd::EtcdRegistry::connect(&[etcd_endpoint()])
+        .await
+        .unwrap();
+    // A second router reads a copy of the registry that the test updates by hand, so that
+    // it falls behind the cells' view exactly when the test says.
+    let lagging = unique_prefix("moved-view");
+    for kv in etcd.list(&d.prefix).await.unwrap().entries {
+        let copied = kv.key.replacen(&d.prefix, &lagging, 1);
+        etcd.put(&copied, kv.value, None).await.unwrap();
+    }
+    let addr = free_addr().unwrap();
+    let mut args = vec!["--router-addr", &addr, "--freeze-hold-ms", "1000"];
+    let registry = registry_args(&etcd_endpoint(), &lagging);
+    args.extend(registry.iter().map(String::as_str));
+    let _router = Daemon::start("cellmail-router", &args, Some(&addr))
+        .await
+        .unwrap();
+    let behind = Sender::connect(format!("http://{addr}")).await.unwrap();
+    let send = |n: &str| {
+        let (mut sender, request) = (
+            behind.clone(),
+            authorized(&key, message("shop@late.example", "x@example.com", n)),
+        );
+        async move {
+            let started = std::time::Instant::now();
+            (sender.send(request).await, started.elapsed())
+        }
+    };
+    let (first, _) = send("m0").await;
+    first.unwrap();
+
+    let tenant = cellmail_proto::TenantId::new("late").unwrap();
+    let placement_key = |prefix: &str| Keys::new(prefix).placement(&tenant);
+    let placed: PlacementRecord = schema::decode(
+        &etcd
+            .get(&placement_key(&d.prefix))
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+    )
+    .unwrap();
+    let at_epoch = |epoch: u64| {
+        schema::encode(&PlacementRecord {
+            epoch: cellmail_proto::Epoch(epoch),
+            ..placed.clone()
+        })
+    };
+    let (two, three) = (placed.epoch.0 + 1, placed.epoch.0 + 2);
+    // The cells (and the up-to-date router) see epoch two; the lagging router still one.
+    etcd.put(&placement_key(&d.prefix), at_epoch(two), None)
+        .await
+        .unwrap();
+    d.send(&key, message("shop@late.example", "x@example.com", "seen"))
+        .await;
+    let retried = tokio::spawn(send("m1"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    etcd.put(&placement_key(&lagging), at_epoch(two), None)
+        .await
+        .unwrap();
+    let (sent, took) = retried.await.unwrap();
+    let sent = sent.unwrap().into_inner();
+    assert_eq!(
+        sent.recipients[0].state,
+        v1::RecipientState::Accepted as i32
+    );
+    assert!(
+        took >= Duration::from_millis(300),
+        "answered after the router saw the newer placement: {took:?}"
+    );
+
+    // Still behind after its hold: one retry, then UNAVAILABLE, and that send is not queued.
+    etcd.put(&placement_key(&d.prefix), at_epoch(three), None)
+        .await
+        .unwrap();
+    d.send(
+        &key,
+        message("shop@late.example", "x@example.com", "seen-3"),
+    )
+    .await;
+    let (refused, took) = send("m2").await;
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("moving"), "{refused:?}");
+    assert!(
+        took >= Duration::from_secs(1),
+        "held for its hold: {took:?}"
+    );
+    let sent = wait_for(DELIVERY, "m0 and m1 delivered", || {
+        let sent = d.sent_keys("late");
+        (sent.get("m1") == Some(&1)).then_some(sent)
+    })
+    .await
+    .unwrap();
+    assert_eq!(sent.get("m0"), Some(&1));
+    assert_eq!(sent.get("m2"), None, "{sent:?}");
+}
