@@ -413,6 +413,10 @@ impl Cell for CellApi {
             .into());
         }
         self.store.erase(&tenant).await.map_err(storage)?;
+        self.mailer
+            .forget(&tenant)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("removing the mailer's resources: {e}")))?;
         tracing::info!(%tenant, "tenant erased");
         Ok(Response::new(v1::EraseTenantResponse {}))
     }

@@ -54,6 +54,12 @@ pub trait Mailer: Send + Sync + 'static {
     async fn prepare(&self, _tenant: &TenantId, _domains: &[String]) -> Result<(), MailerError> {
         Ok(())
     }
+
+    /// Removes what [`Mailer::prepare`] or a send set up for `tenant`, once it is offboarded
+    /// (what was already gone is as good). A mailer with nothing per tenant keeps this default.
+    async fn forget(&self, _tenant: &TenantId) -> Result<(), MailerError> {
+        Ok(())
+    }
 }
 
 fn address(mailbox: &Mailbox) -> Address<'_> {

@@ -11,7 +11,8 @@
 //! configuration set, the From domain's email identity and, with tenants on, the SES tenant
 //! and its association with the configuration set. Each is created, and an answer that it
 //! already exists (a restart, another cell) is as good, once per process. An endpoint
-//! without SES tenants (an emulator) gets a warning and sends without `TenantName`.
+//! without SES tenants (an emulator) gets a warning and sends without `TenantName`. An
+//! offboarded tenant's configuration set and SES tenant are deleted ([`Mailer::forget`]).
 //!
 //! [`classify`] says what an SES error means for the message: retry it later, pause the
 //! cell's sending because the account's sending is paused, or give up because SES refuses
@@ -30,6 +31,8 @@ use aws_sdk_sesv2::error::{BuildError, DisplayErrorContext, ProvideErrorMetadata
 use aws_sdk_sesv2::operation::create_email_identity::CreateEmailIdentityError;
 use aws_sdk_sesv2::operation::create_tenant::CreateTenantError;
 use aws_sdk_sesv2::operation::create_tenant_resource_association::CreateTenantResourceAssociationError;
+use aws_sdk_sesv2::operation::delete_configuration_set::DeleteConfigurationSetError;
+use aws_sdk_sesv2::operation::delete_tenant::DeleteTenantError;
 use aws_sdk_sesv2::operation::send_email::SendEmailError;
 use aws_sdk_sesv2::operation::send_email::builders::SendEmailFluentBuilder;
 use aws_sdk_sesv2::types::{Body, Content, Destination, EmailContent, MessageTag};
@@ -154,7 +157,7 @@ impl SesMailer {
             .configuration_set_name(&name)
             .send()
             .await;
-        created(&format!("configuration set {name}"), made, |e| {
+        settled(&format!("configuration set {name}"), made, |e| {
             e.is_already_exists_exception()
                 // SES v1's code for it, which moto answers this v2 call with.
                 || e.code() == Some("ConfigurationSetAlreadyExistsException")
@@ -180,7 +183,7 @@ impl SesMailer {
                 "created the SES identity; it is verified once its DKIM CNAME records are published"
             );
         }
-        created(
+        settled(
             &format!("email identity {domain}"),
             made,
             CreateEmailIdentityError::is_already_exists_exception,
@@ -206,7 +209,7 @@ impl SesMailer {
             .resource_arn(resource)
             .send()
             .await;
-        created(
+        settled(
             &what,
             associated,
             CreateTenantResourceAssociationError::is_already_exists_exception,
@@ -337,20 +340,28 @@ fn setup_failed(what: &str, reason: impl std::fmt::Display) -> MailerError {
     }
 }
 
-/// Whether a create left the resource in place: `exists` says another process made it first.
-fn created<T, E>(
+/// Whether a create or a delete left SES as asked: `already` says SES was so before (another
+/// process made the resource first, or it was gone already).
+fn settled<T, E>(
     what: &str,
-    made: Result<T, SdkError<E, HttpResponse>>,
-    exists: fn(&E) -> bool,
+    done: Result<T, SdkError<E, HttpResponse>>,
+    already: fn(&E) -> bool,
 ) -> Result<(), MailerError>
 where
     E: std::error::Error + 'static,
 {
-    match made {
+    match done {
         Ok(_) => Ok(()),
-        Err(err) if err.as_service_error().is_some_and(exists) => Ok(()),
+        Err(err) if err.as_service_error().is_some_and(already) => Ok(()),
         Err(err) => Err(setup_failed(what, DisplayErrorContext(&err))),
     }
+}
+
+/// Whether deleting a configuration set failed because it is gone already.
+fn configuration_set_gone(err: &DeleteConfigurationSetError) -> bool {
+    err.is_not_found_exception()
+        // SES v1's code for it.
+        || err.code() == Some("ConfigurationSetDoesNotExist")
 }
 
 /// Whether the endpoint does not implement the operation at all (an emulator): a 404, 405
@@ -412,6 +423,37 @@ impl Mailer for SesMailer {
     async fn prepare(&self, tenant: &TenantId, domains: &[String]) -> Result<(), MailerError> {
         self.provision(tenant, domains.iter().map(String::as_str))
             .await
+    }
+
+    /// Deletes the tenant's SES tenant (with tenants on) and configuration set. Its domains'
+    /// identities stay: deleting one would stop every sender of that domain on the account.
+    async fn forget(&self, tenant: &TenantId) -> Result<(), MailerError> {
+        self.provisioned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&Provision::Tenant(tenant.clone()));
+        if self.tenant_names() {
+            let what = format!("SES tenant {tenant} (deleting it)");
+            let deleted = self
+                .client
+                .delete_tenant()
+                .tenant_name(tenant.as_str())
+                .send()
+                .await;
+            match deleted {
+                Err(err) if unsupported(&err) => self.without_tenants(),
+                deleted => settled(&what, deleted, DeleteTenantError::is_not_found_exception)?,
+            }
+        }
+        let name = self.configuration_set(tenant);
+        let deleted = self
+            .client
+            .delete_configuration_set()
+            .configuration_set_name(&name)
+            .send()
+            .await;
+        let what = format!("configuration set {name} (deleting it)");
+        settled(&what, deleted, configuration_set_gone)
     }
 }
 
@@ -553,6 +595,48 @@ mod tests {
         assert!(
             !unsupported(&missing),
             "a missing tenant is not a missing API"
+        );
+    }
+
+    #[test]
+    fn a_configuration_set_already_gone_counts_as_deleted_and_other_failures_do_not() {
+        let not_found = DeleteConfigurationSetError::NotFoundException(
+            NotFoundException::builder()
+                .meta(ErrorMetadata::builder().code("NotFoundException").build())
+                .build(),
+        );
+        let v1_code = DeleteConfigurationSetError::generic(
+            ErrorMetadata::builder()
+                .code("ConfigurationSetDoesNotExist")
+                .build(),
+        );
+        let throttled = DeleteConfigurationSetError::generic(
+            ErrorMetadata::builder()
+                .code("TooManyRequestsException")
+                .build(),
+        );
+        assert!(configuration_set_gone(&not_found));
+        assert!(configuration_set_gone(&v1_code));
+        assert!(!configuration_set_gone(&throttled));
+        let failed =
+            SdkError::<DeleteConfigurationSetError, _>::service_error(throttled, status(429));
+        assert!(matches!(
+            settled(
+                "configuration set c",
+                Err::<(), _>(failed),
+                configuration_set_gone
+            ),
+            Err(MailerError::Retryable { .. })
+        ));
+        let gone =
+            SdkError::<DeleteConfigurationSetError, _>::service_error(not_found, status(404));
+        assert_eq!(
+            settled(
+                "configuration set c",
+                Err::<(), _>(gone),
+                configuration_set_gone
+            ),
+            Ok(())
         );
     }
 

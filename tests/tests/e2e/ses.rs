@@ -197,3 +197,29 @@ async fn with_tenants_on_an_endpoint_without_tenants_still_sends() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_tenants_configuration_set_is_deleted_and_its_neighbours_stays() {
+    let (gone, neighbour) = (tenant(), tenant());
+    let mailer = mailer(SesSettings::default()).await;
+    for tenant in [&gone, &neighbour] {
+        mailer.send(&message(tenant)).await.unwrap();
+    }
+    let ses = aws_sdk_sesv2::Client::new(&cellmail_tests::emulator::aws_config().await);
+    let listed = || async {
+        let sets = ses.list_configuration_sets().send().await.unwrap();
+        sets.configuration_sets().to_vec()
+    };
+    let (gone_set, neighbour_set) = (format!("cellmail-{gone}"), format!("cellmail-{neighbour}"));
+    assert!(listed().await.contains(&gone_set));
+
+    mailer.forget(&gone).await.unwrap();
+    let sets = listed().await;
+    assert!(!sets.contains(&gone_set), "{sets:?}");
+    assert!(sets.contains(&neighbour_set), "{sets:?}");
+    // (A delete of what is gone already is as good; moto answers that delete with a 500, so
+    // the mailer's unit tests check how SES's NotFound answer is taken.)
+    // The mailer no longer counts the set as made: a later send makes it again.
+    mailer.send(&message(&gone)).await.unwrap();
+    assert!(listed().await.contains(&gone_set));
+}
