@@ -25,7 +25,7 @@ use crate::commit::StorageError;
 use crate::fencing::{self, Verdict};
 use crate::message::{Accepted, BodyRef, Message, MessageState, RecipientOutcome};
 use crate::queue::{Queue, QueueError};
-use crate::store::{Reservation, Store};
+use crate::store::{Figures, Reservation, Store};
 use crate::telemetry::TopTenants;
 use crate::validation;
 
@@ -251,7 +251,7 @@ impl Acceptor {
         for class in MessageClass::ALL {
             today += self
                 .store
-                .stats(tenant, class, now, hours_today)
+                .stats(tenant, class, Figures::Carried, now, hours_today)
                 .map_err(storage_error)?
                 .accepted;
         }

@@ -28,7 +28,7 @@ use crate::store::{self, Store, Suppressed, TenantExport};
 use crate::validation::parse_mailbox;
 
 const DEFAULT_STATS_HOURS: u32 = 24;
-const MAX_STATS_HOURS: u32 = 720;
+const MAX_STATS_HOURS: u32 = store::STATS_HOURS as u32;
 
 /// The most suppressions one page holds.
 const MAX_PAGE: usize = 1000;
@@ -203,6 +203,40 @@ fn import_messages(
         .collect()
 }
 
+fn figures_to_wire(row: store::Carried) -> v1::CarriedFigures {
+    v1::CarriedFigures {
+        message_class: row.class.as_str().to_owned(),
+        by_minute: row.by_minute,
+        unit: row.unit,
+        origin: row.origin,
+        counts: serde_json::to_vec(&row.counts).unwrap_or_default(),
+    }
+}
+
+fn figures_from_wire(rows: Vec<v1::CarriedFigures>) -> Result<Vec<store::Carried>, ApiError> {
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let field = |name: &str| format!("chunk.figures[{i}].{name}");
+            let class = row
+                .message_class
+                .parse()
+                .map_err(|e: String| ApiError::invalid(field("message_class"), e))?;
+            let origin = CellId::new(&row.origin)
+                .map_err(|e| ApiError::invalid(field("origin"), e.to_string()))?;
+            let counts = serde_json::from_slice(&row.counts)
+                .map_err(|e| ApiError::invalid(field("counts"), e.to_string()))?;
+            Ok(store::Carried {
+                class,
+                by_minute: row.by_minute,
+                unit: row.unit,
+                origin: origin.to_string(),
+                counts,
+            })
+        })
+        .collect()
+}
+
 /// A tenant's export (read at `as_of_ms`) as the chunks it travels in.
 fn export_chunks(export: TenantExport, as_of_ms: u64) -> Vec<v1::TenantChunk> {
     let mut chunks: Vec<v1::TenantChunk> = export
@@ -310,12 +344,13 @@ fn message_status(record: MessageRecord) -> v1::MessageStatus {
 fn class_stats(
     store: &Store,
     tenant: &TenantId,
+    figures: store::Figures,
     hours: u32,
 ) -> Result<Vec<v1::ClassStats>, StorageError> {
     let now = now_ms();
     let mut classes = Vec::new();
     for class in MessageClass::ALL {
-        let counts = store.stats(tenant, class, now, u64::from(hours))?;
+        let counts = store.stats(tenant, class, figures, now, u64::from(hours))?;
         let rate = |n: u64| {
             if counts.sent == 0 {
                 0.0
@@ -371,7 +406,9 @@ impl Cell for CellApi {
         let cell = self.cell.to_string();
         let mut parts = vec![v1::TenantData {
             cell: cell.clone(),
-            stats: class_stats(&self.store, &tenant, MAX_STATS_HOURS).map_err(storage)?,
+            // What this cell counted: the export lists each cell's part.
+            stats: class_stats(&self.store, &tenant, store::Figures::Own, MAX_STATS_HOURS)
+                .map_err(storage)?,
             ..Default::default()
         }];
         let mut after = String::new();
@@ -472,7 +509,7 @@ impl Cell for CellApi {
         if request.messages {
             let store = self.store.clone();
             let chunks = {
-                let (store, tenant) = (store.clone(), tenant.clone());
+                let (store, tenant, cell) = (store.clone(), tenant.clone(), self.cell.clone());
                 off_thread(move || {
                     let as_of_ms = now_ms();
                     let pages = message_pages(&store, &tenant, request.since_ms, EXPORT_CHUNK)
@@ -492,6 +529,19 @@ impl Cell for CellApi {
                             ..Default::default()
                         })
                         .collect();
+                    // The tenant's figures follow its records, so that its stats, daily cap
+                    // and breakers go on from them on the target.
+                    let figures: Vec<_> = store
+                        .figures(&tenant, cell.as_str(), as_of_ms)
+                        .map_err(storage)?
+                        .into_iter()
+                        .map(figures_to_wire)
+                        .collect();
+                    chunks.extend(figures.chunks(EXPORT_CHUNK).map(|rows| v1::TenantChunk {
+                        figures: rows.to_vec(),
+                        as_of_ms,
+                        ..Default::default()
+                    }));
                     if chunks.is_empty() {
                         // Even with nothing to copy, a chunk tells when the records were read.
                         chunks.push(v1::TenantChunk {
@@ -538,11 +588,12 @@ impl Cell for CellApi {
         let mut chunk = request
             .chunk
             .ok_or_else(|| ApiError::invalid("chunk", "is required"))?;
-        let (messages, export) = {
+        let (messages, figures, export) = {
             let tenant = tenant.clone();
             off_thread(move || {
                 let messages = import_messages(&tenant, std::mem::take(&mut chunk.messages))?;
-                Ok((messages, import_chunk(chunk)?))
+                let figures = figures_from_wire(std::mem::take(&mut chunk.figures))?;
+                Ok((messages, figures, import_chunk(chunk)?))
             })
             .await?
         };
@@ -553,6 +604,12 @@ impl Cell for CellApi {
         if !messages.is_empty() {
             self.store
                 .import_messages(&tenant, messages)
+                .await
+                .map_err(storage)?;
+        }
+        if !figures.is_empty() {
+            self.store
+                .carry(&tenant, self.cell.as_str(), figures)
                 .await
                 .map_err(storage)?;
         }
@@ -713,7 +770,9 @@ impl Cell for CellApi {
             }
             n => n,
         };
-        let classes = class_stats(&self.store, &tenant, hours).map_err(storage)?;
+        // With what the cells the tenant moved here from counted.
+        let figures = store::Figures::Carried;
+        let classes = class_stats(&self.store, &tenant, figures, hours).map_err(storage)?;
         Ok(Response::new(v1::GetStatsResponse { hours, classes }))
     }
 

@@ -14,7 +14,9 @@
 //! accepted. [`Store::export`] and [`Store::import`] carry a tenant's suppression list and
 //! idempotency window to the cell it moves to; the keys are also indexed by when they were
 //! written, so the copy made while the tenant is frozen holds only what changed since a
-//! pre-copy and the freeze does not grow with the window.
+//! pre-copy and the freeze does not grow with the window. [`Store::figures`] and
+//! [`Store::carry`] carry its figures: the target keeps each other cell's part apart from its
+//! own, replaced by every later copy, so reads add them up and nothing counts twice.
 //!
 //! Every read and write takes the tenant, and a message record answers only its own tenant,
 //! so one tenant's id or address never reaches another's data.
@@ -64,6 +66,14 @@ const RECENT_SUPPRESSIONS: TableDefinition<(&str, u64, &str), ()> =
 /// the ids accepted since (which sort by time), the records a move copies incrementally
 const RECENT_MESSAGES: TableDefinition<(&str, u64, &str), ()> =
     TableDefinition::new("recent_messages");
+/// (tenant, class, hour since the epoch, cell) -> JSON [`Counts`] that cell counted for the
+/// tenant before the tenant moved here (its own figures and those it carried), as of the
+/// latest copy: the tenant's stats, daily cap and breakers go on from them
+const STATS_CARRIED: TableDefinition<(&str, &str, u64, &str), &[u8]> =
+    TableDefinition::new("stats_carried");
+/// (tenant, class, minute since the epoch, cell) -> JSON [`Counts`], the same for breakers
+const WINDOW_CARRIED: TableDefinition<(&str, &str, u64, &str), &[u8]> =
+    TableDefinition::new("window_carried");
 /// tenant -> when (this cell's clock) the tenant was handed over to another cell: what this
 /// cell keeps of it is current as of then, so a move back copies only what changed since
 const HANDED_OVER: TableDefinition<&str, u64> = TableDefinition::new("handed_over");
@@ -73,6 +83,8 @@ const HANDED_OVER: TableDefinition<&str, u64> = TableDefinition::new("handed_ove
 const BULK_PART: usize = 128;
 
 type Recent<'t> = redb::Table<'t, (&'static str, u64, &'static str), ()>;
+type CarriedTable<'t> =
+    redb::Table<'t, (&'static str, &'static str, u64, &'static str), &'static [u8]>;
 
 /// Every table a batch of writes may change, opened once for the batch's transaction:
 /// opening and closing a table reads and rewrites redb's table of tables, which costs more
@@ -84,6 +96,8 @@ struct Tables<'t> {
     bodies: redb::Table<'t, &'static str, &'static [u8]>,
     stats: redb::Table<'t, (&'static str, &'static str, u64), &'static [u8]>,
     window: redb::Table<'t, (&'static str, &'static str, u64), &'static [u8]>,
+    stats_carried: CarriedTable<'t>,
+    window_carried: CarriedTable<'t>,
     parked: redb::Table<'t, (&'static str, &'static str, &'static str), &'static [u8]>,
     open: redb::Table<'t, (&'static str, &'static str), ()>,
     tenant_messages: redb::Table<'t, (&'static str, &'static str), ()>,
@@ -102,6 +116,8 @@ impl<'t> Tables<'t> {
             bodies: txn.open_table(BODIES).map_err(err)?,
             stats: txn.open_table(STATS).map_err(err)?,
             window: txn.open_table(WINDOW).map_err(err)?,
+            stats_carried: txn.open_table(STATS_CARRIED).map_err(err)?,
+            window_carried: txn.open_table(WINDOW_CARRIED).map_err(err)?,
             parked: txn.open_table(PARKED).map_err(err)?,
             open: txn.open_table(OPEN).map_err(err)?,
             tenant_messages: txn.open_table(TENANT_MESSAGES).map_err(err)?,
@@ -117,6 +133,28 @@ const HOUR_MS: u64 = 3_600_000;
 const MINUTE_MS: u64 = 60_000;
 /// How many minutes of breaker figures are kept (the longest window a policy may set).
 pub const WINDOW_MINUTES: u64 = 24 * 60;
+/// How many hours of figures stats answer for, and a move carries.
+pub const STATS_HOURS: u64 = 720;
+
+/// Which of a tenant's figures a read adds up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Figures {
+    /// Only what this cell counted.
+    Own,
+    /// With what the cells the tenant moved here from counted.
+    Carried,
+}
+
+/// One row of a tenant's figures as a move carries it: `origin` counted `counts` for
+/// `class` in hour (or, `by_minute`, minute) `unit` since the epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Carried {
+    pub class: MessageClass,
+    pub by_minute: bool,
+    pub unit: u64,
+    pub origin: String,
+    pub counts: Counts,
+}
 
 /// A tenant's figures for one message class over some hours.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,22 +310,39 @@ fn add_to(
     Ok(())
 }
 
-/// Sums the rows of `tenant`'s `class` in `table` from bucket `first` to `last`.
+/// Sums the rows of `tenant`'s `class` in `own` (and, with [`Figures::Carried`], in
+/// `carried`) from bucket `first` to `last`.
 fn sum(
-    table: &impl ReadableTable<(&'static str, &'static str, u64), &'static [u8]>,
+    read: &redb::ReadTransaction,
+    (own, carried): (OwnTable, CarriedDefinition),
+    figures: Figures,
     tenant: &TenantId,
     class: MessageClass,
-    first: u64,
-    last: u64,
+    (first, last): (u64, u64),
 ) -> Result<Counts, StorageError> {
     let (t, c) = (tenant.as_str(), class.as_str());
     let mut total = Counts::default();
+    let mut add = |value: &[u8]| -> Result<(), StorageError> {
+        total.add(&parse(value)?);
+        Ok(())
+    };
+    let table = read.open_table(own).map_err(err)?;
     for row in table.range((t, c, first)..=(t, c, last)).map_err(err)? {
-        let (_, value) = row.map_err(err)?;
-        total.add(&parse(value.value())?);
+        add(row.map_err(err)?.1.value())?;
+    }
+    if figures == Figures::Carried {
+        let table = read.open_table(carried).map_err(err)?;
+        let rows = (t, c, first, "")..(t, c, last.saturating_add(1), "");
+        for row in table.range(rows).map_err(err)? {
+            add(row.map_err(err)?.1.value())?;
+        }
     }
     Ok(total)
 }
+
+type OwnTable = TableDefinition<'static, (&'static str, &'static str, u64), &'static [u8]>;
+type CarriedDefinition =
+    TableDefinition<'static, (&'static str, &'static str, u64, &'static str), &'static [u8]>;
 
 /// How long an idempotency key is remembered.
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
@@ -388,7 +443,8 @@ enum Write {
         tenant: TenantId,
         export: TenantExport,
     },
-    /// Drops what an earlier stay of a tenant left here, before its state is imported again.
+    /// Drops what an earlier stay of a tenant left here (its list, its keys and the figures
+    /// it carried from other cells), before its state is imported again.
     Forget {
         tenant: TenantId,
     },
@@ -401,6 +457,11 @@ enum Write {
     ImportMessages {
         tenant: TenantId,
         records: Vec<(MessageRecord, u64)>,
+    },
+    /// Figures other cells counted for a tenant that moved here.
+    Carry {
+        tenant: TenantId,
+        rows: Vec<Carried>,
     },
     /// Notes that a tenant was handed over to another cell as of a time.
     HandedOver {
@@ -772,6 +833,13 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
                     .retain_in((tenant, "")..(past.as_str(), ""), |_, _| false)
                     .map_err(err)?;
             }
+            for table in [&mut t.stats_carried, &mut t.window_carried] {
+                table
+                    .retain_in((tenant, "", 0, "")..(past.as_str(), "", 0, ""), |_, _| {
+                        false
+                    })
+                    .map_err(err)?;
+            }
             t.handed_over.remove(tenant).map_err(err)?;
             Ok(Written::Found(true))
         }
@@ -837,6 +905,34 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
             ] {
                 recent
                     .retain_in((tenant, 0, "")..(past.as_str(), 0, ""), |_, _| false)
+                    .map_err(err)?;
+            }
+            Ok(Written::Found(true))
+        }
+        Write::Carry { tenant, rows } => {
+            let t = &mut *t;
+            for row in &rows {
+                let table = if row.by_minute {
+                    &mut t.window_carried
+                } else {
+                    &mut t.stats_carried
+                };
+                let key = (
+                    tenant.as_str(),
+                    row.class.as_str(),
+                    row.unit,
+                    row.origin.as_str(),
+                );
+                table
+                    .insert(key, json(&row.counts).as_slice())
+                    .map_err(err)?;
+            }
+            // Minutes past the longest breaker window are of no use.
+            let oldest = (stamp_ms() / MINUTE_MS).saturating_sub(WINDOW_MINUTES);
+            for class in MessageClass::ALL {
+                let (tenant, c) = (tenant.as_str(), class.as_str());
+                t.window_carried
+                    .retain_in((tenant, c, 0, "")..(tenant, c, oldest, ""), |_, _| false)
                     .map_err(err)?;
             }
             Ok(Written::Found(true))
@@ -1001,19 +1097,14 @@ impl Store {
         &self,
         tenant: &TenantId,
         class: MessageClass,
+        figures: Figures,
         now_ms: u64,
         hours: u64,
     ) -> Result<Counts, StorageError> {
         let read = self.db.begin_read().map_err(err)?;
-        let table = read.open_table(STATS).map_err(err)?;
         let last = now_ms / HOUR_MS;
-        sum(
-            &table,
-            tenant,
-            class,
-            (last + 1).saturating_sub(hours),
-            last,
-        )
+        let hours = ((last + 1).saturating_sub(hours), last);
+        sum(&read, (STATS, STATS_CARRIED), figures, tenant, class, hours)
     }
 
     /// What `tenant`'s breaker for `class` weighs: sent, bounced and complained from the
@@ -1026,14 +1117,78 @@ impl Store {
         now_ms: u64,
     ) -> Result<Counts, StorageError> {
         let read = self.db.begin_read().map_err(err)?;
-        let table = read.open_table(WINDOW).map_err(err)?;
-        sum(
-            &table,
-            tenant,
-            class,
-            from_ms / MINUTE_MS,
-            now_ms / MINUTE_MS,
-        )
+        let minutes = (from_ms / MINUTE_MS, now_ms / MINUTE_MS);
+        let tables = (WINDOW, WINDOW_CARRIED);
+        sum(&read, tables, Figures::Carried, tenant, class, minutes)
+    }
+
+    /// `tenant`'s figures as a move carries them to another cell: every row this cell
+    /// (`this`) counted within the last [`STATS_HOURS`] (and its breakers' minutes), and the
+    /// rows it carries from other cells.
+    pub fn figures(
+        &self,
+        tenant: &TenantId,
+        this: &str,
+        now_ms: u64,
+    ) -> Result<Vec<Carried>, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let (t, past) = (tenant.as_str(), past(tenant));
+        let first_hour = (now_ms / HOUR_MS).saturating_sub(STATS_HOURS);
+        let mut rows = Vec::new();
+        for (own, carried, by_minute) in [
+            (STATS, STATS_CARRIED, false),
+            (WINDOW, WINDOW_CARRIED, true),
+        ] {
+            let first = if by_minute { 0 } else { first_hour };
+            let mut add = |class: &str, unit, origin: &str, value: &[u8]| {
+                let class = class.parse().map_err(StorageError::from_display)?;
+                if unit >= first {
+                    let (origin, counts) = (origin.to_owned(), parse(value)?);
+                    rows.push(Carried {
+                        class,
+                        by_minute,
+                        unit,
+                        origin,
+                        counts,
+                    });
+                }
+                Ok::<_, StorageError>(())
+            };
+            let table = read.open_table(own).map_err(err)?;
+            for row in table
+                .range((t, "", 0)..(past.as_str(), "", 0))
+                .map_err(err)?
+            {
+                let (key, value) = row.map_err(err)?;
+                let (_, class, unit) = key.value();
+                add(class, unit, this, value.value())?;
+            }
+            let table = read.open_table(carried).map_err(err)?;
+            let range = (t, "", 0, "")..(past.as_str(), "", 0, "");
+            for row in table.range(range).map_err(err)? {
+                let (key, value) = row.map_err(err)?;
+                let (_, class, unit, origin) = key.value();
+                add(class, unit, origin, value.value())?;
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Keeps the figures another cell carried of `tenant` (see [`Store::figures`]), each row
+    /// over the one of its origin here (a copy made again is as good); this cell's (`this`)
+    /// own rows stay as they are.
+    pub async fn carry(
+        &self,
+        tenant: &TenantId,
+        this: &str,
+        rows: Vec<Carried>,
+    ) -> Result<(), StorageError> {
+        let rows = rows.into_iter().filter(|row| row.origin != this).collect();
+        let write = Write::Carry {
+            tenant: tenant.clone(),
+            rows,
+        };
+        self.found(write, Commit::Durable).await.map(|_| ())
     }
 
     /// Durably parks messages outside the queue (the caller deletes them from their queue
@@ -1630,7 +1785,7 @@ mod tests {
         );
         let figures = |tenant| {
             store
-                .stats(tenant, MessageClass::Transactional, 3, 1)
+                .stats(tenant, MessageClass::Transactional, Figures::Own, 3, 1)
                 .unwrap()
         };
         assert_eq!(
@@ -1721,24 +1876,30 @@ mod tests {
             count(&store, tenant, class, at_ms, delta).await;
         }
         assert_eq!(
-            store.stats(&a, class, now, 1).unwrap(),
+            store.stats(&a, class, Figures::Own, now, 1).unwrap(),
             Counts {
                 sent: 2,
                 bounced: 1,
                 ..Counts::default()
             }
         );
-        assert_eq!(store.stats(&a, class, now, 2).unwrap().sent, 5);
-        assert_eq!(store.stats(&a, class, now, 24).unwrap().sent, 105);
+        assert_eq!(
+            store.stats(&a, class, Figures::Own, now, 2).unwrap().sent,
+            5
+        );
+        assert_eq!(
+            store.stats(&a, class, Figures::Own, now, 24).unwrap().sent,
+            105
+        );
         assert_eq!(
             store
-                .stats(&a, MessageClass::Marketing, now, 24)
+                .stats(&a, MessageClass::Marketing, Figures::Own, now, 24)
                 .unwrap()
                 .complained,
             1
         );
         assert_eq!(
-            store.stats(&b, class, now, 24).unwrap(),
+            store.stats(&b, class, Figures::Own, now, 24).unwrap(),
             Counts {
                 sent: 7,
                 ..Counts::default()
@@ -1758,12 +1919,60 @@ mod tests {
             )
             .await
             .unwrap();
-        let counted = store.stats(&a, class, 2, 1).unwrap();
+        let counted = store.stats(&a, class, Figures::Own, 2, 1).unwrap();
         assert_eq!(
             (counted.accepted, counted.sent),
             (1, 1),
             "accepts and sends count themselves"
         );
+    }
+
+    #[tokio::test]
+    async fn figures_follow_a_tenant_to_the_cells_it_moves_to_each_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| Store::open(&dir.path().join(format!("{name}.redb"))).unwrap();
+        let (x, y) = (open("x"), open("y"));
+        let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
+        let class = MessageClass::Marketing;
+        let now = now_ms();
+        let sent = |sent, complained| Counts {
+            sent,
+            complained,
+            ..Counts::default()
+        };
+        count(&x, &a, class, now, sent(10, 1)).await;
+        count(&x, &b, class, now, sent(5, 0)).await;
+        // a moves from x to y; the copy is made twice (a retried pass) and counted once.
+        for _ in 0..2 {
+            let rows = x.figures(&a, "x", now).unwrap();
+            assert!(rows.iter().all(|r| r.origin == "x"), "{rows:?}");
+            y.carry(&a, "y", rows).await.unwrap();
+        }
+        count(&y, &a, class, now, sent(3, 0)).await;
+        let on = |store: &Store, tenant: &TenantId, figures| {
+            store.stats(tenant, class, figures, now, 1).unwrap()
+        };
+        assert_eq!(on(&y, &a, Figures::Carried), sent(13, 1));
+        assert_eq!(on(&y, &a, Figures::Own), sent(3, 0));
+        assert_eq!(
+            y.window(&a, class, now - 60_000, now).unwrap(),
+            sent(13, 1),
+            "a's breaker on y weighs what x counted"
+        );
+        assert_eq!(
+            on(&y, &b, Figures::Carried),
+            Counts::default(),
+            "b stayed on x"
+        );
+        // a moves back: x takes what y counted and not its own figures a second time.
+        x.carry(&a, "x", y.figures(&a, "y", now).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(on(&x, &a, Figures::Carried), sent(13, 1));
+        assert_eq!(on(&x, &b, Figures::Carried), sent(5, 0));
+        // What a cell carried goes when the tenant's state here is dropped.
+        y.forget(&a).await.unwrap();
+        assert_eq!(on(&y, &a, Figures::Carried), sent(3, 0));
     }
 
     #[tokio::test]

@@ -223,10 +223,12 @@ enum Pass {
     /// While frozen: the suppressions and keys written since the pre-copy.
     Final,
     /// Before the freeze: the tenant's message records (status and events) written since the
-    /// given time (0: all of them), so that GetMessage answers for them on the target.
+    /// given time (0: all of them), so that GetMessage answers for them on the target, and
+    /// its figures (stats and breaker minutes, each cell's part whole), so that its stats,
+    /// daily cap and breakers go on from them.
     Messages(u64),
-    /// Once the source has delivered: the message records written since the pre-copy. The
-    /// source then keeps that what it has of the tenant is current as of that time, so a
+    /// Once the source has delivered: the message records written since the pre-copy (with
+    /// the tenant's figures, as [`Pass::Messages`] carries them too). The source then keeps that what it has of the tenant is current as of that time, so a
     /// move back to it starts from there.
     Handover,
 }
@@ -572,6 +574,7 @@ impl Mover {
                 && chunk.removed_suppressions.is_empty()
                 && chunk.idempotency.is_empty()
                 && chunk.messages.is_empty()
+                && chunk.figures.is_empty()
             {
                 continue;
             }

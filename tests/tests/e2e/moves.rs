@@ -175,6 +175,31 @@ async fn a_tenant_moved_under_load_sends_every_key_once_and_its_neighbour_sees_n
         .collect();
     assert!(lost.is_empty(), "never sent: {lost:?}");
     assert_eq!(keys.get("early"), Some(&1));
+    // The tenant's figures moved with it: its stats count every key once, wherever it went.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let counted = loop {
+        let request = authorized(&mover, v1::GetStatsRequest { hours: 2 });
+        let stats = sender
+            .clone()
+            .get_stats(request)
+            .await
+            .unwrap()
+            .into_inner();
+        let transactional = stats
+            .classes
+            .into_iter()
+            .find(|c| c.message_class == v1::MessageClass::Transactional as i32)
+            .unwrap();
+        if transactional.sent as usize > KEYS || tokio::time::Instant::now() > deadline {
+            break transactional;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (counted.accepted, counted.sent),
+        (KEYS as u64 + 1, KEYS as u64 + 1),
+        "{counted:?}"
+    );
     let actions: Vec<String> = platform
         .cli(&["audit", "--tenant", "mover"])
         .as_array()
