@@ -100,6 +100,9 @@ enum TenantCommand {
         /// A label key=value its cell must carry (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        reason: String,
     },
     /// List tenants with their cell, placement epoch and paused classes.
     List,
@@ -592,11 +595,22 @@ pub struct KeyArgs {
 #[derive(Subcommand)]
 enum KeyCommand {
     /// Issue another API key for a tenant (shown once).
-    Issue { tenant: String },
+    Issue {
+        tenant: String,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// List a tenant's keys (ids and creation times).
     List { tenant: String },
     /// Revoke one of a tenant's keys.
-    Revoke { tenant: String, key_id: String },
+    Revoke {
+        tenant: String,
+        key_id: String,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Args)]
@@ -614,22 +628,31 @@ enum SuppressionCommand {
     /// Suppress an address for every tenant.
     Add {
         address: String,
-        /// manual | unsubscribe | bounce | complaint
+        /// What the entry is, as tenants' suppressed sends report it: manual | unsubscribe |
+        /// bounce | complaint
         #[arg(long, default_value = "manual")]
+        kind: String,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
         reason: String,
     },
     /// Take an address off the global list.
-    Remove { address: String },
+    Remove {
+        address: String,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
-fn reason(name: &str) -> anyhow::Result<i32> {
+fn suppression_kind(name: &str) -> anyhow::Result<i32> {
     let wire = match name {
         "manual" => v1::SuppressionReason::Manual,
         "unsubscribe" => v1::SuppressionReason::Unsubscribe,
         "bounce" => v1::SuppressionReason::Bounce,
         "complaint" => v1::SuppressionReason::Complaint,
         other => {
-            anyhow::bail!("--reason {other:?}: expected manual, unsubscribe, bounce or complaint")
+            anyhow::bail!("--kind {other:?}: expected manual, unsubscribe, bounce or complaint")
         }
     };
     Ok(wire as i32)
@@ -668,12 +691,14 @@ pub async fn suppression(args: SuppressionArgs) -> anyhow::Result<()> {
         }
         SuppressionCommand::Add {
             address,
-            reason: name,
+            kind,
+            reason,
         } => {
-            let request = v1::AddSuppressionRequest {
+            let request = acting(v1::AddGlobalSuppressionRequest {
                 address,
-                reason: reason(&name)?,
-            };
+                kind: suppression_kind(&kind)?,
+                reason,
+            });
             let added = client
                 .add_global_suppression(request)
                 .await
@@ -681,9 +706,10 @@ pub async fn suppression(args: SuppressionArgs) -> anyhow::Result<()> {
                 .into_inner();
             println!("{}", suppression_json(&added));
         }
-        SuppressionCommand::Remove { address } => {
+        SuppressionCommand::Remove { address, reason } => {
+            let request = acting(v1::RemoveGlobalSuppressionRequest { address, reason });
             let removed = client
-                .remove_global_suppression(v1::RemoveSuppressionRequest { address })
+                .remove_global_suppression(request)
                 .await
                 .map_err(status)?;
             println!("{}", json!({"removed": removed.into_inner().removed}));
@@ -715,15 +741,17 @@ pub async fn tenant(args: TenantArgs) -> anyhow::Result<()> {
             policy,
             cell,
             labels,
+            reason,
         } => {
-            let request = v1::CreateTenantRequest {
+            let request = acting(v1::CreateTenantRequest {
                 id,
                 domains,
                 tier,
                 policy: Some(policy.into()),
                 cell: cell.unwrap_or_default(),
                 labels: labels.into_iter().collect(),
-            };
+                reason,
+            });
             let created = client
                 .create_tenant(request)
                 .await
@@ -1035,11 +1063,16 @@ pub async fn key(args: KeyArgs) -> anyhow::Result<()> {
                 .collect();
             println!("{}", json!(rows));
         }
-        KeyCommand::Revoke { tenant, key_id } => {
-            let request = v1::RevokeApiKeyRequest {
+        KeyCommand::Revoke {
+            tenant,
+            key_id,
+            reason,
+        } => {
+            let request = acting(v1::RevokeApiKeyRequest {
                 tenant_id: tenant,
                 key_id,
-            };
+                reason,
+            });
             let revoked = client
                 .revoke_api_key(request)
                 .await
@@ -1049,11 +1082,13 @@ pub async fn key(args: KeyArgs) -> anyhow::Result<()> {
             anyhow::ensure!(revoked, "no such key for this tenant");
             println!("{}", json!({"revoked": true}));
         }
-        KeyCommand::Issue { tenant } => {
+        KeyCommand::Issue { tenant, reason } => {
+            let request = acting(v1::IssueApiKeyRequest {
+                tenant_id: tenant.clone(),
+                reason,
+            });
             let issued = client
-                .issue_api_key(v1::IssueApiKeyRequest {
-                    tenant_id: tenant.clone(),
-                })
+                .issue_api_key(request)
                 .await
                 .map_err(status)?
                 .into_inner();

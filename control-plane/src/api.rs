@@ -2,7 +2,8 @@
 //!
 //! Reads go straight to the registry (operators expect to see their last write); a new
 //! tenant's records (tenant, placement, first API key) are written in one transaction that
-//! fails if the tenant already exists.
+//! fails if the tenant already exists. Every change is written with its audit entry in one
+//! transaction; an API key is audited by its id, never the key or its hash.
 
 use std::sync::Arc;
 
@@ -267,6 +268,7 @@ impl ControlApi {
     async fn create_tenant(
         &self,
         req: v1::CreateTenantRequest,
+        actor: String,
     ) -> Result<v1::CreateTenantResponse, ApiError> {
         let id = TenantId::new(req.id).map_err(|e| ApiError::invalid("id", e.to_string()))?;
         if req.domains.is_empty() {
@@ -341,6 +343,13 @@ impl ControlApi {
             key_id: key.key_id.clone(),
             created_at_ms: now_ms(),
         };
+        let entry = audit::entry(
+            (actor, req.reason),
+            "tenant.create",
+            Some(&id),
+            None,
+            audit::snapshot(&(&tenant, &placement, &key_record)),
+        );
         let (tenant_key, placement_key) = (self.keys.tenant(&id), self.keys.placement(&id));
         let compares = vec![
             Compare {
@@ -368,6 +377,7 @@ impl ControlApi {
                 value: schema::encode(&key_record),
                 lease: None,
             },
+            audit::entry_op(&self.keys, &entry),
         ];
         if self
             .registry
@@ -578,6 +588,7 @@ impl ControlApi {
     async fn issue_api_key(
         &self,
         req: v1::IssueApiKeyRequest,
+        actor: String,
     ) -> Result<v1::IssueApiKeyResponse, ApiError> {
         let id = tenant_id(req.tenant_id)?;
         let tenant_key = self.keys.tenant(&id);
@@ -595,16 +606,27 @@ impl ControlApi {
             key_id: key.key_id.clone(),
             created_at_ms: now_ms(),
         };
+        // The record names the key by its id only: neither the key nor its hash is audited.
+        let entry = audit::entry(
+            (actor, req.reason),
+            "key.issue",
+            Some(&id),
+            None,
+            audit::snapshot(&record),
+        );
         // Fails if the tenant was deleted in the meantime, so no key outlives its tenant.
         let compares = vec![Compare {
             key: tenant_key,
             mod_revision: tenant.mod_revision,
         }];
-        let ops = vec![Op::Put {
-            key: self.keys.api_key(&key.hash),
-            value: schema::encode(&record),
-            lease: None,
-        }];
+        let ops = vec![
+            Op::Put {
+                key: self.keys.api_key(&key.hash),
+                value: schema::encode(&record),
+                lease: None,
+            },
+            audit::entry_op(&self.keys, &entry),
+        ];
         if self
             .registry
             .txn(compares, ops)
@@ -672,6 +694,7 @@ impl ControlApi {
     async fn revoke_api_key(
         &self,
         req: v1::RevokeApiKeyRequest,
+        actor: String,
     ) -> Result<v1::RevokeApiKeyResponse, ApiError> {
         let id = tenant_id(req.tenant_id)?;
         if req.key_id.is_empty() {
@@ -682,20 +705,43 @@ impl ControlApi {
             .await?
             .into_iter()
             .find(|(_, r)| r.key_id == req.key_id);
-        let Some((key, _)) = found else {
+        let Some((key, record)) = found else {
             return Ok(v1::RevokeApiKeyResponse { revoked: false });
         };
+        let Some(kv) = self.registry.get(&key).await.map_err(registry_error)? else {
+            return Ok(v1::RevokeApiKeyResponse { revoked: false });
+        };
+        let entry = audit::entry(
+            (actor, req.reason),
+            "key.revoke",
+            Some(&id),
+            audit::snapshot(&record),
+            None,
+        );
         let hash = key.rsplit('/').next().unwrap_or_default();
+        let compares = vec![Compare {
+            key: key.clone(),
+            mod_revision: kv.mod_revision,
+        }];
         let ops = vec![
             Op::Delete {
                 key: self.keys.key_use(hash),
             },
             Op::Delete { key: key.clone() },
+            audit::entry_op(&self.keys, &entry),
         ];
-        self.registry
-            .txn(Vec::new(), ops)
+        if self
+            .registry
+            .txn(compares, ops)
             .await
-            .map_err(registry_error)?;
+            .map_err(registry_error)?
+            .is_none()
+        {
+            return Err(ApiError::Aborted(format!(
+                "key {} changed meanwhile; try again",
+                req.key_id
+            )));
+        }
         tracing::info!(tenant = %id, key_id = %req.key_id, "API key revoked");
         Ok(v1::RevokeApiKeyResponse { revoked: true })
     }
@@ -1005,7 +1051,8 @@ impl ControlApi {
 
     async fn add_global_suppression(
         &self,
-        req: v1::AddSuppressionRequest,
+        req: v1::AddGlobalSuppressionRequest,
+        actor: String,
     ) -> Result<v1::Suppression, ApiError> {
         let options = email_address::Options::default()
             .with_required_tld()
@@ -1019,10 +1066,10 @@ impl ControlApi {
                 )
             },
         )?;
-        let reason = match req.reason {
+        let reason = match req.kind {
             0 => SuppressionReason::Manual,
             wire => SuppressionReason::from_wire(wire)
-                .ok_or_else(|| ApiError::invalid("reason", "unknown reason"))?,
+                .ok_or_else(|| ApiError::invalid("kind", "unknown suppression reason"))?,
         };
         let record = GlobalSuppressionRecord {
             address: req.address.trim().to_owned(),
@@ -1032,30 +1079,79 @@ impl ControlApi {
         let key = self
             .keys
             .global_suppression(&suppression_key(&record.address));
-        self.registry
-            .put(&key, schema::encode(&record), None)
+        let (before, revision) = self.global_entry(&key).await?;
+        let entry = audit::entry(
+            (actor, req.reason),
+            "suppression.add",
+            None,
+            before.as_ref().and_then(audit::snapshot),
+            audit::snapshot(&record),
+        );
+        let registry = self.registry.as_ref();
+        let value = schema::encode(&record);
+        if !audit::write(registry, &self.keys, &key, revision, value, &entry)
             .await
-            .map_err(registry_error)?;
+            .map_err(registry_error)?
+        {
+            return Err(ApiError::Aborted(format!(
+                "the global entry of {} changed meanwhile; try again",
+                record.address
+            )));
+        }
         tracing::info!(address = %record.address, reason = reason.as_str(), "address suppressed globally");
         Ok(global_suppression(record))
     }
 
     async fn remove_global_suppression(
         &self,
-        req: v1::RemoveSuppressionRequest,
+        req: v1::RemoveGlobalSuppressionRequest,
+        actor: String,
     ) -> Result<v1::RemoveSuppressionResponse, ApiError> {
         if req.address.trim().is_empty() {
             return Err(ApiError::invalid("address", "is required"));
         }
         let key = self.keys.global_suppression(&suppression_key(&req.address));
-        let existed = self
+        let (Some(before), revision) = self.global_entry(&key).await? else {
+            return Ok(v1::RemoveSuppressionResponse { removed: false });
+        };
+        let entry = audit::entry(
+            (actor, req.reason),
+            "suppression.remove",
+            None,
+            audit::snapshot(&before),
+            None,
+        );
+        let compares = vec![Compare {
+            key: key.clone(),
+            mod_revision: revision,
+        }];
+        let ops = vec![Op::Delete { key }, audit::entry_op(&self.keys, &entry)];
+        if self
             .registry
-            .get(&key)
+            .txn(compares, ops)
             .await
             .map_err(registry_error)?
-            .is_some();
-        self.registry.delete(&key).await.map_err(registry_error)?;
-        Ok(v1::RemoveSuppressionResponse { removed: existed })
+            .is_none()
+        {
+            return Err(ApiError::Aborted(format!(
+                "the global entry of {} changed meanwhile; try again",
+                before.address
+            )));
+        }
+        Ok(v1::RemoveSuppressionResponse { removed: true })
+    }
+
+    /// The global entry at registry key `key`, if any, and its mod revision (0: absent).
+    async fn global_entry(
+        &self,
+        key: &str,
+    ) -> Result<(Option<GlobalSuppressionRecord>, u64), ApiError> {
+        let Some(kv) = self.registry.get(key).await.map_err(registry_error)? else {
+            return Ok((None, 0));
+        };
+        let record = schema::decode(&kv.value)
+            .map_err(|e| ApiError::Internal(format!("global suppression {key}: {e}")))?;
+        Ok((Some(record), kv.mod_revision))
     }
 }
 
@@ -1173,8 +1269,9 @@ impl Control for ControlApi {
         &self,
         request: Request<v1::CreateTenantRequest>,
     ) -> Result<Response<v1::CreateTenantResponse>, Status> {
+        let actor = actor(&request);
         Ok(Response::new(
-            ControlApi::create_tenant(self, request.into_inner()).await?,
+            ControlApi::create_tenant(self, request.into_inner(), actor).await?,
         ))
     }
 
@@ -1196,8 +1293,9 @@ impl Control for ControlApi {
         &self,
         request: Request<v1::IssueApiKeyRequest>,
     ) -> Result<Response<v1::IssueApiKeyResponse>, Status> {
+        let actor = actor(&request);
         Ok(Response::new(
-            ControlApi::issue_api_key(self, request.into_inner()).await?,
+            ControlApi::issue_api_key(self, request.into_inner(), actor).await?,
         ))
     }
 
@@ -1214,8 +1312,9 @@ impl Control for ControlApi {
         &self,
         request: Request<v1::RevokeApiKeyRequest>,
     ) -> Result<Response<v1::RevokeApiKeyResponse>, Status> {
+        let actor = actor(&request);
         Ok(Response::new(
-            ControlApi::revoke_api_key(self, request.into_inner()).await?,
+            ControlApi::revoke_api_key(self, request.into_inner(), actor).await?,
         ))
     }
 
@@ -1230,19 +1329,21 @@ impl Control for ControlApi {
 
     async fn add_global_suppression(
         &self,
-        request: Request<v1::AddSuppressionRequest>,
+        request: Request<v1::AddGlobalSuppressionRequest>,
     ) -> Result<Response<v1::Suppression>, Status> {
+        let actor = actor(&request);
         Ok(Response::new(
-            ControlApi::add_global_suppression(self, request.into_inner()).await?,
+            ControlApi::add_global_suppression(self, request.into_inner(), actor).await?,
         ))
     }
 
     async fn remove_global_suppression(
         &self,
-        request: Request<v1::RemoveSuppressionRequest>,
+        request: Request<v1::RemoveGlobalSuppressionRequest>,
     ) -> Result<Response<v1::RemoveSuppressionResponse>, Status> {
+        let actor = actor(&request);
         Ok(Response::new(
-            ControlApi::remove_global_suppression(self, request.into_inner()).await?,
+            ControlApi::remove_global_suppression(self, request.into_inner(), actor).await?,
         ))
     }
 

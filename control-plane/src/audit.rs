@@ -8,6 +8,26 @@ use serde::Serialize;
 use crate::registry::{Compare, Op, Registry, RegistryError, Revision};
 use crate::schema::{self, AuditRecord, Keys};
 
+/// The entry recording that `actor` did `action` (to `tenant`, when it is a tenant's) for
+/// `reason`, changing `before` into `after`, now.
+pub fn entry(
+    (actor, reason): (String, String),
+    action: &str,
+    tenant: Option<&TenantId>,
+    before: Option<serde_json::Value>,
+    after: Option<serde_json::Value>,
+) -> AuditRecord {
+    AuditRecord {
+        at_ms: cellmail_proto::now_ms(),
+        actor,
+        action: action.to_owned(),
+        tenant: tenant.cloned(),
+        reason,
+        before,
+        after,
+    }
+}
+
 /// The write that records `entry`, to put in the transaction of the change itself.
 pub fn entry_op(keys: &Keys, entry: &AuditRecord) -> Op {
     Op::Put {

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use cellmail_tests::{Platform, binary, cellmail, wait_for};
+use cellmail_tests::{Platform, binary, cellmail, cellmail_with, wait_for};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -365,7 +365,7 @@ async fn a_global_suppression_applies_to_every_tenant_until_removed() {
             "suppression",
             "add",
             "Trap@Example.com",
-            "--reason",
+            "--kind",
             "complaint",
             "--control",
             &control,
@@ -563,4 +563,102 @@ async fn drained_and_disabled_cells_get_no_new_tenants_and_every_change_is_audit
     assert_eq!(drain["reason"], "maintenance");
     assert_eq!(drain["before"]["state"], "ACTIVE");
     assert!(entries.iter().any(|e| e["action"] == "cell.add cell-9"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_creation_keys_and_global_suppressions_are_audited_with_who_and_why_but_no_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &[]).unwrap();
+    let token = platform.admin_token().unwrap();
+    let control = platform.control.trim_start_matches("http://").to_owned();
+    let auditor = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--control", &control, "--json"]);
+        cellmail_with(
+            &[("CELLMAIL_ADMIN_TOKEN", &token), ("USER", "auditor")],
+            &all,
+        )
+    };
+    let created = auditor(&[
+        "tenant",
+        "create",
+        "acme",
+        "--domain",
+        "acme.example",
+        "--reason",
+        "signed up",
+    ]);
+    let issued = auditor(&["key", "issue", "acme", "--reason", "second app"]);
+    let (first_id, second_id) = (&created["key_id"], &issued["key_id"]);
+    let revoke = ["key", "revoke", "acme", issued["key_id"].as_str().unwrap()];
+    auditor(&[&revoke[..], &["--reason", "leaked"]].concat());
+    auditor(&[
+        "suppression",
+        "add",
+        "trap@example.com",
+        "--kind",
+        "complaint",
+        "--reason",
+        "abuse report",
+    ]);
+    let removed = ["suppression", "remove", "trap@example.com", "--reason"];
+    assert_eq!(
+        auditor(&[&removed[..], &["resolved"]].concat())["removed"],
+        true
+    );
+    // Removing what is not there changes nothing, so it records nothing.
+    assert_eq!(
+        auditor(&[&removed[..], &["again"]].concat())["removed"],
+        false
+    );
+
+    let of_acme = auditor(&["audit", "--tenant", "acme"]);
+    let everything = auditor(&["audit"]);
+    let only = |trail: &serde_json::Value, action: &str| {
+        let found: Vec<_> = trail
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == action)
+            .cloned()
+            .collect();
+        assert_eq!(found.len(), 1, "one {action} in {trail}");
+        assert_eq!(found[0]["actor"], "admin:auditor", "{action}");
+        found.into_iter().next().unwrap()
+    };
+    let create = only(&of_acme, "tenant.create");
+    assert_eq!(create["tenant"], "acme");
+    assert_eq!(create["reason"], "signed up");
+    assert!(create["before"].is_null());
+    assert!(
+        create["after"]
+            .to_string()
+            .contains(first_id.as_str().unwrap())
+    );
+    let issue = only(&of_acme, "key.issue");
+    assert_eq!(issue["reason"], "second app");
+    assert_eq!(issue["after"]["key_id"], *second_id);
+    let revoked = only(&of_acme, "key.revoke");
+    assert_eq!(revoked["reason"], "leaked");
+    assert_eq!(revoked["before"]["key_id"], *second_id);
+    assert!(revoked["after"].is_null());
+    let add = only(&everything, "suppression.add");
+    assert_eq!(add["reason"], "abuse report");
+    assert_eq!(add["after"]["address"], "trap@example.com");
+    assert_eq!(add["after"]["reason"], "complaint");
+    let remove = only(&everything, "suppression.remove");
+    assert_eq!(remove["reason"], "resolved");
+    assert_eq!(remove["before"]["address"], "trap@example.com");
+    assert!(remove["after"].is_null());
+
+    // Neither key, its secret part nor its stored hash is anywhere in the trail.
+    let trail = everything.to_string();
+    for key in [&created["api_key"], &issued["api_key"]] {
+        let key = key.as_str().unwrap();
+        let secret = key.rsplit('_').next().unwrap();
+        let hash = cellmail_control::apikey::hash(key);
+        for text in [key, secret, &hash] {
+            assert!(!trail.contains(text), "{text} is in the audit trail");
+        }
+    }
 }

@@ -727,10 +727,11 @@ async fn a_daily_cap_and_a_suspension_stop_only_their_tenant_until_resumed() {
     assert_eq!(
         actions,
         [
+            ("tenant.create", "admin:operator", ""),
             ("tenant.suspend", "admin:tester", "unpaid invoice"),
             ("tenant.resume", "admin:operator", "paid")
         ]
     );
-    assert!(audit[0].before_json.contains("\"ACTIVE\""));
-    assert!(audit[0].after_json.contains("\"SUSPENDED\""));
+    assert!(audit[1].before_json.contains("\"ACTIVE\""));
+    assert!(audit[1].after_json.contains("\"SUSPENDED\""));
 }
