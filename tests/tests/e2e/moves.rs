@@ -1034,3 +1034,79 @@ async fn a_router_behind_a_move_is_told_moved_waits_for_the_new_placement_and_re
     assert_eq!(sent.get("m0"), Some(&1));
     assert_eq!(sent.get("m2"), None, "{sent:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_to_a_target_that_cannot_be_prepared_is_rolled_back_and_the_tenant_keeps_serving() {
+    let mut d = deployed::Deployment::start("rollback", &[], &[]).await;
+    let mut control = d.control.clone();
+    let key = tenant(&mut control, "stays", "cell-a").await;
+    d.send(
+        &key,
+        message("shop@stays.example", "x@example.com", "before"),
+    )
+    .await;
+    // Killed, cell-b is still registered alive until its lease runs out, so the move is
+    // taken; preparing it then fails every time.
+    d.cells[1].kill();
+    control
+        .move_tenant(v1::MoveTenantRequest {
+            tenant_id: "stays".into(),
+            to_cell: "cell-b".into(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    let done = finished_move(&control, "stays").await;
+    assert_eq!(done.state, "ROLLED_BACK", "{done:?}");
+    assert!(
+        done.detail.contains("preparing cell cell-b failed"),
+        "{done:?}"
+    );
+
+    // The placement never changed: cell-a at its first epoch, serving, and sends go through.
+    let tenants = control
+        .list_tenants(v1::ListTenantsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tenants;
+    let stays = tenants.iter().find(|t| t.id == "stays").unwrap();
+    assert_eq!((stays.cell.as_str(), stays.epoch), ("cell-a", 1));
+    let after = d
+        .send(
+            &key,
+            message("shop@stays.example", "x@example.com", "after"),
+        )
+        .await;
+    assert_eq!(
+        after.recipients[0].state,
+        v1::RecipientState::Accepted as i32
+    );
+    let actions: Vec<String> = control
+        .list_audit(v1::ListAuditRequest {
+            tenant_id: "stays".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert!(
+        actions.iter().any(|a| a == "tenant.move.rollback")
+            && !actions.iter().any(|a| a == "tenant.move.freeze"),
+        "{actions:?}"
+    );
+    let sent = wait_for(DELIVERY, "both sends delivered", || {
+        let sent = d.sent_keys("stays");
+        (sent.len() == 2).then_some(sent)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        sent,
+        HashMap::from([("before".into(), 1), ("after".into(), 1)])
+    );
+}
