@@ -7,9 +7,13 @@
 //! the TTL after the registry dropped it, so a successor can overlap a leader whose lease ran
 //! out for about that long. Stopping resigns, so a standby takes over at once rather than
 //! when the TTL runs out.
+//!
+//! [`Leading`] says whether the process leads, as the `cellmail_control_leader` gauge: 1
+//! from when leadership is gained until the work has returned, else 0.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -19,6 +23,56 @@ use crate::registry::{LeaderKey, LeaseId, Registry, RegistryError, keep_lease_al
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// Short enough that a registry that comes back is used again soon.
 const LAST_RETRY: Duration = Duration::from_secs(2);
+
+pub const LEADER: &str = "cellmail_control_leader";
+
+/// How often [`Leading::report`] sets the gauge again: the exporter drops a gauge not set
+/// for a minute.
+const REPORT: Duration = Duration::from_secs(5);
+
+/// Whether this process leads its election, and the `cellmail_control_leader` gauge (1 or
+/// 0) that says so.
+#[derive(Debug, Default)]
+pub struct Leading(AtomicBool);
+
+impl Leading {
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, leading: bool) {
+        self.0.store(leading, Ordering::Relaxed);
+        metrics::gauge!(LEADER).set(f64::from(u8::from(leading)));
+    }
+
+    /// Sets the gauge every few seconds, and at once, until `shutdown`.
+    pub async fn report(&self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(REPORT);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => self.set(self.get()),
+            }
+        }
+    }
+}
+
+/// Marks `Leading` while it lives: from leadership gained until the work returned (or the
+/// campaign was dropped).
+struct Led<'a>(&'a Leading);
+
+impl<'a> Led<'a> {
+    fn new(leading: &'a Leading) -> Self {
+        leading.set(true);
+        Self(leading)
+    }
+}
+
+impl Drop for Led<'_> {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
+}
 
 /// The waits between attempts while the registry cannot be reached: doubling, capped.
 #[derive(Debug)]
@@ -44,16 +98,18 @@ impl Backoff {
 
 /// Until `shutdown`: campaigns in `election` as `id`; once leading, runs `work(lost)` where
 /// `lost` is a token cancelled when leadership ends (lease lost, registry refused keepalive,
-/// or shutdown). The work must return soon after `lost` is cancelled: the next campaign
-/// waits for it. When work returns or leadership is lost, campaigns again on a fresh lease
-/// of `ttl`. While the registry cannot be reached it retries with a short backoff; it fails
-/// only on what retrying cannot fix (the registry's storage failing).
+/// or shutdown), and `leading` says so meanwhile. The work must return soon after `lost` is
+/// cancelled: the next campaign waits for it. When work returns or leadership is lost,
+/// campaigns again on a fresh lease of `ttl`. While the registry cannot be reached it
+/// retries with a short backoff; it fails only on what retrying cannot fix (the registry's
+/// storage failing).
 pub async fn run_as_leader<F, Fut>(
     registry: Arc<dyn Registry>,
     election: String,
     id: String,
     ttl: Duration,
     shutdown: CancellationToken,
+    leading: Arc<Leading>,
     mut work: F,
 ) -> Result<(), RegistryError>
 where
@@ -64,6 +120,7 @@ where
         registry: registry.as_ref(),
         election: &election,
         id: &id,
+        leading: &leading,
     };
     let mut backoff = Backoff::new();
     while !shutdown.is_cancelled() {
@@ -92,6 +149,7 @@ struct Candidate<'a> {
     registry: &'a dyn Registry,
     election: &'a str,
     id: &'a str,
+    leading: &'a Leading,
 }
 
 impl Candidate<'_> {
@@ -203,7 +261,9 @@ impl Candidate<'_> {
             key = leader.key,
             "leadership gained"
         );
+        let led = Led::new(self.leading);
         work(lost.clone()).await;
+        drop(led);
         Ok(Some(leader))
     }
 }

@@ -3,6 +3,7 @@
 //! - [`registry`]: the `Registry` trait (revisioned KV with CAS, watches, leases) and its
 //!   implementations.
 //! - [`leader`]: running work on one control plane at a time, through registry elections.
+//! - [`telemetry`]: control actions counted by action and outcome.
 //! - [`schema`]: the registry's key layout and record types.
 //! - [`catalog`]: the typed, watch-fed view of the registry that routers and cells serve from.
 //! - [`placement`]: the pure choice of a cell for a new tenant.
@@ -35,6 +36,7 @@ pub mod placement;
 pub mod registry;
 pub mod rollout;
 pub mod schema;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -131,12 +133,18 @@ pub async fn serve(
     let candidate = format!("{}/{}", listener.local_addr()?, ulid::Ulid::new());
     let mover = moves::Mover::new(registry.clone(), keys.clone());
     let roller = rollout::Roller::new(registry.clone(), keys.clone(), deployer.clone());
+    let leader = Arc::new(leader::Leading::default());
+    let reporter = {
+        let (leader, shutdown) = (leader.clone(), shutdown.clone());
+        tokio::spawn(async move { leader.report(shutdown).await })
+    };
     let leading = tokio::spawn(leader::run_as_leader(
         registry.clone(),
         keys.election(),
         candidate,
         LEADER_TTL,
         shutdown.clone(),
+        leader,
         move |lost| {
             let (mover, roller) = (mover.clone(), roller.clone());
             async move {
@@ -148,12 +156,13 @@ pub async fn serve(
         api::ControlApi::new(registry, keys, identities, deployer.is_some())?,
         auth::AdminAuth::new(admin_token),
     );
-    let routes = tonic::service::Routes::new(api);
+    let routes = tonic::service::Routes::new(telemetry::CountActions(api));
     let health = tonic_health::server::HealthReporter::new();
     let served =
         cellmail_proto::server::serve(listener, routes, &health, &[SERVICE_NAME], shutdown.clone())
             .await;
     shutdown.cancel();
     leading.await??;
+    reporter.await?;
     Ok(served?)
 }

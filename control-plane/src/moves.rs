@@ -29,7 +29,8 @@
 //!    over, and the move is COMPLETE. So each move copies what the tenant wrote since it
 //!    last left the target, not its whole history.
 //!
-//! Every step change is audited in the transaction that makes it.
+//! Every step change is audited in the transaction that makes it, and a move that finishes
+//! is counted in `cellmail_control_moves_finished_total{step}` (`complete`, `rolled_back`).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -265,6 +266,20 @@ pub struct Mover {
     driving: Mutex<HashSet<TenantId>>,
 }
 
+pub const MOVES_FINISHED: &str = "cellmail_control_moves_finished_total";
+
+/// Counts a move that reached `step`, if that is a final one (`complete` or `rolled_back`).
+/// The step is written by compare-and-set, so each move is counted once, by the control
+/// plane that finished it.
+fn count_finished(step: MoveStep) {
+    let step = match step {
+        MoveStep::Complete => "complete",
+        MoveStep::RolledBack => "rolled_back",
+        MoveStep::Preparing | MoveStep::Frozen | MoveStep::Switched => return,
+    };
+    metrics::counter!(MOVES_FINISHED, "step" => step).increment(1);
+}
+
 /// A step's driver stopped: another writer changed the move or the placement (the record
 /// says what happened), or the registry could not be read; the next scan picks the move up
 /// again if it is unfinished.
@@ -436,7 +451,10 @@ impl Mover {
         }
         loop {
             match self.registry.txn(compares.clone(), ops.clone()).await {
-                Ok(Some(_)) => return Ok(()),
+                Ok(Some(_)) => {
+                    count_finished(after.step);
+                    return Ok(());
+                }
                 Ok(None) => {
                     tracing::warn!(tenant = %after.tenant, action, "the move or placement changed meanwhile; this driver stops");
                     return Err(Stopped);

@@ -77,6 +77,35 @@ impl ApiError {
     }
 }
 
+/// A status code's name as metrics label it: the canonical gRPC name in lower case (`ok`,
+/// `resource_exhausted`, `unauthenticated`, ...), one of a fixed set.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// The [`code_name`] of a call's result.
+pub fn outcome<T>(result: &Result<T, Status>) -> &'static str {
+    code_name(result.as_ref().map_or_else(Status::code, |_| Code::Ok))
+}
+
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Status {
         let message = err.to_string();
@@ -150,6 +179,18 @@ mod tests {
             .expect("bad request details")
             .field_violations;
         assert_eq!(violations[0].field, "to[1]");
+    }
+
+    #[test]
+    fn an_outcome_is_its_status_code_in_lower_snake_case() {
+        assert_eq!(outcome::<()>(&Ok(())), "ok");
+        let refused = Err::<(), _>(Status::from(ApiError::ResourceExhausted {
+            reason: "over".into(),
+            retry_after: std::time::Duration::from_millis(5),
+        }));
+        assert_eq!(outcome(&refused), "resource_exhausted");
+        assert_eq!(code_name(Code::Unauthenticated), "unauthenticated");
+        assert_eq!(code_name(Code::DeadlineExceeded), "deadline_exceeded");
     }
 
     #[test]

@@ -91,18 +91,30 @@ pub struct MetricsConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+/// The buckets (in seconds) of every `*_seconds` histogram: from a millisecond, the time of a
+/// forwarded send on one machine, up to the default deadline of a call.
+const SECONDS_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
 impl MetricsConfig {
     /// Serves every metric this process records, in Prometheus' text format. Once per
     /// process: the binaries and `cellmail up` call it, libraries only record.
     pub fn serve(&self) -> Result<(), metrics_exporter_prometheus::BuildError> {
         match self.metrics_addr {
             // Gauges not set for a while (a tenant no longer among the busiest) are dropped.
+            // Durations are histograms with buckets rather than summaries, so a dashboard can
+            // add up several routers' before taking a quantile.
             Some(addr) => metrics_exporter_prometheus::PrometheusBuilder::new()
                 .with_http_listener(addr)
                 .idle_timeout(
                     metrics_util::MetricKindMask::GAUGE,
                     Some(std::time::Duration::from_secs(60)),
                 )
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                    &SECONDS_BUCKETS,
+                )?
                 .install(),
             None => Ok(()),
         }

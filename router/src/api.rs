@@ -6,10 +6,12 @@
 //! placement is stale (the cell saw the freeze or the switch first). The router then waits,
 //! as long, for its registry view to show a newer placement and retries once; a second
 //! "moved" is UNAVAILABLE. Clients retry UNAVAILABLE (sends with the same idempotency key).
+//!
+//! Every send is counted here, in [`Sender::send`], once answered (see [`crate::telemetry`]).
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cellmail_control::catalog::WatchedCatalog;
 use cellmail_control::channels::CellChannels;
@@ -22,6 +24,7 @@ use tonic::{Request, Response, Status};
 use crate::admission::Admission;
 use crate::forward::{self, DEFAULT_DEADLINE};
 use crate::routes::{Routes, Target};
+use crate::telemetry::{self, SendLabels};
 
 pub struct SenderApi {
     catalog: Arc<WatchedCatalog<Routes>>,
@@ -77,21 +80,50 @@ impl SenderApi {
         Ok(target)
     }
 
-    fn admit(&self, tenant: &TenantId) -> Result<(), ApiError> {
-        let rate = self.catalog.read().rate(tenant);
-        self.admission
-            .check(tenant, rate)
-            .map_err(|retry_after| ApiError::ResourceExhausted {
+    /// Admits one send of `tenant` at its rate, and says what it is counted under.
+    fn admit(&self, tenant: &TenantId, labels: &mut SendLabels) -> Result<(), ApiError> {
+        let admitting = self.catalog.read().admitting(tenant);
+        (labels.cell, labels.tier) = (admitting.cell, admitting.tier);
+        let rate = admitting.rate;
+        self.admission.check(tenant, rate).map_err(|retry_after| {
+            labels.refused_by_admission();
+            ApiError::ResourceExhausted {
                 reason: format!(
                     "tenant {tenant} is over its rate of {} sends/s",
                     rate.per_second
                 ),
                 retry_after,
-            })
+            }
+        })
     }
 
-    /// Runs `call` against `tenant`'s cell, once more after a "moved" answer.
-    async fn on_cell<T, F, Fut>(&self, tenant: &TenantId, call: F) -> Result<Response<T>, Status>
+    async fn forward_send(
+        &self,
+        request: Request<v1::SendRequest>,
+        labels: &mut SendLabels,
+    ) -> Result<Response<v1::SendResponse>, Status> {
+        let (tenant, deadline) = context(&request)?;
+        self.admit(&tenant, labels)?;
+        let message = request.into_inner();
+        self.on_cell(&tenant, Some(labels), |mut cell, caller| {
+            let accept = v1::AcceptRequest {
+                tenant_id: caller.tenant_id,
+                epoch: caller.epoch,
+                message: Some(message.clone()),
+            };
+            async move { cell.accept(with_deadline(accept, deadline)).await }
+        })
+        .await
+    }
+
+    /// Runs `call` against `tenant`'s cell, once more after a "moved" answer. A send passes
+    /// its `labels`: each forwarded call is timed.
+    async fn on_cell<T, F, Fut>(
+        &self,
+        tenant: &TenantId,
+        mut labels: Option<&mut SendLabels>,
+        call: F,
+    ) -> Result<Response<T>, Status>
     where
         F: Fn(CellClient<Channel>, v1::Caller) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
@@ -105,8 +137,12 @@ impl SenderApi {
         if target.frozen {
             target = self.target_when(tenant, serving).await?;
         }
-        match self.call_once(&target, tenant, &call).await {
+        match self
+            .call_once(&target, tenant, labels.as_deref_mut(), &call)
+            .await
+        {
             Err(status) if ApiError::is_moved(&status) => {
+                telemetry::moved_retry(&target.cell_label);
                 let stale = target.epoch;
                 let target = self
                     .target_when(tenant, |routes| {
@@ -116,7 +152,7 @@ impl SenderApi {
                                 .is_some_and(|(epoch, _)| epoch > stale)
                     })
                     .await?;
-                match self.call_once(&target, tenant, &call).await {
+                match self.call_once(&target, tenant, labels, &call).await {
                     Err(status) if ApiError::is_moved(&status) => {
                         Err(ApiError::Unavailable(format!(
                             "tenant {tenant} is moving; retry (sends with the same idempotency key)"
@@ -134,6 +170,7 @@ impl SenderApi {
         &self,
         target: &Target,
         tenant: &TenantId,
+        labels: Option<&mut SendLabels>,
         call: &F,
     ) -> Result<Response<T>, Status>
     where
@@ -145,7 +182,12 @@ impl SenderApi {
             epoch: target.epoch.0,
         };
         let client = self.channels.client(&target.cell, &target.endpoint)?;
-        match call(client, caller).await {
+        let started = Instant::now();
+        let answered = call(client, caller).await;
+        if let Some(labels) = labels {
+            labels.forwarded(&target.cell_label, started.elapsed());
+        }
+        match answered {
             // A cell that died mid-call resets its streams (CANCELLED): to the caller that is
             // the cell being unavailable, and the send is safe to retry with its key.
             Err(status)
@@ -172,18 +214,10 @@ impl Sender for SenderApi {
         &self,
         request: Request<v1::SendRequest>,
     ) -> Result<Response<v1::SendResponse>, Status> {
-        let (tenant, deadline) = context(&request)?;
-        self.admit(&tenant)?;
-        let message = request.into_inner();
-        self.on_cell(&tenant, |mut cell, caller| {
-            let accept = v1::AcceptRequest {
-                tenant_id: caller.tenant_id,
-                epoch: caller.epoch,
-                message: Some(message.clone()),
-            };
-            async move { cell.accept(with_deadline(accept, deadline)).await }
-        })
-        .await
+        let mut labels = SendLabels::new(request.get_ref().message_class);
+        let answered = self.forward_send(request, &mut labels).await;
+        labels.answered(&answered);
+        answered
     }
 
     async fn get_message(
@@ -192,7 +226,7 @@ impl Sender for SenderApi {
     ) -> Result<Response<v1::MessageStatus>, Status> {
         let (tenant, deadline) = context(&request)?;
         let request = request.into_inner();
-        self.on_cell(&tenant, |mut cell, caller| {
+        self.on_cell(&tenant, None, |mut cell, caller| {
             let call = v1::CellGetMessageRequest {
                 caller: Some(caller),
                 request: Some(request.clone()),
@@ -208,7 +242,7 @@ impl Sender for SenderApi {
     ) -> Result<Response<v1::ListSuppressionsResponse>, Status> {
         let (tenant, deadline) = context(&request)?;
         let request = request.into_inner();
-        self.on_cell(&tenant, |mut cell, caller| {
+        self.on_cell(&tenant, None, |mut cell, caller| {
             let call = v1::CellListSuppressionsRequest {
                 caller: Some(caller),
                 request: Some(request.clone()),
@@ -224,7 +258,7 @@ impl Sender for SenderApi {
     ) -> Result<Response<v1::Suppression>, Status> {
         let (tenant, deadline) = context(&request)?;
         let request = request.into_inner();
-        self.on_cell(&tenant, |mut cell, caller| {
+        self.on_cell(&tenant, None, |mut cell, caller| {
             let call = v1::CellAddSuppressionRequest {
                 caller: Some(caller),
                 request: Some(request.clone()),
@@ -240,7 +274,7 @@ impl Sender for SenderApi {
     ) -> Result<Response<v1::GetStatsResponse>, Status> {
         let (tenant, deadline) = context(&request)?;
         let request = request.into_inner();
-        self.on_cell(&tenant, |mut cell, caller| {
+        self.on_cell(&tenant, None, |mut cell, caller| {
             let call = v1::CellGetStatsRequest {
                 caller: Some(caller),
                 request: Some(request),
@@ -256,7 +290,7 @@ impl Sender for SenderApi {
     ) -> Result<Response<v1::RemoveSuppressionResponse>, Status> {
         let (tenant, deadline) = context(&request)?;
         let request = request.into_inner();
-        self.on_cell(&tenant, |mut cell, caller| {
+        self.on_cell(&tenant, None, |mut cell, caller| {
             let call = v1::CellRemoveSuppressionRequest {
                 caller: Some(caller),
                 request: Some(request.clone()),

@@ -112,7 +112,9 @@ impl Authenticate {
 
 impl Interceptor for Authenticate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let tenant = self.tenant(&request)?;
+        let tenant = self.tenant(&request).inspect_err(|_| {
+            crate::telemetry::refused_unauthenticated(&request);
+        })?;
         request.extensions_mut().insert(tenant);
         Ok(request)
     }

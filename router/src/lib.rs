@@ -5,12 +5,14 @@
 //! - [`routes`]: the router's compact registry view; tenant -> cell resolution.
 //! - [`forward`]: the deadline a forwarded call carries.
 //! - [`api`]: the `Sender` gRPC service (forward, and one retry after a "moved" answer).
+//! - [`telemetry`]: the router's metrics (sends by cell, class, tier and outcome).
 
 pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod forward;
 pub mod routes;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -78,10 +80,10 @@ pub async fn serve(
         Arc::new(WatchedCatalog::<routes::Routes>::start(registry.clone(), keys.clone()).await?);
     let usage = Arc::new(auth::Usage::default());
     let usage_writer = tokio::spawn(usage.clone().write(registry, keys, shutdown.clone()));
-    let api = SenderServer::with_interceptor(
+    let api = telemetry::MarkSends(SenderServer::with_interceptor(
         api::SenderApi::new(catalog.clone(), hold.duration()),
         auth::Authenticate::new(catalog.clone(), usage),
-    );
+    ));
     let routes = tonic::service::Routes::new(api);
     let health = tonic_health::server::HealthReporter::new();
     let reporter = {

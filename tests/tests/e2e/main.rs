@@ -5,6 +5,7 @@ mod cli;
 mod identities;
 mod isolation;
 mod manifests;
+mod metrics;
 mod moves;
 mod offboard;
 mod processes;

@@ -410,6 +410,7 @@ fn contend(
         id.to_owned(),
         ttl,
         shutdown.clone(),
+        Default::default(),
         work,
     ));
     Contender { shutdown, run }
