@@ -584,49 +584,101 @@ async fn a_late_bounce_at_the_old_cell_suppresses_the_address_in_the_new_one() {
     );
 }
 
+/// A deployment whose cell-a delivers nothing at first (a move off it waits at SWITCHED for
+/// its backlog), with a standby control plane beside the leading one.
+struct Failover {
+    d: deployed::Deployment,
+    standby: Control,
+    standby_addr: String,
+    _standby: cellmail_tests::processes::Daemon,
+    etcd: cellmail_control::registry::etcd::EtcdRegistry,
+}
+
+impl Failover {
+    async fn start(test: &str) -> Self {
+        let no_workers = ["--cell-workers".to_owned(), "0".to_owned()];
+        let d = deployed::Deployment::start(test, &no_workers, &[]).await;
+        let etcd = cellmail_control::registry::etcd::EtcdRegistry::connect(&[
+            cellmail_tests::services::etcd_endpoint(),
+        ])
+        .await
+        .unwrap();
+        let standby_addr = cellmail_tests::processes::free_addr().unwrap();
+        let mut args = vec![
+            "--control-addr",
+            &standby_addr,
+            "--admin-token",
+            deployed::ADMIN_TOKEN,
+        ];
+        args.extend(d.registry.iter().map(String::as_str));
+        let daemon = cellmail_tests::processes::Daemon::start(
+            "cellmail-control",
+            &args,
+            Some(&standby_addr),
+        )
+        .await
+        .unwrap();
+        let standby = cellmail_tests::control_client(
+            &format!("http://{standby_addr}"),
+            deployed::ADMIN_TOKEN,
+        )
+        .await
+        .unwrap();
+        let failover = Self {
+            d,
+            standby,
+            standby_addr,
+            _standby: daemon,
+            etcd,
+        };
+        assert!(
+            failover
+                .leader()
+                .await
+                .starts_with(&failover.d.front.control),
+            "the first control plane leads"
+        );
+        failover
+    }
+
+    /// The address the leading control plane's election value names.
+    async fn leader(&self) -> String {
+        use cellmail_control::registry::Registry;
+        let election = cellmail_control::schema::Keys::new(&self.d.prefix).election();
+        let value = self
+            .etcd
+            .leader(&election)
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        String::from_utf8(value).unwrap()
+    }
+
+    /// Kills the leading control plane, lets cell-a deliver, and checks the standby leads.
+    async fn fail_over(&mut self) {
+        self.d.front.kill_control();
+        self.d.restart_cell(0, &[]).await;
+        cellmail_tests::until_ok(Duration::from_secs(30), || async {
+            let leader = self.leader().await;
+            if leader.starts_with(&self.standby_addr) {
+                Ok(())
+            } else {
+                Err(format!("the leader is {leader:?}"))
+            }
+        })
+        .await
+        .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_control_plane_finishes_the_move_its_leader_left() {
-    use cellmail_control::registry::Registry;
-    // cell-a delivers nothing at first: the move waits for its backlog after the switch.
-    let no_workers = ["--cell-workers".to_owned(), "0".to_owned()];
-    let mut d = deployed::Deployment::start("failover", &no_workers, &[]).await;
-    let etcd = cellmail_control::registry::etcd::EtcdRegistry::connect(&[
-        cellmail_tests::services::etcd_endpoint(),
-    ])
-    .await
-    .unwrap();
-    let election = cellmail_control::schema::Keys::new(&d.prefix).election();
-    let leader = || async {
-        let value = etcd.leader(&election).await.unwrap().unwrap_or_default();
-        String::from_utf8(value).unwrap()
-    };
-    let first = d.front.control.clone();
-    let standby_addr = cellmail_tests::processes::free_addr().unwrap();
-    let mut args = vec![
-        "--control-addr",
-        &standby_addr,
-        "--admin-token",
-        deployed::ADMIN_TOKEN,
-    ];
-    args.extend(d.registry.iter().map(String::as_str));
-    let _standby =
-        cellmail_tests::processes::Daemon::start("cellmail-control", &args, Some(&standby_addr))
-            .await
-            .unwrap();
-    assert!(
-        leader().await.starts_with(&first),
-        "the first control plane leads"
-    );
-    let mut standby =
-        cellmail_tests::control_client(&format!("http://{standby_addr}"), deployed::ADMIN_TOKEN)
-            .await
-            .unwrap();
-
-    let key = tenant(&mut d.control, "failover", "cell-a").await;
+    let mut f = Failover::start("failover").await;
+    let key = tenant(&mut f.d.control, "failover", "cell-a").await;
     const KEYS: usize = 20;
     for n in 0..KEYS {
         let request = message("shop@failover.example", "x@example.com", &format!("k{n}"));
-        d.send(&key, request).await;
+        f.d.send(&key, request).await;
     }
     // The standby takes the request; the leader carries it out, up to the wait for cell-a.
     let request = v1::MoveTenantRequest {
@@ -634,26 +686,21 @@ async fn a_standby_control_plane_finishes_the_move_its_leader_left() {
         to_cell: "cell-b".into(),
         reason: "failover".into(),
     };
-    standby.move_tenant(request).await.unwrap();
-    wait_for_state(&standby, "failover", "SWITCHED").await;
-    d.front.kill_control();
-    d.restart_cell(0, &[]).await;
+    f.standby.move_tenant(request).await.unwrap();
+    wait_for_state(&f.standby, "failover", "SWITCHED").await;
+    f.fail_over().await;
 
-    let done = finished_move(&standby, "failover").await;
+    let done = finished_move(&f.standby, "failover").await;
     assert_eq!(done.state, "COMPLETE", "{done:?}");
-    assert!(
-        leader().await.starts_with(&standby_addr),
-        "the standby leads now"
-    );
     let keys = wait_for(DELIVERY, "the old cell's backlog delivered", || {
-        let keys = d.sent_keys("failover");
+        let keys = f.d.sent_keys("failover");
         (keys.len() == KEYS).then_some(keys)
     })
     .await
     .unwrap();
     assert!(keys.values().all(|n| *n == 1), "{keys:?}");
-    let after = d
-        .send(
+    let after =
+        f.d.send(
             &key,
             message("shop@failover.example", "x@example.com", "after"),
         )
@@ -662,6 +709,73 @@ async fn a_standby_control_plane_finishes_the_move_its_leader_left() {
         after.recipients[0].state,
         v1::RecipientState::Accepted as i32
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_control_plane_finishes_the_evacuation_its_leader_left() {
+    let mut f = Failover::start("evacuation-failover").await;
+    const TENANTS: usize = 3;
+    for n in 0..TENANTS {
+        let id = format!("e{n}");
+        let key = tenant(&mut f.d.control, &id, "cell-a").await;
+        let request = message(&format!("shop@{id}.example"), "x@example.com", "k");
+        f.d.send(&key, request).await;
+    }
+    // One move at a time: the first waits at SWITCHED for cell-a, the others are pending.
+    let request = v1::EvacuateCellRequest {
+        cell_id: "cell-a".into(),
+        parallel: 1,
+        reason: "failover".into(),
+    };
+    let started =
+        f.d.control
+            .evacuate_cell(request)
+            .await
+            .unwrap()
+            .into_inner();
+    wait_for_state(&f.standby, &started.moves[0].tenant_id, "SWITCHED").await;
+    f.fail_over().await;
+
+    let finished = cellmail_tests::until_ok(Duration::from_secs(60), || {
+        let (mut standby, id) = (f.standby.clone(), started.id.clone());
+        async move {
+            let operation = standby
+                .get_operation(v1::GetOperationRequest { id })
+                .await?
+                .into_inner();
+            if operation.finished {
+                Ok(operation)
+            } else {
+                Err(tonic::Status::unavailable(format!("{operation:?}")))
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let mut moved: Vec<_> = finished
+        .moves
+        .iter()
+        .map(|m| (m.tenant_id.as_str(), m.to_cell.as_str(), m.outcome.as_str()))
+        .collect();
+    moved.sort();
+    assert_eq!(
+        moved,
+        [
+            ("e0", "cell-b", "COMPLETE"),
+            ("e1", "cell-b", "COMPLETE"),
+            ("e2", "cell-b", "COMPLETE")
+        ]
+    );
+    for n in 0..TENANTS {
+        let id = format!("e{n}");
+        let sent = wait_for(DELIVERY, "each tenant's mail delivered", || {
+            let sent = f.d.sent_keys(&id);
+            (!sent.is_empty()).then_some(sent)
+        })
+        .await
+        .unwrap();
+        assert_eq!(sent, HashMap::from([("k".to_owned(), 1)]), "{id}");
+    }
 }
 
 async fn wait_for_state(control: &Control, tenant: &str, state: &str) {
