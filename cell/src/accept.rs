@@ -51,6 +51,28 @@ pub struct Acceptor {
     top: Arc<TopTenants>,
     inflight: Mutex<HashMap<(TenantId, String), Flight>>,
     gates: Mutex<HashMap<TenantId, Arc<RwLock<()>>>>,
+    /// Per capped tenant, messages admitted under its daily cap and not yet counted.
+    uncounted: Mutex<HashMap<TenantId, u64>>,
+}
+
+/// A message's place under its tenant's daily cap, given back when dropped (by then it is
+/// counted in the tenant's figures, or was not accepted).
+struct Capped<'a> {
+    uncounted: &'a Mutex<HashMap<TenantId, u64>>,
+    tenant: TenantId,
+}
+
+impl Drop for Capped<'_> {
+    fn drop(&mut self) {
+        // Only whole updates happen under this lock.
+        let mut uncounted = self.uncounted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = uncounted.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                uncounted.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 pub use cellmail_proto::now_ms;
@@ -79,6 +101,7 @@ impl Acceptor {
             top,
             inflight: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
+            uncounted: Mutex::new(HashMap::new()),
         }
     }
 
@@ -223,8 +246,9 @@ impl Acceptor {
     }
 
     /// Refuses a message whose class the tenant's breaker paused, or that is over the
-    /// tenant's daily cap; answers the tenant's tier (for the metrics).
-    fn admit(&self, message: &Message) -> Result<&'static str, ApiError> {
+    /// tenant's daily cap; answers the tenant's tier (for the metrics) and, for a capped
+    /// tenant, its place under the cap until the message is counted.
+    fn admit(&self, message: &Message) -> Result<(&'static str, Option<Capped<'_>>), ApiError> {
         let (tenant, class) = (&message.tenant, message.class);
         let (cap, tier) = {
             let catalog = self.catalog.read();
@@ -243,11 +267,14 @@ impl Acceptor {
                 .map_or((0, "unknown"), |t| (t.policy.daily_cap, t.tier.as_str()))
         };
         if cap == 0 {
-            return Ok(tier);
+            return Ok((tier, None));
         }
+        // Messages admitted and not yet counted count too: concurrent sends cannot all pass
+        // a cap that has room for one.
+        let mut uncounted = self.uncounted.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_ms();
         let hours_today = (now % DAY_MS) / HOUR_MS + 1;
-        let mut today = 0;
+        let mut today = uncounted.get(tenant).copied().unwrap_or(0);
         for class in MessageClass::ALL {
             today += self
                 .store
@@ -261,13 +288,19 @@ impl Acceptor {
                 retry_after: Duration::from_millis(DAY_MS - now % DAY_MS),
             });
         }
-        Ok(tier)
+        *uncounted.entry(tenant.clone()).or_default() += 1;
+        let place = Capped {
+            uncounted: &self.uncounted,
+            tenant: tenant.clone(),
+        };
+        Ok((tier, Some(place)))
     }
 
     /// Takes suppressed recipients off the envelope, queues what is left (if anything) and
     /// records the message and the answer.
     async fn accept_new(&self, mut message: Message) -> Result<Accepted, ApiError> {
-        let tier = self.admit(&message)?;
+        // Held until the message is counted (its record written) or refused.
+        let (tier, _place) = self.admit(&message)?;
         let recipients = self.suppress(&mut message)?;
         let accepted = Accepted {
             message_id: message.id,
