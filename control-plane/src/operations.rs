@@ -67,7 +67,8 @@ pub fn reviewed(
                 return Err(ApiError::invalid(field("tenant_id"), why));
             }
             if !catalog.cells.contains_key(&to) {
-                return Err(ApiError::invalid(field("to_cell"), format!("cell {to} does not exist")));
+                let why = format!("cell {to} does not exist");
+                return Err(ApiError::invalid(field("to_cell"), why));
             }
             let Some(placement) = catalog.placements.get(&tenant) else {
                 let why = format!("tenant {tenant} does not exist");
@@ -75,7 +76,8 @@ pub fn reviewed(
             };
             if placement.cell != from {
                 return Err(ApiError::FailedPrecondition(format!(
-                    "{}: tenant {tenant} is on cell {}, not {from}: the plan is stale, make a new one",
+                    "{}: tenant {tenant} is on cell {}, not {from}: the plan is stale, \
+                     make a new one",
                     field("from_cell"),
                     placement.cell
                 )));
