@@ -124,8 +124,10 @@ impl Acceptor {
             }
             record.domains.clone()
         };
-        let message =
+        let mut message =
             validation::message_from_request(&tenant, MessageId::generate(), now_ms(), request)?;
+        // Its delivery, later, continues the trace of this accept (when spans are exported).
+        message.traceparent = cellmail_proto::trace::traceparent(&tracing::Span::current());
         let from_domain = message.from.domain();
         if !domains.iter().any(|d| d == from_domain) {
             return Err(ApiError::PermissionDenied(format!(

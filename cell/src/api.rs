@@ -17,6 +17,8 @@ use cellmail_proto::{
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+use tracing::field::Empty;
+use tracing::{Instrument as _, Span};
 
 use crate::accept::{Acceptor, Entered, now_ms};
 use crate::commit::StorageError;
@@ -73,6 +75,41 @@ impl CellApi {
                 )))
             }
             _ => Ok(()),
+        }
+    }
+}
+
+/// The span of one accept, when spans are exported: a child of the router's span whose
+/// trace context the call carries (with tenant and cell; the message id once known).
+fn accept_span(cell: &CellId, request: &Request<v1::AcceptRequest>) -> Span {
+    if !cellmail_proto::trace::exporting() {
+        return Span::none();
+    }
+    let span = tracing::info_span!(
+        "accept",
+        otel.kind = "server",
+        tenant = request.get_ref().tenant_id.as_str(),
+        cell = cell.as_str(),
+        message_id = Empty,
+        outcome = Empty,
+    );
+    cellmail_proto::trace::continue_from_metadata(&span, request.metadata());
+    span
+}
+
+/// Records on an accept's span the message id it answered, or the code it was refused with.
+fn accept_answered(span: &Span, accepted: &Result<Accepted, ApiError>) {
+    if span.is_disabled() {
+        return;
+    }
+    match accepted {
+        Ok(accepted) => {
+            span.record("message_id", tracing::field::display(accepted.message_id));
+            span.record("outcome", "ok");
+        }
+        Err(err) => {
+            let code = Status::from(err.clone()).code();
+            span.record("outcome", cellmail_proto::error::code_name(code));
         }
     }
 }
@@ -648,6 +685,7 @@ impl Cell for CellApi {
         &self,
         request: Request<v1::AcceptRequest>,
     ) -> Result<Response<v1::SendResponse>, Status> {
+        let span = accept_span(&self.cell, &request);
         let request = request.into_inner();
         let tenant = TenantId::new(request.tenant_id)
             .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
@@ -658,13 +696,14 @@ impl Cell for CellApi {
         // accept let in before its freeze, and must not find it half done.
         let acceptor = self.acceptor.clone();
         let started = Instant::now();
-        let accepted =
-            tokio::spawn(
-                async move { acceptor.accept(tenant, Epoch(request.epoch), message).await },
-            )
-            .await
-            .map_err(|e| ApiError::Internal(format!("the accept task failed: {e}")))
-            .flatten();
+        let accepted = tokio::spawn(
+            async move { acceptor.accept(tenant, Epoch(request.epoch), message).await }
+                .instrument(span.clone()),
+        )
+        .await
+        .map_err(|e| ApiError::Internal(format!("the accept task failed: {e}")))
+        .flatten();
+        accept_answered(&span, &accepted);
         match &accepted {
             Ok(_) => self
                 .health

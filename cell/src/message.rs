@@ -45,6 +45,10 @@ pub struct Message {
     pub html: String,
     pub tags: BTreeMap<String, String>,
     pub accepted_at_ms: u64,
+    /// The W3C `traceparent` of the accept that queued it, when that cell exported spans:
+    /// its delivery continues the send's trace. Left out of the queued JSON when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl Message {
@@ -213,6 +217,7 @@ pub(crate) mod sample {
             html: String::new(),
             tags: Default::default(),
             accepted_at_ms: 0,
+            traceparent: None,
         }
     }
 }

@@ -189,6 +189,7 @@ pub fn message_from_request(
         html: request.html,
         tags,
         accepted_at_ms: now_ms,
+        traceparent: None,
     })
 }
 

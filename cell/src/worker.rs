@@ -581,6 +581,9 @@ impl Worker {
             return self.later(&item, left, item.source.attempts()).await;
         }
         let span = tracing::info_span!("deliver", tenant = %message.tenant, cell = %self.cell, message_id = %message.id, class = %message.class);
+        if let Some(accept) = &message.traceparent {
+            cellmail_proto::trace::continue_from_traceparent(&span, accept);
+        }
         let sent = self.mailer.send(message).instrument(span).await;
         let outcome = match &sent {
             Ok(()) => "sent",

@@ -7,6 +7,7 @@
 //! - [`error`]: the one mapping from domain failures to gRPC status codes with
 //!   machine-readable details, and back (the router reads a cell's answers with it).
 //! - [`server`]: log setup and the gRPC server every binary runs (with health and reflection).
+//! - [`trace`]: W3C trace context across calls and queues, so one send is one trace.
 //! - [`bearer`]: the client interceptor that presents a credential.
 //! - [`config`]: configuration files of `CELLMAIL_*` settings.
 
@@ -15,6 +16,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod server;
+pub mod trace;
 
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]

@@ -52,8 +52,9 @@ fn tracer_provider(
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`); when an OTLP endpoint is set
-/// (`OTEL_EXPORTER_OTLP_ENDPOINT`), the same spans also go there as traces of `service`.
-/// Call inside the Tokio runtime (the exporter is a tonic client).
+/// (`OTEL_EXPORTER_OTLP_ENDPOINT`), the same spans also go there as traces of `service`,
+/// and [`crate::trace::exporting`] is true from then on. Call inside the Tokio runtime (the
+/// exporter is a tonic client).
 pub fn init_tracing(service: &str) -> Telemetry {
     use opentelemetry::trace::TracerProvider as _;
     use tracing_subscriber::layer::SubscriberExt as _;
@@ -74,12 +75,17 @@ pub fn init_tracing(service: &str) -> Telemetry {
     let traces = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service.to_owned())));
+    let exporting = traces.is_some();
     // A second call (several components in one process) keeps the first subscriber.
-    let _ = tracing_subscriber::registry()
+    let installed = tracing_subscriber::registry()
         .with(filter)
         .with(logs)
         .with(traces)
-        .try_init();
+        .try_init()
+        .is_ok();
+    if installed && exporting {
+        crate::trace::set_exporting();
+    }
     Telemetry(provider)
 }
 

@@ -8,6 +8,9 @@
 //! "moved" is UNAVAILABLE. Clients retry UNAVAILABLE (sends with the same idempotency key).
 //!
 //! Every send is counted here, in [`Sender::send`], once answered (see [`crate::telemetry`]).
+//! When spans are exported, every call runs in a span of its own (`send` for a send), and
+//! the call forwarded to the cell carries that span's trace context, so the cell's handling
+//! of it is a child in the same trace.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use cellmail_proto::v1::{self, cell_client::CellClient, sender_server::Sender};
 use cellmail_proto::{ApiError, TenantId};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use tracing::{Instrument as _, Span};
 
 use crate::admission::Admission;
 use crate::forward::{self, DEFAULT_DEADLINE};
@@ -47,10 +51,28 @@ fn context<T>(request: &Request<T>) -> Result<(TenantId, Duration), ApiError> {
     ))
 }
 
-fn with_deadline<T>(message: T, deadline: Duration) -> Request<T> {
+/// The call to forward to a cell: the caller's deadline, and the current span's trace
+/// context when spans are exported.
+fn forwarded<T>(message: T, deadline: Duration) -> Request<T> {
     let mut request = Request::new(message);
     request.set_timeout(deadline);
+    cellmail_proto::trace::inject_current(request.metadata_mut());
     request
+}
+
+/// The tenant the interceptor authenticated, if any.
+fn tenant_of<T>(request: &Request<T>) -> Option<&TenantId> {
+    request.extensions().get::<TenantId>()
+}
+
+/// Runs `call` in `span` and records its outcome there.
+async fn traced<T>(
+    span: Span,
+    call: impl Future<Output = Result<Response<T>, Status>>,
+) -> Result<Response<T>, Status> {
+    let answered = call.instrument(span.clone()).await;
+    telemetry::span_answered(&span, &answered);
+    answered
 }
 
 impl SenderApi {
@@ -111,7 +133,7 @@ impl SenderApi {
                 epoch: caller.epoch,
                 message: Some(message.clone()),
             };
-            async move { cell.accept(with_deadline(accept, deadline)).await }
+            async move { cell.accept(forwarded(accept, deadline)).await }
         })
         .await
     }
@@ -182,6 +204,7 @@ impl SenderApi {
             epoch: target.epoch.0,
         };
         let client = self.channels.client(&target.cell, &target.endpoint)?;
+        telemetry::span_forwarded_to(&target.cell_label);
         let started = Instant::now();
         let answered = call(client, caller).await;
         if let Some(labels) = labels {
@@ -215,8 +238,12 @@ impl Sender for SenderApi {
         request: Request<v1::SendRequest>,
     ) -> Result<Response<v1::SendResponse>, Status> {
         let mut labels = SendLabels::new(request.get_ref().message_class);
-        let answered = self.forward_send(request, &mut labels).await;
+        let span = telemetry::send_span(tenant_of(&request), labels.class);
+        let answered = traced(span.clone(), self.forward_send(request, &mut labels)).await;
         labels.answered(&answered);
+        if let Ok(response) = &answered {
+            telemetry::span_message_id(&span, &response.get_ref().message_id);
+        }
         answered
     }
 
@@ -224,14 +251,18 @@ impl Sender for SenderApi {
         &self,
         request: Request<v1::GetMessageRequest>,
     ) -> Result<Response<v1::MessageStatus>, Status> {
-        let (tenant, deadline) = context(&request)?;
-        let request = request.into_inner();
-        self.on_cell(&tenant, None, |mut cell, caller| {
-            let call = v1::CellGetMessageRequest {
-                caller: Some(caller),
-                request: Some(request.clone()),
-            };
-            async move { cell.get_message(with_deadline(call, deadline)).await }
+        let span = telemetry::call_span("get_message", tenant_of(&request));
+        traced(span, async move {
+            let (tenant, deadline) = context(&request)?;
+            let request = request.into_inner();
+            self.on_cell(&tenant, None, |mut cell, caller| {
+                let call = v1::CellGetMessageRequest {
+                    caller: Some(caller),
+                    request: Some(request.clone()),
+                };
+                async move { cell.get_message(forwarded(call, deadline)).await }
+            })
+            .await
         })
         .await
     }
@@ -240,14 +271,18 @@ impl Sender for SenderApi {
         &self,
         request: Request<v1::ListSuppressionsRequest>,
     ) -> Result<Response<v1::ListSuppressionsResponse>, Status> {
-        let (tenant, deadline) = context(&request)?;
-        let request = request.into_inner();
-        self.on_cell(&tenant, None, |mut cell, caller| {
-            let call = v1::CellListSuppressionsRequest {
-                caller: Some(caller),
-                request: Some(request.clone()),
-            };
-            async move { cell.list_suppressions(with_deadline(call, deadline)).await }
+        let span = telemetry::call_span("list_suppressions", tenant_of(&request));
+        traced(span, async move {
+            let (tenant, deadline) = context(&request)?;
+            let request = request.into_inner();
+            self.on_cell(&tenant, None, |mut cell, caller| {
+                let call = v1::CellListSuppressionsRequest {
+                    caller: Some(caller),
+                    request: Some(request.clone()),
+                };
+                async move { cell.list_suppressions(forwarded(call, deadline)).await }
+            })
+            .await
         })
         .await
     }
@@ -256,14 +291,18 @@ impl Sender for SenderApi {
         &self,
         request: Request<v1::AddSuppressionRequest>,
     ) -> Result<Response<v1::Suppression>, Status> {
-        let (tenant, deadline) = context(&request)?;
-        let request = request.into_inner();
-        self.on_cell(&tenant, None, |mut cell, caller| {
-            let call = v1::CellAddSuppressionRequest {
-                caller: Some(caller),
-                request: Some(request.clone()),
-            };
-            async move { cell.add_suppression(with_deadline(call, deadline)).await }
+        let span = telemetry::call_span("add_suppression", tenant_of(&request));
+        traced(span, async move {
+            let (tenant, deadline) = context(&request)?;
+            let request = request.into_inner();
+            self.on_cell(&tenant, None, |mut cell, caller| {
+                let call = v1::CellAddSuppressionRequest {
+                    caller: Some(caller),
+                    request: Some(request.clone()),
+                };
+                async move { cell.add_suppression(forwarded(call, deadline)).await }
+            })
+            .await
         })
         .await
     }
@@ -272,14 +311,18 @@ impl Sender for SenderApi {
         &self,
         request: Request<v1::GetStatsRequest>,
     ) -> Result<Response<v1::GetStatsResponse>, Status> {
-        let (tenant, deadline) = context(&request)?;
-        let request = request.into_inner();
-        self.on_cell(&tenant, None, |mut cell, caller| {
-            let call = v1::CellGetStatsRequest {
-                caller: Some(caller),
-                request: Some(request),
-            };
-            async move { cell.get_stats(with_deadline(call, deadline)).await }
+        let span = telemetry::call_span("get_stats", tenant_of(&request));
+        traced(span, async move {
+            let (tenant, deadline) = context(&request)?;
+            let request = request.into_inner();
+            self.on_cell(&tenant, None, |mut cell, caller| {
+                let call = v1::CellGetStatsRequest {
+                    caller: Some(caller),
+                    request: Some(request),
+                };
+                async move { cell.get_stats(forwarded(call, deadline)).await }
+            })
+            .await
         })
         .await
     }
@@ -288,14 +331,18 @@ impl Sender for SenderApi {
         &self,
         request: Request<v1::RemoveSuppressionRequest>,
     ) -> Result<Response<v1::RemoveSuppressionResponse>, Status> {
-        let (tenant, deadline) = context(&request)?;
-        let request = request.into_inner();
-        self.on_cell(&tenant, None, |mut cell, caller| {
-            let call = v1::CellRemoveSuppressionRequest {
-                caller: Some(caller),
-                request: Some(request.clone()),
-            };
-            async move { cell.remove_suppression(with_deadline(call, deadline)).await }
+        let span = telemetry::call_span("remove_suppression", tenant_of(&request));
+        traced(span, async move {
+            let (tenant, deadline) = context(&request)?;
+            let request = request.into_inner();
+            self.on_cell(&tenant, None, |mut cell, caller| {
+                let call = v1::CellRemoveSuppressionRequest {
+                    caller: Some(caller),
+                    request: Some(request.clone()),
+                };
+                async move { cell.remove_suppression(forwarded(call, deadline)).await }
+            })
+            .await
         })
         .await
     }

@@ -9,16 +9,25 @@
 //! Authentication refuses a call before its message is read and before the router knows
 //! which method it is for: [`MarkSends`] marks `Send` calls on their way in, so the refusal
 //! still counts as a send (with class `unknown`, the message unread).
+//!
+//! Spans, when this process exports them ([`cellmail_proto::trace`]): one per `Sender` call,
+//! `send` for a send (tenant, class, cell, message id, outcome) and one named for the method
+//! for the others (tenant, cell, outcome). The cell is the one the call was last forwarded
+//! to. Without an OTLP endpoint they are `Span::none()`: recording into one is a branch.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cellmail_control::schema::Tier;
+use cellmail_proto::TenantId;
+use cellmail_proto::trace::exporting;
 use metrics::SharedString;
 use tonic::codegen::{Service, http};
 use tonic::server::NamedService;
 use tonic::{Response, Status};
+use tracing::Span;
+use tracing::field::Empty;
 
 pub const SENDS: &str = "cellmail_router_sends_total";
 pub const SEND_SECONDS: &str = "cellmail_router_send_seconds";
@@ -104,6 +113,74 @@ impl SendLabels {
 /// Counts a retry of a call that `cell` answered "moved".
 pub fn moved_retry(cell: &Arc<str>) {
     metrics::counter!(MOVED_RETRIES, "cell" => SharedString::from(cell.clone())).increment(1);
+}
+
+/// The span of one send of `tenant`'s (class `class`), when spans are exported.
+pub fn send_span(tenant: Option<&TenantId>, class: &'static str) -> Span {
+    if !exporting() {
+        return Span::none();
+    }
+    tracing::info_span!(
+        "send",
+        otel.kind = "server",
+        tenant = tenant.map(TenantId::as_str),
+        class,
+        cell = Empty,
+        message_id = Empty,
+        outcome = Empty,
+        otel.status_code = Empty,
+    )
+}
+
+/// The span of one call of `Sender` method `method` (not `Send`), when spans are exported.
+pub fn call_span(method: &'static str, tenant: Option<&TenantId>) -> Span {
+    if !exporting() {
+        return Span::none();
+    }
+    tracing::info_span!(
+        "sender",
+        otel.name = method,
+        otel.kind = "server",
+        tenant = tenant.map(TenantId::as_str),
+        cell = Empty,
+        outcome = Empty,
+        otel.status_code = Empty,
+    )
+}
+
+/// Records on the current call's span that it is being forwarded to `cell`.
+pub fn span_forwarded_to(cell: &Arc<str>) {
+    if exporting() {
+        Span::current().record("cell", &**cell);
+    }
+}
+
+/// Records how the call of `span` was answered. As OpenTelemetry's gRPC conventions have
+/// it for a server, only the codes that are the platform's fault mark the span an error,
+/// not the caller's mistakes or refusals (invalid argument, rate, breaker).
+pub fn span_answered<T>(span: &Span, result: &Result<Response<T>, Status>) {
+    if span.is_disabled() {
+        return;
+    }
+    span.record("outcome", cellmail_proto::error::outcome(result));
+    if let Err(status) = result
+        && matches!(
+            status.code(),
+            tonic::Code::Unknown
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unimplemented
+                | tonic::Code::Internal
+                | tonic::Code::Unavailable
+                | tonic::Code::DataLoss
+        )
+    {
+        span.record("otel.status_code", "error");
+    }
+}
+
+/// Records the id of the message a send's cell answered with.
+pub fn span_message_id(span: &Span, message_id: &str) {
+    span.record("message_id", message_id);
 }
 
 /// Marks a request as a `Send` call, for authentication to count its refusal.

@@ -24,9 +24,20 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `name` with `args` and waits until `addr` (if any) accepts connections.
     pub async fn start(name: &str, args: &[&str], addr: Option<&str>) -> anyhow::Result<Self> {
+        Self::start_with_env(name, args, addr, &[]).await
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub async fn start_with_env(
+        name: &str,
+        args: &[&str],
+        addr: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let child = Command::new(binary(name)?)
             .args(args)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -73,11 +84,22 @@ pub async fn start_cell(
     data_dir: &Path,
     extra: &[&str],
 ) -> anyhow::Result<Daemon> {
+    start_cell_with_env(id, registry, data_dir, extra, &[]).await
+}
+
+/// [`start_cell`] with extra environment variables.
+pub async fn start_cell_with_env(
+    id: &str,
+    registry: &[String],
+    data_dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<Daemon> {
     let data_dir = data_dir.to_string_lossy().into_owned();
     let mut args: Vec<&str> = vec!["--cell-id", id, "--data-dir", &data_dir];
     args.extend(registry.iter().map(String::as_str));
     args.extend(extra);
-    Daemon::start("cellmail-cell", &args, None).await
+    Daemon::start_with_env("cellmail-cell", &args, None, env).await
 }
 
 /// A control plane (with `admin_token`) and a router (serving metrics) on one registry, each
@@ -98,6 +120,15 @@ impl Front {
     }
 
     pub async fn start(registry: &[String], admin_token: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(registry, admin_token, &[]).await
+    }
+
+    /// [`Front::start`] with extra environment variables for the router.
+    pub async fn start_with_env(
+        registry: &[String],
+        admin_token: &str,
+        router_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let (control, router, router_metrics) = (free_addr()?, free_addr()?, free_addr()?);
         let registry = registry.iter().map(String::as_str);
         let control_args: Vec<&str> = [
@@ -116,7 +147,9 @@ impl Front {
             .into_iter()
             .chain(registry)
             .collect();
-        let router_daemon = Daemon::start("cellmail-router", &router_args, Some(&router)).await?;
+        let router_daemon =
+            Daemon::start_with_env("cellmail-router", &router_args, Some(&router), router_env)
+                .await?;
         Ok(Self {
             control,
             router,

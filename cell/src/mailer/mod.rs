@@ -182,6 +182,7 @@ mod tests {
             html: "<p>rich</p>".into(),
             tags: [("campaign".to_owned(), "fall-2026".to_owned())].into(),
             accepted_at_ms: 1_700_000_000_000,
+            traceparent: None,
         };
         let raw = render(&message);
         let parsed = mail_parser::MessageParser::default().parse(&raw).unwrap();

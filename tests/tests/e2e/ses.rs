@@ -45,6 +45,7 @@ fn message(tenant: &TenantId) -> Message {
         html: String::new(),
         tags: [("campaign".to_owned(), "fall-2026".to_owned())].into(),
         accepted_at_ms: 0,
+        traceparent: None,
     }
 }
 
