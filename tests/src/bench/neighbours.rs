@@ -75,10 +75,12 @@ impl Seen {
     }
 }
 
-/// What B saw during one flood's turns, and what A offered and got admitted.
+/// What B saw during one flood's turns (and how many of its sends failed), and what A
+/// offered and got admitted.
 #[derive(Default)]
 struct Crowded {
     seen: Seen,
+    failed: usize,
     offered: usize,
     admitted: usize,
 }
@@ -217,7 +219,7 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
                 let (sent, calm_refused) = steady(&calm, CALM_RATE, phase).await;
                 let (admitted, refused) = flooding.await?;
                 let stolen = os::stolen_since(steal);
-                anyhow::ensure!(calm_refused == 0, "{calm_refused} of B's sends failed");
+                seen.failed += calm_refused;
                 seen.seen.add(&client, &calm_key, sent, stolen).await?;
                 seen.admitted += admitted.len();
                 seen.offered += admitted.len() + refused;
@@ -233,14 +235,16 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
             let offered = seen.offered as f64 / seconds;
             let admitted = seen.admitted as f64 / seconds;
             let steal = os::steal_percent(seen.seen.stolen, phase * rounds);
+            // A send of B that failed is a miss whatever the latencies, as in the move rows.
+            let failed = seen.failed;
             rows.push(Row::measured(
                 figure,
                 ratio,
                 "ratio",
                 "<= 1.5",
-                ratio <= 1.5,
+                ratio <= 1.5 && failed == 0,
                 format!(
-                    "p99 {p99_crowded:.2} ms vs {p99_alone:.2} ms; B's accept p99 {accept_crowded:.2} ms vs {accept_alone:.2} ms; B at {CALM_RATE:.0}/s, A offered {offered:.0}/s ({times}x its {NOISY_RATE}/s; {admitted:.0}/s admitted); {rounds} rounds of {phase:?}; the hypervisor took {steal:.0}% of the CPU time then, {steal_alone:.0}% while B was alone"
+                    "{failed} of B's sends failed; p99 {p99_crowded:.2} ms vs {p99_alone:.2} ms; B's accept p99 {accept_crowded:.2} ms vs {accept_alone:.2} ms; B at {CALM_RATE:.0}/s, A offered {offered:.0}/s ({times}x its {NOISY_RATE}/s; {admitted:.0}/s admitted); {rounds} rounds of {phase:?}; the hypervisor took {steal:.0}% of the CPU time then, {steal_alone:.0}% while B was alone"
                 ),
             ));
         }
