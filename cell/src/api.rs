@@ -26,7 +26,7 @@ use crate::feedback::{self, Ingest};
 use crate::health::{self, Health};
 use crate::mailer::Mailer;
 use crate::message::{Accepted, MessageRecord, RecipientOutcome};
-use crate::store::{self, Store, Suppressed, TenantExport};
+use crate::store::{self, HandOver, Store, Suppressed, TenantExport};
 use crate::validation::parse_mailbox;
 
 const DEFAULT_STATS_HOURS: u32 = 24;
@@ -513,7 +513,8 @@ impl Cell for CellApi {
         &self,
         request: Request<v1::PrepareTenantRequest>,
     ) -> Result<Response<v1::PrepareTenantResponse>, Status> {
-        let tenant = tenant_id(request.into_inner().tenant_id)?;
+        let request = request.into_inner();
+        let tenant = tenant_id(request.tenant_id)?;
         self.not_serving(&tenant)?;
         let domains = self
             .catalog
@@ -528,12 +529,17 @@ impl Cell for CellApi {
         if handed_over.is_none() {
             self.store.forget(&tenant).await.map_err(storage)?;
         }
+        self.store
+            .take_over(&tenant, Epoch(request.epoch))
+            .await
+            .map_err(storage)?;
         self.mailer
             .prepare(&tenant, &domains)
             .await
             .map_err(|e| ApiError::Unavailable(format!("preparing the mailer: {e}")))?;
         Ok(Response::new(v1::PrepareTenantResponse {
-            kept_as_of_ms: handed_over.unwrap_or(0),
+            kept_as_of_ms: handed_over.map_or(0, |h| h.as_of_ms),
+            kept_epoch: handed_over.map_or(0, |h| h.epoch.0),
         }))
     }
 
@@ -541,8 +547,15 @@ impl Cell for CellApi {
         &self,
         request: Request<v1::ExportTenantRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        let request = request.into_inner();
+        let mut request = request.into_inner();
         let tenant = tenant_id(request.tenant_id)?;
+        if request.since_taken_over
+            && let Some(at_ms) = (self.store)
+                .taken_over(&tenant, Epoch(request.epoch))
+                .map_err(storage)?
+        {
+            request.since_ms = at_ms;
+        }
         if request.messages {
             let store = self.store.clone();
             let chunks = {
@@ -591,10 +604,11 @@ impl Cell for CellApi {
                 .await?
             };
             if request.handover {
-                store
-                    .hand_over(&tenant, request.since_ms)
-                    .await
-                    .map_err(storage)?;
+                let handed = HandOver {
+                    as_of_ms: request.since_ms,
+                    epoch: Epoch(request.epoch),
+                };
+                store.hand_over(&tenant, handed).await.map_err(storage)?;
             }
             return Ok(Response::new(Box::pin(tokio_stream::iter(
                 chunks.into_iter().map(Ok),

@@ -25,7 +25,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellmail_proto::{MessageClass, MessageId, SuppressionReason, TenantId, suppression_key};
+use cellmail_proto::{
+    Epoch, MessageClass, MessageId, SuppressionReason, TenantId, suppression_key,
+};
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
@@ -74,9 +76,14 @@ const STATS_CARRIED: TableDefinition<(&str, &str, u64, &str), &[u8]> =
 /// (tenant, class, minute since the epoch, cell) -> JSON [`Counts`], the same for breakers
 const WINDOW_CARRIED: TableDefinition<(&str, &str, u64, &str), &[u8]> =
     TableDefinition::new("window_carried");
-/// tenant -> when (this cell's clock) the tenant was handed over to another cell: what this
-/// cell keeps of it is current as of then, so a move back copies only what changed since
-const HANDED_OVER: TableDefinition<&str, u64> = TableDefinition::new("handed_over");
+/// tenant -> (when, this cell's clock; the epoch it had here) the tenant was handed over to
+/// another cell: what this cell keeps of it is current as of then, so a move back copies only
+/// what changed since
+const HANDED_OVER: TableDefinition<&str, (u64, u64)> = TableDefinition::new("hand_overs");
+/// tenant -> (epoch, when, this cell's clock) this cell prepared to take the tenant over at
+/// that epoch: it wrote nothing of the tenant's own from that stay before then, so a move
+/// straight back to the cell that handed it over copies only what was written here since
+const TAKEN_OVER: TableDefinition<&str, (u64, u64)> = TableDefinition::new("take_overs");
 
 /// Entries of an import committed together: a move's copy holds the writer (and the cell's
 /// accepts waiting behind it) only this long at a time.
@@ -104,7 +111,8 @@ struct Tables<'t> {
     recent: Recent<'t>,
     recent_suppressions: Recent<'t>,
     recent_messages: Recent<'t>,
-    handed_over: redb::Table<'t, &'static str, u64>,
+    handed_over: redb::Table<'t, &'static str, (u64, u64)>,
+    taken_over: redb::Table<'t, &'static str, (u64, u64)>,
 }
 
 impl<'t> Tables<'t> {
@@ -125,6 +133,7 @@ impl<'t> Tables<'t> {
             recent_suppressions: txn.open_table(RECENT_SUPPRESSIONS).map_err(err)?,
             recent_messages: txn.open_table(RECENT_MESSAGES).map_err(err)?,
             handed_over: txn.open_table(HANDED_OVER).map_err(err)?,
+            taken_over: txn.open_table(TAKEN_OVER).map_err(err)?,
         })
     }
 }
@@ -466,7 +475,12 @@ enum Write {
     /// Notes that a tenant was handed over to another cell as of a time.
     HandedOver {
         tenant: TenantId,
-        as_of_ms: u64,
+        handed: HandOver,
+    },
+    /// Notes that this cell takes a tenant over at an epoch, as of now.
+    TakingOver {
+        tenant: TenantId,
+        epoch: Epoch,
     },
 }
 
@@ -484,6 +498,14 @@ pub struct TenantExport {
     pub removed_suppressions: Vec<String>,
     /// (idempotency key, the store's record of it), live ones only.
     pub idempotency: Vec<(String, Vec<u8>)>,
+}
+
+/// A tenant's hand-over from this cell to another: what this cell keeps of it is current as
+/// of `as_of_ms` (this cell's clock), when the tenant had `epoch` here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandOver {
+    pub as_of_ms: u64,
+    pub epoch: Epoch,
 }
 
 /// What recording a feedback record did.
@@ -841,6 +863,7 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
                     .map_err(err)?;
             }
             t.handed_over.remove(tenant).map_err(err)?;
+            t.taken_over.remove(tenant).map_err(err)?;
             Ok(Written::Found(true))
         }
         Write::ImportMessages { tenant, records } => {
@@ -937,9 +960,15 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
             }
             Ok(Written::Found(true))
         }
-        Write::HandedOver { tenant, as_of_ms } => {
+        Write::HandedOver { tenant, handed } => {
             t.handed_over
-                .insert(tenant.as_str(), as_of_ms)
+                .insert(tenant.as_str(), (handed.as_of_ms, handed.epoch.0))
+                .map_err(err)?;
+            Ok(Written::Found(true))
+        }
+        Write::TakingOver { tenant, epoch } => {
+            t.taken_over
+                .insert(tenant.as_str(), (epoch.0, stamp_ms()))
                 .map_err(err)?;
             Ok(Written::Found(true))
         }
@@ -1544,11 +1573,11 @@ impl Store {
     }
 
     /// Notes (durably) that `tenant` was handed over to another cell: what this cell keeps
-    /// of it is current as of `as_of_ms` (this cell's clock), until the tenant moves back.
-    pub async fn hand_over(&self, tenant: &TenantId, as_of_ms: u64) -> Result<(), StorageError> {
+    /// of it is current as of the hand-over, until the tenant moves back.
+    pub async fn hand_over(&self, tenant: &TenantId, handed: HandOver) -> Result<(), StorageError> {
         let write = Write::HandedOver {
             tenant: tenant.clone(),
-            as_of_ms,
+            handed,
         };
         self.found(write, Commit::Durable).await.map(|_| ())
     }
@@ -1556,15 +1585,45 @@ impl Store {
     /// When `tenant` was last handed over from here, while a copy from then on can still be
     /// read incrementally (the write indexes keep an idempotency window; an hour of it is
     /// left for the copy's margins); `None` when what is here must be copied in full.
-    pub fn handed_over(&self, tenant: &TenantId, now_ms: u64) -> Result<Option<u64>, StorageError> {
+    pub fn handed_over(
+        &self,
+        tenant: &TenantId,
+        now_ms: u64,
+    ) -> Result<Option<HandOver>, StorageError> {
         let read = self.db.begin_read().map_err(err)?;
         let table = read.open_table(HANDED_OVER).map_err(err)?;
         let usable = IDEMPOTENCY_WINDOW.as_millis() as u64 - HOUR_MS;
         Ok(table
             .get(tenant.as_str())
             .map_err(err)?
-            .map(|at| at.value())
-            .filter(|at| now_ms.saturating_sub(*at) < usable))
+            .map(|row| {
+                let (as_of_ms, epoch) = row.value();
+                HandOver {
+                    as_of_ms,
+                    epoch: Epoch(epoch),
+                }
+            })
+            .filter(|handed| now_ms.saturating_sub(handed.as_of_ms) < usable))
+    }
+
+    /// Notes (durably) that this cell takes `tenant` over at `epoch` from now on (its
+    /// clock): of that stay, it writes nothing of the tenant's own before then.
+    pub async fn take_over(&self, tenant: &TenantId, epoch: Epoch) -> Result<(), StorageError> {
+        let write = Write::TakingOver {
+            tenant: tenant.clone(),
+            epoch,
+        };
+        self.found(write, Commit::Durable).await.map(|_| ())
+    }
+
+    /// When (this cell's clock) this cell took `tenant` over at `epoch`, if it noted that.
+    pub fn taken_over(&self, tenant: &TenantId, epoch: Epoch) -> Result<Option<u64>, StorageError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let table = read.open_table(TAKEN_OVER).map_err(err)?;
+        Ok(table.get(tenant.as_str()).map_err(err)?.and_then(|row| {
+            let (at_epoch, at_ms) = row.value();
+            (at_epoch == epoch.0).then_some(at_ms)
+        }))
     }
 
     /// Writes (durably) message records another cell kept of a tenant that moved here, each
@@ -2144,7 +2203,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_tenant_handed_over_and_back_copies_only_what_was_written_since_its_hand_over() {
+    async fn a_tenant_handed_over_and_back_copies_only_what_was_written_since_its_take_over() {
         let dir = tempfile::tempdir().unwrap();
         let (x, y) = (
             Store::open(&dir.path().join("x.redb")).unwrap(),
@@ -2170,11 +2229,19 @@ mod tests {
         x.suppress(&a, entry("old@x.example")).await.unwrap();
         assert_eq!(x.handed_over(&a, now_ms()).unwrap(), None);
 
-        // a moves to y: everything is copied, and x notes the hand-over.
+        // a moves to y (epoch 1 to 2): y notes it takes a over, everything is copied, and x
+        // notes the hand-over.
+        after(now_ms()).await;
+        y.take_over(&a, Epoch(2)).await.unwrap();
+        let taken_over = y.taken_over(&a, Epoch(2)).unwrap().unwrap();
+        assert_eq!(y.taken_over(&a, Epoch(3)).unwrap(), None, "another stay's");
         copy(&x, &y, &a, 0).await;
-        let handed_over = now_ms();
-        x.hand_over(&a, handed_over).await.unwrap();
-        after(handed_over).await;
+        let handed = HandOver {
+            as_of_ms: now_ms(),
+            epoch: Epoch(1),
+        };
+        x.hand_over(&a, handed).await.unwrap();
+        after(handed.as_of_ms).await;
 
         // On y: a new message, a late bounce of an old one, the list changes.
         let new = MessageId::generate();
@@ -2189,22 +2256,23 @@ mod tests {
         y.suppress(&a, entry("new@x.example")).await.unwrap();
         assert!(y.unsuppress(&a, "old@x.example").await.unwrap());
 
-        // a moves back: x kept its state as of the hand-over, and y sends only what changed.
-        assert_eq!(x.handed_over(&a, now_ms()).unwrap(), Some(handed_over));
+        // a moves back: x kept its state as of the hand-over, and y sends only what it wrote
+        // since it took a over, imports from x included (x has those).
+        assert_eq!(x.handed_over(&a, now_ms()).unwrap(), Some(handed));
         let ids = |written: Vec<(String, u64)>| -> Vec<String> {
             written.into_iter().map(|(id, _)| id).collect()
         };
         let mut changed = vec![bounced.to_string(), new.to_string()];
         changed.sort();
         assert_eq!(
-            ids(y.written_messages(&a, handed_over).unwrap()),
+            ids(y.written_messages(&a, taken_over).unwrap()),
             changed,
             "not the quiet message (y wrote it only as x had it), and not b's"
         );
-        let (_, export) = y.export(&a, now_ms(), Some(handed_over)).unwrap();
+        let (_, export) = y.export(&a, now_ms(), Some(taken_over)).unwrap();
         let keys: Vec<&str> = export.idempotency.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["new"], "the keys x has are not sent back");
-        copy(&y, &x, &a, handed_over).await;
+        copy(&y, &x, &a, taken_over).await;
 
         let record = x.message(&a, bounced).unwrap().unwrap();
         assert_eq!(record.events.last(), Some(&bounce));
@@ -2225,11 +2293,13 @@ mod tests {
 
         // Imported records keep when they were written, so a move on from x carries what
         // changed on y further; a hand-over older than the indexes keep is not usable.
-        assert_eq!(ids(x.written_messages(&a, handed_over).unwrap()), changed);
-        let late = handed_over + IDEMPOTENCY_WINDOW.as_millis() as u64;
+        assert_eq!(ids(x.written_messages(&a, taken_over).unwrap()), changed);
+        let late = handed.as_of_ms + IDEMPOTENCY_WINDOW.as_millis() as u64;
         assert_eq!(x.handed_over(&a, late).unwrap(), None);
         x.forget(&a).await.unwrap();
+        y.forget(&a).await.unwrap();
         assert_eq!(x.handed_over(&a, now_ms()).unwrap(), None);
+        assert_eq!(y.taken_over(&a, Epoch(2)).unwrap(), None);
     }
 
     /// `tenant` sends message `id` with idempotency key `key` on `store`, and it is sent.

@@ -5,12 +5,14 @@
 //! the leading control plane's [`Mover`] carries every unfinished move forward, one persisted
 //! step at a time, so that a control plane taking over resumes where the last one stopped:
 //!
-//! 1. PREPARING: the target cell gets ready (its mailer's resources for the tenant) and says
-//!    from when it needs the tenant's state: a cell the tenant was handed over from keeps
-//!    what it had, current as of that hand-over, so only what was written since is
-//!    pre-copied (the suppressions, idempotency keys and message records written since,
-//!    less [`PRECOPY_MARGIN`]); a cell without a usable hand-over drops what it had and
-//!    gets everything. The source still serves the tenant meanwhile. Then, in one
+//! 1. PREPARING: the target cell gets ready (its mailer's resources for the tenant), notes
+//!    from when it takes the tenant over (its clock), and says from when it needs the
+//!    tenant's state: a cell the tenant was handed over from keeps what it had, current as
+//!    of that hand-over, so only what was written since is pre-copied (the suppressions,
+//!    idempotency keys and message records): on a move straight back, what the source wrote
+//!    since it took the tenant over from the target, on the source's own clock; otherwise
+//!    what was written since the hand-over less [`PRECOPY_MARGIN`] for the clocks' skew. A
+//!    cell without a usable hand-over drops what it had and gets everything. The source still serves the tenant meanwhile. Then, in one
 //!    transaction, the placement is frozen (same epoch, compare-and-swap) and the step
 //!    becomes FROZEN. Routers hold the tenant's calls while the placement is frozen; cells
 //!    refuse them.
@@ -215,22 +217,33 @@ fn put<T: serde::Serialize>(key: &str, record: &T) -> Op {
     }
 }
 
+/// From when a pre-copy reads what the source wrote of the tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Since {
+    /// The source's clock (0: all of it).
+    ms: u64,
+    /// Instead, from when the source took the tenant over (its clock), if it noted that: the
+    /// target is the cell it took the tenant over from, and kept what it had.
+    taken_over: bool,
+}
+
 /// Which of a move's copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pass {
     /// While the source still serves the tenant: its suppression list and idempotency window
-    /// as written since the given time (0: all of it).
-    Precopy(u64),
+    /// as written since the given time.
+    Precopy(Since),
     /// While frozen: the suppressions and keys written since the pre-copy.
     Final,
     /// Before the freeze: the tenant's message records (status and events) written since the
-    /// given time (0: all of them), so that GetMessage answers for them on the target, and
+    /// given time, so that GetMessage answers for them on the target, and
     /// its figures (stats and breaker minutes, each cell's part whole), so that its stats,
     /// daily cap and breakers go on from them.
-    Messages(u64),
+    Messages(Since),
     /// Once the source has delivered: the message records written since the pre-copy (with
-    /// the tenant's figures, as [`Pass::Messages`] carries them too). The source then keeps that what it has of the tenant is current as of that time, so a
-    /// move back to it starts from there.
+    /// the tenant's figures, as [`Pass::Messages`] carries them too). The source then keeps
+    /// that what it has of the tenant is current as of that time, so a move back to it
+    /// starts from there.
     Handover,
 }
 
@@ -482,21 +495,29 @@ impl Mover {
                 }
                 let request = v1::PrepareTenantRequest {
                     tenant_id: tenant.to_string(),
+                    epoch: record.from_epoch.0 + 1,
                 };
-                let kept_as_of_ms = self
+                let kept = self
                     .client(&record.to)
                     .await?
                     .prepare_tenant(request)
                     .await
                     .map_err(unavailable(&record.to))?
-                    .into_inner()
-                    .kept_as_of_ms;
+                    .into_inner();
                 // What the target kept of an earlier stay is current as of its hand-over:
-                // only what was written since (on the source's clock, less the margin) is
-                // copied.
-                let since = match kept_as_of_ms {
-                    0 => 0,
-                    kept => kept.saturating_sub(margin()),
+                // only what was written since is copied. When the source took the tenant
+                // over from the target itself (at the epoch after that hand-over), that is
+                // what the source wrote since it took it over, on its own clock; otherwise
+                // what was written since the hand-over, on the target's clock less the margin.
+                let since = match kept.kept_as_of_ms {
+                    0 => Since {
+                        ms: 0,
+                        taken_over: false,
+                    },
+                    as_of => Since {
+                        ms: as_of.saturating_sub(margin()),
+                        taken_over: kept.kept_epoch + 1 == record.from_epoch.0,
+                    },
                 };
                 let precopied = self.transfer(&record, Pass::Precopy(since)).await?;
                 let messages = self.transfer(&record, Pass::Messages(since)).await?;
@@ -505,10 +526,12 @@ impl Mover {
                     precopied.suppressions,
                     precopied.keys,
                     messages.messages,
-                    if since > 0 {
-                        " written since the target's hand-over"
-                    } else {
-                        ""
+                    match since {
+                        Since {
+                            taken_over: true, ..
+                        } => " written since the source took the tenant over from the target",
+                        Since { ms: 0, .. } => "",
+                        _ => " written since the target's hand-over",
                     }
                 );
                 let messages_since_ms = messages.as_of_ms.saturating_sub(margin());
@@ -563,19 +586,24 @@ impl Mover {
 
     /// Exports the tenant from the source and imports it into the target.
     async fn transfer(&self, record: &MoveRecord, pass: Pass) -> Result<Copied, ApiError> {
-        let (since_ms, messages) = match pass {
+        let from = |ms| Since {
+            ms,
+            taken_over: false,
+        };
+        let (since, messages) = match pass {
             Pass::Precopy(since) => (since, false),
-            Pass::Final => (record.precopy_as_of_ms, false),
+            Pass::Final => (from(record.precopy_as_of_ms), false),
             Pass::Messages(since) => (since, true),
-            Pass::Handover => (record.messages_since_ms, true),
+            Pass::Handover => (from(record.messages_since_ms), true),
         };
         let request = v1::ExportTenantRequest {
             tenant_id: record.tenant.to_string(),
             epoch: record.from_epoch.0,
             precopy: matches!(pass, Pass::Precopy(_)),
-            since_ms,
+            since_ms: since.ms,
             messages,
             handover: pass == Pass::Handover,
+            since_taken_over: since.taken_over,
         };
         let mut chunks = self
             .client(&record.from)

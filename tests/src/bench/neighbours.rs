@@ -14,7 +14,7 @@ use cellmail_proto::v1::sender_client::SenderClient;
 use tonic::transport::Channel;
 
 use super::send_path::{
-    CELL, Door, Stage, UNLIMITED, next_key, runtime_on, seed, start_cell, start_router,
+    CELL, Door, Priority, Stage, UNLIMITED, next_key, runtime_on, seed, start_cell, start_router,
 };
 use super::{Row, os, percentile};
 
@@ -146,10 +146,10 @@ async fn delivered(
 
 pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
     let (cell_rt, router_rt, load_rt, flood_rt) = (
-        runtime_on("bench-cell", Some(1))?,
-        runtime_on("bench-router", Some(0))?,
-        runtime_on("bench-load", Some(0))?,
-        runtime_on("bench-flood", Some(0))?,
+        runtime_on("bench-cell", Some(1), Priority::Normal)?,
+        runtime_on("bench-router", Some(0), Priority::Normal)?,
+        runtime_on("bench-load", Some(0), Priority::Normal)?,
+        runtime_on("bench-flood", Some(0), Priority::Idle)?,
     );
     let stage = Stage::new(quick, &cell_rt)?;
     let Stage {

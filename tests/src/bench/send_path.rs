@@ -39,21 +39,43 @@ const CONCURRENCY: usize = 64;
 const SATURATION: usize = 512;
 
 pub(super) fn runtime(name: &str) -> anyhow::Result<Runtime> {
-    runtime_on(name, None)
+    runtime_on(name, None, Priority::Normal)
+}
+
+/// How the kernel schedules a bench runtime's threads against the others on their CPU.
+#[derive(Clone, Copy)]
+pub(super) enum Priority {
+    Normal,
+    /// Only while no other thread there wants the CPU (`SCHED_IDLE`): a client that, as
+    /// deployed, runs on its own machines, so that what it costs to make its calls does not
+    /// take the CPU from the platform's threads it shares one with here.
+    Idle,
 }
 
 /// A one-worker runtime whose threads (its blocking ones and the threads they start too) run
-/// only on CPU `cpu`, when one is given.
-pub(super) fn runtime_on(name: &str, cpu: Option<usize>) -> anyhow::Result<Runtime> {
+/// only on CPU `cpu`, when one is given, scheduled as `priority` says.
+pub(super) fn runtime_on(
+    name: &str,
+    cpu: Option<usize>,
+    priority: Priority,
+) -> anyhow::Result<Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(1).thread_name(name).enable_all();
-    if let Some(id) = cpu {
-        builder.on_thread_start(move || {
-            if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
-                eprintln!("warning: could not pin a bench thread to CPU {id}");
+    builder.on_thread_start(move || {
+        if let Some(id) = cpu
+            && !core_affinity::set_for_current(core_affinity::CoreId { id })
+        {
+            eprintln!("warning: could not pin a bench thread to CPU {id}");
+        }
+        if let Priority::Idle = priority {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sets the calling thread's policy (pid 0 is the caller on Linux) from a
+            // valid parameter; nothing else is touched.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                eprintln!("warning: could not schedule a bench thread as idle");
             }
-        });
-    }
+        }
+    });
     Ok(builder.build()?)
 }
 
@@ -423,10 +445,12 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
 
     let proxy_shutdown = shutdown.clone();
     proxy_rt.spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(proxy_listener);
         tonic::transport::Server::builder()
             .add_service(SenderServer::new(PassThrough { cell: proxy_cell }))
-            .serve_with_incoming_shutdown(incoming, proxy_shutdown.cancelled_owned())
+            .serve_with_incoming_shutdown(
+                cellmail_proto::server::incoming(proxy_listener),
+                proxy_shutdown.cancelled_owned(),
+            )
             .await
     });
 
