@@ -224,8 +224,16 @@ impl Acceptor {
                 self.cell
             )));
         }
-        drop(self.gate(tenant).write_owned().await);
+        self.between_calls(tenant, || ()).await;
         Ok(())
+    }
+
+    /// Runs `read` once no call this cell let in for `tenant` is under way, holding back
+    /// those that arrive meanwhile: what it reads then has every call let in before it, and
+    /// every call let in after makes its message ids after it.
+    pub async fn between_calls<T>(&self, tenant: &TenantId, read: impl FnOnce() -> T) -> T {
+        let _closed = self.gate(tenant).write_owned().await;
+        read()
     }
 
     async fn accept_once(&self, mut message: Message) -> Result<Accepted, ApiError> {

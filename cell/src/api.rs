@@ -558,10 +558,14 @@ impl Cell for CellApi {
         }
         if request.messages {
             let store = self.store.clone();
+            // Read as of a time no call of the tenant straddles, so that the next copy starts
+            // there exactly: a message accepted before it is in this read.
+            let as_of_ms = (self.acceptor)
+                .between_calls(&tenant, || store.committed_before())
+                .await;
             let chunks = {
                 let (store, tenant, cell) = (store.clone(), tenant.clone(), self.cell.clone());
                 off_thread(move || {
-                    let as_of_ms = now_ms();
                     let pages = message_pages(&store, &tenant, request.since_ms, EXPORT_CHUNK)
                         .map_err(storage)?;
                     let mut chunks: Vec<_> = pages
@@ -598,6 +602,9 @@ impl Cell for CellApi {
                             as_of_ms,
                             ..Default::default()
                         });
+                    }
+                    for chunk in &mut chunks {
+                        chunk.as_of_exact = true;
                     }
                     Ok(chunks)
                 })

@@ -1521,6 +1521,11 @@ impl Store {
             .map(|_| ())
     }
 
+    /// A time (ms, this cell's clock) before which every write here is committed.
+    pub fn committed_before(&self) -> u64 {
+        self.writes.committed_before()
+    }
+
     /// `tenant`'s message records, in id (so acceptance) order, each as (id, when this cell
     /// last wrote it): all of them, or with `since_ms` > 0 those written since (accepted
     /// then or later, or changed since; within the idempotency window).

@@ -27,8 +27,9 @@
 //!    source.
 //! 3. SWITCHED: the source keeps delivering what it had accepted and forwards late feedback;
 //!    once its backlog of the tenant is zero, the message records written since their
-//!    pre-copy (less the margin) are copied again as they ended, the source notes that hand-
-//!    over, and the move is COMPLETE. So each move copies what the tenant wrote since it
+//!    pre-copy are copied again as they ended (the source read them while no call of the
+//!    tenant was under way, so from exactly then; a source that does not say so, from the
+//!    margin before), the source notes that hand-over, and the move is COMPLETE. So each move copies what the tenant wrote since it
 //!    last left the target, not its whole history.
 //!
 //! Every step change is audited in the transaction that makes it, and a move that finishes
@@ -254,6 +255,8 @@ struct Copied {
     keys: usize,
     messages: usize,
     as_of_ms: u64,
+    /// The source read exactly as of `as_of_ms`.
+    exact: bool,
 }
 
 /// The tenant's placement on the move's source, at the epoch the move started from.
@@ -534,7 +537,12 @@ impl Mover {
                         _ => " written since the target's hand-over",
                     }
                 );
-                let messages_since_ms = messages.as_of_ms.saturating_sub(margin());
+                // A source that read its records exactly as of a time needs no margin.
+                let messages_since_ms = if messages.exact {
+                    messages.as_of_ms
+                } else {
+                    messages.as_of_ms.saturating_sub(margin())
+                };
                 Ok((
                     placement_revision,
                     precopied.as_of_ms,
@@ -615,7 +623,7 @@ impl Mover {
         let mut target = self.client(&record.to).await?;
         let mut copied = Copied::default();
         while let Some(chunk) = chunks.message().await.map_err(unavailable(&record.from))? {
-            copied.as_of_ms = chunk.as_of_ms;
+            (copied.as_of_ms, copied.exact) = (chunk.as_of_ms, chunk.as_of_exact);
             if chunk.suppressions.is_empty()
                 && chunk.removed_suppressions.is_empty()
                 && chunk.idempotency.is_empty()

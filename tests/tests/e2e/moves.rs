@@ -89,15 +89,17 @@ async fn a_tenant_moved_under_load_sends_every_key_once_and_its_neighbour_sees_n
             let (sender, key, next, retried) =
                 (sender.clone(), mover.clone(), next.clone(), retried.clone());
             tokio::spawn(async move {
+                let mut ids = Vec::new();
                 loop {
                     let n = next.fetch_add(1, Ordering::Relaxed);
                     if n >= KEYS {
-                        return;
+                        return ids;
                     }
                     let to = format!("r{n}@example.com");
                     let request = message("shop@mover.example", &to, &format!("key-{n}"));
-                    let (_, retries) = send_retrying(&sender, &key, request).await;
+                    let (id, retries) = send_retrying(&sender, &key, request).await;
                     retried.fetch_add(retries, Ordering::Relaxed);
+                    ids.push(id);
                 }
             })
         })
@@ -134,8 +136,9 @@ async fn a_tenant_moved_under_load_sends_every_key_once_and_its_neighbour_sees_n
         next.load(Ordering::Relaxed) < KEYS,
         "the move finished while sends were still flowing"
     );
+    let mut ids = vec![early_id.clone()];
     for client in clients {
-        client.await.unwrap();
+        ids.extend(client.await.unwrap());
     }
     let neighbour_errors = neighbour.await.unwrap();
     assert!(
@@ -175,6 +178,12 @@ async fn a_tenant_moved_under_load_sends_every_key_once_and_its_neighbour_sees_n
         .collect();
     assert!(lost.is_empty(), "never sent: {lost:?}");
     assert_eq!(keys.get("early"), Some(&1));
+    // The new cell answers for every message, those the old one accepted and sent included
+    // (the hand-over copied their records as they ended).
+    for id in &ids {
+        let status = cellmail_tests::get_message(&sender, &mover, id).await;
+        assert_eq!(status.unwrap().state, "SENT", "{id}");
+    }
     // The tenant's figures moved with it: its stats count every key once, wherever it went.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let counted = loop {
