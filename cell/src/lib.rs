@@ -46,6 +46,7 @@ use cellmail_control::catalog::WatchedCatalog;
 use cellmail_control::registry::{self, Registry};
 use cellmail_control::schema::{self, CellRecord, CellState, Keys};
 use cellmail_proto::CellId;
+use cellmail_proto::server::Peers;
 use cellmail_proto::v1::cell_server::{CellServer, SERVICE_NAME};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -308,9 +309,15 @@ pub async fn run(
     };
     let routes = tonic::service::Routes::new(CellServer::new(api));
 
-    let served =
-        cellmail_proto::server::serve(listener, routes, &health, &[SERVICE_NAME], shutdown.clone())
-            .await;
+    let served = cellmail_proto::server::serve(
+        listener,
+        Peers::Internal,
+        routes,
+        &health,
+        &[SERVICE_NAME],
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     reporter.await?;
     for worker in workers {

@@ -42,6 +42,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use cellmail_proto::server::Peers;
 use cellmail_proto::v1::control_server::{ControlServer, SERVICE_NAME};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -158,9 +159,15 @@ pub async fn serve(
     );
     let routes = tonic::service::Routes::new(telemetry::CountActions(api));
     let health = tonic_health::server::HealthReporter::new();
-    let served =
-        cellmail_proto::server::serve(listener, routes, &health, &[SERVICE_NAME], shutdown.clone())
-            .await;
+    let served = cellmail_proto::server::serve(
+        listener,
+        Peers::Public,
+        routes,
+        &health,
+        &[SERVICE_NAME],
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     leading.await??;
     reporter.await?;

@@ -127,10 +127,30 @@ impl MetricsConfig {
     }
 }
 
+/// Who calls a server, which decides how many of its calls one connection may abandon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peers {
+    /// Clients of tenants or operators, one connection each: a connection that resets more
+    /// than HTTP/2's default of 20 calls before the server takes them up is closed (the
+    /// defence against rapid-reset floods), which costs only that client.
+    Public,
+    /// The platform's own routers: one connection carries every tenant's calls to a cell,
+    /// and a router cancels each call its tenant gave up on, so a tenant abandoning a burst
+    /// of sends resets that many calls on it at once. Closing the connection for that would
+    /// fail every other tenant's calls under way on it.
+    Internal,
+}
+
+/// Calls an [`Peers::Internal`] connection may reset before the server takes them up: the
+/// most a router has in flight to one cell, with room to spare.
+const INTERNAL_PENDING_RESETS: usize = 65_536;
+
 /// Serves `routes` plus health (each of `services` reported SERVING in `health`, where the
-/// caller may report more) and reflection on `listener` until `shutdown` is cancelled.
+/// caller may report more) and reflection on `listener`, for `peers`, until `shutdown` is
+/// cancelled.
 pub async fn serve(
     listener: TcpListener,
+    peers: Peers,
     routes: Routes,
     health: &HealthReporter,
     services: &[&str],
@@ -148,7 +168,9 @@ pub async fn serve(
         .build_v1()
         // Both descriptor sets are compiled in; decoding them cannot fail.
         .expect("compiled-in descriptor sets decode");
+    let pending_resets = (peers == Peers::Internal).then_some(INTERNAL_PENDING_RESETS);
     tonic::transport::Server::builder()
+        .http2_max_pending_accept_reset_streams(pending_resets)
         .add_routes(routes)
         .add_service(health_service)
         .add_service(reflection)

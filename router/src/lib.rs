@@ -20,6 +20,7 @@ use std::sync::Arc;
 use cellmail_control::catalog::WatchedCatalog;
 use cellmail_control::registry::Registry;
 use cellmail_control::schema::Keys;
+use cellmail_proto::server::Peers;
 use cellmail_proto::v1::sender_server::{SERVICE_NAME, SenderServer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -94,8 +95,15 @@ pub async fn serve(
                 .await
         })
     };
-    let served =
-        cellmail_proto::server::serve(listener, routes, &health, &[SERVICE_NAME], shutdown).await;
+    let served = cellmail_proto::server::serve(
+        listener,
+        Peers::Public,
+        routes,
+        &health,
+        &[SERVICE_NAME],
+        shutdown,
+    )
+    .await;
     reporter.abort();
     usage_writer.await?;
     Ok(served?)

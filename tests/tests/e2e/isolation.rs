@@ -755,3 +755,79 @@ async fn a_daily_cap_and_a_suspension_stop_only_their_tenant_until_resumed() {
     assert!(audit[1].before_json.contains("\"ACTIVE\""));
     assert!(audit[1].after_json.contains("\"SUSPENDED\""));
 }
+
+/// A tenant that gives up on many sends at once (its client timing out, its process killed
+/// in a burst) makes the router cancel them towards the cell, on the connection every
+/// tenant's sends to that cell share. The cell must not close that connection for it: none
+/// of another tenant's sends under way on it may fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_abandoning_its_sends_fails_none_of_anothers() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &["--cells", "1"]).unwrap();
+    let request = v1::CreateTenantRequest {
+        id: "quitter".into(),
+        domains: vec!["a.example".into()],
+        policy: Some(v1::TenantPolicy {
+            rate_per_second: 100_000,
+            burst: 100_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut control = platform.control().await.unwrap();
+    let a = control.create_tenant(request).await.unwrap().into_inner();
+    let (_, b) = platform
+        .create_tenant("steady", &["b.example"])
+        .await
+        .unwrap();
+    // Each tenant's client has a connection of its own to the router.
+    let (quitter, sender) = (
+        platform.sender().await.unwrap(),
+        platform.sender().await.unwrap(),
+    );
+
+    let abandoning = {
+        let (sender, key) = (quitter, a.api_key);
+        tokio::spawn(async move {
+            let mut abandoned = 0;
+            for round in 0..20 {
+                let mut calls = tokio::task::JoinSet::new();
+                for n in 0..500u64 {
+                    let request =
+                        message("x@a.example", "joe@example.com", &format!("{round}-{n}"));
+                    let (mut sender, request) = (sender.clone(), authorized(&key, request));
+                    calls.spawn(async move {
+                        let call = sender.send(request);
+                        tokio::time::timeout(Duration::from_micros(n * 37 % 8000), call).await
+                    });
+                }
+                abandoned += calls.join_all().await.iter().filter(|c| c.is_err()).count();
+            }
+            abandoned
+        })
+    };
+    let mut failed = Vec::new();
+    let mut sent = 0;
+    while !abandoning.is_finished() {
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let request = message("x@b.example", "ann@example.com", "");
+            let (mut sender, request) = (sender.clone(), authorized(&b, request));
+            calls.spawn(async move { sender.send(request).await });
+        }
+        for result in calls.join_all().await {
+            match result {
+                Ok(_) => sent += 1,
+                Err(status) => failed.push(status),
+            }
+        }
+    }
+    let abandoned = abandoning.await.unwrap();
+    assert!(abandoned > 1_000, "A gave up on only {abandoned} sends");
+    assert!(sent > 0);
+    assert!(
+        failed.is_empty(),
+        "{} of B's sends failed: {failed:?}",
+        failed.len()
+    );
+}
