@@ -309,15 +309,9 @@ pub async fn run(
     };
     let routes = tonic::service::Routes::new(CellServer::new(api));
 
-    let served = cellmail_proto::server::serve(
-        listener,
-        Peers::Internal,
-        routes,
-        &health,
-        &[SERVICE_NAME],
-        shutdown.clone(),
-    )
-    .await;
+    let served = Peers::Internal
+        .serve(listener, routes, &health, &[SERVICE_NAME], shutdown.clone())
+        .await;
     shutdown.cancel();
     reporter.await?;
     for worker in workers {

@@ -159,15 +159,9 @@ pub async fn serve(
     );
     let routes = tonic::service::Routes::new(telemetry::CountActions(api));
     let health = tonic_health::server::HealthReporter::new();
-    let served = cellmail_proto::server::serve(
-        listener,
-        Peers::Public,
-        routes,
-        &health,
-        &[SERVICE_NAME],
-        shutdown.clone(),
-    )
-    .await;
+    let served = Peers::Public
+        .serve(listener, routes, &health, &[SERVICE_NAME], shutdown.clone())
+        .await;
     shutdown.cancel();
     leading.await??;
     reporter.await?;

@@ -145,37 +145,39 @@ pub enum Peers {
 /// most a router has in flight to one cell, with room to spare.
 const INTERNAL_PENDING_RESETS: usize = 65_536;
 
-/// Serves `routes` plus health (each of `services` reported SERVING in `health`, where the
-/// caller may report more) and reflection on `listener`, for `peers`, until `shutdown` is
-/// cancelled.
-pub async fn serve(
-    listener: TcpListener,
-    peers: Peers,
-    routes: Routes,
-    health: &HealthReporter,
-    services: &[&str],
-    shutdown: CancellationToken,
-) -> Result<(), tonic::transport::Error> {
-    for service in services {
-        health
-            .set_service_status(*service, ServingStatus::Serving)
-            .await;
+impl Peers {
+    /// Serves `routes` plus health (each of `services` reported SERVING in `health`, where
+    /// the caller may report more) and reflection on `listener`, for these peers, until
+    /// `shutdown` is cancelled.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        routes: Routes,
+        health: &HealthReporter,
+        services: &[&str],
+        shutdown: CancellationToken,
+    ) -> Result<(), tonic::transport::Error> {
+        for service in services {
+            health
+                .set_service_status(*service, ServingStatus::Serving)
+                .await;
+        }
+        let health_service = HealthServer::new(HealthService::from_health_reporter(health.clone()));
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            // Both descriptor sets are compiled in; decoding them cannot fail.
+            .expect("compiled-in descriptor sets decode");
+        let pending_resets = (self == Peers::Internal).then_some(INTERNAL_PENDING_RESETS);
+        tonic::transport::Server::builder()
+            .http2_max_pending_accept_reset_streams(pending_resets)
+            .add_routes(routes)
+            .add_service(health_service)
+            .add_service(reflection)
+            .serve_with_incoming_shutdown(incoming(listener), shutdown.cancelled_owned())
+            .await
     }
-    let health_service = HealthServer::new(HealthService::from_health_reporter(health.clone()));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        // Both descriptor sets are compiled in; decoding them cannot fail.
-        .expect("compiled-in descriptor sets decode");
-    let pending_resets = (peers == Peers::Internal).then_some(INTERNAL_PENDING_RESETS);
-    tonic::transport::Server::builder()
-        .http2_max_pending_accept_reset_streams(pending_resets)
-        .add_routes(routes)
-        .add_service(health_service)
-        .add_service(reflection)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown.cancelled_owned())
-        .await
 }
 
 /// The connections `listener` accepts, each with `TCP_NODELAY` set: without it, a response

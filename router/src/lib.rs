@@ -95,15 +95,9 @@ pub async fn serve(
                 .await
         })
     };
-    let served = cellmail_proto::server::serve(
-        listener,
-        Peers::Public,
-        routes,
-        &health,
-        &[SERVICE_NAME],
-        shutdown,
-    )
-    .await;
+    let served = Peers::Public
+        .serve(listener, routes, &health, &[SERVICE_NAME], shutdown)
+        .await;
     reporter.abort();
     usage_writer.await?;
     Ok(served?)
