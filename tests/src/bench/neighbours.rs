@@ -5,7 +5,9 @@
 //! workers serves both tenants; the router's per-tenant admission refuses A's excess. As
 //! deployed, the router tier and the cells run on different machines: here the cell runs on
 //! CPU 1 and the router and both load generators on CPU 0, so A's flood costs the router
-//! (which B's sends cross too) and not, through the load generator, the cell.
+//! (which B's sends cross too) and not, through the load generator, the cell. A's load
+//! generator, which as deployed runs on A's own machines, runs there only when neither the
+//! router nor B's wants the CPU.
 
 use std::time::{Duration, SystemTime};
 
