@@ -823,7 +823,7 @@ async fn a_tenant_abandoning_its_sends_fails_none_of_anothers() {
         }
     }
     let abandoned = abandoning.await.unwrap();
-    assert!(abandoned > 1_000, "A gave up on only {abandoned} sends");
+    assert!(abandoned > 500, "A gave up on only {abandoned} sends");
     assert!(sent > 0);
     assert!(
         failed.is_empty(),
