@@ -54,6 +54,9 @@ pub enum Commit {
     Bulk,
 }
 
+/// Where a write's outcome is answered.
+type Reply<Out> = oneshot::Receiver<Result<Out, StorageError>>;
+
 /// An operation, how it is committed, and the reply.
 struct Job<Op, Out> {
     op: Op,
@@ -162,6 +165,27 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
         ops: Vec<Op>,
         commit: Commit,
     ) -> Result<Vec<Out>, StorageError> {
+        let replies = self.enqueue(ops, commit)?;
+        let mut outs = Vec::with_capacity(replies.len());
+        for rx in replies {
+            outs.push(
+                rx.await
+                    .map_err(|_| StorageError("the write's batch failed to commit".into()))??,
+            );
+        }
+        Ok(outs)
+    }
+
+    /// Queues `ops` to be applied in order with every write queued after them and committed
+    /// lazily, without waiting for that: for writes whose loss in a crash is harmless and
+    /// whose caller goes on from what it already knows. A batch that fails is logged by the
+    /// writer.
+    pub fn submit_unanswered(&self, ops: Vec<Op>) -> Result<(), StorageError> {
+        self.enqueue(ops, Commit::Lazy).map(|_| ())
+    }
+
+    /// Hands every op to the writer thread, in order; returns where each is answered.
+    fn enqueue(&self, ops: Vec<Op>, commit: Commit) -> Result<Vec<Reply<Out>>, StorageError> {
         let (mut replies, last) = (Vec::with_capacity(ops.len()), ops.len().saturating_sub(1));
         for (n, op) in ops.into_iter().enumerate() {
             let (reply, rx) = oneshot::channel();
@@ -183,14 +207,7 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
                 .map_err(|_| StorageError("the commit thread has stopped".into()))?;
             replies.push(rx);
         }
-        let mut outs = Vec::with_capacity(replies.len());
-        for rx in replies {
-            outs.push(
-                rx.await
-                    .map_err(|_| StorageError("the write's batch failed to commit".into()))??,
-            );
-        }
-        Ok(outs)
+        Ok(replies)
     }
 }
 
@@ -300,6 +317,34 @@ mod tests {
         assert_eq!(
             *applied.lock().unwrap(),
             ["hold", "accept", "delete", "bulk-1", "bad"]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_write_returns_at_once_and_is_applied_before_later_ones() {
+        let (_dir, commits, applied, release) = writer();
+        let commits = Arc::new(commits);
+        let held = {
+            let commits = commits.clone();
+            tokio::spawn(async move { commits.submit("hold", Commit::Durable).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // The writer is busy with "hold": queued behind it, and not waited for.
+        commits
+            .submit_unanswered(vec!["count-1", "count-2"])
+            .unwrap();
+        assert_eq!(*applied.lock().unwrap(), [] as [&str; 0]);
+        let later = {
+            let commits = commits.clone();
+            tokio::spawn(async move { commits.submit("delete", Commit::Lazy).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        release.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        later.await.unwrap().unwrap();
+        assert_eq!(
+            *applied.lock().unwrap(),
+            ["hold", "count-1", "count-2", "delete"]
         );
     }
 

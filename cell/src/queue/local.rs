@@ -256,13 +256,17 @@ impl LocalQueue {
             seq,
             count,
         }));
-        // A dead-letter move is fsynced; receive counts alone are not.
-        let commit = if dead.is_empty() {
-            Commit::Lazy
+        // A dead-letter move is fsynced. Receive counts alone are not, and are not waited
+        // for: the index above already counts them, and a count a crash loses only lets a
+        // message be received once more before it is dead-lettered. Not waiting keeps
+        // delivery from queueing behind every insert's fsync under way.
+        if dead.is_empty() {
+            (self.writes)
+                .submit_unanswered(writes)
+                .map_err(|e| QueueError::Storage(e.0))?;
         } else {
-            Commit::Durable
-        };
-        self.write(writes, commit).await?;
+            self.write(writes, Commit::Durable).await?;
+        }
         if !dead.is_empty() {
             tracing::warn!(queue = ?kind, count = dead.len(), "messages received too often; dead-lettered");
             let mut state = self.lock();
