@@ -289,14 +289,21 @@ mod tests {
         (dir, commits, applied, release)
     }
 
+    /// Submits `op` from a task of its own.
+    fn submitted(
+        commits: &Arc<GroupCommit<&'static str, ()>>,
+        op: &'static str,
+        commit: Commit,
+    ) -> tokio::task::JoinHandle<Result<(), StorageError>> {
+        let commits = commits.clone();
+        tokio::spawn(async move { commits.submit(op, commit).await })
+    }
+
     #[tokio::test]
     async fn bulk_writes_wait_for_the_others_and_commit_alone() {
         let (_dir, commits, applied, release) = writer();
         let commits = Arc::new(commits);
-        let submit = |op, commit| {
-            let commits = commits.clone();
-            tokio::spawn(async move { commits.submit(op, commit).await })
-        };
+        let submit = |op, commit| submitted(&commits, op, commit);
         let hold = submit("hold", Commit::Durable);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         // Queued while the writer is busy: two bulk writes first, then two others.
@@ -324,20 +331,14 @@ mod tests {
     async fn an_unanswered_write_returns_at_once_and_is_applied_before_later_ones() {
         let (_dir, commits, applied, release) = writer();
         let commits = Arc::new(commits);
-        let held = {
-            let commits = commits.clone();
-            tokio::spawn(async move { commits.submit("hold", Commit::Durable).await })
-        };
+        let held = submitted(&commits, "hold", Commit::Durable);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         // The writer is busy with "hold": queued behind it, and not waited for.
         commits
             .submit_unanswered(vec!["count-1", "count-2"])
             .unwrap();
         assert_eq!(*applied.lock().unwrap(), [] as [&str; 0]);
-        let later = {
-            let commits = commits.clone();
-            tokio::spawn(async move { commits.submit("delete", Commit::Lazy).await })
-        };
+        let later = submitted(&commits, "delete", Commit::Lazy);
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         release.send(()).unwrap();
         held.await.unwrap().unwrap();
@@ -401,10 +402,7 @@ mod tests {
         use std::time::Duration;
         let (_dir, commits, _, release) = writer();
         let commits = Arc::new(commits);
-        let held = {
-            let commits = commits.clone();
-            tokio::spawn(async move { commits.submit("hold", Commit::Durable).await })
-        };
+        let held = submitted(&commits, "hold", Commit::Durable);
         // Once the held batch is under way, the time stops at when it began.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while commits.committed_before() + 10 > now_ms() {

@@ -365,31 +365,30 @@ async fn suppression_requests_name_the_bad_field() {
     assert_eq!(no_key.unwrap_err().code(), Code::Unauthenticated);
 }
 
+/// Creates a tenant sending from `domain` whose routers admit `rate` sends a second (and
+/// as many at once); returns its API key.
+async fn rated_tenant(platform: &Platform, id: &str, domain: &str, rate: u32) -> String {
+    let request = v1::CreateTenantRequest {
+        id: id.into(),
+        domains: vec![domain.into()],
+        policy: Some(v1::TenantPolicy {
+            rate_per_second: rate,
+            burst: rate,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut control = platform.control().await.unwrap();
+    let created = control.create_tenant(request).await.unwrap();
+    created.into_inner().api_key
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_over_its_rate_waits_with_a_retry_delay_and_others_do_not() {
     use tonic_types::StatusExt;
     let dir = tempfile::tempdir().unwrap();
     let platform = Platform::start(dir.path(), &["--cells", "1"]).unwrap();
-    let request = v1::CreateTenantRequest {
-        id: "flood".into(),
-        domains: vec!["flood.example".into()],
-        tier: String::new(),
-        policy: Some(v1::TenantPolicy {
-            rate_per_second: 5,
-            burst: 5,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let flood = platform
-        .control()
-        .await
-        .unwrap()
-        .create_tenant(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .api_key;
+    let flood = rated_tenant(&platform, "flood", "flood.example", 5).await;
     let (_, calm) = platform
         .create_tenant("calm", &["calm.example"])
         .await
@@ -764,18 +763,7 @@ async fn a_daily_cap_and_a_suspension_stop_only_their_tenant_until_resumed() {
 async fn a_tenant_abandoning_its_sends_fails_none_of_anothers() {
     let dir = tempfile::tempdir().unwrap();
     let platform = Platform::start(dir.path(), &["--cells", "1"]).unwrap();
-    let request = v1::CreateTenantRequest {
-        id: "quitter".into(),
-        domains: vec!["a.example".into()],
-        policy: Some(v1::TenantPolicy {
-            rate_per_second: 100_000,
-            burst: 100_000,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let mut control = platform.control().await.unwrap();
-    let a = control.create_tenant(request).await.unwrap().into_inner();
+    let a = rated_tenant(&platform, "quitter", "a.example", 100_000).await;
     let (_, b) = platform
         .create_tenant("steady", &["b.example"])
         .await
@@ -787,7 +775,7 @@ async fn a_tenant_abandoning_its_sends_fails_none_of_anothers() {
     );
 
     let abandoning = {
-        let (sender, key) = (quitter, a.api_key);
+        let (sender, key) = (quitter, a);
         tokio::spawn(async move {
             let mut abandoned = 0;
             for round in 0..20 {
