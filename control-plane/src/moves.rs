@@ -12,10 +12,10 @@
 //!    idempotency keys and message records): on a move straight back, what the source wrote
 //!    since it took the tenant over from the target, on the source's own clock; otherwise
 //!    what was written since the hand-over less [`PRECOPY_MARGIN`] for the clocks' skew. A
-//!    cell without a usable hand-over drops what it had and gets everything. The source still serves the tenant meanwhile. Then, in one
-//!    transaction, the placement is frozen (same epoch, compare-and-swap) and the step
-//!    becomes FROZEN. Routers hold the tenant's calls while the placement is frozen; cells
-//!    refuse them.
+//!    cell without a usable hand-over drops what it had and gets everything. The source
+//!    still serves the tenant meanwhile. Then, in one transaction, the placement is frozen
+//!    (same epoch, compare-and-swap) and the step becomes FROZEN. Routers hold the
+//!    tenant's calls while the placement is frozen; cells refuse them.
 //! 2. FROZEN: the source exports the suppressions (added or removed) and idempotency keys
 //!    written since its pre-copy read (every write not in that read is stamped as of it or
 //!    later: the cell's store stamps its writes as it commits them) once it sees the freeze
@@ -29,8 +29,9 @@
 //!    once its backlog of the tenant is zero, the message records written since their
 //!    pre-copy are copied again as they ended (the source read them while no call of the
 //!    tenant was under way, so from exactly then; a source that does not say so, from the
-//!    margin before), the source notes that hand-over, and the move is COMPLETE. So each move copies what the tenant wrote since it
-//!    last left the target, not its whole history.
+//!    margin before), the source notes that hand-over, and the move is COMPLETE. So each
+//!    move copies what the tenant wrote since it last left the target, not its whole
+//!    history.
 //!
 //! Every step change is audited in the transaction that makes it, and a move that finishes
 //! is counted in `cellmail_control_moves_finished_total{step}` (`complete`, `rolled_back`).

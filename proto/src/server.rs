@@ -141,7 +141,7 @@ pub enum Peers {
     Internal,
 }
 
-/// Calls an [`Peers::Internal`] connection may reset before the server takes them up: the
+/// Calls a [`Peers::Internal`] connection may reset before the server takes them up: the
 /// most a router has in flight to one cell, with room to spare.
 const INTERNAL_PENDING_RESETS: usize = 65_536;
 
