@@ -106,7 +106,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         };
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
         tasks.spawn(async move {
-            cellmail_cell::run(config, &dir, registry, keys, backends, shutdown)
+            cellmail_cell::run(config, registry, keys, backends, shutdown)
                 .await
                 .with_context(|| format!("cell {id}"))
         });

@@ -24,6 +24,7 @@ use crate::breaker;
 use crate::commit::StorageError;
 use crate::fencing::{self, Verdict};
 use crate::message::{Accepted, BodyRef, Message, MessageState, RecipientOutcome};
+use crate::queue::local::Staged;
 use crate::queue::{Queue, QueueError};
 use crate::store::{Figures, Reservation, Store};
 use crate::telemetry::TopTenants;
@@ -236,21 +237,21 @@ impl Acceptor {
         read()
     }
 
+    /// Accepts a message with an idempotency key: answers an earlier send's answer again,
+    /// or queues the message under the id an earlier attempt reserved, or under its own. A
+    /// key the embedded queue's accept commit reserves itself is only looked up here; for
+    /// another queue it is reserved durably before the message is sent to the queue.
     async fn accept_once(&self, mut message: Message) -> Result<Accepted, ApiError> {
-        match self
-            .store
-            .reserve(
-                &message.tenant,
-                &message.idempotency_key,
-                message.id,
-                now_ms(),
-            )
-            .await
-            .map_err(storage_error)?
-        {
-            Reservation::Done(accepted) => return Ok(accepted),
-            Reservation::Pending(first_id) => message.id = first_id,
-            Reservation::New => {}
+        let (tenant, key) = (&message.tenant, message.idempotency_key.as_str());
+        let held = if self.queue.in_cell_store().is_some() {
+            self.store.held(tenant, key, now_ms())
+        } else {
+            (self.store.reserve(tenant, key, message.id, now_ms()).await).map(Some)
+        };
+        match held.map_err(storage_error)? {
+            Some(Reservation::Done(accepted)) => return Ok(accepted),
+            Some(Reservation::Pending(first_id)) => message.id = first_id,
+            Some(Reservation::New) | None => {}
         }
         self.accept_new(message).await
     }
@@ -316,28 +317,33 @@ impl Acceptor {
             message_id: message.id,
             recipients,
         };
-        let state = if accepted.queued() {
-            let internal = |e: serde_json::Error| ApiError::Internal(e.to_string());
-            let mut body = serde_json::to_vec(&message).map_err(internal)?;
-            if body.len() > self.queue.max_body() {
-                // Too large for the queue: keep it in the store, queue a reference to it.
-                self.store
-                    .put_body(message.id, body)
-                    .await
-                    .map_err(storage_error)?;
-                body = serde_json::to_vec(&BodyRef {
-                    body_ref: message.id,
-                })
-                .map_err(internal)?;
-            }
-            self.queue
-                .send(message.class.into(), body)
-                .await
-                .map_err(queue_error)?;
-            MessageState::Queued
+        let (state, staged) = if accepted.queued() {
+            (MessageState::Queued, self.queue_message(&message).await?)
         } else {
-            MessageState::Suppressed
+            (MessageState::Suppressed, None)
         };
+        let place = staged.as_ref().map(|s| s.place);
+        let record = message.record(state, accepted.recipients.clone());
+        let key = (!message.idempotency_key.is_empty()).then_some(message.idempotency_key.as_str());
+        match self
+            .store
+            .accepted(key, accepted.clone(), record, staged, now_ms())
+            .await
+            .map_err(storage_error)?
+        {
+            Reservation::New => {}
+            // Another send of the key committed first (nothing of this one was written).
+            Reservation::Done(earlier) => return Ok(earlier),
+            Reservation::Pending(_) => {
+                return Err(ApiError::Unavailable(format!(
+                    "idempotency_key: an earlier send of {:?} is under way; retry",
+                    message.idempotency_key
+                )));
+            }
+        }
+        if let (Some(place), Some(queue)) = (place, self.queue.in_cell_store()) {
+            queue.publish(place);
+        }
         tracing::debug!(tenant = %message.tenant, message_id = %message.id, class = %message.class, ?state, "accepted");
         let (cell, class) = (self.cell.to_string(), message.class.as_str());
         metrics::counter!("cellmail_accepted_total", "cell" => cell.clone(), "class" => class, "tier" => tier, "state" => state.as_str()).increment(1);
@@ -349,13 +355,30 @@ impl Acceptor {
         {
             metrics::counter!("cellmail_suppressed_recipients_total", "cell" => cell.clone(), "class" => class, "scope" => scope).increment(1);
         }
-        let record = message.record(state, accepted.recipients.clone());
-        let key = (!message.idempotency_key.is_empty()).then_some(message.idempotency_key.as_str());
-        self.store
-            .accepted(key, accepted.clone(), record, now_ms())
-            .await
-            .map_err(storage_error)?;
         Ok(accepted)
+    }
+
+    /// Queues `message`: staged for the accept's commit in the embedded queue, sent to any
+    /// other queue (a body over its limit kept in the store, and a reference to it sent).
+    async fn queue_message(&self, message: &Message) -> Result<Option<Staged>, ApiError> {
+        let internal = |e: serde_json::Error| ApiError::Internal(e.to_string());
+        let mut body = serde_json::to_vec(message).map_err(internal)?;
+        let kind = message.class.into();
+        if let Some(queue) = self.queue.in_cell_store() {
+            return Ok(Some(queue.stage(kind, body)));
+        }
+        if body.len() > self.queue.max_body() {
+            self.store
+                .put_body(message.id, body)
+                .await
+                .map_err(storage_error)?;
+            body = serde_json::to_vec(&BodyRef {
+                body_ref: message.id,
+            })
+            .map_err(internal)?;
+        }
+        self.queue.send(kind, body).await.map_err(queue_error)?;
+        Ok(None)
     }
 
     /// Checks every recipient against the tenant's list, then the global one, and removes

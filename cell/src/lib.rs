@@ -140,19 +140,28 @@ pub struct BackendConfig {
     pub ses: mailer::ses::SesSettings,
 }
 
-/// The cell's IO backends.
+/// The cell's store and IO backends.
 pub struct Backends {
+    pub store: Arc<store::Store>,
     pub queue: Arc<dyn queue::Queue>,
     pub mailer: Arc<dyn mailer::Mailer>,
 }
 
-fn local_queue(cell_dir: &Path) -> anyhow::Result<Arc<dyn queue::Queue>> {
+/// The cell's store, `store.redb` in `cell_dir`.
+fn open_store(cell_dir: &Path) -> anyhow::Result<Arc<store::Store>> {
     std::fs::create_dir_all(cell_dir)
         .with_context(|| format!("creating {}", cell_dir.display()))?;
-    let queue = queue::local::LocalQueue::open(
-        &cell_dir.join("queue.redb"),
-        queue::QueueConfig::default(),
-    )?;
+    Ok(Arc::new(store::Store::open(&cell_dir.join("store.redb"))?))
+}
+
+/// The embedded queue in `store`, with what an earlier version's queue file in `cell_dir`
+/// held moved into it.
+fn local_queue(
+    store: &Arc<store::Store>,
+    cell_dir: &Path,
+) -> anyhow::Result<Arc<dyn queue::Queue>> {
+    queue::local::adopt(store, &cell_dir.join("queue.redb"))?;
+    let queue = queue::local::LocalQueue::open(store.clone(), queue::QueueConfig::default())?;
     Ok(Arc::new(queue))
 }
 
@@ -164,14 +173,16 @@ fn file_sink(mail_root: &Path, queue: &Arc<dyn queue::Queue>) -> Arc<dyn mailer:
 }
 
 impl BackendConfig {
-    /// Opens the configured backends for cell `id`: its own queues (in `cell_dir`, or SQS)
-    /// and a mailer (the file sink writing under `mail_root`, or SES).
+    /// Opens the store of cell `id` (in `cell_dir`) and the configured backends: its own
+    /// queues (in the store, or SQS) and a mailer (the file sink writing under `mail_root`,
+    /// or SES).
     pub async fn open(
         &self,
         id: &CellId,
         cell_dir: &Path,
         mail_root: &Path,
     ) -> anyhow::Result<Backends> {
+        let store = open_store(cell_dir)?;
         let uses_aws = self.queue == QueueBackend::Sqs || self.mailer == MailerBackend::Ses;
         let aws = if uses_aws {
             Some(self.aws.sdk_config().await)
@@ -186,7 +197,7 @@ impl BackendConfig {
                         .await?,
                 )
             }
-            _ => local_queue(cell_dir)?,
+            _ => local_queue(&store, cell_dir)?,
         };
         let mailer: Arc<dyn mailer::Mailer> = match (&aws, self.mailer) {
             (Some(config), MailerBackend::Ses) => {
@@ -194,16 +205,26 @@ impl BackendConfig {
             }
             _ => file_sink(mail_root, &queue),
         };
-        Ok(Backends { queue, mailer })
+        Ok(Backends {
+            store,
+            queue,
+            mailer,
+        })
     }
 }
 
 impl Backends {
-    /// The embedded queue in `cell_dir` and the file sink writing under `mail_root`.
+    /// The store in `cell_dir` with the embedded queue, and the file sink writing under
+    /// `mail_root`.
     pub fn embedded(cell_dir: &Path, mail_root: &Path) -> anyhow::Result<Self> {
-        let queue = local_queue(cell_dir)?;
+        let store = open_store(cell_dir)?;
+        let queue = local_queue(&store, cell_dir)?;
         let mailer = file_sink(mail_root, &queue);
-        Ok(Self { queue, mailer })
+        Ok(Self {
+            store,
+            queue,
+            mailer,
+        })
     }
 }
 
@@ -211,18 +232,14 @@ impl Backends {
 const LEASE_TTL: Duration = Duration::from_secs(10);
 
 /// Runs a cell until `shutdown` is cancelled: registers it, serves `Cell` and delivers.
-/// `data_dir` is the cell's own directory (its store lives there).
 pub async fn run(
     config: CellConfig,
-    data_dir: &Path,
     registry: Arc<dyn Registry>,
     keys: Keys,
     backends: Backends,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
-    let store = Arc::new(store::Store::open(&data_dir.join("store.redb"))?);
+    let store = backends.store;
     let catalog = Arc::new(WatchedCatalog::start(registry.clone(), keys.clone()).await?);
     let listener = TcpListener::bind(config.addr)
         .await

@@ -45,7 +45,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
     cellmail_cell::run(
         args.cell,
-        &cell_dir,
         registry,
         args.registry.keys(),
         backends,

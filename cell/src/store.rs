@@ -5,9 +5,12 @@
 //! and the mail parked outside the queue: a tenant's overflow beyond its lane, retries of
 //! parked mail, and the mail held while a breaker pauses its class.
 //!
-//! An idempotency key is reserved durably *before* its message is queued, and completed
-//! after. A crash between the two leaves a pending reservation; the retry re-queues the same
-//! message id, and the worker's record check keeps that from becoming a second send.
+//! The embedded queue keeps its messages in a table of this file: an accept then commits the
+//! message's record, the answer for its idempotency key and the queued message at once, all
+//! of it or none. With a queue elsewhere (SQS) a key is reserved durably *before* its message
+//! is queued, and completed after. A crash between the two leaves a pending reservation; the
+//! retry re-queues the same message id, and the worker's record check keeps that from
+//! becoming a second send.
 //!
 //! A tenant's backlog (its messages queued or held here, not yet sent or failed) is indexed
 //! by tenant, so a cell a tenant moved away from can say when it has delivered everything it
@@ -29,14 +32,15 @@ use cellmail_proto::{
     Epoch, MessageClass, MessageId, SuppressionReason, TenantId, suppression_key,
 };
 use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    WriteTransaction,
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, WriteTransaction,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::accept::now_ms;
 use crate::commit::{Commit, GroupCommit, StorageError, stamp_ms};
 use crate::message::{Accepted, EventKind, MessageEvent, MessageRecord, MessageState};
+use crate::queue::local::{self, QUEUED, QueueWrite, Queued, Staged};
 
 /// (tenant, idempotency key) -> JSON [`KeyRecord`]
 const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("idempotency");
@@ -113,6 +117,8 @@ struct Tables<'t> {
     recent_messages: Recent<'t>,
     handed_over: redb::Table<'t, &'static str, (u64, u64)>,
     taken_over: redb::Table<'t, &'static str, (u64, u64)>,
+    /// The embedded queue's messages.
+    queued: Queued<'t>,
 }
 
 impl<'t> Tables<'t> {
@@ -134,6 +140,7 @@ impl<'t> Tables<'t> {
             recent_messages: txn.open_table(RECENT_MESSAGES).map_err(err)?,
             handed_over: txn.open_table(HANDED_OVER).map_err(err)?,
             taken_over: txn.open_table(TAKEN_OVER).map_err(err)?,
+            queued: txn.open_table(QUEUED).map_err(err)?,
         })
     }
 }
@@ -402,8 +409,10 @@ enum Write {
         key: Option<String>,
         accepted: Accepted,
         record: MessageRecord,
+        queued: Option<QueueWrite>,
         now_ms: u64,
     },
+    Queue(QueueWrite),
     Outcome {
         seed: MessageRecord,
         state: MessageState,
@@ -565,6 +574,27 @@ fn restate(
     Ok(())
 }
 
+/// What an earlier send of `key` holds, if its reservation is live at `now_ms`: the answer it
+/// was given, or the message id it reserved.
+fn held(
+    table: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    tenant: &TenantId,
+    key: &str,
+    now_ms: u64,
+) -> Result<Option<Reservation>, StorageError> {
+    let found: Option<KeyRecord> = match table.get((tenant.as_str(), key)).map_err(err)? {
+        Some(row) => Some(parse(row.value())?),
+        None => None,
+    };
+    let live = found.filter(|r| {
+        now_ms.saturating_sub(r.reserved_at_ms) < IDEMPOTENCY_WINDOW.as_millis() as u64
+    });
+    Ok(live.map(|r| match r.accepted {
+        Some(accepted) => Reservation::Done(accepted),
+        None => Reservation::Pending(r.message_id),
+    }))
+}
+
 fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
     match write {
         Write::Reserve {
@@ -574,20 +604,8 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
             now_ms,
         } => {
             let table = &mut t.idempotency;
-            let found: Option<KeyRecord> =
-                match table.get((tenant.as_str(), key.as_str())).map_err(err)? {
-                    Some(row) => Some(parse(row.value())?),
-                    None => None,
-                };
-            let live = found.filter(|r| {
-                now_ms.saturating_sub(r.reserved_at_ms) < IDEMPOTENCY_WINDOW.as_millis() as u64
-            });
-            let reservation = match live {
-                Some(KeyRecord {
-                    accepted: Some(accepted),
-                    ..
-                }) => Reservation::Done(accepted),
-                Some(KeyRecord { message_id, .. }) => Reservation::Pending(message_id),
+            let reservation = match held(table, &tenant, &key, now_ms)? {
+                Some(held) => held,
                 None => {
                     let record = KeyRecord {
                         message_id,
@@ -606,10 +624,16 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
             key,
             accepted,
             record,
+            queued,
             now_ms,
         } => {
             if let Some(key) = key {
                 let table = &mut t.idempotency;
+                match held(table, &record.tenant, &key, now_ms)? {
+                    Some(Reservation::Pending(first)) if first == accepted.message_id => {}
+                    Some(other) => return Ok(Written::Reservation(other)),
+                    None => {}
+                }
                 let done = KeyRecord {
                     message_id: accepted.message_id,
                     reserved_at_ms: now_ms,
@@ -660,6 +684,13 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
                         .map_err(err)?;
                 }
             }
+            if let Some(queued) = queued {
+                local::apply(&mut t.queued, queued)?;
+            }
+            Ok(Written::Reservation(Reservation::New))
+        }
+        Write::Queue(write) => {
+            local::apply(&mut t.queued, write)?;
             Ok(Written::Found(true))
         }
         Write::Outcome { seed, state, event } => {
@@ -1036,23 +1067,103 @@ impl Store {
         }
     }
 
-    /// Records an accepted message and, when it has one, the answer given for its key.
-    /// Not fsynced on its own: if a crash loses it, the key is found pending, the retry
-    /// queues the same message id again, and the worker's record check sends it once.
+    /// What an earlier send of `tenant`'s `key` holds, if anything: read only, for a send
+    /// whose reservation is made by the commit that records it.
+    pub fn held(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        now_ms: u64,
+    ) -> Result<Option<Reservation>, StorageError> {
+        let read = self.read()?;
+        held(
+            &read.open_table(IDEMPOTENCY).map_err(err)?,
+            tenant,
+            key,
+            now_ms,
+        )
+    }
+
+    /// Records an accepted message and, when it has one, the answer given for its key, in
+    /// one commit with `queued`, the message itself when the queue is the embedded one
+    /// (fsynced: the accept is durable, all of it or none of it). Without `queued` the
+    /// message was sent to its queue first and this is not fsynced on its own: if a crash
+    /// loses it, the key is found pending, the retry queues the same message id again, and
+    /// the worker's record check sends it once. Writes nothing and answers what holds the key
+    /// when another send does (its answer, or the id it reserved), [`Reservation::New`]
+    /// otherwise.
     pub async fn accepted(
         &self,
         key: Option<&str>,
         accepted: Accepted,
         record: MessageRecord,
+        queued: Option<Staged>,
         now_ms: u64,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Reservation, StorageError> {
+        let commit = if queued.is_some() {
+            Commit::Durable
+        } else {
+            Commit::Lazy
+        };
         let write = Write::Accepted {
             key: key.map(str::to_owned),
             accepted,
             record,
+            queued: queued.map(|staged| staged.write),
             now_ms,
         };
-        self.found(write, Commit::Lazy).await.map(|_| ())
+        match self.writes.submit(write, commit).await? {
+            Written::Reservation(reservation) => Ok(reservation),
+            _ => Err(StorageError("an accept answered like another write".into())),
+        }
+    }
+
+    /// Applies the embedded queue's `writes` (in order, usually in one commit); returns
+    /// once they are committed as `commit` says.
+    pub(crate) async fn queue_writes(
+        &self,
+        writes: Vec<QueueWrite>,
+        commit: Commit,
+    ) -> Result<(), StorageError> {
+        let writes = writes.into_iter().map(Write::Queue).collect();
+        self.writes.submit_many(writes, commit).await.map(|_| ())
+    }
+
+    /// Queues the embedded queue's `writes` to be committed lazily, without waiting.
+    pub(crate) fn queue_writes_unanswered(
+        &self,
+        writes: Vec<QueueWrite>,
+    ) -> Result<(), StorageError> {
+        (self.writes).submit_unanswered(writes.into_iter().map(Write::Queue).collect())
+    }
+
+    /// Writes queue rows (queue, sequence, body, receive count) of an earlier version's
+    /// queue file into the embedded queue's table, fsynced, before the cell serves.
+    pub(crate) fn adopt_queued(
+        &self,
+        rows: Vec<(u8, u64, Vec<u8>, u32)>,
+    ) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        {
+            let mut table = txn.open_table(QUEUED).map_err(err)?;
+            for (kind, seq, body, count) in rows {
+                local::apply(
+                    &mut table,
+                    QueueWrite::Insert {
+                        kind,
+                        seq,
+                        body,
+                        count,
+                    },
+                )?;
+            }
+        }
+        txn.commit().map_err(err)
+    }
+
+    /// A read of the store as of now.
+    pub(crate) fn read(&self) -> Result<ReadTransaction, StorageError> {
+        self.db.begin_read().map_err(err)
     }
 
     /// Durably records what became of a message (`seed` stands in if its record was lost).
@@ -1754,7 +1865,13 @@ mod tests {
                 Reservation::Pending(first)
             );
             store
-                .accepted(Some("k"), accepted(first), record(first, &tenant), 1_002)
+                .accepted(
+                    Some("k"),
+                    accepted(first),
+                    record(first, &tenant),
+                    None,
+                    1_002,
+                )
                 .await
                 .unwrap();
             // A durable write after the lazy one makes both durable.
@@ -1785,6 +1902,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_accept_queues_its_message_with_its_key_and_record_or_writes_nothing() {
+        use crate::queue::local::LocalQueue;
+        use crate::queue::{Queue, QueueConfig, QueueKind};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let tenant = TenantId::new("t").unwrap();
+        let (first, second) = (MessageId::generate(), MessageId::generate());
+        let kind = QueueKind::Transactional;
+        {
+            let store = Arc::new(Store::open(&path).unwrap());
+            let queue = LocalQueue::open(store.clone(), QueueConfig::default()).unwrap();
+            let accept = |key: &'static str, id: MessageId| {
+                let staged = queue.stage(kind, id.to_string().into_bytes());
+                let store = store.clone();
+                let record = record(id, &tenant);
+                async move {
+                    (store.accepted(Some(key), accepted(id), record, Some(staged), 1_000)).await
+                }
+            };
+            assert_eq!(accept("k", first).await.unwrap(), Reservation::New);
+            assert_eq!(
+                accept("k", second).await.unwrap(),
+                Reservation::Done(accepted(first)),
+                "a key already answered"
+            );
+            assert_eq!(
+                store.held(&tenant, "k", 1_001).unwrap(),
+                Some(Reservation::Done(accepted(first)))
+            );
+            store.reserve(&tenant, "p", first, 1_000).await.unwrap();
+            assert_eq!(
+                accept("p", second).await.unwrap(),
+                Reservation::Pending(first),
+                "a key another attempt reserved"
+            );
+        }
+        let store = Arc::new(Store::open(&path).unwrap());
+        let queue = LocalQueue::open(store.clone(), QueueConfig::default()).unwrap();
+        let got = queue
+            .receive(kind, 10, Duration::from_secs(60), Duration::ZERO)
+            .await
+            .unwrap();
+        let bodies: Vec<Vec<u8>> = got.into_iter().map(|d| d.body).collect();
+        assert_eq!(
+            bodies,
+            [first.to_string().into_bytes()],
+            "only the new accept queued"
+        );
+        assert!(store.message(&tenant, first).unwrap().is_some());
+        assert!(store.message(&tenant, second).unwrap().is_none());
+    }
+
+    #[tokio::test]
     async fn a_key_past_the_window_is_new_again() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("store.redb")).unwrap();
@@ -1792,7 +1962,7 @@ mod tests {
         let id = MessageId::generate();
         store.reserve(&tenant, "k", id, 0).await.unwrap();
         store
-            .accepted(Some("k"), accepted(id), record(id, &tenant), 0)
+            .accepted(Some("k"), accepted(id), record(id, &tenant), None, 0)
             .await
             .unwrap();
         let later = IDEMPOTENCY_WINDOW.as_millis() as u64 + 1;
@@ -1812,7 +1982,7 @@ mod tests {
         let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
         let id = MessageId::generate();
         store
-            .accepted(None, accepted(id), record(id, &a), 1)
+            .accepted(None, accepted(id), record(id, &a), None, 1)
             .await
             .unwrap();
         assert!(!store.settled(id).unwrap());
@@ -1971,7 +2141,7 @@ mod tests {
         );
         let id = MessageId::generate();
         store
-            .accepted(None, accepted(id), record(id, &a), now)
+            .accepted(None, accepted(id), record(id, &a), None, now)
             .await
             .unwrap();
         // The record was accepted at 1 ms (hour 0); it is sent in the same hour.
@@ -2099,7 +2269,7 @@ mod tests {
         );
         store.reserve(&a, "old", old, 1_000).await.unwrap();
         store
-            .accepted(Some("old"), accepted(old), record(old, &a), 1_000)
+            .accepted(Some("old"), accepted(old), record(old, &a), None, 1_000)
             .await
             .unwrap();
         store.reserve(&b, "theirs", theirs, 5_000).await.unwrap();
@@ -2123,7 +2293,7 @@ mod tests {
         assert!(store.unsuppress(&a, "Gone@x.example").await.unwrap());
         // The pending key completes, and one whose queueing failed is left pending.
         store
-            .accepted(Some("new"), accepted(new), record(new, &a), 5_500)
+            .accepted(Some("new"), accepted(new), record(new, &a), None, 5_500)
             .await
             .unwrap();
         store
@@ -2313,7 +2483,7 @@ mod tests {
         store.reserve(tenant, key, id, now).await.unwrap();
         let record = record(id, tenant);
         store
-            .accepted(Some(key), accepted(id), record.clone(), now)
+            .accepted(Some(key), accepted(id), record.clone(), None, now)
             .await
             .unwrap();
         let sent = event(EventKind::Sent, now, "");
@@ -2331,13 +2501,13 @@ mod tests {
         let ids: Vec<MessageId> = (0..3).map(|_| MessageId::generate()).collect();
         for id in &ids {
             store
-                .accepted(None, accepted(*id), record(*id, &a), 1)
+                .accepted(None, accepted(*id), record(*id, &a), None, 1)
                 .await
                 .unwrap();
         }
         let theirs = MessageId::generate();
         store
-            .accepted(None, accepted(theirs), record(theirs, &b), 1)
+            .accepted(None, accepted(theirs), record(theirs, &b), None, 1)
             .await
             .unwrap();
         assert_eq!(store.backlog(&a).unwrap(), 3);

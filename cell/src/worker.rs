@@ -725,14 +725,18 @@ mod tests {
         (shutdown, tasks)
     }
 
+    /// A store in `dir` and the embedded queue in it.
+    fn store_and_queue(dir: &std::path::Path) -> (Arc<Store>, Arc<dyn Queue>) {
+        let store = Arc::new(Store::open(&dir.join("store.redb")).unwrap());
+        let queue = LocalQueue::open(store.clone(), QueueConfig::default()).unwrap();
+        (store, Arc::new(queue))
+    }
+
     /// Queues `copies` of one message, the later ones once the first is being sent, and
     /// runs 4 worker tasks until it is sent.
     async fn deliver(throttled: u32, copies: usize) -> (u32, Arc<Store>, MessageId) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
-        let queue: Arc<dyn Queue> = Arc::new(
-            LocalQueue::open(&dir.path().join("queue.redb"), QueueConfig::default()).unwrap(),
-        );
+        let (store, queue) = store_and_queue(dir.path());
         let mailer = Arc::new(Throttled {
             throttled: AtomicU32::new(throttled),
             sent: AtomicU32::new(0),
@@ -793,10 +797,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_paused_transport_stops_the_cells_sending_and_nothing_is_lost() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
-        let queue: Arc<dyn Queue> = Arc::new(
-            LocalQueue::open(&dir.path().join("queue.redb"), QueueConfig::default()).unwrap(),
-        );
+        let (store, queue) = store_and_queue(dir.path());
         let pause = Duration::from_millis(300);
         let mailer = Arc::new(PausesOnce {
             pause,
@@ -852,10 +853,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_paused_class_is_held_in_the_store_and_everything_else_is_sent() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
-        let queue: Arc<dyn Queue> = Arc::new(
-            LocalQueue::open(&dir.path().join("queue.redb"), QueueConfig::default()).unwrap(),
-        );
+        let (store, queue) = store_and_queue(dir.path());
         let mut marketing = message();
         marketing.class = MessageClass::Marketing;
         let transactional = message();
@@ -918,7 +916,7 @@ mod tests {
             recipients: Vec::new(),
         };
         store
-            .accepted(None, accepted, m.queued_record(), now_ms())
+            .accepted(None, accepted, m.queued_record(), None, now_ms())
             .await
             .unwrap();
     }
@@ -926,10 +924,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mail_parked_behind_a_full_lane_is_held_once_its_class_is_paused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
-        let queue: Arc<dyn Queue> = Arc::new(
-            LocalQueue::open(&dir.path().join("queue.redb"), QueueConfig::default()).unwrap(),
-        );
+        let (store, queue) = store_and_queue(dir.path());
         let messages: Vec<Message> = (0..3 * LANE_CAP)
             .map(|_| Message {
                 class: MessageClass::Marketing,
@@ -995,10 +990,7 @@ mod tests {
     #[tokio::test]
     async fn overflow_parked_between_two_pauses_is_held_by_the_second() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
-        let queue: Arc<dyn Queue> = Arc::new(
-            LocalQueue::open(&dir.path().join("queue.redb"), QueueConfig::default()).unwrap(),
-        );
+        let (store, queue) = store_and_queue(dir.path());
         let gate = Arc::new(Paused::default());
         let worker = Worker::new(
             CellId::new("c").unwrap(),
@@ -1069,10 +1061,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_tenants_backlog_does_not_stand_in_front_of_anothers_mail() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
-        let queue: Arc<dyn Queue> = Arc::new(
-            LocalQueue::open(&dir.path().join("queue.redb"), QueueConfig::default()).unwrap(),
-        );
+        let (store, queue) = store_and_queue(dir.path());
         let (noisy, calm) = (
             TenantId::new("noisy").unwrap(),
             TenantId::new("calm").unwrap(),

@@ -1,13 +1,20 @@
-//! The embedded queue: messages in one redb file, the visible/in-flight index in memory.
+//! The embedded queue: messages in a table of the cell store's file, the visible/in-flight
+//! index in memory.
 //!
-//! Sends, receive counts, dead-letter moves and deletes go through a group commit, so every
-//! acknowledged send and dead-letter move is fsynced and many concurrent sends share one
-//! fsync. Receive counts and deletes are committed without waiting for an fsync (the next
-//! fsync makes them durable): a crash may forget the last of them, so a message comes back
-//! once more or counts one receive fewer. Delivery is at least once either way, as on SQS,
-//! and consumers settle a message once (the cell's store records what it sent). Visibility
-//! is kept in memory only: after a restart every message not deleted is visible again, which
-//! is what SQS does for messages whose visibility timeout ran out.
+//! Its writes go through the store's group commit, so every acknowledged send and
+//! dead-letter move is fsynced and many concurrent sends share one fsync with the store's
+//! own writes. An accepted message is not sent apart: the accept path stages it
+//! ([`LocalQueue::stage`]) and the store commits it with the message's record and the answer
+//! for its idempotency key, all or nothing, in one fsync ([`LocalQueue::publish`] then makes
+//! it visible). Receive counts and deletes are committed without waiting for an fsync (the
+//! next fsync makes them durable): a crash may forget the last of them, so a message comes
+//! back once more or counts one receive fewer. Delivery is at least once either way, as on
+//! SQS, and consumers settle a message once (the cell's store records what it sent).
+//! Visibility is kept in memory only: after a restart every message not deleted is visible
+//! again, which is what SQS does for messages whose visibility timeout ran out.
+//!
+//! Versions before kept the queue in a file of its own (`queue.redb`); [`adopt`] moves what
+//! such a file holds into the store's table when the cell starts.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -16,15 +23,20 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{Delivery, Queue, QueueConfig, QueueError, QueueKind};
-use crate::commit::{Commit, GroupCommit, StorageError};
+use crate::commit::{Commit, StorageError};
+use crate::store::Store;
 
-/// (queue, sequence) -> (body, receive count)
-const MESSAGES: TableDefinition<(u8, u64), (&[u8], u32)> = TableDefinition::new("messages");
+/// (queue, sequence) -> (body, receive count), in the cell store's file.
+pub(crate) const QUEUED: TableDefinition<(u8, u64), (&[u8], u32)> = TableDefinition::new("queue");
+/// The same rows in the queue file of earlier versions.
+const LEGACY: TableDefinition<(u8, u64), (&[u8], u32)> = TableDefinition::new("messages");
+
+pub(crate) type Queued<'t> = redb::Table<'t, (u8, u64), (&'static [u8], u32)>;
 
 fn index(kind: QueueKind) -> u8 {
     match kind {
@@ -35,35 +47,57 @@ fn index(kind: QueueKind) -> u8 {
     }
 }
 
-enum Write {
-    Insert { kind: u8, seq: u64, body: Vec<u8> },
-    Received { kind: u8, seq: u64, count: u32 },
-    DeadLetter { kind: u8, seq: u64, dead_seq: u64 },
-    Remove { kind: u8, seq: u64 },
+/// A write of the queue's table, applied by the store's writer.
+pub(crate) enum QueueWrite {
+    Insert {
+        kind: u8,
+        seq: u64,
+        body: Vec<u8>,
+        count: u32,
+    },
+    Received {
+        kind: u8,
+        seq: u64,
+        count: u32,
+    },
+    DeadLetter {
+        kind: u8,
+        seq: u64,
+        dead_seq: u64,
+    },
+    Remove {
+        kind: u8,
+        seq: u64,
+    },
 }
 
-/// Applies a batch of writes, with the table opened once for all of them.
-fn apply(txn: &WriteTransaction, writes: Vec<Write>) -> Result<Vec<()>, StorageError> {
-    let mut table = txn
-        .open_table(MESSAGES)
-        .map_err(StorageError::from_display)?;
-    writes
-        .into_iter()
-        .map(|write| apply_one(&mut table, write))
-        .collect()
+/// A message staged for the store's write of its accept, and its place once that commits.
+pub struct Staged {
+    pub(crate) write: QueueWrite,
+    pub place: Place,
 }
 
-type Messages<'t> = redb::Table<'t, (u8, u64), (&'static [u8], u32)>;
+/// Where a staged message is queued.
+#[derive(Debug, Clone, Copy)]
+pub struct Place {
+    kind: u8,
+    seq: u64,
+}
 
-fn apply_one(table: &mut Messages, write: Write) -> Result<(), StorageError> {
-    let missing = || StorageError("queued message vanished from the queue file".into());
+pub(crate) fn apply(table: &mut Queued, write: QueueWrite) -> Result<(), StorageError> {
+    let missing = || StorageError("queued message vanished from the queue table".into());
     match write {
-        Write::Insert { kind, seq, body } => {
+        QueueWrite::Insert {
+            kind,
+            seq,
+            body,
+            count,
+        } => {
             table
-                .insert((kind, seq), (body.as_slice(), 0))
+                .insert((kind, seq), (body.as_slice(), count))
                 .map_err(StorageError::from_display)?;
         }
-        Write::Received { kind, seq, count } => {
+        QueueWrite::Received { kind, seq, count } => {
             let body = table
                 .get((kind, seq))
                 .map_err(StorageError::from_display)?
@@ -75,7 +109,7 @@ fn apply_one(table: &mut Messages, write: Write) -> Result<(), StorageError> {
                 .insert((kind, seq), (body.as_slice(), count))
                 .map_err(StorageError::from_display)?;
         }
-        Write::DeadLetter {
+        QueueWrite::DeadLetter {
             kind,
             seq,
             dead_seq,
@@ -92,13 +126,48 @@ fn apply_one(table: &mut Messages, write: Write) -> Result<(), StorageError> {
                 .insert((dead, dead_seq), (body.as_slice(), 0))
                 .map_err(StorageError::from_display)?;
         }
-        Write::Remove { kind, seq } => {
+        QueueWrite::Remove { kind, seq } => {
             table
                 .remove((kind, seq))
                 .map_err(StorageError::from_display)?;
         }
     }
     Ok(())
+}
+
+/// Moves every message of an earlier version's queue file at `path`, if there is one, into
+/// `store`'s queue table (receive counts kept), then removes the file. Rows already there
+/// are kept: a crash after the copy and before the removal copies the same rows again.
+pub fn adopt(store: &Store, path: &Path) -> Result<(), QueueError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let rows = {
+        let db = Database::open(path).map_err(storage)?;
+        let read = db.begin_read().map_err(storage)?;
+        let table = match read.open_table(LEGACY) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return remove(path),
+            Err(e) => return Err(storage(e)),
+        };
+        let mut rows = Vec::new();
+        for row in table.iter().map_err(storage)? {
+            let (key, value) = row.map_err(storage)?;
+            let ((kind, seq), (body, count)) = (key.value(), value.value());
+            rows.push((kind, seq, body.to_vec(), count));
+        }
+        rows
+    };
+    let adopted = rows.len();
+    store
+        .adopt_queued(rows)
+        .map_err(|e| QueueError::Storage(e.0))?;
+    tracing::info!(file = %path.display(), adopted, "moved the queue file's messages into the cell store");
+    remove(path)
+}
+
+fn remove(path: &Path) -> Result<(), QueueError> {
+    std::fs::remove_file(path).map_err(storage)
 }
 
 #[derive(Default)]
@@ -139,9 +208,8 @@ struct State {
 }
 
 pub struct LocalQueue {
-    db: Arc<Database>,
+    store: Arc<Store>,
     state: Mutex<State>,
-    writes: GroupCommit<Write, ()>,
     visible: Notify,
     config: QueueConfig,
 }
@@ -156,19 +224,15 @@ fn parse_receipt(receipt: &str) -> Option<(u64, u32)> {
 }
 
 impl LocalQueue {
-    pub fn open(path: &Path, config: QueueConfig) -> Result<Self, QueueError> {
-        let db = Arc::new(Database::create(path).map_err(storage)?);
-        let txn = db.begin_write().map_err(storage)?;
-        txn.open_table(MESSAGES).map_err(storage)?;
-        txn.commit().map_err(storage)?;
-
+    /// The queue kept in `store`'s file, with every message it holds visible.
+    pub fn open(store: Arc<Store>, config: QueueConfig) -> Result<Self, QueueError> {
         let mut state = State {
             lanes: Default::default(),
             next_seq: 1,
         };
-        let read = db.begin_read().map_err(storage)?;
+        let read = store.read().map_err(|e| QueueError::Storage(e.0))?;
         for row in read
-            .open_table(MESSAGES)
+            .open_table(QUEUED)
             .map_err(storage)?
             .iter()
             .map_err(storage)?
@@ -182,11 +246,9 @@ impl LocalQueue {
             lane.ready.push_back((seq, value.value().1));
             state.next_seq = state.next_seq.max(seq + 1);
         }
-        let writes = GroupCommit::start("queue", db.clone(), apply).map_err(storage)?;
         Ok(Self {
-            db,
+            store,
             state: Mutex::new(state),
-            writes,
             visible: Notify::new(),
             config,
         })
@@ -200,12 +262,39 @@ impl LocalQueue {
     }
 
     /// Commits `writes`; returns once they are committed as `commit` says.
-    async fn write(&self, writes: Vec<Write>, commit: Commit) -> Result<(), QueueError> {
-        self.writes
-            .submit_many(writes, commit)
+    async fn write(&self, writes: Vec<QueueWrite>, commit: Commit) -> Result<(), QueueError> {
+        self.store
+            .queue_writes(writes, commit)
             .await
-            .map(|_| ())
             .map_err(|e| QueueError::Storage(e.0))
+    }
+
+    /// `body`, queued on `kind` by the store write it is handed to; invisible until
+    /// [`LocalQueue::publish`] is told that write committed.
+    pub fn stage(&self, kind: QueueKind, body: Vec<u8>) -> Staged {
+        let seq = {
+            let mut state = self.lock();
+            state.next_seq += 1;
+            state.next_seq - 1
+        };
+        let kind = index(kind);
+        Staged {
+            write: QueueWrite::Insert {
+                kind,
+                seq,
+                body,
+                count: 0,
+            },
+            place: Place { kind, seq },
+        }
+    }
+
+    /// Makes a staged message visible once the write that queued it has committed.
+    pub fn publish(&self, place: Place) {
+        self.lock().lanes[place.kind as usize]
+            .ready
+            .push_back((place.seq, 0));
+        self.visible.notify_waiters();
     }
 
     /// Takes up to `max` visible messages of `kind`, moving the ones received too often to
@@ -243,15 +332,15 @@ impl LocalQueue {
             let next_timer = state.lanes[k as usize].next_timer();
             (taken, dead, next_timer)
         };
-        let mut writes: Vec<Write> = dead
+        let mut writes: Vec<QueueWrite> = dead
             .iter()
-            .map(|&(seq, dead_seq)| Write::DeadLetter {
+            .map(|&(seq, dead_seq)| QueueWrite::DeadLetter {
                 kind: k,
                 seq,
                 dead_seq,
             })
             .collect();
-        writes.extend(taken.iter().map(|&(seq, count)| Write::Received {
+        writes.extend(taken.iter().map(|&(seq, count)| QueueWrite::Received {
             kind: k,
             seq,
             count,
@@ -261,8 +350,8 @@ impl LocalQueue {
         // message be received once more before it is dead-lettered. Not waiting keeps
         // delivery from queueing behind every insert's fsync under way.
         if dead.is_empty() {
-            (self.writes)
-                .submit_unanswered(writes)
+            (self.store)
+                .queue_writes_unanswered(writes)
                 .map_err(|e| QueueError::Storage(e.0))?;
         } else {
             self.write(writes, Commit::Durable).await?;
@@ -274,8 +363,8 @@ impl LocalQueue {
             lane.ready
                 .extend(dead.iter().map(|(_, dead_seq)| (*dead_seq, 0)));
         }
-        let read = self.db.begin_read().map_err(storage)?;
-        let table = read.open_table(MESSAGES).map_err(storage)?;
+        let read = self.store.read().map_err(|e| QueueError::Storage(e.0))?;
+        let table = read.open_table(QUEUED).map_err(storage)?;
         let mut deliveries = Vec::with_capacity(taken.len());
         for (seq, count) in taken {
             // Absent only if a delete raced this receive with a receipt it cannot have had yet.
@@ -294,17 +383,14 @@ impl LocalQueue {
 #[async_trait]
 impl Queue for LocalQueue {
     async fn send(&self, kind: QueueKind, body: Vec<u8>) -> Result<(), QueueError> {
-        let k = index(kind);
-        let seq = {
-            let mut state = self.lock();
-            state.next_seq += 1;
-            state.next_seq - 1
-        };
-        self.write(vec![Write::Insert { kind: k, seq, body }], Commit::Durable)
-            .await?;
-        self.lock().lanes[k as usize].ready.push_back((seq, 0));
-        self.visible.notify_waiters();
+        let Staged { write, place } = self.stage(kind, body);
+        self.write(vec![write], Commit::Durable).await?;
+        self.publish(place);
         Ok(())
+    }
+
+    fn in_cell_store(&self) -> Option<&LocalQueue> {
+        Some(self)
     }
 
     async fn receive(
@@ -348,7 +434,7 @@ impl Queue for LocalQueue {
         self.write(
             current
                 .into_iter()
-                .map(|seq| Write::Remove { kind: k, seq })
+                .map(|seq| QueueWrite::Remove { kind: k, seq })
                 .collect(),
             Commit::Lazy,
         )
@@ -389,13 +475,18 @@ mod tests {
         assert_eq!(parse_receipt("a.b"), None);
     }
 
+    fn open(path: &Path) -> LocalQueue {
+        let store = Arc::new(Store::open(path).unwrap());
+        LocalQueue::open(store, QueueConfig::default()).unwrap()
+    }
+
     #[tokio::test]
     async fn deletes_and_receive_counts_survive_a_clean_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("queue.redb");
+        let path = dir.path().join("store.redb");
         let kind = QueueKind::Transactional;
         {
-            let queue = LocalQueue::open(&path, QueueConfig::default()).unwrap();
+            let queue = open(&path);
             for body in [b"kept".to_vec(), b"deleted".to_vec()] {
                 queue.send(kind, body).await.unwrap();
             }
@@ -410,7 +501,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let queue = LocalQueue::open(&path, QueueConfig::default()).unwrap();
+        let queue = open(&path);
         let again = queue
             .receive(kind, 10, Duration::from_secs(60), Duration::ZERO)
             .await
@@ -418,5 +509,59 @@ mod tests {
         let bodies: Vec<&[u8]> = again.iter().map(|d| d.body.as_slice()).collect();
         assert_eq!(bodies, [b"kept".as_slice()]);
         assert_eq!(again[0].receive_count, 2, "the first receive was counted");
+    }
+
+    #[tokio::test]
+    async fn an_earlier_versions_queue_file_is_moved_into_the_store_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join("queue.redb");
+        {
+            let db = Database::create(&legacy).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut table = txn.open_table(LEGACY).unwrap();
+                let marketing = index(QueueKind::Marketing);
+                table
+                    .insert((marketing, 7), (b"seven".as_slice(), 2))
+                    .unwrap();
+                table
+                    .insert((marketing, 9), (b"nine".as_slice(), 0))
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let path = dir.path().join("store.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            adopt(&store, &legacy).unwrap();
+            assert!(!legacy.exists(), "the old file is removed once adopted");
+            // Nothing to adopt the next time the cell starts.
+            adopt(&store, &legacy).unwrap();
+        }
+        let queue = open(&path);
+        let marketing = || {
+            queue.receive(
+                QueueKind::Marketing,
+                10,
+                Duration::from_secs(60),
+                Duration::ZERO,
+            )
+        };
+        let got = marketing().await.unwrap();
+        let rows: Vec<(&[u8], u32)> = got
+            .iter()
+            .map(|d| (d.body.as_slice(), d.receive_count))
+            .collect();
+        assert_eq!(rows, [(b"seven".as_slice(), 3), (b"nine".as_slice(), 1)]);
+        let seq = |d: &Delivery| parse_receipt(&d.receipt).unwrap().0;
+        queue
+            .send(QueueKind::Marketing, b"new".to_vec())
+            .await
+            .unwrap();
+        let new = marketing().await.unwrap();
+        assert!(
+            seq(&new[0]) > 9,
+            "a new message does not reuse an adopted one's place"
+        );
     }
 }

@@ -7,8 +7,8 @@
 //! moves it to the dead-letter queue instead. `send` returns only once the message is
 //! durable. Batching (SQS batch calls, group commits) is the implementation's business.
 //!
-//! Implementations: [`local::LocalQueue`] (embedded, one redb file) and [`sqs::SqsQueue`]
-//! (production: SQS standard queues with a redrive policy).
+//! Implementations: [`local::LocalQueue`] (embedded, a table of the cell store's file) and
+//! [`sqs::SqsQueue`] (production: SQS standard queues with a redrive policy).
 
 pub mod local;
 pub mod sqs;
@@ -83,6 +83,12 @@ pub trait Queue: Send + Sync + 'static {
     /// The largest body this queue carries.
     fn max_body(&self) -> usize {
         usize::MAX
+    }
+
+    /// The embedded queue, kept in the cell store's file: the accept path queues a message
+    /// in the store's commit of its record instead of sending it first.
+    fn in_cell_store(&self) -> Option<&local::LocalQueue> {
+        None
     }
 
     /// Up to `max` visible messages, waiting up to `wait` for the first one.

@@ -337,9 +337,9 @@ pub(super) fn start_cell(
     };
     let cell = {
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
-        rt.spawn(async move {
-            cellmail_cell::run(config, &cell_dir, registry, keys, backends, shutdown).await
-        })
+        rt.spawn(
+            async move { cellmail_cell::run(config, registry, keys, backends, shutdown).await },
+        )
     };
     let endpoint = rt.block_on(async {
         let key = keys.cell(&CellId::new(id)?);

@@ -1,6 +1,6 @@
-//! Child process of the queue crash test: sends numbered messages to an embedded queue from
-//! several tasks at once and prints `acked <n>` for each send the queue acknowledged, until
-//! the parent kills it.
+//! Child process of the queue crash test: sends numbered messages to an embedded queue (in
+//! the cell store at the path given) from several tasks at once and prints `acked <n>` for
+//! each send the queue acknowledged, until the parent kills it.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,14 +8,16 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use cellmail_cell::queue::{Queue, QueueConfig, QueueKind, local::LocalQueue};
+use cellmail_cell::store::Store;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let path: PathBuf = std::env::args()
         .nth(1)
-        .context("usage: queue-crash-child <queue file>")?
+        .context("usage: queue-crash-child <store file>")?
         .into();
-    let queue = Arc::new(LocalQueue::open(&path, QueueConfig::default())?);
+    let store = Arc::new(Store::open(&path)?);
+    let queue = Arc::new(LocalQueue::open(store, QueueConfig::default())?);
     let tasks: Vec<_> = (0..16u64)
         .map(|task| {
             let queue = queue.clone();

@@ -10,6 +10,7 @@ use std::time::Duration;
 use cellmail_cell::queue::local::LocalQueue;
 use cellmail_cell::queue::sqs::{SqsQueue, SqsQueueNames};
 use cellmail_cell::queue::{Queue, QueueConfig, QueueError, QueueKind};
+use cellmail_cell::store::Store;
 use cellmail_proto::{CellId, MessageId};
 
 const MAX_RECEIVES: u32 = 3;
@@ -25,7 +26,8 @@ struct Subject {
 
 async fn local() -> Subject {
     let dir = tempfile::tempdir().unwrap();
-    let queue = LocalQueue::open(&dir.path().join("queue.redb"), CONFIG).unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
+    let queue = LocalQueue::open(store, CONFIG).unwrap();
     Subject {
         queue: Arc::new(queue),
         _dir: Some(dir),
@@ -297,7 +299,7 @@ async fn sqs_refuses_a_body_over_256_kib_as_too_large() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_queue_process_mid_batch_loses_no_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("queue.redb");
+    let path = dir.path().join("store.redb");
     let mut child = Command::new(env!("CARGO_BIN_EXE_cellmail-queue-crash-child"))
         .arg(&path)
         .stdout(Stdio::piped())
@@ -316,7 +318,8 @@ async fn killing_the_queue_process_mid_batch_loses_no_acknowledged_message() {
     child.wait().unwrap();
     assert_eq!(acked.len(), 2000);
 
-    let queue = LocalQueue::open(&path, QueueConfig::default()).unwrap();
+    let store = Arc::new(Store::open(&path).unwrap());
+    let queue = LocalQueue::open(store, QueueConfig::default()).unwrap();
     let mut stored = HashSet::new();
     loop {
         let got = queue
