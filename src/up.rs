@@ -32,7 +32,7 @@ pub struct UpArgs {
     cells: u16,
     /// Delivery workers per cell (0: accept and queue only, deliver nothing, e.g. to hold
     /// mail during maintenance; queued mail is delivered by the next run with workers).
-    #[arg(long, env = "CELLMAIL_CELL_WORKERS", default_value_t = 4)]
+    #[arg(long, env = "CELLMAIL_CELL_WORKERS", default_value_t = cellmail_cell::DEFAULT_WORKERS)]
     cell_workers: usize,
     /// Address of the Sender API.
     #[arg(long, env = "CELLMAIL_ROUTER_ADDR", default_value = "127.0.0.1:50051")]

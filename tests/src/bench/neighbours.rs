@@ -37,7 +37,8 @@ const FLOODS: [(u32, &str); 2] = [
         "noisy neighbour: B's p99 accept-to-sent with A flooding 50x / B alone",
     ),
 ];
-const WORKERS: usize = 4;
+/// As deployed by default.
+const WORKERS: usize = cellmail_cell::DEFAULT_WORKERS;
 /// How many times each condition (alone, each flood) takes its turn, and for how long: B's
 /// p99 over 2,400 sends per condition, so that a stall of the machine (one slow fsync of
 /// 50 ms delays a handful of sends) does not decide it.
