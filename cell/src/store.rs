@@ -1209,7 +1209,7 @@ impl Store {
         tenant: &TenantId,
         id: MessageId,
     ) -> Result<Option<MessageRecord>, StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let table = read.open_table(MESSAGES).map_err(err)?;
         let Some(row) = table.get(id.to_string().as_str()).map_err(err)? else {
             return Ok(None);
@@ -1220,7 +1220,7 @@ impl Store {
 
     /// Whether message `id` was already sent or failed for good (whoever's it is).
     pub fn settled(&self, id: MessageId) -> Result<bool, StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let table = read.open_table(MESSAGES).map_err(err)?;
         let Some(row) = table.get(id.to_string().as_str()).map_err(err)? else {
             return Ok(false);
@@ -1241,7 +1241,7 @@ impl Store {
         now_ms: u64,
         hours: u64,
     ) -> Result<Counts, StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let last = now_ms / HOUR_MS;
         let hours = ((last + 1).saturating_sub(hours), last);
         sum(&read, (STATS, STATS_CARRIED), figures, tenant, class, hours)
@@ -1256,7 +1256,7 @@ impl Store {
         from_ms: u64,
         now_ms: u64,
     ) -> Result<Counts, StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let minutes = (from_ms / MINUTE_MS, now_ms / MINUTE_MS);
         let tables = (WINDOW, WINDOW_CARRIED);
         sum(&read, tables, Figures::Carried, tenant, class, minutes)
@@ -1271,7 +1271,7 @@ impl Store {
         this: &str,
         now_ms: u64,
     ) -> Result<Vec<Carried>, StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let (t, past) = (tenant.as_str(), past(tenant));
         let first_hour = (now_ms / HOUR_MS).saturating_sub(STATS_HOURS);
         let mut rows = Vec::new();
@@ -1358,7 +1358,7 @@ impl Store {
         limit: usize,
         now_ms: u64,
     ) -> Result<(Vec<(MessageId, Parked)>, bool), StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let table = read.open_table(PARKED).map_err(err)?;
         let (t, c) = (tenant.as_str(), class.as_str());
         let (mut ready, mut any) = (Vec::new(), false);
@@ -1379,7 +1379,7 @@ impl Store {
 
     /// Every tenant and class with parked messages.
     pub fn parked_lanes(&self) -> Result<Vec<(TenantId, MessageClass)>, StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let table = read.open_table(PARKED).map_err(err)?;
         let mut lanes: Vec<(TenantId, MessageClass)> = Vec::new();
         for row in table.iter().map_err(err)? {
@@ -1442,7 +1442,7 @@ impl Store {
     }
 
     pub fn body(&self, message_id: MessageId) -> Result<Option<Vec<u8>>, StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let table = read.open_table(BODIES).map_err(err)?;
         Ok(table
             .get(message_id.to_string().as_str())
@@ -1487,7 +1487,7 @@ impl Store {
         tenant: &TenantId,
         addresses: &[&str],
     ) -> Result<Vec<Option<Suppressed>>, StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let table = read.open_table(SUPPRESSIONS).map_err(err)?;
         addresses
             .iter()
@@ -1510,7 +1510,7 @@ impl Store {
         after: &str,
         limit: usize,
     ) -> Result<Vec<Suppressed>, StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let table = read.open_table(SUPPRESSIONS).map_err(err)?;
         let start = (tenant.as_str(), after);
         let mut entries = Vec::new();
@@ -1529,7 +1529,7 @@ impl Store {
 
     /// How many of `tenant`'s messages are queued or held here, not yet sent or failed.
     pub fn backlog(&self, tenant: &TenantId) -> Result<u64, StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let table = read.open_table(OPEN).map_err(err)?;
         let past = past(tenant);
         let rows = table
@@ -1549,7 +1549,7 @@ impl Store {
         since_ms: Option<u64>,
     ) -> Result<(u64, TenantExport), StorageError> {
         let as_of_ms = self.writes.committed_before();
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let (t, past) = (tenant.as_str(), past(tenant));
         let mut export = TenantExport::default();
         let suppressions = read.open_table(SUPPRESSIONS).map_err(err)?;
@@ -1645,7 +1645,7 @@ impl Store {
         tenant: &TenantId,
         since_ms: u64,
     ) -> Result<Vec<(String, u64)>, StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let (t, past) = (tenant.as_str(), past(tenant));
         let mut written = std::collections::BTreeMap::new();
         let recent = read.open_table(RECENT_MESSAGES).map_err(err)?;
@@ -1677,7 +1677,7 @@ impl Store {
         &self,
         written: &[(String, u64)],
     ) -> Result<Vec<(MessageRecord, u64)>, StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let messages = read.open_table(MESSAGES).map_err(err)?;
         let mut records = Vec::with_capacity(written.len());
         for (id, at_ms) in written {
@@ -1706,7 +1706,7 @@ impl Store {
         tenant: &TenantId,
         now_ms: u64,
     ) -> Result<Option<HandOver>, StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let table = read.open_table(HANDED_OVER).map_err(err)?;
         let usable = IDEMPOTENCY_WINDOW.as_millis() as u64 - HOUR_MS;
         Ok(table
@@ -1734,7 +1734,7 @@ impl Store {
 
     /// When (this cell's clock) this cell took `tenant` over at `epoch`, if it noted that.
     pub fn taken_over(&self, tenant: &TenantId, epoch: Epoch) -> Result<Option<u64>, StorageError> {
-        let read = self.db.begin_read().map_err(err)?;
+        let read = self.read()?;
         let table = read.open_table(TAKEN_OVER).map_err(err)?;
         Ok(table.get(tenant.as_str()).map_err(err)?.and_then(|row| {
             let (at_epoch, at_ms) = row.value();

@@ -136,8 +136,9 @@ pub(crate) fn apply(table: &mut Queued, write: QueueWrite) -> Result<(), Storage
 }
 
 /// Moves every message of an earlier version's queue file at `path`, if there is one, into
-/// `store`'s queue table (receive counts kept), then removes the file. Rows already there
-/// are kept: a crash after the copy and before the removal copies the same rows again.
+/// `store`'s queue table (receive counts kept), then removes the file. It runs before the
+/// queue opens, so a crash after the copy and before the removal only writes the same rows
+/// over themselves the next time.
 pub fn adopt(store: &Store, path: &Path) -> Result<(), QueueError> {
     if !path.exists() {
         return Ok(());
@@ -159,9 +160,7 @@ pub fn adopt(store: &Store, path: &Path) -> Result<(), QueueError> {
         rows
     };
     let adopted = rows.len();
-    store
-        .adopt_queued(rows)
-        .map_err(|e| QueueError::Storage(e.0))?;
+    store.adopt_queued(rows)?;
     tracing::info!(file = %path.display(), adopted, "moved the queue file's messages into the cell store");
     remove(path)
 }
@@ -230,7 +229,7 @@ impl LocalQueue {
             lanes: Default::default(),
             next_seq: 1,
         };
-        let read = store.read().map_err(|e| QueueError::Storage(e.0))?;
+        let read = store.read()?;
         for row in read
             .open_table(QUEUED)
             .map_err(storage)?
@@ -263,10 +262,7 @@ impl LocalQueue {
 
     /// Commits `writes`; returns once they are committed as `commit` says.
     async fn write(&self, writes: Vec<QueueWrite>, commit: Commit) -> Result<(), QueueError> {
-        self.store
-            .queue_writes(writes, commit)
-            .await
-            .map_err(|e| QueueError::Storage(e.0))
+        Ok(self.store.queue_writes(writes, commit).await?)
     }
 
     /// `body`, queued on `kind` by the store write it is handed to; invisible until
@@ -350,9 +346,7 @@ impl LocalQueue {
         // message be received once more before it is dead-lettered. Not waiting keeps
         // delivery from queueing behind every insert's fsync under way.
         if dead.is_empty() {
-            (self.store)
-                .queue_writes_unanswered(writes)
-                .map_err(|e| QueueError::Storage(e.0))?;
+            self.store.queue_writes_unanswered(writes)?;
         } else {
             self.write(writes, Commit::Durable).await?;
         }
@@ -363,7 +357,7 @@ impl LocalQueue {
             lane.ready
                 .extend(dead.iter().map(|(_, dead_seq)| (*dead_seq, 0)));
         }
-        let read = self.store.read().map_err(|e| QueueError::Storage(e.0))?;
+        let read = self.store.read()?;
         let table = read.open_table(QUEUED).map_err(storage)?;
         let mut deliveries = Vec::with_capacity(taken.len());
         for (seq, count) in taken {

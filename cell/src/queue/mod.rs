@@ -62,6 +62,13 @@ pub enum QueueError {
     TooLarge { size: usize, limit: usize },
 }
 
+impl From<crate::commit::StorageError> for QueueError {
+    /// The embedded queue's writes and reads go through the cell store.
+    fn from(err: crate::commit::StorageError) -> Self {
+        QueueError::Storage(err.0)
+    }
+}
+
 /// The redrive policy of a cell's queues.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueConfig {
