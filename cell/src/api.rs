@@ -129,16 +129,56 @@ fn message_pages(
         .collect()
 }
 
-/// Runs `work` on a blocking thread: reads and encodings that walk a tenant's whole state (a
+/// How a move's copy work is scheduled against the cell's calls.
+#[derive(Clone, Copy)]
+enum Urgency {
+    /// The tenant's calls wait for it (the copy while its placement is frozen, an import).
+    Waited,
+    /// Nothing waits for it but the move (a pre-copy, the records' copies): it runs only
+    /// while the cell's other threads leave a CPU free, so that moving a tenant off a cell adds
+    /// no latency to the calls of the tenants that stay.
+    Background,
+}
+
+/// Runs `work` on a thread of its own: reads and encodings that walk a tenant's state (a
 /// move's copies) would otherwise hold an async thread, and every other tenant's calls on
-/// it, for as long as they take.
+/// it, for as long as they take. A background thread's scheduling is lowered for its whole
+/// life, which ends with the work.
 async fn off_thread<T: Send + 'static>(
+    urgency: Urgency,
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
+    let (done, answer) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("cell-copy".into())
+        .spawn(move || {
+            if let Urgency::Background = urgency {
+                lower_priority();
+            }
+            // The caller may have gone away meanwhile: the answer then has no one to go to.
+            let _ = done.send(work());
+        });
+    thread.map_err(|e| ApiError::Internal(format!("could not start a copy thread: {e}")))?;
+    answer
         .await
-        .map_err(|e| ApiError::Internal(format!("a store task failed: {e}")))?
+        .map_err(|_| ApiError::Internal("a copy thread stopped before answering".into()))?
 }
+
+/// Schedules the calling thread only while no other wants its CPU (`SCHED_IDLE`); where
+/// that fails, it runs as before, which only costs the other calls some latency.
+#[cfg(target_os = "linux")]
+fn lower_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sets the calling thread's policy (pid 0 is the caller) from a valid parameter;
+    // a thread may always lower its own.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        let err = std::io::Error::last_os_error();
+        tracing::warn!(%err, "could not lower a copy thread's priority");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority() {}
 
 /// Runs a fenced write to the end in a task of its own, holding its tenant's gate, even if
 /// the caller goes away: a move's export waits for the gate and must find the write done.
@@ -565,7 +605,7 @@ impl Cell for CellApi {
                 .await;
             let chunks = {
                 let (store, tenant, cell) = (store.clone(), tenant.clone(), self.cell.clone());
-                off_thread(move || {
+                off_thread(Urgency::Background, move || {
                     let pages = message_pages(&store, &tenant, request.since_ms, EXPORT_CHUNK)
                         .map_err(storage)?;
                     let mut chunks: Vec<_> = pages
@@ -626,7 +666,12 @@ impl Cell for CellApi {
         }
         let since = (request.since_ms > 0).then_some(request.since_ms);
         let store = self.store.clone();
-        let chunks = off_thread(move || {
+        let urgency = if request.precopy {
+            Urgency::Background
+        } else {
+            Urgency::Waited
+        };
+        let chunks = off_thread(urgency, move || {
             let (as_of_ms, export) = store.export(&tenant, now_ms(), since).map_err(storage)?;
             tracing::info!(%tenant, precopy = request.precopy, suppressions = export.suppressions.len(), keys = export.idempotency.len(), "tenant exported");
             Ok(export_chunks(export, as_of_ms))
@@ -648,7 +693,7 @@ impl Cell for CellApi {
             .ok_or_else(|| ApiError::invalid("chunk", "is required"))?;
         let (messages, figures, export) = {
             let tenant = tenant.clone();
-            off_thread(move || {
+            off_thread(Urgency::Waited, move || {
                 let messages = import_messages(&tenant, std::mem::take(&mut chunk.messages))?;
                 let figures = figures_from_wire(std::mem::take(&mut chunk.figures))?;
                 Ok((messages, figures, import_chunk(chunk)?))
@@ -850,5 +895,20 @@ impl Cell for CellApi {
         )
         .await?;
         Ok(Response::new(v1::RemoveSuppressionResponse { removed }))
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::{Urgency, off_thread};
+
+    #[tokio::test]
+    async fn only_copy_work_that_no_call_waits_for_runs_in_the_background() {
+        // SAFETY: reads the calling thread's policy (pid 0 is the caller).
+        let policy = || Ok(unsafe { libc::sched_getscheduler(0) });
+        let background = off_thread(Urgency::Background, policy).await.unwrap();
+        assert_eq!(background, libc::SCHED_IDLE);
+        let waited = off_thread(Urgency::Waited, policy).await.unwrap();
+        assert_eq!(waited, libc::SCHED_OTHER);
     }
 }
