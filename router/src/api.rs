@@ -211,13 +211,16 @@ impl SenderApi {
             labels.forwarded(&target.cell_label, started.elapsed());
         }
         match answered {
-            // A cell that died mid-call resets its streams (CANCELLED): to the caller that is
-            // the cell being unavailable, and the send is safe to retry with its key.
+            // A cell that died mid-call resets its streams (CANCELLED) or breaks the
+            // connection under them (UNKNOWN from the transport, which gives the error it
+            // read; an answer from the cell has none): to the caller that is the cell being
+            // unavailable, and the send is safe to retry with its key.
             Err(status)
                 if matches!(
                     status.code(),
                     tonic::Code::Unavailable | tonic::Code::Cancelled
-                ) =>
+                ) || (status.code() == tonic::Code::Unknown
+                    && std::error::Error::source(&status).is_some()) =>
             {
                 Err(ApiError::Unavailable(format!(
                     "cell {} of tenant {tenant} is unavailable: {}",

@@ -634,3 +634,68 @@ async fn ses_event_json_on_the_sqs_feedback_queue_suppresses_for_its_tenant_only
         v1::RecipientState::Accepted as i32
     );
 }
+
+/// Sends in flight when their cell dies are answered UNAVAILABLE (retry with the same key),
+/// not UNKNOWN: the router takes a connection to a cell that broke under a call for the
+/// cell being unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_in_flight_when_their_cell_dies_are_answered_unavailable() {
+    let registry = registry_args(&etcd_endpoint(), &unique_prefix("in-flight"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cell = start_cell("cell-a", &registry, dir.path(), &[])
+        .await
+        .unwrap();
+    let front = Front::start(&registry, ADMIN_TOKEN).await.unwrap();
+    let control = control_client(&format!("http://{}", front.control), ADMIN_TOKEN)
+        .await
+        .unwrap();
+    let created = until_ok(Duration::from_secs(10), || {
+        let mut control = control.clone();
+        async move {
+            let request = v1::CreateTenantRequest {
+                id: "ta".into(),
+                domains: vec!["a.example".into()],
+                ..Default::default()
+            };
+            control.create_tenant(request).await
+        }
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    let key = created.api_key;
+    let sender = v1::sender_client::SenderClient::connect(format!("http://{}", front.router))
+        .await
+        .unwrap();
+    let send = move |id: String| {
+        let (mut sender, key) = (sender.clone(), key.clone());
+        async move {
+            let request = message("x@a.example", "j@example.com", &id);
+            sender.send(authorized(&key, request)).await
+        }
+    };
+    until_ok(Duration::from_secs(10), || send("first".into()))
+        .await
+        .unwrap();
+
+    // 32 senders keep a send each in flight until one fails; the cell dies under them.
+    let senders: Vec<_> = (0..32)
+        .map(|n| {
+            let send = send.clone();
+            tokio::spawn(async move {
+                for i in 0.. {
+                    if let Err(status) = send(format!("{n}-{i}")).await {
+                        return status;
+                    }
+                }
+                unreachable!("a sender sends until it fails")
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cell.kill();
+    for sender in senders {
+        let status = sender.await.unwrap();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+}
