@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use cellmail_proto::v1;
 use cellmail_tests::processes::{Daemon, Front, registry_args, start_cell};
 use cellmail_tests::services::{etcd_endpoint, unique_prefix};
-use cellmail_tests::{authorized, control_client, message, until_ok, wait_for};
+use cellmail_tests::{Control, authorized, control_client, message, until_ok, wait_for};
 
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 use tonic::Code;
@@ -23,6 +23,22 @@ fn mail_count(dir: &std::path::Path, tenant: &str) -> usize {
                 .count()
         })
         .unwrap_or(0)
+}
+
+/// One cell (started with `extra`), a control plane and a router on `registry`, and an
+/// operator's client of the control plane.
+async fn one_cell(
+    registry: &[String],
+    id: &str,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (Daemon, Front, Control) {
+    let cell = start_cell(id, registry, dir, extra).await.unwrap();
+    let front = Front::start(registry, ADMIN_TOKEN).await.unwrap();
+    let control = control_client(&format!("http://{}", front.control), ADMIN_TOKEN)
+        .await
+        .unwrap();
+    (cell, front, control)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -494,13 +510,7 @@ async fn ses_event_json_on_the_sqs_feedback_queue_suppresses_for_its_tenant_only
         &queue_prefix,
     ];
     let dir = tempfile::tempdir().unwrap();
-    let _cell = start_cell("cell-f", &registry, dir.path(), &aws)
-        .await
-        .unwrap();
-    let front = Front::start(&registry, ADMIN_TOKEN).await.unwrap();
-    let control = control_client(&format!("http://{}", front.control), ADMIN_TOKEN)
-        .await
-        .unwrap();
+    let (_cell, front, control) = one_cell(&registry, "cell-f", dir.path(), &aws).await;
     let create = |id: String| {
         let control = control.clone();
         async move {
@@ -642,13 +652,7 @@ async fn ses_event_json_on_the_sqs_feedback_queue_suppresses_for_its_tenant_only
 async fn sends_in_flight_when_their_cell_dies_are_answered_unavailable() {
     let registry = registry_args(&etcd_endpoint(), &unique_prefix("in-flight"));
     let dir = tempfile::tempdir().unwrap();
-    let mut cell = start_cell("cell-a", &registry, dir.path(), &[])
-        .await
-        .unwrap();
-    let front = Front::start(&registry, ADMIN_TOKEN).await.unwrap();
-    let control = control_client(&format!("http://{}", front.control), ADMIN_TOKEN)
-        .await
-        .unwrap();
+    let (mut cell, front, control) = one_cell(&registry, "cell-a", dir.path(), &[]).await;
     let created = until_ok(Duration::from_secs(10), || {
         let mut control = control.clone();
         async move {
