@@ -6,7 +6,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cellmail_control::catalog::WatchedCatalog;
 use cellmail_control::schema::{PlacementState, TenantStatus};
@@ -129,39 +129,57 @@ fn message_pages(
         .collect()
 }
 
-/// How a move's copy work is scheduled against the cell's calls.
-#[derive(Clone, Copy)]
-enum Urgency {
-    /// The tenant's calls wait for it (the copy while its placement is frozen, an import).
-    Waited,
-    /// Nothing waits for it but the move (a pre-copy, the records' copies): it runs only
-    /// while the cell's other threads leave a CPU free, so that moving a tenant off a cell adds
-    /// no latency to the calls of the tenants that stay.
-    Background,
-}
-
-/// Runs `work` on a thread of its own: reads and encodings that walk a tenant's state (a
+/// Runs `work` on a blocking thread: reads and encodings that walk a tenant's state (a
 /// move's copies) would otherwise hold an async thread, and every other tenant's calls on
-/// it, for as long as they take. A background thread's scheduling is lowered for its whole
-/// life, which ends with the work.
+/// it, for as long as they take.
 async fn off_thread<T: Send + 'static>(
-    urgency: Urgency,
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let (done, answer) = tokio::sync::oneshot::channel();
-    let thread = std::thread::Builder::new()
-        .name("cell-copy".into())
-        .spawn(move || {
-            if let Urgency::Background = urgency {
-                lower_priority();
-            }
-            // The caller may have gone away meanwhile: the answer then has no one to go to.
-            let _ = done.send(work());
-        });
-    thread.map_err(|e| ApiError::Internal(format!("could not start a copy thread: {e}")))?;
-    answer
+    tokio::task::spawn_blocking(work)
         .await
-        .map_err(|_| ApiError::Internal("a copy thread stopped before answering".into()))?
+        .map_err(|e| ApiError::Internal(format!("a store task failed: {e}")))?
+}
+
+/// How long a move's background copy waits for a CPU its cell's calls leave free before it
+/// is done at their priority too: a tenant must still move off a cell whose calls keep every
+/// CPU busy, and the copy while it is frozen carries what it wrote during this one.
+const BACKGROUND_BUDGET: Duration = Duration::from_millis(500);
+
+/// Runs `work`, which nothing waits for but a move (a pre-copy, the records' copies), on a
+/// thread of its own that the kernel runs only while no other thread wants its CPU, so that
+/// moving a tenant adds no latency to the calls of the tenants that stay. Past
+/// [`BACKGROUND_BUDGET`], the same work (a read) also runs [`off_thread`], and the first
+/// answer is taken.
+async fn in_background<T: Send + 'static>(
+    work: impl Fn() -> Result<T, ApiError> + Send + Sync + 'static,
+) -> Result<T, ApiError> {
+    let work = Arc::new(work);
+    let (done, mut answer) = tokio::sync::oneshot::channel();
+    let background = {
+        let work = work.clone();
+        std::thread::Builder::new()
+            .name("cell-copy".into())
+            .spawn(move || {
+                lower_priority();
+                // The answer has no one to go to once the urgent run answered.
+                let _ = done.send(work());
+            })
+    };
+    background.map_err(|e| ApiError::Internal(format!("could not start a copy thread: {e}")))?;
+    let stopped = |_| ApiError::Internal("a copy thread stopped before answering".into());
+    match tokio::time::timeout(BACKGROUND_BUDGET, &mut answer).await {
+        Ok(answered) => answered.map_err(stopped)?,
+        Err(_) => {
+            tracing::info!(
+                budget = ?BACKGROUND_BUDGET,
+                "a background copy found no idle CPU in time; it runs at the calls' priority too"
+            );
+            tokio::select! {
+                answered = &mut answer => answered.map_err(stopped)?,
+                answered = off_thread(move || work()) => answered,
+            }
+        }
+    }
 }
 
 /// Schedules the calling thread only while no other wants its CPU (`SCHED_IDLE`); where
@@ -605,7 +623,7 @@ impl Cell for CellApi {
                 .await;
             let chunks = {
                 let (store, tenant, cell) = (store.clone(), tenant.clone(), self.cell.clone());
-                off_thread(Urgency::Background, move || {
+                in_background(move || {
                     let pages = message_pages(&store, &tenant, request.since_ms, EXPORT_CHUNK)
                         .map_err(storage)?;
                     let mut chunks: Vec<_> = pages
@@ -666,17 +684,16 @@ impl Cell for CellApi {
         }
         let since = (request.since_ms > 0).then_some(request.since_ms);
         let store = self.store.clone();
-        let urgency = if request.precopy {
-            Urgency::Background
-        } else {
-            Urgency::Waited
-        };
-        let chunks = off_thread(urgency, move || {
+        let export = move || {
             let (as_of_ms, export) = store.export(&tenant, now_ms(), since).map_err(storage)?;
             tracing::info!(%tenant, precopy = request.precopy, suppressions = export.suppressions.len(), keys = export.idempotency.len(), "tenant exported");
             Ok(export_chunks(export, as_of_ms))
-        })
-        .await?;
+        };
+        let chunks = if request.precopy {
+            in_background(export).await?
+        } else {
+            off_thread(export).await?
+        };
         Ok(Response::new(Box::pin(tokio_stream::iter(
             chunks.into_iter().map(Ok),
         ))))
@@ -693,7 +710,7 @@ impl Cell for CellApi {
             .ok_or_else(|| ApiError::invalid("chunk", "is required"))?;
         let (messages, figures, export) = {
             let tenant = tenant.clone();
-            off_thread(Urgency::Waited, move || {
+            off_thread(move || {
                 let messages = import_messages(&tenant, std::mem::take(&mut chunk.messages))?;
                 let figures = figures_from_wire(std::mem::take(&mut chunk.figures))?;
                 Ok((messages, figures, import_chunk(chunk)?))
@@ -900,15 +917,33 @@ impl Cell for CellApi {
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
-    use super::{Urgency, off_thread};
+    use super::{BACKGROUND_BUDGET, in_background, off_thread};
+
+    fn policy() -> i32 {
+        // SAFETY: reads the calling thread's policy (pid 0 is the caller).
+        unsafe { libc::sched_getscheduler(0) }
+    }
 
     #[tokio::test]
-    async fn only_copy_work_that_no_call_waits_for_runs_in_the_background() {
-        // SAFETY: reads the calling thread's policy (pid 0 is the caller).
-        let policy = || Ok(unsafe { libc::sched_getscheduler(0) });
-        let background = off_thread(Urgency::Background, policy).await.unwrap();
+    async fn background_copy_work_runs_only_on_idle_cpu_and_the_rest_as_before() {
+        let background = in_background(|| Ok(policy())).await.unwrap();
         assert_eq!(background, libc::SCHED_IDLE);
-        let waited = off_thread(Urgency::Waited, policy).await.unwrap();
+        let waited = off_thread(|| Ok(policy())).await.unwrap();
         assert_eq!(waited, libc::SCHED_OTHER);
+    }
+
+    #[tokio::test]
+    async fn background_copy_work_that_finds_no_idle_cpu_is_done_at_the_calls_priority() {
+        // The background run stands for one starved of CPU: it answers long after the budget.
+        let answered = in_background(|| {
+            if policy() == libc::SCHED_IDLE {
+                std::thread::sleep(BACKGROUND_BUDGET * 4);
+                return Ok("background");
+            }
+            Ok("urgent")
+        })
+        .await
+        .unwrap();
+        assert_eq!(answered, "urgent");
     }
 }

@@ -39,6 +39,13 @@ const NEIGHBOUR_PAUSE: Duration = Duration::from_millis(2);
 
 pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
     let moves = if quick { 5 } else { 50 };
+    // A quick run (a debug build, in CI) sends less: there the cells deliver more slowly
+    // than 16 senders accept, and each move waits for its source's backlog.
+    let (tenant_senders, neighbour_pause) = if quick {
+        (4, Duration::from_millis(10))
+    } else {
+        (SENDERS, NEIGHBOUR_PAUSE)
+    };
     // Before each move, with the same load on, the neighbour is measured with no move under
     // way: the two conditions take turns, so a stall of the machine falls on either alike.
     let quiet = Duration::from_millis(if quick { 200 } else { 1_000 });
@@ -93,7 +100,7 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicU64::new(0)),
         );
-        let senders: Vec<_> = (0..SENDERS)
+        let senders: Vec<_> = (0..tenant_senders)
             .map(|_| {
                 let (door, stop, sent, failed) =
                     (door.clone(), stop.clone(), sent.clone(), failed.clone());
@@ -141,7 +148,7 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .push((at, took));
-                    tokio::time::sleep(NEIGHBOUR_PAUSE).await;
+                    tokio::time::sleep(neighbour_pause).await;
                 }
             })
         };
@@ -217,7 +224,7 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
         "< 250",
         p99 < 250.0 && failed == 0,
         format!(
-            "p50 {p50:.0} ms over {moves} moves in {seconds:.1} s, {sends} sends by {SENDERS} senders meanwhile, {failed} failed"
+            "p50 {p50:.0} ms over {moves} moves in {seconds:.1} s, {sends} sends by {tenant_senders} senders meanwhile, {failed} failed"
         ),
     );
     Ok(vec![freeze, neighbour])
