@@ -11,9 +11,25 @@ use crate::binary;
 
 /// A free loopback address for a server to bind.
 pub fn free_addr() -> anyhow::Result<String> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .to_string())
+    Ok(format!("127.0.0.1:{}", free_port()?))
+}
+
+/// A loopback port free now, below the kernel's ephemeral range: until the server it is for
+/// binds it, no socket bound to port 0 (another test's cell, any outgoing connection) can
+/// take it; one of those once did, and a test's router address answered for a cell.
+pub fn free_port() -> anyhow::Result<u16> {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768u16);
+    let below = 10_000..ephemeral.max(10_001);
+    for _ in 0..100 {
+        let port = rand::random_range(below.clone());
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port in {below:?}")
 }
 
 /// One cellmail binary running as a child process; killed when dropped.

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::processes::free_port;
+
 /// The shared etcd (`host:port`) the test command started.
 pub fn etcd_endpoint() -> String {
     std::env::var("CELLMAIL_TEST_ETCD").unwrap_or_else(|_| {
@@ -23,12 +25,6 @@ pub fn unique_prefix(test: &str) -> String {
             .to_string()
             .to_lowercase()
     )
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// An etcd server of the test's own, on free loopback ports, with its data in `dir` (so a
