@@ -1045,6 +1045,16 @@ impl Store {
         }
     }
 
+    /// Submits a write that answers what holds an idempotency key.
+    async fn reservation(&self, write: Write, commit: Commit) -> Result<Reservation, StorageError> {
+        match self.writes.submit(write, commit).await? {
+            Written::Reservation(reservation) => Ok(reservation),
+            _ => Err(StorageError(
+                "a key's write answered like another kind".into(),
+            )),
+        }
+    }
+
     /// Durably reserves `key` for `message_id` unless an earlier send holds it.
     pub async fn reserve(
         &self,
@@ -1059,12 +1069,7 @@ impl Store {
             message_id,
             now_ms,
         };
-        match self.writes.submit(write, Commit::Durable).await? {
-            Written::Reservation(reservation) => Ok(reservation),
-            _ => Err(StorageError(
-                "a reservation answered like another write".into(),
-            )),
-        }
+        self.reservation(write, Commit::Durable).await
     }
 
     /// What an earlier send of `tenant`'s `key` holds, if anything: read only, for a send
@@ -1112,10 +1117,7 @@ impl Store {
             queued: queued.map(|staged| staged.write),
             now_ms,
         };
-        match self.writes.submit(write, commit).await? {
-            Written::Reservation(reservation) => Ok(reservation),
-            _ => Err(StorageError("an accept answered like another write".into())),
-        }
+        self.reservation(write, commit).await
     }
 
     /// Applies the embedded queue's `writes` (in order, usually in one commit); returns
