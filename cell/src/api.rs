@@ -183,20 +183,20 @@ async fn in_background<T: Send + 'static>(
 }
 
 /// Schedules the calling thread only while no other wants its CPU (`SCHED_IDLE`); where
-/// that fails, it runs as before, which only costs the other calls some latency.
+/// that fails, it runs as before, which only costs the other threads some latency.
 #[cfg(target_os = "linux")]
-fn lower_priority() {
+pub fn lower_priority() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sets the calling thread's policy (pid 0 is the caller) from a valid parameter;
     // a thread may always lower its own.
     if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
         let err = std::io::Error::last_os_error();
-        tracing::warn!(%err, "could not lower a copy thread's priority");
+        tracing::warn!(%err, "could not lower a thread's priority");
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lower_priority() {}
+pub fn lower_priority() {}
 
 /// Runs a fenced write to the end in a task of its own, holding its tenant's gate, even if
 /// the caller goes away: a move's export waits for the gate and must find the write done.

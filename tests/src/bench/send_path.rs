@@ -70,12 +70,7 @@ pub(super) fn runtime_on(
             eprintln!("warning: could not pin a bench thread to CPU {id}");
         }
         if let Priority::Idle = priority {
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: sets the calling thread's policy (pid 0 is the caller on Linux) from a
-            // valid parameter; nothing else is touched.
-            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-                eprintln!("warning: could not schedule a bench thread as idle");
-            }
+            cellmail_cell::api::lower_priority();
         }
     });
     Ok(builder.build()?)
