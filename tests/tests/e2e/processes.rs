@@ -656,9 +656,15 @@ async fn sends_in_flight_when_their_cell_dies_are_answered_unavailable() {
     let created = until_ok(Duration::from_secs(10), || {
         let mut control = control.clone();
         async move {
+            // A rate its 32 senders stay under: each stops at its first failure.
             let request = v1::CreateTenantRequest {
                 id: "ta".into(),
                 domains: vec!["a.example".into()],
+                policy: Some(v1::TenantPolicy {
+                    rate_per_second: 100_000,
+                    burst: 100_000,
+                    ..Default::default()
+                }),
                 ..Default::default()
             };
             control.create_tenant(request).await
