@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cellmail_control::registry::Registry;
 use cellmail_proto::CellId;
+use cellmail_registry::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(clap::Args)]
 pub struct UpArgs {
     #[command(flatten)]
-    registry: cellmail_control::RegistryConfig,
+    registry: cellmail_registry::config::RegistryConfig,
     #[command(flatten)]
     backends: cellmail_cell::BackendConfig,
     #[command(flatten)]

@@ -12,12 +12,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cellmail_control::catalog::{Catalog, WatchedCatalog};
-use cellmail_control::schema::{PlacementState, TenantStatus};
 use cellmail_proto::v1::SendRequest;
 use cellmail_proto::{
     ApiError, CellId, Epoch, MessageClass, MessageId, SuppressionScope, TenantId, suppression_key,
 };
+use cellmail_registry::catalog::{Catalog, WatchedCatalog};
+use cellmail_registry::schema::{PlacementState, TenantStatus};
 use tokio::sync::{OnceCell, OwnedRwLockReadGuard, RwLock};
 
 use crate::breaker;

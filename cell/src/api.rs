@@ -8,13 +8,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cellmail_control::catalog::WatchedCatalog;
-use cellmail_control::schema::{PlacementState, TenantStatus};
 use cellmail_proto::v1::{self, cell_server::Cell};
 use cellmail_proto::{
     ApiError, CellId, Epoch, MessageClass, MessageId, SuppressionReason, SuppressionScope,
     TenantId, suppression_key,
 };
+use cellmail_registry::catalog::WatchedCatalog;
+use cellmail_registry::schema::{PlacementState, TenantStatus};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::field::Empty;
@@ -47,10 +47,6 @@ pub struct CellApi {
     pub health: Arc<Health>,
     /// The release this process runs.
     pub release: String,
-}
-
-fn tenant_id(value: String) -> Result<TenantId, ApiError> {
-    TenantId::new(value).map_err(|e| ApiError::invalid("tenant_id", e.to_string()))
 }
 
 impl CellApi {
@@ -497,7 +493,7 @@ impl Cell for CellApi {
         &self,
         request: Request<v1::TenantDataRequest>,
     ) -> Result<Response<DataStream>, Status> {
-        let tenant = tenant_id(request.into_inner().tenant_id)?;
+        let tenant = TenantId::from_field("tenant_id", request.into_inner().tenant_id)?;
         let cell = self.cell.to_string();
         let mut parts = vec![v1::TenantData {
             cell: cell.clone(),
@@ -536,7 +532,7 @@ impl Cell for CellApi {
         &self,
         request: Request<v1::TenantDataRequest>,
     ) -> Result<Response<v1::EraseTenantResponse>, Status> {
-        let tenant = tenant_id(request.into_inner().tenant_id)?;
+        let tenant = TenantId::from_field("tenant_id", request.into_inner().tenant_id)?;
         let status = self.catalog.read().tenants.get(&tenant).map(|t| t.status);
         if status == Some(TenantStatus::Active) {
             return Err(ApiError::FailedPrecondition(format!(
@@ -560,11 +556,7 @@ impl Cell for CellApi {
         let figures = self
             .health
             .report(u64::from(request.into_inner().window_secs));
-        Ok(Response::new(cellmail_control::rollout::report(
-            &self.cell,
-            &self.release,
-            &figures,
-        )))
+        Ok(Response::new(figures.report(&self.cell, &self.release)))
     }
 
     async fn prepare_tenant(
@@ -572,7 +564,7 @@ impl Cell for CellApi {
         request: Request<v1::PrepareTenantRequest>,
     ) -> Result<Response<v1::PrepareTenantResponse>, Status> {
         let request = request.into_inner();
-        let tenant = tenant_id(request.tenant_id)?;
+        let tenant = TenantId::from_field("tenant_id", request.tenant_id)?;
         self.not_serving(&tenant)?;
         let domains = self
             .catalog
@@ -606,7 +598,7 @@ impl Cell for CellApi {
         request: Request<v1::ExportTenantRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
         let mut request = request.into_inner();
-        let tenant = tenant_id(request.tenant_id)?;
+        let tenant = TenantId::from_field("tenant_id", request.tenant_id)?;
         if request.since_taken_over
             && let Some(at_ms) = (self.store)
                 .taken_over(&tenant, Epoch(request.epoch))
@@ -704,7 +696,7 @@ impl Cell for CellApi {
         request: Request<v1::ImportTenantRequest>,
     ) -> Result<Response<v1::ImportTenantResponse>, Status> {
         let request = request.into_inner();
-        let tenant = tenant_id(request.tenant_id)?;
+        let tenant = TenantId::from_field("tenant_id", request.tenant_id)?;
         let mut chunk = request
             .chunk
             .ok_or_else(|| ApiError::invalid("chunk", "is required"))?;
@@ -740,7 +732,7 @@ impl Cell for CellApi {
         &self,
         request: Request<v1::TenantBacklogRequest>,
     ) -> Result<Response<v1::TenantBacklogResponse>, Status> {
-        let tenant = tenant_id(request.into_inner().tenant_id)?;
+        let tenant = TenantId::from_field("tenant_id", request.into_inner().tenant_id)?;
         let messages = self.store.backlog(&tenant).map_err(storage)?;
         Ok(Response::new(v1::TenantBacklogResponse { messages }))
     }
@@ -770,8 +762,7 @@ impl Cell for CellApi {
     ) -> Result<Response<v1::SendResponse>, Status> {
         let span = accept_span(&self.cell, &request);
         let request = request.into_inner();
-        let tenant = TenantId::new(request.tenant_id)
-            .map_err(|e| ApiError::invalid("tenant_id", e.to_string()))?;
+        let tenant = TenantId::from_field("tenant_id", request.tenant_id)?;
         let message = request
             .message
             .ok_or_else(|| ApiError::invalid("message", "is required"))?;

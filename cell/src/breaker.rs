@@ -7,13 +7,13 @@
 
 use std::sync::Arc;
 
-use cellmail_control::audit;
-use cellmail_control::catalog::WatchedCatalog;
-use cellmail_control::registry::Registry;
-use cellmail_control::schema::{
+use cellmail_proto::{CellId, MessageClass, TenantId};
+use cellmail_registry::Registry;
+use cellmail_registry::audit;
+use cellmail_registry::catalog::WatchedCatalog;
+use cellmail_registry::schema::{
     self, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, Keys, Tier,
 };
-use cellmail_proto::{CellId, MessageClass, TenantId};
 
 use crate::accept::now_ms;
 use crate::store::{Counts, Store};

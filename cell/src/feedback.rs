@@ -14,11 +14,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellmail_control::catalog::WatchedCatalog;
-use cellmail_control::channels::CellChannels;
-use cellmail_control::schema::PlacementState;
 use cellmail_proto::v1::ForwardFeedbackRequest;
 use cellmail_proto::{CellId, MessageClass, MessageId, SuppressionReason, TenantId};
+use cellmail_registry::catalog::WatchedCatalog;
+use cellmail_registry::channels::CellChannels;
+use cellmail_registry::schema::PlacementState;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breakers;

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cellmail_control::schema::HealthFigures;
+use cellmail_registry::schema::HealthFigures;
 
 /// How far back a report can look.
 pub const RETAINED_SECS: u64 = 3600;

@@ -42,12 +42,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use cellmail_control::catalog::WatchedCatalog;
-use cellmail_control::registry::{self, Registry};
-use cellmail_control::schema::{self, CellRecord, CellState, Keys};
 use cellmail_proto::CellId;
 use cellmail_proto::server::Peers;
 use cellmail_proto::v1::cell_server::{CellServer, SERVICE_NAME};
+use cellmail_registry::catalog::WatchedCatalog;
+use cellmail_registry::schema::{self, CellRecord, CellState, Keys};
+use cellmail_registry::{LeaseId, Registry, keep_lease_alive};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -271,7 +271,7 @@ pub async fn run(
     let keepalive = {
         let (registry, stop) = (registry.clone(), shutdown.clone());
         tokio::spawn(async move {
-            registry::keep_lease_alive(registry.as_ref(), lease, LEASE_TTL, stop.cancelled()).await
+            keep_lease_alive(registry.as_ref(), lease, LEASE_TTL, stop.cancelled()).await
         })
     };
     let worker = Arc::new(worker::Worker::new(
@@ -357,7 +357,7 @@ async fn register(
     keys: &Keys,
     config: &CellConfig,
     endpoint: &str,
-) -> anyhow::Result<registry::LeaseId> {
+) -> anyhow::Result<LeaseId> {
     let key = keys.cell(&config.id);
     loop {
         let current = registry.get(&key).await?;

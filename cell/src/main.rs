@@ -14,7 +14,7 @@ struct Args {
     #[command(flatten)]
     cell: cellmail_cell::CellConfig,
     #[command(flatten)]
-    registry: cellmail_control::RegistryConfig,
+    registry: cellmail_registry::config::RegistryConfig,
     #[command(flatten)]
     metrics: cellmail_proto::server::MetricsConfig,
     #[command(flatten)]

@@ -9,27 +9,27 @@ use std::sync::Arc;
 
 use cellmail_proto::v1::{self, control_server::Control};
 use cellmail_proto::{
-    ApiError, CellId, Epoch, MessageClass, SuppressionReason, SuppressionScope, TenantId,
+    ApiError, CellId, Epoch, MessageClass, SuppressionReason, SuppressionScope, TenantId, now_ms,
     suppression_key,
 };
 use tonic::{Request, Response, Status};
 
-use crate::apikey;
-use crate::audit;
-use crate::catalog::{self, Catalog};
-use crate::channels::CellChannels;
 use crate::identity;
 use crate::moves;
 use crate::offboard;
 use crate::operations;
 use crate::placement::{self, Candidate};
-use crate::registry::{Compare, Op, Registry, RegistryError};
 use crate::rollout;
-use crate::schema::{
+use cellmail_registry::apikey;
+use cellmail_registry::audit;
+use cellmail_registry::catalog::{self, Catalog};
+use cellmail_registry::channels::CellChannels;
+use cellmail_registry::schema::{
     self, ApiKeyRecord, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, CellRecord,
     CellState, GlobalSuppressionRecord, IdentityRecord, KeyUseRecord, Keys, OperationKind,
     PlacementRecord, PlacementState, Policy, TenantRecord, TenantStatus, Tier,
 };
+use cellmail_registry::{Compare, Op, Registry};
 
 pub struct ControlApi {
     registry: Arc<dyn Registry>,
@@ -41,55 +41,6 @@ pub struct ControlApi {
     channels: CellChannels,
     /// Whether this control plane has a deployer (rollouts are refused without one).
     rollouts: bool,
-}
-
-pub(crate) fn registry_error(err: RegistryError) -> ApiError {
-    match err {
-        RegistryError::Unavailable(reason) => {
-            ApiError::Unavailable(format!("registry unavailable: {reason}"))
-        }
-        other => ApiError::Internal(other.to_string()),
-    }
-}
-
-pub(crate) use cellmail_proto::now_ms;
-
-/// A registered cell and whether it is up (its liveness key is there and it has registered
-/// an endpoint).
-pub(crate) struct RegisteredCell {
-    pub id: CellId,
-    pub record: CellRecord,
-    pub alive: bool,
-}
-
-/// Every registered cell, by id, read from the registry now.
-pub(crate) async fn cells(
-    registry: &dyn Registry,
-    keys: &Keys,
-) -> Result<Vec<RegisteredCell>, ApiError> {
-    let listed = registry.list(&keys.cells()).await.map_err(registry_error)?;
-    let mut cells = Vec::new();
-    for kv in listed.entries {
-        let Some(crate::schema::Entity::Cell(id)) = keys.parse(&kv.key) else {
-            continue;
-        };
-        let record: CellRecord = crate::schema::decode(&kv.value)
-            .map_err(|e| ApiError::Internal(format!("cell {id}'s record: {e}")))?;
-        let alive = registry
-            .get(&keys.alive(&id))
-            .await
-            .map_err(registry_error)?
-            .is_some()
-            && !record.endpoint.is_empty();
-        cells.push(RegisteredCell { id, record, alive });
-    }
-    cells.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(cells)
-}
-
-/// The `tenant_id` field of a request, checked.
-fn tenant_id(value: String) -> Result<TenantId, ApiError> {
-    TenantId::new(value).map_err(|e| ApiError::invalid("tenant_id", e.to_string()))
 }
 
 /// Lowercases and checks one domain a tenant may send from.
@@ -262,7 +213,7 @@ impl ControlApi {
         catalog::fetch(self.registry.as_ref(), &self.keys, &prefixes)
             .await
             .map(|(catalog, _)| catalog)
-            .map_err(registry_error)
+            .map_err(ApiError::from)
     }
 
     async fn create_tenant(
@@ -270,7 +221,7 @@ impl ControlApi {
         req: v1::CreateTenantRequest,
         actor: String,
     ) -> Result<v1::CreateTenantResponse, ApiError> {
-        let id = TenantId::new(req.id).map_err(|e| ApiError::invalid("id", e.to_string()))?;
+        let id = TenantId::from_field("id", req.id)?;
         if req.domains.is_empty() {
             return Err(ApiError::invalid(
                 "domains",
@@ -292,9 +243,7 @@ impl ControlApi {
         let requirements = placement::Requirements {
             cell: match req.cell.as_str() {
                 "" => None,
-                pinned => Some(
-                    CellId::new(pinned).map_err(|e| ApiError::invalid("cell", e.to_string()))?,
-                ),
+                pinned => Some(CellId::from_field("cell", pinned)?),
             },
             labels: req.labels.into_iter().collect(),
             tenant: Some((id.clone(), tier)),
@@ -383,7 +332,7 @@ impl ControlApi {
             .registry
             .txn(compares, ops)
             .await
-            .map_err(registry_error)?
+            .map_err(ApiError::from)?
             .is_none()
         {
             return Err(ApiError::AlreadyExists(format!(
@@ -411,8 +360,7 @@ impl ControlApi {
         req: v1::EvacuateCellRequest,
         actor: String,
     ) -> Result<v1::OperationInfo, ApiError> {
-        let cell =
-            CellId::new(&req.cell_id).map_err(|e| ApiError::invalid("cell_id", e.to_string()))?;
+        let cell = CellId::from_field("cell_id", &req.cell_id)?;
         let drain = v1::SetCellStateRequest {
             cell_id: req.cell_id,
             state: "DRAINING".into(),
@@ -497,7 +445,7 @@ impl ControlApi {
             entry,
         )
         .await
-        .map_err(registry_error)?;
+        .map_err(ApiError::from)?;
         match (written, revision) {
             (true, _) => Ok(()),
             (false, 0) => Err(ApiError::AlreadyExists(format!("cell {id} already exists"))),
@@ -512,7 +460,7 @@ impl ControlApi {
         req: v1::AddCellRequest,
         actor: String,
     ) -> Result<v1::CellInfo, ApiError> {
-        let id = CellId::new(req.id).map_err(|e| ApiError::invalid("id", e.to_string()))?;
+        let id = CellId::from_field("id", req.id)?;
         let record = CellRecord {
             endpoint: "".into(),
             capacity: if req.capacity == 0 {
@@ -543,8 +491,7 @@ impl ControlApi {
         req: v1::SetCellStateRequest,
         actor: String,
     ) -> Result<v1::CellInfo, ApiError> {
-        let id =
-            CellId::new(req.cell_id).map_err(|e| ApiError::invalid("cell_id", e.to_string()))?;
+        let id = CellId::from_field("cell_id", req.cell_id)?;
         let state = match req.state.to_ascii_uppercase().as_str() {
             "ACTIVE" => CellState::Active,
             "DRAINING" => CellState::Draining,
@@ -560,7 +507,7 @@ impl ControlApi {
             .registry
             .get(&self.keys.cell(&id))
             .await
-            .map_err(registry_error)?
+            .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(format!("cell {id} does not exist")))?;
         let before: CellRecord = schema::decode(&kv.value)
             .map_err(|e| ApiError::Internal(format!("cell {id}'s record: {e}")))?;
@@ -590,13 +537,13 @@ impl ControlApi {
         req: v1::IssueApiKeyRequest,
         actor: String,
     ) -> Result<v1::IssueApiKeyResponse, ApiError> {
-        let id = tenant_id(req.tenant_id)?;
+        let id = TenantId::from_field("tenant_id", req.tenant_id)?;
         let tenant_key = self.keys.tenant(&id);
         let Some(tenant) = self
             .registry
             .get(&tenant_key)
             .await
-            .map_err(registry_error)?
+            .map_err(ApiError::from)?
         else {
             return Err(ApiError::NotFound(format!("tenant {id} does not exist")));
         };
@@ -631,7 +578,7 @@ impl ControlApi {
             .registry
             .txn(compares, ops)
             .await
-            .map_err(registry_error)?
+            .map_err(ApiError::from)?
             .is_none()
         {
             return Err(ApiError::Unavailable(format!(
@@ -650,19 +597,19 @@ impl ControlApi {
     async fn keys_of(&self, tenant: &TenantId) -> Result<Vec<(String, ApiKeyRecord)>, ApiError> {
         apikey::of_tenant(self.registry.as_ref(), &self.keys, tenant)
             .await
-            .map_err(registry_error)
+            .map_err(ApiError::from)
     }
 
     async fn list_api_keys(
         &self,
         req: v1::ListApiKeysRequest,
     ) -> Result<v1::ListApiKeysResponse, ApiError> {
-        let id = tenant_id(req.tenant_id)?;
+        let id = TenantId::from_field("tenant_id", req.tenant_id)?;
         let uses = self
             .registry
             .list(&self.keys.key_uses())
             .await
-            .map_err(registry_error)?;
+            .map_err(ApiError::from)?;
         let last_used: std::collections::HashMap<&str, u64> = uses
             .entries
             .iter()
@@ -696,7 +643,7 @@ impl ControlApi {
         req: v1::RevokeApiKeyRequest,
         actor: String,
     ) -> Result<v1::RevokeApiKeyResponse, ApiError> {
-        let id = tenant_id(req.tenant_id)?;
+        let id = TenantId::from_field("tenant_id", req.tenant_id)?;
         if req.key_id.is_empty() {
             return Err(ApiError::invalid("key_id", "is required"));
         }
@@ -708,7 +655,7 @@ impl ControlApi {
         let Some((key, record)) = found else {
             return Ok(v1::RevokeApiKeyResponse { revoked: false });
         };
-        let Some(kv) = self.registry.get(&key).await.map_err(registry_error)? else {
+        let Some(kv) = self.registry.get(&key).await.map_err(ApiError::from)? else {
             return Ok(v1::RevokeApiKeyResponse { revoked: false });
         };
         let entry = audit::entry(
@@ -734,7 +681,7 @@ impl ControlApi {
             .registry
             .txn(compares, ops)
             .await
-            .map_err(registry_error)?
+            .map_err(ApiError::from)?
             .is_none()
         {
             return Err(ApiError::Aborted(format!(
@@ -752,7 +699,7 @@ impl ControlApi {
             .registry
             .get(&self.keys.tenant(id))
             .await
-            .map_err(registry_error)?
+            .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(format!("tenant {id} does not exist")))?;
         let record = schema::decode(&kv.value)
             .map_err(|e| ApiError::Internal(format!("tenant {id}'s record: {e}")))?;
@@ -774,7 +721,7 @@ impl ControlApi {
         req: v1::SuspendTenantRequest,
         actor: String,
     ) -> Result<v1::TenantInfo, ApiError> {
-        let id = tenant_id(req.tenant_id)?;
+        let id = TenantId::from_field("tenant_id", req.tenant_id)?;
         let (before, revision) = self.tenant(&id).await?;
         if before.status != TenantStatus::Suspended {
             let after = TenantRecord {
@@ -810,7 +757,7 @@ impl ControlApi {
         let registry = self.registry.as_ref();
         if audit::write(registry, &self.keys, &key, revision, value, entry)
             .await
-            .map_err(registry_error)?
+            .map_err(ApiError::from)?
         {
             Ok(())
         } else {
@@ -825,7 +772,7 @@ impl ControlApi {
         req: v1::ResumeTenantRequest,
         actor: String,
     ) -> Result<v1::ResumeTenantResponse, ApiError> {
-        let id = tenant_id(req.tenant_id)?;
+        let id = TenantId::from_field("tenant_id", req.tenant_id)?;
         let classes: Vec<MessageClass> = if req.class.is_empty() {
             MessageClass::ALL.to_vec()
         } else {
@@ -851,7 +798,7 @@ impl ControlApi {
         let mut resumed_classes = Vec::new();
         for class in classes {
             let key = self.keys.breaker(&id, class);
-            let Some(kv) = self.registry.get(&key).await.map_err(registry_error)? else {
+            let Some(kv) = self.registry.get(&key).await.map_err(ApiError::from)? else {
                 continue;
             };
             let tripped: BreakerRecord = schema::decode(&kv.value)
@@ -910,7 +857,7 @@ impl ControlApi {
                 .registry
                 .txn(compares, ops)
                 .await
-                .map_err(registry_error)?
+                .map_err(ApiError::from)?
                 .is_none()
         {
             return Err(ApiError::Aborted(format!(
@@ -930,7 +877,7 @@ impl ControlApi {
         req: v1::DomainRequest,
         actor: String,
     ) -> Result<v1::DomainInfo, ApiError> {
-        let id = tenant_id(req.tenant_id)?;
+        let id = TenantId::from_field("tenant_id", req.tenant_id)?;
         let domain = parse_domain("domain".into(), &req.domain)?;
         let (before, revision) = self.tenant(&id).await?;
         if let Some(known) = before.identities.iter().find(|i| i.domain == domain) {
@@ -957,7 +904,7 @@ impl ControlApi {
         req: v1::DomainRequest,
         actor: String,
     ) -> Result<v1::DomainInfo, ApiError> {
-        let id = tenant_id(req.tenant_id)?;
+        let id = TenantId::from_field("tenant_id", req.tenant_id)?;
         let domain = parse_domain("domain".into(), &req.domain)?;
         let (before, revision) = self.tenant(&id).await?;
         let identity = before
@@ -1010,7 +957,7 @@ impl ControlApi {
         let tenant = if req.tenant_id.is_empty() {
             None
         } else {
-            Some(tenant_id(req.tenant_id)?)
+            Some(TenantId::from_field("tenant_id", req.tenant_id)?)
         };
         let limit = if req.limit == 0 {
             100
@@ -1021,7 +968,7 @@ impl ControlApi {
             |value: Option<serde_json::Value>| value.map(|v| v.to_string()).unwrap_or_default();
         let entries = audit::list(self.registry.as_ref(), &self.keys, tenant.as_ref(), limit)
             .await
-            .map_err(registry_error)?
+            .map_err(ApiError::from)?
             .into_iter()
             .map(|e| v1::AuditEntry {
                 at_ms: e.at_ms as i64,
@@ -1091,7 +1038,7 @@ impl ControlApi {
         let value = schema::encode(&record);
         if !audit::write(registry, &self.keys, &key, revision, value, &entry)
             .await
-            .map_err(registry_error)?
+            .map_err(ApiError::from)?
         {
             return Err(ApiError::Aborted(format!(
                 "the global entry of {} changed meanwhile; try again",
@@ -1130,7 +1077,7 @@ impl ControlApi {
             .registry
             .txn(compares, ops)
             .await
-            .map_err(registry_error)?
+            .map_err(ApiError::from)?
             .is_none()
         {
             return Err(ApiError::Aborted(format!(
@@ -1146,7 +1093,7 @@ impl ControlApi {
         &self,
         key: &str,
     ) -> Result<(Option<GlobalSuppressionRecord>, u64), ApiError> {
-        let Some(kv) = self.registry.get(key).await.map_err(registry_error)? else {
+        let Some(kv) = self.registry.get(key).await.map_err(ApiError::from)? else {
             return Ok((None, 0));
         };
         let record = schema::decode(&kv.value)
@@ -1176,7 +1123,9 @@ fn planning_view(catalog: &Catalog) -> (Vec<Candidate<'_>>, Vec<placement::Place
             placement::Placed {
                 tenant,
                 cell: &placement.cell,
-                requirements: record.map(|r| r.requirements(tenant)).unwrap_or_default(),
+                requirements: record
+                    .map(|r| placement::Requirements::of_tenant(tenant, r))
+                    .unwrap_or_default(),
                 pinned: record.is_some_and(|r| r.pinned),
             }
         })
@@ -1239,7 +1188,7 @@ impl Control for ControlApi {
         &self,
         request: Request<v1::TenantDataRequest>,
     ) -> Result<Response<DataStream>, Status> {
-        let tenant = tenant_id(request.into_inner().tenant_id)?;
+        let tenant = TenantId::from_field("tenant_id", request.into_inner().tenant_id)?;
         let parts =
             offboard::export(self.registry.as_ref(), &self.keys, &self.channels, &tenant).await?;
         Ok(Response::new(Box::pin(tokio_stream::iter(
@@ -1253,7 +1202,7 @@ impl Control for ControlApi {
     ) -> Result<Response<v1::DeleteTenantResponse>, Status> {
         let actor = actor(&request);
         let request = request.into_inner();
-        let tenant = tenant_id(request.tenant_id)?;
+        let tenant = TenantId::from_field("tenant_id", request.tenant_id)?;
         let deleted = offboard::delete(
             self.registry.as_ref(),
             &self.keys,
@@ -1422,9 +1371,8 @@ impl Control for ControlApi {
     ) -> Result<Response<v1::MoveInfo>, Status> {
         let actor = actor(&request);
         let request = request.into_inner();
-        let tenant = tenant_id(request.tenant_id)?;
-        let to = CellId::new(request.to_cell)
-            .map_err(|e| ApiError::invalid("to_cell", e.to_string()))?;
+        let tenant = TenantId::from_field("tenant_id", request.tenant_id)?;
+        let to = CellId::from_field("to_cell", request.to_cell)?;
         let record = moves::request(
             self.registry.as_ref(),
             &self.keys,
@@ -1513,7 +1461,7 @@ impl Control for ControlApi {
         }
         let canary = match request.canary.as_str() {
             "" => None,
-            id => Some(CellId::new(id).map_err(|e| ApiError::invalid("canary", e.to_string()))?),
+            id => Some(CellId::from_field("canary", id)?),
         };
         let secs_or = |secs: u64, default: std::time::Duration| match secs {
             0 => default,
@@ -1570,7 +1518,7 @@ impl Control for ControlApi {
         &self,
         request: Request<v1::GetMoveRequest>,
     ) -> Result<Response<v1::MoveInfo>, Status> {
-        let tenant = tenant_id(request.into_inner().tenant_id)?;
+        let tenant = TenantId::from_field("tenant_id", request.into_inner().tenant_id)?;
         let record = moves::latest(self.registry.as_ref(), &self.keys, &tenant)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("tenant {tenant} has not been moved")))?;

@@ -10,7 +10,7 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use rand::RngCore;
 
-use crate::schema::IdentityRecord;
+use cellmail_registry::schema::IdentityRecord;
 
 /// How identities are verified, from flags or env.
 #[derive(Debug, Clone, Default, clap::Args)]

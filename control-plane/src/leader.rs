@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::{LeaderKey, LeaseId, Registry, RegistryError, keep_lease_alive};
+use cellmail_registry::{LeaderKey, LeaseId, Registry, RegistryError, keep_lease_alive};
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// Short enough that a registry that comes back is used again soon.

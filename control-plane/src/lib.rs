@@ -1,18 +1,13 @@
-//! cellmail's control plane: the placement registry and what operators do with it.
+//! cellmail's control plane: what operators do with the shared state in
+//! `cellmail-registry`, and the Control gRPC service they do it through.
 //!
-//! - [`registry`]: the `Registry` trait (revisioned KV with CAS, watches, leases) and its
-//!   implementations.
 //! - [`leader`]: running work on one control plane at a time, through registry elections.
 //! - [`telemetry`]: control actions counted by action and outcome.
-//! - [`schema`]: the registry's key layout and record types.
-//! - [`catalog`]: the typed, watch-fed view of the registry that routers and cells serve from.
 //! - [`placement`]: the pure choice of a cell for a new tenant.
-//! - [`apikey`]: issuing and hashing tenant API keys.
+//! - [`registered`]: the registered cells, read from the registry now.
 //! - [`api`]: the `Control` gRPC service.
 //! - [`auth`]: the operator credential every `Control` call must carry.
 //! - [`identity`]: the DNS records of a tenant's sending domains, and their check.
-//! - [`audit`]: the trail of control actions and breaker trips.
-//! - [`channels`]: gRPC channels to cells, shared by everything that calls one.
 //! - [`moves`]: moving a tenant between cells, step by persisted step.
 //! - [`operations`]: evacuations and rebalances, a bounded number of moves at a time.
 //! - [`offboard`]: a suspended tenant's data exported from every cell, then deleted everywhere.
@@ -21,11 +16,7 @@
 //!   implementations.
 
 pub mod api;
-pub mod apikey;
-pub mod audit;
 pub mod auth;
-pub mod catalog;
-pub mod channels;
 pub mod deployer;
 pub mod identity;
 pub mod leader;
@@ -33,17 +24,16 @@ pub mod moves;
 pub mod offboard;
 pub mod operations;
 pub mod placement;
-pub mod registry;
+pub mod registered;
 pub mod rollout;
-pub mod schema;
 pub mod telemetry;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use cellmail_proto::server::Peers;
 use cellmail_proto::v1::control_server::{ControlServer, SERVICE_NAME};
+use cellmail_registry::{Registry, schema};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -69,48 +59,6 @@ pub struct ControlConfig {
     #[command(flatten)]
     pub deployer: deployer::DeployerConfig,
 }
-/// Which registry a binary uses, and under which prefix.
-#[derive(Debug, Clone, clap::Args)]
-pub struct RegistryConfig {
-    /// `etcd://host:port[,host:port...]`, or `embedded` (a file under the data dir, one
-    /// process only).
-    #[arg(long, env = "CELLMAIL_REGISTRY", default_value = "embedded")]
-    pub registry: String,
-    /// Key prefix of cellmail's records in the registry.
-    #[arg(long, env = "CELLMAIL_REGISTRY_PREFIX", default_value = schema::DEFAULT_PREFIX)]
-    pub registry_prefix: String,
-}
-
-impl RegistryConfig {
-    pub async fn open(
-        &self,
-        data_dir: &std::path::Path,
-    ) -> anyhow::Result<Arc<dyn registry::Registry>> {
-        match self.registry.as_str() {
-            "embedded" => {
-                std::fs::create_dir_all(data_dir)?;
-                let path: PathBuf = data_dir.join("registry.redb");
-                Ok(Arc::new(registry::local::LocalRegistry::open(&path).await?))
-            }
-            spec => {
-                let Some(endpoints) = spec.strip_prefix("etcd://") else {
-                    anyhow::bail!(
-                        "--registry {spec:?}: expected `embedded` or `etcd://host:port[,host:port]`"
-                    );
-                };
-                let endpoints: Vec<String> = endpoints.split(',').map(str::to_owned).collect();
-                Ok(Arc::new(
-                    registry::etcd::EtcdRegistry::connect(&endpoints).await?,
-                ))
-            }
-        }
-    }
-
-    pub fn keys(&self) -> schema::Keys {
-        schema::Keys::new(&self.registry_prefix)
-    }
-}
-
 /// How long a control plane that stopped renewing its leadership keeps it: the longest a
 /// standby waits before it takes unfinished moves over.
 const LEADER_TTL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -120,7 +68,7 @@ const LEADER_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 /// leads.
 pub async fn serve(
     listener: TcpListener,
-    registry: Arc<dyn registry::Registry>,
+    registry: Arc<dyn Registry>,
     keys: schema::Keys,
     admin_token: &str,
     identities: &identity::IdentityConfig,

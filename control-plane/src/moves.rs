@@ -45,15 +45,15 @@ use cellmail_proto::{ApiError, CellId, Epoch, TenantId, now_ms};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::api::registry_error;
-use crate::audit;
-use crate::channels::CellChannels;
 use crate::operations;
-use crate::registry::{Compare, KeyValue, Op, Registry};
-use crate::schema::{
+use crate::placement::Requirements;
+use cellmail_registry::audit;
+use cellmail_registry::channels::CellChannels;
+use cellmail_registry::schema::{
     self, AuditRecord, CellRecord, CellState, Keys, MoveRecord, MoveStep, OperationRecord,
     PlacementRecord, PlacementState, TenantRecord,
 };
+use cellmail_registry::{Compare, KeyValue, Op, Registry};
 
 /// How long a copy may keep failing while the placement is frozen before the move is rolled
 /// back (routers answer the tenant's calls UNAVAILABLE after their own, shorter hold).
@@ -108,7 +108,7 @@ pub async fn request(
     if registry
         .get(&keys.alive(to))
         .await
-        .map_err(registry_error)?
+        .map_err(ApiError::from)?
         .is_none()
     {
         return Err(ApiError::invalid("to_cell", format!("cell {to} is down")));
@@ -116,7 +116,7 @@ pub async fn request(
     let (tenant_record, _) = read::<TenantRecord>(registry, &keys.tenant(tenant))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("tenant {tenant} does not exist")))?;
-    if !tenant_record.requirements(tenant).admitted_by(&target) {
+    if !Requirements::of_tenant(tenant, &tenant_record).admitted_by(&target) {
         return Err(ApiError::invalid(
             "to_cell",
             format!(
@@ -175,7 +175,7 @@ pub async fn request(
         },
     ];
     let ops = vec![put(&move_key, &record), audit::entry_op(keys, &entry)];
-    match registry.txn(compares, ops).await.map_err(registry_error)? {
+    match registry.txn(compares, ops).await.map_err(ApiError::from)? {
         Some(_) => Ok(record),
         None => Err(ApiError::Aborted(format!(
             "tenant {tenant}'s placement or move changed meanwhile; try again"
@@ -202,7 +202,7 @@ pub(crate) async fn read<T: serde::de::DeserializeOwned>(
         value,
         mod_revision,
         ..
-    }) = registry.get(key).await.map_err(registry_error)?
+    }) = registry.get(key).await.map_err(ApiError::from)?
     else {
         return Ok(None);
     };

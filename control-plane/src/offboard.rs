@@ -8,14 +8,14 @@
 use cellmail_proto::v1;
 use cellmail_proto::{ApiError, TenantId, now_ms};
 
-use crate::api::{self, RegisteredCell, registry_error};
-use crate::apikey;
-use crate::audit;
-use crate::channels::CellChannels;
-use crate::registry::{Compare, Op, Registry};
-use crate::schema::{
+use crate::registered::{self, RegisteredCell};
+use cellmail_registry::apikey;
+use cellmail_registry::audit;
+use cellmail_registry::channels::CellChannels;
+use cellmail_registry::schema::{
     self, AuditRecord, Keys, MoveRecord, PlacementRecord, TenantRecord, TenantStatus,
 };
+use cellmail_registry::{Compare, Op, Registry};
 
 /// The tenant's record, placement and their mod revisions, once it is suspended and not
 /// moving.
@@ -28,7 +28,7 @@ async fn suspended(
         registry
             .get(&key)
             .await
-            .map_err(registry_error)?
+            .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(format!("tenant {tenant} does not exist")))
     };
     let (tenant_kv, placement_kv) = (
@@ -47,7 +47,7 @@ async fn suspended(
     if let Some(kv) = registry
         .get(&keys.move_of(tenant))
         .await
-        .map_err(registry_error)?
+        .map_err(ApiError::from)?
         && let Ok(moving) = schema::decode::<MoveRecord>(&kv.value)
         && !moving.step.finished()
     {
@@ -72,7 +72,7 @@ async fn reachable(
     tenant: &TenantId,
     placement: &PlacementRecord,
 ) -> Result<Vec<RegisteredCell>, ApiError> {
-    let cells = api::cells(registry, keys).await?;
+    let cells = registered::cells(registry, keys).await?;
     let down: Vec<String> = cells
         .iter()
         .filter(|c| !c.alive)
@@ -205,7 +205,7 @@ pub async fn delete(
     ];
     for (key, _) in apikey::of_tenant(registry, keys, tenant)
         .await
-        .map_err(registry_error)?
+        .map_err(ApiError::from)?
     {
         let hash = key.rsplit('/').next().unwrap_or_default();
         ops.push(Op::Delete {
@@ -216,7 +216,7 @@ pub async fn delete(
     let breakers = registry
         .list(&keys.breakers_of(tenant))
         .await
-        .map_err(registry_error)?;
+        .map_err(ApiError::from)?;
     ops.extend(
         breakers
             .entries
@@ -246,7 +246,7 @@ pub async fn delete(
     if registry
         .txn(compares, ops)
         .await
-        .map_err(registry_error)?
+        .map_err(ApiError::from)?
         .is_none()
     {
         return Err(ApiError::Aborted(format!(

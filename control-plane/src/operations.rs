@@ -13,15 +13,14 @@ use std::collections::HashSet;
 use cellmail_proto::v1;
 use cellmail_proto::{ApiError, CellId, TenantId, now_ms};
 
-use crate::api::registry_error;
-use crate::audit;
-use crate::catalog::Catalog;
 use crate::moves;
 use crate::placement::Planned;
-use crate::registry::{Compare, Op, Registry};
-use crate::schema::{
+use cellmail_registry::audit;
+use cellmail_registry::catalog::Catalog;
+use cellmail_registry::schema::{
     self, AuditRecord, Keys, MoveStep, OperationKind, OperationRecord, PlannedMove,
 };
+use cellmail_registry::{Compare, Op, Registry};
 
 /// Moves under way at once when the operator sets none.
 pub const DEFAULT_PARALLEL: u32 = 4;
@@ -56,9 +55,7 @@ pub fn reviewed(
         .enumerate()
         .map(|(n, m)| {
             let field = |name: &str| format!("moves[{n}].{name}");
-            let id = |name: &str, text: &str| {
-                CellId::new(text).map_err(|e| ApiError::invalid(field(name), e.to_string()))
-            };
+            let id = |name: &str, text: &str| CellId::from_field(&field(name), text);
             let tenant = TenantId::new(&m.tenant_id)
                 .map_err(|e| ApiError::invalid(field("tenant_id"), e.to_string()))?;
             let (from, to) = (id("from_cell", &m.from_cell)?, id("to_cell", &m.to_cell)?);
@@ -135,7 +132,7 @@ pub async fn start(
     let key = keys.operation(&record.id);
     let written = audit::write(registry, keys, &key, 0, schema::encode(&record), &entry)
         .await
-        .map_err(registry_error)?;
+        .map_err(ApiError::from)?;
     if !written {
         return Err(ApiError::Aborted(format!("operation {} exists", record.id)));
     }
@@ -157,7 +154,7 @@ pub async fn get(
     let kv = registry
         .get(&keys.operation(id))
         .await
-        .map_err(registry_error)?
+        .map_err(ApiError::from)?
         .ok_or_else(|| ApiError::NotFound(format!("operation {id} does not exist")))?;
     schema::decode(&kv.value).map_err(|e| ApiError::Internal(format!("operation {id}: {e}")))
 }
@@ -248,7 +245,7 @@ pub async fn advance(
     registry
         .txn(vec![compare], ops)
         .await
-        .map_err(registry_error)?;
+        .map_err(ApiError::from)?;
     Ok(())
 }
 
@@ -284,8 +281,8 @@ pub fn info(record: &OperationRecord) -> v1::OperationInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::{CellRecord, CellState, PlacementRecord, PlacementState};
     use cellmail_proto::Epoch;
+    use cellmail_registry::schema::{CellRecord, CellState, PlacementRecord, PlacementState};
 
     fn planned(tenant: &str, from: &str, to: &str) -> v1::PlannedMoveInfo {
         v1::PlannedMoveInfo {

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use cellmail_proto::{CellId, TenantId};
 
-use crate::schema::{CellRecord, CellState, Tier};
+use cellmail_registry::schema::{CellRecord, CellState, TenantRecord, Tier};
 
 /// The cell label that restricts a cell to tenants of one tier.
 pub const TIER_LABEL: &str = "tier";
@@ -42,6 +42,15 @@ pub struct Requirements {
 }
 
 impl Requirements {
+    /// What tenant `id`, of `record`, asks of any cell it is placed or moved on.
+    pub fn of_tenant(id: &TenantId, record: &TenantRecord) -> Self {
+        Requirements {
+            cell: None,
+            labels: record.labels.clone(),
+            tenant: Some((id.clone(), record.tier)),
+        }
+    }
+
     fn met_by(&self, candidate: &Candidate) -> bool {
         self.cell
             .as_ref()

@@ -31,16 +31,16 @@ use cellmail_proto::v1;
 use cellmail_proto::{ApiError, CellId, now_ms};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, registry_error};
-use crate::audit;
-use crate::channels::CellChannels;
 use crate::deployer::Deployer;
 use crate::moves;
-use crate::registry::{Compare, Op, Registry};
-use crate::schema::{
+use crate::registered;
+use cellmail_registry::audit;
+use cellmail_registry::channels::CellChannels;
+use cellmail_registry::schema::{
     self, AuditRecord, CellRecord, CellState, GateCheck, GateConfig, HealthFigures, Keys,
     RolloutRecord, RolloutState, WaveRecord, WaveState,
 };
+use cellmail_registry::{Compare, Op, Registry};
 
 pub const DEFAULT_WAVES: &str = "1,25%,100%";
 pub const DEFAULT_BAKE: Duration = Duration::from_secs(300);
@@ -315,41 +315,6 @@ fn thresholds(gate: &GateConfig) -> v1::GateThresholds {
     }
 }
 
-/// A cell's health report, as the control plane reads it.
-pub fn figures(report: &v1::HealthReport) -> HealthFigures {
-    HealthFigures {
-        window_secs: u64::from(report.window_secs),
-        accepts: report.accepts,
-        accept_errors: report.accept_errors,
-        accept_p99_us: report.accept_p99_us,
-        send_attempts: report.send_attempts,
-        send_failures: report.send_failures,
-        sent: report.sent,
-        bounces: report.bounces,
-        complaints: report.complaints,
-        dead_letters: report.dead_letters,
-    }
-}
-
-/// A cell's figures as its health report carries them.
-pub fn report(cell: &CellId, version: &str, figures: &HealthFigures) -> v1::HealthReport {
-    v1::HealthReport {
-        cell: cell.to_string(),
-        version: version.to_owned(),
-        build: cellmail_proto::VERSION.to_owned(),
-        window_secs: figures.window_secs.min(u64::from(u32::MAX)) as u32,
-        accepts: figures.accepts,
-        accept_errors: figures.accept_errors,
-        accept_p99_us: figures.accept_p99_us,
-        send_attempts: figures.send_attempts,
-        send_failures: figures.send_failures,
-        sent: figures.sent,
-        bounces: figures.bounces,
-        complaints: figures.complaints,
-        dead_letters: figures.dead_letters,
-    }
-}
-
 fn state_name(state: RolloutState) -> &'static str {
     match state {
         RolloutState::Running => "RUNNING",
@@ -426,7 +391,7 @@ async fn all(registry: &dyn Registry, keys: &Keys) -> Result<Vec<(RolloutRecord,
     let listed = registry
         .list(&keys.rollouts())
         .await
-        .map_err(registry_error)?;
+        .map_err(ApiError::from)?;
     listed
         .entries
         .into_iter()
@@ -506,7 +471,7 @@ pub async fn start(
         )));
     }
     let mut cells = Vec::new();
-    for cell in api::cells(registry, keys).await? {
+    for cell in registered::cells(registry, keys).await? {
         if cell.record.state == CellState::Disabled {
             continue;
         }
@@ -562,7 +527,7 @@ pub async fn start(
     let key = keys.rollout(&record.id);
     let written = audit::write(registry, keys, &key, 0, schema::encode(&record), &entry)
         .await
-        .map_err(registry_error)?;
+        .map_err(ApiError::from)?;
     if !written {
         return Err(ApiError::Aborted(format!("rollout {} exists", record.id)));
     }
@@ -640,7 +605,7 @@ pub async fn act(
         &entry,
     )
     .await
-    .map_err(registry_error)?;
+    .map_err(ApiError::from)?;
     if !written {
         return Err(ApiError::Aborted(format!(
             "rollout {} changed meanwhile; try again",
@@ -880,7 +845,7 @@ impl Roller {
         self.registry
             .txn(vec![compare], ops)
             .await
-            .map_err(registry_error)?;
+            .map_err(ApiError::from)?;
         Ok(())
     }
 
@@ -925,7 +890,7 @@ impl Roller {
     async fn figures(&self, cells: &[CellId], window_ms: u64) -> Result<HealthFigures, String> {
         let mut sum = HealthFigures::default();
         for cell in cells {
-            sum.add(&figures(&self.report(cell, window_ms).await?));
+            sum.add(&HealthFigures::from(&self.report(cell, window_ms).await?));
         }
         Ok(sum)
     }
@@ -965,7 +930,7 @@ impl Roller {
         for cell in unrolled {
             // A cell not yet rolled that is down is no baseline; it fails nobody's gate.
             if let Ok(report) = self.report(cell, window_ms).await {
-                baseline.add(&figures(&report));
+                baseline.add(&HealthFigures::from(&report));
                 baseline_cells.push(cell.clone());
             }
         }

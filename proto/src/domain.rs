@@ -8,6 +8,8 @@ use std::fmt;
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
+use crate::error::ApiError;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{kind} {value:?} is invalid: {reason}")]
 pub struct IdError {
@@ -56,6 +58,11 @@ macro_rules! slug_id {
                 let value = value.into();
                 check_slug($kind, &value)?;
                 Ok(Self(CompactString::from(value)))
+            }
+
+            /// `value`, from the request field `field`: a bad id is INVALID_ARGUMENT naming it.
+            pub fn from_field(field: &str, value: impl Into<String>) -> Result<Self, ApiError> {
+                Self::new(value).map_err(|e| ApiError::invalid(field, e.to_string()))
             }
 
             pub fn as_str(&self) -> &str {

@@ -16,11 +16,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cellmail_control::catalog::WatchedCatalog;
-use cellmail_control::channels::CellChannels;
-use cellmail_control::schema::PlacementState;
 use cellmail_proto::v1::{self, cell_client::CellClient, sender_server::Sender};
 use cellmail_proto::{ApiError, TenantId};
+use cellmail_registry::catalog::WatchedCatalog;
+use cellmail_registry::channels::CellChannels;
+use cellmail_registry::schema::PlacementState;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument as _, Span};

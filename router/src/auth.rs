@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cellmail_control::apikey;
-use cellmail_control::catalog::WatchedCatalog;
-use cellmail_control::registry::Registry;
-use cellmail_control::schema::{self, KeyUseRecord, Keys};
 use cellmail_proto::{ApiError, TenantId};
+use cellmail_registry::Registry;
+use cellmail_registry::apikey;
+use cellmail_registry::catalog::WatchedCatalog;
+use cellmail_registry::schema::{self, KeyUseRecord, Keys};
 use tokio_util::sync::CancellationToken;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};

@@ -17,11 +17,11 @@ pub mod telemetry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use cellmail_control::catalog::WatchedCatalog;
-use cellmail_control::registry::Registry;
-use cellmail_control::schema::Keys;
 use cellmail_proto::server::Peers;
 use cellmail_proto::v1::sender_server::{SERVICE_NAME, SenderServer};
+use cellmail_registry::Registry;
+use cellmail_registry::catalog::WatchedCatalog;
+use cellmail_registry::schema::Keys;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

@@ -15,7 +15,7 @@ struct Args {
     #[command(flatten)]
     router: cellmail_router::RouterConfig,
     #[command(flatten)]
-    registry: cellmail_control::RegistryConfig,
+    registry: cellmail_registry::config::RegistryConfig,
     #[command(flatten)]
     metrics: cellmail_proto::server::MetricsConfig,
     #[command(flatten)]

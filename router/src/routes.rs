@@ -10,12 +10,12 @@
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
-use cellmail_control::catalog::{Map, View, parse, upsert};
-use cellmail_control::schema::{
+use cellmail_proto::{ApiError, CellId, Epoch, TenantId};
+use cellmail_registry::catalog::{Map, View, parse, upsert};
+use cellmail_registry::schema::{
     ApiKeyRecord, CellRecord, Entity, Keys, PlacementRecord, PlacementState, Policy, TenantRecord,
     TenantStatus, Tier,
 };
-use cellmail_proto::{ApiError, CellId, Epoch, TenantId};
 
 /// What the router admits of a tenant: sends per second sustained, and at once above it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,7 +238,7 @@ impl Routes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cellmail_control::schema::{CellState, encode};
+    use cellmail_registry::schema::{CellState, encode};
 
     fn tenant_record(status: TenantStatus, rate_per_second: u32) -> Vec<u8> {
         encode(&TenantRecord {

@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use cellmail_control::schema::Tier;
 use cellmail_proto::TenantId;
 use cellmail_proto::trace::exporting;
+use cellmail_registry::schema::Tier;
 use metrics::SharedString;
 use tonic::codegen::{Service, http};
 use tonic::server::NamedService;

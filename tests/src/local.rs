@@ -93,8 +93,8 @@ impl LocalCluster {
     }
 
     /// The cluster's registry keys.
-    pub fn keys(&self) -> cellmail_control::schema::Keys {
-        cellmail_control::schema::Keys::new(
+    pub fn keys(&self) -> cellmail_registry::schema::Keys {
+        cellmail_registry::schema::Keys::new(
             self.var("CELLMAIL_REGISTRY_PREFIX").unwrap_or("/cellmail/"),
         )
     }

@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use cellmail_control::moves::{self, Mover};
-use cellmail_control::schema::MoveStep;
 use cellmail_proto::v1::sender_client::SenderClient;
 use cellmail_proto::{CellId, TenantId};
+use cellmail_registry::schema::MoveStep;
 
 use super::send_path::{
     Door, Priority, Stage, UNLIMITED, next_key, runtime_on, seed, start_cell, start_router,

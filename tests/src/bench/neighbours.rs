@@ -11,8 +11,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use cellmail_control::schema::Policy;
 use cellmail_proto::v1::sender_client::SenderClient;
+use cellmail_registry::schema::Policy;
 use tonic::transport::Channel;
 
 use super::send_path::{

@@ -3,14 +3,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cellmail_control::catalog::WatchedCatalog;
-use cellmail_control::registry::etcd::EtcdRegistry;
-use cellmail_control::registry::{Op, Registry, local::LocalRegistry};
-use cellmail_control::schema::{
+use cellmail_proto::{CellId, Epoch, TenantId};
+use cellmail_registry::catalog::WatchedCatalog;
+use cellmail_registry::etcd::EtcdRegistry;
+use cellmail_registry::schema::{
     self, CellRecord, CellState, Keys, PlacementRecord, PlacementState, Policy, TenantRecord,
     TenantStatus, Tier,
 };
-use cellmail_proto::{CellId, Epoch, TenantId};
+use cellmail_registry::{Op, Registry, local::LocalRegistry};
 use cellmail_router::routes::Routes;
 
 use super::{Row, os, percentile};

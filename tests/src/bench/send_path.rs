@@ -12,12 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cellmail_control::apikey;
-use cellmail_control::registry::{Registry, local::LocalRegistry};
-use cellmail_control::schema::{
-    self, ApiKeyRecord, CellRecord, Keys, PlacementRecord, PlacementState, Policy, TenantRecord,
-    TenantStatus, Tier,
-};
 use cellmail_proto::v1::{
     self,
     cell_client::CellClient,
@@ -25,6 +19,12 @@ use cellmail_proto::v1::{
     sender_server::{Sender, SenderServer},
 };
 use cellmail_proto::{CellId, Epoch, TenantId};
+use cellmail_registry::apikey;
+use cellmail_registry::schema::{
+    self, ApiKeyRecord, CellRecord, Keys, PlacementRecord, PlacementState, Policy, TenantRecord,
+    TenantStatus, Tier,
+};
+use cellmail_registry::{Registry, local::LocalRegistry};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -250,7 +250,7 @@ pub(super) const UNLIMITED: Policy = Policy {
     rate_per_second: 1_000_000,
     burst: 1_000_000,
     daily_cap: 0,
-    breaker: cellmail_control::schema::BreakerPolicy {
+    breaker: cellmail_registry::schema::BreakerPolicy {
         bounce_bps: 10_000,
         complaint_bps: 10_000,
         min_volume: u32::MAX,

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellmail_control::catalog::WatchedCatalog;
-use cellmail_control::registry::Registry;
-use cellmail_control::registry::etcd::EtcdRegistry;
-use cellmail_control::schema::{Keys, PlacementRecord, PlacementState, encode};
 use cellmail_proto::{CellId, Epoch, TenantId};
+use cellmail_registry::Registry;
+use cellmail_registry::catalog::WatchedCatalog;
+use cellmail_registry::etcd::EtcdRegistry;
+use cellmail_registry::schema::{Keys, PlacementRecord, PlacementState, encode};
 use cellmail_tests::services::EtcdServer;
 
 fn placement(cell: &str, epoch: u64) -> Vec<u8> {

@@ -656,7 +656,7 @@ async fn tenant_creation_keys_and_global_suppressions_are_audited_with_who_and_w
     for key in [&created["api_key"], &issued["api_key"]] {
         let key = key.as_str().unwrap();
         let secret = key.rsplit('_').next().unwrap();
-        let hash = cellmail_control::apikey::hash(key);
+        let hash = cellmail_registry::apikey::hash(key);
         for text in [key, secret, &hash] {
             assert!(!trail.contains(text), "{text} is in the audit trail");
         }

@@ -597,14 +597,14 @@ struct Failover {
     standby: Control,
     standby_addr: String,
     _standby: cellmail_tests::processes::Daemon,
-    etcd: cellmail_control::registry::etcd::EtcdRegistry,
+    etcd: cellmail_registry::etcd::EtcdRegistry,
 }
 
 impl Failover {
     async fn start(test: &str) -> Self {
         let no_workers = ["--cell-workers".to_owned(), "0".to_owned()];
         let d = deployed::Deployment::start(test, &no_workers, &[]).await;
-        let etcd = cellmail_control::registry::etcd::EtcdRegistry::connect(&[
+        let etcd = cellmail_registry::etcd::EtcdRegistry::connect(&[
             cellmail_tests::services::etcd_endpoint(),
         ])
         .await
@@ -649,8 +649,8 @@ impl Failover {
 
     /// The address the leading control plane's election value names.
     async fn leader(&self) -> String {
-        use cellmail_control::registry::Registry;
-        let election = cellmail_control::schema::Keys::new(&self.d.prefix).election();
+        use cellmail_registry::Registry;
+        let election = cellmail_registry::schema::Keys::new(&self.d.prefix).election();
         let value = self
             .etcd
             .leader(&election)
@@ -976,8 +976,8 @@ async fn an_evacuated_cell_hands_every_tenant_over_while_sends_flow_and_a_rebala
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_tenant_is_held_then_told_to_retry_and_its_neighbour_is_not() {
-    use cellmail_control::registry::Registry;
-    use cellmail_control::schema::{self, Keys, PlacementRecord, PlacementState};
+    use cellmail_registry::Registry;
+    use cellmail_registry::schema::{self, Keys, PlacementRecord, PlacementState};
     let mut d = deployed::Deployment::start("frozen", &[], &[]).await;
     let frozen = tenant(&mut d.control, "frozen", "cell-a").await;
     let other = tenant(&mut d.control, "other", "cell-a").await;
@@ -986,11 +986,12 @@ async fn a_frozen_tenant_is_held_then_told_to_retry_and_its_neighbour_is_not() {
         message("shop@frozen.example", "x@example.com", "before"),
     )
     .await;
-    let etcd = cellmail_control::registry::etcd::EtcdRegistry::connect(&[
-        cellmail_tests::services::etcd_endpoint(),
-    ])
-    .await
-    .unwrap();
+    let etcd =
+        cellmail_registry::etcd::EtcdRegistry::connect(
+            &[cellmail_tests::services::etcd_endpoint()],
+        )
+        .await
+        .unwrap();
     let key = Keys::new(&d.prefix).placement(&cellmail_proto::TenantId::new("frozen").unwrap());
     let placed: PlacementRecord =
         schema::decode(&etcd.get(&key).await.unwrap().unwrap().value).unwrap();
@@ -1050,14 +1051,14 @@ async fn until_unavailable(sender: &Sender, key: &str) -> tonic::Status {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_behind_a_move_is_told_moved_waits_for_the_new_placement_and_retries_once() {
-    use cellmail_control::registry::Registry;
-    use cellmail_control::schema::{self, Keys, PlacementRecord};
+    use cellmail_registry::Registry;
+    use cellmail_registry::schema::{self, Keys, PlacementRecord};
     use cellmail_tests::processes::{Daemon, free_addr, registry_args};
     use cellmail_tests::services::{etcd_endpoint, unique_prefix};
     let d = deployed::Deployment::start("moved", &[], &[]).await;
     let mut control = d.control.clone();
     let key = tenant(&mut control, "late", "cell-a").await;
-    let etcd = cellmail_control::registry::etcd::EtcdRegistry::connect(&[etcd_endpoint()])
+    let etcd = cellmail_registry::etcd::EtcdRegistry::connect(&[etcd_endpoint()])
         .await
         .unwrap();
     // A second router reads a copy of the registry that the test updates by hand, so that

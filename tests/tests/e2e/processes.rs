@@ -455,7 +455,7 @@ async fn health(addr: &str, service: &str) -> ServingStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cell_runs_from_its_config_file_alone() {
-    use cellmail_control::registry::Registry;
+    use cellmail_registry::Registry;
     let prefix = unique_prefix("config");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cell.env");
@@ -472,7 +472,7 @@ async fn a_cell_runs_from_its_config_file_alone() {
     )
     .await
     .unwrap();
-    let registry = cellmail_control::registry::etcd::EtcdRegistry::connect(&[etcd_endpoint()])
+    let registry = cellmail_registry::etcd::EtcdRegistry::connect(&[etcd_endpoint()])
         .await
         .unwrap();
     let alive = format!("{prefix}alive/cell-cfg");

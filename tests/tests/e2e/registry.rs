@@ -5,11 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellmail_control::leader::run_as_leader;
-use cellmail_control::registry::etcd::EtcdRegistry;
-use cellmail_control::registry::local::LocalRegistry;
-use cellmail_control::registry::{
-    Compare, EventKind, LeaderKey, LeaseId, Op, Registry, RegistryError,
-};
+use cellmail_registry::etcd::EtcdRegistry;
+use cellmail_registry::local::LocalRegistry;
+use cellmail_registry::{Compare, EventKind, LeaderKey, LeaseId, Op, Registry, RegistryError};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;

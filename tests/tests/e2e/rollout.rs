@@ -297,7 +297,7 @@ async fn a_release_failing_its_sends_stops_at_the_canary_which_is_rolled_back_lo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_carries_the_rollout_on_from_the_wave_its_leader_left() {
-    use cellmail_control::registry::Registry;
+    use cellmail_registry::Registry;
     let mut drill = Drill::start("rollout-failover").await;
     drill.cluster.release("v2", &[]).unwrap();
     let started = drill
@@ -313,7 +313,7 @@ async fn a_standby_carries_the_rollout_on_from_the_wave_its_leader_left() {
     assert_eq!(baking.waves[0].state, "BAKING", "{baking:#?}");
 
     // Kill whichever control plane leads; the other one must finish the rollout.
-    let etcd = cellmail_control::registry::etcd::EtcdRegistry::connect(&[etcd_endpoint()])
+    let etcd = cellmail_registry::etcd::EtcdRegistry::connect(&[etcd_endpoint()])
         .await
         .unwrap();
     let election = drill.cluster.keys().election();

@@ -1,5 +1,8 @@
-//! The placement registry: a revisioned key-value store with compare-and-swap, watches and
-//! leases, shaped like etcd v3 so that the production implementation is a thin adapter.
+//! cellmail's shared state: the placement registry every program reads, and what is kept in
+//! it. Router, cells and control plane all depend on this crate; it depends on none of them.
+//!
+//! The registry is a revisioned key-value store with compare-and-swap, watches and leases,
+//! shaped like etcd v3 so that the production implementation is a thin adapter.
 //!
 //! Every change bumps the store's revision; each key remembers the revision that created and
 //! last modified it. [`Registry::txn`] applies a set of puts and deletes atomically when every
@@ -13,15 +16,28 @@
 //! its own is gone. Candidates therefore lead in the order they campaigned, and leadership
 //! ends with the lease (or [`Registry::resign`]).
 //!
-//! Implementations: [`etcd::EtcdRegistry`] (production) and [`local::LocalRegistry`]
-//! (embedded, persisted to one file).
+//! - [`etcd`]: the production `Registry`, over etcd v3.
+//! - [`local`]: the embedded `Registry`, persisted to one file.
+//! - [`config`]: which registry a binary opens, from flags or env.
+//! - [`schema`]: the registry's key layout and record types.
+//! - [`catalog`]: the typed, watch-fed view of the registry that routers and cells serve from.
+//! - [`apikey`]: issuing and hashing tenant API keys.
+//! - [`audit`]: the trail of control actions and breaker trips.
+//! - [`channels`]: gRPC channels to cells, shared by everything that calls one.
 
+pub mod apikey;
+pub mod audit;
+pub mod catalog;
+pub mod channels;
+pub mod config;
 pub mod etcd;
 pub mod local;
+pub mod schema;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use cellmail_proto::ApiError;
 use tokio::sync::mpsc;
 
 pub type Revision = u64;
@@ -109,6 +125,18 @@ pub enum RegistryError {
     /// The registry's storage failed; not retryable without an operator.
     #[error("registry storage failed: {0}")]
     Storage(String),
+}
+
+/// A registry failure as a call's answer: unavailable is retryable, the rest is internal.
+impl From<RegistryError> for ApiError {
+    fn from(err: RegistryError) -> Self {
+        match err {
+            RegistryError::Unavailable(reason) => {
+                ApiError::Unavailable(format!("registry unavailable: {reason}"))
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
 }
 
 /// The events of one watch, in revision order. Ends (`None`) when the registry closes it;

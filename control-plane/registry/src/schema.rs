@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use cellmail_proto::{CellId, Epoch, MessageClass, SuppressionReason, TenantId};
+use cellmail_proto::{CellId, Epoch, MessageClass, SuppressionReason, TenantId, v1};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub const DEFAULT_PREFIX: &str = "/cellmail/";
@@ -238,17 +238,6 @@ pub struct TenantRecord {
     /// Placed on its cell by an operator: rebalances leave it there.
     #[serde(default)]
     pub pinned: bool,
-}
-
-impl TenantRecord {
-    /// What tenant `id` (of this record) asks of any cell it is placed or moved on.
-    pub fn requirements(&self, id: &TenantId) -> crate::placement::Requirements {
-        crate::placement::Requirements {
-            cell: None,
-            labels: self.labels.clone(),
-            tenant: Some((id.clone(), self.tier)),
-        }
-    }
 }
 
 /// A domain a tenant asked to send from, and the tokens of the DNS records it must publish.
@@ -581,6 +570,43 @@ impl HealthFigures {
         self.bounces += other.bounces;
         self.complaints += other.complaints;
         self.dead_letters += other.dead_letters;
+    }
+
+    /// These figures as `cell`, running `version`, reports them.
+    pub fn report(&self, cell: &CellId, version: &str) -> v1::HealthReport {
+        v1::HealthReport {
+            cell: cell.to_string(),
+            version: version.to_owned(),
+            build: cellmail_proto::VERSION.to_owned(),
+            window_secs: self.window_secs.min(u64::from(u32::MAX)) as u32,
+            accepts: self.accepts,
+            accept_errors: self.accept_errors,
+            accept_p99_us: self.accept_p99_us,
+            send_attempts: self.send_attempts,
+            send_failures: self.send_failures,
+            sent: self.sent,
+            bounces: self.bounces,
+            complaints: self.complaints,
+            dead_letters: self.dead_letters,
+        }
+    }
+}
+
+/// A cell's health report, as the control plane reads it.
+impl From<&v1::HealthReport> for HealthFigures {
+    fn from(report: &v1::HealthReport) -> Self {
+        HealthFigures {
+            window_secs: u64::from(report.window_secs),
+            accepts: report.accepts,
+            accept_errors: report.accept_errors,
+            accept_p99_us: report.accept_p99_us,
+            send_attempts: report.send_attempts,
+            send_failures: report.send_failures,
+            sent: report.sent,
+            bounces: report.bounces,
+            complaints: report.complaints,
+            dead_letters: report.dead_letters,
+        }
     }
 }
 

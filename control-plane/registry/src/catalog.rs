@@ -18,11 +18,11 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::registry::{EventKind, Registry, RegistryError, Revision, Watcher};
 use crate::schema::{
     self, ApiKeyRecord, BreakerRecord, CellRecord, Entity, GlobalSuppressionRecord, Keys,
     PlacementRecord, TenantRecord,
 };
+use crate::{EventKind, Registry, RegistryError, Revision, Watcher};
 
 /// The catalog's maps: hashed with foldhash (seeded per process), several times faster than
 /// the standard SipHash on short keys, for the lookups every send makes.

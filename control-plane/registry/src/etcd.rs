@@ -19,7 +19,7 @@ use etcd_client::{
 };
 use tokio::sync::mpsc;
 
-use super::{
+use crate::{
     Compare, EventKind, KeyValue, LIST_PAGE, LeaderKey, LeaseId, Op, Registry, RegistryError,
     Revision, WatchEvent, Watcher,
 };

@@ -5,8 +5,8 @@
 use cellmail_proto::TenantId;
 use serde::Serialize;
 
-use crate::registry::{Compare, Op, Registry, RegistryError, Revision};
 use crate::schema::{self, AuditRecord, Keys};
+use crate::{Compare, Op, Registry, RegistryError, Revision};
 
 /// The entry recording that `actor` did `action` (to `tenant`, when it is a tenant's) for
 /// `reason`, changing `before` into `after`, now.

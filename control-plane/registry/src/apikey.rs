@@ -7,8 +7,8 @@ use cellmail_proto::TenantId;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use crate::registry::{Registry, RegistryError};
 use crate::schema::{self, ApiKeyRecord, Keys};
+use crate::{Registry, RegistryError};
 
 /// Every key record of `tenant`, with its registry key.
 pub async fn of_tenant(
