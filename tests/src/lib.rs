@@ -346,6 +346,18 @@ where
     }
 }
 
+/// Waits until the router answers `key`'s tenant (it has seen the tenant and its key in the
+/// registry), through a call that is not a send, so nothing is counted or queued.
+pub async fn until_router_serves(sender: &SenderClient<Channel>, key: &str) {
+    until_ok(Duration::from_secs(10), || {
+        let mut sender = sender.clone();
+        let request = authorized(key, v1::GetStatsRequest::default());
+        async move { sender.get_stats(request).await }
+    })
+    .await
+    .unwrap_or_else(|status| panic!("the router never served the new tenant: {status:?}"));
+}
+
 /// Sends `request` until it is accepted, retrying what a client is told to retry (UNAVAILABLE,
 /// and a "moved" answer should one reach it) with the same idempotency key; returns the
 /// message id and how many attempts were retried.

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use cellmail_proto::v1;
 use cellmail_tests::processes::{Daemon, free_addr, registry_args};
 use cellmail_tests::services::{etcd_endpoint, unique_prefix};
-use cellmail_tests::{Platform, authorized, control_client, http_get, message, until_ok};
+use cellmail_tests::{
+    Platform, authorized, control_client, http_get, message, until_ok, until_router_serves,
+};
 use tonic::Code;
 
 /// One sample of a Prometheus text exposition: name, labels, value.
@@ -88,14 +90,7 @@ async fn the_router_counts_each_send_by_cell_class_tier_and_outcome_and_times_wh
         .into_inner()
         .api_key;
     let sender = platform.sender().await.unwrap();
-    // Until the router has the tenant, through a call that is not a send (not counted as one).
-    until_ok(Duration::from_secs(10), || {
-        let mut sender = sender.clone();
-        let request = authorized(&key, v1::GetStatsRequest::default());
-        async move { sender.get_stats(request).await }
-    })
-    .await
-    .unwrap();
+    until_router_serves(&sender, &key).await;
 
     let send = |key: &str| {
         let request = authorized(key, message("a@metered.example", "j@example.com", ""));

@@ -12,7 +12,9 @@ use std::time::Duration;
 use cellmail_proto::v1;
 use cellmail_tests::local::LocalCluster;
 use cellmail_tests::services::{etcd_endpoint, unique_prefix};
-use cellmail_tests::{Control, cells_until, keys_in, message, send_retrying, until_ok, wait_for};
+use cellmail_tests::{
+    Control, cells_until, keys_in, message, send_retrying, until_ok, until_router_serves, wait_for,
+};
 use tonic::transport::Channel;
 
 type Sender = v1::sender_client::SenderClient<Channel>;
@@ -53,6 +55,11 @@ impl Drill {
         let sender = until_ok(Duration::from_secs(10), || Sender::connect(router.clone()))
             .await
             .unwrap();
+        // The router learns of the new tenants by its watch: the traffic's first send must
+        // not race it.
+        for (_, key, _) in &tenants {
+            until_router_serves(&sender, key).await;
+        }
         Self {
             cluster,
             control,
