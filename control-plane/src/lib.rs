@@ -5,7 +5,7 @@
 //! - [`telemetry`]: control actions counted by action and outcome.
 //! - [`placement`]: the pure choice of a cell for a new tenant.
 //! - [`registered`]: the registered cells, read from the registry now.
-//! - [`api`]: the `Control` gRPC service.
+//! - [`api`]: the `Control` gRPC service, one file per resource.
 //! - [`auth`]: the operator credential every `Control` call must carry.
 //! - [`identity`]: the DNS records of a tenant's sending domains, and their check.
 //! - [`moves`]: moving a tenant between cells, step by persisted step.
