@@ -1,10 +1,27 @@
 //! `cellmail`: runs the whole platform on embedded defaults (`cellmail up`) and is the
 //! operator's client of the control plane (tenants, cells, API keys, rollouts) and a client of the
 //! router (`cellmail send`).
+//!
+//! One module per command:
+//! - `up`: the platform in one process, on embedded defaults.
+//! - `tenant`, `cell`, `rebalance`, `key`, `suppression`, `audit`, `rollout`: the operator's
+//!   nouns, each a client of the control plane's `Control` API.
+//! - `send`: a message through the router, with a tenant's API key.
+//!
+//! and what the operator's commands share:
+//! - `control`: the connection to the control plane, its credential and `--json`.
+//! - `operation`: following an evacuation or a rebalance until its moves are done.
 
-mod operator;
+mod audit;
+mod cell;
+mod control;
+mod key;
+mod operation;
+mod rebalance;
 mod rollout;
 mod send;
+mod suppression;
+mod tenant;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -23,19 +40,19 @@ enum Command {
     /// Run control plane, router and cells in this process on embedded defaults.
     Up(up::UpArgs),
     /// Tenants: create, list, domains, suspend, resume, move.
-    Tenant(operator::TenantArgs),
+    Tenant(tenant::TenantArgs),
     /// Cells: list, add, drain, disable, enable, evacuate.
-    Cell(operator::CellArgs),
+    Cell(cell::CellArgs),
     /// Even out the tenants across cells: plan (a dry run), apply.
-    Rebalance(operator::RebalanceArgs),
+    Rebalance(rebalance::RebalanceArgs),
     /// Tenant API keys: issue, list, revoke.
-    Key(operator::KeyArgs),
+    Key(key::KeyArgs),
     /// The operators' global suppression list: list, add, remove.
-    Suppression(operator::SuppressionArgs),
+    Suppression(suppression::SuppressionArgs),
     /// Send a message through the router with a tenant's API key.
     Send(send::SendArgs),
     /// The audit trail of control actions and breaker trips.
-    Audit(operator::AuditArgs),
+    Audit(audit::AuditArgs),
     /// Roll a version out cell by cell: start, status, pause, resume, abort.
     Rollout(rollout::RolloutArgs),
 }
@@ -60,13 +77,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _telemetry = cellmail_proto::server::init_tracing("cellmail");
             up::run(args).await
         }
-        Command::Tenant(args) => operator::tenant(args).await,
-        Command::Cell(args) => operator::cell(args).await,
-        Command::Rebalance(args) => operator::rebalance(args).await,
-        Command::Key(args) => operator::key(args).await,
-        Command::Suppression(args) => operator::suppression(args).await,
+        Command::Tenant(args) => tenant::run(args).await,
+        Command::Cell(args) => cell::run(args).await,
+        Command::Rebalance(args) => rebalance::run(args).await,
+        Command::Key(args) => key::run(args).await,
+        Command::Suppression(args) => suppression::run(args).await,
         Command::Send(args) => send::run(args).await,
-        Command::Audit(args) => operator::audit(args).await,
+        Command::Audit(args) => audit::run(args).await,
         Command::Rollout(args) => rollout::run(args).await,
     }
 }

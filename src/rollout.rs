@@ -7,7 +7,7 @@ use cellmail_proto::v1;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use crate::operator::{Client, Connection, acting, status};
+use crate::control::{Client, Connection, acting, status};
 
 const POLL: Duration = Duration::from_millis(500);
 

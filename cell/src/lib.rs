@@ -16,7 +16,9 @@
 //!   mailer, so two cells can use two accounts or regions.
 //! - [`store`]: the cell's durable state (idempotency window, delivery outcomes).
 //! - [`commit`]: group commit, shared by the embedded queue and the store.
-//! - [`worker`]: delivery workers.
+//! - [`worker`]: delivery workers: intake from the queues, parking, sending, settling.
+//! - [`lanes`]: the pure send order: per-tenant lanes, transactional first, tenants in turn
+//!   by their tier's weight.
 //! - [`telemetry`]: per-tenant metrics for the busiest tenants only.
 //! - [`health`]: the cell's own figures over its last minutes, for rollout health gates.
 
@@ -28,6 +30,7 @@ pub mod commit;
 pub mod feedback;
 pub mod fencing;
 pub mod health;
+pub mod lanes;
 pub mod mailer;
 pub mod message;
 pub mod queue;

@@ -1,9 +1,9 @@
 //! Delivery. One intake task pulls batches from the cell's queues (transactional first) into
-//! per-tenant lanes; sender tasks take from the lanes fairly: transactional lanes before
-//! marketing ones, and tenants in turn, a premium tenant's lane sending more per turn (its
-//! tier's weight). A lane holds at most [`LANE_CAP`] messages: what a tenant queued beyond
-//! that is parked in the cell store (and deleted from the queue) and loaded back in order as
-//! its lane drains, so one tenant's backlog never stands in front of another tenant's mail.
+//! per-tenant lanes; sender tasks take from the lanes in their fair order ([`crate::lanes`]:
+//! transactional before marketing, tenants in turn by their tier's weight). A lane holds at
+//! most [`LANE_CAP`] messages: what a tenant queued beyond that is parked in the cell store
+//! (and deleted from the queue) and loaded back in order as its lane drains, so one tenant's
+//! backlog never stands in front of another tenant's mail.
 //! Mail of a class its tenant's breaker paused is parked as held, and loaded again once the
 //! breaker is resumed.
 //!
@@ -13,7 +13,7 @@
 //! failure, or a parked message's last attempt, records the reason and moves the message to
 //! the dead-letter queue. Nothing is deleted before its outcome is durable.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use tracing::Instrument;
 use crate::accept::now_ms;
 use crate::breaker::Gate;
 use crate::health::{self, Health};
+use crate::lanes::Lanes;
 use crate::mailer::{Mailer, MailerError};
 use crate::message::Message;
 use crate::message::{BodyRef, EventKind, MessageState};
@@ -78,83 +79,6 @@ struct Item {
     source: Source,
 }
 
-/// A tenant's place in the turn order of one class.
-struct Turn {
-    tenant: TenantId,
-    /// Messages it may still send this turn.
-    left: u32,
-    weight: u32,
-}
-
-fn class_index(class: MessageClass) -> usize {
-    match class {
-        MessageClass::Transactional => 0,
-        MessageClass::Marketing => 1,
-    }
-}
-
-/// The lanes: each tenant's received messages per class, and the turn order.
-#[derive(Default)]
-struct Lanes {
-    lanes: HashMap<(MessageClass, TenantId), VecDeque<Item>>,
-    /// Per class, transactional first: tenants whose lane is not empty, in turn order.
-    turns: [VecDeque<Turn>; 2],
-    buffered: usize,
-    /// Lanes with messages parked in the store.
-    parked: HashSet<(MessageClass, TenantId)>,
-    /// Parked messages loaded into a lane and not settled yet.
-    loaded: HashSet<MessageId>,
-    /// Paused lanes whose parked messages are marked held, for as long as the pause lasts.
-    holding: HashSet<(MessageClass, TenantId)>,
-}
-
-impl Lanes {
-    fn len(&self, class: MessageClass, tenant: &TenantId) -> usize {
-        self.lanes
-            .get(&(class, tenant.clone()))
-            .map_or(0, VecDeque::len)
-    }
-
-    fn push(&mut self, item: Item, weight: u32) {
-        let (class, tenant) = (item.message.class, item.message.tenant.clone());
-        let lane = self.lanes.entry((class, tenant.clone())).or_default();
-        if lane.is_empty() {
-            self.turns[class_index(class)].push_back(Turn {
-                tenant,
-                left: weight,
-                weight,
-            });
-        }
-        lane.push_back(item);
-        self.buffered += 1;
-    }
-
-    /// The next message to send: the first class with mail, the tenant whose turn it is.
-    fn pop(&mut self) -> Option<Item> {
-        for class in MessageClass::ALL {
-            let turns = &mut self.turns[class_index(class)];
-            let Some(mut turn) = turns.pop_front() else {
-                continue;
-            };
-            let key = (class, turn.tenant.clone());
-            let lane = self.lanes.get_mut(&key)?;
-            let item = lane.pop_front()?;
-            self.buffered -= 1;
-            if lane.is_empty() {
-                self.lanes.remove(&key);
-            } else if turn.left > 1 {
-                turn.left -= 1;
-                turns.push_front(turn);
-            } else {
-                turn.left = turn.weight;
-                turns.push_back(turn);
-            }
-            return Some(item);
-        }
-        None
-    }
-}
-
 /// The delivery side of a cell, shared by its intake and sender tasks.
 pub struct Worker {
     cell: CellId,
@@ -165,7 +89,7 @@ pub struct Worker {
     gate: Arc<dyn Gate>,
     /// Attempts, failures and dead letters, for the cell's health report.
     health: Arc<Health>,
-    lanes: Mutex<Lanes>,
+    lanes: Mutex<Lanes<Item>>,
     /// A message was put in a lane.
     ready: Notify,
     /// A message was taken from a lane.
@@ -223,7 +147,7 @@ impl Worker {
         }
     }
 
-    fn lanes(&self) -> MutexGuard<'_, Lanes> {
+    fn lanes(&self) -> MutexGuard<'_, Lanes<Item>> {
         // Only plain map and counter updates happen under this lock; none can panic halfway.
         self.lanes.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -273,7 +197,7 @@ impl Worker {
                     () = tokio::time::sleep(left) => continue,
                 }
             }
-            if self.lanes().buffered >= BUFFER {
+            if self.lanes().buffered() >= BUFFER {
                 if !Self::idle(&self.room, &shutdown).await {
                     return;
                 }
@@ -410,7 +334,7 @@ impl Worker {
                 by_reference,
                 source,
             };
-            self.lanes().push(item, weight);
+            self.lanes().push(class, tenant, item, weight);
             self.ready.notify_one();
         }
         self.park(parked).await?;
@@ -488,7 +412,8 @@ impl Worker {
                 };
                 let mut lanes = self.lanes();
                 lanes.loaded.insert(id);
-                lanes.push(item, weight);
+                let (class, tenant) = (item.message.class, item.message.tenant.clone());
+                lanes.push(class, tenant, item, weight);
                 loaded.push(id);
                 self.ready.notify_one();
             }
@@ -1111,50 +1036,6 @@ mod tests {
             .parked(&noisy, MessageClass::Transactional, 10, u64::MAX)
             .unwrap();
         assert!(parked.is_empty() && !any, "nothing is left parked");
-    }
-
-    fn item(tenant: &str, class: MessageClass) -> Item {
-        let mut message = message();
-        message.tenant = TenantId::new(tenant).unwrap();
-        message.class = class;
-        Item {
-            message,
-            body: Vec::new(),
-            by_reference: false,
-            source: Source::Parked { attempts: 0 },
-        }
-    }
-
-    #[test]
-    fn lanes_serve_transactional_first_then_tenants_in_turn_by_weight() {
-        let mut lanes = Lanes::default();
-        for _ in 0..6 {
-            lanes.push(item("premium", MessageClass::Marketing), 4);
-            lanes.push(item("standard", MessageClass::Marketing), 1);
-        }
-        lanes.push(item("standard", MessageClass::Transactional), 1);
-        let order: Vec<String> = std::iter::from_fn(|| lanes.pop())
-            .map(|i| format!("{}/{}", i.message.tenant, &i.message.class.as_str()[..1]))
-            .collect();
-        assert_eq!(
-            order,
-            [
-                "standard/t",
-                "premium/m",
-                "premium/m",
-                "premium/m",
-                "premium/m",
-                "standard/m",
-                "premium/m",
-                "premium/m",
-                "standard/m",
-                "standard/m",
-                "standard/m",
-                "standard/m",
-                "standard/m",
-            ]
-        );
-        assert_eq!(lanes.buffered, 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,76 @@
+//! The operator's connection to the control plane's `Control` API: where it is, the admin
+//! credential it presents, and `--json`, which every operator command shares.
+//!
+//! Each command is one call (or a short series of calls) on the [`Client`], printed as a
+//! table or, with `--json`, as JSON for scripts.
+
+use cellmail_proto::bearer::Bearer;
+use cellmail_proto::v1::control_client::ControlClient;
+use clap::Args;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+#[derive(Args)]
+pub struct Connection {
+    /// Address of the control plane.
+    #[arg(
+        long,
+        env = "CELLMAIL_CONTROL",
+        default_value = "127.0.0.1:50052",
+        global = true
+    )]
+    control: String,
+    /// The operators' credential (default: the one `cellmail up` keeps in ./.cellmail).
+    #[arg(
+        long,
+        env = "CELLMAIL_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    admin_token: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+}
+
+pub(crate) type Client = ControlClient<InterceptedService<Channel, Bearer>>;
+
+impl Connection {
+    pub(crate) async fn client(&self) -> anyhow::Result<Client> {
+        let token = match &self.admin_token {
+            Some(token) => token.clone(),
+            None => std::fs::read_to_string(
+                std::path::Path::new(".cellmail").join(crate::up::ADMIN_TOKEN_FILE),
+            )
+            .map(|t| t.trim().to_owned())
+            .map_err(|_| {
+                anyhow::anyhow!("no admin token: pass --admin-token or set CELLMAIL_ADMIN_TOKEN")
+            })?,
+        };
+        let bearer = Bearer::new(&token)?;
+        let url = if self.control.contains("://") {
+            self.control.clone()
+        } else {
+            format!("http://{}", self.control)
+        };
+        let channel = Channel::from_shared(url.clone())?
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the control plane at {url}: {e}"))?;
+        Ok(ControlClient::with_interceptor(channel, bearer))
+    }
+}
+
+/// A request that names the operator acting (the login name) for the audit trail.
+pub(crate) fn acting<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let name = std::env::var("USER").unwrap_or_default();
+    if let Ok(value) = name.parse() {
+        request.metadata_mut().insert("x-cellmail-actor", value);
+    }
+    request
+}
+
+pub(crate) fn status(err: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", err.code(), err.message())
+}
