@@ -32,7 +32,7 @@ use cellmail_proto::{ApiError, CellId, now_ms};
 use tokio_util::sync::CancellationToken;
 
 use crate::deployer::Deployer;
-use crate::moves;
+use crate::records;
 use crate::registered;
 use cellmail_registry::audit;
 use cellmail_registry::channels::CellChannels;
@@ -412,7 +412,7 @@ pub async fn get(
     let found = if id.is_empty() {
         all(registry, keys).await?.pop()
     } else {
-        moves::read(registry, &keys.rollout(id)).await?
+        records::read(registry, &keys.rollout(id)).await?
     };
     found.ok_or_else(|| {
         ApiError::NotFound(if id.is_empty() {
@@ -850,7 +850,7 @@ impl Roller {
     }
 
     async fn cell(&self, cell: &CellId) -> Result<Option<CellRecord>, ApiError> {
-        let read = moves::read(self.registry.as_ref(), &self.keys.cell(cell)).await?;
+        let read = records::read(self.registry.as_ref(), &self.keys.cell(cell)).await?;
         Ok(read.map(|(record, _)| record))
     }
 
