@@ -5,6 +5,7 @@
 //! - [`telemetry`]: control actions counted by action and outcome.
 //! - [`placement`]: the pure choice of a cell for a new tenant.
 //! - [`registered`]: the registered cells, read from the registry now.
+//! - `records`: single records and prefixes read straight from the registry.
 //! - [`api`]: the `Control` gRPC service, one file per resource.
 //! - [`auth`]: the operator credential every `Control` call must carry.
 //! - [`identity`]: the DNS records of a tenant's sending domains, and their check.
@@ -24,6 +25,7 @@ pub mod moves;
 pub mod offboard;
 pub mod operations;
 pub mod placement;
+mod records;
 pub mod registered;
 pub mod rollout;
 pub mod telemetry;
@@ -87,20 +89,24 @@ pub async fn serve(
         let (leader, shutdown) = (leader.clone(), shutdown.clone());
         tokio::spawn(async move { leader.report(shutdown).await })
     };
-    let leading = tokio::spawn(leader::run_as_leader(
-        registry.clone(),
-        keys.election(),
-        candidate,
-        LEADER_TTL,
-        shutdown.clone(),
-        leader,
-        move |lost| {
-            let (mover, roller) = (mover.clone(), roller.clone());
-            async move {
-                tokio::join!(mover.run(lost.clone()), roller.run(lost));
-            }
-        },
-    ));
+    let leading = {
+        let (registry, keys) = (registry.clone(), keys.clone());
+        tokio::spawn(leader::run_as_leader(
+            registry.clone(),
+            keys.election(),
+            candidate,
+            LEADER_TTL,
+            shutdown.clone(),
+            leader,
+            move |lost| {
+                let (mover, roller) = (mover.clone(), roller.clone());
+                let operations = operations::run(registry.clone(), keys.clone(), lost.clone());
+                async move {
+                    tokio::join!(operations, mover.run(lost.clone()), roller.run(lost));
+                }
+            },
+        ))
+    };
     let api = ControlServer::with_interceptor(
         api::ControlApi::new(registry, keys, identities, deployer.is_some())?,
         auth::AdminAuth::new(admin_token),

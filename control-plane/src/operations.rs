@@ -9,18 +9,22 @@
 //! it adopts the move on the next pass instead of refusing it as "already moving".
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 use cellmail_proto::v1;
 use cellmail_proto::{ApiError, CellId, TenantId, now_ms};
 
 use crate::moves;
 use crate::placement::Planned;
+use crate::records;
 use cellmail_registry::audit;
 use cellmail_registry::catalog::Catalog;
 use cellmail_registry::schema::{
     self, AuditRecord, Keys, MoveStep, OperationKind, OperationRecord, PlannedMove,
 };
 use cellmail_registry::{Compare, Op, Registry};
+use tokio_util::sync::CancellationToken;
 
 /// Moves under way at once when the operator sets none.
 pub const DEFAULT_PARALLEL: u32 = 4;
@@ -157,6 +161,32 @@ pub async fn get(
         .map_err(ApiError::from)?
         .ok_or_else(|| ApiError::NotFound(format!("operation {id} does not exist")))?;
     schema::decode(&kv.value).map_err(|e| ApiError::Internal(format!("operation {id}: {e}")))
+}
+
+/// How often the leader passes over the unfinished operations.
+const SCAN: Duration = Duration::from_millis(100);
+
+/// Until `lost` is cancelled: one pass over every unfinished operation per scan, on the
+/// leading control plane (whose [`crate::moves::Mover`] carries the moves it requests).
+pub async fn run(registry: Arc<dyn Registry>, keys: Keys, lost: CancellationToken) {
+    let mut tick = tokio::time::interval(SCAN);
+    loop {
+        tokio::select! {
+            () = lost.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for (record, revision) in
+            records::list::<OperationRecord>(registry.as_ref(), &keys.operations()).await
+        {
+            if record.finished {
+                continue;
+            }
+            let id = record.id.clone();
+            if let Err(err) = advance(registry.as_ref(), &keys, record, revision).await {
+                tracing::warn!(%err, operation = %id, "advancing the operation failed; retrying");
+            }
+        }
+    }
 }
 
 /// One pass over a running operation (`revision`: its record's): settles the moves that
