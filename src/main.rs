@@ -7,6 +7,7 @@
 //! - `tenant`, `cell`, `rebalance`, `key`, `suppression`, `audit`, `rollout`: the operator's
 //!   nouns, each a client of the control plane's `Control` API.
 //! - `send`: a message through the router, with a tenant's API key.
+//! - `certs`: certificates for the platform's processes, from a CA of its own.
 //!
 //! and what the operator's commands share:
 //! - `control`: the connection to the control plane, its credential and `--json`.
@@ -14,6 +15,7 @@
 
 mod audit;
 mod cell;
+mod certs;
 mod control;
 mod key;
 mod operation;
@@ -55,6 +57,8 @@ enum Command {
     Audit(audit::AuditArgs),
     /// Roll a version out cell by cell: start, status, pause, resume, abort.
     Rollout(rollout::RolloutArgs),
+    /// Certificates for the platform's processes from a local CA (mutual TLS between them).
+    Certs(certs::CertsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -85,5 +89,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Send(args) => send::run(args).await,
         Command::Audit(args) => audit::run(args).await,
         Command::Rollout(args) => rollout::run(args).await,
+        Command::Certs(args) => certs::run(args),
     }
 }

@@ -1,7 +1,9 @@
 //! `cellmail up`: the whole platform in one process — the registry, N cells (each with its
 //! own queues and store), the control plane and a router — until Ctrl-C. On embedded
 //! defaults with no flags (embedded registry and queues, the file sink); `--registry
-//! etcd://…`, `--queue sqs` and `--mailer ses` run the same on etcd, SQS and SES.
+//! etcd://…`, `--queue sqs` and `--mailer ses` run the same on etcd, SQS and SES. Calls
+//! between the components are mutual TLS, with certificates from a CA `up` keeps in
+//! `<data-dir>/tls` (made on the first run, the certificates issued again at each start).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cellmail_proto::CellId;
+use cellmail_proto::tls::{Role, Tls, ca::LocalCa};
 use cellmail_registry::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -46,6 +49,8 @@ pub struct UpArgs {
 }
 
 const CELLS_READY: Duration = Duration::from_secs(15);
+/// How long the certificates `up` issues at each start are valid.
+const CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Where `up` keeps the operators' credential, created on the first run.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
@@ -85,6 +90,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding --control-addr {}", args.control_addr))?;
     let (router_addr, control_addr) = (router.local_addr()?, control.local_addr()?);
+    let ca = LocalCa::open_or_create(&args.data_dir.join("tls"))?;
+    let tls = |role: Role| -> anyhow::Result<_> { Ok(Tls::load(ca.issue(&role, CERT_VALIDITY)?)?) };
 
     let mut tasks = JoinSet::new();
     let mail = args.data_dir.join("mail");
@@ -105,8 +112,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             fault_send_failure_ratio: 0.0,
         };
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
+        let tls = tls(Role::Cell(id.clone()))?;
         tasks.spawn(async move {
-            cellmail_cell::run(config, registry, keys, backends, shutdown)
+            cellmail_cell::run(config, registry, keys, backends, tls, shutdown)
                 .await
                 .with_context(|| format!("cell {id}"))
         });
@@ -116,28 +124,25 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     {
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
         // On one machine a new tenant's domains are taken as verified; added ones are checked.
-        let identities = cellmail_control::identity::IdentityConfig {
-            dns_resolver: args.dns_resolver,
-            trust_new_domains: true,
+        let setup = cellmail_control::Setup {
+            admin_token,
+            identities: cellmail_control::identity::IdentityConfig {
+                dns_resolver: args.dns_resolver,
+                trust_new_domains: true,
+            },
+            deployer: None,
+            tls: tls(Role::Control)?,
         };
-        tasks.spawn(async move {
-            cellmail_control::serve(
-                control,
-                registry,
-                keys,
-                &admin_token,
-                &identities,
-                None,
-                shutdown,
-            )
-            .await
-        });
+        tasks.spawn(cellmail_control::serve(
+            control, registry, keys, setup, shutdown,
+        ));
     }
     tasks.spawn(cellmail_router::serve(
         router,
         registry,
         keys,
         args.hold,
+        tls(Role::Router)?,
         shutdown.clone(),
     ));
 

@@ -278,6 +278,7 @@ impl Ingest {
         breakers: Arc<Breakers>,
         catalog: Arc<WatchedCatalog>,
         health: Arc<Health>,
+        channels: CellChannels,
     ) -> Self {
         Self {
             cell,
@@ -285,7 +286,7 @@ impl Ingest {
             queue,
             breakers,
             catalog,
-            channels: CellChannels::default(),
+            channels,
             health,
         }
     }

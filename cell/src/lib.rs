@@ -2,6 +2,7 @@
 //! mailer. A tenant placed here is accepted, queued and delivered here only.
 //!
 //! - [`api`]: the `Cell` gRPC service the router calls.
+//! - [`access`]: which of the platform's roles may call each `Cell` method.
 //! - [`accept`]: the accept path (fencing, validation, idempotency, durable enqueue).
 //! - [`breaker`]: per tenant and class breakers: trip on bounce or complaint rates, hold,
 //!   release on resume.
@@ -23,6 +24,7 @@
 //! - [`health`]: the cell's own figures over its last minutes, for rollout health gates.
 
 pub mod accept;
+pub mod access;
 pub mod api;
 pub mod aws;
 pub mod breaker;
@@ -47,8 +49,10 @@ use std::time::Duration;
 use anyhow::Context;
 use cellmail_proto::CellId;
 use cellmail_proto::server::Peers;
+use cellmail_proto::tls::Tls;
 use cellmail_proto::v1::cell_server::{CellServer, SERVICE_NAME};
 use cellmail_registry::catalog::WatchedCatalog;
+use cellmail_registry::channels::CellChannels;
 use cellmail_registry::schema::{self, CellRecord, CellState, Keys};
 use cellmail_registry::{LeaseId, Registry, keep_lease_alive};
 use tokio::net::TcpListener;
@@ -247,6 +251,7 @@ pub async fn run(
     registry: Arc<dyn Registry>,
     keys: Keys,
     backends: Backends,
+    tls: Arc<Tls>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let store = backends.store;
@@ -255,8 +260,8 @@ pub async fn run(
         .await
         .with_context(|| format!("binding --cell-addr {}", config.addr))?;
     let endpoint = match &config.advertise {
-        Some(advertised) => format!("http://{advertised}"),
-        None => format!("http://{}", listener.local_addr()?),
+        Some(advertised) => format!("https://{advertised}"),
+        None => format!("https://{}", listener.local_addr()?),
     };
     let lease = register(registry.as_ref(), &keys, &config, &endpoint).await?;
     tracing::info!(cell = %config.id, %endpoint, release = config.release(), build = cellmail_proto::VERSION, "cell serving");
@@ -299,6 +304,7 @@ pub async fn run(
         breakers,
         catalog.clone(),
         cell_health.clone(),
+        CellChannels::new(tls.clone()),
     ));
     let ingesting = tokio::spawn(ingest.clone().run(shutdown.clone()));
     // No workers: accept and queue only (intake too stays off, so nothing is taken in).
@@ -334,10 +340,16 @@ pub async fn run(
         health: cell_health,
         release: config.release().to_owned(),
     };
-    let routes = tonic::service::Routes::new(CellServer::new(api));
+    let routes = tonic::service::Routes::new(access::Authorize(CellServer::new(api)));
 
     let served = Peers::Internal
-        .serve(listener, routes, &health, &[SERVICE_NAME], shutdown.clone())
+        .serve(
+            tls.incoming(listener, shutdown.clone()),
+            routes,
+            &health,
+            &[SERVICE_NAME],
+            shutdown.clone(),
+        )
         .await;
     shutdown.cancel();
     reporter.await?;

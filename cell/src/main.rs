@@ -20,6 +20,8 @@ struct Args {
     #[command(flatten)]
     config: cellmail_proto::config::ConfigFile,
     #[command(flatten)]
+    tls: cellmail_proto::tls::TlsFiles,
+    #[command(flatten)]
     backends: cellmail_cell::BackendConfig,
     /// The cell's own state (store, embedded queue); the file sink writes under <data-dir>/mail.
     #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
@@ -41,6 +43,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .backends
         .open(&args.cell.id, &cell_dir, &args.data_dir.join("mail"))
         .await?;
+    let tls = cellmail_proto::tls::Tls::load(args.tls)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
     cellmail_cell::run(
@@ -48,6 +51,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         registry,
         args.registry.keys(),
         backends,
+        tls,
         shutdown,
     )
     .await

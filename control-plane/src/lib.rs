@@ -33,8 +33,10 @@ pub mod telemetry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use cellmail_proto::server::Peers;
+use cellmail_proto::server::{self, Peers};
+use cellmail_proto::tls::Tls;
 use cellmail_proto::v1::control_server::{ControlServer, SERVICE_NAME};
+use cellmail_registry::channels::CellChannels;
 use cellmail_registry::{Registry, schema};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -61,29 +63,50 @@ pub struct ControlConfig {
     #[command(flatten)]
     pub deployer: deployer::DeployerConfig,
 }
+/// What a control plane is run with, beside its registry and where it listens.
+pub struct Setup {
+    /// The operators' credential: Control calls must carry it.
+    pub admin_token: String,
+    pub identities: identity::IdentityConfig,
+    /// How rollouts deploy a cell (none: rollouts are refused).
+    pub deployer: Option<Arc<dyn deployer::Deployer>>,
+    /// This process's certificate, presented to the cells it calls.
+    pub tls: Arc<Tls>,
+}
+
 /// How long a control plane that stopped renewing its leadership keeps it: the longest a
 /// standby waits before it takes unfinished moves over.
 const LEADER_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves the Control API on `listener` until `shutdown` is cancelled, and carries tenant
-/// moves, operations and rollouts (with `deployer`, if any) forward while this control plane
-/// leads.
+/// moves, operations and rollouts (with the setup's deployer, if any) forward while this
+/// control plane leads.
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<dyn Registry>,
     keys: schema::Keys,
-    admin_token: &str,
-    identities: &identity::IdentityConfig,
-    deployer: Option<Arc<dyn deployer::Deployer>>,
+    setup: Setup,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Setup {
+        admin_token,
+        identities,
+        deployer,
+        tls,
+    } = setup;
     anyhow::ensure!(
         admin_token.len() >= 16,
         "the admin token must be at least 16 characters"
     );
     let candidate = format!("{}/{}", listener.local_addr()?, ulid::Ulid::new());
-    let mover = moves::Mover::new(registry.clone(), keys.clone());
-    let roller = rollout::Roller::new(registry.clone(), keys.clone(), deployer.clone());
+    let channels = CellChannels::new(tls);
+    let mover = moves::Mover::new(registry.clone(), keys.clone(), channels.clone());
+    let roller = rollout::Roller::new(
+        registry.clone(),
+        keys.clone(),
+        deployer.clone(),
+        channels.clone(),
+    );
     let leader = Arc::new(leader::Leading::default());
     let reporter = {
         let (leader, shutdown) = (leader.clone(), shutdown.clone());
@@ -108,13 +131,19 @@ pub async fn serve(
         ))
     };
     let api = ControlServer::with_interceptor(
-        api::ControlApi::new(registry, keys, identities, deployer.is_some())?,
-        auth::AdminAuth::new(admin_token),
+        api::ControlApi::new(registry, keys, &identities, deployer.is_some(), channels)?,
+        auth::AdminAuth::new(&admin_token),
     );
     let routes = tonic::service::Routes::new(telemetry::CountActions(api));
     let health = tonic_health::server::HealthReporter::new();
     let served = Peers::Public
-        .serve(listener, routes, &health, &[SERVICE_NAME], shutdown.clone())
+        .serve(
+            server::incoming(listener),
+            routes,
+            &health,
+            &[SERVICE_NAME],
+            shutdown.clone(),
+        )
         .await;
     shutdown.cancel();
     leading.await??;

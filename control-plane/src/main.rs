@@ -20,6 +20,8 @@ struct Args {
     metrics: cellmail_proto::server::MetricsConfig,
     #[command(flatten)]
     config: cellmail_proto::config::ConfigFile,
+    #[command(flatten)]
+    tls: cellmail_proto::tls::TlsFiles,
     /// Where the embedded registry keeps its file.
     #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
     data_dir: PathBuf,
@@ -39,17 +41,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding --control-addr {}", args.control.addr))?;
     tracing::info!(addr = %listener.local_addr()?, "control plane serving");
-    let deployer = args.control.deployer.open().await?;
+    let setup = cellmail_control::Setup {
+        admin_token: args.control.admin_token,
+        identities: args.control.identities,
+        deployer: args.control.deployer.open().await?,
+        tls: cellmail_proto::tls::Tls::load(args.tls)?,
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
-    cellmail_control::serve(
-        listener,
-        registry,
-        args.registry.keys(),
-        &args.control.admin_token,
-        &args.control.identities,
-        deployer,
-        shutdown,
-    )
-    .await
+    cellmail_control::serve(listener, registry, args.registry.keys(), setup, shutdown).await
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the platform as separate processes on this machine, as it is deployed: etcd, cells
 # (cell-1 .. cell-N), a router and two control planes (one leads, one stands by), with their
-# state, logs and pid files under $CELLMAIL_LOCAL_DIR (default ./.cellmail-local).
+# state, logs and pid files under $CELLMAIL_LOCAL_DIR (default ./.cellmail-local). They call
+# each other over mutual TLS, with certificates from a CA of the cluster's own in $DIR/tls.
 #
 #   deploy/local/cluster.sh start    start everything, print the addresses, then `ready`
 #   deploy/local/cluster.sh stop     stop every process started under the dir
@@ -28,6 +29,16 @@ daemon() {
   shift
   setsid "$@" </dev/null >>"$DIR/$name.log" 2>&1 &
   echo $! >"$DIR/$name.pid"
+}
+
+# certs NAME ARGS...: issues the certificate of one process (`cellmail certs issue ARGS`)
+# from the cluster's CA in $DIR/tls; prints the settings file that gives it to the process.
+certs() {
+  local name=$1
+  shift
+  mkdir -p "$DIR/tls"
+  "$BIN/cellmail" certs issue --dir "$DIR/tls" "$@" >"$DIR/tls/$name.env"
+  echo "$DIR/tls/$name.env"
 }
 
 # wait_tcp HOST:PORT: waits (30 s at most) until something listens there.
@@ -69,6 +80,7 @@ export CELLMAIL_REGISTRY=etcd://$etcd
 export CELLMAIL_REGISTRY_PREFIX=$PREFIX
 export CELLMAIL_ADMIN_TOKEN=$(cat "$DIR/admin-token")
 export CELLMAIL_LOCAL_DIR=$DIR
+export CELLMAIL_LOCAL_BIN=$BIN
 ENV
   . "$DIR/env"
 
@@ -78,12 +90,13 @@ ENV
   local controls=()
   for n in 1 2; do
     local addr=127.0.0.1:$(free_port)
-    daemon "control-$n" "$BIN/cellmail-control" --control-addr "$addr" --trust-new-domains \
+    daemon "control-$n" "$BIN/cellmail-control" --config "$(certs "control-$n" --role control)" \
+      --control-addr "$addr" --trust-new-domains \
       --data-dir "$DIR/control-$n" --deployer command --deploy-command "$ROOT/deploy/local/deploy-cell.sh"
     controls+=("$addr")
   done
   local router=127.0.0.1:$(free_port) metrics=127.0.0.1:$(free_port)
-  daemon router "$BIN/cellmail-router" --router-addr "$router" --metrics-addr "$metrics" --data-dir "$DIR/router"
+  daemon router "$BIN/cellmail-router" --config "$(certs router --role router)" --router-addr "$router" --metrics-addr "$metrics" --data-dir "$DIR/router"
   for addr in "${controls[@]}" "$router"; do wait_tcp "$addr"; done
   cat >>"$DIR/env" <<ENV
 export CELLMAIL_CONTROL=${controls[0]}

@@ -10,12 +10,15 @@
 //! - [`trace`]: W3C trace context across calls and queues, so one send is one trace.
 //! - [`bearer`]: the client interceptor that presents a credential.
 //! - [`config`]: configuration files of `CELLMAIL_*` settings.
+//! - [`tls`]: mutual TLS between the platform's processes, and the roles their certificates
+//!   name.
 
 pub mod bearer;
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod server;
+pub mod tls;
 pub mod trace;
 
 pub mod v1 {

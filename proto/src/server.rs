@@ -2,10 +2,11 @@
 //! endpoint, and a gRPC server that also answers `grpc.health.v1.Health` and server
 //! reflection, and stops when its token is cancelled.
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{Connected, TcpIncoming};
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
@@ -147,16 +148,21 @@ const INTERNAL_PENDING_RESETS: usize = 65_536;
 
 impl Peers {
     /// Serves `routes` plus health (each of `services` reported SERVING in `health`, where
-    /// the caller may report more) and reflection on `listener`, for these peers, until
+    /// the caller may report more) and reflection on the `incoming` connections ([`incoming`]
+    /// for plain TCP, `Tls::incoming` for mutual TLS), for these peers, until
     /// `shutdown` is cancelled.
-    pub async fn serve(
+    pub async fn serve<IO, IE>(
         self,
-        listener: TcpListener,
+        incoming: impl tokio_stream::Stream<Item = Result<IO, IE>>,
         routes: Routes,
         health: &HealthReporter,
         services: &[&str],
         shutdown: CancellationToken,
-    ) -> Result<(), tonic::transport::Error> {
+    ) -> Result<(), tonic::transport::Error>
+    where
+        IO: Connected + AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        IE: Into<tonic::codegen::StdError>,
+    {
         for service in services {
             health
                 .set_service_status(*service, ServingStatus::Serving)
@@ -175,7 +181,7 @@ impl Peers {
             .add_routes(routes)
             .add_service(health_service)
             .add_service(reflection)
-            .serve_with_incoming_shutdown(incoming(listener), shutdown.cancelled_owned())
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await
     }
 }

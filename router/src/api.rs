@@ -76,10 +76,14 @@ async fn traced<T>(
 }
 
 impl SenderApi {
-    pub fn new(catalog: Arc<WatchedCatalog<Routes>>, hold: Duration) -> Self {
+    pub fn new(
+        catalog: Arc<WatchedCatalog<Routes>>,
+        hold: Duration,
+        channels: CellChannels,
+    ) -> Self {
         Self {
             catalog,
-            channels: CellChannels::default(),
+            channels,
             admission: Admission::default(),
             hold,
         }

@@ -17,10 +17,12 @@ pub mod telemetry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use cellmail_proto::server::Peers;
+use cellmail_proto::server::{self, Peers};
+use cellmail_proto::tls::Tls;
 use cellmail_proto::v1::sender_server::{SERVICE_NAME, SenderServer};
 use cellmail_registry::Registry;
 use cellmail_registry::catalog::WatchedCatalog;
+use cellmail_registry::channels::CellChannels;
 use cellmail_registry::schema::Keys;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -69,12 +71,13 @@ impl HoldConfig {
     }
 }
 
-/// Serves `Sender` on `listener` until `shutdown` is cancelled.
+/// Serves `Sender` on `listener` until `shutdown` is cancelled; calls to cells present `tls`.
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<dyn Registry>,
     keys: Keys,
     hold: HoldConfig,
+    tls: Arc<Tls>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let catalog =
@@ -82,7 +85,7 @@ pub async fn serve(
     let usage = Arc::new(auth::Usage::default());
     let usage_writer = tokio::spawn(usage.clone().write(registry, keys, shutdown.clone()));
     let api = telemetry::MarkSends(SenderServer::with_interceptor(
-        api::SenderApi::new(catalog.clone(), hold.duration()),
+        api::SenderApi::new(catalog.clone(), hold.duration(), CellChannels::new(tls)),
         auth::Authenticate::new(catalog.clone(), usage),
     ));
     let routes = tonic::service::Routes::new(api);
@@ -96,7 +99,13 @@ pub async fn serve(
         })
     };
     let served = Peers::Public
-        .serve(listener, routes, &health, &[SERVICE_NAME], shutdown)
+        .serve(
+            server::incoming(listener),
+            routes,
+            &health,
+            &[SERVICE_NAME],
+            shutdown,
+        )
         .await;
     reporter.abort();
     usage_writer.await?;

@@ -20,6 +20,8 @@ struct Args {
     metrics: cellmail_proto::server::MetricsConfig,
     #[command(flatten)]
     config: cellmail_proto::config::ConfigFile,
+    #[command(flatten)]
+    tls: cellmail_proto::tls::TlsFiles,
     /// Where the embedded registry keeps its file.
     #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
     data_dir: PathBuf,
@@ -42,5 +44,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
     let keys = args.registry.keys();
-    cellmail_router::serve(listener, registry, keys, args.router.hold, shutdown).await
+    let tls = cellmail_proto::tls::Tls::load(args.tls)?;
+    cellmail_router::serve(listener, registry, keys, args.router.hold, tls, shutdown).await
 }

@@ -1,13 +1,14 @@
 //! Helpers for cellmail's end-to-end tests and benchmark harness: find the built binaries,
 //! run `cellmail up` as a child process on free ports, and talk to it only through its
 //! public gRPC APIs. [`services`] finds etcd and runs private ones, [`emulator`] reaches the
-//! AWS emulator;
+//! AWS emulator, [`pki`] issues the certificates of the processes a test starts;
 //! [`bench`] is the benchmark harness behind `cellmail-bench`.
 
 pub mod bench;
 pub mod dns;
 pub mod emulator;
 pub mod local;
+pub mod pki;
 pub mod processes;
 pub mod services;
 

@@ -6,6 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
+use cellmail_proto::CellId;
+use cellmail_proto::tls::Role;
 
 use crate::binary;
 
@@ -43,16 +45,28 @@ impl Daemon {
         Self::start_with_env(name, args, addr, &[]).await
     }
 
-    /// [`Daemon::start`] with extra environment variables.
+    /// [`Daemon::start`] with extra environment variables. A router, a control plane or a
+    /// cell started with `--cell-id` is given its certificate from the test CA.
     pub async fn start_with_env(
         name: &str,
         args: &[&str],
         addr: Option<&str>,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        let cell = args
+            .iter()
+            .position(|arg| *arg == "--cell-id")
+            .and_then(|at| CellId::new(*args.get(at + 1)?).ok());
+        let role = match name {
+            "cellmail-router" => Some(Role::Router),
+            "cellmail-control" => Some(Role::Control),
+            "cellmail-cell" => cell.map(Role::Cell),
+            _ => None,
+        };
         let child = Command::new(binary(name)?)
             .args(args)
             .env("RUST_LOG", "warn")
+            .envs(role.iter().flat_map(crate::pki::env))
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -55,13 +55,14 @@ impl ControlApi {
         keys: Keys,
         identities: &identity::IdentityConfig,
         rollouts: bool,
+        channels: CellChannels,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             registry,
             keys,
             dns: identity::Checker::new(identities)?,
             trust_new_domains: identities.trust_new_domains,
-            channels: CellChannels::default(),
+            channels,
             rollouts,
         })
     }

@@ -230,11 +230,11 @@ fn count_finished(step: MoveStep) {
 struct Stopped;
 
 impl Mover {
-    pub fn new(registry: Arc<dyn Registry>, keys: Keys) -> Arc<Self> {
+    pub fn new(registry: Arc<dyn Registry>, keys: Keys, channels: CellChannels) -> Arc<Self> {
         Arc::new(Self {
             registry,
             keys,
-            channels: CellChannels::default(),
+            channels,
             driving: Mutex::new(HashSet::new()),
         })
     }

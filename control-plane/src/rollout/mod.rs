@@ -324,12 +324,13 @@ impl Roller {
         registry: Arc<dyn Registry>,
         keys: Keys,
         deployer: Option<Arc<dyn Deployer>>,
+        channels: CellChannels,
     ) -> Arc<Self> {
         Arc::new(Self {
             registry,
             keys,
             deployer,
-            channels: CellChannels::default(),
+            channels,
         })
     }
 

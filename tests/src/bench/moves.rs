@@ -16,8 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use cellmail_control::moves::{self, Mover};
+use cellmail_proto::tls::Role;
 use cellmail_proto::v1::sender_client::SenderClient;
 use cellmail_proto::{CellId, TenantId};
+use cellmail_registry::channels::CellChannels;
 use cellmail_registry::schema::MoveStep;
 
 use super::send_path::{
@@ -78,7 +80,9 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
         cells.push(cell);
     }
     let router = start_router(&router_rt, &registry, &keys, &stage.shutdown)?;
-    control_rt.spawn(Mover::new(registry.clone(), keys.clone()).run(stage.shutdown.clone()));
+    let channels = CellChannels::new(crate::pki::tls(&Role::Control)?);
+    let mover = Mover::new(registry.clone(), keys.clone(), channels);
+    control_rt.spawn(mover.run(stage.shutdown.clone()));
 
     // Each client's connection runs on its own client's runtime.
     let neighbour = neighbour_rt.block_on(async {

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use cellmail_proto::tls::{self, Role};
 use cellmail_proto::v1::{
     self,
     cell_client::CellClient,
@@ -332,11 +333,12 @@ pub(super) fn start_cell(
         release: None,
         fault_send_failure_ratio: 0.0,
     };
+    let tls = crate::pki::tls(&Role::Cell(config.id.clone()))?;
     let cell = {
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
-        rt.spawn(
-            async move { cellmail_cell::run(config, registry, keys, backends, shutdown).await },
-        )
+        rt.spawn(async move {
+            cellmail_cell::run(config, registry, keys, backends, tls, shutdown).await
+        })
     };
     let endpoint = rt.block_on(async {
         let key = keys.cell(&CellId::new(id)?);
@@ -364,6 +366,7 @@ pub(super) fn start_router(
         registry.clone(),
         keys.clone(),
         cellmail_router::HoldConfig::default(),
+        crate::pki::tls(&Role::Router)?,
         shutdown.clone(),
     ));
     Ok(addr)
@@ -435,9 +438,16 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
     let (endpoint, cell) = start_cell(&cell_rt, &stage, CELL, 0)?;
     let router_addr = start_router(&router_rt, &stage.registry, &stage.keys, &shutdown)?;
     let (proxy_listener, proxy_addr) = proxy_rt.block_on(bind())?;
+    // The proxy calls the cell as the router does: over mutual TLS, with a router's
+    // certificate, so that the two hops compare like for like.
+    let router_tls = crate::pki::tls(&Role::Router)?;
+    let cell_role = Role::Cell(CellId::new(CELL)?);
+    let cell_channel = || -> anyhow::Result<Channel> {
+        Ok(router_tls.channel(tls::endpoint(&endpoint)?, cell_role.clone()))
+    };
     let proxy_cell = {
         let _in_proxy_runtime = proxy_rt.enter();
-        CellClient::new(Channel::from_shared(endpoint.clone())?.connect_lazy())
+        CellClient::new(cell_channel()?)
     };
 
     let proxy_shutdown = shutdown.clone();
@@ -452,7 +462,7 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
     });
 
     let rows = load_rt.block_on(async {
-        let direct = Door::Direct(CellClient::connect(endpoint.clone()).await?);
+        let direct = Door::Direct(CellClient::new(cell_channel()?));
         let proxy = Door::Sender {
             client: SenderClient::connect(format!("http://{proxy_addr}")).await?,
             key: None,

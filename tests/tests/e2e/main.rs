@@ -15,3 +15,4 @@ mod rollout;
 mod send_path;
 mod ses;
 mod telemetry;
+mod trust;

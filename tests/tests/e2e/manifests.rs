@@ -2,15 +2,19 @@
 //! objects say of each other and of the binaries holds: services select pods with the ports
 //! they name, containers run our binaries with flags and CELLMAIL_* variables those binaries
 //! have, the control plane may patch every cell's StatefulSet and names them as they are,
-//! etcd has the three members the registry lists, and add-cell.sh renders the cells.
+//! etcd has the three members the registry lists, add-cell.sh renders the cells, every
+//! process presents the cert-manager certificate of its own role, and only the platform's
+//! pods reach a cell's gRPC port.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use cellmail_proto::tls::Role as TlsRole;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use serde_json::Value;
@@ -91,6 +95,20 @@ fn typed(object: &Value) -> Result<(), String> {
         ("autoscaling/v2", "HorizontalPodAutoscaler") => parse::<HorizontalPodAutoscaler>(object),
         ("rbac.authorization.k8s.io/v1", "Role") => parse::<Role>(object),
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => parse::<RoleBinding>(object),
+        ("networking.k8s.io/v1", "NetworkPolicy") => parse::<NetworkPolicy>(object),
+        // cert-manager's kinds have no Rust types: the fields the platform relies on.
+        ("cert-manager.io/v1", "Issuer") => {
+            let spec = &object["spec"];
+            (spec["selfSigned"].is_object() || spec["ca"]["secretName"].is_string())
+                .then_some(())
+                .ok_or_else(|| "an Issuer is selfSigned or a ca with a secretName".into())
+        }
+        ("cert-manager.io/v1", "Certificate") => {
+            let spec = &object["spec"];
+            (spec["secretName"].is_string() && spec["issuerRef"]["name"].is_string())
+                .then_some(())
+                .ok_or_else(|| "a Certificate names its secretName and issuerRef".into())
+        }
         other => Err(format!("unexpected apiVersion/kind {other:?}")),
     }
 }
@@ -286,7 +304,8 @@ fn containers_run_our_binaries_with_flags_variables_and_ports_they_have() {
                 );
             }
             for probe in ["readinessProbe", "livenessProbe"] {
-                if let Some(port) = container[probe]["grpc"]["port"].as_u64() {
+                let probe_port = |kind: &str| container[probe][kind]["port"].as_u64();
+                if let Some(port) = probe_port("grpc").or_else(|| probe_port("tcpSocket")) {
                     assert!(
                         ports.contains(&port.to_string()),
                         "{workload}: {probe} port {port}"
@@ -410,4 +429,124 @@ fn add_cell_renders_the_cells_from_the_template() {
     let set = named(&objects, "StatefulSet", "cellmail-cell-cell-9");
     typed(set).unwrap();
     named(&objects, "Service", "cellmail-cell-cell-9");
+}
+
+/// The value of `container`'s env variable `name`.
+fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
+    items(&container["env"])
+        .iter()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["value"].as_str())
+}
+
+#[test]
+fn every_process_presents_the_certificate_of_its_own_role_from_the_platform_ca() {
+    let objects = objects();
+    let issuers: BTreeSet<&str> = of_kind(&objects, "Issuer").into_iter().map(name).collect();
+    let ca = named(&objects, "Certificate", "cellmail-ca");
+    assert_eq!(ca["spec"]["isCA"], true);
+    let ca_issuer = named(&objects, "Issuer", "cellmail-ca");
+    assert_eq!(
+        ca_issuer["spec"]["ca"]["secretName"],
+        ca["spec"]["secretName"]
+    );
+    let mut roles = BTreeSet::new();
+    for (workload, template) in pod_templates(&objects) {
+        for container in items(&template["spec"]["containers"]) {
+            let binary = container["command"][0].as_str().unwrap();
+            if !binary.starts_with("cellmail") {
+                continue;
+            }
+            // The three files come from one mounted Secret, as cert-manager writes it.
+            let cert = env_value(container, "CELLMAIL_TLS_CERT").unwrap();
+            let dir = cert.rsplit_once('/').unwrap().0;
+            assert_eq!(
+                env_value(container, "CELLMAIL_TLS_KEY"),
+                Some(&*format!("{dir}/tls.key"))
+            );
+            assert_eq!(
+                env_value(container, "CELLMAIL_TLS_CA"),
+                Some(&*format!("{dir}/ca.crt"))
+            );
+            assert_eq!(cert, format!("{dir}/tls.crt"), "{workload}");
+            let mount = items(&container["volumeMounts"])
+                .iter()
+                .find(|m| m["mountPath"] == dir)
+                .unwrap_or_else(|| panic!("{workload}: nothing mounted at {dir}"));
+            let volume = items(&template["spec"]["volumes"])
+                .iter()
+                .find(|v| v["name"] == mount["name"])
+                .unwrap();
+            let secret = volume["secret"]["secretName"].as_str().unwrap();
+            let certificate = of_kind(&objects, "Certificate")
+                .into_iter()
+                .find(|c| c["spec"]["secretName"] == secret)
+                .unwrap_or_else(|| panic!("{workload}: no Certificate writes {secret}"));
+            let issuer = certificate["spec"]["issuerRef"]["name"].as_str().unwrap();
+            assert_eq!(issuer, "cellmail-ca", "{workload}");
+            assert!(issuers.contains(issuer));
+            let usages: BTreeSet<&str> = items(&certificate["spec"]["usages"])
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            assert_eq!(usages, BTreeSet::from(["server auth", "client auth"]));
+            let uris = items(&certificate["spec"]["uris"]);
+            assert_eq!(uris.len(), 1, "{workload}: one role");
+            let role = TlsRole::from_uri(uris[0].as_str().unwrap()).unwrap();
+            let expected = match binary {
+                "cellmail-router" => TlsRole::Router,
+                "cellmail-control" => TlsRole::Control,
+                "cellmail-cell" => {
+                    let id = env_value(container, "CELLMAIL_CELL_ID").unwrap();
+                    TlsRole::Cell(cellmail_proto::CellId::new(id).unwrap())
+                }
+                other => panic!("{workload}: {other}"),
+            };
+            assert_eq!(role, expected, "{workload}");
+            roles.insert(role.to_string());
+        }
+    }
+    assert!(
+        roles.len() >= 4,
+        "router, control and at least two cells: {roles:?}"
+    );
+}
+
+#[test]
+fn only_the_platforms_pods_reach_a_cells_grpc_port() {
+    let objects = objects();
+    let policy = named(&objects, "NetworkPolicy", "cellmail-cells");
+    let cells = &policy["spec"]["podSelector"]["matchLabels"];
+    for cell in of_kind(&objects, "StatefulSet")
+        .into_iter()
+        .filter(|s| name(s).starts_with("cellmail-cell-"))
+    {
+        let labels = &cell["spec"]["template"]["metadata"]["labels"];
+        assert!(selects(cells, labels), "{} is not covered", name(cell));
+    }
+    let rules = items(&policy["spec"]["ingress"]);
+    let grpc: Vec<&Value> = rules
+        .iter()
+        .filter(|rule| items(&rule["ports"]).iter().any(|p| p["port"] == "grpc"))
+        .collect();
+    assert_eq!(grpc.len(), 1, "one rule opens the gRPC port");
+    let from: BTreeSet<&str> = items(&grpc[0]["from"])
+        .iter()
+        .map(|peer| {
+            peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        from,
+        BTreeSet::from(["cellmail-router", "cellmail-control", "cellmail-cell"])
+    );
+    for rule in rules.iter().filter(|rule| !grpc.contains(rule)) {
+        let ports: Vec<&Value> = items(&rule["ports"]).iter().collect();
+        assert!(
+            !ports.is_empty() && ports.iter().all(|p| p["port"] == "metrics"),
+            "any other rule opens only the metrics port: {rule}"
+        );
+    }
 }

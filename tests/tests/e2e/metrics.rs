@@ -14,7 +14,7 @@ use cellmail_tests::{
 use tonic::Code;
 
 /// One sample of a Prometheus text exposition: name, labels, value.
-type Sample = (String, BTreeMap<String, String>, f64);
+pub(crate) type Sample = (String, BTreeMap<String, String>, f64);
 
 /// The samples of the text format (`name{label="value",...} value`; no escapes in values).
 fn samples(text: &str) -> Vec<Sample> {
@@ -40,7 +40,7 @@ fn samples(text: &str) -> Vec<Sample> {
 }
 
 /// The value of the series `name` with exactly `labels`, if it is exposed.
-fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let wanted: BTreeMap<String, String> = labels
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -60,7 +60,7 @@ fn series(samples: &[Sample], name: &str) -> Vec<(BTreeMap<String, String>, f64)
         .collect()
 }
 
-async fn scrape(metrics_addr: &str) -> Vec<Sample> {
+pub(crate) async fn scrape(metrics_addr: &str) -> Vec<Sample> {
     samples(&http_get(metrics_addr, "/metrics").await.unwrap())
 }
 
