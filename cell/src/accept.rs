@@ -14,9 +14,11 @@ use std::time::Duration;
 
 use cellmail_control::catalog::{Catalog, WatchedCatalog};
 use cellmail_control::schema::{PlacementState, TenantStatus};
+use cellmail_proto::clock::{DAY_MS, HOUR_MS};
 use cellmail_proto::v1::SendRequest;
 use cellmail_proto::{
-    ApiError, CellId, Epoch, MessageClass, MessageId, SuppressionScope, TenantId, suppression_key,
+    ApiError, CellId, Epoch, MessageClass, MessageId, SuppressionScope, TenantId, now_ms,
+    suppression_key,
 };
 use tokio::sync::{OnceCell, OwnedRwLockReadGuard, RwLock};
 
@@ -29,9 +31,6 @@ use crate::queue::{Queue, QueueError};
 use crate::store::{Figures, Reservation, Store};
 use crate::telemetry::TopTenants;
 use crate::validation;
-
-const HOUR_MS: u64 = 3_600_000;
-const DAY_MS: u64 = 24 * HOUR_MS;
 
 /// How long a cell waits for its registry view to reach the epoch a router stamped.
 const CATCH_UP: Duration = Duration::from_secs(1);
@@ -75,8 +74,6 @@ impl Drop for Capped<'_> {
         }
     }
 }
-
-pub use cellmail_proto::now_ms;
 
 fn storage_error(err: StorageError) -> ApiError {
     ApiError::Unavailable(format!("cell store: {err}"))

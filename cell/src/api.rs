@@ -13,14 +13,14 @@ use cellmail_control::schema::{PlacementState, TenantStatus};
 use cellmail_proto::v1::{self, cell_server::Cell};
 use cellmail_proto::{
     ApiError, CellId, Epoch, MessageClass, MessageId, SuppressionReason, SuppressionScope,
-    TenantId, suppression_key,
+    TenantId, now_ms, suppression_key,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::field::Empty;
 use tracing::{Instrument as _, Span};
 
-use crate::accept::{Acceptor, Entered, now_ms};
+use crate::accept::{Acceptor, Entered};
 use crate::commit::StorageError;
 use crate::feedback::{self, Ingest};
 use crate::health::{self, Health};

@@ -28,8 +28,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cellmail_proto::clock::{HOUR_MS, MINUTE_MS};
 use cellmail_proto::{
-    Epoch, MessageClass, MessageId, SuppressionReason, TenantId, suppression_key,
+    Epoch, MessageClass, MessageId, SuppressionReason, TenantId, now_ms, suppression_key,
 };
 use redb::{
     Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
@@ -37,7 +38,6 @@ use redb::{
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::accept::now_ms;
 use crate::commit::{Commit, GroupCommit, StorageError, stamp_ms};
 use crate::message::{Accepted, EventKind, MessageEvent, MessageRecord, MessageState};
 use crate::queue::local::{self, QUEUED, QueueWrite, Queued, Staged};
@@ -145,8 +145,6 @@ impl<'t> Tables<'t> {
     }
 }
 
-const HOUR_MS: u64 = 3_600_000;
-const MINUTE_MS: u64 = 60_000;
 /// How many minutes of breaker figures are kept (the longest window a policy may set).
 pub const WINDOW_MINUTES: u64 = 24 * 60;
 /// How many hours of figures stats answer for, and a move carries.
@@ -2059,7 +2057,7 @@ mod tests {
         let store = Store::open(&dir.path().join("store.redb")).unwrap();
         let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
         let class = MessageClass::Transactional;
-        let hour = 3_600_000;
+        let hour = HOUR_MS;
         let now = 1_000 * hour + 5;
         for (tenant, class, at_ms, delta) in [
             (
