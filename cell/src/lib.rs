@@ -154,13 +154,8 @@ fn open_store(cell_dir: &Path) -> anyhow::Result<Arc<store::Store>> {
     Ok(Arc::new(store::Store::open(&cell_dir.join("store.redb"))?))
 }
 
-/// The embedded queue in `store`, with what an earlier version's queue file in `cell_dir`
-/// held moved into it.
-fn local_queue(
-    store: &Arc<store::Store>,
-    cell_dir: &Path,
-) -> anyhow::Result<Arc<dyn queue::Queue>> {
-    queue::local::adopt(store, &cell_dir.join("queue.redb"))?;
+/// The embedded queue in `store`.
+fn local_queue(store: &Arc<store::Store>) -> anyhow::Result<Arc<dyn queue::Queue>> {
     let queue = queue::local::LocalQueue::open(store.clone(), queue::QueueConfig::default())?;
     Ok(Arc::new(queue))
 }
@@ -197,7 +192,7 @@ impl BackendConfig {
                         .await?,
                 )
             }
-            _ => local_queue(&store, cell_dir)?,
+            _ => local_queue(&store)?,
         };
         let mailer: Arc<dyn mailer::Mailer> = match (&aws, self.mailer) {
             (Some(config), MailerBackend::Ses) => {
@@ -218,7 +213,7 @@ impl Backends {
     /// `mail_root`.
     pub fn embedded(cell_dir: &Path, mail_root: &Path) -> anyhow::Result<Self> {
         let store = open_store(cell_dir)?;
-        let queue = local_queue(&store, cell_dir)?;
+        let queue = local_queue(&store)?;
         let mailer = file_sink(mail_root, &queue);
         Ok(Self {
             store,

@@ -1137,30 +1137,6 @@ impl Store {
         (self.writes).submit_unanswered(writes.into_iter().map(Write::Queue).collect())
     }
 
-    /// Writes queue rows (queue, sequence, body, receive count) of an earlier version's
-    /// queue file into the embedded queue's table, fsynced, before the cell serves.
-    pub(crate) fn adopt_queued(
-        &self,
-        rows: Vec<(u8, u64, Vec<u8>, u32)>,
-    ) -> Result<(), StorageError> {
-        let txn = self.db.begin_write().map_err(err)?;
-        {
-            let mut table = txn.open_table(QUEUED).map_err(err)?;
-            for (kind, seq, body, count) in rows {
-                local::apply(
-                    &mut table,
-                    QueueWrite::Insert {
-                        kind,
-                        seq,
-                        body,
-                        count,
-                    },
-                )?;
-            }
-        }
-        txn.commit().map_err(err)
-    }
-
     /// A read of the store as of now.
     pub(crate) fn read(&self) -> Result<ReadTransaction, StorageError> {
         self.db.begin_read().map_err(err)

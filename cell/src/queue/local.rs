@@ -12,18 +12,14 @@
 //! SQS, and consumers settle a message once (the cell's store records what it sent).
 //! Visibility is kept in memory only: after a restart every message not deleted is visible
 //! again, which is what SQS does for messages whose visibility timeout ran out.
-//!
-//! Versions before kept the queue in a file of its own (`queue.redb`); [`adopt`] moves what
-//! such a file holds into the store's table when the cell starts.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -33,8 +29,6 @@ use crate::store::Store;
 
 /// (queue, sequence) -> (body, receive count), in the cell store's file.
 pub(crate) const QUEUED: TableDefinition<(u8, u64), (&[u8], u32)> = TableDefinition::new("queue");
-/// The same rows in the queue file of earlier versions.
-const LEGACY: TableDefinition<(u8, u64), (&[u8], u32)> = TableDefinition::new("messages");
 
 pub(crate) type Queued<'t> = redb::Table<'t, (u8, u64), (&'static [u8], u32)>;
 
@@ -49,11 +43,11 @@ fn index(kind: QueueKind) -> u8 {
 
 /// A write of the queue's table, applied by the store's writer.
 pub(crate) enum QueueWrite {
+    /// A new message, not yet received.
     Insert {
         kind: u8,
         seq: u64,
         body: Vec<u8>,
-        count: u32,
     },
     Received {
         kind: u8,
@@ -87,14 +81,9 @@ pub struct Place {
 pub(crate) fn apply(table: &mut Queued, write: QueueWrite) -> Result<(), StorageError> {
     let missing = || StorageError("queued message vanished from the queue table".into());
     match write {
-        QueueWrite::Insert {
-            kind,
-            seq,
-            body,
-            count,
-        } => {
+        QueueWrite::Insert { kind, seq, body } => {
             table
-                .insert((kind, seq), (body.as_slice(), count))
+                .insert((kind, seq), (body.as_slice(), 0))
                 .map_err(StorageError::from_display)?;
         }
         QueueWrite::Received { kind, seq, count } => {
@@ -133,40 +122,6 @@ pub(crate) fn apply(table: &mut Queued, write: QueueWrite) -> Result<(), Storage
         }
     }
     Ok(())
-}
-
-/// Moves every message of an earlier version's queue file at `path`, if there is one, into
-/// `store`'s queue table (receive counts kept), then removes the file. It runs before the
-/// queue opens, so a crash after the copy and before the removal only writes the same rows
-/// over themselves the next time.
-pub fn adopt(store: &Store, path: &Path) -> Result<(), QueueError> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let rows = {
-        let db = Database::open(path).map_err(storage)?;
-        let read = db.begin_read().map_err(storage)?;
-        let table = match read.open_table(LEGACY) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return remove(path),
-            Err(e) => return Err(storage(e)),
-        };
-        let mut rows = Vec::new();
-        for row in table.iter().map_err(storage)? {
-            let (key, value) = row.map_err(storage)?;
-            let ((kind, seq), (body, count)) = (key.value(), value.value());
-            rows.push((kind, seq, body.to_vec(), count));
-        }
-        rows
-    };
-    let adopted = rows.len();
-    store.adopt_queued(rows)?;
-    tracing::info!(file = %path.display(), adopted, "moved the queue file's messages into the cell store");
-    remove(path)
-}
-
-fn remove(path: &Path) -> Result<(), QueueError> {
-    std::fs::remove_file(path).map_err(storage)
 }
 
 #[derive(Default)]
@@ -275,12 +230,7 @@ impl LocalQueue {
         };
         let kind = index(kind);
         Staged {
-            write: QueueWrite::Insert {
-                kind,
-                seq,
-                body,
-                count: 0,
-            },
+            write: QueueWrite::Insert { kind, seq, body },
             place: Place { kind, seq },
         }
     }
@@ -469,7 +419,7 @@ mod tests {
         assert_eq!(parse_receipt("a.b"), None);
     }
 
-    fn open(path: &Path) -> LocalQueue {
+    fn open(path: &std::path::Path) -> LocalQueue {
         let store = Arc::new(Store::open(path).unwrap());
         LocalQueue::open(store, QueueConfig::default()).unwrap()
     }
@@ -503,59 +453,5 @@ mod tests {
         let bodies: Vec<&[u8]> = again.iter().map(|d| d.body.as_slice()).collect();
         assert_eq!(bodies, [b"kept".as_slice()]);
         assert_eq!(again[0].receive_count, 2, "the first receive was counted");
-    }
-
-    #[tokio::test]
-    async fn an_earlier_versions_queue_file_is_moved_into_the_store_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let legacy = dir.path().join("queue.redb");
-        {
-            let db = Database::create(&legacy).unwrap();
-            let txn = db.begin_write().unwrap();
-            {
-                let mut table = txn.open_table(LEGACY).unwrap();
-                let marketing = index(QueueKind::Marketing);
-                table
-                    .insert((marketing, 7), (b"seven".as_slice(), 2))
-                    .unwrap();
-                table
-                    .insert((marketing, 9), (b"nine".as_slice(), 0))
-                    .unwrap();
-            }
-            txn.commit().unwrap();
-        }
-        let path = dir.path().join("store.redb");
-        {
-            let store = Store::open(&path).unwrap();
-            adopt(&store, &legacy).unwrap();
-            assert!(!legacy.exists(), "the old file is removed once adopted");
-            // Nothing to adopt the next time the cell starts.
-            adopt(&store, &legacy).unwrap();
-        }
-        let queue = open(&path);
-        let marketing = || {
-            queue.receive(
-                QueueKind::Marketing,
-                10,
-                Duration::from_secs(60),
-                Duration::ZERO,
-            )
-        };
-        let got = marketing().await.unwrap();
-        let rows: Vec<(&[u8], u32)> = got
-            .iter()
-            .map(|d| (d.body.as_slice(), d.receive_count))
-            .collect();
-        assert_eq!(rows, [(b"seven".as_slice(), 3), (b"nine".as_slice(), 1)]);
-        let seq = |d: &Delivery| parse_receipt(&d.receipt).unwrap().0;
-        queue
-            .send(QueueKind::Marketing, b"new".to_vec())
-            .await
-            .unwrap();
-        let new = marketing().await.unwrap();
-        assert!(
-            seq(&new[0]) > 9,
-            "a new message does not reuse an adopted one's place"
-        );
     }
 }
