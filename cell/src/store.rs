@@ -38,9 +38,14 @@ use redb::{
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+mod queue;
+
+pub(crate) use queue::QueueWrite;
+use queue::{QUEUED, Queued};
+pub use queue::{Slot, Staged};
+
 use crate::commit::{Commit, GroupCommit, StorageError, stamp_ms};
 use crate::message::{Accepted, EventKind, MessageEvent, MessageRecord, MessageState};
-use crate::queue::local::{self, QUEUED, QueueWrite, Queued, Staged};
 
 /// (tenant, idempotency key) -> JSON [`KeyRecord`]
 const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("idempotency");
@@ -407,7 +412,7 @@ enum Write {
         key: Option<String>,
         accepted: Accepted,
         record: MessageRecord,
-        queued: Option<QueueWrite>,
+        queued: Option<Staged>,
         now_ms: u64,
     },
     Queue(QueueWrite),
@@ -682,13 +687,13 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
                         .map_err(err)?;
                 }
             }
-            if let Some(queued) = queued {
-                local::apply(&mut t.queued, queued)?;
+            if let Some(staged) = queued {
+                queue::apply(&mut t.queued, QueueWrite::Insert(staged))?;
             }
             Ok(Written::Reservation(Reservation::New))
         }
         Write::Queue(write) => {
-            local::apply(&mut t.queued, write)?;
+            queue::apply(&mut t.queued, write)?;
             Ok(Written::Found(true))
         }
         Write::Outcome { seed, state, event } => {
@@ -1112,33 +1117,14 @@ impl Store {
             key: key.map(str::to_owned),
             accepted,
             record,
-            queued: queued.map(|staged| staged.write),
+            queued,
             now_ms,
         };
         self.reservation(write, commit).await
     }
 
-    /// Applies the embedded queue's `writes` (in order, usually in one commit); returns
-    /// once they are committed as `commit` says.
-    pub(crate) async fn queue_writes(
-        &self,
-        writes: Vec<QueueWrite>,
-        commit: Commit,
-    ) -> Result<(), StorageError> {
-        let writes = writes.into_iter().map(Write::Queue).collect();
-        self.writes.submit_many(writes, commit).await.map(|_| ())
-    }
-
-    /// Queues the embedded queue's `writes` to be committed lazily, without waiting.
-    pub(crate) fn queue_writes_unanswered(
-        &self,
-        writes: Vec<QueueWrite>,
-    ) -> Result<(), StorageError> {
-        (self.writes).submit_unanswered(writes.into_iter().map(Write::Queue).collect())
-    }
-
     /// A read of the store as of now.
-    pub(crate) fn read(&self) -> Result<ReadTransaction, StorageError> {
+    fn read(&self) -> Result<ReadTransaction, StorageError> {
         self.db.begin_read().map_err(err)
     }
 
@@ -1879,27 +1865,24 @@ mod tests {
 
     #[tokio::test]
     async fn an_accept_queues_its_message_with_its_key_and_record_or_writes_nothing() {
-        use crate::queue::local::LocalQueue;
-        use crate::queue::{Queue, QueueConfig, QueueKind};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
         let tenant = TenantId::new("t").unwrap();
         let (first, second) = (MessageId::generate(), MessageId::generate());
-        let kind = QueueKind::Transactional;
+        let slot = |seq| Slot { lane: 0, seq };
         {
-            let store = Arc::new(Store::open(&path).unwrap());
-            let queue = LocalQueue::open(store.clone(), QueueConfig::default()).unwrap();
-            let accept = |key: &'static str, id: MessageId| {
-                let staged = queue.stage(kind, id.to_string().into_bytes());
-                let store = store.clone();
+            let store = Store::open(&path).unwrap();
+            let accept = |key: &'static str, id: MessageId, seq| {
+                let staged = Staged {
+                    slot: slot(seq),
+                    body: id.to_string().into_bytes(),
+                };
                 let record = record(id, &tenant);
-                async move {
-                    (store.accepted(Some(key), accepted(id), record, Some(staged), 1_000)).await
-                }
+                store.accepted(Some(key), accepted(id), record, Some(staged), 1_000)
             };
-            assert_eq!(accept("k", first).await.unwrap(), Reservation::New);
+            assert_eq!(accept("k", first, 1).await.unwrap(), Reservation::New);
             assert_eq!(
-                accept("k", second).await.unwrap(),
+                accept("k", second, 2).await.unwrap(),
                 Reservation::Done(accepted(first)),
                 "a key already answered"
             );
@@ -1909,22 +1892,20 @@ mod tests {
             );
             store.reserve(&tenant, "p", first, 1_000).await.unwrap();
             assert_eq!(
-                accept("p", second).await.unwrap(),
+                accept("p", second, 3).await.unwrap(),
                 Reservation::Pending(first),
                 "a key another attempt reserved"
             );
         }
-        let store = Arc::new(Store::open(&path).unwrap());
-        let queue = LocalQueue::open(store.clone(), QueueConfig::default()).unwrap();
-        let got = queue
-            .receive(kind, 10, Duration::from_secs(60), Duration::ZERO)
-            .await
-            .unwrap();
-        let bodies: Vec<Vec<u8>> = got.into_iter().map(|d| d.body).collect();
+        let store = Store::open(&path).unwrap();
         assert_eq!(
-            bodies,
-            [first.to_string().into_bytes()],
+            store.queued().unwrap(),
+            [(slot(1), 0)],
             "only the new accept queued"
+        );
+        assert_eq!(
+            store.queued_bodies(&[slot(1), slot(2)]).unwrap(),
+            [Some(first.to_string().into_bytes()), None]
         );
         assert!(store.message(&tenant, first).unwrap().is_some());
         assert!(store.message(&tenant, second).unwrap().is_none());
