@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use cellmail_proto::v1::{self, cell_server::Cell};
 use cellmail_proto::{
     ApiError, CellId, Epoch, MessageClass, MessageId, SuppressionReason, SuppressionScope,
-    TenantId, suppression_key,
+    TenantId, now_ms, suppression_key,
 };
 use cellmail_registry::catalog::WatchedCatalog;
 use cellmail_registry::schema::{PlacementState, TenantStatus};
@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use tracing::field::Empty;
 use tracing::{Instrument as _, Span};
 
-use crate::accept::{Acceptor, Entered, now_ms};
+use crate::accept::{Acceptor, Entered};
 use crate::commit::StorageError;
 use crate::feedback::{self, Ingest};
 use crate::health::{self, Health};
@@ -206,7 +206,7 @@ async fn to_the_end<T: Send + 'static>(
     })
     .await
     .map_err(|e| ApiError::Internal(format!("the write task failed: {e}")))?
-    .map_err(storage)
+    .map_err(ApiError::from)
 }
 
 /// One exported chunk back into store entries, naming what does not parse.
@@ -362,10 +362,6 @@ fn export_chunks(export: TenantExport, as_of_ms: u64) -> Vec<v1::TenantChunk> {
     chunks
 }
 
-fn storage(err: StorageError) -> ApiError {
-    ApiError::Unavailable(format!("cell store: {err}"))
-}
-
 fn recipient_status(outcome: RecipientOutcome) -> v1::RecipientStatus {
     let (state, reason, scope) = match outcome.suppressed {
         None => (
@@ -499,7 +495,7 @@ impl Cell for CellApi {
             cell: cell.clone(),
             // What this cell counted: the export lists each cell's part.
             stats: class_stats(&self.store, &tenant, store::Figures::Own, MAX_STATS_HOURS)
-                .map_err(storage)?,
+                .map_err(ApiError::from)?,
             ..Default::default()
         }];
         let mut after = String::new();
@@ -507,7 +503,7 @@ impl Cell for CellApi {
             let page = self
                 .store
                 .list_suppressions(&tenant, &after, DATA_PAGE)
-                .map_err(storage)?;
+                .map_err(ApiError::from)?;
             let Some(last) = page.last() else { break };
             after = suppression_key(&last.address);
             parts.push(v1::TenantData {
@@ -516,7 +512,7 @@ impl Cell for CellApi {
                 ..Default::default()
             });
         }
-        for page in message_pages(&self.store, &tenant, 0, DATA_PAGE).map_err(storage)? {
+        for page in message_pages(&self.store, &tenant, 0, DATA_PAGE).map_err(ApiError::from)? {
             parts.push(v1::TenantData {
                 cell: cell.clone(),
                 messages: page.into_iter().map(|(m, _)| message_status(m)).collect(),
@@ -540,7 +536,7 @@ impl Cell for CellApi {
             ))
             .into());
         }
-        self.store.erase(&tenant).await.map_err(storage)?;
+        self.store.erase(&tenant).await.map_err(ApiError::from)?;
         self.mailer
             .forget(&tenant)
             .await
@@ -575,14 +571,17 @@ impl Cell for CellApi {
             .ok_or_else(|| ApiError::NotFound(format!("tenant {tenant} is not known here")))?;
         // What an earlier stay of the tenant left here is current as of its hand-over, when
         // that is recent enough for the copy to start there; otherwise the import replaces it.
-        let handed_over = self.store.handed_over(&tenant, now_ms()).map_err(storage)?;
+        let handed_over = self
+            .store
+            .handed_over(&tenant, now_ms())
+            .map_err(ApiError::from)?;
         if handed_over.is_none() {
-            self.store.forget(&tenant).await.map_err(storage)?;
+            self.store.forget(&tenant).await.map_err(ApiError::from)?;
         }
         self.store
             .take_over(&tenant, Epoch(request.epoch))
             .await
-            .map_err(storage)?;
+            .map_err(ApiError::from)?;
         self.mailer
             .prepare(&tenant, &domains)
             .await
@@ -602,7 +601,7 @@ impl Cell for CellApi {
         if request.since_taken_over
             && let Some(at_ms) = (self.store)
                 .taken_over(&tenant, Epoch(request.epoch))
-                .map_err(storage)?
+                .map_err(ApiError::from)?
         {
             request.since_ms = at_ms;
         }
@@ -617,7 +616,7 @@ impl Cell for CellApi {
                 let (store, tenant, cell) = (store.clone(), tenant.clone(), self.cell.clone());
                 in_background(move || {
                     let pages = message_pages(&store, &tenant, request.since_ms, EXPORT_CHUNK)
-                        .map_err(storage)?;
+                        .map_err(ApiError::from)?;
                     let mut chunks: Vec<_> = pages
                         .into_iter()
                         .map(|page| v1::TenantChunk {
@@ -637,7 +636,7 @@ impl Cell for CellApi {
                     // and breakers go on from them on the target.
                     let figures: Vec<_> = store
                         .figures(&tenant, cell.as_str(), as_of_ms)
-                        .map_err(storage)?
+                        .map_err(ApiError::from)?
                         .into_iter()
                         .map(figures_to_wire)
                         .collect();
@@ -665,7 +664,10 @@ impl Cell for CellApi {
                     as_of_ms: request.since_ms,
                     epoch: Epoch(request.epoch),
                 };
-                store.hand_over(&tenant, handed).await.map_err(storage)?;
+                store
+                    .hand_over(&tenant, handed)
+                    .await
+                    .map_err(ApiError::from)?;
             }
             return Ok(Response::new(Box::pin(tokio_stream::iter(
                 chunks.into_iter().map(Ok),
@@ -677,7 +679,9 @@ impl Cell for CellApi {
         let since = (request.since_ms > 0).then_some(request.since_ms);
         let store = self.store.clone();
         let export = move || {
-            let (as_of_ms, export) = store.export(&tenant, now_ms(), since).map_err(storage)?;
+            let (as_of_ms, export) = store
+                .export(&tenant, now_ms(), since)
+                .map_err(ApiError::from)?;
             tracing::info!(%tenant, precopy = request.precopy, suppressions = export.suppressions.len(), keys = export.idempotency.len(), "tenant exported");
             Ok(export_chunks(export, as_of_ms))
         };
@@ -711,19 +715,22 @@ impl Cell for CellApi {
         };
         if export != TenantExport::default() {
             self.not_serving(&tenant)?;
-            self.store.import(&tenant, export).await.map_err(storage)?;
+            self.store
+                .import(&tenant, export)
+                .await
+                .map_err(ApiError::from)?;
         }
         if !messages.is_empty() {
             self.store
                 .import_messages(&tenant, messages)
                 .await
-                .map_err(storage)?;
+                .map_err(ApiError::from)?;
         }
         if !figures.is_empty() {
             self.store
                 .carry(&tenant, self.cell.as_str(), figures)
                 .await
-                .map_err(storage)?;
+                .map_err(ApiError::from)?;
         }
         Ok(Response::new(v1::ImportTenantResponse {}))
     }
@@ -733,7 +740,7 @@ impl Cell for CellApi {
         request: Request<v1::TenantBacklogRequest>,
     ) -> Result<Response<v1::TenantBacklogResponse>, Status> {
         let tenant = TenantId::from_field("tenant_id", request.into_inner().tenant_id)?;
-        let messages = self.store.backlog(&tenant).map_err(storage)?;
+        let messages = self.store.backlog(&tenant).map_err(ApiError::from)?;
         Ok(Response::new(v1::TenantBacklogResponse { messages }))
     }
 
@@ -752,7 +759,7 @@ impl Cell for CellApi {
             ))
             .into());
         }
-        self.ingest.apply(&feedback).await.map_err(storage)?;
+        self.ingest.apply(&feedback).await.map_err(ApiError::from)?;
         Ok(Response::new(v1::ForwardFeedbackResponse {}))
     }
 
@@ -802,7 +809,7 @@ impl Cell for CellApi {
         let record = self
             .store
             .message(&tenant, id)
-            .map_err(storage)?
+            .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(format!("message {id} not found")))?;
         Ok(Response::new(message_status(record)))
     }
@@ -824,7 +831,7 @@ impl Cell for CellApi {
         let entries = self
             .store
             .list_suppressions(&tenant, &page.page_token, size)
-            .map_err(storage)?;
+            .map_err(ApiError::from)?;
         let next_page_token = if entries.len() == size {
             entries
                 .last()
@@ -885,7 +892,7 @@ impl Cell for CellApi {
         };
         // With what the cells the tenant moved here from counted.
         let figures = store::Figures::Carried;
-        let classes = class_stats(&self.store, &tenant, figures, hours).map_err(storage)?;
+        let classes = class_stats(&self.store, &tenant, figures, hours).map_err(ApiError::from)?;
         Ok(Response::new(v1::GetStatsResponse { hours, classes }))
     }
 
