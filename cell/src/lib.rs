@@ -1,7 +1,8 @@
 //! A cellmail cell: one independent unit of sending capacity with its own queue, state and
 //! mailer. A tenant placed here is accepted, queued and delivered here only.
 //!
-//! - [`api`]: the `Cell` gRPC service the router calls.
+//! - [`api`]: the `Cell` gRPC service, one module per caller: routers, the control plane
+//!   (moves, offboarding, health reports), other cells (forwarded feedback).
 //! - [`accept`]: the accept path (fencing, validation, idempotency, durable enqueue).
 //! - [`durable`]: the accept's durable step, one per kind of queue, chosen at start.
 //! - [`breaker`]: per tenant and class breakers: trip on bounce or complaint rates, hold,
