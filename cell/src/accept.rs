@@ -12,26 +12,23 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cellmail_proto::clock::{DAY_MS, HOUR_MS};
 use cellmail_proto::v1::SendRequest;
 use cellmail_proto::{
-    ApiError, CellId, Epoch, MessageClass, MessageId, SuppressionScope, TenantId, suppression_key,
+    ApiError, CellId, Epoch, MessageClass, MessageId, SuppressionScope, TenantId, now_ms,
+    suppression_key,
 };
 use cellmail_registry::catalog::{Catalog, WatchedCatalog};
 use cellmail_registry::schema::{PlacementState, TenantStatus};
 use tokio::sync::{OnceCell, OwnedRwLockReadGuard, RwLock};
 
 use crate::breaker;
-use crate::commit::StorageError;
+use crate::durable::Durable;
 use crate::fencing::{self, Verdict};
-use crate::message::{Accepted, BodyRef, Message, MessageState, RecipientOutcome};
-use crate::queue::local::Staged;
-use crate::queue::{Queue, QueueError};
+use crate::message::{Accepted, Message, MessageState, RecipientOutcome};
 use crate::store::{Figures, Reservation, Store};
 use crate::telemetry::TopTenants;
 use crate::validation;
-
-const HOUR_MS: u64 = 3_600_000;
-const DAY_MS: u64 = 24 * HOUR_MS;
 
 /// How long a cell waits for its registry view to reach the epoch a router stamped.
 const CATCH_UP: Duration = Duration::from_secs(1);
@@ -48,7 +45,7 @@ pub struct Acceptor {
     cell: CellId,
     catalog: Arc<WatchedCatalog>,
     store: Arc<Store>,
-    queue: Arc<dyn Queue>,
+    durable: Arc<dyn Durable>,
     top: Arc<TopTenants>,
     inflight: Mutex<HashMap<(TenantId, String), Flight>>,
     gates: Mutex<HashMap<TenantId, Arc<RwLock<()>>>>,
@@ -76,29 +73,19 @@ impl Drop for Capped<'_> {
     }
 }
 
-pub use cellmail_proto::now_ms;
-
-fn storage_error(err: StorageError) -> ApiError {
-    ApiError::Unavailable(format!("cell store: {err}"))
-}
-
-fn queue_error(err: QueueError) -> ApiError {
-    ApiError::Unavailable(format!("cell queue: {err}"))
-}
-
 impl Acceptor {
     pub fn new(
         cell: CellId,
         catalog: Arc<WatchedCatalog>,
         store: Arc<Store>,
-        queue: Arc<dyn Queue>,
+        durable: Arc<dyn Durable>,
         top: Arc<TopTenants>,
     ) -> Self {
         Self {
             cell,
             catalog,
             store,
-            queue,
+            durable,
             top,
             inflight: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
@@ -238,20 +225,14 @@ impl Acceptor {
     }
 
     /// Accepts a message with an idempotency key: answers an earlier send's answer again,
-    /// or queues the message under the id an earlier attempt reserved, or under its own. A
-    /// key the embedded queue's accept commit reserves itself is only looked up here; for
-    /// another queue it is reserved durably before the message is sent to the queue.
+    /// or queues the message under the id an earlier attempt reserved, or under its own.
     async fn accept_once(&self, mut message: Message) -> Result<Accepted, ApiError> {
         let (tenant, key) = (&message.tenant, message.idempotency_key.as_str());
-        let held = if self.queue.in_cell_store().is_some() {
-            self.store.held(tenant, key, now_ms())
-        } else {
-            (self.store.reserve(tenant, key, message.id, now_ms()).await).map(Some)
-        };
-        match held.map_err(storage_error)? {
-            Some(Reservation::Done(accepted)) => return Ok(accepted),
-            Some(Reservation::Pending(first_id)) => message.id = first_id,
-            Some(Reservation::New) | None => {}
+        let claimed = self.durable.claim(tenant, key, message.id, now_ms());
+        match claimed.await? {
+            Reservation::Done(accepted) => return Ok(accepted),
+            Reservation::Pending(first_id) => message.id = first_id,
+            Reservation::New => {}
         }
         self.accept_new(message).await
     }
@@ -289,8 +270,7 @@ impl Acceptor {
         for class in MessageClass::ALL {
             today += self
                 .store
-                .stats(tenant, class, Figures::Carried, now, hours_today)
-                .map_err(storage_error)?
+                .stats(tenant, class, Figures::Carried, now, hours_today)?
                 .accepted;
         }
         if today >= cap {
@@ -307,8 +287,8 @@ impl Acceptor {
         Ok((tier, Some(place)))
     }
 
-    /// Takes suppressed recipients off the envelope, queues what is left (if anything) and
-    /// records the message and the answer.
+    /// Takes suppressed recipients off the envelope, then queues what is left (if anything)
+    /// and records the message and the answer in the cell's durable step.
     async fn accept_new(&self, mut message: Message) -> Result<Accepted, ApiError> {
         // Held until the message is counted (its record written) or refused.
         let (tier, _place) = self.admit(&message)?;
@@ -317,19 +297,15 @@ impl Acceptor {
             message_id: message.id,
             recipients,
         };
-        let (state, staged) = if accepted.queued() {
-            (MessageState::Queued, self.queue_message(&message).await?)
+        let state = if accepted.queued() {
+            MessageState::Queued
         } else {
-            (MessageState::Suppressed, None)
+            MessageState::Suppressed
         };
-        let place = staged.as_ref().map(|s| s.place);
         let record = message.record(state, accepted.recipients.clone());
-        let key = (!message.idempotency_key.is_empty()).then_some(message.idempotency_key.as_str());
-        match self
-            .store
-            .accepted(key, accepted.clone(), record, staged, now_ms())
-            .await
-            .map_err(storage_error)?
+        match (self.durable)
+            .commit(&message, record, accepted.clone())
+            .await?
         {
             Reservation::New => {}
             // Another send of the key committed first (nothing of this one was written).
@@ -340,9 +316,6 @@ impl Acceptor {
                     message.idempotency_key
                 )));
             }
-        }
-        if let (Some(place), Some(queue)) = (place, self.queue.in_cell_store()) {
-            queue.publish(place);
         }
         tracing::debug!(tenant = %message.tenant, message_id = %message.id, class = %message.class, ?state, "accepted");
         let (cell, class) = (self.cell.to_string(), message.class.as_str());
@@ -358,37 +331,11 @@ impl Acceptor {
         Ok(accepted)
     }
 
-    /// Queues `message`: staged for the accept's commit in the embedded queue, sent to any
-    /// other queue (a body over its limit kept in the store, and a reference to it sent).
-    async fn queue_message(&self, message: &Message) -> Result<Option<Staged>, ApiError> {
-        let internal = |e: serde_json::Error| ApiError::Internal(e.to_string());
-        let mut body = serde_json::to_vec(message).map_err(internal)?;
-        let kind = message.class.into();
-        if let Some(queue) = self.queue.in_cell_store() {
-            return Ok(Some(queue.stage(kind, body)));
-        }
-        if body.len() > self.queue.max_body() {
-            self.store
-                .put_body(message.id, body)
-                .await
-                .map_err(storage_error)?;
-            body = serde_json::to_vec(&BodyRef {
-                body_ref: message.id,
-            })
-            .map_err(internal)?;
-        }
-        self.queue.send(kind, body).await.map_err(queue_error)?;
-        Ok(None)
-    }
-
     /// Checks every recipient against the tenant's list, then the global one, and removes
     /// the suppressed ones from the envelope.
     fn suppress(&self, message: &mut Message) -> Result<Vec<RecipientOutcome>, ApiError> {
         let addresses: Vec<&str> = message.recipients().map(|m| m.email.as_str()).collect();
-        let tenant_list = self
-            .store
-            .suppressions_of(&message.tenant, &addresses)
-            .map_err(storage_error)?;
+        let tenant_list = self.store.suppressions_of(&message.tenant, &addresses)?;
         let outcomes: Vec<RecipientOutcome> = {
             let catalog = self.catalog.read();
             addresses

@@ -7,7 +7,8 @@
 
 use std::sync::Arc;
 
-use cellmail_proto::{CellId, MessageClass, TenantId};
+use cellmail_proto::clock::MINUTE_MS;
+use cellmail_proto::{CellId, MessageClass, TenantId, now_ms};
 use cellmail_registry::Registry;
 use cellmail_registry::audit;
 use cellmail_registry::catalog::WatchedCatalog;
@@ -15,10 +16,7 @@ use cellmail_registry::schema::{
     self, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, Keys, Tier,
 };
 
-use crate::accept::now_ms;
 use crate::store::{Counts, Store};
-
-const MINUTE_MS: u64 = 60_000;
 
 /// What delivery needs to know of a tenant: whether a class of its mail is paused (such mail
 /// is held instead of sent) and its share of the cell's sending (by tier).

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use cellmail_proto::now_ms;
+use cellmail_proto::{ApiError, now_ms};
 
 use redb::{Database, Durability, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
@@ -41,6 +41,13 @@ pub struct StorageError(pub String);
 impl StorageError {
     pub fn from_display(err: impl std::fmt::Display) -> Self {
         StorageError(err.to_string())
+    }
+}
+
+impl From<StorageError> for ApiError {
+    /// The store failing makes the cell unavailable: the caller may retry.
+    fn from(err: StorageError) -> Self {
+        ApiError::Unavailable(format!("cell store: {err}"))
     }
 }
 

@@ -1,9 +1,11 @@
 //! A cellmail cell: one independent unit of sending capacity with its own queue, state and
 //! mailer. A tenant placed here is accepted, queued and delivered here only.
 //!
-//! - [`api`]: the `Cell` gRPC service the router calls.
+//! - [`api`]: the `Cell` gRPC service, one module per caller: routers, the control plane
+//!   (moves, offboarding, health reports), other cells (forwarded feedback).
 //! - [`access`]: which of the platform's roles may call each `Cell` method.
 //! - [`accept`]: the accept path (fencing, validation, idempotency, durable enqueue).
+//! - [`durable`]: the accept's durable step, one per kind of queue, chosen at start.
 //! - [`breaker`]: per tenant and class breakers: trip on bounce or complaint rates, hold,
 //!   release on resume.
 //! - [`fencing`]: the pure epoch check that refuses sends for tenants placed elsewhere.
@@ -15,7 +17,8 @@
 //! - [`mailer`]: the `Mailer` trait, MIME rendering and its implementations.
 //! - [`aws`]: per-cell AWS settings (region, endpoint, profile) for the SQS queue and the SES
 //!   mailer, so two cells can use two accounts or regions.
-//! - [`store`]: the cell's durable state (idempotency window, delivery outcomes).
+//! - [`store`]: the cell's durable state (idempotency window, delivery outcomes, the
+//!   embedded queue's table).
 //! - [`commit`]: group commit, shared by the embedded queue and the store.
 //! - [`worker`]: delivery workers: intake from the queues, parking, sending, settling.
 //! - [`lanes`]: the pure send order: per-tenant lanes, transactional first, tenants in turn
@@ -29,6 +32,7 @@ pub mod api;
 pub mod aws;
 pub mod breaker;
 pub mod commit;
+pub mod durable;
 pub mod feedback;
 pub mod fencing;
 pub mod health;
@@ -151,6 +155,8 @@ pub struct BackendConfig {
 pub struct Backends {
     pub store: Arc<store::Store>,
     pub queue: Arc<dyn queue::Queue>,
+    /// How an accept becomes durable with this queue.
+    pub durable: Arc<dyn durable::Durable>,
     pub mailer: Arc<dyn mailer::Mailer>,
 }
 
@@ -161,15 +167,14 @@ fn open_store(cell_dir: &Path) -> anyhow::Result<Arc<store::Store>> {
     Ok(Arc::new(store::Store::open(&cell_dir.join("store.redb"))?))
 }
 
-/// The embedded queue in `store`, with what an earlier version's queue file in `cell_dir`
-/// held moved into it.
+/// The embedded queue in `store`, and the accept's step that commits to both at once.
 fn local_queue(
     store: &Arc<store::Store>,
-    cell_dir: &Path,
-) -> anyhow::Result<Arc<dyn queue::Queue>> {
-    queue::local::adopt(store, &cell_dir.join("queue.redb"))?;
-    let queue = queue::local::LocalQueue::open(store.clone(), queue::QueueConfig::default())?;
-    Ok(Arc::new(queue))
+) -> anyhow::Result<(Arc<dyn queue::Queue>, Arc<dyn durable::Durable>)> {
+    let config = queue::QueueConfig::default();
+    let queue = Arc::new(queue::local::LocalQueue::open(store.clone(), config)?);
+    let durable = durable::Embedded::new(store.clone(), queue.clone());
+    Ok((queue, Arc::new(durable)))
 }
 
 fn file_sink(mail_root: &Path, queue: &Arc<dyn queue::Queue>) -> Arc<dyn mailer::Mailer> {
@@ -196,15 +201,17 @@ impl BackendConfig {
         } else {
             None
         };
-        let queue = match (&aws, self.queue) {
+        let (queue, durable) = match (&aws, self.queue) {
             (Some(config), QueueBackend::Sqs) => {
                 let names = queue::sqs::SqsQueueNames::for_cell(&self.sqs_queue_prefix, id);
-                Arc::new(
-                    queue::sqs::SqsQueue::open(config, names, queue::QueueConfig::default())
-                        .await?,
-                )
+                let sqs = queue::sqs::SqsQueue::open(config, names, queue::QueueConfig::default())
+                    .await?;
+                let queue: Arc<dyn queue::Queue> = Arc::new(sqs);
+                let durable: Arc<dyn durable::Durable> =
+                    Arc::new(durable::External::new(store.clone(), queue.clone()));
+                (queue, durable)
             }
-            _ => local_queue(&store, cell_dir)?,
+            _ => local_queue(&store)?,
         };
         let mailer: Arc<dyn mailer::Mailer> = match (&aws, self.mailer) {
             (Some(config), MailerBackend::Ses) => {
@@ -215,6 +222,7 @@ impl BackendConfig {
         Ok(Backends {
             store,
             queue,
+            durable,
             mailer,
         })
     }
@@ -225,11 +233,12 @@ impl Backends {
     /// `mail_root`.
     pub fn embedded(cell_dir: &Path, mail_root: &Path) -> anyhow::Result<Self> {
         let store = open_store(cell_dir)?;
-        let queue = local_queue(&store, cell_dir)?;
+        let (queue, durable) = local_queue(&store)?;
         let mailer = file_sink(mail_root, &queue);
         Ok(Self {
             store,
             queue,
+            durable,
             mailer,
         })
     }
@@ -327,7 +336,7 @@ pub async fn run(
         config.id.clone(),
         catalog.clone(),
         store.clone(),
-        backends.queue,
+        backends.durable,
         top,
     ));
     let api = api::CellApi {

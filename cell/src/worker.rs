@@ -17,13 +17,12 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use cellmail_proto::{CellId, MessageClass, MessageId, TenantId};
+use cellmail_proto::{CellId, MessageClass, MessageId, TenantId, now_ms};
 use rand::Rng;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::accept::now_ms;
 use crate::breaker::Gate;
 use crate::health::{self, Health};
 use crate::lanes::Lanes;

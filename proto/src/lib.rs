@@ -9,11 +9,13 @@
 //! - [`server`]: log setup and the gRPC server every binary runs (with health and reflection).
 //! - [`trace`]: W3C trace context across calls and queues, so one send is one trace.
 //! - [`bearer`]: the client interceptor that presents a credential.
+//! - [`clock`]: the time every record is stamped with, and the units figures count by.
 //! - [`config`]: configuration files of `CELLMAIL_*` settings.
 //! - [`tls`]: mutual TLS between the platform's processes, and the roles their certificates
 //!   name.
 
 pub mod bearer;
+pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod error;
@@ -35,15 +37,9 @@ pub use domain::{
     suppression_key,
 };
 
+pub use clock::now_ms;
 pub use error::ApiError;
 
 /// What every binary reports as its version: the release and the build it came from
 /// (`<version>+<build id>`), as `--version` prints and a cell records in the registry.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+", env!("CELLMAIL_BUILD_ID"));
-
-/// Milliseconds since the Unix epoch, the time unit of every record.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}

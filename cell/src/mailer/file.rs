@@ -10,10 +10,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use cellmail_proto::TenantId;
+use cellmail_proto::{TenantId, now_ms};
 
 use super::{Mailer, MailerError, render};
-use crate::accept::now_ms;
 use crate::feedback;
 use crate::message::Message;
 use crate::queue::{Queue, QueueKind};

@@ -1,9 +1,10 @@
 //! The embedded queue: messages in a table of the cell store's file, the visible/in-flight
 //! index in memory.
 //!
-//! Its writes go through the store's group commit, so every acknowledged send and
-//! dead-letter move is fsynced and many concurrent sends share one fsync with the store's
-//! own writes. An accepted message is not sent apart: the accept path stages it
+//! Its rows are the store's (`crate::store`'s queue table) and its writes go through the
+//! store's group commit, so every acknowledged send and dead-letter move is fsynced and many
+//! concurrent sends share one fsync with the store's own writes. An accepted message is not
+//! sent apart: the accept's durable step ([`crate::durable::Embedded`]) stages it
 //! ([`LocalQueue::stage`]) and the store commits it with the message's record and the answer
 //! for its idempotency key, all or nothing, in one fsync ([`LocalQueue::publish`] then makes
 //! it visible). Receive counts and deletes are committed without waiting for an fsync (the
@@ -12,161 +13,28 @@
 //! SQS, and consumers settle a message once (the cell's store records what it sent).
 //! Visibility is kept in memory only: after a restart every message not deleted is visible
 //! again, which is what SQS does for messages whose visibility timeout ran out.
-//!
-//! Versions before kept the queue in a file of its own (`queue.redb`); [`adopt`] moves what
-//! such a file holds into the store's table when the cell starts.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{Delivery, Queue, QueueConfig, QueueError, QueueKind};
-use crate::commit::{Commit, StorageError};
-use crate::store::Store;
+use crate::commit::Commit;
+use crate::store::{QueueWrite, Slot, Staged, Store};
 
-/// (queue, sequence) -> (body, receive count), in the cell store's file.
-pub(crate) const QUEUED: TableDefinition<(u8, u64), (&[u8], u32)> = TableDefinition::new("queue");
-/// The same rows in the queue file of earlier versions.
-const LEGACY: TableDefinition<(u8, u64), (&[u8], u32)> = TableDefinition::new("messages");
-
-pub(crate) type Queued<'t> = redb::Table<'t, (u8, u64), (&'static [u8], u32)>;
-
-fn index(kind: QueueKind) -> u8 {
+/// The lane of the store's queue table, and of the index, that holds `kind`.
+fn lane_of(kind: QueueKind) -> u8 {
     match kind {
         QueueKind::Transactional => 0,
         QueueKind::Marketing => 1,
         QueueKind::DeadLetter => 2,
         QueueKind::Feedback => 3,
     }
-}
-
-/// A write of the queue's table, applied by the store's writer.
-pub(crate) enum QueueWrite {
-    Insert {
-        kind: u8,
-        seq: u64,
-        body: Vec<u8>,
-        count: u32,
-    },
-    Received {
-        kind: u8,
-        seq: u64,
-        count: u32,
-    },
-    DeadLetter {
-        kind: u8,
-        seq: u64,
-        dead_seq: u64,
-    },
-    Remove {
-        kind: u8,
-        seq: u64,
-    },
-}
-
-/// A message staged for the store's write of its accept, and its place once that commits.
-pub struct Staged {
-    pub(crate) write: QueueWrite,
-    pub place: Place,
-}
-
-/// Where a staged message is queued.
-#[derive(Debug, Clone, Copy)]
-pub struct Place {
-    kind: u8,
-    seq: u64,
-}
-
-pub(crate) fn apply(table: &mut Queued, write: QueueWrite) -> Result<(), StorageError> {
-    let missing = || StorageError("queued message vanished from the queue table".into());
-    match write {
-        QueueWrite::Insert {
-            kind,
-            seq,
-            body,
-            count,
-        } => {
-            table
-                .insert((kind, seq), (body.as_slice(), count))
-                .map_err(StorageError::from_display)?;
-        }
-        QueueWrite::Received { kind, seq, count } => {
-            let body = table
-                .get((kind, seq))
-                .map_err(StorageError::from_display)?
-                .ok_or_else(missing)?
-                .value()
-                .0
-                .to_vec();
-            table
-                .insert((kind, seq), (body.as_slice(), count))
-                .map_err(StorageError::from_display)?;
-        }
-        QueueWrite::DeadLetter {
-            kind,
-            seq,
-            dead_seq,
-        } => {
-            let body = table
-                .remove((kind, seq))
-                .map_err(StorageError::from_display)?
-                .ok_or_else(missing)?
-                .value()
-                .0
-                .to_vec();
-            let dead = index(QueueKind::DeadLetter);
-            table
-                .insert((dead, dead_seq), (body.as_slice(), 0))
-                .map_err(StorageError::from_display)?;
-        }
-        QueueWrite::Remove { kind, seq } => {
-            table
-                .remove((kind, seq))
-                .map_err(StorageError::from_display)?;
-        }
-    }
-    Ok(())
-}
-
-/// Moves every message of an earlier version's queue file at `path`, if there is one, into
-/// `store`'s queue table (receive counts kept), then removes the file. It runs before the
-/// queue opens, so a crash after the copy and before the removal only writes the same rows
-/// over themselves the next time.
-pub fn adopt(store: &Store, path: &Path) -> Result<(), QueueError> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let rows = {
-        let db = Database::open(path).map_err(storage)?;
-        let read = db.begin_read().map_err(storage)?;
-        let table = match read.open_table(LEGACY) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return remove(path),
-            Err(e) => return Err(storage(e)),
-        };
-        let mut rows = Vec::new();
-        for row in table.iter().map_err(storage)? {
-            let (key, value) = row.map_err(storage)?;
-            let ((kind, seq), (body, count)) = (key.value(), value.value());
-            rows.push((kind, seq, body.to_vec(), count));
-        }
-        rows
-    };
-    let adopted = rows.len();
-    store.adopt_queued(rows)?;
-    tracing::info!(file = %path.display(), adopted, "moved the queue file's messages into the cell store");
-    remove(path)
-}
-
-fn remove(path: &Path) -> Result<(), QueueError> {
-    std::fs::remove_file(path).map_err(storage)
 }
 
 #[derive(Default)]
@@ -213,10 +81,6 @@ pub struct LocalQueue {
     config: QueueConfig,
 }
 
-fn storage(err: impl std::fmt::Display) -> QueueError {
-    QueueError::Storage(err.to_string())
-}
-
 fn parse_receipt(receipt: &str) -> Option<(u64, u32)> {
     let (seq, count) = receipt.split_once('.')?;
     Some((seq.parse().ok()?, count.parse().ok()?))
@@ -229,20 +93,12 @@ impl LocalQueue {
             lanes: Default::default(),
             next_seq: 1,
         };
-        let read = store.read()?;
-        for row in read
-            .open_table(QUEUED)
-            .map_err(storage)?
-            .iter()
-            .map_err(storage)?
-        {
-            let (key, value) = row.map_err(storage)?;
-            let (kind, seq) = key.value();
-            let lane = state
+        for (Slot { lane, seq }, count) in store.queued()? {
+            let queue = state
                 .lanes
-                .get_mut(kind as usize)
-                .ok_or_else(|| storage(format!("unknown queue {kind}")))?;
-            lane.ready.push_back((seq, value.value().1));
+                .get_mut(lane as usize)
+                .ok_or_else(|| QueueError::Storage(format!("unknown queue {lane}")))?;
+            queue.ready.push_back((seq, count));
             state.next_seq = state.next_seq.max(seq + 1);
         }
         Ok(Self {
@@ -273,23 +129,18 @@ impl LocalQueue {
             state.next_seq += 1;
             state.next_seq - 1
         };
-        let kind = index(kind);
-        Staged {
-            write: QueueWrite::Insert {
-                kind,
-                seq,
-                body,
-                count: 0,
-            },
-            place: Place { kind, seq },
-        }
+        let slot = Slot {
+            lane: lane_of(kind),
+            seq,
+        };
+        Staged { slot, body }
     }
 
     /// Makes a staged message visible once the write that queued it has committed.
-    pub fn publish(&self, place: Place) {
-        self.lock().lanes[place.kind as usize]
+    pub fn publish(&self, slot: Slot) {
+        self.lock().lanes[slot.lane as usize]
             .ready
-            .push_back((place.seq, 0));
+            .push_back((slot.seq, 0));
         self.visible.notify_waiters();
     }
 
@@ -301,7 +152,7 @@ impl LocalQueue {
         max: usize,
         visibility: Duration,
     ) -> Result<(Vec<Delivery>, Option<Instant>), QueueError> {
-        let k = index(kind);
+        let k = lane_of(kind);
         let now = Instant::now();
         let (taken, dead, next_timer) = {
             let mut state = self.lock();
@@ -328,17 +179,20 @@ impl LocalQueue {
             let next_timer = state.lanes[k as usize].next_timer();
             (taken, dead, next_timer)
         };
+        let slot = |seq| Slot { lane: k, seq };
+        let dead_letter = |seq| Slot {
+            lane: lane_of(QueueKind::DeadLetter),
+            seq,
+        };
         let mut writes: Vec<QueueWrite> = dead
             .iter()
-            .map(|&(seq, dead_seq)| QueueWrite::DeadLetter {
-                kind: k,
-                seq,
-                dead_seq,
+            .map(|&(seq, dead_seq)| QueueWrite::Requeue {
+                from: slot(seq),
+                to: dead_letter(dead_seq),
             })
             .collect();
         writes.extend(taken.iter().map(|&(seq, count)| QueueWrite::Received {
-            kind: k,
-            seq,
+            slot: slot(seq),
             count,
         }));
         // A dead-letter move is fsynced. Receive counts alone are not, and are not waited
@@ -353,23 +207,22 @@ impl LocalQueue {
         if !dead.is_empty() {
             tracing::warn!(queue = ?kind, count = dead.len(), "messages received too often; dead-lettered");
             let mut state = self.lock();
-            let lane = &mut state.lanes[index(QueueKind::DeadLetter) as usize];
+            let lane = &mut state.lanes[lane_of(QueueKind::DeadLetter) as usize];
             lane.ready
                 .extend(dead.iter().map(|(_, dead_seq)| (*dead_seq, 0)));
         }
-        let read = self.store.read()?;
-        let table = read.open_table(QUEUED).map_err(storage)?;
-        let mut deliveries = Vec::with_capacity(taken.len());
-        for (seq, count) in taken {
-            // Absent only if a delete raced this receive with a receipt it cannot have had yet.
-            if let Some(row) = table.get((k, seq)).map_err(storage)? {
-                deliveries.push(Delivery {
+        let slots: Vec<Slot> = taken.iter().map(|&(seq, _)| slot(seq)).collect();
+        let bodies = self.store.queued_bodies(&slots)?;
+        // Absent only if a delete raced this receive with a receipt it cannot have had yet.
+        let deliveries = (taken.into_iter().zip(bodies))
+            .filter_map(|((seq, count), body)| {
+                Some(Delivery {
                     receipt: format!("{seq}.{count}"),
-                    body: row.value().0.to_vec(),
+                    body: body?,
                     receive_count: count,
-                });
-            }
-        }
+                })
+            })
+            .collect();
         Ok((deliveries, next_timer))
     }
 }
@@ -377,14 +230,12 @@ impl LocalQueue {
 #[async_trait]
 impl Queue for LocalQueue {
     async fn send(&self, kind: QueueKind, body: Vec<u8>) -> Result<(), QueueError> {
-        let Staged { write, place } = self.stage(kind, body);
-        self.write(vec![write], Commit::Durable).await?;
-        self.publish(place);
+        let staged = self.stage(kind, body);
+        let slot = staged.slot;
+        self.write(vec![QueueWrite::Insert(staged)], Commit::Durable)
+            .await?;
+        self.publish(slot);
         Ok(())
-    }
-
-    fn in_cell_store(&self) -> Option<&LocalQueue> {
-        Some(self)
     }
 
     async fn receive(
@@ -412,7 +263,7 @@ impl Queue for LocalQueue {
     }
 
     async fn delete(&self, kind: QueueKind, receipts: &[String]) -> Result<(), QueueError> {
-        let k = index(kind);
+        let k = lane_of(kind);
         let current: Vec<u64> = {
             let mut state = self.lock();
             let lane = &mut state.lanes[k as usize];
@@ -428,7 +279,7 @@ impl Queue for LocalQueue {
         self.write(
             current
                 .into_iter()
-                .map(|seq| QueueWrite::Remove { kind: k, seq })
+                .map(|seq| QueueWrite::Remove(Slot { lane: k, seq }))
                 .collect(),
             Commit::Lazy,
         )
@@ -446,7 +297,7 @@ impl Queue for LocalQueue {
         let at = Instant::now() + visibility;
         {
             let mut state = self.lock();
-            let lane = &mut state.lanes[index(kind) as usize];
+            let lane = &mut state.lanes[lane_of(kind) as usize];
             match lane.inflight.get_mut(&seq) {
                 Some((c, deadline)) if *c == count => *deadline = at,
                 _ => return Err(invalid()),
@@ -469,7 +320,7 @@ mod tests {
         assert_eq!(parse_receipt("a.b"), None);
     }
 
-    fn open(path: &Path) -> LocalQueue {
+    fn open(path: &std::path::Path) -> LocalQueue {
         let store = Arc::new(Store::open(path).unwrap());
         LocalQueue::open(store, QueueConfig::default()).unwrap()
     }
@@ -503,59 +354,5 @@ mod tests {
         let bodies: Vec<&[u8]> = again.iter().map(|d| d.body.as_slice()).collect();
         assert_eq!(bodies, [b"kept".as_slice()]);
         assert_eq!(again[0].receive_count, 2, "the first receive was counted");
-    }
-
-    #[tokio::test]
-    async fn an_earlier_versions_queue_file_is_moved_into_the_store_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let legacy = dir.path().join("queue.redb");
-        {
-            let db = Database::create(&legacy).unwrap();
-            let txn = db.begin_write().unwrap();
-            {
-                let mut table = txn.open_table(LEGACY).unwrap();
-                let marketing = index(QueueKind::Marketing);
-                table
-                    .insert((marketing, 7), (b"seven".as_slice(), 2))
-                    .unwrap();
-                table
-                    .insert((marketing, 9), (b"nine".as_slice(), 0))
-                    .unwrap();
-            }
-            txn.commit().unwrap();
-        }
-        let path = dir.path().join("store.redb");
-        {
-            let store = Store::open(&path).unwrap();
-            adopt(&store, &legacy).unwrap();
-            assert!(!legacy.exists(), "the old file is removed once adopted");
-            // Nothing to adopt the next time the cell starts.
-            adopt(&store, &legacy).unwrap();
-        }
-        let queue = open(&path);
-        let marketing = || {
-            queue.receive(
-                QueueKind::Marketing,
-                10,
-                Duration::from_secs(60),
-                Duration::ZERO,
-            )
-        };
-        let got = marketing().await.unwrap();
-        let rows: Vec<(&[u8], u32)> = got
-            .iter()
-            .map(|d| (d.body.as_slice(), d.receive_count))
-            .collect();
-        assert_eq!(rows, [(b"seven".as_slice(), 3), (b"nine".as_slice(), 1)]);
-        let seq = |d: &Delivery| parse_receipt(&d.receipt).unwrap().0;
-        queue
-            .send(QueueKind::Marketing, b"new".to_vec())
-            .await
-            .unwrap();
-        let new = marketing().await.unwrap();
-        assert!(
-            seq(&new[0]) > 9,
-            "a new message does not reuse an adopted one's place"
-        );
     }
 }

@@ -16,7 +16,7 @@ pub mod sqs;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cellmail_proto::MessageClass;
+use cellmail_proto::{ApiError, MessageClass};
 
 /// Which of the cell's queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,6 +69,13 @@ impl From<crate::commit::StorageError> for QueueError {
     }
 }
 
+impl From<QueueError> for ApiError {
+    /// The queue failing makes the cell unavailable: the caller may retry.
+    fn from(err: QueueError) -> Self {
+        ApiError::Unavailable(format!("cell queue: {err}"))
+    }
+}
+
 /// The redrive policy of a cell's queues.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueConfig {
@@ -90,12 +97,6 @@ pub trait Queue: Send + Sync + 'static {
     /// The largest body this queue carries.
     fn max_body(&self) -> usize {
         usize::MAX
-    }
-
-    /// The embedded queue, kept in the cell store's file: the accept path queues a message
-    /// in the store's commit of its record instead of sending it first.
-    fn in_cell_store(&self) -> Option<&local::LocalQueue> {
-        None
     }
 
     /// Up to `max` visible messages, waiting up to `wait` for the first one.
