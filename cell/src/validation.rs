@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use cellmail_proto::error::quote;
 use cellmail_proto::v1::SendRequest;
 use cellmail_proto::{ApiError, MessageClass, MessageId, TenantId};
 use email_address::{EmailAddress, Options};
@@ -35,7 +36,10 @@ pub fn parse_mailbox(field: &str, raw: &str) -> Result<Mailbox, ApiError> {
         .with_required_tld()
         .without_domain_literal();
     let parsed = EmailAddress::parse_with_options(raw.trim(), options).map_err(|e| {
-        ApiError::invalid(field, format!("{raw:?} is not an RFC 5322 address: {e}"))
+        ApiError::invalid(
+            field,
+            format!("{} is not an RFC 5322 address: {e}", quote(raw)),
+        )
     })?;
     let name = parsed.display_part().trim().trim_matches('"').trim();
     Ok(Mailbox {

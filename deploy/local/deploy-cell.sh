@@ -18,10 +18,14 @@ BINARY=$DIR/releases/$VERSION/cellmail-cell
 cell_dir=$DIR/cells/$CELL
 mkdir -p "$cell_dir" "$DIR/tls"
 [ ! -f "$cell_dir/pid" ] || stop_pid "$cell_dir/pid"
-# The cell's certificate, from the cluster's CA, issued on its first deploy.
+# The cell's certificate, from the cluster's CA, issued on its first deploy. Its settings are
+# exported over any the caller has (a control plane running this has its own).
 tls=$DIR/tls/$CELL.env
 [ -s "$tls" ] || "$CELLMAIL_LOCAL_BIN/cellmail" certs issue --dir "$DIR/tls" --role cell --cell-id "$CELL" >"$tls"
-CELLMAIL_CONFIG=$tls CELLMAIL_CELL_ID=$CELL CELLMAIL_DATA_DIR=$cell_dir/data CELLMAIL_RELEASE=$VERSION \
+set -a
+. "$tls"
+set +a
+CELLMAIL_CELL_ID=$CELL CELLMAIL_DATA_DIR=$cell_dir/data CELLMAIL_RELEASE=$VERSION \
   setsid "$BINARY" </dev/null >>"$cell_dir/log" 2>&1 &
 echo $! >"$cell_dir/pid"
 echo "$(date +%s.%N) $CELL $VERSION" >>"$DIR/deploys.log"

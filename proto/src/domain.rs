@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{kind} {value:?} is invalid: {reason}")]
+#[error("{kind} {} is invalid: {reason}", crate::error::quote(value))]
 pub struct IdError {
     pub kind: &'static str,
     pub value: String,
@@ -207,7 +207,10 @@ impl std::str::FromStr for MessageClass {
         MessageClass::ALL
             .into_iter()
             .find(|class| class.as_str() == s)
-            .ok_or_else(|| format!("unknown message class {s:?} (transactional | marketing)"))
+            .ok_or_else(|| {
+                let quoted = crate::error::quote(s);
+                format!("unknown message class {quoted} (transactional | marketing)")
+            })
     }
 }
 

@@ -15,6 +15,31 @@ pub const ERROR_DOMAIN: &str = "cellmail";
 pub const REASON_TENANT_MOVED: &str = "TENANT_MOVED";
 /// `ErrorInfo.reason` of a send refused because the tenant's breaker paused its class.
 pub const REASON_TENANT_PAUSED: &str = "TENANT_PAUSED";
+/// The most of a caller's input an error quotes.
+pub const QUOTED_CHARS: usize = 128;
+/// The longest message an error carries, whatever built it: a status travels in HTTP/2
+/// trailers, which a peer refuses past its header list limit.
+const MAX_MESSAGE_CHARS: usize = 1024;
+
+/// `input` quoted as Rust quotes a string, cut to its first [`QUOTED_CHARS`] characters:
+/// what an error may say of a caller's input.
+pub fn quote(input: &str) -> String {
+    match input.char_indices().nth(QUOTED_CHARS) {
+        None => format!("{input:?}"),
+        Some((cut, _)) => {
+            let rest = input[cut..].chars().count();
+            format!("{:?}… ({rest} more characters)", &input[..cut])
+        }
+    }
+}
+
+/// `text` cut to `max` characters, marked as cut.
+fn bounded(text: String, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text,
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
@@ -108,7 +133,7 @@ pub fn outcome<T>(result: &Result<T, Status>) -> &'static str {
 
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Status {
-        let message = err.to_string();
+        let message = bounded(err.to_string(), MAX_MESSAGE_CHARS);
         let (code, details) = match err {
             ApiError::Unauthenticated(_) => (
                 Code::Unauthenticated,
@@ -120,7 +145,10 @@ impl From<ApiError> for Status {
             ),
             ApiError::InvalidArgument { field, reason } => (
                 Code::InvalidArgument,
-                ErrorDetails::with_bad_request_violation(field, reason),
+                ErrorDetails::with_bad_request_violation(
+                    bounded(field, QUOTED_CHARS),
+                    bounded(reason, MAX_MESSAGE_CHARS),
+                ),
             ),
             ApiError::NotFound(_) => (Code::NotFound, ApiError::info("NOT_FOUND", HashMap::new())),
             ApiError::AlreadyExists(_) => (
@@ -179,6 +207,29 @@ mod tests {
             .expect("bad request details")
             .field_violations;
         assert_eq!(violations[0].field, "to[1]");
+    }
+
+    #[test]
+    fn a_quote_keeps_at_most_its_limit_of_the_input_and_says_how_much_is_left() {
+        assert_eq!(quote("a@b"), "\"a@b\"");
+        let long = format!("{}@example.com", "é".repeat(6_000));
+        let quoted = quote(&long);
+        assert!(quoted.starts_with(&format!("\"{}", "é".repeat(QUOTED_CHARS))));
+        assert!(quoted.ends_with(&format!(
+            "… ({} more characters)",
+            6_000 + 12 - QUOTED_CHARS
+        )));
+    }
+
+    #[test]
+    fn no_status_carries_a_message_longer_than_its_bound() {
+        let status = Status::from(ApiError::invalid("to[0]", "x".repeat(100_000)));
+        assert!(status.message().chars().count() <= MAX_MESSAGE_CHARS + 1);
+        assert!(status.message().starts_with("to[0]: x"));
+        let violation = &status.get_details_bad_request().unwrap().field_violations[0];
+        assert!(violation.description.chars().count() <= MAX_MESSAGE_CHARS + 1);
+        let internal = Status::from(ApiError::Internal("y".repeat(100_000)));
+        assert!(internal.message().chars().count() <= MAX_MESSAGE_CHARS + 1);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Cells: listed with their load and liveness, added by an operator, and set ACTIVE,
 //! DRAINING or DISABLED, each change audited with the record before and after.
 
+use cellmail_proto::error::quote;
 use cellmail_proto::v1;
 use cellmail_proto::{ApiError, CellId, now_ms};
 use tonic::Request;
@@ -71,7 +72,7 @@ impl ControlApi {
             other => {
                 return Err(ApiError::invalid(
                     "state",
-                    format!("{other:?} is not ACTIVE, DRAINING or DISABLED"),
+                    format!("{} is not ACTIVE, DRAINING or DISABLED", quote(other)),
                 ));
             }
         };

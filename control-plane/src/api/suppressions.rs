@@ -1,6 +1,7 @@
 //! The global suppression list: addresses no tenant may send to, listed, added and removed
 //! by operators, each change audited.
 
+use cellmail_proto::error::quote;
 use cellmail_proto::v1;
 use cellmail_proto::{ApiError, SuppressionReason, SuppressionScope, now_ms, suppression_key};
 use tonic::Request;
@@ -39,7 +40,7 @@ impl ControlApi {
             |e| {
                 ApiError::invalid(
                     "address",
-                    format!("{:?} is not an email address: {e}", req.address),
+                    format!("{} is not an email address: {e}", quote(&req.address)),
                 )
             },
         )?;

@@ -5,6 +5,7 @@
 //! (or at once where new domains are trusted). Offboarding exports a suspended tenant's data
 //! from every cell, then deletes it everywhere.
 
+use cellmail_proto::error::quote;
 use cellmail_proto::v1;
 use cellmail_proto::{ApiError, CellId, Epoch, MessageClass, TenantId, now_ms};
 use tonic::Request;
@@ -469,7 +470,7 @@ fn parse_domain(field: String, domain: &str) -> Result<String, ApiError> {
     } else {
         Err(ApiError::invalid(
             field,
-            format!("{domain:?} is not a domain name"),
+            format!("{} is not a domain name", quote(&domain)),
         ))
     }
 }

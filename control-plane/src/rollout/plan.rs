@@ -2,6 +2,7 @@
 //! follow by id in the waves an operator's spec makes of them (`1,25%,100%`: cumulative
 //! counts or percentages of the cells).
 
+use cellmail_proto::error::quote;
 use cellmail_proto::{ApiError, CellId};
 
 /// The sizes of the waves `spec` makes of `cells` cells: comma-separated cumulative counts
@@ -17,14 +18,14 @@ pub fn wave_sizes(spec: &str, cells: usize) -> Result<Vec<usize>, String> {
                     .parse()
                     .ok()
                     .filter(|p| (1..=100).contains(p))
-                    .ok_or_else(|| format!("{part:?} is not a percentage from 1% to 100%"))?;
+                    .ok_or_else(|| {
+                        format!("{} is not a percentage from 1% to 100%", quote(part))
+                    })?;
                 (percent * cells).div_ceil(100)
             }
-            None => part
-                .parse()
-                .ok()
-                .filter(|n| *n >= 1)
-                .ok_or_else(|| format!("{part:?} is not a count of cells or a percentage"))?,
+            None => part.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                format!("{} is not a count of cells or a percentage", quote(part))
+            })?,
         }
         .min(cells);
         if cumulative < reached {

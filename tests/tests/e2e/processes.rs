@@ -3,7 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use cellmail_proto::v1;
+use cellmail_proto::tls::Role;
+use cellmail_proto::{CellId, v1};
 use cellmail_tests::processes::{Daemon, Front, registry_args, start_cell};
 use cellmail_tests::services::{etcd_endpoint, unique_prefix};
 use cellmail_tests::{Control, authorized, control_client, message, until_ok, wait_for};
@@ -459,8 +460,12 @@ async fn a_cell_runs_from_its_config_file_alone() {
     let prefix = unique_prefix("config");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cell.env");
+    let tls: String = cellmail_tests::pki::env(&Role::Cell(CellId::new("cell-cfg").unwrap()))
+        .iter()
+        .map(|(name, value)| format!("{name}={value}\n"))
+        .collect();
     let settings = format!(
-        "# a cell configured by file only\nCELLMAIL_CELL_ID=cell-cfg\nCELLMAIL_REGISTRY=etcd://{}\nCELLMAIL_REGISTRY_PREFIX={prefix}\nCELLMAIL_DATA_DIR={}\n",
+        "# a cell configured by file only\nCELLMAIL_CELL_ID=cell-cfg\nCELLMAIL_REGISTRY=etcd://{}\nCELLMAIL_REGISTRY_PREFIX={prefix}\nCELLMAIL_DATA_DIR={}\n{tls}",
         etcd_endpoint(),
         dir.path().display()
     );

@@ -199,6 +199,17 @@ async fn bad_requests_are_refused_naming_the_field_and_nothing_is_sent() {
                 ..good()
             },
         ),
+        // Its error quotes a short prefix of it, not all of it.
+        (
+            "to[1]",
+            v1::SendRequest {
+                to: vec![
+                    "jane@example.com".into(),
+                    format!("{}@example.com", "a".repeat(6_000)),
+                ],
+                ..good()
+            },
+        ),
     ];
     for (field, request) in cases {
         let status = sender
@@ -208,6 +219,11 @@ async fn bad_requests_are_refused_naming_the_field_and_nothing_is_sent() {
         assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
         assert!(
             status.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            status.message()
+        );
+        assert!(
+            status.message().len() < 512,
             "{field}: {}",
             status.message()
         );
