@@ -20,7 +20,7 @@ pub struct Connection {
         global = true
     )]
     control: String,
-    /// The operators' credential (default: the one `cellmail up` keeps in ./.cellmail).
+    /// The operators' credential (default: the one `cellmail up` keeps in its data dir).
     #[arg(
         long,
         env = "CELLMAIL_ADMIN_TOKEN",
@@ -28,6 +28,14 @@ pub struct Connection {
         global = true
     )]
     admin_token: Option<String>,
+    /// The data dir of the `cellmail up` whose credential to use, when no token is given.
+    #[arg(
+        long,
+        env = "CELLMAIL_DATA_DIR",
+        default_value = ".cellmail",
+        global = true
+    )]
+    data_dir: std::path::PathBuf,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub(crate) json: bool,
@@ -39,13 +47,18 @@ impl Connection {
     pub(crate) async fn client(&self) -> anyhow::Result<Client> {
         let token = match &self.admin_token {
             Some(token) => token.clone(),
-            None => std::fs::read_to_string(
-                std::path::Path::new(".cellmail").join(crate::up::ADMIN_TOKEN_FILE),
-            )
-            .map(|t| t.trim().to_owned())
-            .map_err(|_| {
-                anyhow::anyhow!("no admin token: pass --admin-token or set CELLMAIL_ADMIN_TOKEN")
-            })?,
+            None => {
+                let path = self.data_dir.join(crate::up::ADMIN_TOKEN_FILE);
+                std::fs::read_to_string(&path)
+                    .map(|t| t.trim().to_owned())
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "no admin token: pass --admin-token, set CELLMAIL_ADMIN_TOKEN, or \
+                             --data-dir of the `cellmail up` that made {}",
+                            path.display()
+                        )
+                    })?
+            }
         };
         let bearer = Bearer::new(&token)?;
         let url = if self.control.contains("://") {

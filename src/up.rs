@@ -153,8 +153,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("router: {router_addr}  (cellmail.v1.Sender)");
     println!("control: {control_addr}  (cellmail.v1.Control)");
     println!(
-        "admin token: {}  (the cellmail CLI reads it from there)",
-        args.data_dir.join(ADMIN_TOKEN_FILE).display()
+        "admin token: {}  (the cellmail CLI reads it from there with --data-dir {} or \
+         CELLMAIL_DATA_DIR)",
+        args.data_dir.join(ADMIN_TOKEN_FILE).display(),
+        args.data_dir.display()
     );
     println!("cells: {}", args.cells);
     println!("mail: {}/<tenant>/<message id>.eml", mail.display());

@@ -116,7 +116,7 @@ pub fn message_from_request(
     let class = MessageClass::from_wire(request.message_class).ok_or_else(|| {
         ApiError::invalid(
             "message_class",
-            "must be MESSAGE_CLASS_TRANSACTIONAL or MESSAGE_CLASS_MARKETING",
+            "must be MESSAGE_CLASS_TRANSACTIONAL (or unset) or MESSAGE_CLASS_MARKETING",
         )
     })?;
     if request.from_address.trim().is_empty() {
@@ -233,6 +233,23 @@ mod tests {
     }
 
     #[test]
+    fn an_unset_message_class_is_transactional() {
+        let tenant = TenantId::new("t").unwrap();
+        let unset = SendRequest {
+            message_class: 0,
+            ..good()
+        };
+        let message = message_from_request(&tenant, MessageId::generate(), 7, unset).unwrap();
+        assert_eq!(message.class, MessageClass::Transactional);
+        let marketing = SendRequest {
+            message_class: 2,
+            ..good()
+        };
+        let message = message_from_request(&tenant, MessageId::generate(), 7, marketing).unwrap();
+        assert_eq!(message.class, MessageClass::Marketing);
+    }
+
+    #[test]
     fn each_bad_field_is_named() {
         type Mutation = Box<dyn Fn(&mut SendRequest)>;
         let cases: Vec<(&str, Mutation)> = vec![
@@ -244,7 +261,7 @@ mod tests {
                 "idempotency_key",
                 Box::new(|r| r.idempotency_key = "k".repeat(257)),
             ),
-            ("message_class", Box::new(|r| r.message_class = 0)),
+            ("message_class", Box::new(|r| r.message_class = 7)),
             ("from_address", Box::new(|r| r.from_address = String::new())),
             (
                 "from_address",

@@ -192,11 +192,14 @@ impl MessageClass {
     }
 
     /// `None` for `MESSAGE_CLASS_UNSPECIFIED` or an unknown wire value.
+    /// The class a request names: unset (the proto's zero value) is transactional, as a
+    /// caller who did not choose expects; a value the proto does not have is none.
     pub fn from_wire(value: i32) -> Option<Self> {
         match crate::v1::MessageClass::try_from(value).ok()? {
-            crate::v1::MessageClass::Transactional => Some(MessageClass::Transactional),
+            crate::v1::MessageClass::Unspecified | crate::v1::MessageClass::Transactional => {
+                Some(MessageClass::Transactional)
+            }
             crate::v1::MessageClass::Marketing => Some(MessageClass::Marketing),
-            crate::v1::MessageClass::Unspecified => None,
         }
     }
 }

@@ -662,3 +662,35 @@ async fn tenant_creation_keys_and_global_suppressions_are_audited_with_who_and_w
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reads_the_credential_from_the_data_dir_up_was_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &[]).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let control = platform.control.trim_start_matches("http://");
+    let data_dir = dir.path().to_string_lossy();
+    let run = |extra: &[&str]| {
+        Command::new(binary("cellmail").unwrap())
+            .args(["tenant", "list", "--json", "--control", control])
+            .args(extra)
+            .env_remove("CELLMAIL_ADMIN_TOKEN")
+            .env_remove("CELLMAIL_DATA_DIR")
+            .current_dir(elsewhere.path())
+            .output()
+            .unwrap()
+    };
+    let found = run(&["--data-dir", &data_dir]);
+    assert!(
+        found.status.success(),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&found.stdout).unwrap();
+    assert!(listed.is_array(), "{listed}");
+    // Run from elsewhere without it, the CLI says where it looked and how to point it.
+    let missing = run(&[]);
+    assert!(!missing.status.success());
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(said.contains("--data-dir"), "{said}");
+}

@@ -146,7 +146,7 @@ async fn bad_requests_are_refused_naming_the_field_and_nothing_is_sent() {
         (
             "message_class",
             v1::SendRequest {
-                message_class: 0,
+                message_class: 7,
                 ..good()
             },
         ),
