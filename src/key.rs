@@ -1,4 +1,5 @@
-//! `cellmail key`: a tenant's API keys: issue another (shown once), list them, revoke one.
+//! `cellmail key`: a tenant's API keys: issue another (shown once, with the scopes it may use
+//! and when it expires), list them, revoke one.
 
 use cellmail_proto::v1;
 use clap::{Args, Subcommand};
@@ -19,11 +20,18 @@ enum KeyCommand {
     /// Issue another API key for a tenant (shown once).
     Issue {
         tenant: String,
+        /// What the key may do: send, read, suppressions (repeat or comma-separate; default:
+        /// all of them).
+        #[arg(long = "scope", value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// When the key stops working (RFC 3339, e.g. 2027-01-31T00:00:00Z; default: never).
+        #[arg(long)]
+        expires: Option<jiff::Timestamp>,
         /// Why, for the audit trail.
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// List a tenant's keys (ids and creation times).
+    /// List a tenant's keys: ids, scopes, creation, expiry and last use (to the minute).
     List { tenant: String },
     /// Revoke one of a tenant's keys.
     Revoke {
@@ -49,7 +57,8 @@ pub async fn run(args: KeyArgs) -> anyhow::Result<()> {
                 .iter()
                 .map(|k| {
                     json!({"key_id": k.key_id, "created_at_ms": k.created_at_ms,
-                           "last_used_ms": k.last_used_ms})
+                           "last_used_ms": k.last_used_ms, "scopes": k.scopes,
+                           "expires_at_ms": k.expires_at_ms})
                 })
                 .collect();
             println!("{}", json!(rows));
@@ -73,10 +82,22 @@ pub async fn run(args: KeyArgs) -> anyhow::Result<()> {
             anyhow::ensure!(revoked, "no such key for this tenant");
             println!("{}", json!({"revoked": true}));
         }
-        KeyCommand::Issue { tenant, reason } => {
+        KeyCommand::Issue {
+            tenant,
+            scopes,
+            expires,
+            reason,
+        } => {
+            let expires_at_ms = match expires {
+                None => 0,
+                Some(at) => u64::try_from(at.as_millisecond())
+                    .map_err(|_| anyhow::anyhow!("--expires {at} is before 1970"))?,
+            };
             let request = acting(v1::IssueApiKeyRequest {
                 tenant_id: tenant.clone(),
                 reason,
+                scopes,
+                expires_at_ms,
             });
             let issued = client
                 .issue_api_key(request)

@@ -20,7 +20,7 @@ use cellmail_proto::v1::{self, cell_client::CellClient, sender_server::Sender};
 use cellmail_proto::{ApiError, TenantId};
 use cellmail_registry::catalog::WatchedCatalog;
 use cellmail_registry::channels::CellChannels;
-use cellmail_registry::schema::PlacementState;
+use cellmail_registry::schema::{PlacementState, Scope, Scopes};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument as _, Span};
@@ -38,13 +38,25 @@ pub struct SenderApi {
     hold: Duration,
 }
 
-/// The authenticated tenant of a request and the deadline its caller gave.
-fn context<T>(request: &Request<T>) -> Result<(TenantId, Duration), ApiError> {
+/// The authenticated tenant of a request, once its key is known to have `scope`, and the
+/// deadline its caller gave.
+fn context<T>(request: &Request<T>, scope: Scope) -> Result<(TenantId, Duration), ApiError> {
     let tenant = request
         .extensions()
         .get::<TenantId>()
         .cloned()
         .ok_or_else(|| ApiError::Unauthenticated("no authenticated tenant".into()))?;
+    let scopes = request
+        .extensions()
+        .get::<Scopes>()
+        .copied()
+        .unwrap_or_default();
+    if !scopes.contains(scope) {
+        return Err(ApiError::PermissionDenied(format!(
+            "this API key does not have the `{}` scope this call needs",
+            scope.as_str()
+        )));
+    }
     Ok((
         tenant,
         forward::deadline(request.metadata()).unwrap_or(DEFAULT_DEADLINE),
@@ -128,7 +140,7 @@ impl SenderApi {
         request: Request<v1::SendRequest>,
         labels: &mut SendLabels,
     ) -> Result<Response<v1::SendResponse>, Status> {
-        let (tenant, deadline) = context(&request)?;
+        let (tenant, deadline) = context(&request, Scope::Send)?;
         self.admit(&tenant, labels)?;
         let message = request.into_inner();
         self.on_cell(&tenant, Some(labels), |mut cell, caller| {
@@ -260,7 +272,7 @@ impl Sender for SenderApi {
     ) -> Result<Response<v1::MessageStatus>, Status> {
         let span = telemetry::call_span("get_message", tenant_of(&request));
         traced(span, async move {
-            let (tenant, deadline) = context(&request)?;
+            let (tenant, deadline) = context(&request, Scope::Read)?;
             let request = request.into_inner();
             self.on_cell(&tenant, None, |mut cell, caller| {
                 let call = v1::CellGetMessageRequest {
@@ -280,7 +292,7 @@ impl Sender for SenderApi {
     ) -> Result<Response<v1::ListSuppressionsResponse>, Status> {
         let span = telemetry::call_span("list_suppressions", tenant_of(&request));
         traced(span, async move {
-            let (tenant, deadline) = context(&request)?;
+            let (tenant, deadline) = context(&request, Scope::Read)?;
             let request = request.into_inner();
             self.on_cell(&tenant, None, |mut cell, caller| {
                 let call = v1::CellListSuppressionsRequest {
@@ -300,7 +312,7 @@ impl Sender for SenderApi {
     ) -> Result<Response<v1::Suppression>, Status> {
         let span = telemetry::call_span("add_suppression", tenant_of(&request));
         traced(span, async move {
-            let (tenant, deadline) = context(&request)?;
+            let (tenant, deadline) = context(&request, Scope::Suppressions)?;
             let request = request.into_inner();
             self.on_cell(&tenant, None, |mut cell, caller| {
                 let call = v1::CellAddSuppressionRequest {
@@ -320,7 +332,7 @@ impl Sender for SenderApi {
     ) -> Result<Response<v1::GetStatsResponse>, Status> {
         let span = telemetry::call_span("get_stats", tenant_of(&request));
         traced(span, async move {
-            let (tenant, deadline) = context(&request)?;
+            let (tenant, deadline) = context(&request, Scope::Read)?;
             let request = request.into_inner();
             self.on_cell(&tenant, None, |mut cell, caller| {
                 let call = v1::CellGetStatsRequest {
@@ -340,7 +352,7 @@ impl Sender for SenderApi {
     ) -> Result<Response<v1::RemoveSuppressionResponse>, Status> {
         let span = telemetry::call_span("remove_suppression", tenant_of(&request));
         traced(span, async move {
-            let (tenant, deadline) = context(&request)?;
+            let (tenant, deadline) = context(&request, Scope::Suppressions)?;
             let request = request.into_inner();
             self.on_cell(&tenant, None, |mut cell, caller| {
                 let call = v1::CellRemoveSuppressionRequest {

@@ -1,13 +1,14 @@
 //! Authentication, as a tonic interceptor in front of `Sender`: the caller's tenant comes
 //! only from `authorization: Bearer <api key>`, resolved through the hashed keys in the
-//! watched catalog (no registry read), and travels on as a request extension. Each key's
-//! last use is noted in memory and written to the registry at most once a minute per key.
+//! watched catalog (no registry read), and travels on as a request extension with the
+//! key's scopes; an expired key is refused. Each key's last use is noted in memory and
+//! written to the registry at most once a minute per key.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cellmail_proto::{ApiError, TenantId};
+use cellmail_proto::ApiError;
 use cellmail_registry::Registry;
 use cellmail_registry::apikey;
 use cellmail_registry::catalog::WatchedCatalog;
@@ -16,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-use crate::routes::Routes;
+use crate::routes::{Grant, Routes};
 
 /// How often a key's last use is written to the registry, at most.
 const USE_EVERY: Duration = Duration::from_secs(60);
@@ -85,7 +86,7 @@ impl Authenticate {
         Self { catalog, usage }
     }
 
-    fn tenant(&self, request: &Request<()>) -> Result<TenantId, ApiError> {
+    fn grant(&self, request: &Request<()>) -> Result<Grant, ApiError> {
         let header = request.metadata().get("authorization").ok_or_else(|| {
             ApiError::Unauthenticated("missing `authorization: Bearer <api key>` metadata".into())
         })?;
@@ -99,23 +100,28 @@ impl Authenticate {
                 ApiError::Unauthenticated("authorization must be `Bearer <api key>`".into())
             })?;
         let hash = apikey::hash(key);
-        let tenant = self
+        let grant = self
             .catalog
             .read()
-            .key_tenant(&hash)
+            .grant(&hash)
             .cloned()
             .ok_or_else(|| ApiError::Unauthenticated("unknown or revoked API key".into()))?;
-        self.usage.note(hash, cellmail_proto::now_ms());
-        Ok(tenant)
+        let now = cellmail_proto::now_ms();
+        if grant.expires_at_ms.is_some_and(|at| now >= at) {
+            return Err(ApiError::Unauthenticated("the API key has expired".into()));
+        }
+        self.usage.note(hash, now);
+        Ok(grant)
     }
 }
 
 impl Interceptor for Authenticate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let tenant = self.tenant(&request).inspect_err(|_| {
+        let grant = self.grant(&request).inspect_err(|_| {
             crate::telemetry::refused_unauthenticated(&request);
         })?;
-        request.extensions_mut().insert(tenant);
+        request.extensions_mut().insert(grant.tenant);
+        request.extensions_mut().insert(grant.scopes);
         Ok(request)
     }
 }

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use cellmail_proto::{ApiError, CellId, Epoch, TenantId};
 use cellmail_registry::catalog::{Map, View, parse, upsert};
 use cellmail_registry::schema::{
-    ApiKeyRecord, CellRecord, Entity, Keys, PlacementRecord, PlacementState, Policy, TenantRecord,
-    TenantStatus, Tier,
+    ApiKeyRecord, CellRecord, Entity, Keys, PlacementRecord, PlacementState, Policy, Scopes,
+    TenantRecord, TenantStatus, Tier,
 };
 
 /// What the router admits of a tenant: sends per second sustained, and at once above it.
@@ -63,8 +63,17 @@ pub struct Routes {
     cells: Vec<Cell>,
     cell_index: Map<CellId, u32>,
     tenants: Map<TenantId, Route>,
-    /// SHA-256 of an API key -> its tenant.
-    api_keys: Map<String, TenantId>,
+    /// SHA-256 of an API key -> what it lets its caller do.
+    api_keys: Map<String, Grant>,
+}
+
+/// What an API key lets its caller do: act for its tenant, within its scopes, until it
+/// expires.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub tenant: TenantId,
+    pub scopes: Scopes,
+    pub expires_at_ms: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -128,7 +137,12 @@ impl View for Routes {
             }
             Some(Entity::ApiKey(hash)) => {
                 let record: Option<ApiKeyRecord> = parse(key, value);
-                upsert(&mut self.api_keys, hash, record.map(|r| r.tenant));
+                let grant = record.map(|r| Grant {
+                    tenant: r.tenant,
+                    scopes: r.scopes.into_iter().collect(),
+                    expires_at_ms: r.expires_at_ms,
+                });
+                upsert(&mut self.api_keys, hash, grant);
             }
             _ => {}
         }
@@ -177,8 +191,8 @@ impl Routes {
         self.tenants.is_empty()
     }
 
-    /// The tenant an API key (its SHA-256) belongs to.
-    pub fn key_tenant(&self, hash: &str) -> Option<&TenantId> {
+    /// What an API key (its SHA-256) lets its caller do.
+    pub fn grant(&self, hash: &str) -> Option<&Grant> {
         self.api_keys.get(hash)
     }
 
@@ -238,7 +252,7 @@ impl Routes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cellmail_registry::schema::{CellState, encode};
+    use cellmail_registry::schema::{CellState, Scope, encode};
 
     fn tenant_record(status: TenantStatus, rate_per_second: u32) -> Vec<u8> {
         encode(&TenantRecord {
@@ -369,19 +383,31 @@ mod tests {
     }
 
     #[test]
-    fn api_keys_name_their_tenant_until_deleted_and_garbage_is_skipped() {
+    fn api_keys_grant_their_tenant_and_scopes_until_deleted_and_garbage_is_skipped() {
         let keys = Keys::new("/r/");
         let acme = TenantId::new("acme").unwrap();
         let record = encode(&ApiKeyRecord {
             tenant: acme.clone(),
             key_id: "k1".into(),
             created_at_ms: 0,
+            scopes: vec![Scope::Send],
+            expires_at_ms: Some(9),
         });
         let mut routes = Routes::default();
         routes.apply(&keys, &keys.api_key("hash"), Some(&record));
-        assert_eq!(routes.key_tenant("hash"), Some(&acme));
+        let grant = routes.grant("hash").unwrap();
+        assert_eq!(grant.tenant, acme);
+        assert!(grant.scopes.contains(Scope::Send));
+        assert!(!grant.scopes.contains(Scope::Read));
+        assert_eq!(grant.expires_at_ms, Some(9));
+        // A key written before scopes may do everything, for ever.
+        let older = br#"{"tenant":"acme","key_id":"k0","created_at_ms":0}"#;
+        routes.apply(&keys, &keys.api_key("old"), Some(older));
+        let grant = routes.grant("old").unwrap();
+        assert!(Scope::ALL.into_iter().all(|s| grant.scopes.contains(s)));
+        assert_eq!(grant.expires_at_ms, None);
         routes.apply(&keys, &keys.api_key("hash"), Some(b"{not json"));
-        assert_eq!(routes.key_tenant("hash"), None);
+        assert_eq!(routes.grant("hash"), None);
         let c1 = CellId::new("c1").unwrap();
         let serving = placement(&c1, 1, PlacementState::Serving);
         routes.apply(&keys, &keys.placement(&acme), Some(&serving));

@@ -237,10 +237,10 @@ mod tests {
     }
 
     #[test]
-    fn a_send_without_a_valid_class_is_labelled_unspecified() {
+    fn an_unset_class_is_labelled_transactional_and_an_unknown_one_unspecified() {
         assert_eq!(SendLabels::new(1).class, "transactional");
         assert_eq!(SendLabels::new(2).class, "marketing");
-        assert_eq!(SendLabels::new(0).class, "unspecified");
+        assert_eq!(SendLabels::new(0).class, "transactional");
         assert_eq!(SendLabels::new(99).class, "unspecified");
     }
 }

@@ -471,6 +471,83 @@ pub struct ApiKeyRecord {
     /// The public part of the key, shown in listings and audit records.
     pub key_id: String,
     pub created_at_ms: u64,
+    /// What the key may do (keys from before scopes may do everything).
+    #[serde(default = "Scope::all")]
+    pub scopes: Vec<Scope>,
+    /// When the key stops working (none: it does not expire).
+    #[serde(default)]
+    pub expires_at_ms: Option<u64>,
+}
+
+impl ApiKeyRecord {
+    /// A key of `tenant` that may do everything and does not expire (a tenant's first).
+    pub fn unrestricted(tenant: TenantId, key_id: String, created_at_ms: u64) -> Self {
+        Self {
+            tenant,
+            key_id,
+            created_at_ms,
+            scopes: Scope::all(),
+            expires_at_ms: None,
+        }
+    }
+}
+
+/// What a tenant's API key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// `Send`.
+    Send,
+    /// `GetMessage`, `GetStats`, `ListSuppressions`.
+    Read,
+    /// `AddSuppression`, `RemoveSuppression`.
+    Suppressions,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 3] = [Scope::Send, Scope::Read, Scope::Suppressions];
+
+    pub fn all() -> Vec<Scope> {
+        Self::ALL.to_vec()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Send => "send",
+            Scope::Read => "read",
+            Scope::Suppressions => "suppressions",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Scope::ALL
+            .into_iter()
+            .find(|scope| scope.as_str() == s)
+            .ok_or_else(|| "is not a scope: send, read or suppressions".to_owned())
+    }
+}
+
+/// A set of scopes, as a router holds it for every key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scopes(u8);
+
+impl Scopes {
+    pub fn contains(self, scope: Scope) -> bool {
+        self.0 & scope.bit() != 0
+    }
+}
+
+impl FromIterator<Scope> for Scopes {
+    fn from_iter<I: IntoIterator<Item = Scope>>(scopes: I) -> Self {
+        Scopes(scopes.into_iter().fold(0, |bits, scope| bits | scope.bit()))
+    }
 }
 
 /// When a router last saw an API key used (to the minute).

@@ -1,5 +1,6 @@
-//! A tenant's API keys: issued (the plaintext is answered once and only its hash is kept),
-//! listed with when each was last used, and revoked. Keys are audited by their id only.
+//! A tenant's API keys: issued with their scopes and expiry (the plaintext is answered once
+//! and only its hash is kept), listed with when each was last used, and revoked. Keys are
+//! audited by their id only.
 
 use cellmail_proto::v1;
 use cellmail_proto::{ApiError, TenantId, now_ms};
@@ -8,7 +9,7 @@ use tonic::Request;
 use super::{ControlApi, actor};
 use cellmail_registry::apikey;
 use cellmail_registry::audit;
-use cellmail_registry::schema::{self, ApiKeyRecord, KeyUseRecord};
+use cellmail_registry::schema::{self, ApiKeyRecord, KeyUseRecord, Scope};
 use cellmail_registry::{Compare, Op};
 
 impl ControlApi {
@@ -28,11 +29,35 @@ impl ControlApi {
         else {
             return Err(ApiError::NotFound(format!("tenant {id} does not exist")));
         };
+        let mut scopes = req
+            .scopes
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                name.parse::<Scope>()
+                    .map_err(|reason| ApiError::invalid(format!("scopes[{i}]"), reason))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if scopes.is_empty() {
+            scopes = Scope::all();
+        }
+        scopes.sort();
+        scopes.dedup();
+        let created_at_ms = now_ms();
+        let expires_at_ms = match req.expires_at_ms {
+            0 => None,
+            at if at <= created_at_ms => {
+                return Err(ApiError::invalid("expires_at_ms", "is not in the future"));
+            }
+            at => Some(at),
+        };
         let key = apikey::issue();
         let record = ApiKeyRecord {
             tenant: id.clone(),
             key_id: key.key_id.clone(),
-            created_at_ms: now_ms(),
+            created_at_ms,
+            scopes,
+            expires_at_ms,
         };
         // The record names the key by its id only: neither the key nor its hash is audited.
         let entry = audit::entry(
@@ -106,6 +131,8 @@ impl ControlApi {
                     .unwrap_or(0) as i64,
                 key_id: r.key_id,
                 created_at_ms: r.created_at_ms as i64,
+                scopes: r.scopes.iter().map(|s| s.as_str().to_owned()).collect(),
+                expires_at_ms: r.expires_at_ms.unwrap_or(0),
             })
             .collect();
         keys.sort_by(|a, b| (a.created_at_ms, &a.key_id).cmp(&(b.created_at_ms, &b.key_id)));

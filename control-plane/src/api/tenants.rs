@@ -96,11 +96,7 @@ impl ControlApi {
             state: PlacementState::Serving,
         };
         let key = apikey::issue();
-        let key_record = ApiKeyRecord {
-            tenant: id.clone(),
-            key_id: key.key_id.clone(),
-            created_at_ms: now_ms(),
-        };
+        let key_record = ApiKeyRecord::unrestricted(id.clone(), key.key_id.clone(), now_ms());
         let entry = audit::entry(
             (actor, req.reason),
             "tenant.create",

@@ -284,11 +284,7 @@ pub(super) async fn seed(
         state: PlacementState::Serving,
     };
     let key = apikey::issue();
-    let key_record = ApiKeyRecord {
-        tenant: tenant.clone(),
-        key_id: key.key_id.clone(),
-        created_at_ms: 0,
-    };
+    let key_record = ApiKeyRecord::unrestricted(tenant.clone(), key.key_id.clone(), 0);
     registry
         .put(&keys.tenant(&tenant), schema::encode(&record), None)
         .await?;
