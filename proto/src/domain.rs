@@ -362,8 +362,11 @@ mod tests {
     }
 
     #[test]
-    fn unspecified_class_is_not_a_class() {
-        assert_eq!(MessageClass::from_wire(0), None);
+    fn an_unset_class_is_transactional_and_an_unknown_one_none() {
+        assert_eq!(
+            MessageClass::from_wire(0),
+            Some(MessageClass::Transactional)
+        );
         assert_eq!(
             MessageClass::from_wire(1),
             Some(MessageClass::Transactional)
