@@ -5,7 +5,7 @@ use cellmail_proto::v1;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use crate::control::{Connection, acting, status};
+use crate::control::{Connection, status};
 use crate::operation::{OperationArgs, follow_operation};
 
 #[derive(Args)]
@@ -91,7 +91,7 @@ pub async fn run(args: CellArgs) -> anyhow::Result<()> {
             labels,
             reason,
         } => {
-            let request = acting(v1::AddCellRequest {
+            let request = tonic::Request::new(v1::AddCellRequest {
                 id,
                 capacity,
                 labels: labels.into_iter().collect(),
@@ -102,7 +102,7 @@ pub async fn run(args: CellArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         CellCommand::Evacuate { id, operation } => {
-            let request = acting(v1::EvacuateCellRequest {
+            let request = tonic::Request::new(v1::EvacuateCellRequest {
                 cell_id: id,
                 parallel: operation.parallel,
                 reason: operation.reason,
@@ -119,7 +119,7 @@ pub async fn run(args: CellArgs) -> anyhow::Result<()> {
         CellCommand::Disable { id, reason } => (id, "DISABLED", reason),
         CellCommand::Enable { id, reason } => (id, "ACTIVE", reason),
     };
-    let request = acting(v1::SetCellStateRequest {
+    let request = tonic::Request::new(v1::SetCellStateRequest {
         cell_id: id,
         state: state.to_owned(),
         reason,

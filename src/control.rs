@@ -74,16 +74,6 @@ impl Connection {
     }
 }
 
-/// A request that names the operator acting (the login name) for the audit trail.
-pub(crate) fn acting<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    let name = std::env::var("USER").unwrap_or_default();
-    if let Ok(value) = name.parse() {
-        request.metadata_mut().insert("x-cellmail-actor", value);
-    }
-    request
-}
-
 pub(crate) fn status(err: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", err.code(), err.message())
 }

@@ -5,7 +5,7 @@ use cellmail_proto::v1;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use crate::control::{Connection, acting, status};
+use crate::control::{Connection, status};
 
 #[derive(Args)]
 pub struct KeyArgs {
@@ -68,7 +68,7 @@ pub async fn run(args: KeyArgs) -> anyhow::Result<()> {
             key_id,
             reason,
         } => {
-            let request = acting(v1::RevokeApiKeyRequest {
+            let request = tonic::Request::new(v1::RevokeApiKeyRequest {
                 tenant_id: tenant,
                 key_id,
                 reason,
@@ -93,7 +93,7 @@ pub async fn run(args: KeyArgs) -> anyhow::Result<()> {
                 Some(at) => u64::try_from(at.as_millisecond())
                     .map_err(|_| anyhow::anyhow!("--expires {at} is before 1970"))?,
             };
-            let request = acting(v1::IssueApiKeyRequest {
+            let request = tonic::Request::new(v1::IssueApiKeyRequest {
                 tenant_id: tenant.clone(),
                 reason,
                 scopes,

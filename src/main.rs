@@ -4,8 +4,8 @@
 //!
 //! One module per command:
 //! - `up`: the platform in one process, on embedded defaults.
-//! - `tenant`, `cell`, `rebalance`, `key`, `suppression`, `audit`, `rollout`: the operator's
-//!   nouns, each a client of the control plane's `Control` API.
+//! - `tenant`, `cell`, `rebalance`, `key`, `suppression`, `audit`, `rollout`, `operator`: the
+//!   operator's nouns, each a client of the control plane's `Control` API.
 //! - `send`: a message through the router, with a tenant's API key.
 //! - `certs`: certificates for the platform's processes, from a CA of its own.
 //!
@@ -19,6 +19,7 @@ mod certs;
 mod control;
 mod key;
 mod operation;
+mod operator;
 mod rebalance;
 mod rollout;
 mod send;
@@ -57,6 +58,8 @@ enum Command {
     Audit(audit::AuditArgs),
     /// Roll a version out cell by cell: start, status, pause, resume, abort.
     Rollout(rollout::RolloutArgs),
+    /// Operator credentials: add (admin or viewer), list, revoke.
+    Operator(operator::OperatorArgs),
     /// Certificates for the platform's processes from a local CA (mutual TLS between them).
     Certs(certs::CertsArgs),
 }
@@ -89,6 +92,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Send(args) => send::run(args).await,
         Command::Audit(args) => audit::run(args).await,
         Command::Rollout(args) => rollout::run(args).await,
+        Command::Operator(args) => operator::run(args).await,
         Command::Certs(args) => certs::run(args),
     }
 }

@@ -6,7 +6,7 @@ use cellmail_proto::v1;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use crate::control::{Connection, acting, status};
+use crate::control::{Connection, status};
 use crate::operation::{OperationArgs, follow_operation, planned_json};
 
 #[derive(Args)]
@@ -74,7 +74,7 @@ pub async fn run(args: RebalanceArgs) -> anyhow::Result<()> {
                 }
                 None => Vec::new(),
             };
-            let request = acting(v1::ApplyRebalanceRequest {
+            let request = tonic::Request::new(v1::ApplyRebalanceRequest {
                 parallel: operation.parallel,
                 reason: operation.reason,
                 moves,

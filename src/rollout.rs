@@ -7,7 +7,7 @@ use cellmail_proto::v1;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use crate::control::{Client, Connection, acting, status};
+use crate::control::{Client, Connection, status};
 
 const POLL: Duration = Duration::from_millis(500);
 
@@ -114,7 +114,7 @@ pub async fn run(args: RolloutArgs) -> anyhow::Result<()> {
             reason,
             wait,
         } => {
-            let request = acting(v1::StartRolloutRequest {
+            let request = tonic::Request::new(v1::StartRolloutRequest {
                 version,
                 canary: canary.unwrap_or_default(),
                 waves,
@@ -170,7 +170,7 @@ async fn act(
     args: ActionArgs,
     action: Action,
 ) -> anyhow::Result<v1::RolloutInfo> {
-    let request = acting(v1::RolloutActionRequest {
+    let request = tonic::Request::new(v1::RolloutActionRequest {
         id: args.id,
         reason: args.reason,
     });

@@ -5,7 +5,7 @@ use cellmail_proto::v1;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use crate::control::{Connection, acting, status};
+use crate::control::{Connection, status};
 
 #[derive(Args)]
 pub struct SuppressionArgs {
@@ -70,7 +70,7 @@ pub async fn run(args: SuppressionArgs) -> anyhow::Result<()> {
             kind,
             reason,
         } => {
-            let request = acting(v1::AddGlobalSuppressionRequest {
+            let request = tonic::Request::new(v1::AddGlobalSuppressionRequest {
                 address,
                 kind: suppression_kind(&kind)?,
                 reason,
@@ -83,7 +83,8 @@ pub async fn run(args: SuppressionArgs) -> anyhow::Result<()> {
             println!("{}", suppression_json(&added));
         }
         SuppressionCommand::Remove { address, reason } => {
-            let request = acting(v1::RemoveGlobalSuppressionRequest { address, reason });
+            let request =
+                tonic::Request::new(v1::RemoveGlobalSuppressionRequest { address, reason });
             let removed = client
                 .remove_global_suppression(request)
                 .await

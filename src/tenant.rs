@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use crate::cell::parse_label;
-use crate::control::{Connection, acting, status};
+use crate::control::{Connection, status};
 use crate::operation::MOVE_POLL;
 use crate::suppression::suppression_json;
 
@@ -157,7 +157,7 @@ pub async fn run(args: TenantArgs) -> anyhow::Result<()> {
             labels,
             reason,
         } => {
-            let request = acting(v1::CreateTenantRequest {
+            let request = tonic::Request::new(v1::CreateTenantRequest {
                 id,
                 domains,
                 tier,
@@ -222,7 +222,7 @@ pub async fn run(args: TenantArgs) -> anyhow::Result<()> {
                 DomainCommand::Add { tenant, domain } => (false, tenant, domain),
                 DomainCommand::Verify { tenant, domain } => (true, tenant, domain),
             };
-            let request = acting(v1::DomainRequest {
+            let request = tonic::Request::new(v1::DomainRequest {
                 tenant_id: tenant,
                 domain,
             });
@@ -241,7 +241,7 @@ pub async fn run(args: TenantArgs) -> anyhow::Result<()> {
             );
         }
         TenantCommand::Suspend { tenant, reason } => {
-            let request = acting(v1::SuspendTenantRequest {
+            let request = tonic::Request::new(v1::SuspendTenantRequest {
                 tenant_id: tenant,
                 reason,
             });
@@ -253,7 +253,7 @@ pub async fn run(args: TenantArgs) -> anyhow::Result<()> {
             class,
             reason,
         } => {
-            let request = acting(v1::ResumeTenantRequest {
+            let request = tonic::Request::new(v1::ResumeTenantRequest {
                 tenant_id: tenant,
                 class,
                 reason,
@@ -281,7 +281,7 @@ pub async fn run(args: TenantArgs) -> anyhow::Result<()> {
                 .create_new(true)
                 .open(&export)
                 .map_err(|e| anyhow::anyhow!("--export {}: {e}", export.display()))?;
-            let suspend = acting(v1::SuspendTenantRequest {
+            let suspend = tonic::Request::new(v1::SuspendTenantRequest {
                 tenant_id: tenant.clone(),
                 reason: format!("offboarding: {reason}"),
             });
@@ -310,7 +310,7 @@ pub async fn run(args: TenantArgs) -> anyhow::Result<()> {
             let exported = export_json(&tenant, &parts);
             file.write_all(exported.to_string().as_bytes())?;
             file.sync_all()?;
-            let delete = acting(v1::DeleteTenantRequest {
+            let delete = tonic::Request::new(v1::DeleteTenantRequest {
                 tenant_id: tenant.clone(),
                 reason,
             });
@@ -335,7 +335,7 @@ pub async fn run(args: TenantArgs) -> anyhow::Result<()> {
             wait,
             reason,
         } => {
-            let request = acting(v1::MoveTenantRequest {
+            let request = tonic::Request::new(v1::MoveTenantRequest {
                 tenant_id: tenant.clone(),
                 to_cell: to,
                 reason,

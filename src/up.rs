@@ -62,7 +62,7 @@ fn admin_token(data_dir: &std::path::Path) -> anyhow::Result<String> {
     if let Ok(token) = std::fs::read_to_string(&path) {
         return Ok(token.trim().to_owned());
     }
-    let token = cellmail_control::auth::generate_token();
+    let token = cellmail_registry::operators::generate();
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

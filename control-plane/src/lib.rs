@@ -7,7 +7,7 @@
 //! - [`registered`]: the registered cells, read from the registry now.
 //! - `records`: single records and prefixes read straight from the registry.
 //! - [`api`]: the `Control` gRPC service, one file per resource.
-//! - [`auth`]: the operator credential every `Control` call must carry.
+//! - [`auth`]: the operator credential every `Control` call must carry, and its role.
 //! - [`identity`]: the DNS records of a tenant's sending domains, and their check.
 //! - [`moves`]: moving a tenant between cells, step by persisted step.
 //! - [`operations`]: evacuations and rebalances, a bounded number of moves at a time.
@@ -65,7 +65,8 @@ pub struct ControlConfig {
 }
 /// What a control plane is run with, beside its registry and where it listens.
 pub struct Setup {
-    /// The operators' credential: Control calls must carry it.
+    /// The credential of the operator named `bootstrap` (an admin), with which operators
+    /// add the others.
     pub admin_token: String,
     pub identities: identity::IdentityConfig,
     /// How rollouts deploy a cell (none: rollouts are refused).
@@ -130,9 +131,23 @@ pub async fn serve(
             },
         ))
     };
-    let api = ControlServer::with_interceptor(
-        api::ControlApi::new(registry, keys, &identities, deployer.is_some(), channels)?,
-        auth::AdminAuth::new(&admin_token),
+    cellmail_registry::operators::install_bootstrap(
+        registry.as_ref(),
+        &keys,
+        &admin_token,
+        cellmail_proto::now_ms(),
+    )
+    .await?;
+    let api = auth::Authenticate::new(
+        ControlServer::new(api::ControlApi::new(
+            registry.clone(),
+            keys.clone(),
+            &identities,
+            deployer.is_some(),
+            channels,
+        )?),
+        registry,
+        keys,
     );
     let routes = tonic::service::Routes::new(telemetry::CountActions(api));
     let health = tonic_health::server::HealthReporter::new();

@@ -22,6 +22,7 @@
 //! - [`schema`]: the registry's key layout and record types.
 //! - [`catalog`]: the typed, watch-fed view of the registry that routers and cells serve from.
 //! - [`apikey`]: issuing and hashing tenant API keys.
+//! - [`operators`]: named operator credentials (admin or viewer), stored hashed.
 //! - [`audit`]: the trail of control actions and breaker trips.
 //! - [`channels`]: gRPC channels to cells, shared by everything that calls one.
 
@@ -32,6 +33,7 @@ pub mod channels;
 pub mod config;
 pub mod etcd;
 pub mod local;
+pub mod operators;
 pub mod schema;
 
 use std::time::Duration;

@@ -5,7 +5,8 @@
 //! the key>`, `suppressions/<address, lowercased>` (the operators' global list),
 //! `breakers/<tenant>/<class>` (a tripped or resumed breaker), `moves/<tenant>` (the tenant's
 //! latest move and the step it reached), `operations/<id>` (an evacuation or a rebalance: the
-//! moves it plans and how far it got) and `audit/<time>-<id>`. Values
+//! moves it plans and how far it got), `operators/<sha256 of the credential>` (a named operator
+//! credential and its role) and `audit/<time>-<id>`. Values
 //! are JSON so an operator can read them with `etcdctl get`.
 
 use std::collections::BTreeMap;
@@ -73,6 +74,14 @@ impl Keys {
 
     /// When a key was last used, kept apart from the key so that its updates stay out of
     /// the catalog: `keyuse/<sha256 of the key>`.
+    pub fn operator(&self, hash: &str) -> String {
+        format!("{}operators/{hash}", self.prefix)
+    }
+
+    pub fn operators(&self) -> String {
+        format!("{}operators/", self.prefix)
+    }
+
     pub fn key_use(&self, hash: &str) -> String {
         format!("{}keyuse/{hash}", self.prefix)
     }
@@ -547,6 +556,43 @@ impl Scopes {
 impl FromIterator<Scope> for Scopes {
     fn from_iter<I: IntoIterator<Item = Scope>>(scopes: I) -> Self {
         Scopes(scopes.into_iter().fold(0, |bits, scope| bits | scope.bit()))
+    }
+}
+
+/// A named operator credential: who it is (the audit trail's actor) and what it may do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorRecord {
+    pub name: String,
+    pub role: OperatorRole,
+    pub created_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OperatorRole {
+    /// Reads and changes everything.
+    Admin,
+    /// Reads everything, changes nothing.
+    Viewer,
+}
+
+impl OperatorRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorRole::Admin => "admin",
+            OperatorRole::Viewer => "viewer",
+        }
+    }
+}
+
+impl std::str::FromStr for OperatorRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "admin" => Ok(OperatorRole::Admin),
+            "viewer" => Ok(OperatorRole::Viewer),
+            _ => Err("is not a role: admin or viewer".into()),
+        }
     }
 }
 

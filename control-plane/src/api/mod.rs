@@ -15,11 +15,13 @@
 //! - `moves`: moving a tenant, evacuating a cell, rebalancing, and their operations.
 //! - `rollouts`: a version's rollout, started, paused, resumed or aborted.
 //! - `audit`: the audit log.
+//! - `operators`: named operator credentials, added, listed and revoked.
 
 mod audit;
 mod cells;
 mod keys;
 mod moves;
+mod operators;
 mod rollouts;
 mod suppressions;
 mod tenants;
@@ -30,6 +32,7 @@ use cellmail_proto::ApiError;
 use cellmail_proto::v1::{self, control_server::Control};
 use tonic::{Request, Response, Status};
 
+use crate::auth::Operator;
 use crate::identity;
 use crate::placement::{self, Candidate};
 use cellmail_registry::Registry;
@@ -80,16 +83,14 @@ impl ControlApi {
     }
 }
 
-/// The operator a `Control` call acts for: the `x-cellmail-actor` metadata the CLI sets from
-/// the login name, or "operator".
+/// The name of the operator a `Control` call acts for, as its credential says: the audit
+/// trail's actor.
 fn actor<T>(request: &Request<T>) -> String {
-    let named = request
-        .metadata()
-        .get("x-cellmail-actor")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|name| !name.is_empty());
-    format!("admin:{}", named.unwrap_or("operator"))
+    request
+        .extensions()
+        .get::<Operator>()
+        .map(|operator| operator.name.clone())
+        .unwrap_or_default()
 }
 
 /// `catalog`'s cells and tenants as the placement plans take them.
@@ -192,4 +193,8 @@ control! {
     abort_rollout(v1::RolloutActionRequest) -> v1::RolloutInfo;
 
     list_audit(v1::ListAuditRequest) -> v1::ListAuditResponse;
+
+    add_operator(v1::AddOperatorRequest) -> v1::AddOperatorResponse;
+    list_operators(v1::ListOperatorsRequest) -> v1::ListOperatorsResponse;
+    revoke_operator(v1::RevokeOperatorRequest) -> v1::RevokeOperatorResponse;
 }

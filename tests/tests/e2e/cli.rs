@@ -626,7 +626,7 @@ async fn tenant_creation_keys_and_global_suppressions_are_audited_with_who_and_w
             .cloned()
             .collect();
         assert_eq!(found.len(), 1, "one {action} in {trail}");
-        assert_eq!(found[0]["actor"], "admin:auditor", "{action}");
+        assert_eq!(found[0]["actor"], "bootstrap", "{action}");
         found.into_iter().next().unwrap()
     };
     let create = only(&of_acme, "tenant.create");
@@ -841,4 +841,129 @@ async fn a_key_does_only_what_its_scopes_allow_until_it_expires() {
         scopes.contains(&&serde_json::json!(["read", "suppressions"])),
         "{listed}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_reads_and_changes_nothing_and_each_action_names_its_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(dir.path(), &[]).unwrap();
+    let add = |name: &str, role: &str| {
+        let added = platform.cli(&["operator", "add", name, "--role", role]);
+        assert_eq!(added["role"], role);
+        added["credential"].as_str().unwrap().to_owned()
+    };
+    let (alice, victor) = (add("alice", "admin"), add("victor", "viewer"));
+    let connect = |credential: String| {
+        let endpoint = platform.control.clone();
+        async move {
+            cellmail_tests::control_client(&endpoint, &credential)
+                .await
+                .unwrap()
+        }
+    };
+    let mut as_alice = connect(alice).await;
+    let mut as_victor = connect(victor.clone()).await;
+
+    let created = as_alice
+        .create_tenant(v1::CreateTenantRequest {
+            id: "acme".into(),
+            domains: vec!["acme.example".into()],
+            reason: "signed up".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(created.into_inner().tenant.is_some());
+
+    // The viewer reads everything...
+    let tenants = as_victor
+        .list_tenants(v1::ListTenantsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tenants;
+    assert_eq!(tenants.len(), 1);
+    let trail = as_victor
+        .list_audit(v1::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    // ...and sees each action under the name of the operator who took it.
+    let actors: Vec<(&str, &str)> = trail
+        .iter()
+        .map(|e| (e.action.as_str(), e.actor.as_str()))
+        .collect();
+    assert!(
+        actors.contains(&("operator.add", "bootstrap")),
+        "{actors:?}"
+    );
+    assert!(actors.contains(&("tenant.create", "alice")), "{actors:?}");
+
+    // ...and changes nothing.
+    let refused = as_victor
+        .suspend_tenant(v1::SuspendTenantRequest {
+            tenant_id: "acme".into(),
+            reason: "viewer".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused.message().contains("victor"),
+        "{}",
+        refused.message()
+    );
+    let refused = as_victor
+        .add_operator(v1::AddOperatorRequest {
+            name: "mallory".into(),
+            role: "admin".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let tenants = as_victor
+        .list_tenants(v1::ListTenantsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tenants;
+    assert_eq!(tenants[0].status, "ACTIVE");
+    let names: Vec<String> = as_victor
+        .list_operators(v1::ListOperatorsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .operators
+        .into_iter()
+        .map(|o| format!("{}:{}", o.name, o.role))
+        .collect();
+    assert_eq!(names, ["alice:admin", "bootstrap:admin", "victor:viewer"]);
+
+    // A bad name or role is refused naming the field; a revoked credential no longer works.
+    let bad = as_alice
+        .add_operator(v1::AddOperatorRequest {
+            name: "Bad Name".into(),
+            role: "admin".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(bad.message().starts_with("name:"), "{}", bad.message());
+    let bad = as_alice
+        .add_operator(v1::AddOperatorRequest {
+            name: "root".into(),
+            role: "root".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(bad.message().starts_with("role:"), "{}", bad.message());
+    platform.cli(&["operator", "revoke", "victor"]);
+    let revoked = as_victor
+        .list_tenants(v1::ListTenantsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(revoked.code(), tonic::Code::Unauthenticated);
 }
