@@ -47,19 +47,45 @@ pub async fn write(
     value: Vec<u8>,
     entry: &AuditRecord,
 ) -> Result<bool, RegistryError> {
-    let compare = Compare {
-        key: key.to_owned(),
-        mod_revision,
-    };
     let put = Op::Put {
         key: key.to_owned(),
         value,
         lease: None,
     };
-    let written = registry
-        .txn(vec![compare], vec![put, entry_op(keys, entry)])
+    change(registry, keys, key, mod_revision, put, entry).await
+}
+
+/// Deletes `key` if it is still at `mod_revision`, with `entry` in the same transaction:
+/// `false` when the key changed meanwhile and nothing was deleted.
+pub async fn remove(
+    registry: &dyn Registry,
+    keys: &Keys,
+    key: &str,
+    mod_revision: Revision,
+    entry: &AuditRecord,
+) -> Result<bool, RegistryError> {
+    let delete = Op::Delete {
+        key: key.to_owned(),
+    };
+    change(registry, keys, key, mod_revision, delete, entry).await
+}
+
+async fn change(
+    registry: &dyn Registry,
+    keys: &Keys,
+    key: &str,
+    mod_revision: Revision,
+    op: Op,
+    entry: &AuditRecord,
+) -> Result<bool, RegistryError> {
+    let compare = Compare {
+        key: key.to_owned(),
+        mod_revision,
+    };
+    let changed = registry
+        .txn(vec![compare], vec![op, entry_op(keys, entry)])
         .await?;
-    Ok(written.is_some())
+    Ok(changed.is_some())
 }
 
 /// A record as it goes into an entry's `before` or `after`.

@@ -4,7 +4,7 @@
 use cellmail_proto::error::quote;
 use cellmail_proto::{ApiError, v1};
 use cellmail_registry::schema::{self, OperatorRecord, OperatorRole};
-use cellmail_registry::{Compare, Op, apikey, audit, operators};
+use cellmail_registry::{apikey, audit, operators};
 use tonic::Request;
 
 use super::{ControlApi, actor};
@@ -130,18 +130,8 @@ impl ControlApi {
             audit::snapshot(&record),
             None,
         );
-        let compares = vec![Compare {
-            key: key.clone(),
-            mod_revision: kv.mod_revision,
-        }];
-        let ops = vec![Op::Delete { key }, audit::entry_op(&self.keys, &entry)];
-        if self
-            .registry
-            .txn(compares, ops)
-            .await
-            .map_err(ApiError::from)?
-            .is_none()
-        {
+        let registry = self.registry.as_ref();
+        if !audit::remove(registry, &self.keys, &key, kv.mod_revision, &entry).await? {
             return Err(ApiError::Aborted(format!(
                 "operator {name} changed meanwhile; try again"
             )));

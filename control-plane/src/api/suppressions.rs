@@ -9,7 +9,6 @@ use tonic::Request;
 use super::{ControlApi, actor};
 use cellmail_registry::audit;
 use cellmail_registry::schema::{self, GlobalSuppressionRecord};
-use cellmail_registry::{Compare, Op};
 
 impl ControlApi {
     pub(super) async fn list_global_suppressions(
@@ -100,18 +99,8 @@ impl ControlApi {
             audit::snapshot(&before),
             None,
         );
-        let compares = vec![Compare {
-            key: key.clone(),
-            mod_revision: revision,
-        }];
-        let ops = vec![Op::Delete { key }, audit::entry_op(&self.keys, &entry)];
-        if self
-            .registry
-            .txn(compares, ops)
-            .await
-            .map_err(ApiError::from)?
-            .is_none()
-        {
+        let registry = self.registry.as_ref();
+        if !audit::remove(registry, &self.keys, &key, revision, &entry).await? {
             return Err(ApiError::Aborted(format!(
                 "the global entry of {} changed meanwhile; try again",
                 before.address
