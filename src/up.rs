@@ -27,6 +27,9 @@ pub struct UpArgs {
     metrics: cellmail_proto::server::MetricsConfig,
     #[command(flatten)]
     hold: cellmail_router::HoldConfig,
+    /// The certificate of both front doors (router and control plane).
+    #[command(flatten)]
+    public: cellmail_proto::tls::PublicTls,
     /// Where every component keeps its state; mail lands in <data-dir>/mail/<tenant>/.
     #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
     data_dir: PathBuf,
@@ -75,6 +78,10 @@ fn admin_token(data_dir: &std::path::Path) -> anyhow::Result<String> {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let (router_tls, control_tls) = (
+        args.public.open(args.router_addr)?,
+        args.public.open(args.control_addr)?,
+    );
     args.metrics.serve()?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
@@ -132,6 +139,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             },
             deployer: None,
             tls: tls(Role::Control)?,
+            public: control_tls,
         };
         tasks.spawn(cellmail_control::serve(
             control, registry, keys, setup, shutdown,
@@ -142,7 +150,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         registry,
         keys,
         args.hold,
-        tls(Role::Router)?,
+        (tls(Role::Router)?, router_tls),
         shutdown.clone(),
     ));
 

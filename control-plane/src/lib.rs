@@ -33,7 +33,7 @@ pub mod telemetry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use cellmail_proto::server::{self, Peers};
+use cellmail_proto::server;
 use cellmail_proto::tls::Tls;
 use cellmail_proto::v1::control_server::{ControlServer, SERVICE_NAME};
 use cellmail_registry::channels::CellChannels;
@@ -73,6 +73,8 @@ pub struct Setup {
     pub deployer: Option<Arc<dyn deployer::Deployer>>,
     /// This process's certificate, presented to the cells it calls.
     pub tls: Arc<Tls>,
+    /// The certificate the Control API is served with (none: plaintext).
+    pub public: Option<Arc<Tls>>,
 }
 
 /// How long a control plane that stopped renewing its leadership keeps it: the longest a
@@ -94,6 +96,7 @@ pub async fn serve(
         identities,
         deployer,
         tls,
+        public,
     } = setup;
     anyhow::ensure!(
         admin_token.len() >= 16,
@@ -151,15 +154,15 @@ pub async fn serve(
     );
     let routes = tonic::service::Routes::new(telemetry::CountActions(api));
     let health = tonic_health::server::HealthReporter::new();
-    let served = Peers::Public
-        .serve(
-            server::incoming(listener),
-            routes,
-            &health,
-            &[SERVICE_NAME],
-            shutdown.clone(),
-        )
-        .await;
+    let served = server::serve_front(
+        listener,
+        public,
+        routes,
+        &health,
+        &[SERVICE_NAME],
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     leading.await??;
     reporter.await?;

@@ -22,6 +22,8 @@ struct Args {
     config: cellmail_proto::config::ConfigFile,
     #[command(flatten)]
     tls: cellmail_proto::tls::TlsFiles,
+    #[command(flatten)]
+    public: cellmail_proto::tls::PublicTls,
     /// Where the embedded registry keeps its file.
     #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
     data_dir: PathBuf,
@@ -36,6 +38,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let _telemetry = cellmail_proto::server::init_tracing("cellmail-control");
     args.metrics.serve()?;
+    let public = args.public.open(args.control.addr)?;
     let registry = args.registry.open(&args.data_dir).await?;
     let listener = tokio::net::TcpListener::bind(args.control.addr)
         .await
@@ -46,6 +49,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         identities: args.control.identities,
         deployer: args.control.deployer.open().await?,
         tls: cellmail_proto::tls::Tls::load(args.tls)?,
+        public,
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));

@@ -186,6 +186,31 @@ impl Peers {
     }
 }
 
+/// Serves a front door's `routes` (with health and reflection) on `listener`: over `tls`
+/// when it has a certificate, else plaintext (see [`crate::tls::PublicTls::open`]).
+pub async fn serve_front(
+    listener: TcpListener,
+    tls: Option<std::sync::Arc<crate::tls::Tls>>,
+    routes: Routes,
+    health: &HealthReporter,
+    services: &[&str],
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    match tls {
+        Some(tls) => {
+            let incoming = tls.incoming(listener, shutdown.clone());
+            Peers::Public
+                .serve(incoming, routes, health, services, shutdown)
+                .await
+        }
+        None => {
+            Peers::Public
+                .serve(incoming(listener), routes, health, services, shutdown)
+                .await
+        }
+    }
+}
+
 /// The connections `listener` accepts, each with `TCP_NODELAY` set: without it, a response
 /// written in more than one piece (a streamed export's chunks, frames of calls answered
 /// while others are written) waits for the peer's delayed acknowledgement, 40 ms on Linux.

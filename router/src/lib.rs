@@ -17,7 +17,7 @@ pub mod telemetry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use cellmail_proto::server::{self, Peers};
+use cellmail_proto::server;
 use cellmail_proto::tls::Tls;
 use cellmail_proto::v1::sender_server::{SERVICE_NAME, SenderServer};
 use cellmail_registry::Registry;
@@ -71,13 +71,14 @@ impl HoldConfig {
     }
 }
 
-/// Serves `Sender` on `listener` until `shutdown` is cancelled; calls to cells present `tls`.
+/// Serves `Sender` on `listener` (over `public` TLS, if any) until `shutdown` is cancelled;
+/// calls to cells present `tls`.
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<dyn Registry>,
     keys: Keys,
     hold: HoldConfig,
-    tls: Arc<Tls>,
+    (tls, public): (Arc<Tls>, Option<Arc<Tls>>),
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let catalog =
@@ -98,15 +99,8 @@ pub async fn serve(
                 .await
         })
     };
-    let served = Peers::Public
-        .serve(
-            server::incoming(listener),
-            routes,
-            &health,
-            &[SERVICE_NAME],
-            shutdown,
-        )
-        .await;
+    let served =
+        server::serve_front(listener, public, routes, &health, &[SERVICE_NAME], shutdown).await;
     reporter.abort();
     usage_writer.await?;
     Ok(served?)

@@ -22,6 +22,8 @@ struct Args {
     config: cellmail_proto::config::ConfigFile,
     #[command(flatten)]
     tls: cellmail_proto::tls::TlsFiles,
+    #[command(flatten)]
+    public: cellmail_proto::tls::PublicTls,
     /// Where the embedded registry keeps its file.
     #[arg(long, env = "CELLMAIL_DATA_DIR", default_value = ".cellmail")]
     data_dir: PathBuf,
@@ -36,6 +38,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let _telemetry = cellmail_proto::server::init_tracing("cellmail-router");
     args.metrics.serve()?;
+    let public = args.public.open(args.router.addr)?;
     let registry = args.registry.open(&args.data_dir).await?;
     let listener = tokio::net::TcpListener::bind(args.router.addr)
         .await
@@ -45,5 +48,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
     let keys = args.registry.keys();
     let tls = cellmail_proto::tls::Tls::load(args.tls)?;
+    let tls = (tls, public);
     cellmail_router::serve(listener, registry, keys, args.router.hold, tls, shutdown).await
 }

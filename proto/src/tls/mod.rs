@@ -13,6 +13,10 @@
 //! second), so a certificate that cert-manager or an operator rotates is the one presented
 //! on the next connection, with no restart; connections already open carry on.
 //!
+//! The front doors (router, control plane) serve their own clients, who authenticate with
+//! API keys and operator credentials, over TLS with a [`PublicTls`] certificate; plaintext
+//! only on loopback, or behind a mesh or ingress that terminates TLS when asked for.
+//!
 //! [`ca::LocalCa`] makes a CA and these certificates where nobody else does.
 
 pub mod ca;
@@ -143,6 +147,66 @@ pub enum TlsError {
     Config(String),
 }
 
+/// The certificate a front door (router, control plane) serves its own clients with, who
+/// authenticate with credentials of their own rather than certificates.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PublicTls {
+    /// PEM certificate chain of the public port (none: plaintext, on a loopback address only
+    /// unless --insecure-plaintext).
+    #[arg(
+        long = "public-tls-cert",
+        env = "CELLMAIL_PUBLIC_TLS_CERT",
+        requires = "public_key"
+    )]
+    pub public_cert: Option<PathBuf>,
+    /// PEM private key of `--public-tls-cert`.
+    #[arg(
+        long = "public-tls-key",
+        env = "CELLMAIL_PUBLIC_TLS_KEY",
+        requires = "public_cert"
+    )]
+    pub public_key: Option<PathBuf>,
+    /// Serve plaintext on an address other than loopback: for a mesh or an ingress that
+    /// terminates TLS in front of this process.
+    #[arg(long = "insecure-plaintext", env = "CELLMAIL_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
+}
+
+impl PublicTls {
+    /// How the public port at `addr` is served: over TLS with the certificate (`Some`), or
+    /// plaintext (`None`) where that is allowed: on loopback, or when asked for.
+    pub fn open(&self, addr: std::net::SocketAddr) -> Result<Option<Arc<Tls>>, TlsError> {
+        match (&self.public_cert, &self.public_key) {
+            (Some(cert), Some(key)) => {
+                let source = Source {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: None,
+                };
+                let loaded = Mutex::new(load(&source)?);
+                Ok(Some(Arc::new(Tls { source, loaded })))
+            }
+            _ if addr.ip().is_loopback() => Ok(None),
+            _ if self.insecure_plaintext => {
+                tracing::warn!(%addr, "serving plaintext on an address other than loopback (--insecure-plaintext)");
+                Ok(None)
+            }
+            _ => Err(TlsError::Config(format!(
+                "{addr} is not a loopback address: give --public-tls-cert and --public-tls-key, \
+                 or --insecure-plaintext behind a mesh or ingress that terminates TLS"
+            ))),
+        }
+    }
+}
+
+/// The files one [`Tls`] reads: a public port's have no CA, as it asks for no client
+/// certificate.
+struct Source {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: Option<PathBuf>,
+}
+
 /// When each file was last changed, to tell whether they need reading again.
 type Stamps = [Option<SystemTime>; 3];
 
@@ -151,14 +215,15 @@ struct Loaded {
     stamps: Stamps,
     checked: Instant,
     server: Arc<ServerConfig>,
-    roots: Arc<RootCertStore>,
+    /// The CA's certificates (none for a public port).
+    roots: Option<Arc<RootCertStore>>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
 }
 
 /// A process's TLS material, read again when its files change.
 pub struct Tls {
-    files: TlsFiles,
+    source: Source,
     loaded: Mutex<Loaded>,
 }
 
@@ -166,9 +231,9 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(aws_lc_rs::default_provider())
 }
 
-fn stamps(files: &TlsFiles) -> Stamps {
-    [&files.cert, &files.key, &files.ca]
-        .map(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok())
+fn stamps(source: &Source) -> Stamps {
+    [Some(&source.cert), Some(&source.key), source.ca.as_ref()]
+        .map(|path| path.and_then(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok()))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -195,30 +260,39 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
-    let stamps = stamps(files);
-    let chain = certificates(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|e| TlsError::Pem {
-        path: files.key.clone(),
-        reason: e.to_string(),
-    })?;
+fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
-    for ca in certificates(&files.ca)? {
+    for ca in certificates(path)? {
         roots.add(ca).map_err(|e| TlsError::Pem {
-            path: files.ca.clone(),
+            path: path.to_owned(),
             reason: e.to_string(),
         })?;
     }
-    let roots = Arc::new(roots);
+    Ok(Arc::new(roots))
+}
+
+fn load(source: &Source) -> Result<Loaded, TlsError> {
+    let stamps = stamps(source);
+    let chain = certificates(&source.cert)?;
+    let key = PrivateKeyDer::from_pem_slice(&read(&source.key)?).map_err(|e| TlsError::Pem {
+        path: source.key.clone(),
+        reason: e.to_string(),
+    })?;
+    let roots = source.ca.as_deref().map(roots).transpose()?;
     let config = |e: rustls::Error| TlsError::Config(e.to_string());
-    let clients = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    let mut server = ServerConfig::builder_with_provider(provider())
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(config)?
-        .with_client_cert_verifier(clients)
+        .map_err(config)?;
+    let builder = match &roots {
+        Some(roots) => builder.with_client_cert_verifier(
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?,
+        ),
+        None => builder.with_no_client_auth(),
+    };
+    let mut server = builder
         .with_single_cert(chain.clone(), key.clone_key())
         .map_err(config)?;
     server.alpn_protocols = vec![b"h2".to_vec()];
@@ -235,8 +309,13 @@ fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
 impl Tls {
     /// Reads `files`; fails naming the file that is missing or does not parse.
     pub fn load(files: TlsFiles) -> Result<Arc<Tls>, TlsError> {
-        let loaded = Mutex::new(load(&files)?);
-        Ok(Arc::new(Tls { files, loaded }))
+        let source = Source {
+            cert: files.cert,
+            key: files.key,
+            ca: Some(files.ca),
+        };
+        let loaded = Mutex::new(load(&source)?);
+        Ok(Arc::new(Tls { source, loaded }))
     }
 
     /// The current configurations, read again first when a file changed. A file that no
@@ -246,10 +325,10 @@ impl Tls {
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if loaded.checked.elapsed() >= RELOAD_CHECK {
             loaded.checked = Instant::now();
-            if stamps(&self.files) != loaded.stamps {
-                match load(&self.files) {
+            if stamps(&self.source) != loaded.stamps {
+                match load(&self.source) {
                     Ok(fresh) => {
-                        tracing::info!(cert = %self.files.cert.display(), "TLS files read again");
+                        tracing::info!(cert = %self.source.cert.display(), "TLS files read again");
                         *loaded = fresh;
                     }
                     Err(err) => tracing::warn!("keeping the TLS files read before: {err}"),
@@ -268,11 +347,10 @@ impl Tls {
     fn client_config(&self, peer: Role) -> Result<Arc<ClientConfig>, TlsError> {
         let (roots, chain, key) = {
             let loaded = self.current();
-            (
-                loaded.roots.clone(),
-                loaded.chain.clone(),
-                loaded.key.clone_key(),
-            )
+            let roots = loaded.roots.clone().ok_or_else(|| {
+                TlsError::Config("a public port's certificate is not a client's".into())
+            })?;
+            (roots, loaded.chain.clone(), loaded.key.clone_key())
         };
         let provider = provider();
         let verifier = PeerVerifier {

@@ -362,7 +362,7 @@ pub(super) fn start_router(
         registry.clone(),
         keys.clone(),
         cellmail_router::HoldConfig::default(),
-        crate::pki::tls(&Role::Router)?,
+        (crate::pki::tls(&Role::Router)?, None),
         shutdown.clone(),
     ));
     Ok(addr)

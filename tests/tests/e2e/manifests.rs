@@ -550,3 +550,46 @@ fn only_the_platforms_pods_reach_a_cells_grpc_port() {
         );
     }
 }
+
+#[test]
+fn the_front_doors_serve_their_clients_over_tls_for_their_service_names() {
+    let objects = objects();
+    for door in ["cellmail-router", "cellmail-control"] {
+        let deployment = named(&objects, "Deployment", door);
+        let template = &deployment["spec"]["template"];
+        let container = &items(&template["spec"]["containers"])[0];
+        let flags = flags(items(&container["args"]));
+        assert!(!flags.contains_key("insecure-plaintext"), "{door}");
+        let cert = env_value(container, "CELLMAIL_PUBLIC_TLS_CERT").unwrap();
+        let dir = cert.rsplit_once('/').unwrap().0;
+        assert_eq!(cert, format!("{dir}/tls.crt"));
+        assert_eq!(
+            env_value(container, "CELLMAIL_PUBLIC_TLS_KEY"),
+            Some(&*format!("{dir}/tls.key"))
+        );
+        let mount = items(&container["volumeMounts"])
+            .iter()
+            .find(|m| m["mountPath"] == dir)
+            .unwrap();
+        let volume = items(&template["spec"]["volumes"])
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap();
+        let secret = &volume["secret"]["secretName"];
+        let certificate = of_kind(&objects, "Certificate")
+            .into_iter()
+            .find(|c| c["spec"]["secretName"] == *secret)
+            .unwrap_or_else(|| panic!("{door}: no Certificate writes {secret}"));
+        let names: Vec<&str> = items(&certificate["spec"]["dnsNames"])
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let service = named(&objects, "Service", door);
+        assert!(names.contains(&name(service)), "{door}: {names:?}");
+        assert!(
+            items(&certificate["spec"]["usages"])
+                .iter()
+                .any(|u| u == "server auth")
+        );
+    }
+}

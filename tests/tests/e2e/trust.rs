@@ -4,13 +4,17 @@
 //! with no certificate, with a certificate from another CA, with an expired one, and with a
 //! valid certificate of a role the method is not for. Each is refused, and the tenant's
 //! data, read back through the router, is as it was. A cell's certificate rotated on disk is
-//! the one it presents next, with no send failing meanwhile.
+//! the one it presents next, with no send failing meanwhile. The front doors serve TLS with
+//! a certificate, and plaintext off loopback only when asked for.
 
 use std::time::{Duration, SystemTime};
 
 use cellmail_proto::CellId;
+use cellmail_proto::bearer::Bearer;
 use cellmail_proto::tls::{Role, Tls, TlsFiles, ca::LocalCa};
-use cellmail_proto::v1::{self, cell_client::CellClient, sender_client::SenderClient};
+use cellmail_proto::v1::{
+    self, cell_client::CellClient, control_client::ControlClient, sender_client::SenderClient,
+};
 use cellmail_tests::emulator::ses_event;
 use cellmail_tests::processes::free_addr;
 use cellmail_tests::{Platform, authorized, get_message, message, pki, until_ok};
@@ -494,4 +498,82 @@ async fn a_rotated_cell_certificate_is_presented_next_while_sends_go_on() {
     .unwrap();
     assert_eq!(Role::of_certificate(&rotated), Some(role));
     assert_eq!(sending.await.unwrap().unwrap(), 200, "every send succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn front_doors_serve_tls_with_a_certificate_and_nothing_in_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_certs, files) = certificate(pki::ca(), &Role::Router, day());
+    let (cert, key) = (files.cert.to_string_lossy(), files.key.to_string_lossy());
+    let args = ["--public-tls-cert", &cert, "--public-tls-key", &key];
+    let platform = Platform::start(dir.path(), &args).unwrap();
+    let over_tls = |plain: &str| {
+        let endpoint = cellmail_proto::tls::endpoint(&plain.replace("http://", "https://"));
+        let config = pki::anonymous();
+        cellmail_proto::tls::channel_with(endpoint.unwrap(), move || Ok(config.clone()))
+    };
+    let bearer = Bearer::new(&platform.admin_token().unwrap()).unwrap();
+    let mut control = ControlClient::with_interceptor(over_tls(&platform.control), bearer);
+    let created = control
+        .create_tenant(v1::CreateTenantRequest {
+            id: TENANT.into(),
+            domains: vec!["victim.example".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sender = SenderClient::new(over_tls(&platform.router));
+    cellmail_tests::until_router_serves(&sender, &created.api_key).await;
+
+    // The same doors in plaintext answer nothing.
+    let mut plain = platform.sender().await.unwrap();
+    let refused = plain
+        .get_stats(authorized(
+            &created.api_key,
+            v1::GetStatsRequest { hours: 1 },
+        ))
+        .await
+        .unwrap_err();
+    assert_ne!(refused.code(), Code::Ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_front_door_off_loopback_needs_a_certificate_or_plaintext_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = cellmail_tests::processes::free_port().unwrap();
+    let any = format!("0.0.0.0:{port}");
+    let data_dir = dir.path().to_string_lossy();
+    let router = |extra: &[&str]| {
+        let mut args = vec!["--router-addr", &any, "--data-dir", &data_dir];
+        args.extend(extra);
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let refused = std::process::Command::new(cellmail_tests::binary("cellmail-router").unwrap())
+        .args(router(&[]))
+        .envs(pki::env(&Role::Router))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("--public-tls-cert"), "{said}");
+    assert!(said.contains("--insecure-plaintext"), "{said}");
+
+    // Asked for, it serves plaintext there (a mesh or an ingress terminates TLS).
+    let args = router(&["--insecure-plaintext"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let local = format!("127.0.0.1:{port}");
+    let _router = cellmail_tests::processes::Daemon::start("cellmail-router", &args, Some(&local))
+        .await
+        .unwrap();
+    let channel = Endpoint::from_shared(format!("http://{local}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let answer = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(answer.into_inner().status, 1, "SERVING");
 }
