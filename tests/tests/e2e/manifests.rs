@@ -593,3 +593,46 @@ fn the_front_doors_serve_their_clients_over_tls_for_their_service_names() {
         );
     }
 }
+
+#[test]
+fn the_image_holds_every_binary_the_manifests_run_as_a_non_root_user() {
+    let dockerfile = std::fs::read_to_string(k8s_dir().join("../Dockerfile")).unwrap();
+    // The image's own stage: what follows the last FROM, its lines joined where continued.
+    let last = dockerfile
+        .rsplit("\nFROM ")
+        .next()
+        .unwrap()
+        .replace("\\\n", " ");
+    let user = last
+        .lines()
+        .find_map(|line| line.strip_prefix("USER "))
+        .expect("the image names its user");
+    assert!(
+        !user.starts_with("root") && !user.starts_with('0'),
+        "{user}"
+    );
+    let copied: BTreeSet<&str> = last
+        .lines()
+        .filter(|line| line.starts_with("COPY ") && line.trim_end().ends_with("/usr/local/bin/"))
+        .flat_map(str::split_whitespace)
+        .filter_map(|word| word.rsplit_once("/release/").map(|(_, binary)| binary))
+        .collect();
+    let objects = objects();
+    for (workload, template) in pod_templates(&objects) {
+        for container in items(&template["spec"]["containers"]) {
+            let image = container["image"].as_str().unwrap();
+            if !image.starts_with("cellmail/cellmail:") {
+                continue;
+            }
+            let binary = container["command"][0].as_str().unwrap();
+            assert!(
+                copied.contains(binary),
+                "{workload}: {binary} is not in the image"
+            );
+        }
+    }
+    assert!(
+        copied.contains("cellmail"),
+        "the CLI, for operators in the pods"
+    );
+}
