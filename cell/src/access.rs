@@ -87,10 +87,10 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let role = Role::of_peer(request.extensions());
         let method = request.uri().path().rsplit('/').next().unwrap_or_default();
-        match verdict(method, role.as_ref()) {
+        match verdict(method, role) {
             Ok(()) => Box::pin(self.0.call(request)),
             Err(refusal) => {
-                let status = refuse(method, role.as_ref(), refusal);
+                let status = refuse(method, role, refusal);
                 Box::pin(std::future::ready(Ok(status.into_http())))
             }
         }

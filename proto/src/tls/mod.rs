@@ -22,9 +22,12 @@
 pub mod ca;
 
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
@@ -40,7 +43,7 @@ use tokio_rustls::rustls::{
 use tokio_rustls::{TlsAcceptor, TlsConnector, server::TlsStream};
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::Connected;
 
 use crate::CellId;
 
@@ -102,11 +105,55 @@ impl Role {
 
     /// The role of the client of a call served over [`Tls::incoming`] (from the request's
     /// extensions): `None` when it presented no certificate of the platform's.
-    pub fn of_peer(extensions: &http::Extensions) -> Option<Role> {
-        let certs = extensions
-            .get::<TlsConnectInfo<TcpConnectInfo>>()?
-            .peer_certs()?;
-        Role::of_certificate(certs.first()?)
+    pub fn of_peer(extensions: &http::Extensions) -> Option<&Role> {
+        extensions.get::<Peer>()?.0.as_ref()
+    }
+}
+
+/// What a server knows of a connection's client: the role its certificate names, read once
+/// when the connection is accepted rather than at every call on it.
+#[derive(Debug, Clone)]
+pub struct Peer(Option<Role>);
+
+/// A TLS connection [`Tls::incoming`] accepted, with its [`Peer`] for each call's extensions.
+pub struct Accepted {
+    stream: TlsStream<TcpStream>,
+    peer: Peer,
+}
+
+impl Connected for Accepted {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for Accepted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Accepted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -376,7 +423,7 @@ impl Tls {
         self: Arc<Self>,
         listener: TcpListener,
         shutdown: CancellationToken,
-    ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+    ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Accepted>> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             loop {
@@ -398,7 +445,13 @@ impl Tls {
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
-                            let _ = tx.send(Ok(stream)).await;
+                            let role = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|certs| Role::of_certificate(certs.first()?));
+                            let peer = Peer(role);
+                            let _ = tx.send(Ok(Accepted { stream, peer })).await;
                         }
                         // Closed before a handshake began: a probe that checks the port
                         // is open (a kubelet's), not a refused client.
