@@ -192,6 +192,9 @@ pub enum TlsError {
     Pem { path: PathBuf, reason: String },
     #[error("the TLS configuration is unusable: {0}")]
     Config(String),
+    /// A connection that could not be made, or whose handshake failed.
+    #[error("connecting to {0}")]
+    Connect(String),
 }
 
 /// The certificate a front door (router, control plane) serves its own clients with, who
@@ -514,7 +517,7 @@ async fn connect(
     uri: http::Uri,
     config: Arc<ClientConfig>,
 ) -> Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, TlsError> {
-    let io = |e: std::io::Error| TlsError::Config(format!("{uri}: {e}"));
+    let io = |e: std::io::Error| TlsError::Connect(format!("{uri}: {e}"));
     let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
     let port = uri.port_u16().unwrap_or(443);
     let tcp = TcpStream::connect((host, port)).await.map_err(io)?;
