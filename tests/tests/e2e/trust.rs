@@ -52,6 +52,15 @@ const METHODS: [(&str, For); 14] = [
     ("ForwardFeedback", For::Cell),
 ];
 
+/// The tenant every test here creates.
+fn victim_tenant() -> v1::CreateTenantRequest {
+    v1::CreateTenantRequest {
+        id: TENANT.into(),
+        domains: vec!["victim.example".into()],
+        ..Default::default()
+    }
+}
+
 /// A platform of one cell with a tenant that has sent a message and kept a suppression.
 struct Victim {
     platform: Platform,
@@ -82,11 +91,7 @@ impl Victim {
         let platform = Platform::start(dir.path(), &args).unwrap();
         let mut control = platform.control().await.unwrap();
         let created = control
-            .create_tenant(v1::CreateTenantRequest {
-                id: TENANT.into(),
-                domains: vec!["victim.example".into()],
-                ..Default::default()
-            })
+            .create_tenant(victim_tenant())
             .await
             .unwrap()
             .into_inner();
@@ -515,11 +520,7 @@ async fn front_doors_serve_tls_with_a_certificate_and_nothing_in_plaintext() {
     let bearer = Bearer::new(&platform.admin_token().unwrap()).unwrap();
     let mut control = ControlClient::with_interceptor(over_tls(&platform.control), bearer);
     let created = control
-        .create_tenant(v1::CreateTenantRequest {
-            id: TENANT.into(),
-            domains: vec!["victim.example".into()],
-            ..Default::default()
-        })
+        .create_tenant(victim_tenant())
         .await
         .unwrap()
         .into_inner();
