@@ -26,7 +26,7 @@ pub struct UpArgs {
     #[command(flatten)]
     metrics: cellmail_proto::server::MetricsConfig,
     #[command(flatten)]
-    hold: cellmail_router::HoldConfig,
+    sends: cellmail_router::SendConfig,
     /// The certificate of both front doors (router and control plane).
     #[command(flatten)]
     public: cellmail_proto::tls::PublicTls,
@@ -149,7 +149,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         router,
         registry,
         keys,
-        args.hold,
+        args.sends,
         (tls(Role::Router)?, router_tls),
         shutdown.clone(),
     ));

@@ -349,7 +349,11 @@ pub async fn run(
         health: cell_health,
         release: config.release().to_owned(),
     };
-    let routes = tonic::service::Routes::new(access::Authorize(CellServer::new(api)));
+    // A message of up to SES's size, and a router's over-size refusal of one is its own.
+    let api = CellServer::new(api).max_decoding_message_size(cellmail_proto::size::decode_limit(
+        cellmail_proto::size::SES_MESSAGE_BYTES,
+    ));
+    let routes = tonic::service::Routes::new(access::Authorize(api));
 
     let served = Peers::Internal
         .serve(

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use cellmail_proto::error::quote;
+use cellmail_proto::size;
 use cellmail_proto::v1::SendRequest;
 use cellmail_proto::{ApiError, MessageClass, MessageId, TenantId};
 use email_address::{EmailAddress, Options};
@@ -15,8 +16,6 @@ use email_address::{EmailAddress, Options};
 use crate::message::{Mailbox, Message};
 
 pub const MAX_RECIPIENTS: usize = 50;
-/// SES's limit for a message's size, less room for the headers cellmail adds.
-pub const MAX_MESSAGE_BYTES: usize = 10 * 1024 * 1024 - 64 * 1024;
 pub const MAX_SUBJECT_BYTES: usize = 998;
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 pub const MAX_TAGS: usize = 20;
@@ -165,18 +164,7 @@ pub fn message_from_request(
             "a message needs a text or html body",
         ));
     }
-    let size = request.subject.len() + request.text.len() + request.html.len();
-    if size > MAX_MESSAGE_BYTES {
-        let field = if request.html.len() > request.text.len() {
-            "html"
-        } else {
-            "text"
-        };
-        return Err(ApiError::invalid(
-            field,
-            format!("message is {size} bytes; at most {MAX_MESSAGE_BYTES}"),
-        ));
-    }
+    size::check(&request, size::SES_MESSAGE_BYTES)?;
     let tags = check_tags(request.tags)?;
     Ok(Message {
         id,
@@ -292,7 +280,7 @@ mod tests {
             ("text", Box::new(|r| r.text.clear())),
             (
                 "html",
-                Box::new(|r| r.html = "x".repeat(MAX_MESSAGE_BYTES + 1)),
+                Box::new(|r| r.html = "x".repeat(size::SES_MESSAGE_BYTES)),
             ),
             (
                 "tags[bad name]",

@@ -13,6 +13,7 @@
 //! - [`config`]: configuration files of `CELLMAIL_*` settings.
 //! - [`tls`]: mutual TLS between the platform's processes, and the roles their certificates
 //!   name.
+//! - [`size`]: how large a message may be, and the answer to one that is larger.
 
 pub mod bearer;
 pub mod clock;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod server;
+pub mod size;
 pub mod tls;
 pub mod trace;
 

@@ -36,6 +36,8 @@ pub struct SenderApi {
     admission: Admission,
     /// How long a frozen tenant's calls are held, and a newer placement waited for.
     hold: Duration,
+    /// The largest message a send may carry (`--max-message-bytes`).
+    max_message_bytes: usize,
 }
 
 /// The authenticated tenant of a request, once its key is known to have `scope`, and the
@@ -90,14 +92,15 @@ async fn traced<T>(
 impl SenderApi {
     pub fn new(
         catalog: Arc<WatchedCatalog<Routes>>,
-        hold: Duration,
+        sends: crate::SendConfig,
         channels: CellChannels,
     ) -> Self {
         Self {
             catalog,
             channels,
             admission: Admission::default(),
-            hold,
+            hold: sends.hold(),
+            max_message_bytes: sends.max_message_bytes,
         }
     }
 
@@ -141,6 +144,7 @@ impl SenderApi {
         labels: &mut SendLabels,
     ) -> Result<Response<v1::SendResponse>, Status> {
         let (tenant, deadline) = context(&request, Scope::Send)?;
+        cellmail_proto::size::check(request.get_ref(), self.max_message_bytes)?;
         self.admit(&tenant, labels)?;
         let message = request.into_inner();
         self.on_cell(&tenant, Some(labels), |mut cell, caller| {

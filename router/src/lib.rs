@@ -5,27 +5,30 @@
 //! - [`routes`]: the router's compact registry view; tenant -> cell resolution.
 //! - [`forward`]: the deadline a forwarded call carries.
 //! - [`api`]: the `Sender` gRPC service (forward, and one retry after a "moved" answer).
+//! - [`oversize`]: the answer to a send too large to read.
 //! - [`telemetry`]: the router's metrics (sends by cell, class, tier and outcome).
 
 pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod forward;
+pub mod oversize;
 pub mod routes;
 pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use cellmail_proto::server;
 use cellmail_proto::tls::Tls;
 use cellmail_proto::v1::sender_server::{SERVICE_NAME, SenderServer};
+use cellmail_proto::{server, size};
 use cellmail_registry::Registry;
 use cellmail_registry::catalog::WatchedCatalog;
 use cellmail_registry::channels::CellChannels;
 use cellmail_registry::schema::Keys;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 
 /// How a router is started, from flags or env.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,15 +41,16 @@ pub struct RouterConfig {
     )]
     pub addr: SocketAddr,
     #[command(flatten)]
-    pub hold: HoldConfig,
+    pub sends: SendConfig,
 }
 
 const DEFAULT_FREEZE_HOLD_MS: u64 = 2000;
 
-/// How long a router holds a tenant's calls while a move has its placement frozen (and waits
-/// for a newer placement after a cell's "moved" answer) before it answers UNAVAILABLE.
+/// How a router takes sends: how long it holds a tenant's calls while a move has its
+/// placement frozen (and waits for a newer placement after a cell's "moved" answer) before it
+/// answers UNAVAILABLE, and how large a message it takes.
 #[derive(Debug, Clone, Copy, clap::Args)]
-pub struct HoldConfig {
+pub struct SendConfig {
     /// Milliseconds a moving tenant's calls are held while its placement is frozen, before
     /// they are answered UNAVAILABLE (clients retry with the same idempotency key).
     #[arg(
@@ -55,18 +59,39 @@ pub struct HoldConfig {
         default_value_t = DEFAULT_FREEZE_HOLD_MS
     )]
     pub freeze_hold_ms: u64,
+    /// The largest message (subject, text and html together, in bytes) a send may carry;
+    /// larger ones are INVALID_ARGUMENT naming the field. At most SES's limit, 40 MB.
+    #[arg(
+        long = "max-message-bytes",
+        env = "CELLMAIL_MAX_MESSAGE_BYTES",
+        default_value_t = size::SES_MESSAGE_BYTES,
+        value_parser = max_message_bytes
+    )]
+    pub max_message_bytes: usize,
 }
 
-impl Default for HoldConfig {
+fn max_message_bytes(raw: &str) -> Result<usize, String> {
+    match raw.parse::<usize>() {
+        Ok(bytes) if (1..=size::SES_MESSAGE_BYTES).contains(&bytes) => Ok(bytes),
+        _ => Err(format!(
+            "must be a number of bytes from 1 to {} (SES's limit)",
+            size::SES_MESSAGE_BYTES
+        )),
+    }
+}
+
+impl Default for SendConfig {
     fn default() -> Self {
         Self {
             freeze_hold_ms: DEFAULT_FREEZE_HOLD_MS,
+            max_message_bytes: size::SES_MESSAGE_BYTES,
         }
     }
 }
 
-impl HoldConfig {
-    pub fn duration(self) -> std::time::Duration {
+impl SendConfig {
+    /// How long a frozen tenant's calls are held.
+    pub fn hold(self) -> std::time::Duration {
         std::time::Duration::from_millis(self.freeze_hold_ms)
     }
 }
@@ -77,7 +102,7 @@ pub async fn serve(
     listener: TcpListener,
     registry: Arc<dyn Registry>,
     keys: Keys,
-    hold: HoldConfig,
+    sends: SendConfig,
     (tls, public): (Arc<Tls>, Option<Arc<Tls>>),
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -85,8 +110,13 @@ pub async fn serve(
         Arc::new(WatchedCatalog::<routes::Routes>::start(registry.clone(), keys.clone()).await?);
     let usage = Arc::new(auth::Usage::default());
     let usage_writer = tokio::spawn(usage.clone().write(registry, keys, shutdown.clone()));
-    let api = telemetry::MarkSends(SenderServer::with_interceptor(
-        api::SenderApi::new(catalog.clone(), hold.duration(), CellChannels::new(tls)),
+    let sender = api::SenderApi::new(catalog.clone(), sends, CellChannels::new(tls));
+    let api = telemetry::MarkSends(InterceptedService::new(
+        oversize::RefuseOversize {
+            inner: SenderServer::new(sender)
+                .max_decoding_message_size(size::decode_limit(sends.max_message_bytes)),
+            limit: sends.max_message_bytes,
+        },
         auth::Authenticate::new(catalog.clone(), usage),
     ));
     let routes = tonic::service::Routes::new(api);

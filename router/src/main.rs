@@ -49,5 +49,5 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let keys = args.registry.keys();
     let tls = cellmail_proto::tls::Tls::load(args.tls)?;
     let tls = (tls, public);
-    cellmail_router::serve(listener, registry, keys, args.router.hold, tls, shutdown).await
+    cellmail_router::serve(listener, registry, keys, args.router.sends, tls, shutdown).await
 }

@@ -361,7 +361,7 @@ pub(super) fn start_router(
         listener,
         registry.clone(),
         keys.clone(),
-        cellmail_router::HoldConfig::default(),
+        cellmail_router::SendConfig::default(),
         (crate::pki::tls(&Role::Router)?, None),
         shutdown.clone(),
     ));

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use cellmail_proto::size::SES_MESSAGE_BYTES;
 use cellmail_proto::v1;
 use cellmail_tests::{Platform, authorized, message, wait_for};
 use tonic::Code;
@@ -210,6 +211,22 @@ async fn bad_requests_are_refused_naming_the_field_and_nothing_is_sent() {
                 ..good()
             },
         ),
+        // Over SES's 40 MB: read, and refused naming its largest part.
+        (
+            "html",
+            v1::SendRequest {
+                html: "h".repeat(50 * 1024 * 1024),
+                ..good()
+            },
+        ),
+        // Over what the router reads at all: refused naming the message.
+        (
+            "message",
+            v1::SendRequest {
+                text: "t".repeat(cellmail_proto::size::decode_limit(SES_MESSAGE_BYTES) + 1),
+                ..good()
+            },
+        ),
     ];
     for (field, request) in cases {
         let status = sender
@@ -232,6 +249,10 @@ async fn bad_requests_are_refused_naming_the_field_and_nothing_is_sent() {
             .expect("field violation details")
             .field_violations;
         assert_eq!(violations[0].field, field);
+        if ["html", "message"].contains(&field) {
+            let limit = format!("at most {SES_MESSAGE_BYTES} bytes");
+            assert!(status.message().contains(&limit), "{}", status.message());
+        }
     }
 
     let no_key = sender.send(tonic::Request::new(good())).await.unwrap_err();
