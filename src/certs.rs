@@ -29,6 +29,10 @@ enum CertsCommand {
         /// The cell's id, for `--role cell`.
         #[arg(long = "cell-id", required_if_eq("role", "cell"))]
         cell_id: Option<CellId>,
+        /// A DNS name or IP address the certificate also names (repeatable), so that it can
+        /// serve the router's or control plane's own port there (`--public-tls-cert`).
+        #[arg(long = "name")]
+        names: Vec<String>,
         /// Days the certificate is valid.
         #[arg(long, default_value_t = 365)]
         days: u64,
@@ -48,6 +52,7 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
             dir,
             role,
             cell_id,
+            names,
             days,
         } => {
             let role = match (role, cell_id) {
@@ -58,7 +63,7 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
                 (RoleName::Cell, None) => anyhow::bail!("--role cell needs --cell-id"),
             };
             let validity = Duration::from_secs(days * 24 * 3600);
-            let files = LocalCa::open_or_create(&dir)?.issue(&role, validity)?;
+            let files = LocalCa::open_or_create(&dir)?.issue_named(&role, &names, validity)?;
             println!("CELLMAIL_TLS_CERT={}", files.cert.display());
             println!("CELLMAIL_TLS_KEY={}", files.key.display());
             println!("CELLMAIL_TLS_CA={}", files.ca.display());

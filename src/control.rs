@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 
 #[derive(Args)]
 pub struct Connection {
-    /// Address of the control plane.
+    /// Address of the control plane (`https://…` for TLS).
     #[arg(
         long,
         env = "CELLMAIL_CONTROL",
@@ -36,6 +36,8 @@ pub struct Connection {
         global = true
     )]
     data_dir: std::path::PathBuf,
+    #[command(flatten)]
+    ca: crate::door::PublicCa,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub(crate) json: bool,
@@ -61,15 +63,7 @@ impl Connection {
             }
         };
         let bearer = Bearer::new(&token)?;
-        let url = if self.control.contains("://") {
-            self.control.clone()
-        } else {
-            format!("http://{}", self.control)
-        };
-        let channel = Channel::from_shared(url.clone())?
-            .connect()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot reach the control plane at {url}: {e}"))?;
+        let channel = self.ca.connect(&self.control, "control").await?;
         Ok(ControlClient::with_interceptor(channel, bearer))
     }
 }

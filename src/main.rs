@@ -17,6 +17,7 @@ mod audit;
 mod cell;
 mod certs;
 mod control;
+mod door;
 mod key;
 mod operation;
 mod operator;

@@ -13,9 +13,11 @@ enum Class {
 
 #[derive(Args)]
 pub struct SendArgs {
-    /// Address of the router.
+    /// Address of the router (`https://…` for TLS).
     #[arg(long, env = "CELLMAIL_ROUTER", default_value = "127.0.0.1:50051")]
     router: String,
+    #[command(flatten)]
+    ca: crate::door::PublicCa,
     /// The tenant's API key.
     #[arg(long, env = "CELLMAIL_API_KEY", hide_env_values = true)]
     api_key: String,
@@ -56,14 +58,7 @@ fn parse_tag(raw: &str) -> Result<(String, String), String> {
 }
 
 pub async fn run(args: SendArgs) -> anyhow::Result<()> {
-    let url = if args.router.contains("://") {
-        args.router.clone()
-    } else {
-        format!("http://{}", args.router)
-    };
-    let mut client = SenderClient::connect(url.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the router at {url}: {e}"))?;
+    let mut client = SenderClient::new(args.ca.connect(&args.router, "router").await?);
     let class = match args.class {
         Class::Transactional => v1::MessageClass::Transactional,
         Class::Marketing => v1::MessageClass::Marketing,

@@ -15,6 +15,7 @@ use rcgen::{
 };
 
 use super::{Role, TlsError, TlsFiles};
+use crate::error::quote;
 
 /// The CA's certificate and key, under its directory.
 const CERT: &str = "ca.pem";
@@ -100,15 +101,27 @@ impl LocalCa {
     /// Issues a certificate of `role`, valid from now for `validity`, into this CA's
     /// directory (`<role>.pem` and `<role>.key`, replacing any there).
     pub fn issue(&self, role: &Role, validity: Duration) -> Result<TlsFiles, TlsError> {
-        let now = SystemTime::now();
-        self.issue_into(role, now - SKEW..now + validity, &self.dir)
+        self.issue_named(role, &[], validity)
     }
 
-    /// Issues a certificate of `role` valid over `validity` (which may be over already) into
-    /// `dir`.
+    /// [`Self::issue`], the certificate also naming `names` (DNS names or IP addresses), so
+    /// that it can serve a front door (`--public-tls-cert`) at those names too.
+    pub fn issue_named(
+        &self,
+        role: &Role,
+        names: &[String],
+        validity: Duration,
+    ) -> Result<TlsFiles, TlsError> {
+        let now = SystemTime::now();
+        self.issue_into(role, names, now - SKEW..now + validity, &self.dir)
+    }
+
+    /// Issues a certificate of `role` (and `names`) valid over `validity` (which may be over
+    /// already) into `dir`.
     pub fn issue_into(
         &self,
         role: &Role,
+        names: &[String],
         validity: Range<SystemTime>,
         dir: &Path,
     ) -> Result<TlsFiles, TlsError> {
@@ -123,6 +136,14 @@ impl LocalCa {
             .try_into()
             .map_err(|e| TlsError::Config(format!("the URI of {role}: {e}")))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
+        for name in names {
+            params.subject_alt_names.push(match name.parse() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.as_str().try_into().map_err(|e| {
+                    TlsError::Config(format!("{} is not a DNS name: {e}", quote(name)))
+                })?),
+            });
+        }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,

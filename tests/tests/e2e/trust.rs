@@ -10,11 +10,8 @@
 use std::time::{Duration, SystemTime};
 
 use cellmail_proto::CellId;
-use cellmail_proto::bearer::Bearer;
 use cellmail_proto::tls::{Role, Tls, TlsFiles, ca::LocalCa};
-use cellmail_proto::v1::{
-    self, cell_client::CellClient, control_client::ControlClient, sender_client::SenderClient,
-};
+use cellmail_proto::v1::{self, cell_client::CellClient, sender_client::SenderClient};
 use cellmail_tests::emulator::ses_event;
 use cellmail_tests::processes::free_addr;
 use cellmail_tests::{Platform, authorized, get_message, message, pki, until_ok};
@@ -355,7 +352,7 @@ fn certificate(
     validity: std::ops::Range<SystemTime>,
 ) -> (tempfile::TempDir, TlsFiles) {
     let dir = tempfile::tempdir().unwrap();
-    let files = ca.issue_into(role, validity, dir.path()).unwrap();
+    let files = ca.issue_into(role, &[], validity, dir.path()).unwrap();
     (dir, files)
 }
 
@@ -508,32 +505,92 @@ async fn a_rotated_cell_certificate_is_presented_next_while_sends_go_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn front_doors_serve_tls_with_a_certificate_and_nothing_in_plaintext() {
     let dir = tempfile::tempdir().unwrap();
-    let (_certs, files) = certificate(pki::ca(), &Role::Router, day());
-    let (cert, key) = (files.cert.to_string_lossy(), files.key.to_string_lossy());
-    let args = ["--public-tls-cert", &cert, "--public-tls-key", &key];
-    let platform = Platform::start(dir.path(), &args).unwrap();
-    let over_tls = |plain: &str| {
-        let endpoint = cellmail_proto::tls::endpoint(&plain.replace("http://", "https://"));
-        let config = pki::anonymous();
-        cellmail_proto::tls::channel_with(endpoint.unwrap(), move || Ok(config.clone()))
+    // The doors' certificate, as an operator without cert-manager makes one.
+    let ca_dir = dir.path().join("public-ca");
+    let issued = std::process::Command::new(cellmail_tests::binary("cellmail").unwrap())
+        .args(["certs", "issue", "--role", "router", "--name", "127.0.0.1"])
+        .arg("--dir")
+        .arg(&ca_dir)
+        .output()
+        .unwrap();
+    assert!(issued.status.success(), "{issued:?}");
+    let setting = |name: &str| {
+        String::from_utf8_lossy(&issued.stdout)
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}=")).map(str::to_owned))
+            .unwrap()
     };
-    let bearer = Bearer::new(&platform.admin_token().unwrap()).unwrap();
-    let mut control = ControlClient::with_interceptor(over_tls(&platform.control), bearer);
-    let created = control
-        .create_tenant(victim_tenant())
-        .await
-        .unwrap()
-        .into_inner();
-    let sender = SenderClient::new(over_tls(&platform.router));
-    cellmail_tests::until_router_serves(&sender, &created.api_key).await;
+    let (cert, key, ca) = (
+        setting("CELLMAIL_TLS_CERT"),
+        setting("CELLMAIL_TLS_KEY"),
+        setting("CELLMAIL_TLS_CA"),
+    );
+    let args = ["--public-tls-cert", &cert, "--public-tls-key", &key];
+    let platform = Platform::start(&dir.path().join("data"), &args).unwrap();
+    let https = |plain: &str| plain.replace("http://", "https://");
+    let (control, router) = (https(&platform.control), https(&platform.router));
+
+    // The CLI reaches both doors over TLS, trusting the doors' CA as told.
+    let created = cellmail_tests::cellmail(
+        &platform,
+        &[
+            "tenant",
+            "create",
+            TENANT,
+            "--domain",
+            "victim.example",
+            "--control",
+            &control,
+            "--public-ca",
+            &ca,
+            "--json",
+        ],
+    );
+    let api_key = created["api_key"].as_str().unwrap().to_owned();
+    let config = pki::anonymous();
+    let endpoint = cellmail_proto::tls::endpoint(&router).unwrap();
+    let sender = SenderClient::new(cellmail_proto::tls::channel_with(endpoint, move || {
+        Ok(config.clone())
+    }));
+    cellmail_tests::until_router_serves(&sender, &api_key).await;
+    let sent = cellmail_tests::cellmail(
+        &platform,
+        &[
+            "send",
+            "--router",
+            &router,
+            "--public-ca",
+            &ca,
+            "--api-key",
+            &api_key,
+            "--from",
+            "shop@victim.example",
+            "--to",
+            "jane@example.com",
+            "--subject",
+            "Hi",
+            "--text",
+            "Hello",
+            "--json",
+        ],
+    );
+    assert!(sent["message_id"].as_str().is_some(), "{sent}");
+
+    // It verifies the doors' certificate: without their CA, it refuses to talk.
+    let unverified = std::process::Command::new(cellmail_tests::binary("cellmail").unwrap())
+        .args(["tenant", "list", "--control", &control])
+        .env("CELLMAIL_ADMIN_TOKEN", platform.admin_token().unwrap())
+        .output()
+        .unwrap();
+    assert!(!unverified.status.success());
+    let said = String::from_utf8_lossy(&unverified.stderr);
+    assert!(said.contains("cannot reach the control"), "{said}");
+    assert!(said.contains("invalid peer certificate"), "{said}");
 
     // The same doors in plaintext answer nothing.
     let mut plain = platform.sender().await.unwrap();
     let refused = plain
-        .get_stats(authorized(
-            &created.api_key,
-            v1::GetStatsRequest { hours: 1 },
-        ))
+        .get_stats(authorized(&api_key, v1::GetStatsRequest { hours: 1 }))
         .await
         .unwrap_err();
     assert_ne!(refused.code(), Code::Ok);
