@@ -1,7 +1,8 @@
 //! Helpers for cellmail's end-to-end tests and benchmark harness: find the built binaries,
 //! run `cellmail up` as a child process on free ports, and talk to it only through its
 //! public gRPC APIs. [`services`] finds etcd and runs private ones, [`emulator`] reaches the
-//! AWS emulator, [`pki`] issues the certificates of the processes a test starts;
+//! AWS emulator and [`ses_standin`] answers the SES calls it lacks, [`pki`] issues the
+//! certificates of the processes a test starts;
 //! [`bench`] is the benchmark harness behind `cellmail-bench`.
 
 pub mod bench;
@@ -11,6 +12,7 @@ pub mod local;
 pub mod pki;
 pub mod processes;
 pub mod services;
+pub mod ses_standin;
 
 use std::io::{BufRead, BufReader};
 

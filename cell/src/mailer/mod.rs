@@ -5,11 +5,13 @@
 //! [`mailbox_text`] the one-line form of an address for APIs that take addresses as text.
 //!
 //! Implementations: [`file::FileSink`] (embedded: one .eml per message on disk) and
-//! [`ses::SesMailer`] (production: SES v2 `SendEmail`, one configuration set per tenant);
+//! [`ses::SesMailer`] (production: SES v2 `SendEmail`, one configuration set per tenant,
+//! at the account's rate: [`quota`]);
 //! [`fault::FaultyMailer`] wraps either to fail a share of attempts on purpose.
 
 pub mod fault;
 pub mod file;
+pub mod quota;
 pub mod ses;
 
 use std::time::Duration;

@@ -17,6 +17,11 @@
 //! [`classify`] says what an SES error means for the message: retry it later, pause the
 //! cell's sending because the account's sending is paused, or give up because SES refuses
 //! the message itself.
+//!
+//! Sends keep to the account's `MaxSendRate` ([`super::quota`]). The SDK retries nothing
+//! (the queue retries a message, with its backoff, and a retry by the SDK would bypass the
+//! rate), and every call has a timeout: [`CALL_TIMEOUT`] in all, [`CONNECT_TIMEOUT`] to
+//! connect.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +32,8 @@ use async_trait::async_trait;
 use aws_config::SdkConfig;
 use aws_sdk_sesv2::Client;
 use aws_sdk_sesv2::config::http::HttpResponse;
+use aws_sdk_sesv2::config::retry::RetryConfig;
+use aws_sdk_sesv2::config::timeout::TimeoutConfig;
 use aws_sdk_sesv2::error::{BuildError, DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_sesv2::operation::create_email_identity::CreateEmailIdentityError;
 use aws_sdk_sesv2::operation::create_tenant::CreateTenantError;
@@ -39,6 +46,7 @@ use aws_sdk_sesv2::types::{Body, Content, Destination, EmailContent, MessageTag}
 use cellmail_proto::TenantId;
 use tokio::sync::OnceCell;
 
+use super::quota::SendRate;
 use super::{Mailer, MailerError, mailbox_text};
 use crate::message::{Mailbox, Message};
 
@@ -46,6 +54,9 @@ pub const DEFAULT_CONFIGURATION_SET_PREFIX: &str = "cellmail-";
 /// How long a message waits while the account's sending is paused.
 const SENDING_PAUSED_RETRY: Duration = Duration::from_secs(60);
 const CHARSET: &str = "UTF-8";
+/// The longest an SES call may take, whatever it is.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How the SES mailer names and isolates tenants.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
@@ -83,6 +94,7 @@ enum Provision {
 pub struct SesMailer {
     client: Client,
     settings: SesSettings,
+    rate: SendRate,
     provisioned: Mutex<HashMap<Provision, Arc<OnceCell<()>>>>,
     /// Set once the endpoint turned out to have no SES tenants.
     tenants_unsupported: AtomicBool,
@@ -90,9 +102,18 @@ pub struct SesMailer {
 
 impl SesMailer {
     pub fn new(config: &SdkConfig, settings: SesSettings) -> Self {
+        let timeouts = TimeoutConfig::builder()
+            .operation_timeout(CALL_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build();
+        let config = aws_sdk_sesv2::config::Builder::from(config)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(timeouts)
+            .build();
         Self {
-            client: Client::new(config),
+            client: Client::from_conf(config),
             settings,
+            rate: SendRate::default(),
             provisioned: Mutex::new(HashMap::new()),
             tenants_unsupported: AtomicBool::new(false),
         }
@@ -366,7 +387,7 @@ fn configuration_set_gone(err: &DeleteConfigurationSetError) -> bool {
 
 /// Whether the endpoint does not implement the operation at all (an emulator): a 404, 405
 /// or 501 that names no error, or AWS's code for an unknown operation.
-fn unsupported<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
+pub(super) fn unsupported<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
     let SdkError::ServiceError(service) = err else {
         return false;
     };
@@ -408,6 +429,8 @@ impl Mailer for SesMailer {
     async fn send(&self, message: &Message) -> Result<(), MailerError> {
         self.provision(&message.tenant, [message.from.domain()])
             .await?;
+        let recipients = message.to.len() + message.cc.len() + message.bcc.len();
+        self.rate.take(&self.client, recipients).await?;
         let request = self.request(message).map_err(|e| MailerError::Permanent {
             reason: format!("building the SES request: {e}"),
         })?;
@@ -702,6 +725,23 @@ mod tests {
         let body = simple.body.unwrap();
         assert_eq!(body.text.unwrap().data, "plain");
         assert!(body.html.is_none());
+    }
+
+    #[test]
+    fn the_client_retries_nothing_and_every_call_has_a_timeout() {
+        let config = SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .build();
+        let mailer = SesMailer::new(&config, SesSettings::default());
+        let client = mailer.client.config();
+        assert_eq!(
+            client.retry_config().map(RetryConfig::max_attempts),
+            Some(1)
+        );
+        let timeouts = client.timeout_config().unwrap();
+        assert_eq!(timeouts.operation_timeout(), Some(CALL_TIMEOUT));
+        assert_eq!(timeouts.connect_timeout(), Some(CONNECT_TIMEOUT));
     }
 
     #[test]

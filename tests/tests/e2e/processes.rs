@@ -425,6 +425,94 @@ async fn on_etcd_sqs_and_ses_a_send_through_the_router_reaches_ses_with_the_tena
     assert_eq!(tags["message_class"], "transactional");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqs_and_ses_a_backlog_drains_no_faster_than_the_accounts_send_rate() {
+    const RATE: f64 = 50.0;
+    const MESSAGES: usize = 200;
+    const RECIPIENTS: usize = 10;
+    let ses = cellmail_tests::ses_standin::SesStandIn::start(RATE)
+        .await
+        .unwrap();
+    let unique = cellmail_proto::MessageId::generate()
+        .to_string()
+        .to_lowercase();
+    let registry = registry_args(&etcd_endpoint(), &unique_prefix("rate"));
+    let queue_prefix = format!("r{}-", &unique[16..]);
+    let aws = [
+        "--queue",
+        "sqs",
+        "--mailer",
+        "ses",
+        "--aws-endpoint",
+        &ses.endpoint,
+        "--aws-region",
+        "us-east-1",
+        "--sqs-queue-prefix",
+        &queue_prefix,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let (_cell, front, control) = one_cell(&registry, "cell-rate", dir.path(), &aws).await;
+    let tenant = format!("t{unique}");
+    let domain = format!("{tenant}.example");
+    let created = until_ok(Duration::from_secs(10), || {
+        let mut client = control.clone();
+        let request = v1::CreateTenantRequest {
+            id: tenant.clone(),
+            domains: vec![domain.clone()],
+            ..Default::default()
+        };
+        async move { client.create_tenant(request).await }
+    })
+    .await;
+    let key = created.unwrap().into_inner().api_key;
+    let sender = v1::sender_client::SenderClient::connect(format!("http://{}", front.router))
+        .await
+        .unwrap();
+    cellmail_tests::until_router_serves(&sender, &key).await;
+    let before = ses.sent().len();
+
+    // A backlog: the cell accepts far faster than it may send.
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..MESSAGES {
+        let mut client = sender.clone();
+        let mut request = message(
+            &format!("shop@{domain}"),
+            "r0@example.com",
+            &format!("k{i}"),
+        );
+        request.to = (0..RECIPIENTS)
+            .map(|r| format!("r{r}@example.com"))
+            .collect();
+        let request = authorized(&key, request);
+        sends.spawn(async move { client.send(request).await });
+    }
+    for sent in sends.join_all().await {
+        sent.unwrap();
+    }
+    let sent = wait_for(
+        Duration::from_secs(90),
+        "every message sent through SES",
+        || {
+            let sent = ses.sent();
+            (sent.len() >= before + MESSAGES).then_some(sent)
+        },
+    )
+    .await
+    .unwrap();
+
+    let drained = &sent[before..];
+    assert_eq!(drained.len(), MESSAGES, "no message lost or sent twice");
+    assert!(drained.iter().all(|s| s.recipients == RECIPIENTS));
+    // The first second's worth may go at once (the bucket starts full); after it, the rate.
+    let span = drained[drained.len() - 1].at - drained[0].at;
+    let after_first = (MESSAGES - 1) * RECIPIENTS;
+    let rate = after_first as f64 / span.as_secs_f64();
+    assert!(
+        rate <= RATE * 1.05,
+        "{after_first} recipients in {span:?}: {rate:.1}/s"
+    );
+}
+
 /// The router's `cellmail_registry_staleness_seconds` from its metrics endpoint.
 async fn staleness(metrics_addr: &str) -> f64 {
     let text = cellmail_tests::http_get(metrics_addr, "/metrics")
