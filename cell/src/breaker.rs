@@ -133,50 +133,142 @@ impl Breakers {
         let Some(detail) = verdict(&policy, &window) else {
             return Ok(());
         };
+        let record = BreakerRecord {
+            state: BreakerState::Tripped,
+            since_ms: now,
+            by: format!("cell {}", self.cell),
+            sent: window.sent,
+            bounced: window.bounced,
+            complained: window.complained,
+            detail,
+            by_transport: false,
+        };
+        self.trip(tenant, class, record).await
+    }
+
+    /// Writes `record` (a trip) over `tenant`'s `class` breaker unless it is tripped already,
+    /// with its audit entry, and raises the alarm.
+    async fn trip(
+        &self,
+        tenant: &TenantId,
+        class: MessageClass,
+        record: BreakerRecord,
+    ) -> anyhow::Result<()> {
+        let detail = record.detail.clone();
+        let written = self
+            .change(tenant, class, record, "trip", |before| {
+                !before.is_some_and(BreakerRecord::tripped)
+            })
+            .await?;
+        if written {
+            tracing::error!(%tenant, %class, cell = %self.cell, %detail, "ALARM: breaker tripped; this tenant's class is paused and its mail held");
+            metrics::counter!("cellmail_breaker_trips_total", "cell" => self.cell.to_string(), "class" => class.as_str()).increment(1);
+        }
+        Ok(())
+    }
+
+    /// Writes `record` over `tenant`'s `class` breaker, audited as `breaker.<verb> <class>`,
+    /// if `due` holds for the record there now: whether it was written.
+    async fn change(
+        &self,
+        tenant: &TenantId,
+        class: MessageClass,
+        record: BreakerRecord,
+        verb: &str,
+        due: impl Fn(Option<&BreakerRecord>) -> bool,
+    ) -> anyhow::Result<bool> {
         let key = self.keys.breaker(tenant, class);
         let current = self.registry.get(&key).await?;
         let before = match &current {
             Some(kv) => Some(schema::decode::<BreakerRecord>(&kv.value)?),
             None => None,
         };
-        if before.as_ref().is_some_and(BreakerRecord::tripped) {
-            return Ok(());
+        if !due(before.as_ref()) {
+            return Ok(false);
         }
-        let by = format!("cell {}", self.cell);
-        let record = BreakerRecord {
-            state: BreakerState::Tripped,
-            since_ms: now,
-            by: by.clone(),
-            sent: window.sent,
-            bounced: window.bounced,
-            complained: window.complained,
-            detail: detail.clone(),
-        };
         let entry = AuditRecord {
-            at_ms: now,
-            actor: by,
-            action: format!("breaker.trip {class}"),
+            at_ms: record.since_ms,
+            actor: record.by.clone(),
+            action: format!("breaker.{verb} {class}"),
             tenant: Some(tenant.clone()),
-            reason: detail.clone(),
+            reason: record.detail.clone(),
             before: before.as_ref().and_then(audit::snapshot),
             after: audit::snapshot(&record),
         };
         let mod_revision = current.map_or(0, |kv| kv.mod_revision);
-        let value = schema::encode(&record);
-        let written = audit::write(
+        Ok(audit::write(
             self.registry.as_ref(),
             &self.keys,
             &key,
             mod_revision,
-            value,
+            schema::encode(&record),
             &entry,
         )
-        .await?;
-        if written {
-            tracing::error!(%tenant, %class, cell = %self.cell, %detail, "ALARM: breaker tripped; this tenant's class is paused and its mail held");
-            metrics::counter!("cellmail_breaker_trips_total", "cell" => self.cell.to_string(), "class" => class.as_str()).increment(1);
+        .await?)
+    }
+
+    /// Holds all of `tenant`'s mail because the mail transport paused it (`reason`): trips
+    /// every class's breaker, marked as the transport's.
+    pub async fn hold_for_transport(&self, tenant: &TenantId, reason: &str) -> anyhow::Result<()> {
+        for class in MessageClass::ALL {
+            let record = BreakerRecord {
+                state: BreakerState::Tripped,
+                since_ms: now_ms(),
+                by: format!("cell {}", self.cell),
+                sent: 0,
+                bounced: 0,
+                complained: 0,
+                detail: reason.to_owned(),
+                by_transport: true,
+            };
+            self.trip(tenant, class, record).await?;
         }
         Ok(())
+    }
+
+    /// Releases what [`Self::hold_for_transport`] held of `tenant`, now that the transport
+    /// lets it send again (breakers tripped by its rates stay tripped).
+    pub async fn release_from_transport(&self, tenant: &TenantId) -> anyhow::Result<()> {
+        for class in MessageClass::ALL {
+            let held = self
+                .catalog
+                .read()
+                .tripped(tenant, class)
+                .is_some_and(|b| b.by_transport);
+            if !held {
+                continue;
+            }
+            let record = BreakerRecord {
+                state: BreakerState::Resumed,
+                since_ms: now_ms(),
+                by: format!("cell {}", self.cell),
+                sent: 0,
+                bounced: 0,
+                complained: 0,
+                detail: "the mail transport lets the tenant send again".to_owned(),
+                by_transport: false,
+            };
+            let due = |before: Option<&BreakerRecord>| {
+                before.is_some_and(|b| b.tripped() && b.by_transport)
+            };
+            if self.change(tenant, class, record, "resume", due).await? {
+                tracing::info!(%tenant, %class, cell = %self.cell, "the mail transport resumed the tenant; its held mail is released");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What delivery does when the mail transport pauses one tenant: hold that tenant's mail.
+#[async_trait::async_trait]
+pub trait Holds: Send + Sync {
+    async fn hold(&self, tenant: &TenantId, reason: &str) -> anyhow::Result<()>;
+}
+
+#[async_trait::async_trait]
+impl Holds for Breakers {
+    async fn hold(&self, tenant: &TenantId, reason: &str) -> anyhow::Result<()> {
+        self.hold_for_transport(tenant, reason).await
     }
 }
 

@@ -6,8 +6,8 @@
 //! - [`access`]: which of the platform's roles may call each `Cell` method.
 //! - [`accept`]: the accept path (fencing, validation, idempotency, durable enqueue).
 //! - [`durable`]: the accept's durable step, one per kind of queue, chosen at start.
-//! - [`breaker`]: per tenant and class breakers: trip on bounce or complaint rates, hold,
-//!   release on resume.
+//! - [`breaker`]: per tenant and class breakers: trip on bounce or complaint rates (or when
+//!   the transport pauses the tenant), hold, release on resume.
 //! - [`fencing`]: the pure epoch check that refuses sends for tenants placed elsewhere.
 //! - [`feedback`]: SES event records (and the file sink's simulated ones) -> attributed
 //!   feedback, and which addresses it suppresses.
@@ -21,6 +21,7 @@
 //!   embedded queue's table).
 //! - [`commit`]: group commit, shared by the embedded queue and the store.
 //! - [`worker`]: delivery workers: intake from the queues, parking, sending, settling.
+//! - [`reconcile`]: the transport's own view of who may send, asked again every few minutes.
 //! - [`lanes`]: the pure send order: per-tenant lanes, transactional first, tenants in turn
 //!   by their tier's weight.
 //! - [`telemetry`]: per-tenant metrics for the busiest tenants only.
@@ -40,6 +41,7 @@ pub mod lanes;
 pub mod mailer;
 pub mod message;
 pub mod queue;
+pub mod reconcile;
 pub mod store;
 pub mod telemetry;
 pub mod validation;
@@ -291,14 +293,6 @@ pub async fn run(
             keep_lease_alive(registry.as_ref(), lease, LEASE_TTL, stop.cancelled()).await
         })
     };
-    let worker = Arc::new(worker::Worker::new(
-        config.id.clone(),
-        store.clone(),
-        backends.queue.clone(),
-        mailer.clone(),
-        catalog.clone(),
-        cell_health.clone(),
-    ));
     let breakers = Arc::new(breaker::Breakers::new(
         config.id.clone(),
         catalog.clone(),
@@ -306,6 +300,24 @@ pub async fn run(
         keys.clone(),
         store.clone(),
     ));
+    let worker = Arc::new(worker::Worker::new(
+        config.id.clone(),
+        store.clone(),
+        backends.queue.clone(),
+        mailer.clone(),
+        (catalog.clone(), breakers.clone()),
+        cell_health.clone(),
+    ));
+    let reconciling = mailer.reconcile_every().map(|every| {
+        let sweeps = reconcile::Reconcile {
+            cell: config.id.clone(),
+            mailer: mailer.clone(),
+            breakers: breakers.clone(),
+            catalog: catalog.clone(),
+            worker: worker.clone(),
+        };
+        tokio::spawn(sweeps.run(every, shutdown.clone()))
+    });
     let ingest = Arc::new(feedback::Ingest::new(
         config.id.clone(),
         store.clone(),
@@ -371,6 +383,9 @@ pub async fn run(
     }
     ingesting.await?;
     publish.await?;
+    if let Some(reconciling) = reconciling {
+        reconciling.await?;
+    }
 
     keepalive.await??;
     registry.revoke_lease(lease).await?;

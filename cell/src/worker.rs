@@ -5,7 +5,10 @@
 //! (and deleted from the queue) and loaded back in order as its lane drains, so one tenant's
 //! backlog never stands in front of another tenant's mail.
 //! Mail of a class its tenant's breaker paused is parked as held, and loaded again once the
-//! breaker is resumed.
+//! breaker is resumed. When the transport pauses one tenant alone (SES paused its
+//! configuration set or SES tenant), its breakers are tripped as the transport's
+//! ([`Holds`]): its mail is held like a breaker's, and the cell's other tenants send on. When
+//! it pauses the whole account, the cell stops sending for the pause.
 //!
 //! A message already recorded as sent is only deleted (a redelivery after a crash). A
 //! retryable failure tries the message again later with exponential backoff and jitter (a
@@ -23,7 +26,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::breaker::Gate;
+use crate::breaker::{Gate, Holds};
 use crate::health::{self, Health};
 use crate::lanes::Lanes;
 use crate::mailer::{Mailer, MailerError};
@@ -47,6 +50,9 @@ pub const LANE_CAP: usize = 256;
 const BUFFER: usize = 512;
 /// Attempts of a parked message before it is dead-lettered, as the queues' redrive does.
 const MAX_ATTEMPTS: u32 = 5;
+/// When a message whose tenant the transport paused comes back (and is held, once its
+/// tenant's breakers show tripped).
+const TENANT_PAUSED_RETRY: Duration = Duration::from_secs(1);
 
 /// Where a message in a lane came from, which says how it is settled.
 enum Source {
@@ -86,6 +92,8 @@ pub struct Worker {
     mailer: Arc<dyn Mailer>,
     /// Which tenants' classes are paused by their breakers, and each tenant's weight.
     gate: Arc<dyn Gate>,
+    /// Holds a tenant's mail when the transport pauses that tenant alone.
+    holds: Arc<dyn Holds>,
     /// Attempts, failures and dead letters, for the cell's health report.
     health: Arc<Health>,
     lanes: Mutex<Lanes<Item>>,
@@ -128,12 +136,13 @@ impl Worker {
         store: Arc<Store>,
         queue: Arc<dyn Queue>,
         mailer: Arc<dyn Mailer>,
-        gate: Arc<dyn Gate>,
+        (gate, holds): (Arc<dyn Gate>, Arc<dyn Holds>),
         health: Arc<Health>,
     ) -> Self {
         Self {
             cell,
             health,
+            holds,
             paused_until: Mutex::new(None),
             store,
             queue,
@@ -144,6 +153,14 @@ impl Worker {
             room: Notify::new(),
             sending: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Stops all of the cell's sending for `pause`: the transport paused the account.
+    pub fn pause_all(&self, reason: &str, pause: Duration) {
+        tracing::error!(cell = %self.cell, %reason, ?pause, "ALARM: the mail transport paused all sending; this cell holds its mail");
+        metrics::counter!("cellmail_sending_paused_total", "cell" => self.cell.to_string())
+            .increment(1);
+        *self.paused_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + pause);
     }
 
     fn lanes(&self) -> MutexGuard<'_, Lanes<Item>> {
@@ -514,6 +531,7 @@ impl Worker {
             Err(MailerError::Retryable { .. }) => "retried",
             Err(MailerError::Permanent { .. }) => "failed",
             Err(MailerError::Paused { .. }) => "paused",
+            Err(MailerError::TenantPaused { .. }) => "tenant_paused",
         };
         self.health.record(match &sent {
             Ok(()) => health::Outcome::Sent,
@@ -551,12 +569,20 @@ impl Worker {
                 reason,
                 retry_after,
             }) => {
-                tracing::error!(cell = %self.cell, %reason, ?retry_after, "ALARM: the mail transport paused all sending; this cell holds its mail");
-                metrics::counter!("cellmail_sending_paused_total", "cell" => self.cell.to_string())
-                    .increment(1);
-                *self.paused_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(Instant::now() + retry_after);
+                self.pause_all(&reason, retry_after);
                 self.later(&item, retry_after, item.source.attempts()).await
+            }
+            Err(MailerError::TenantPaused { reason }) => {
+                let tenant = &message.tenant;
+                tracing::error!(%tenant, cell = %self.cell, %reason, "ALARM: the mail transport paused this tenant; its mail is held, the cell's other tenants send on");
+                metrics::counter!("cellmail_tenant_sending_paused_total", "cell" => self.cell.to_string())
+                    .increment(1);
+                if let Err(err) = self.holds.hold(tenant, &reason).await {
+                    tracing::warn!(%tenant, error = %err, "holding the paused tenant's mail; retrying the message later");
+                }
+                // Back soon, and held then (its tenant's breakers are tripped).
+                self.later(&item, TENANT_PAUSED_RETRY, item.source.attempts())
+                    .await
             }
             Err(MailerError::Permanent { reason }) => self.dead_letter(&item, reason).await,
         }
@@ -616,12 +642,22 @@ mod tests {
         }
     }
 
+    /// Holding pauses every class of the tenant, as tripping its breakers does.
+    #[async_trait]
+    impl Holds for Paused {
+        async fn hold(&self, tenant: &TenantId, _reason: &str) -> anyhow::Result<()> {
+            let mut paused = self.0.lock().unwrap();
+            paused.extend(MessageClass::ALL.map(|class| (tenant.clone(), class)));
+            Ok(())
+        }
+    }
+
     /// Runs the intake and 4 sender tasks until the token is cancelled.
     fn spawn(
         store: &Arc<Store>,
         queue: &Arc<dyn Queue>,
         mailer: Arc<dyn Mailer>,
-        gate: Arc<dyn Gate>,
+        gate: Arc<Paused>,
     ) -> (CancellationToken, Vec<tokio::task::JoinHandle<()>>) {
         spawn_senders(store, queue, mailer, gate, 4)
     }
@@ -630,7 +666,7 @@ mod tests {
         store: &Arc<Store>,
         queue: &Arc<dyn Queue>,
         mailer: Arc<dyn Mailer>,
-        gate: Arc<dyn Gate>,
+        gate: Arc<Paused>,
         senders: usize,
     ) -> (CancellationToken, Vec<tokio::task::JoinHandle<()>>) {
         let worker = Arc::new(Worker::new(
@@ -638,7 +674,7 @@ mod tests {
             store.clone(),
             queue.clone(),
             mailer,
-            gate,
+            (gate.clone(), gate),
             Arc::default(),
         ));
         let shutdown = CancellationToken::new();
@@ -772,6 +808,63 @@ mod tests {
             self.0.lock().unwrap().push(message.id);
             Ok(())
         }
+    }
+
+    /// Answers that the transport paused `paused`'s sending; sends (and counts) the rest.
+    struct PausesOne {
+        paused: TenantId,
+        sent: Counting,
+    }
+
+    #[async_trait]
+    impl Mailer for PausesOne {
+        async fn send(&self, message: &Message) -> Result<(), MailerError> {
+            if message.tenant == self.paused {
+                return Err(MailerError::TenantPaused {
+                    reason: "SES paused its configuration set".into(),
+                });
+            }
+            self.sent.send(message).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tenant_the_transport_paused_is_held_alone_and_its_neighbours_send() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, queue) = store_and_queue(dir.path());
+        let paused = [message(), message()];
+        let other = Message {
+            tenant: TenantId::new("other").unwrap(),
+            ..message()
+        };
+        for m in paused.iter().chain([&other]) {
+            queue
+                .send(m.class.into(), serde_json::to_vec(m).unwrap())
+                .await
+                .unwrap();
+        }
+        let mailer = Arc::new(PausesOne {
+            paused: paused[0].tenant.clone(),
+            sent: Counting::default(),
+        });
+        let gate = Arc::new(Paused::default());
+        let (shutdown, tasks) = spawn(&store, &queue, mailer.clone(), gate.clone());
+        let state = |m: &Message| store.message(&m.tenant, m.id).unwrap().map(|r| r.state);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while paused.iter().any(|m| state(m) != Some(MessageState::Held)) {
+            assert!(
+                Instant::now() < deadline,
+                "the paused tenant's mail was not held"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(*mailer.sent.0.lock().unwrap(), vec![other.id]);
+        assert!(gate.paused(&paused[0].tenant, MessageClass::Marketing));
+        assert!(!gate.paused(&other.tenant, MessageClass::Transactional));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -921,7 +1014,7 @@ mod tests {
             store.clone(),
             queue,
             Arc::new(Counting::default()),
-            gate.clone(),
+            (gate.clone(), gate.clone()),
             Arc::default(),
         );
         let first = Message {

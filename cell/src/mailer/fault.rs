@@ -4,13 +4,14 @@
 //! health gate, and its mail must wait and go out later, not be lost.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rand::Rng;
 
 use cellmail_proto::TenantId;
 
-use super::{Mailer, MailerError};
+use super::{Mailer, MailerError, Sending};
 use crate::message::Message;
 
 pub struct FaultyMailer {
@@ -43,6 +44,18 @@ impl Mailer for FaultyMailer {
 
     async fn prepare(&self, tenant: &TenantId, domains: &[String]) -> Result<(), MailerError> {
         self.inner.prepare(tenant, domains).await
+    }
+
+    async fn forget(&self, tenant: &TenantId) -> Result<(), MailerError> {
+        self.inner.forget(tenant).await
+    }
+
+    async fn sending(&self, tenant: &TenantId) -> Result<Sending, MailerError> {
+        self.inner.sending(tenant).await
+    }
+
+    fn reconcile_every(&self) -> Option<Duration> {
+        self.inner.reconcile_every()
     }
 }
 

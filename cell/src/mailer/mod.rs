@@ -41,9 +41,23 @@ pub enum MailerError {
         reason: String,
         retry_after: Duration,
     },
+    /// The transport stopped this message's tenant alone (SES paused its configuration set
+    /// or SES tenant): the tenant's mail is held, and the cell's other tenants send on.
+    #[error("tenant paused: {reason}")]
+    TenantPaused { reason: String },
     /// The message can never be sent as it is (rejected content, unverified identity).
     #[error("permanent: {reason}")]
     Permanent { reason: String },
+}
+
+/// Whether the transport lets a tenant send, in its own view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sending {
+    Enabled,
+    /// The tenant alone may not send, and why.
+    TenantPaused(String),
+    /// The whole account may not send, and why.
+    AccountPaused(String),
 }
 
 #[async_trait]
@@ -61,6 +75,18 @@ pub trait Mailer: Send + Sync + 'static {
     /// (what was already gone is as good). A mailer with nothing per tenant keeps this default.
     async fn forget(&self, _tenant: &TenantId) -> Result<(), MailerError> {
         Ok(())
+    }
+
+    /// Whether the transport lets `tenant` send, asked of the transport itself (its events
+    /// about pauses may be lost). A transport that never pauses anyone keeps this default.
+    async fn sending(&self, _tenant: &TenantId) -> Result<Sending, MailerError> {
+        Ok(Sending::Enabled)
+    }
+
+    /// How often the cell asks [`Mailer::sending`] for each of its tenants; `None` for a
+    /// transport that never pauses anyone.
+    fn reconcile_every(&self) -> Option<Duration> {
+        None
     }
 }
 

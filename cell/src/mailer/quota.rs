@@ -36,7 +36,7 @@ struct Bucket {
 impl Bucket {
     fn new(per_second: f64) -> Option<Self> {
         let bite = NonZeroU32::new(per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32)?;
-        let quota = Quota::with_period(Duration::from_secs_f64(1.0 / per_second))?;
+        let quota = Quota::with_period(Duration::try_from_secs_f64(1.0 / per_second).ok()?)?;
         Some(Self {
             per_second,
             bite,
@@ -128,5 +128,6 @@ mod tests {
         assert_eq!(Bucket::new(14.5).unwrap().bite.get(), 15);
         assert_eq!(Bucket::new(0.5).unwrap().bite.get(), 1);
         assert!(Bucket::new(0.0).is_none());
+        assert!(Bucket::new(-1.0).is_none());
     }
 }

@@ -40,14 +40,16 @@ use aws_sdk_sesv2::operation::create_tenant::CreateTenantError;
 use aws_sdk_sesv2::operation::create_tenant_resource_association::CreateTenantResourceAssociationError;
 use aws_sdk_sesv2::operation::delete_configuration_set::DeleteConfigurationSetError;
 use aws_sdk_sesv2::operation::delete_tenant::DeleteTenantError;
+use aws_sdk_sesv2::operation::get_configuration_set::GetConfigurationSetError;
+use aws_sdk_sesv2::operation::get_tenant::GetTenantError;
 use aws_sdk_sesv2::operation::send_email::SendEmailError;
 use aws_sdk_sesv2::operation::send_email::builders::SendEmailFluentBuilder;
-use aws_sdk_sesv2::types::{Body, Content, Destination, EmailContent, MessageTag};
+use aws_sdk_sesv2::types::{Body, Content, Destination, EmailContent, MessageTag, SendingStatus};
 use cellmail_proto::TenantId;
 use tokio::sync::OnceCell;
 
 use super::quota::SendRate;
-use super::{Mailer, MailerError, mailbox_text};
+use super::{Mailer, MailerError, Sending, mailbox_text};
 use crate::message::{Mailbox, Message};
 
 pub const DEFAULT_CONFIGURATION_SET_PREFIX: &str = "cellmail-";
@@ -71,13 +73,26 @@ pub struct SesSettings {
     /// Make each tenant an SES tenant and send with its TenantName.
     #[arg(long = "ses-tenants", env = "CELLMAIL_SES_TENANTS")]
     pub tenant_names: bool,
+    /// Seconds between two readings of SES's sending status (the account's, and each
+    /// tenant's configuration set and SES tenant), so that a pause whose event was lost is
+    /// noticed, and a resumed tenant released.
+    #[arg(
+        long = "ses-reconcile-secs",
+        env = "CELLMAIL_SES_RECONCILE_SECS",
+        default_value_t = DEFAULT_RECONCILE_SECS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub reconcile_secs: u64,
 }
+
+const DEFAULT_RECONCILE_SECS: u64 = 300;
 
 impl Default for SesSettings {
     fn default() -> Self {
         Self {
             configuration_set_prefix: DEFAULT_CONFIGURATION_SET_PREFIX.to_owned(),
             tenant_names: false,
+            reconcile_secs: DEFAULT_RECONCILE_SECS,
         }
     }
 }
@@ -279,6 +294,15 @@ impl SesMailer {
         }
     }
 
+    /// Whose sending SES paused, when a send was refused as paused: `tenant`'s alone if its
+    /// own status says so, else (the account's, or unknown) the whole cell's, as `paused`.
+    async fn whose_pause(&self, tenant: &TenantId, paused: MailerError) -> MailerError {
+        match self.sending(tenant).await {
+            Ok(Sending::TenantPaused(reason)) => MailerError::TenantPaused { reason },
+            _ => paused,
+        }
+    }
+
     fn request(&self, message: &Message) -> Result<SendEmailFluentBuilder, BuildError> {
         let mut request = self
             .client
@@ -397,6 +421,20 @@ pub(super) fn unsupported<E: ProvideErrorMetadata>(err: &SdkError<E, HttpRespons
     }
 }
 
+/// SES's sending status of `what` could not be read.
+fn status_unknown<E>(what: &str, err: &SdkError<E, HttpResponse>) -> MailerError
+where
+    E: std::error::Error + 'static,
+{
+    MailerError::Retryable {
+        reason: format!(
+            "reading the sending status of {what}: {}",
+            DisplayErrorContext(err)
+        ),
+        retry_after: None,
+    }
+}
+
 /// What an SES `SendEmail` error means for the message.
 fn classify(err: &SdkError<SendEmailError, HttpResponse>) -> MailerError {
     let reason = DisplayErrorContext(err).to_string();
@@ -439,13 +477,93 @@ impl Mailer for SesMailer {
                 tracing::debug!(ses_message_id = sent.message_id(), "sent through SES");
                 Ok(())
             }
-            Err(err) => Err(classify(&err)),
+            Err(err) => {
+                let verdict = classify(&err);
+                if matches!(
+                    err.as_service_error(),
+                    Some(SendEmailError::SendingPausedException(_))
+                ) {
+                    return Err(self.whose_pause(&message.tenant, verdict).await);
+                }
+                Err(verdict)
+            }
         }
     }
 
     async fn prepare(&self, tenant: &TenantId, domains: &[String]) -> Result<(), MailerError> {
         self.provision(tenant, domains.iter().map(String::as_str))
             .await
+    }
+
+    /// The account's sending first (a paused account pauses every tenant), then the
+    /// tenant's configuration set's and, with tenants on, its SES tenant's.
+    async fn sending(&self, tenant: &TenantId) -> Result<Sending, MailerError> {
+        let account = self.client.get_account().send().await;
+        match account {
+            Ok(account) if !account.sending_enabled => {
+                return Ok(Sending::AccountPaused(format!(
+                    "SES has the account's sending disabled (enforcement status {})",
+                    account.enforcement_status().unwrap_or("unknown")
+                )));
+            }
+            Err(err) if !unsupported(&err) => return Err(status_unknown("the account", &err)),
+            _ => {}
+        }
+        let name = self.configuration_set(tenant);
+        match self
+            .client
+            .get_configuration_set()
+            .configuration_set_name(&name)
+            .send()
+            .await
+        {
+            Ok(set) if set.sending_options().is_some_and(|o| !o.sending_enabled) => {
+                return Ok(Sending::TenantPaused(format!(
+                    "SES has configuration set {name}'s sending disabled"
+                )));
+            }
+            Err(err)
+                if !unsupported(&err)
+                    && !err
+                        .as_service_error()
+                        .is_some_and(GetConfigurationSetError::is_not_found_exception) =>
+            {
+                return Err(status_unknown(&name, &err));
+            }
+            _ => {}
+        }
+        if self.tenant_names() {
+            let found = self
+                .client
+                .get_tenant()
+                .tenant_name(tenant.as_str())
+                .send()
+                .await;
+            match found {
+                Ok(found)
+                    if found.tenant().and_then(|t| t.sending_status())
+                        == Some(&SendingStatus::Disabled) =>
+                {
+                    return Ok(Sending::TenantPaused(format!(
+                        "SES tenant {tenant}'s sending status is DISABLED"
+                    )));
+                }
+                Err(err)
+                    if !unsupported(&err)
+                        && !err
+                            .as_service_error()
+                            .is_some_and(GetTenantError::is_not_found_exception) =>
+                {
+                    return Err(status_unknown(&format!("SES tenant {tenant}"), &err));
+                }
+                _ => {}
+            }
+        }
+        Ok(Sending::Enabled)
+    }
+
+    fn reconcile_every(&self) -> Option<Duration> {
+        Some(Duration::from_secs(self.settings.reconcile_secs))
     }
 
     /// Deletes the tenant's SES tenant (with tenants on) and configuration set. Its domains'

@@ -330,6 +330,10 @@ pub struct BreakerRecord {
     pub complained: u64,
     /// Why, in words: the rate over its threshold, or the operator's reason.
     pub detail: String,
+    /// Tripped because the mail transport paused the tenant (SES paused its configuration
+    /// set or SES tenant), not by its rates: its cell resumes it once the transport does.
+    #[serde(default)]
+    pub by_transport: bool,
 }
 
 impl BreakerRecord {

@@ -241,6 +241,7 @@ impl ControlApi {
                 since_ms: now,
                 by: actor.clone(),
                 detail: req.reason.clone(),
+                by_transport: false,
                 ..tripped.clone()
             };
             let audited = entry(

@@ -425,66 +425,142 @@ async fn on_etcd_sqs_and_ses_a_send_through_the_router_reaches_ses_with_the_tena
     assert_eq!(tags["message_class"], "transactional");
 }
 
+/// One cell on etcd, SQS and the SES stand-in (an account of `rate` recipients a second),
+/// started with `extra`, with its control plane and router, and `tenants` tenants on it.
+struct SesCell {
+    ses: cellmail_tests::ses_standin::SesStandIn,
+    _cell: Daemon,
+    _front: Front,
+    control: Control,
+    sender: v1::sender_client::SenderClient<tonic::transport::Channel>,
+    /// Each tenant's id and API key.
+    tenants: Vec<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl SesCell {
+    async fn start(rate: f64, extra: &[&str], tenants: usize) -> Self {
+        let ses = cellmail_tests::ses_standin::SesStandIn::start(rate)
+            .await
+            .unwrap();
+        let unique = cellmail_proto::MessageId::generate()
+            .to_string()
+            .to_lowercase();
+        let registry = registry_args(&etcd_endpoint(), &unique_prefix("ses"));
+        let queue_prefix = format!("s{}-", &unique[16..]);
+        let mut args = vec![
+            "--queue",
+            "sqs",
+            "--mailer",
+            "ses",
+            "--aws-endpoint",
+            &ses.endpoint,
+            "--aws-region",
+            "us-east-1",
+            "--sqs-queue-prefix",
+            &queue_prefix,
+        ];
+        args.extend(extra);
+        let dir = tempfile::tempdir().unwrap();
+        let (cell, front, control) = one_cell(&registry, "cell-ses", dir.path(), &args).await;
+        let sender = v1::sender_client::SenderClient::connect(format!("http://{}", front.router))
+            .await
+            .unwrap();
+        let mut made = Vec::new();
+        for i in 0..tenants {
+            let tenant = format!("t{}{i}", &unique[..12]);
+            let created = until_ok(Duration::from_secs(10), || {
+                let mut client = control.clone();
+                let request = v1::CreateTenantRequest {
+                    id: tenant.clone(),
+                    domains: vec![format!("{tenant}.example")],
+                    ..Default::default()
+                };
+                async move { client.create_tenant(request).await }
+            })
+            .await;
+            let key = created.unwrap().into_inner().api_key;
+            cellmail_tests::until_router_serves(&sender, &key).await;
+            made.push((tenant, key));
+        }
+        Self {
+            ses,
+            _cell: cell,
+            _front: front,
+            control,
+            sender,
+            tenants: made,
+            _dir: dir,
+        }
+    }
+
+    /// A message from tenant `i` to `to`.
+    fn send(
+        &self,
+        i: usize,
+        to: Vec<String>,
+        key: &str,
+    ) -> impl Future<Output = Result<tonic::Response<v1::SendResponse>, tonic::Status>> + use<>
+    {
+        let (tenant, api_key) = &self.tenants[i];
+        let mut request = message(&format!("shop@{tenant}.example"), "x@example.com", key);
+        request.to = to;
+        let request = authorized(api_key, request);
+        let mut client = self.sender.clone();
+        async move { client.send(request).await }
+    }
+
+    /// How many of tenant `i`'s messages SES sent.
+    fn sent_for(&self, i: usize) -> usize {
+        let set = format!("cellmail-{}", self.tenants[i].0);
+        (self.ses.sent())
+            .iter()
+            .filter(|s| s.configuration_set == set)
+            .count()
+    }
+
+    /// Enables or disables tenant `i`'s configuration set's sending, on SES's side.
+    async fn ses_sending(&self, i: usize, enabled: bool) {
+        let config = cellmail_tests::emulator::aws_config().await;
+        let config = aws_sdk_sesv2::config::Builder::from(&config)
+            .endpoint_url(&self.ses.endpoint)
+            .build();
+        aws_sdk_sesv2::Client::from_conf(config)
+            .put_configuration_set_sending_options()
+            .configuration_set_name(format!("cellmail-{}", self.tenants[i].0))
+            .sending_enabled(enabled)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// The classes of tenant `i` its breakers pause, as the control plane lists them.
+    async fn paused(&self, i: usize) -> Vec<String> {
+        let tenants = (self.control.clone())
+            .list_tenants(v1::ListTenantsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .tenants;
+        let tenant = tenants.iter().find(|t| t.id == self.tenants[i].0).unwrap();
+        tenant.paused.iter().map(|p| p.class.clone()).collect()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_sqs_and_ses_a_backlog_drains_no_faster_than_the_accounts_send_rate() {
     const RATE: f64 = 50.0;
     const MESSAGES: usize = 200;
     const RECIPIENTS: usize = 10;
-    let ses = cellmail_tests::ses_standin::SesStandIn::start(RATE)
-        .await
-        .unwrap();
-    let unique = cellmail_proto::MessageId::generate()
-        .to_string()
-        .to_lowercase();
-    let registry = registry_args(&etcd_endpoint(), &unique_prefix("rate"));
-    let queue_prefix = format!("r{}-", &unique[16..]);
-    let aws = [
-        "--queue",
-        "sqs",
-        "--mailer",
-        "ses",
-        "--aws-endpoint",
-        &ses.endpoint,
-        "--aws-region",
-        "us-east-1",
-        "--sqs-queue-prefix",
-        &queue_prefix,
-    ];
-    let dir = tempfile::tempdir().unwrap();
-    let (_cell, front, control) = one_cell(&registry, "cell-rate", dir.path(), &aws).await;
-    let tenant = format!("t{unique}");
-    let domain = format!("{tenant}.example");
-    let created = until_ok(Duration::from_secs(10), || {
-        let mut client = control.clone();
-        let request = v1::CreateTenantRequest {
-            id: tenant.clone(),
-            domains: vec![domain.clone()],
-            ..Default::default()
-        };
-        async move { client.create_tenant(request).await }
-    })
-    .await;
-    let key = created.unwrap().into_inner().api_key;
-    let sender = v1::sender_client::SenderClient::connect(format!("http://{}", front.router))
-        .await
-        .unwrap();
-    cellmail_tests::until_router_serves(&sender, &key).await;
-    let before = ses.sent().len();
+    let cell = SesCell::start(RATE, &[], 1).await;
 
     // A backlog: the cell accepts far faster than it may send.
     let mut sends = tokio::task::JoinSet::new();
     for i in 0..MESSAGES {
-        let mut client = sender.clone();
-        let mut request = message(
-            &format!("shop@{domain}"),
-            "r0@example.com",
-            &format!("k{i}"),
-        );
-        request.to = (0..RECIPIENTS)
+        let to = (0..RECIPIENTS)
             .map(|r| format!("r{r}@example.com"))
             .collect();
-        let request = authorized(&key, request);
-        sends.spawn(async move { client.send(request).await });
+        sends.spawn(cell.send(0, to, &format!("k{i}")));
     }
     for sent in sends.join_all().await {
         sent.unwrap();
@@ -493,24 +569,132 @@ async fn on_sqs_and_ses_a_backlog_drains_no_faster_than_the_accounts_send_rate()
         Duration::from_secs(90),
         "every message sent through SES",
         || {
-            let sent = ses.sent();
-            (sent.len() >= before + MESSAGES).then_some(sent)
+            let sent = cell.ses.sent();
+            (sent.len() >= MESSAGES).then_some(sent)
         },
     )
     .await
     .unwrap();
 
-    let drained = &sent[before..];
-    assert_eq!(drained.len(), MESSAGES, "no message lost or sent twice");
-    assert!(drained.iter().all(|s| s.recipients == RECIPIENTS));
+    assert_eq!(sent.len(), MESSAGES, "no message lost or sent twice");
+    assert!(sent.iter().all(|s| s.recipients == RECIPIENTS));
     // The first second's worth may go at once (the bucket starts full); after it, the rate.
-    let span = drained[drained.len() - 1].at - drained[0].at;
+    let span = sent[sent.len() - 1].at - sent[0].at;
     let after_first = (MESSAGES - 1) * RECIPIENTS;
     let rate = after_first as f64 / span.as_secs_f64();
     assert!(
         rate <= RATE * 1.05,
         "{after_first} recipients in {span:?}: {rate:.1}/s"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_ses_a_tenant_ses_paused_is_held_alone_until_resumed() {
+    // No sweep during the test: the pause is learnt from a send SES refuses.
+    let cell = SesCell::start(1000.0, &["--ses-reconcile-secs", "3600"], 2).await;
+    let to = || vec!["jane@example.com".to_owned()];
+    cell.ses_sending(0, false).await;
+
+    let held = cell
+        .send(0, to(), "a-1")
+        .await
+        .unwrap()
+        .into_inner()
+        .message_id;
+    cell.send(1, to(), "b-1").await.unwrap();
+    let state = || async {
+        cellmail_tests::get_message(&cell.sender, &cell.tenants[0].1, &held)
+            .await
+            .unwrap()
+            .state
+    };
+    until_ok(Duration::from_secs(20), || async {
+        let now = state().await;
+        anyhow::ensure!(now == "HELD", "the paused tenant's message is {now}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "the neighbour's message sent",
+        || (cell.sent_for(1) == 1).then_some(()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(cell.sent_for(0), 0);
+    assert_eq!(
+        cell.paused(0).await.len(),
+        2,
+        "every class of the tenant is held"
+    );
+    assert!(cell.paused(1).await.is_empty());
+    let refused = cell.send(0, to(), "a-2").await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    cell.send(1, to(), "b-2").await.unwrap();
+
+    // SES lets it send again and the operator resumes it: the held message goes out.
+    cell.ses_sending(0, true).await;
+    let resume = v1::ResumeTenantRequest {
+        tenant_id: cell.tenants[0].0.clone(),
+        reason: "SES reinstated the tenant".into(),
+        ..Default::default()
+    };
+    cell.control.clone().resume_tenant(resume).await.unwrap();
+    wait_for(Duration::from_secs(20), "the held message sent", || {
+        (cell.sent_for(0) == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(state().await, "SENT");
+    assert_eq!(cell.sent_for(1), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_ses_the_sweep_holds_a_tenant_ses_paused_without_an_event_and_releases_it() {
+    let cell = SesCell::start(1000.0, &["--ses-reconcile-secs", "1"], 2).await;
+    let to = || vec!["jane@example.com".to_owned()];
+    cell.send(0, to(), "a-1").await.unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "the tenant's first message sent",
+        || (cell.sent_for(0) == 1).then_some(()),
+    )
+    .await
+    .unwrap();
+
+    // SES pauses the tenant and its event is lost: no send of it fails either.
+    cell.ses_sending(0, false).await;
+    until_ok(Duration::from_secs(20), || async {
+        let paused = cell.paused(0).await;
+        anyhow::ensure!(paused.len() == 2, "the tenant's paused classes: {paused:?}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let refused = cell.send(0, to(), "a-2").await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    cell.send(1, to(), "b-1").await.unwrap();
+    assert!(cell.paused(1).await.is_empty());
+
+    // SES lets it send again: the sweep releases it.
+    cell.ses_sending(0, true).await;
+    until_ok(Duration::from_secs(20), || async {
+        let paused = cell.paused(0).await;
+        anyhow::ensure!(paused.is_empty(), "the tenant's paused classes: {paused:?}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    cell.send(0, to(), "a-3").await.unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "the released tenant's message sent",
+        || (cell.sent_for(0) == 2).then_some(()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(cell.sent_for(1), 1);
 }
 
 /// The router's `cellmail_registry_staleness_seconds` from its metrics endpoint.

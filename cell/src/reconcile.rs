@@ -1,0 +1,66 @@
+//! The mail transport's own view of who may send, asked again every interval
+//! ([`Mailer::reconcile_every`]; `--ses-reconcile-secs` for SES). The transport's events
+//! about pauses are best-effort, so a pause is noticed here even when its event was lost: a
+//! tenant of this cell the transport paused is held ([`Breakers::hold_for_transport`]), one
+//! it lets send again is released, and a paused account stops the cell's sending until the
+//! next sweep.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cellmail_proto::{CellId, TenantId};
+use cellmail_registry::catalog::WatchedCatalog;
+use tokio_util::sync::CancellationToken;
+
+use crate::breaker::Breakers;
+use crate::mailer::{Mailer, Sending};
+use crate::worker::Worker;
+
+/// What a sweep works with.
+pub struct Reconcile {
+    pub cell: CellId,
+    pub mailer: Arc<dyn Mailer>,
+    pub breakers: Arc<Breakers>,
+    pub catalog: Arc<WatchedCatalog>,
+    pub worker: Arc<Worker>,
+}
+
+impl Reconcile {
+    /// Sweeps every `every` until `shutdown` is cancelled.
+    pub async fn run(self, every: Duration, shutdown: CancellationToken) {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticks.tick() => self.sweep(every).await,
+            }
+        }
+    }
+
+    async fn sweep(&self, every: Duration) {
+        let tenants: Vec<TenantId> = {
+            let catalog = self.catalog.read();
+            (catalog.placements.iter())
+                .filter(|(_, placement)| placement.cell == self.cell)
+                .map(|(tenant, _)| tenant.clone())
+                .collect()
+        };
+        for tenant in tenants {
+            let changed = match self.mailer.sending(&tenant).await {
+                Ok(Sending::Enabled) => self.breakers.release_from_transport(&tenant).await,
+                Ok(Sending::TenantPaused(reason)) => {
+                    self.breakers.hold_for_transport(&tenant, &reason).await
+                }
+                Ok(Sending::AccountPaused(reason)) => {
+                    self.worker.pause_all(&reason, every);
+                    return;
+                }
+                Err(err) => Err(err.into()),
+            };
+            if let Err(err) = changed {
+                tracing::warn!(%tenant, cell = %self.cell, error = %err, "reconciling the tenant's sending with the transport's; trying again next sweep");
+            }
+        }
+    }
+}
