@@ -231,27 +231,27 @@ impl SenderApi {
             labels.forwarded(&target.cell_label, started.elapsed());
         }
         match answered {
-            // A cell that died mid-call resets its streams (CANCELLED) or breaks the
-            // connection under them (UNKNOWN from the transport, which gives the error it
-            // read; an answer from the cell has none): to the caller that is the cell being
-            // unavailable, and the send is safe to retry with its key.
-            Err(status)
-                if matches!(
-                    status.code(),
-                    tonic::Code::Unavailable | tonic::Code::Cancelled
-                ) || (status.code() == tonic::Code::Unknown
-                    && std::error::Error::source(&status).is_some()) =>
-            {
-                Err(ApiError::Unavailable(format!(
-                    "cell {} of tenant {tenant} is unavailable: {}",
-                    target.cell,
-                    status.message()
-                ))
-                .into())
-            }
+            Err(status) if cell_unavailable(&status) => Err(ApiError::Unavailable(format!(
+                "cell {} of tenant {tenant} is unavailable: {}",
+                target.cell,
+                status.message()
+            ))
+            .into()),
             other => other,
         }
     }
+}
+
+/// Whether a call's failure says its cell is unavailable. A cell that died mid-call resets
+/// its streams (CANCELLED, or INTERNAL "h2 protocol error" for a reset with another reason)
+/// or breaks the connection under them (UNKNOWN): the transport made these statuses and
+/// gives the error it read, where an answer from the cell has none. To the caller that is
+/// the cell being unavailable, and a send is safe to retry with its key.
+fn cell_unavailable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled
+    ) || std::error::Error::source(status).is_some()
 }
 
 #[tonic::async_trait]
@@ -368,5 +368,23 @@ impl Sender for SenderApi {
             .await
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_call_is_the_cell_unavailable_and_the_cells_own_answer_is_not() {
+        let reset = Status::from_error(Box::new(h2::Error::from(h2::Reason::INTERNAL_ERROR)));
+        assert_eq!(reset.code(), tonic::Code::Internal);
+        assert!(cell_unavailable(&reset));
+        assert!(cell_unavailable(&Status::cancelled("reset")));
+        assert!(cell_unavailable(&Status::unavailable("down")));
+        assert!(!cell_unavailable(&Status::internal(
+            "the cell's own answer"
+        )));
+        assert!(!cell_unavailable(&Status::invalid_argument("to: bad")));
     }
 }
