@@ -203,21 +203,37 @@ impl BackendConfig {
         } else {
             None
         };
-        let (queue, durable) = match (&aws, self.queue) {
+        let sqs = match (&aws, self.queue) {
             (Some(config), QueueBackend::Sqs) => {
                 let names = queue::sqs::SqsQueueNames::for_cell(&self.sqs_queue_prefix, id);
-                let sqs = queue::sqs::SqsQueue::open(config, names, queue::QueueConfig::default())
-                    .await?;
-                let queue: Arc<dyn queue::Queue> = Arc::new(sqs);
+                let config = (config, queue::QueueConfig::default());
+                Some(Arc::new(
+                    queue::sqs::SqsQueue::open(config.0, names, config.1).await?,
+                ))
+            }
+            _ => None,
+        };
+        let (queue, durable) = match &sqs {
+            Some(sqs) => {
+                let queue: Arc<dyn queue::Queue> = sqs.clone();
                 let durable: Arc<dyn durable::Durable> =
                     Arc::new(durable::External::new(store.clone(), queue.clone()));
                 (queue, durable)
             }
-            _ => local_queue(&store)?,
+            None => local_queue(&store)?,
         };
         let mailer: Arc<dyn mailer::Mailer> = match (&aws, self.mailer) {
             (Some(config), MailerBackend::Ses) => {
-                Arc::new(mailer::ses::SesMailer::new(config, self.ses.clone()))
+                let prefix = &self.ses.configuration_set_prefix;
+                let events_topic = match &sqs {
+                    Some(sqs) => Some(mailer::route::open(config, prefix, id, sqs).await?),
+                    None => {
+                        tracing::warn!(cell = %id, "SES events reach a cell through its SQS feedback queue; with the embedded queue this cell gets none");
+                        None
+                    }
+                };
+                let settings = self.ses.clone();
+                Arc::new(mailer::ses::SesMailer::new(config, settings, events_topic))
             }
             _ => file_sink(mail_root, &queue),
         };

@@ -11,11 +11,24 @@
 //!   set's sending is disabled, `GetConfigurationSet` says so in `SendingOptions`, and a
 //!   `SendEmail` naming it is refused with `400` `SendingPausedException`.
 //!
+//! - `CreateConfigurationSetEventDestination` (`POST
+//!   /v2/email/configuration-sets/{name}/event-destinations`, body `EventDestinationName`
+//!   and `EventDestination`): `200`, or `400` `AlreadyExistsException` for a name the set
+//!   has; `GetConfigurationSetEventDestinations` (`GET` there) lists them as
+//!   `EventDestinations`.
+//! - The mailbox simulator: after a `SendEmail` the emulator accepted, each recipient at
+//!   `simulator.amazonses.com` (`bounce`, `complaint` or `success`, with an optional
+//!   `+label`) gets the documented event record (`Bounce`, `Complaint`, `Delivery`; `mail`
+//!   with the message id, source, destination and tags, `ses:configuration-set` among them),
+//!   published to the SNS topic of each enabled destination of the message's configuration
+//!   set that matches the event's type. The emulator's SNS delivers it to the queues
+//!   subscribed to that topic, in SNS's notification envelope.
+//!
 //! It also notes each `SendEmail` (`POST /v2/email/outbound-emails`) the emulator accepted:
 //! when, with which configuration set and to how many recipients (`Destination`'s three
 //! lists), so a test can check whose mail went out and at what rate.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -40,6 +53,8 @@ struct State {
     max_send_rate: f64,
     /// The configuration sets whose sending is disabled.
     disabled: Mutex<HashSet<String>>,
+    /// Each configuration set's event destinations (as created: a name and a definition).
+    destinations: Mutex<HashMap<String, Vec<Value>>>,
     sent: Mutex<Vec<Sent>>,
 }
 
@@ -57,6 +72,7 @@ impl SesStandIn {
         let state = Arc::new(State {
             max_send_rate,
             disabled: Mutex::default(),
+            destinations: Mutex::default(),
             sent: Mutex::default(),
         });
         let serving = state.clone();
@@ -114,6 +130,28 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> anyhow::Result
             }
             return Ok(json_answer(StatusCode::OK, json!({})));
         }
+        (&Method::POST, Some([name, what])) if what == "event-destinations" => {
+            let mut destinations = state.destinations.lock().unwrap();
+            let of_set = destinations.entry(name.clone()).or_default();
+            let wanted = &json["EventDestinationName"];
+            if of_set.iter().any(|d| d["Name"] == *wanted) {
+                let refusal =
+                    json!({ "message": format!("Event destination {wanted} already exists.") });
+                return Ok(error_answer("AlreadyExistsException", refusal));
+            }
+            let mut destination = json["EventDestination"].clone();
+            destination["Name"] = wanted.clone();
+            of_set.push(destination);
+            return Ok(json_answer(StatusCode::OK, json!({})));
+        }
+        (&Method::GET, Some([name, what])) if what == "event-destinations" => {
+            let destinations = state.destinations.lock().unwrap();
+            let listed = destinations.get(name).cloned().unwrap_or_default();
+            return Ok(json_answer(
+                StatusCode::OK,
+                json!({ "EventDestinations": listed }),
+            ));
+        }
         (&Method::GET, Some([name])) => {
             let answer = to_emulator(Request::from_parts(parts, Full::new(body))).await?;
             if !answer.status().is_success() {
@@ -134,22 +172,149 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> anyhow::Result
         .to_owned();
     if sending && state.disabled.lock().unwrap().contains(&configuration_set) {
         let refusal = json!({ "message": "Sending is paused for this configuration set." });
-        let mut answer = json_answer(StatusCode::BAD_REQUEST, refusal);
-        answer.headers_mut().insert(
-            "x-amzn-errortype",
-            HeaderValue::from_static("SendingPausedException"),
-        );
-        return Ok(answer);
+        return Ok(error_answer("SendingPausedException", refusal));
     }
     let answer = to_emulator(Request::from_parts(parts, Full::new(body))).await?;
-    if sending && answer.status().is_success() {
-        state.sent.lock().unwrap().push(Sent {
-            at: Instant::now(),
-            configuration_set,
-            recipients: recipients(&json),
-        });
+    if !(sending && answer.status().is_success()) {
+        return Ok(answer);
     }
-    Ok(answer)
+    let (parts, got) = answer.into_parts();
+    let got = got.collect().await?.to_bytes();
+    let message_id = serde_json::from_slice::<Value>(&got).unwrap_or_default()["MessageId"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    state.sent.lock().unwrap().push(Sent {
+        at: Instant::now(),
+        configuration_set: configuration_set.clone(),
+        recipients: addresses(&json).len(),
+    });
+    let destinations = (state.destinations.lock().unwrap())
+        .get(&configuration_set)
+        .cloned()
+        .unwrap_or_default();
+    for (kind, record) in simulated(&json, &message_id, &configuration_set) {
+        for topic in topics(&destinations, kind) {
+            publish(&topic, &record).await?;
+        }
+    }
+    Ok(Response::from_parts(parts, Full::new(got)))
+}
+
+/// A `400` SES v2 error of type `kind`.
+fn error_answer(kind: &'static str, body: Value) -> Answer {
+    let mut answer = json_answer(StatusCode::BAD_REQUEST, body);
+    (answer.headers_mut()).insert("x-amzn-errortype", HeaderValue::from_static(kind));
+    answer
+}
+
+/// The SNS topics of `destinations` that are enabled and publish events of `kind`.
+fn topics(destinations: &[Value], kind: &str) -> Vec<String> {
+    destinations
+        .iter()
+        .filter(|d| d["Enabled"] != false)
+        .filter(|d| {
+            (d["MatchingEventTypes"].as_array())
+                .is_some_and(|types| types.iter().any(|t| t == kind))
+        })
+        .filter_map(|d| d["SnsDestination"]["TopicArn"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The event records SES's mailbox simulator makes for a `SendEmail` request's simulator
+/// recipients, each with its event type's name in `MatchingEventTypes`.
+fn simulated(
+    request: &Value,
+    message_id: &str,
+    configuration_set: &str,
+) -> Vec<(&'static str, Value)> {
+    let now = jiff::Timestamp::now().to_string();
+    let recipients = addresses(request);
+    let mut tags = json!({ "ses:configuration-set": [configuration_set] });
+    for tag in request["EmailTags"].as_array().into_iter().flatten() {
+        if let Some(name) = tag["Name"].as_str() {
+            tags[name] = json!([tag["Value"]]);
+        }
+    }
+    let mail = json!({
+        "timestamp": now,
+        "source": request["FromEmailAddress"],
+        "sendingAccountId": "123456789012",
+        "messageId": message_id,
+        "destination": recipients,
+        "headersTruncated": false,
+        "tags": tags,
+    });
+    recipients
+        .iter()
+        .filter_map(|address| {
+            let (local, domain) = address.rsplit_once('@')?;
+            if !domain.eq_ignore_ascii_case("simulator.amazonses.com") {
+                return None;
+            }
+            let mailbox = local
+                .split('+')
+                .next()
+                .unwrap_or(local)
+                .to_ascii_lowercase();
+            let (kind, name, detail) = match mailbox.as_str() {
+                "bounce" => (
+                    "BOUNCE",
+                    "bounce",
+                    json!({
+                        "bounceType": "Permanent",
+                        "bounceSubType": "General",
+                        "bouncedRecipients": [{
+                            "emailAddress": address,
+                            "action": "failed",
+                            "status": "5.1.1",
+                            "diagnosticCode": "smtp; 550 5.1.1 user unknown",
+                        }],
+                        "timestamp": now,
+                        "feedbackId": format!("{message_id}-bounce"),
+                        "reportingMTA": "dsn; a1-2.smtp-out.amazonses.com",
+                    }),
+                ),
+                "complaint" => (
+                    "COMPLAINT",
+                    "complaint",
+                    json!({
+                        "complainedRecipients": [{ "emailAddress": address }],
+                        "timestamp": now,
+                        "feedbackId": format!("{message_id}-complaint"),
+                        "complaintFeedbackType": "abuse",
+                    }),
+                ),
+                "success" => (
+                    "DELIVERY",
+                    "delivery",
+                    json!({
+                        "timestamp": now,
+                        "processingTimeMillis": 500,
+                        "recipients": [address],
+                        "smtpResponse": "250 2.6.0 Message received",
+                        "reportingMTA": "a1-2.smtp-out.amazonses.com",
+                    }),
+                ),
+                _ => return None,
+            };
+            let event_type = format!("{}{}", name[..1].to_ascii_uppercase(), &name[1..]);
+            let mut record = json!({ "eventType": event_type, "mail": mail.clone() });
+            record[name] = detail;
+            Some((kind, record))
+        })
+        .collect()
+}
+
+/// Publishes `record` to SNS topic `topic` on the emulator.
+async fn publish(topic: &str, record: &Value) -> anyhow::Result<()> {
+    let sns = aws_sdk_sns::Client::new(&crate::emulator::aws_config().await);
+    sns.publish()
+        .topic_arn(topic)
+        .message(record.to_string())
+        .send()
+        .await?;
+    Ok(())
 }
 
 fn json_answer(status: StatusCode, body: Value) -> Answer {
@@ -160,13 +325,19 @@ fn json_answer(status: StatusCode, body: Value) -> Answer {
         .expect("a static answer")
 }
 
-/// How many recipients a `SendEmail` request names.
-fn recipients(request: &Value) -> usize {
+/// The recipients a `SendEmail` request names.
+fn addresses(request: &Value) -> Vec<String> {
     ["ToAddresses", "CcAddresses", "BccAddresses"]
         .iter()
         .filter_map(|list| request["Destination"][list].as_array())
-        .map(Vec::len)
-        .sum()
+        .flatten()
+        .filter_map(Value::as_str)
+        // `Name <local@domain>` or the bare address.
+        .map(|address| {
+            let bare = address.rsplit('<').next().unwrap_or(address);
+            bare.trim_end_matches('>').to_owned()
+        })
+        .collect()
 }
 
 /// `request` as the emulator answers it, over a connection of its own.

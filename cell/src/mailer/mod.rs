@@ -6,12 +6,13 @@
 //!
 //! Implementations: [`file::FileSink`] (embedded: one .eml per message on disk) and
 //! [`ses::SesMailer`] (production: SES v2 `SendEmail`, one configuration set per tenant,
-//! at the account's rate: [`quota`]);
+//! at the account's rate: [`quota`], its events back through SNS: [`route`]);
 //! [`fault::FaultyMailer`] wraps either to fail a share of attempts on purpose.
 
 pub mod fault;
 pub mod file;
 pub mod quota;
+pub mod route;
 pub mod ses;
 
 use std::time::Duration;

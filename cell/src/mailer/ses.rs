@@ -8,8 +8,9 @@
 //! SES can pause one tenant for its reputation instead of the whole account.
 //!
 //! Before a tenant's first send the mailer provisions what the send needs: the tenant's
-//! configuration set, the From domain's email identity and, with tenants on, the SES tenant
-//! and its association with the configuration set. Each is created, and an answer that it
+//! configuration set with its event destination (to the cell's events topic, so SES's
+//! events reach the cell's feedback queue), the From domain's email identity and, with
+//! tenants on, the SES tenant and its association with the configuration set. Each is created, and an answer that it
 //! already exists (a restart, another cell) is as good, once per process. An endpoint
 //! without SES tenants (an emulator) gets a warning and sends without `TenantName`. An
 //! offboarded tenant's configuration set and SES tenant are deleted ([`Mailer::forget`]).
@@ -35,6 +36,7 @@ use aws_sdk_sesv2::config::http::HttpResponse;
 use aws_sdk_sesv2::config::retry::RetryConfig;
 use aws_sdk_sesv2::config::timeout::TimeoutConfig;
 use aws_sdk_sesv2::error::{BuildError, DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sesv2::operation::create_configuration_set_event_destination::CreateConfigurationSetEventDestinationError;
 use aws_sdk_sesv2::operation::create_email_identity::CreateEmailIdentityError;
 use aws_sdk_sesv2::operation::create_tenant::CreateTenantError;
 use aws_sdk_sesv2::operation::create_tenant_resource_association::CreateTenantResourceAssociationError;
@@ -44,11 +46,15 @@ use aws_sdk_sesv2::operation::get_configuration_set::GetConfigurationSetError;
 use aws_sdk_sesv2::operation::get_tenant::GetTenantError;
 use aws_sdk_sesv2::operation::send_email::SendEmailError;
 use aws_sdk_sesv2::operation::send_email::builders::SendEmailFluentBuilder;
-use aws_sdk_sesv2::types::{Body, Content, Destination, EmailContent, MessageTag, SendingStatus};
+use aws_sdk_sesv2::types::{
+    Body, Content, Destination, EmailContent, EventDestinationDefinition, MessageTag,
+    SendingStatus, SnsDestination,
+};
 use cellmail_proto::TenantId;
 use tokio::sync::OnceCell;
 
 use super::quota::SendRate;
+use super::route;
 use super::{Mailer, MailerError, Sending, mailbox_text};
 use crate::message::{Mailbox, Message};
 
@@ -56,6 +62,8 @@ pub const DEFAULT_CONFIGURATION_SET_PREFIX: &str = "cellmail-";
 /// How long a message waits while the account's sending is paused.
 const SENDING_PAUSED_RETRY: Duration = Duration::from_secs(60);
 const CHARSET: &str = "UTF-8";
+/// The name of each configuration set's event destination.
+pub const EVENT_DESTINATION: &str = "cellmail-events";
 /// The longest an SES call may take, whatever it is.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -110,13 +118,16 @@ pub struct SesMailer {
     client: Client,
     settings: SesSettings,
     rate: SendRate,
+    /// The cell's events topic ([`super::route`]), which each configuration set publishes
+    /// to; `None` when the cell has no SQS feedback queue.
+    events_topic: Option<String>,
     provisioned: Mutex<HashMap<Provision, Arc<OnceCell<()>>>>,
     /// Set once the endpoint turned out to have no SES tenants.
     tenants_unsupported: AtomicBool,
 }
 
 impl SesMailer {
-    pub fn new(config: &SdkConfig, settings: SesSettings) -> Self {
+    pub fn new(config: &SdkConfig, settings: SesSettings, events_topic: Option<String>) -> Self {
         let timeouts = TimeoutConfig::builder()
             .operation_timeout(CALL_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
@@ -129,6 +140,7 @@ impl SesMailer {
             client: Client::from_conf(config),
             settings,
             rate: SendRate::default(),
+            events_topic,
             provisioned: Mutex::new(HashMap::new()),
             tenants_unsupported: AtomicBool::new(false),
         }
@@ -198,10 +210,55 @@ impl SesMailer {
                 // SES v1's code for it, which moto answers this v2 call with.
                 || e.code() == Some("ConfigurationSetAlreadyExistsException")
         })?;
+        if let Some(topic) = &self.events_topic {
+            self.provision_events(&name, topic).await?;
+        }
         if self.tenant_names() {
             self.provision_ses_tenant(tenant, &name).await?;
         }
         Ok(())
+    }
+
+    /// The configuration set's event destination: every event of [`route::EVENTS`] to the
+    /// cell's events topic.
+    async fn provision_events(
+        &self,
+        configuration_set: &str,
+        topic: &str,
+    ) -> Result<(), MailerError> {
+        let what = format!("the event destination of configuration set {configuration_set}");
+        let destination = EventDestinationDefinition::builder()
+            .enabled(true)
+            .set_matching_event_types(Some(route::EVENTS.to_vec()))
+            .sns_destination(
+                SnsDestination::builder()
+                    .topic_arn(topic)
+                    .build()
+                    .map_err(|e| setup_failed(&what, e))?,
+            )
+            .build();
+        let made = self
+            .client
+            .create_configuration_set_event_destination()
+            .configuration_set_name(configuration_set)
+            .event_destination_name(EVENT_DESTINATION)
+            .event_destination(destination)
+            .send()
+            .await;
+        match made {
+            Err(err) if unsupported(&err) => {
+                tracing::warn!(
+                    configuration_set,
+                    "the SES endpoint has no event destinations; this cell gets no SES events"
+                );
+                Ok(())
+            }
+            made => settled(
+                &what,
+                made,
+                CreateConfigurationSetEventDestinationError::is_already_exists_exception,
+            ),
+        }
     }
 
     async fn provision_identity(&self, domain: &str) -> Result<(), MailerError> {
@@ -851,7 +908,7 @@ mod tests {
             .behavior_version(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new("us-east-1"))
             .build();
-        let mailer = SesMailer::new(&config, SesSettings::default());
+        let mailer = SesMailer::new(&config, SesSettings::default(), None);
         let client = mailer.client.config();
         assert_eq!(
             client.retry_config().map(RetryConfig::max_attempts),

@@ -165,6 +165,31 @@ impl SqsQueue {
         })
     }
 
+    /// Lets SNS topic `topic_arn`, and nothing else, send to the feedback queue (a queue
+    /// policy); the feedback queue's ARN, to subscribe it to the topic.
+    pub async fn open_feedback_to(&self, topic_arn: &str) -> Result<String, QueueError> {
+        let arn = queue_arn(&self.client, &self.feedback.url).await?;
+        let policy = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Sid": "cellmail-ses-events",
+                "Effect": "Allow",
+                "Principal": { "Service": "sns.amazonaws.com" },
+                "Action": "sqs:SendMessage",
+                "Resource": arn,
+                "Condition": { "ArnEquals": { "aws:SourceArn": topic_arn } },
+            }],
+        });
+        self.client
+            .set_queue_attributes()
+            .queue_url(&self.feedback.url)
+            .attributes(QueueAttributeName::Policy, policy.to_string())
+            .send()
+            .await
+            .map_err(service_error)?;
+        Ok(arn)
+    }
+
     fn lane(&self, kind: QueueKind) -> &Lane {
         match kind {
             QueueKind::Transactional => &self.transactional,

@@ -440,6 +440,16 @@ struct SesCell {
 
 impl SesCell {
     async fn start(rate: f64, extra: &[&str], tenants: usize) -> Self {
+        Self::start_with(rate, extra, tenants, None).await
+    }
+
+    /// [`Self::start`], the tenants created with `policy`.
+    async fn start_with(
+        rate: f64,
+        extra: &[&str],
+        tenants: usize,
+        policy: Option<v1::TenantPolicy>,
+    ) -> Self {
         let ses = cellmail_tests::ses_standin::SesStandIn::start(rate)
             .await
             .unwrap();
@@ -474,6 +484,7 @@ impl SesCell {
                 let request = v1::CreateTenantRequest {
                     id: tenant.clone(),
                     domains: vec![format!("{tenant}.example")],
+                    policy,
                     ..Default::default()
                 };
                 async move { client.create_tenant(request).await }
@@ -586,6 +597,61 @@ async fn on_sqs_and_ses_a_backlog_drains_no_faster_than_the_accounts_send_rate()
         rate <= RATE * 1.05,
         "{after_first} recipients in {span:?}: {rate:.1}/s"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_ses_bounces_and_complaints_come_back_through_sns_and_sqs_for_their_tenant_only() {
+    // Any complaint trips the breaker; bounces never do.
+    let policy = v1::TenantPolicy {
+        bounce_rate_bps: 10_000,
+        complaint_rate_bps: 1,
+        breaker_min_volume: 1,
+        ..Default::default()
+    };
+    let cell = SesCell::start_with(1000.0, &[], 2, Some(policy)).await;
+    let suppressed = |i: usize| {
+        let (sender, key) = (cell.sender.clone(), cell.tenants[i].1.clone());
+        async move {
+            let list = (sender.clone())
+                .list_suppressions(authorized(&key, v1::ListSuppressionsRequest::default()))
+                .await
+                .unwrap()
+                .into_inner();
+            list.suppressions
+                .into_iter()
+                .map(|s| s.address)
+                .collect::<Vec<_>>()
+        }
+    };
+    let bounced = "bounce@simulator.amazonses.com".to_owned();
+    cell.send(0, vec![bounced.clone()], "a-1").await.unwrap();
+    // SES -> the event destination -> the cell's SNS topic -> its SQS feedback queue -> cell.
+    until_ok(Duration::from_secs(30), || async {
+        let list = suppressed(0).await;
+        anyhow::ensure!(list.contains(&bounced), "tenant 0 suppresses {list:?}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert!(
+        suppressed(1).await.is_empty(),
+        "the neighbour's list is its own"
+    );
+
+    // A complaint over the tenant's threshold trips its breaker, and only its.
+    let complained = "complaint@simulator.amazonses.com".to_owned();
+    cell.send(0, vec![complained], "a-2").await.unwrap();
+    until_ok(Duration::from_secs(30), || async {
+        let paused = cell.paused(0).await;
+        anyhow::ensure!(!paused.is_empty(), "tenant 0's paused classes: {paused:?}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert!(cell.paused(1).await.is_empty());
+    cell.send(1, vec!["jane@example.com".into()], "b-1")
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

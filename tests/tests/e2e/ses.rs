@@ -50,7 +50,11 @@ fn message(tenant: &TenantId) -> Message {
 }
 
 async fn mailer(settings: SesSettings) -> SesMailer {
-    SesMailer::new(&cellmail_tests::emulator::aws_config().await, settings)
+    SesMailer::new(
+        &cellmail_tests::emulator::aws_config().await,
+        settings,
+        None,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,7 +67,7 @@ async fn a_sent_message_reaches_ses_with_the_tenants_configuration_set_and_tags(
         .to_builder()
         .endpoint_url(&tap.endpoint)
         .build();
-    SesMailer::new(&through_tap, SesSettings::default())
+    SesMailer::new(&through_tap, SesSettings::default(), None)
         .send(&message)
         .await
         .unwrap();
