@@ -1,9 +1,11 @@
-//! The mail transport's own view of who may send, asked again every interval
-//! ([`Mailer::reconcile_every`]; `--ses-reconcile-secs` for SES). The transport's events
-//! about pauses are best-effort, so a pause is noticed here even when its event was lost: a
-//! tenant of this cell the transport paused is held ([`Breakers::hold_for_transport`]), one
-//! it lets send again is released, and a paused account stops the cell's sending until the
-//! next sweep.
+//! The mail transport's own view of the cell's tenants, asked again every interval
+//! ([`Mailer::reconcile_every`]; `--ses-reconcile-secs` for SES), starting when the cell
+//! starts. Each tenant placed here is provisioned ([`Mailer::prepare`]: a tenant created
+//! here gets its configuration set and identities without waiting for its first send; what
+//! exists already is not asked for again). The transport's events about pauses are
+//! best-effort, so a pause is noticed here even when its event was lost: a tenant the
+//! transport paused is held ([`Breakers::hold_for_transport`]), one it lets send again is
+//! released, and a paused account stops the cell's sending until the next sweep.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,14 +41,20 @@ impl Reconcile {
     }
 
     async fn sweep(&self, every: Duration) {
-        let tenants: Vec<TenantId> = {
+        let tenants: Vec<(TenantId, Vec<String>)> = {
             let catalog = self.catalog.read();
             (catalog.placements.iter())
                 .filter(|(_, placement)| placement.cell == self.cell)
-                .map(|(tenant, _)| tenant.clone())
+                .filter_map(|(tenant, _)| {
+                    let domains = catalog.tenants.get(tenant)?.domains.clone();
+                    Some((tenant.clone(), domains))
+                })
                 .collect()
         };
-        for tenant in tenants {
+        for (tenant, domains) in tenants {
+            if let Err(err) = self.mailer.prepare(&tenant, &domains).await {
+                tracing::warn!(%tenant, cell = %self.cell, error = %err, "provisioning the tenant with the transport; trying again at its first send or the next sweep");
+            }
             let changed = match self.mailer.sending(&tenant).await {
                 Ok(Sending::Enabled) => self.breakers.release_from_transport(&tenant).await,
                 Ok(Sending::TenantPaused(reason)) => {

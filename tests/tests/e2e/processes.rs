@@ -530,13 +530,19 @@ impl SesCell {
             .count()
     }
 
-    /// Enables or disables tenant `i`'s configuration set's sending, on SES's side.
-    async fn ses_sending(&self, i: usize, enabled: bool) {
+    /// An SES client of the stand-in, as an operator's console or SES itself acts.
+    async fn ses(&self) -> aws_sdk_sesv2::Client {
         let config = cellmail_tests::emulator::aws_config().await;
         let config = aws_sdk_sesv2::config::Builder::from(&config)
             .endpoint_url(&self.ses.endpoint)
             .build();
         aws_sdk_sesv2::Client::from_conf(config)
+    }
+
+    /// Enables or disables tenant `i`'s configuration set's sending, on SES's side.
+    async fn ses_sending(&self, i: usize, enabled: bool) {
+        self.ses()
+            .await
             .put_configuration_set_sending_options()
             .configuration_set_name(format!("cellmail-{}", self.tenants[i].0))
             .sending_enabled(enabled)
@@ -720,6 +726,28 @@ async fn on_ses_a_tenant_ses_paused_is_held_alone_until_resumed() {
 async fn on_ses_the_sweep_holds_a_tenant_ses_paused_without_an_event_and_releases_it() {
     let cell = SesCell::start(1000.0, &["--ses-reconcile-secs", "1"], 2).await;
     let to = || vec!["jane@example.com".to_owned()];
+    // Placed, and provisioned before its first send: its configuration set publishes its
+    // events to the cell.
+    let set = format!("cellmail-{}", cell.tenants[1].0);
+    let ses = cell.ses().await;
+    let destinations = until_ok(Duration::from_secs(20), || {
+        let request = ses
+            .get_configuration_set_event_destinations()
+            .configuration_set_name(&set);
+        async move {
+            let listed = request.send().await?.event_destinations.unwrap_or_default();
+            anyhow::ensure!(!listed.is_empty(), "no event destination yet");
+            Ok(listed)
+        }
+    })
+    .await
+    .unwrap();
+    let topic = destinations[0].sns_destination().map(|d| d.topic_arn());
+    assert!(
+        topic.is_some_and(|arn| arn.ends_with("cell-ses-events")),
+        "{topic:?}"
+    );
+    assert_eq!(cell.sent_for(1), 0);
     cell.send(0, to(), "a-1").await.unwrap();
     wait_for(
         Duration::from_secs(20),
