@@ -45,6 +45,8 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct Sent {
     pub at: Instant,
     pub configuration_set: String,
+    /// The message's `message_id` tag (cellmail's id of it).
+    pub message_id: String,
     pub recipients: usize,
 }
 
@@ -187,6 +189,11 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> anyhow::Result
     state.sent.lock().unwrap().push(Sent {
         at: Instant::now(),
         configuration_set: configuration_set.clone(),
+        message_id: (json["EmailTags"].as_array().into_iter().flatten())
+            .find(|tag| tag["Name"] == "message_id")
+            .and_then(|tag| tag["Value"].as_str())
+            .unwrap_or("")
+            .to_owned(),
         recipients: addresses(&json).len(),
     });
     let destinations = (state.destinations.lock().unwrap())

@@ -1,5 +1,6 @@
 //! Tenant moves: under load nothing is lost or sent twice and the neighbours on the source
-//! cell see nothing; bad requests name their field; late feedback at the old cell reaches the
+//! cell see nothing (on the embedded defaults, and on etcd, SQS and SES with each cell its own
+//! SES account); bad requests name their field; late feedback at the old cell reaches the
 //! new one; a standby control plane finishes a move its leader left.
 
 use std::collections::HashMap;
@@ -439,17 +440,37 @@ mod deployed {
         .collect()
     }
 
+    /// Cell flags for queues on SQS under `prefix` and mail through SES, both at `endpoint`
+    /// (an SES stand-in in front of the emulator).
+    pub fn ses(prefix: &str, endpoint: &str) -> Vec<String> {
+        let flags = [
+            "--queue",
+            "sqs",
+            "--mailer",
+            "ses",
+            "--aws-region",
+            "us-east-1",
+        ];
+        let at = ["--aws-endpoint", endpoint, "--sqs-queue-prefix", prefix];
+        flags.into_iter().chain(at).map(str::to_owned).collect()
+    }
+
     impl Deployment {
         pub async fn start(test: &str, first: &[String], both: &[String]) -> Self {
+            let a: Vec<String> = both.iter().chain(first).cloned().collect();
+            Self::start_each(test, [a, both.to_vec()]).await
+        }
+
+        /// Cell-a started with `flags[0]`, cell-b with `flags[1]`.
+        pub async fn start_each(test: &str, flags: [Vec<String>; 2]) -> Self {
             let prefix = unique_prefix(test);
             let registry = registry_args(&etcd_endpoint(), &prefix);
             let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-            let a: Vec<String> = both.iter().chain(first).cloned().collect();
             let cells = [
-                start_cell("cell-a", &registry, dirs[0].path(), &strs(&a))
+                start_cell("cell-a", &registry, dirs[0].path(), &strs(&flags[0]))
                     .await
                     .unwrap(),
-                start_cell("cell-b", &registry, dirs[1].path(), &strs(both))
+                start_cell("cell-b", &registry, dirs[1].path(), &strs(&flags[1]))
                     .await
                     .unwrap(),
             ];
@@ -588,6 +609,125 @@ async fn a_late_bounce_at_the_old_cell_suppresses_the_address_in_the_new_one() {
         v1::RecipientState::Accepted as i32,
         "the other tenant on the old cell is not suppressed"
     );
+}
+
+/// Sends `keys` messages of tenant `id` (API key `key`) one after another, retrying as a
+/// client does; their message ids.
+fn keep_sending(
+    sender: &Sender,
+    id: &str,
+    key: &str,
+    keys: usize,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let (sender, key, from) = (sender.clone(), key.to_owned(), format!("shop@{id}.example"));
+    tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for n in 0..keys {
+            let request = message(&from, "jane@example.com", &format!("key-{n}"));
+            ids.push(send_retrying(&sender, &key, request).await.0);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ids
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_ses_a_move_and_an_evacuation_to_another_accounts_cell_send_every_key_once() {
+    const KEYS: usize = 150;
+    use cellmail_tests::ses_standin::SesStandIn;
+    // Each cell sends through an SES account of its own.
+    let accounts = [
+        SesStandIn::start(1000.0).await.unwrap(),
+        SesStandIn::start(1000.0).await.unwrap(),
+    ];
+    let unique = cellmail_proto::MessageId::generate()
+        .to_string()
+        .to_lowercase();
+    let queues = format!("v{}-", &unique[16..]);
+    let flags = accounts
+        .each_ref()
+        .map(|account| deployed::ses(&queues, &account.endpoint));
+    let mut d = deployed::Deployment::start_each("ses-move", flags).await;
+    let tenants = [format!("m{}", &unique[..12]), format!("s{}", &unique[..12])];
+    let mut sending = Vec::new();
+    for id in &tenants {
+        let key = tenant(&mut d.control, id, "cell-a").await;
+        cellmail_tests::until_router_serves(&d.sender, &key).await;
+        sending.push(keep_sending(&d.sender, id, &key, KEYS));
+    }
+    wait_for(Duration::from_secs(30), "mail going out", || {
+        (accounts[0].sent().len() > 10).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // The first tenant moves, then its neighbour goes with the cell's evacuation.
+    let request = v1::MoveTenantRequest {
+        tenant_id: tenants[0].clone(),
+        to_cell: "cell-b".into(),
+        reason: "to another SES account".into(),
+    };
+    d.control.move_tenant(request).await.unwrap();
+    let done = finished_move(&d.control, &tenants[0]).await;
+    assert_eq!(done.state, "COMPLETE", "{done:?}");
+    let request = v1::EvacuateCellRequest {
+        cell_id: "cell-a".into(),
+        parallel: 1,
+        reason: "to another SES account".into(),
+    };
+    let evacuation = d.control.evacuate_cell(request).await.unwrap().into_inner();
+    cellmail_tests::until_ok(Duration::from_secs(60), || {
+        let (mut control, id) = (d.control.clone(), evacuation.id.clone());
+        async move {
+            let operation = control
+                .get_operation(v1::GetOperationRequest { id })
+                .await?
+                .into_inner();
+            anyhow::ensure!(operation.finished, "{operation:?}");
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    let done = finished_move(&d.control, &tenants[1]).await;
+    assert_eq!(
+        (done.state.as_str(), done.to_cell.as_str()),
+        ("COMPLETE", "cell-b")
+    );
+
+    // Every message went out once, through one account or the other, and each tenant's
+    // later mail through the second one.
+    for (id, sending) in tenants.iter().zip(sending) {
+        let ids = sending.await.unwrap();
+        let set = format!("cellmail-{id}");
+        let sent_ids = || {
+            let mut sent: HashMap<String, usize> = HashMap::new();
+            for account in &accounts {
+                for s in account
+                    .sent()
+                    .into_iter()
+                    .filter(|s| s.configuration_set == set)
+                {
+                    *sent.entry(s.message_id).or_default() += 1;
+                }
+            }
+            sent
+        };
+        let sent = wait_for(DELIVERY, "every key sent through SES", || {
+            let sent = sent_ids();
+            ids.iter().all(|id| sent.contains_key(id)).then_some(sent)
+        })
+        .await
+        .unwrap();
+        let doubled: Vec<_> = sent.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(doubled.is_empty(), "{id} sent twice: {doubled:?}");
+        let last = ids.last().unwrap();
+        let through_second = accounts[1].sent().iter().any(|s| &s.message_id == last);
+        assert!(
+            through_second,
+            "{id}'s last message went through the target's account"
+        );
+    }
 }
 
 /// A deployment whose cell-a delivers nothing at first (a move off it waits at SWITCHED for
