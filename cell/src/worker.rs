@@ -251,10 +251,15 @@ impl Worker {
                     () = tokio::time::sleep(left) => continue,
                 }
             }
-            let Some(item) = self.lanes().pop() else {
+            if self.lanes().buffered() == 0 {
                 if !Self::idle(&self.ready, &shutdown).await {
                     return;
                 }
+                continue;
+            }
+            // The transport's turn first, then the lanes' next message in their fair order.
+            self.mailer.turn().await;
+            let Some(item) = self.lanes().pop() else {
                 continue;
             };
             self.room.notify_one();

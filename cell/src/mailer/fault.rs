@@ -46,6 +46,10 @@ impl Mailer for FaultyMailer {
         self.inner.prepare(tenant, domains).await
     }
 
+    async fn turn(&self) {
+        self.inner.turn().await;
+    }
+
     async fn forget(&self, tenant: &TenantId) -> Result<(), MailerError> {
         self.inner.forget(tenant).await
     }

@@ -65,6 +65,12 @@ pub enum Sending {
 pub trait Mailer: Send + Sync + 'static {
     async fn send(&self, message: &Message) -> Result<(), MailerError>;
 
+    /// Waits until the transport may take one more message. A delivery worker waits here
+    /// before it takes its next message from the lanes, so that the lanes' fair order, not
+    /// the order workers queue for the transport, decides whose message each turn sends. A
+    /// transport with no rate to keep to keeps this default.
+    async fn turn(&self) {}
+
     /// Sets up what sending for `tenant` from `domains` needs, before the tenant is moved
     /// here (so its first send does not pay for it). A mailer with nothing to set up per
     /// tenant keeps this default.

@@ -1,8 +1,12 @@
 //! SES's sending rate. An account may send to at most `MaxSendRate` recipients a second (SES
 //! counts every recipient of a message). The cell reads that rate with `GetAccount` and
-//! keeps to it through one token bucket that all its delivery workers draw from: a message
-//! waits for one token per recipient, in bites of at most a second's worth, so a message to
-//! more recipients than that waits as long as it should. The rate is read again every
+//! keeps to it through one token bucket that all its delivery workers draw from, in the
+//! order they come: a message waits for one token per recipient, in bites of at most a
+//! second's worth, so a message to more recipients than that waits as long as it should.
+//! A worker takes its message's first token before it takes the message from the delivery
+//! lanes ([`super::Mailer::turn`]): workers queue for turns, not with messages in hand, so a
+//! quiet tenant's message is sent at the next turn instead of behind every message the
+//! workers already hold. The rate is read again every
 //! [`REREAD`], so a raised quota is used without a restart.
 //!
 //! An endpoint without `GetAccount` (an emulator) has no quota: the cell warns once and sends
@@ -25,12 +29,15 @@ use super::ses::unsupported;
 /// How often the account's rate is read again.
 pub const REREAD: Duration = Duration::from_secs(600);
 
-/// The account's rate as a token bucket.
+/// The account's rate as a token bucket, served in turn.
 struct Bucket {
     per_second: f64,
     /// The most tokens taken at once: a second's worth.
     bite: NonZeroU32,
     limiter: DefaultDirectRateLimiter,
+    /// Waiters take their tokens in the order they came (tokio's mutex is fair): the
+    /// limiter alone wakes every waiter at once and lets any of them win.
+    turn: Mutex<()>,
 }
 
 impl Bucket {
@@ -41,11 +48,13 @@ impl Bucket {
             per_second,
             bite,
             limiter: RateLimiter::direct(quota.allow_burst(bite)),
+            turn: Mutex::new(()),
         })
     }
 
     async fn take(&self, recipients: usize) {
-        let mut left = u32::try_from(recipients.max(1)).unwrap_or(u32::MAX);
+        let _turn = self.turn.lock().await;
+        let mut left = u32::try_from(recipients).unwrap_or(u32::MAX);
         while let Some(wanted) = NonZeroU32::new(left) {
             let bite = wanted.min(self.bite);
             // A bite is at most the bucket's burst: it is always granted, in time.
@@ -71,6 +80,9 @@ pub struct SendRate {
 impl SendRate {
     /// Waits until SES's rate lets the cell send to `recipients` more recipients.
     pub async fn take(&self, client: &Client, recipients: usize) -> Result<(), MailerError> {
+        if recipients == 0 {
+            return Ok(());
+        }
         if let Some(bucket) = self.bucket(client).await? {
             bucket.take(recipients).await;
         }

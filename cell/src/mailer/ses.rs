@@ -524,8 +524,11 @@ impl Mailer for SesMailer {
     async fn send(&self, message: &Message) -> Result<(), MailerError> {
         self.provision(&message.tenant, [message.from.domain()])
             .await?;
+        // One recipient's token was taken for the message's turn.
         let recipients = message.to.len() + message.cc.len() + message.bcc.len();
-        self.rate.take(&self.client, recipients).await?;
+        self.rate
+            .take(&self.client, recipients.saturating_sub(1))
+            .await?;
         let request = self.request(message).map_err(|e| MailerError::Permanent {
             reason: format!("building the SES request: {e}"),
         })?;
@@ -550,6 +553,14 @@ impl Mailer for SesMailer {
     async fn prepare(&self, tenant: &TenantId, domains: &[String]) -> Result<(), MailerError> {
         self.provision(tenant, domains.iter().map(String::as_str))
             .await
+    }
+
+    /// A message's turn is its first recipient's token; the rest are taken by its send.
+    async fn turn(&self) {
+        if let Err(err) = self.rate.take(&self.client, 1).await {
+            // The send finds it out too, and the message waits in the queue.
+            tracing::debug!(%err, "no sending rate to wait for");
+        }
     }
 
     /// The account's sending first (a paused account pauses every tenant), then the

@@ -606,6 +606,42 @@ async fn on_sqs_and_ses_a_backlog_drains_no_faster_than_the_accounts_send_rate()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_ses_a_noisy_tenants_backlog_does_not_stand_in_front_of_its_neighbours_mail() {
+    const FLOOD: usize = 60;
+    let policy = v1::TenantPolicy {
+        rate_per_second: 10_000,
+        ..Default::default()
+    };
+    // An account sending 2 a second: the flood would take 30 s to go out.
+    let cell = SesCell::start_with(2.0, &[], 2, Some(policy)).await;
+    let mut flood = tokio::task::JoinSet::new();
+    for n in 0..FLOOD {
+        flood.spawn(cell.send(0, vec![format!("r{n}@example.com")], &format!("n{n}")));
+    }
+    for sent in flood.join_all().await {
+        sent.unwrap();
+    }
+    cell.send(1, vec!["jane@example.com".into()], "quiet")
+        .await
+        .unwrap();
+    let at_accept = cell.sent_for(0);
+    wait_for(
+        Duration::from_secs(30),
+        "the quiet tenant's message sent",
+        || (cell.sent_for(1) == 1).then_some(()),
+    )
+    .await
+    .unwrap();
+    // It waits for the queue to hand it over and for a turn of the account's rate, not for
+    // the flood's messages every delivery worker (16) already holds.
+    let meanwhile = cell.sent_for(0) - at_accept;
+    assert!(
+        meanwhile <= 8,
+        "{meanwhile} of the flood's messages went out before the quiet tenant's one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_ses_bounces_and_complaints_come_back_through_sns_and_sqs_for_their_tenant_only() {
     // Any complaint trips the breaker; bounces never do.
     let policy = v1::TenantPolicy {
