@@ -49,7 +49,13 @@ pub struct UpArgs {
     /// The DNS server `cellmail tenant domain verify` asks (`ip:port`); default: the system's.
     #[arg(long, env = "CELLMAIL_DNS_RESOLVER")]
     dns_resolver: Option<SocketAddr>,
+    /// Default: `<data-dir>/dkim-keys`, made on the first run.
+    #[command(flatten)]
+    dkim: cellmail_registry::dkim::DkimKeyFile,
 }
+
+/// Where `up` keeps the key that seals domains' DKIM keys, made on the first run.
+pub const DKIM_KEY_FILE: &str = "dkim-keys";
 
 const CELLS_READY: Duration = Duration::from_secs(15);
 /// How long the certificates `up` issues at each start are valid.
@@ -128,6 +134,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     wait_for_cells(registry.as_ref(), &alive_keys, &mut tasks).await?;
     let admin_token = admin_token(&args.data_dir)?;
+    let dkim = match &args.dkim.path {
+        Some(path) => path.clone(),
+        None => {
+            let path = args.data_dir.join(DKIM_KEY_FILE);
+            cellmail_registry::dkim::DkimKeyFile::create_if_missing(&path)?;
+            path
+        }
+    };
     {
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
         // On one machine a new tenant's domains are taken as verified; added ones are checked.
@@ -136,6 +150,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             identities: cellmail_control::identity::IdentityConfig {
                 dns_resolver: args.dns_resolver,
                 trust_new_domains: true,
+                dkim: cellmail_registry::dkim::DkimKeyFile { path: Some(dkim) },
             },
             deployer: None,
             tls: tls(Role::Control)?,

@@ -10,7 +10,8 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use rand::RngCore;
 
-use cellmail_registry::schema::IdentityRecord;
+use cellmail_registry::dkim::{self, DkimError, DkimKeys};
+use cellmail_registry::schema::{DkimKey, IdentityRecord};
 
 /// How identities are verified, from flags or env.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -22,10 +23,10 @@ pub struct IdentityConfig {
     /// domain added later is always checked in DNS).
     #[arg(long, env = "CELLMAIL_TRUST_NEW_DOMAINS")]
     pub trust_new_domains: bool,
+    #[command(flatten)]
+    pub dkim: cellmail_registry::dkim::DkimKeyFile,
 }
 
-/// SES's DKIM signing domain, which the DKIM CNAMEs point into.
-const DKIM_TARGET: &str = "dkim.amazonses.com";
 const SPF_INCLUDE: &str = "include:amazonses.com";
 
 /// One record a tenant must publish.
@@ -38,20 +39,40 @@ pub struct DnsRecord {
     pub value: String,
 }
 
-/// A new identity for `domain`: a fresh ownership token and three DKIM selectors.
-pub fn new_identity(domain: &str, now_ms: u64) -> IdentityRecord {
-    let token = || {
-        let mut bytes = [0u8; 16];
-        rand::rng().fill_bytes(&mut bytes);
-        hex::encode(bytes)
+/// A new identity for `domain`: a fresh ownership token and, with key-encryption keys, a
+/// DKIM key of its own.
+pub fn new_identity(
+    domain: &str,
+    now_ms: u64,
+    keys: Option<&DkimKeys>,
+) -> Result<IdentityRecord, DkimError> {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    let dkim = match keys {
+        Some(keys) => vec![new_dkim_key(domain, now_ms, keys)?],
+        None => Vec::new(),
     };
-    IdentityRecord {
+    Ok(IdentityRecord {
         domain: domain.to_owned(),
-        token: token(),
-        dkim_selectors: (0..3).map(|_| token()).collect(),
+        token: hex::encode(bytes),
+        dkim,
         added_at_ms: now_ms,
         verified_at_ms: None,
-    }
+    })
+}
+
+/// A new DKIM key for `domain`, its private half sealed under `keys`; its selector names it
+/// (`cm` and 8 random hex digits), so a rotation's new key never reuses an old record.
+pub fn new_dkim_key(domain: &str, now_ms: u64, keys: &DkimKeys) -> Result<DkimKey, DkimError> {
+    let mut selector = [0u8; 4];
+    rand::rng().fill_bytes(&mut selector);
+    let (private_key, public_key) = dkim::generate()?;
+    Ok(DkimKey {
+        selector: format!("cm{}", hex::encode(selector)),
+        public_key,
+        sealed_private_key: keys.seal(domain, &private_key)?,
+        created_at_ms: now_ms,
+    })
 }
 
 /// The records `identity` asks its tenant to publish.
@@ -63,11 +84,11 @@ pub fn records(identity: &IdentityRecord) -> Vec<DnsRecord> {
         name: format!("_cellmail.{domain}"),
         value: format!("cellmail-verification={}", identity.token),
     }];
-    records.extend(identity.dkim_selectors.iter().map(|selector| DnsRecord {
+    records.extend(identity.dkim.iter().map(|key| DnsRecord {
         purpose: "dkim",
-        kind: RecordType::CNAME,
-        name: format!("{selector}._domainkey.{domain}"),
-        value: format!("{selector}.{DKIM_TARGET}"),
+        kind: RecordType::TXT,
+        name: format!("{}._domainkey.{domain}", key.selector),
+        value: format!("v=DKIM1; k=rsa; p={}", key.public_key),
     }));
     records.push(DnsRecord {
         purpose: "spf",
@@ -84,15 +105,28 @@ pub fn records(identity: &IdentityRecord) -> Vec<DnsRecord> {
     records
 }
 
-/// Whether what DNS answered for `record` satisfies it: the exact CNAME target or ownership
-/// token, an SPF policy that includes SES, any DMARC policy.
+/// Whether what DNS answered for `record` satisfies it: the exact ownership token, a DKIM
+/// record with the key's public half, an SPF policy that includes SES, any DMARC policy.
 fn satisfied(record: &DnsRecord, answers: &[String]) -> bool {
     let norm = |s: &str| s.trim_end_matches('.').to_ascii_lowercase();
+    let tags = |s: &str| -> Vec<String> {
+        s.split(';')
+            .map(|tag| tag.chars().filter(|c| !c.is_whitespace()).collect())
+            .filter(|tag: &String| !tag.is_empty())
+            .collect()
+    };
     answers.iter().any(|answer| match record.purpose {
         "spf" => {
             answer.starts_with("v=spf1") && answer.split_whitespace().any(|t| t == SPF_INCLUDE)
         }
         "dmarc" => answer.starts_with("v=DMARC1"),
+        // A key record's tags in any order and spacing, each the one asked for.
+        "dkim" => {
+            let (mut got, mut wanted) = (tags(answer), tags(&record.value));
+            got.sort();
+            wanted.sort();
+            got == wanted
+        }
         _ => norm(answer) == norm(&record.value),
     })
 }
@@ -140,7 +174,6 @@ impl Checker {
                         .map(|part| String::from_utf8_lossy(part))
                         .collect::<String>(),
                 ),
-                RData::CNAME(target) => Some(target.0.to_string()),
                 _ => None,
             })
             .collect())
@@ -170,10 +203,12 @@ mod tests {
 
     #[test]
     fn records_name_the_domain_and_checks_accept_only_what_they_ask_for() {
-        let identity = new_identity("news.example", 1);
+        use base64::Engine as _;
+        let kek = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        let keys = DkimKeys::parse(&kek).unwrap();
+        let identity = new_identity("news.example", 1, Some(&keys)).unwrap();
         let records = records(&identity);
-        assert_eq!(records.len(), 6);
-        assert_ne!(identity.dkim_selectors[0], identity.dkim_selectors[1]);
+        assert_eq!(records.len(), 4);
         let ownership = &records[0];
         assert!(satisfied(ownership, std::slice::from_ref(&ownership.value)));
         assert!(!satisfied(
@@ -181,12 +216,19 @@ mod tests {
             &["cellmail-verification=other".into()]
         ));
         let dkim = &records[1];
-        assert!(dkim.name.ends_with("._domainkey.news.example"));
-        assert!(satisfied(
-            dkim,
-            &[format!("{}.", dkim.value.to_uppercase())]
-        ));
-        let spf = &records[4];
+        let key = &identity.dkim[0];
+        assert_eq!(
+            dkim.name,
+            format!("{}._domainkey.news.example", key.selector)
+        );
+        let spaced = format!("k=rsa;  v=DKIM1; p={}", key.public_key);
+        assert!(satisfied(dkim, &[spaced]));
+        let other = new_identity("news.example", 1, Some(&keys)).unwrap();
+        let wrong = format!("v=DKIM1; k=rsa; p={}", other.dkim[0].public_key);
+        assert!(!satisfied(dkim, &[wrong]));
+        let private = keys.open("news.example", &key.sealed_private_key).unwrap();
+        assert!(private.len() > 1000, "an RSA-2048 private key");
+        let spf = &records[2];
         assert!(satisfied(
             spf,
             &["v=spf1 include:_spf.example include:amazonses.com -all".into()]
@@ -195,7 +237,15 @@ mod tests {
             spf,
             &["v=spf1 include:amazonses.com.evil ~all".into()]
         ));
-        assert!(satisfied(&records[5], &["v=DMARC1; p=reject".into()]));
-        assert!(!satisfied(&records[5], &[]));
+        assert!(satisfied(&records[3], &["v=DMARC1; p=reject".into()]));
+        assert!(!satisfied(&records[3], &[]));
+    }
+
+    #[test]
+    fn without_key_encryption_keys_a_domain_has_no_dkim_key() {
+        let identity = new_identity("news.example", 1, None).unwrap();
+        assert!(identity.dkim.is_empty());
+        let purposes: Vec<_> = records(&identity).iter().map(|r| r.purpose).collect();
+        assert_eq!(purposes, ["ownership", "spf", "dmarc"]);
     }
 }

@@ -34,7 +34,15 @@ fn answer(query: &Message, zone: &Zone) -> Option<Message> {
         for value in zone.get(&(name, q.query_type)).into_iter().flatten() {
             let data = match q.query_type {
                 RecordType::CNAME => RData::CNAME(CNAME(Name::from_ascii(value).ok()?)),
-                _ => RData::TXT(TXT::new(vec![value.clone()])),
+                // A TXT record's strings are at most 255 bytes: a long value (a DKIM key)
+                // is published as several, as DNS operators do.
+                _ => RData::TXT(TXT::new(
+                    value
+                        .as_bytes()
+                        .chunks(255)
+                        .map(|c| String::from_utf8_lossy(c).into_owned())
+                        .collect(),
+                )),
             };
             response.add_answer(Record::from_rdata(q.name.clone(), 0, data));
         }

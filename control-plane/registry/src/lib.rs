@@ -25,12 +25,14 @@
 //! - [`operators`]: named operator credentials (admin or viewer), stored hashed.
 //! - [`audit`]: the trail of control actions and breaker trips.
 //! - [`channels`]: gRPC channels to cells, shared by everything that calls one.
+//! - [`dkim`]: tenants' domains' own DKIM keys, sealed in the registry.
 
 pub mod apikey;
 pub mod audit;
 pub mod catalog;
 pub mod channels;
 pub mod config;
+pub mod dkim;
 pub mod etcd;
 pub mod local;
 pub mod operators;

@@ -255,9 +255,22 @@ pub struct IdentityRecord {
     pub domain: String,
     /// The ownership token, published as `_cellmail.<domain> TXT cellmail-verification=<token>`.
     pub token: String,
-    pub dkim_selectors: Vec<String>,
+    /// The domain's own DKIM keys ([`crate::dkim`]), the signing one first; more than one
+    /// while a rotation's old key stays published. None without a key-encryption key.
+    #[serde(default)]
+    pub dkim: Vec<DkimKey>,
     pub added_at_ms: u64,
     pub verified_at_ms: Option<u64>,
+}
+
+/// One DKIM key of a domain: its selector, its public half (as the DNS record's `p=`) and
+/// its private half sealed ([`crate::dkim::DkimKeys::seal`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DkimKey {
+    pub selector: String,
+    pub public_key: String,
+    pub sealed_private_key: String,
+    pub created_at_ms: u64,
 }
 
 /// A tenant's sending limits and breaker thresholds.

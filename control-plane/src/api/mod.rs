@@ -38,12 +38,15 @@ use crate::placement::{self, Candidate};
 use cellmail_registry::Registry;
 use cellmail_registry::catalog::{self, Catalog};
 use cellmail_registry::channels::CellChannels;
+use cellmail_registry::dkim::DkimKeys;
 use cellmail_registry::schema::Keys;
 
 pub struct ControlApi {
     registry: Arc<dyn Registry>,
     keys: Keys,
     dns: identity::Checker,
+    /// What seals domains' DKIM keys (none: domains get no DKIM key of their own).
+    dkim: Option<DkimKeys>,
     /// Whether a new tenant's domains count as verified (one-machine setups).
     trust_new_domains: bool,
     /// To the cells, for offboarding.
@@ -64,6 +67,7 @@ impl ControlApi {
             registry,
             keys,
             dns: identity::Checker::new(identities)?,
+            dkim: identities.dkim.load()?,
             trust_new_domains: identities.trust_new_domains,
             channels,
             rollouts,

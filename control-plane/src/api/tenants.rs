@@ -71,11 +71,11 @@ impl ControlApi {
         let identities = domains
             .iter()
             .map(|domain| {
-                let mut identity = identity::new_identity(domain, now);
+                let mut identity = self.new_identity(domain, now)?;
                 identity.verified_at_ms = self.trust_new_domains.then_some(now);
-                identity
+                Ok(identity)
             })
-            .collect();
+            .collect::<Result<_, ApiError>>()?;
         let tenant = TenantRecord {
             tier,
             status: TenantStatus::Active,
@@ -303,6 +303,13 @@ impl ControlApi {
         })
     }
 
+    /// A new identity for `domain`, with a DKIM key of its own when this control plane can
+    /// seal one.
+    fn new_identity(&self, domain: &str, now_ms: u64) -> Result<IdentityRecord, ApiError> {
+        identity::new_identity(domain, now_ms, self.dkim.as_ref())
+            .map_err(|e| ApiError::Internal(format!("a DKIM key for {domain}: {e}")))
+    }
+
     pub(super) async fn add_domain(
         &self,
         request: Request<v1::DomainRequest>,
@@ -315,7 +322,7 @@ impl ControlApi {
         if let Some(known) = before.identities.iter().find(|i| i.domain == domain) {
             return Ok(domain_info(known, Vec::new()));
         }
-        let added = identity::new_identity(&domain, now_ms());
+        let added = self.new_identity(&domain, now_ms())?;
         let mut after = before.clone();
         after.identities.push(added.clone());
         let entry = AuditRecord {
