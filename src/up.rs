@@ -106,6 +106,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let ca = LocalCa::open_or_create(&args.data_dir.join("tls"))?;
     let tls = |role: Role| -> anyhow::Result<_> { Ok(Tls::load(ca.issue(&role, CERT_VALIDITY)?)?) };
 
+    // The control plane seals domains' DKIM keys with it, the cells open them.
+    let dkim = match &args.dkim.path {
+        Some(path) => path.clone(),
+        None => {
+            let path = args.data_dir.join(DKIM_KEY_FILE);
+            cellmail_registry::dkim::DkimKeyFile::create_if_missing(&path)?;
+            path
+        }
+    };
+    let dkim = cellmail_registry::dkim::DkimKeyFile { path: Some(dkim) };
+
     let mut tasks = JoinSet::new();
     let mail = args.data_dir.join("mail");
     let mut alive_keys = Vec::new();
@@ -123,6 +134,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             top_tenants: 10,
             release: None,
             fault_send_failure_ratio: 0.0,
+            dkim: dkim.clone(),
         };
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
         let tls = tls(Role::Cell(id.clone()))?;
@@ -134,14 +146,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     wait_for_cells(registry.as_ref(), &alive_keys, &mut tasks).await?;
     let admin_token = admin_token(&args.data_dir)?;
-    let dkim = match &args.dkim.path {
-        Some(path) => path.clone(),
-        None => {
-            let path = args.data_dir.join(DKIM_KEY_FILE);
-            cellmail_registry::dkim::DkimKeyFile::create_if_missing(&path)?;
-            path
-        }
-    };
     {
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
         // On one machine a new tenant's domains are taken as verified; added ones are checked.
@@ -150,7 +154,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             identities: cellmail_control::identity::IdentityConfig {
                 dns_resolver: args.dns_resolver,
                 trust_new_domains: true,
-                dkim: cellmail_registry::dkim::DkimKeyFile { path: Some(dkim) },
+                dkim,
             },
             deployer: None,
             tls: tls(Role::Control)?,

@@ -13,29 +13,19 @@ use cellmail_registry::Registry;
 use cellmail_registry::audit;
 use cellmail_registry::catalog::WatchedCatalog;
 use cellmail_registry::schema::{
-    self, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, Keys, Tier,
+    self, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, Keys,
 };
 
+use crate::mailer::Identity;
 use crate::store::{Counts, Store};
 
 /// What delivery needs to know of a tenant: whether a class of its mail is paused (such mail
-/// is held instead of sent) and its share of the cell's sending (by tier).
+/// is held instead of sent), its share of the cell's sending (by tier), and its From
+/// domain's identity as the transport is told of it ([`crate::directory::Directory`]).
 pub trait Gate: Send + Sync {
     fn paused(&self, tenant: &TenantId, class: MessageClass) -> bool;
     fn weight(&self, tenant: &TenantId) -> u32;
-}
-
-impl Gate for WatchedCatalog {
-    fn paused(&self, tenant: &TenantId, class: MessageClass) -> bool {
-        self.read().tripped(tenant, class).is_some()
-    }
-
-    fn weight(&self, tenant: &TenantId) -> u32 {
-        match self.read().tenants.get(tenant).map(|t| t.tier) {
-            Some(Tier::Premium) => PREMIUM_WEIGHT,
-            _ => 1,
-        }
-    }
+    fn identity(&self, tenant: &TenantId, domain: &str) -> Identity;
 }
 
 /// How many messages a premium tenant's lane sends per turn, to a standard tenant's one.

@@ -20,6 +20,7 @@
 //! - [`store`]: the cell's durable state (idempotency window, delivery outcomes, the
 //!   embedded queue's table).
 //! - [`commit`]: group commit, shared by the embedded queue and the store.
+//! - [`directory`]: what delivery reads of the tenants (pauses, weights, identities).
 //! - [`worker`]: delivery workers: intake from the queues, parking, sending, settling.
 //! - [`reconcile`]: the transport's own view of who may send, asked again every few minutes.
 //! - [`lanes`]: the pure send order: per-tenant lanes, transactional first, tenants in turn
@@ -33,6 +34,7 @@ pub mod api;
 pub mod aws;
 pub mod breaker;
 pub mod commit;
+pub mod directory;
 pub mod durable;
 pub mod feedback;
 pub mod fencing;
@@ -114,6 +116,9 @@ pub struct CellConfig {
         default_value_t = 0.0
     )]
     pub fault_send_failure_ratio: f64,
+    /// The keys that open the tenants' domains' DKIM keys, as the control plane's.
+    #[command(flatten)]
+    pub dkim: cellmail_registry::dkim::DkimKeyFile,
 }
 
 impl CellConfig {
@@ -316,12 +321,16 @@ pub async fn run(
         keys.clone(),
         store.clone(),
     ));
+    let directory = Arc::new(directory::Directory {
+        catalog: catalog.clone(),
+        dkim: config.dkim.load()?,
+    });
     let worker = Arc::new(worker::Worker::new(
         config.id.clone(),
         store.clone(),
         backends.queue.clone(),
         mailer.clone(),
-        (catalog.clone(), breakers.clone()),
+        (directory.clone(), breakers.clone()),
         cell_health.clone(),
     ));
     let reconciling = mailer.reconcile_every().map(|every| {
@@ -329,7 +338,7 @@ pub async fn run(
             cell: config.id.clone(),
             mailer: mailer.clone(),
             breakers: breakers.clone(),
-            catalog: catalog.clone(),
+            directory: directory.clone(),
             worker: worker.clone(),
         };
         tokio::spawn(sweeps.run(every, shutdown.clone()))
@@ -372,6 +381,7 @@ pub async fn run(
         acceptor,
         store,
         catalog,
+        directory,
         mailer,
         ingest,
         health: cell_health,

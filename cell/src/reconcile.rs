@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cellmail_proto::{CellId, TenantId};
-use cellmail_registry::catalog::WatchedCatalog;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breakers;
+use crate::directory::Directory;
 use crate::mailer::{Mailer, Sending};
 use crate::worker::Worker;
 
@@ -23,7 +23,7 @@ pub struct Reconcile {
     pub cell: CellId,
     pub mailer: Arc<dyn Mailer>,
     pub breakers: Arc<Breakers>,
-    pub catalog: Arc<WatchedCatalog>,
+    pub directory: Arc<Directory>,
     pub worker: Arc<Worker>,
 }
 
@@ -41,18 +41,16 @@ impl Reconcile {
     }
 
     async fn sweep(&self, every: Duration) {
-        let tenants: Vec<(TenantId, Vec<String>)> = {
-            let catalog = self.catalog.read();
+        let tenants: Vec<TenantId> = {
+            let catalog = self.directory.catalog.read();
             (catalog.placements.iter())
                 .filter(|(_, placement)| placement.cell == self.cell)
-                .filter_map(|(tenant, _)| {
-                    let domains = catalog.tenants.get(tenant)?.domains.clone();
-                    Some((tenant.clone(), domains))
-                })
+                .map(|(tenant, _)| tenant.clone())
                 .collect()
         };
-        for (tenant, domains) in tenants {
-            if let Err(err) = self.mailer.prepare(&tenant, &domains).await {
+        for tenant in tenants {
+            let identities = self.directory.identities(&tenant);
+            if let Err(err) = self.mailer.prepare(&tenant, &identities).await {
                 tracing::warn!(%tenant, cell = %self.cell, error = %err, "provisioning the tenant with the transport; trying again at its first send or the next sweep");
             }
             let changed = match self.mailer.sending(&tenant).await {

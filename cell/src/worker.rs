@@ -29,6 +29,8 @@ use tracing::Instrument;
 use crate::breaker::{Gate, Holds};
 use crate::health::{self, Health};
 use crate::lanes::Lanes;
+#[cfg(test)]
+use crate::mailer::Identity;
 use crate::mailer::{Mailer, MailerError};
 use crate::message::Message;
 use crate::message::{BodyRef, EventKind, MessageState};
@@ -530,7 +532,15 @@ impl Worker {
         if let Some(accept) = &message.traceparent {
             cellmail_proto::trace::continue_from_traceparent(&span, accept);
         }
-        let sent = self.mailer.send(message).instrument(span).await;
+        let identity = self.gate.identity(&message.tenant, message.from.domain());
+        let sent = async {
+            (self.mailer)
+                .prepare(&message.tenant, std::slice::from_ref(&identity))
+                .await?;
+            self.mailer.send(message).await
+        }
+        .instrument(span)
+        .await;
         let outcome = match &sent {
             Ok(()) => "sent",
             Err(MailerError::Retryable { .. }) => "retried",
@@ -644,6 +654,13 @@ mod tests {
 
         fn weight(&self, _tenant: &TenantId) -> u32 {
             1
+        }
+
+        fn identity(&self, _tenant: &TenantId, domain: &str) -> Identity {
+            Identity {
+                domain: domain.to_owned(),
+                dkim: None,
+            }
         }
     }
 

@@ -74,11 +74,14 @@ start() {
     wait_http "http://$etcd/health"
   fi
   [ -s "$DIR/admin-token" ] || python3 -c 'import secrets; print(secrets.token_hex(16))' >"$DIR/admin-token"
+  # The key that seals domains' DKIM keys: the control planes seal, the cells open.
+  [ -s "$DIR/dkim-keys" ] || (umask 077 && python3 -c 'import base64, secrets; print(base64.b64encode(secrets.token_bytes(32)).decode())' >"$DIR/dkim-keys")
   # What every process (and deploy-cell.sh) shares.
   cat >"$DIR/env" <<ENV
 export CELLMAIL_REGISTRY=etcd://$etcd
 export CELLMAIL_REGISTRY_PREFIX=$PREFIX
 export CELLMAIL_ADMIN_TOKEN=$(cat "$DIR/admin-token")
+export CELLMAIL_DKIM_KEY_FILE=$DIR/dkim-keys
 export CELLMAIL_LOCAL_DIR=$DIR
 export CELLMAIL_LOCAL_BIN=$BIN
 ENV

@@ -69,14 +69,20 @@ pub struct Tap {
 type Sent = Arc<Mutex<Vec<u8>>>;
 
 impl Tap {
+    /// A relay in front of the emulator.
     pub async fn start() -> Self {
+        Self::in_front_of(emulator()).await
+    }
+
+    /// A relay in front of `upstream` (`host:port`: the emulator, or an SES stand-in).
+    pub async fn in_front_of(upstream: String) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let connections = Arc::new(Mutex::new(Vec::new()));
         let kept = connections.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(emulator()).await else {
+                let Ok(server) = TcpStream::connect(&upstream).await else {
                     continue;
                 };
                 let seen = Arc::new(Mutex::new(Vec::new()));

@@ -1,6 +1,6 @@
 //! The certificates of the processes a test starts: one CA per test process (each test runs
 //! in a process of its own), in a temporary directory, and a certificate per role issued from
-//! it on first use. The platform's processes call each other over mutual TLS with them, as
+//! it on first use; beside it, the key that seals domains' DKIM keys. The platform's processes call each other over mutual TLS with them, as
 //! they do when deployed; `cellmail up` keeps a CA of its own in its data dir.
 
 use std::collections::HashMap;
@@ -52,14 +52,28 @@ pub fn files(role: &Role) -> TlsFiles {
         .clone()
 }
 
-/// The environment that gives a process of `role` its certificate.
-pub fn env(role: &Role) -> [(&'static str, String); 3] {
+/// The file of the key that seals domains' DKIM keys, shared by the control planes and
+/// cells a test starts, as a deployment's are.
+pub fn dkim_key_file() -> std::path::PathBuf {
+    let path = pki()._dir.path().join("dkim-keys");
+    cellmail_registry::dkim::DkimKeyFile::create_if_missing(&path).expect("the test DKIM key");
+    path
+}
+
+/// The environment that gives a process of `role` its certificate (and a control plane or
+/// a cell the DKIM key file).
+pub fn env(role: &Role) -> Vec<(&'static str, String)> {
     let files = files(role);
-    [
+    let mut env = vec![
         ("CELLMAIL_TLS_CERT", files.cert.display().to_string()),
         ("CELLMAIL_TLS_KEY", files.key.display().to_string()),
         ("CELLMAIL_TLS_CA", files.ca.display().to_string()),
-    ]
+    ];
+    if matches!(role, Role::Control | Role::Cell(_)) {
+        let dkim = dkim_key_file().display().to_string();
+        env.push(("CELLMAIL_DKIM_KEY_FILE", dkim));
+    }
+    env
 }
 
 /// The TLS material of a process of `role`, for one started in-process (the bench's).

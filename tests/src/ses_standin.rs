@@ -24,6 +24,14 @@
 //!   set that matches the event's type. The emulator's SNS delivers it to the queues
 //!   subscribed to that topic, in SNS's notification envelope.
 //!
+//! - Bring-your-own DKIM: `CreateEmailIdentity` with `DkimSigningAttributes` and
+//!   `PutEmailIdentityDkimSigningAttributes` (`PUT /v2/email/identities/{domain}/dkim/signing`,
+//!   origin `EXTERNAL`; answered with `DkimStatus` and `DkimTokens`) set the identity's
+//!   selector and key; `GetEmailIdentity` then answers `DkimAttributes` with
+//!   `SigningAttributesOrigin` `EXTERNAL`, `SigningEnabled`, `Status` `SUCCESS` and the
+//!   selector as its one token. (SES looks the public key up in DNS before it says
+//!   `SUCCESS`; the stand-in does not.)
+//!
 //! It also notes each `SendEmail` (`POST /v2/email/outbound-emails`) the emulator accepted:
 //! when, with which configuration set and to how many recipients (`Destination`'s three
 //! lists), so a test can check whose mail went out and at what rate.
@@ -57,6 +65,8 @@ struct State {
     disabled: Mutex<HashSet<String>>,
     /// Each configuration set's event destinations (as created: a name and a definition).
     destinations: Mutex<HashMap<String, Vec<Value>>>,
+    /// Each identity's own DKIM selector and private key.
+    dkim: Mutex<HashMap<String, (String, String)>>,
     sent: Mutex<Vec<Sent>>,
 }
 
@@ -75,6 +85,7 @@ impl SesStandIn {
             max_send_rate,
             disabled: Mutex::default(),
             destinations: Mutex::default(),
+            dkim: Mutex::default(),
             sent: Mutex::default(),
         });
         let serving = state.clone();
@@ -90,6 +101,12 @@ impl SesStandIn {
             }
         });
         Ok(Self { endpoint, state })
+    }
+
+    /// The DKIM selector and private key (base64 DER) identity `domain` signs with, when it
+    /// was given its own.
+    pub fn dkim_of(&self, domain: &str) -> Option<(String, String)> {
+        self.state.dkim.lock().unwrap().get(domain).cloned()
     }
 
     /// The `SendEmail` calls that went through so far.
@@ -122,6 +139,50 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> anyhow::Result
     let (parts, body) = request.into_parts();
     let body = body.collect().await?.to_bytes();
     let json: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let identity: Option<Vec<String>> = path
+        .strip_prefix("/v2/email/identities/")
+        .map(|rest| rest.split('/').map(str::to_owned).collect());
+    let own_key = |attributes: &Value| {
+        let selector = attributes["DomainSigningSelector"].as_str()?;
+        let key = attributes["DomainSigningPrivateKey"].as_str()?;
+        Some((selector.to_owned(), key.to_owned()))
+    };
+    match (&method, identity.as_deref()) {
+        (&Method::PUT, Some([domain, dkim, signing])) if dkim == "dkim" && signing == "signing" => {
+            let Some(key) = own_key(&json["SigningAttributes"]) else {
+                let refusal = json!({ "message": "SigningAttributes are required for EXTERNAL." });
+                return Ok(error_answer("BadRequestException", refusal));
+            };
+            let tokens = json!([key.0]);
+            state.dkim.lock().unwrap().insert(domain.clone(), key);
+            return Ok(json_answer(
+                StatusCode::OK,
+                json!({ "DkimStatus": "SUCCESS", "DkimTokens": tokens }),
+            ));
+        }
+        (&Method::GET, Some([domain])) => {
+            let answer = to_emulator(Request::from_parts(parts, Full::new(body))).await?;
+            let own = state.dkim.lock().unwrap().get(domain).cloned();
+            let (Some((selector, _)), true) = (own, answer.status().is_success()) else {
+                return Ok(answer);
+            };
+            let got = answer.into_body().collect().await?.to_bytes();
+            let mut got: Value = serde_json::from_slice(&got)?;
+            got["DkimAttributes"] = json!({
+                "SigningEnabled": true,
+                "Status": "SUCCESS",
+                "Tokens": [selector],
+                "SigningAttributesOrigin": "EXTERNAL",
+            });
+            return Ok(json_answer(StatusCode::OK, got));
+        }
+        _ => {}
+    }
+    // An identity created with its own key signs with it, once the emulator made it.
+    let created_with_key = (method == Method::POST && path == "/v2/email/identities")
+        .then(|| json["EmailIdentity"].as_str().map(str::to_owned))
+        .flatten()
+        .zip(own_key(&json["DkimSigningAttributes"]));
     match (&method, set.as_deref()) {
         (&Method::PUT, Some([name, sending])) if sending == "sending" => {
             let mut disabled = state.disabled.lock().unwrap();
@@ -177,6 +238,19 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> anyhow::Result
         return Ok(error_answer("SendingPausedException", refusal));
     }
     let answer = to_emulator(Request::from_parts(parts, Full::new(body))).await?;
+    if let Some((domain, key)) = created_with_key
+        && answer.status().is_success()
+    {
+        state.dkim.lock().unwrap().insert(domain, key);
+        // The emulator answers with the key's time as text where SES has epoch seconds:
+        // answered as SES documents it, with the identity's own key.
+        let got = answer.into_body().collect().await?.to_bytes();
+        let mut got: Value = serde_json::from_slice(&got)?;
+        got["DkimAttributes"]["SigningAttributesOrigin"] = json!("EXTERNAL");
+        got["DkimAttributes"]["LastKeyGenerationTimestamp"] =
+            json!(jiff::Timestamp::now().as_second());
+        return Ok(json_answer(StatusCode::OK, got));
+    }
     if !(sending && answer.status().is_success()) {
         return Ok(answer);
     }

@@ -43,6 +43,8 @@ pub struct CellApi {
     pub acceptor: Arc<Acceptor>,
     pub store: Arc<Store>,
     pub catalog: Arc<WatchedCatalog>,
+    /// The tenants' sending domains as the mail transport is told of them.
+    pub directory: Arc<crate::directory::Directory>,
     pub mailer: Arc<dyn Mailer>,
     pub ingest: Arc<Ingest>,
     pub health: Arc<Health>,

@@ -280,13 +280,12 @@ impl CellApi {
         let request = request.into_inner();
         let tenant = TenantId::from_field("tenant_id", request.tenant_id)?;
         self.not_serving(&tenant)?;
-        let domains = self
-            .catalog
-            .read()
-            .tenants
-            .get(&tenant)
-            .map(|t| t.domains.clone())
-            .ok_or_else(|| ApiError::NotFound(format!("tenant {tenant} is not known here")))?;
+        if !self.catalog.read().tenants.contains_key(&tenant) {
+            return Err(ApiError::NotFound(format!(
+                "tenant {tenant} is not known here"
+            )));
+        }
+        let identities = self.directory.identities(&tenant);
         // What an earlier stay of the tenant left here is current as of its hand-over, when
         // that is recent enough for the copy to start there; otherwise the import replaces it.
         let handed_over = self
@@ -301,7 +300,7 @@ impl CellApi {
             .await
             .map_err(ApiError::from)?;
         self.mailer
-            .prepare(&tenant, &domains)
+            .prepare(&tenant, &identities)
             .await
             .map_err(|e| ApiError::Unavailable(format!("preparing the mailer: {e}")))?;
         Ok(v1::PrepareTenantResponse {

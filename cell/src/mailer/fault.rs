@@ -11,7 +11,7 @@ use rand::Rng;
 
 use cellmail_proto::TenantId;
 
-use super::{Mailer, MailerError, Sending};
+use super::{Identity, Mailer, MailerError, Sending};
 use crate::message::Message;
 
 pub struct FaultyMailer {
@@ -42,8 +42,8 @@ impl Mailer for FaultyMailer {
         self.inner.send(message).await
     }
 
-    async fn prepare(&self, tenant: &TenantId, domains: &[String]) -> Result<(), MailerError> {
-        self.inner.prepare(tenant, domains).await
+    async fn prepare(&self, tenant: &TenantId, identities: &[Identity]) -> Result<(), MailerError> {
+        self.inner.prepare(tenant, identities).await
     }
 
     async fn turn(&self) {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use cellmail_proto::{TenantId, now_ms};
 
-use super::{Mailer, MailerError, render};
+use super::{Identity, Mailer, MailerError, render};
 use crate::feedback;
 use crate::message::Message;
 use crate::queue::{Queue, QueueKind};
@@ -64,7 +64,11 @@ impl Mailer for FileSink {
         Ok(())
     }
 
-    async fn prepare(&self, tenant: &TenantId, _domains: &[String]) -> Result<(), MailerError> {
+    async fn prepare(
+        &self,
+        tenant: &TenantId,
+        _identities: &[Identity],
+    ) -> Result<(), MailerError> {
         tokio::fs::create_dir_all(self.root.join(tenant.as_str()))
             .await
             .map_err(|e| retryable(format!("creating the tenant's mail directory: {e}")))

@@ -51,6 +51,30 @@ pub enum MailerError {
     Permanent { reason: String },
 }
 
+/// A domain a tenant sends from, as the transport is told of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub domain: String,
+    /// The domain's own DKIM key, when the cell can open it.
+    pub dkim: Option<DkimSigning>,
+}
+
+/// A domain's own DKIM key, as SES takes it ("bring your own DKIM").
+#[derive(Clone, PartialEq, Eq)]
+pub struct DkimSigning {
+    pub selector: String,
+    /// The private key, base64 of its DER.
+    pub private_key: String,
+}
+
+impl std::fmt::Debug for DkimSigning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DkimSigning")
+            .field("selector", &self.selector)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Whether the transport lets a tenant send, in its own view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sending {
@@ -71,10 +95,15 @@ pub trait Mailer: Send + Sync + 'static {
     /// transport with no rate to keep to keeps this default.
     async fn turn(&self) {}
 
-    /// Sets up what sending for `tenant` from `domains` needs, before the tenant is moved
-    /// here (so its first send does not pay for it). A mailer with nothing to set up per
+    /// Sets up what sending for `tenant` from `identities` needs: before the tenant is moved
+    /// here, at each sweep of the cell's tenants, and before each send for its From domain
+    /// (what is set up already is not asked for again). A mailer with nothing to set up per
     /// tenant keeps this default.
-    async fn prepare(&self, _tenant: &TenantId, _domains: &[String]) -> Result<(), MailerError> {
+    async fn prepare(
+        &self,
+        _tenant: &TenantId,
+        _identities: &[Identity],
+    ) -> Result<(), MailerError> {
         Ok(())
     }
 

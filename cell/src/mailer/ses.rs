@@ -9,10 +9,12 @@
 //!
 //! Before a tenant's first send the mailer provisions what the send needs: the tenant's
 //! configuration set with its event destination (to the cell's events topic, so SES's
-//! events reach the cell's feedback queue), the From domain's email identity and, with
-//! tenants on, the SES tenant and its association with the configuration set. Each is created, and an answer that it
-//! already exists (a restart, another cell) is as good, once per process. An endpoint
-//! without SES tenants (an emulator) gets a warning and sends without `TenantName`. An
+//! events reach the cell's feedback queue), the From domain's email identity (signing with
+//! the domain's own DKIM key: the same selector and key on every cell, so a move needs no DNS
+//! change) and, with tenants on, the SES tenant and its association with the configuration
+//! set. Each is created, and an answer that it already exists (a restart, another cell) is as
+//! good, once per process. An endpoint without SES tenants (an emulator) gets a warning and
+//! sends without `TenantName`. An
 //! offboarded tenant's configuration set and SES tenant are deleted ([`Mailer::forget`]).
 //!
 //! [`classify`] says what an SES error means for the message: retry it later, pause the
@@ -47,15 +49,15 @@ use aws_sdk_sesv2::operation::get_tenant::GetTenantError;
 use aws_sdk_sesv2::operation::send_email::SendEmailError;
 use aws_sdk_sesv2::operation::send_email::builders::SendEmailFluentBuilder;
 use aws_sdk_sesv2::types::{
-    Body, Content, Destination, EmailContent, EventDestinationDefinition, MessageTag,
-    SendingStatus, SnsDestination,
+    Body, Content, Destination, DkimSigningAttributes, DkimSigningAttributesOrigin, EmailContent,
+    EventDestinationDefinition, MessageTag, SendingStatus, SnsDestination,
 };
 use cellmail_proto::TenantId;
 use tokio::sync::OnceCell;
 
 use super::quota::SendRate;
 use super::route;
-use super::{Mailer, MailerError, Sending, mailbox_text};
+use super::{Identity, Mailer, MailerError, Sending, mailbox_text};
 use crate::message::{Mailbox, Message};
 
 pub const DEFAULT_CONFIGURATION_SET_PREFIX: &str = "cellmail-";
@@ -110,8 +112,8 @@ impl Default for SesSettings {
 enum Provision {
     /// The tenant's configuration set and, with tenants on, its SES tenant.
     Tenant(TenantId),
-    /// A From domain's email identity.
-    Domain(String),
+    /// A From domain's email identity, signing with the DKIM key of this selector if any.
+    Domain(String, Option<String>),
 }
 
 pub struct SesMailer {
@@ -179,18 +181,19 @@ impl SesMailer {
     }
 
     /// The tenant's configuration set (and SES tenant) and the identities of `domains`.
-    async fn provision<'a>(
+    async fn provision(
         &self,
         tenant: &TenantId,
-        domains: impl IntoIterator<Item = &'a str>,
+        identities: &[Identity],
     ) -> Result<(), MailerError> {
         self.once(Provision::Tenant(tenant.clone()), || {
             self.provision_tenant(tenant)
         })
         .await?;
-        for domain in domains {
-            self.once(Provision::Domain(domain.to_owned()), || {
-                self.provision_identity(domain)
+        for identity in identities {
+            let selector = identity.dkim.as_ref().map(|d| d.selector.clone());
+            self.once(Provision::Domain(identity.domain.clone(), selector), || {
+                self.provision_identity(identity)
             })
             .await?;
         }
@@ -261,26 +264,48 @@ impl SesMailer {
         }
     }
 
-    async fn provision_identity(&self, domain: &str) -> Result<(), MailerError> {
+    /// The domain's email identity, signing with the domain's own DKIM key when it has one
+    /// (an identity made before, with SES's keys or an older key of the domain, is switched
+    /// to it).
+    async fn provision_identity(&self, identity: &Identity) -> Result<(), MailerError> {
+        let domain = identity.domain.as_str();
+        let what = format!("email identity {domain}");
+        let signing = identity.dkim.as_ref().map(|dkim| {
+            DkimSigningAttributes::builder()
+                .domain_signing_selector(&dkim.selector)
+                .domain_signing_private_key(&dkim.private_key)
+                .build()
+        });
         let made = self
             .client
             .create_email_identity()
             .email_identity(domain)
+            .set_dkim_signing_attributes(signing.clone())
             .send()
             .await;
-        if let Ok(identity) = &made {
-            let tokens = identity.dkim_attributes.as_ref().map(|d| d.tokens());
-            tracing::info!(
-                domain,
-                ?tokens,
-                "created the SES identity; it is verified once its DKIM CNAME records are published"
-            );
+        let exists = made
+            .as_ref()
+            .err()
+            .and_then(|e| e.as_service_error())
+            .is_some_and(CreateEmailIdentityError::is_already_exists_exception);
+        match (signing, exists) {
+            (Some(signing), true) => {
+                let switched = self
+                    .client
+                    .put_email_identity_dkim_signing_attributes()
+                    .email_identity(domain)
+                    .signing_attributes_origin(DkimSigningAttributesOrigin::External)
+                    .signing_attributes(signing)
+                    .send()
+                    .await;
+                settled(&what, switched, |_| false)
+            }
+            _ => settled(
+                &what,
+                made,
+                CreateEmailIdentityError::is_already_exists_exception,
+            ),
         }
-        settled(
-            &format!("email identity {domain}"),
-            made,
-            CreateEmailIdentityError::is_already_exists_exception,
-        )
     }
 
     async fn provision_ses_tenant(
@@ -522,8 +547,8 @@ fn classify(err: &SdkError<SendEmailError, HttpResponse>) -> MailerError {
 #[async_trait]
 impl Mailer for SesMailer {
     async fn send(&self, message: &Message) -> Result<(), MailerError> {
-        self.provision(&message.tenant, [message.from.domain()])
-            .await?;
+        // The From domain's identity was prepared by the caller (see `Mailer::prepare`).
+        self.provision(&message.tenant, &[]).await?;
         // One recipient's token was taken for the message's turn.
         let recipients = message.to.len() + message.cc.len() + message.bcc.len();
         self.rate
@@ -550,9 +575,8 @@ impl Mailer for SesMailer {
         }
     }
 
-    async fn prepare(&self, tenant: &TenantId, domains: &[String]) -> Result<(), MailerError> {
-        self.provision(tenant, domains.iter().map(String::as_str))
-            .await
+    async fn prepare(&self, tenant: &TenantId, identities: &[Identity]) -> Result<(), MailerError> {
+        self.provision(tenant, identities).await
     }
 
     /// A message's turn is its first recipient's token; the rest are taken by its send.

@@ -328,6 +328,7 @@ pub(super) fn start_cell(
         top_tenants: 10,
         release: None,
         fault_send_failure_ratio: 0.0,
+        dkim: Default::default(),
     };
     let tls = crate::pki::tls(&Role::Cell(config.id.clone()))?;
     let cell = {

@@ -43,8 +43,14 @@ async fn a_domain_is_sent_from_only_once_its_tenants_own_records_are_in_dns() {
     // The domain's own DKIM key: a TXT record of its public half under its selector.
     let dkim = &records[1];
     assert_eq!(dkim["type"], "TXT");
-    let (name, value) = (dkim["name"].as_str().unwrap(), dkim["value"].as_str().unwrap());
-    assert!(name.starts_with("cm") && name.ends_with("._domainkey.news.example"), "{name}");
+    let (name, value) = (
+        dkim["name"].as_str().unwrap(),
+        dkim["value"].as_str().unwrap(),
+    );
+    assert!(
+        name.starts_with("cm") && name.ends_with("._domainkey.news.example"),
+        "{name}"
+    );
     assert!(value.starts_with("v=DKIM1; k=rsa; p=MII"), "{value}");
 
     let mut sender = platform.sender().await.unwrap();

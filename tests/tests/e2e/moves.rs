@@ -727,6 +727,24 @@ async fn on_ses_a_move_and_an_evacuation_to_another_accounts_cell_send_every_key
             through_second,
             "{id}'s last message went through the target's account"
         );
+
+        // Both accounts sign the tenant's mail with the domain's own DKIM key, under the
+        // one selector its DNS record names: the move needed no DNS change.
+        let domain = format!("{id}.example");
+        let records = (d.control.clone())
+            .verify_domain(v1::DomainRequest {
+                tenant_id: id.clone(),
+                domain: domain.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        let published = records.iter().find(|r| r.purpose == "dkim").unwrap();
+        let signing = accounts.each_ref().map(|account| account.dkim_of(&domain));
+        let (selector, _) = signing[0].clone().expect("the first account has the key");
+        assert_eq!(published.name, format!("{selector}._domainkey.{domain}"));
+        assert_eq!(signing[0], signing[1], "the same key on both accounts");
     }
 }
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use cellmail_cell::mailer::ses::{SesMailer, SesSettings};
-use cellmail_cell::mailer::{Mailer, MailerError, mailbox_text};
+use cellmail_cell::mailer::{Identity, Mailer, MailerError, mailbox_text};
 use cellmail_cell::message::{Mailbox, Message};
 use cellmail_proto::{MessageClass, MessageId, TenantId};
 use cellmail_tests::emulator::{Tap, sent_by_the_emulator};
@@ -49,6 +49,16 @@ fn message(tenant: &TenantId) -> Message {
     }
 }
 
+/// Sends `message` as a cell's worker does: its From domain's identity prepared first.
+async fn send(mailer: &SesMailer, message: &Message) -> Result<(), MailerError> {
+    let identity = Identity {
+        domain: message.from.domain().to_owned(),
+        dkim: None,
+    };
+    mailer.prepare(&message.tenant, &[identity]).await?;
+    mailer.send(message).await
+}
+
 async fn mailer(settings: SesSettings) -> SesMailer {
     SesMailer::new(
         &cellmail_tests::emulator::aws_config().await,
@@ -67,10 +77,12 @@ async fn a_sent_message_reaches_ses_with_the_tenants_configuration_set_and_tags(
         .to_builder()
         .endpoint_url(&tap.endpoint)
         .build();
-    SesMailer::new(&through_tap, SesSettings::default(), None)
-        .send(&message)
-        .await
-        .unwrap();
+    send(
+        &SesMailer::new(&through_tap, SesSettings::default(), None),
+        &message,
+    )
+    .await
+    .unwrap();
 
     // The emulator's own record: it sent the message, from and to whom it says.
     let sent = sent_by_the_emulator().await;
@@ -144,15 +156,11 @@ async fn a_sent_message_reaches_ses_with_the_tenants_configuration_set_and_tags(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_mailer_sends_for_a_tenant_already_provisioned() {
     let tenant = tenant();
-    mailer(SesSettings::default())
-        .await
-        .send(&message(&tenant))
+    send(&mailer(SesSettings::default()).await, &message(&tenant))
         .await
         .unwrap();
     let again = message(&tenant);
-    mailer(SesSettings::default())
-        .await
-        .send(&again)
+    send(&mailer(SesSettings::default()).await, &again)
         .await
         .unwrap();
     assert!(
@@ -167,7 +175,7 @@ async fn a_restarted_mailer_sends_for_a_tenant_already_provisioned() {
 async fn a_send_from_an_identity_ses_does_not_have_is_refused_permanently() {
     let tenant = tenant();
     let mailer = mailer(SesSettings::default()).await;
-    mailer.send(&message(&tenant)).await.unwrap();
+    send(&mailer, &message(&tenant)).await.unwrap();
     // The identity goes away behind the mailer's back (deleted, or never verified in SES).
     aws_sdk_sesv2::Client::new(&cellmail_tests::emulator::aws_config().await)
         .delete_email_identity()
@@ -175,7 +183,7 @@ async fn a_send_from_an_identity_ses_does_not_have_is_refused_permanently() {
         .send()
         .await
         .unwrap();
-    let refused = mailer.send(&message(&tenant)).await;
+    let refused = send(&mailer, &message(&tenant)).await;
     assert!(
         matches!(&refused, Err(MailerError::Permanent { reason }) if reason.contains("not verified")),
         "{refused:?}"
@@ -190,8 +198,8 @@ async fn with_tenants_on_an_endpoint_without_tenants_still_sends() {
     })
     .await;
     let (first, second) = (message(&tenant()), message(&tenant()));
-    mailer.send(&first).await.unwrap();
-    mailer.send(&second).await.unwrap();
+    send(&mailer, &first).await.unwrap();
+    send(&mailer, &second).await.unwrap();
     let sent = sent_by_the_emulator().await;
     for message in [&first, &second] {
         assert!(
@@ -208,7 +216,7 @@ async fn a_forgotten_tenants_configuration_set_is_deleted_and_its_neighbours_sta
     let (gone, neighbour) = (tenant(), tenant());
     let mailer = mailer(SesSettings::default()).await;
     for tenant in [&gone, &neighbour] {
-        mailer.send(&message(tenant)).await.unwrap();
+        send(&mailer, &message(tenant)).await.unwrap();
     }
     let ses = aws_sdk_sesv2::Client::new(&cellmail_tests::emulator::aws_config().await);
     let listed = || async {
@@ -225,6 +233,73 @@ async fn a_forgotten_tenants_configuration_set_is_deleted_and_its_neighbours_sta
     // (A delete of what is gone already is as good; moto answers that delete with a 500, so
     // the mailer's unit tests check how SES's NotFound answer is taken.)
     // The mailer no longer counts the set as made: a later send makes it again.
-    mailer.send(&message(&gone)).await.unwrap();
+    send(&mailer, &message(&gone)).await.unwrap();
     assert!(listed().await.contains(&gone_set));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_with_its_own_dkim_key_signs_with_it_even_if_ses_had_it_before() {
+    use cellmail_cell::mailer::DkimSigning;
+    let ses = cellmail_tests::ses_standin::SesStandIn::start(1000.0)
+        .await
+        .unwrap();
+    let config = cellmail_tests::emulator::aws_config()
+        .await
+        .to_builder()
+        .endpoint_url(&ses.endpoint)
+        .build();
+    let mailer = SesMailer::new(&config, SesSettings::default(), None);
+    let own_key = || {
+        let (private_key, _) = cellmail_registry::dkim::generate().unwrap();
+        DkimSigning {
+            selector: format!("cm{}", &MessageId::generate().to_string()[18..]).to_lowercase(),
+            private_key: cellmail_registry::dkim::for_ses(&private_key),
+        }
+    };
+
+    // An identity SES made with its own keys first is switched to the domain's.
+    let (first, fresh) = (tenant(), tenant());
+    let domain = format!("{first}.example");
+    let without = Identity {
+        domain: domain.clone(),
+        dkim: None,
+    };
+    mailer.prepare(&first, &[without]).await.unwrap();
+    assert_eq!(ses.dkim_of(&domain), None);
+    let key = own_key();
+    let with = Identity {
+        domain: domain.clone(),
+        dkim: Some(key.clone()),
+    };
+    mailer.prepare(&first, &[with]).await.unwrap();
+    assert_eq!(
+        ses.dkim_of(&domain),
+        Some((key.selector.clone(), key.private_key.clone()))
+    );
+    let identity =
+        aws_sdk_sesv2::Client::from_conf(aws_sdk_sesv2::config::Builder::from(&config).build())
+            .get_email_identity()
+            .email_identity(&domain)
+            .send()
+            .await
+            .unwrap();
+    let dkim = identity.dkim_attributes().unwrap();
+    assert_eq!(
+        dkim.signing_attributes_origin(),
+        Some(&aws_sdk_sesv2::types::DkimSigningAttributesOrigin::External)
+    );
+    assert_eq!(dkim.tokens(), std::slice::from_ref(&key.selector));
+    mailer.send(&message(&first)).await.unwrap();
+
+    // A new domain's identity is made with its key.
+    let key = own_key();
+    let identity = Identity {
+        domain: format!("{fresh}.example"),
+        dkim: Some(key.clone()),
+    };
+    mailer.prepare(&fresh, &[identity]).await.unwrap();
+    assert_eq!(
+        ses.dkim_of(&format!("{fresh}.example")),
+        Some((key.selector, key.private_key))
+    );
 }
