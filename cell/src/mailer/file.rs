@@ -69,7 +69,12 @@ impl Mailer for FileSink {
         tenant: &TenantId,
         _identities: &[Identity],
     ) -> Result<(), MailerError> {
-        tokio::fs::create_dir_all(self.root.join(tenant.as_str()))
+        // Called before every send: a look (one stat) when the directory is there already.
+        let dir = self.root.join(tenant.as_str());
+        if dir.is_dir() {
+            return Ok(());
+        }
+        tokio::fs::create_dir_all(dir)
             .await
             .map_err(|e| retryable(format!("creating the tenant's mail directory: {e}")))
     }
