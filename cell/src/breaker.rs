@@ -124,16 +124,32 @@ impl Breakers {
             return Ok(());
         };
         let record = BreakerRecord {
-            state: BreakerState::Tripped,
             since_ms: now,
-            by: format!("cell {}", self.cell),
             sent: window.sent,
             bounced: window.bounced,
             complained: window.complained,
-            detail,
-            by_transport: false,
+            ..self.by_this_cell(BreakerState::Tripped, detail, false)
         };
         self.trip(tenant, class, record).await
+    }
+
+    /// This cell's change of a breaker to `state`, now, for `detail`, without window figures.
+    fn by_this_cell(
+        &self,
+        state: BreakerState,
+        detail: String,
+        by_transport: bool,
+    ) -> BreakerRecord {
+        BreakerRecord {
+            state,
+            since_ms: now_ms(),
+            by: format!("cell {}", self.cell),
+            sent: 0,
+            bounced: 0,
+            complained: 0,
+            detail,
+            by_transport,
+        }
     }
 
     /// Writes `record` (a trip) over `tenant`'s `class` breaker unless it is tripped already,
@@ -201,16 +217,7 @@ impl Breakers {
     /// every class's breaker, marked as the transport's.
     pub async fn hold_for_transport(&self, tenant: &TenantId, reason: &str) -> anyhow::Result<()> {
         for class in MessageClass::ALL {
-            let record = BreakerRecord {
-                state: BreakerState::Tripped,
-                since_ms: now_ms(),
-                by: format!("cell {}", self.cell),
-                sent: 0,
-                bounced: 0,
-                complained: 0,
-                detail: reason.to_owned(),
-                by_transport: true,
-            };
+            let record = self.by_this_cell(BreakerState::Tripped, reason.to_owned(), true);
             self.trip(tenant, class, record).await?;
         }
         Ok(())
@@ -228,16 +235,8 @@ impl Breakers {
             if !held {
                 continue;
             }
-            let record = BreakerRecord {
-                state: BreakerState::Resumed,
-                since_ms: now_ms(),
-                by: format!("cell {}", self.cell),
-                sent: 0,
-                bounced: 0,
-                complained: 0,
-                detail: "the mail transport lets the tenant send again".to_owned(),
-                by_transport: false,
-            };
+            let detail = "the mail transport lets the tenant send again".to_owned();
+            let record = self.by_this_cell(BreakerState::Resumed, detail, false);
             let due = |before: Option<&BreakerRecord>| {
                 before.is_some_and(|b| b.tripped() && b.by_transport)
             };

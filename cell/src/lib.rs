@@ -211,10 +211,8 @@ impl BackendConfig {
         let sqs = match (&aws, self.queue) {
             (Some(config), QueueBackend::Sqs) => {
                 let names = queue::sqs::SqsQueueNames::for_cell(&self.sqs_queue_prefix, id);
-                let config = (config, queue::QueueConfig::default());
-                Some(Arc::new(
-                    queue::sqs::SqsQueue::open(config.0, names, config.1).await?,
-                ))
+                let sqs = queue::sqs::SqsQueue::open(config, names, queue::QueueConfig::default());
+                Some(Arc::new(sqs.await?))
             }
             _ => None,
         };

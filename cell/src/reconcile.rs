@@ -48,20 +48,31 @@ impl Reconcile {
                 .map(|(tenant, _)| tenant.clone())
                 .collect()
         };
+        // The account's status once a sweep: a paused account holds the whole cell.
+        let account = self.mailer.account_sending().await;
+        match &account {
+            Ok(Sending::AccountPaused(reason)) => {
+                self.worker.pause_all(reason, every);
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(cell = %self.cell, error = %err, "reading the transport's account status; its tenants' are read next sweep");
+            }
+            Ok(_) => {}
+        }
         for tenant in tenants {
             let identities = self.directory.identities(&tenant);
             if let Err(err) = self.mailer.prepare(&tenant, &identities).await {
                 tracing::warn!(%tenant, cell = %self.cell, error = %err, "provisioning the tenant with the transport; trying again at its first send or the next sweep");
             }
+            if account.is_err() {
+                continue;
+            }
             let changed = match self.mailer.sending(&tenant).await {
-                Ok(Sending::Enabled) => self.breakers.release_from_transport(&tenant).await,
                 Ok(Sending::TenantPaused(reason)) => {
                     self.breakers.hold_for_transport(&tenant, &reason).await
                 }
-                Ok(Sending::AccountPaused(reason)) => {
-                    self.worker.pause_all(&reason, every);
-                    return;
-                }
+                Ok(_) => self.breakers.release_from_transport(&tenant).await,
                 Err(err) => Err(err.into()),
             };
             if let Err(err) = changed {

@@ -29,8 +29,6 @@ use tracing::Instrument;
 use crate::breaker::{Gate, Holds};
 use crate::health::{self, Health};
 use crate::lanes::Lanes;
-#[cfg(test)]
-use crate::mailer::Identity;
 use crate::mailer::{Mailer, MailerError};
 use crate::message::Message;
 use crate::message::{BodyRef, EventKind, MessageState};
@@ -614,6 +612,7 @@ mod tests {
 
     use cellmail_proto::{MessageClass, TenantId};
 
+    use crate::mailer::Identity;
     use crate::message::sample::message;
     use crate::queue::QueueConfig;
     use crate::queue::local::LocalQueue;

@@ -133,15 +133,11 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> anyhow::Result
         });
         return Ok(json_answer(StatusCode::OK, account));
     }
-    let set: Option<Vec<String>> = path
-        .strip_prefix("/v2/email/configuration-sets/")
-        .map(|rest| rest.split('/').map(str::to_owned).collect());
+    let set = segments(&path, "/v2/email/configuration-sets/");
     let (parts, body) = request.into_parts();
     let body = body.collect().await?.to_bytes();
     let json: Value = serde_json::from_slice(&body).unwrap_or_default();
-    let identity: Option<Vec<String>> = path
-        .strip_prefix("/v2/email/identities/")
-        .map(|rest| rest.split('/').map(str::to_owned).collect());
+    let identity = segments(&path, "/v2/email/identities/");
     let own_key = |attributes: &Value| {
         let selector = attributes["DomainSigningSelector"].as_str()?;
         let key = attributes["DomainSigningPrivateKey"].as_str()?;
@@ -166,8 +162,7 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> anyhow::Result
             let (Some((selector, _)), true) = (own, answer.status().is_success()) else {
                 return Ok(answer);
             };
-            let got = answer.into_body().collect().await?.to_bytes();
-            let mut got: Value = serde_json::from_slice(&got)?;
+            let mut got = json_of(answer).await?;
             got["DkimAttributes"] = json!({
                 "SigningEnabled": true,
                 "Status": "SUCCESS",
@@ -220,8 +215,7 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> anyhow::Result
             if !answer.status().is_success() {
                 return Ok(answer);
             }
-            let got = answer.into_body().collect().await?.to_bytes();
-            let mut got: Value = serde_json::from_slice(&got)?;
+            let mut got = json_of(answer).await?;
             let enabled = !state.disabled.lock().unwrap().contains(name);
             got["SendingOptions"] = json!({ "SendingEnabled": enabled });
             return Ok(json_answer(StatusCode::OK, got));
@@ -244,8 +238,7 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> anyhow::Result
         state.dkim.lock().unwrap().insert(domain, key);
         // The emulator answers with the key's time as text where SES has epoch seconds:
         // answered as SES documents it, with the identity's own key.
-        let got = answer.into_body().collect().await?.to_bytes();
-        let mut got: Value = serde_json::from_slice(&got)?;
+        let mut got = json_of(answer).await?;
         got["DkimAttributes"]["SigningAttributesOrigin"] = json!("EXTERNAL");
         got["DkimAttributes"]["LastKeyGenerationTimestamp"] =
             json!(jiff::Timestamp::now().as_second());
@@ -396,6 +389,18 @@ async fn publish(topic: &str, record: &Value) -> anyhow::Result<()> {
         .send()
         .await?;
     Ok(())
+}
+
+/// The segments of `path` after `prefix`, if it starts with it.
+fn segments(path: &str, prefix: &str) -> Option<Vec<String>> {
+    let rest = path.strip_prefix(prefix)?;
+    Some(rest.split('/').map(str::to_owned).collect())
+}
+
+/// The JSON body of an emulator's answer.
+async fn json_of(answer: Answer) -> anyhow::Result<Value> {
+    let body = answer.into_body().collect().await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
 }
 
 fn json_answer(status: StatusCode, body: Value) -> Answer {

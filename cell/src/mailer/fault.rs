@@ -54,6 +54,10 @@ impl Mailer for FaultyMailer {
         self.inner.forget(tenant).await
     }
 
+    async fn account_sending(&self) -> Result<Sending, MailerError> {
+        self.inner.account_sending().await
+    }
+
     async fn sending(&self, tenant: &TenantId) -> Result<Sending, MailerError> {
         self.inner.sending(tenant).await
     }

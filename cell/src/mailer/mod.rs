@@ -87,6 +87,7 @@ pub enum Sending {
 
 #[async_trait]
 pub trait Mailer: Send + Sync + 'static {
+    /// Sends `message`, once [`Mailer::prepare`] has set up its tenant and From domain.
     async fn send(&self, message: &Message) -> Result<(), MailerError>;
 
     /// Waits until the transport may take one more message. A delivery worker waits here
@@ -113,14 +114,22 @@ pub trait Mailer: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Whether the transport lets `tenant` send, asked of the transport itself (its events
-    /// about pauses may be lost). A transport that never pauses anyone keeps this default.
+    /// Whether the transport lets the account send at all ([`Sending::Enabled`] or
+    /// [`Sending::AccountPaused`]), asked of the transport itself (its events about pauses
+    /// may be lost). A transport that never pauses anyone keeps this default.
+    async fn account_sending(&self) -> Result<Sending, MailerError> {
+        Ok(Sending::Enabled)
+    }
+
+    /// Whether the transport lets `tenant` itself send ([`Sending::Enabled`] or
+    /// [`Sending::TenantPaused`]), its account's pause aside. A transport that never pauses
+    /// anyone keeps this default.
     async fn sending(&self, _tenant: &TenantId) -> Result<Sending, MailerError> {
         Ok(Sending::Enabled)
     }
 
-    /// How often the cell asks [`Mailer::sending`] for each of its tenants; `None` for a
-    /// transport that never pauses anyone.
+    /// How often the cell asks [`Mailer::account_sending`], and [`Mailer::sending`] for each
+    /// of its tenants; `None` for a transport that never pauses anyone.
     fn reconcile_every(&self) -> Option<Duration> {
         None
     }

@@ -180,7 +180,7 @@ impl SesMailer {
         cell.get_or_try_init(provision).await.map(|_| ())
     }
 
-    /// The tenant's configuration set (and SES tenant) and the identities of `domains`.
+    /// The tenant's configuration set (and SES tenant) and `identities`.
     async fn provision(
         &self,
         tenant: &TenantId,
@@ -376,9 +376,13 @@ impl SesMailer {
         }
     }
 
-    /// Whose sending SES paused, when a send was refused as paused: `tenant`'s alone if its
-    /// own status says so, else (the account's, or unknown) the whole cell's, as `paused`.
+    /// Whose sending SES paused, when a send was refused as paused: `tenant`'s alone if the
+    /// account may send and the tenant's own status says so, else (the account's, or
+    /// unknown) the whole cell's, as `paused`.
     async fn whose_pause(&self, tenant: &TenantId, paused: MailerError) -> MailerError {
+        if !matches!(self.account_sending().await, Ok(Sending::Enabled)) {
+            return paused;
+        }
         match self.sending(tenant).await {
             Ok(Sending::TenantPaused(reason)) => MailerError::TenantPaused { reason },
             _ => paused,
@@ -547,8 +551,7 @@ fn classify(err: &SdkError<SendEmailError, HttpResponse>) -> MailerError {
 #[async_trait]
 impl Mailer for SesMailer {
     async fn send(&self, message: &Message) -> Result<(), MailerError> {
-        // The From domain's identity was prepared by the caller (see `Mailer::prepare`).
-        self.provision(&message.tenant, &[]).await?;
+        // The tenant and its From domain were provisioned by the caller's `Mailer::prepare`.
         // One recipient's token was taken for the message's turn.
         let recipients = message.to.len() + message.cc.len() + message.bcc.len();
         self.rate
@@ -587,20 +590,19 @@ impl Mailer for SesMailer {
         }
     }
 
-    /// The account's sending first (a paused account pauses every tenant), then the
-    /// tenant's configuration set's and, with tenants on, its SES tenant's.
-    async fn sending(&self, tenant: &TenantId) -> Result<Sending, MailerError> {
-        let account = self.client.get_account().send().await;
-        match account {
-            Ok(account) if !account.sending_enabled => {
-                return Ok(Sending::AccountPaused(format!(
-                    "SES has the account's sending disabled (enforcement status {})",
-                    account.enforcement_status().unwrap_or("unknown")
-                )));
-            }
-            Err(err) if !unsupported(&err) => return Err(status_unknown("the account", &err)),
-            _ => {}
+    async fn account_sending(&self) -> Result<Sending, MailerError> {
+        match self.client.get_account().send().await {
+            Ok(account) if !account.sending_enabled => Ok(Sending::AccountPaused(format!(
+                "SES has the account's sending disabled (enforcement status {})",
+                account.enforcement_status().unwrap_or("unknown")
+            ))),
+            Err(err) if !unsupported(&err) => Err(status_unknown("the account", &err)),
+            _ => Ok(Sending::Enabled),
         }
+    }
+
+    /// The tenant's configuration set's and, with tenants on, its SES tenant's.
+    async fn sending(&self, tenant: &TenantId) -> Result<Sending, MailerError> {
         let name = self.configuration_set(tenant);
         match self
             .client
