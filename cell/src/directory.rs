@@ -3,23 +3,39 @@
 //! domains as the mail transport is told of them, each with the domain's own DKIM key
 //! (opened with the cell's key-encryption keys, `--dkim-key-file`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use cellmail_proto::{MessageClass, TenantId};
 use cellmail_registry::catalog::WatchedCatalog;
 use cellmail_registry::dkim::{self, DkimKeys};
-use cellmail_registry::schema::{IdentityRecord, Tier};
+use cellmail_registry::schema::{DkimKey, IdentityRecord, Tier};
 
 use crate::breaker::{Gate, PREMIUM_WEIGHT};
 use crate::mailer::{DkimSigning, Identity};
 
 pub struct Directory {
-    pub catalog: Arc<WatchedCatalog>,
+    catalog: Arc<WatchedCatalog>,
     /// What opens domains' DKIM keys (none: identities sign with the transport's own keys).
-    pub dkim: Option<DkimKeys>,
+    dkim: Option<DkimKeys>,
+    /// Keys opened already, by domain and selector: a send asks for its From domain's, and
+    /// opening one (AES-GCM and base64) each time would put that on every delivery.
+    opened: Mutex<HashMap<(String, String), DkimSigning>>,
 }
 
 impl Directory {
+    pub fn new(catalog: Arc<WatchedCatalog>, dkim: Option<DkimKeys>) -> Self {
+        Self {
+            catalog,
+            dkim,
+            opened: Mutex::default(),
+        }
+    }
+
+    pub fn catalog(&self) -> &WatchedCatalog {
+        &self.catalog
+    }
+
     /// Each of `tenant`'s sending domains, as the transport is told of it.
     pub fn identities(&self, tenant: &TenantId) -> Vec<Identity> {
         let catalog = self.catalog.read();
@@ -32,19 +48,34 @@ impl Directory {
     fn identity(&self, record: &IdentityRecord) -> Identity {
         let domain = record.domain.clone();
         let dkim = match (&self.dkim, record.dkim.first()) {
-            (Some(keys), Some(key)) => match keys.open(&domain, &key.sealed_private_key) {
-                Ok(private_key) => Some(DkimSigning {
-                    selector: key.selector.clone(),
-                    private_key: dkim::for_ses(&private_key),
-                }),
-                Err(err) => {
-                    tracing::warn!(%domain, %err, "cannot open the domain's DKIM key; its identity signs without it");
-                    None
-                }
-            },
+            (Some(keys), Some(key)) => self.signing(keys, &domain, key),
             _ => None,
         };
         Identity { domain, dkim }
+    }
+
+    /// `key` of `domain` opened, once.
+    fn signing(&self, keys: &DkimKeys, domain: &str, key: &DkimKey) -> Option<DkimSigning> {
+        let id = (domain.to_owned(), key.selector.clone());
+        // Only whole inserts happen under the lock; a panic cannot leave it half-changed.
+        let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(signing) = opened.get(&id) {
+            return Some(signing.clone());
+        }
+        match keys.open(domain, &key.sealed_private_key) {
+            Ok(private_key) => {
+                let signing = DkimSigning {
+                    selector: key.selector.clone(),
+                    private_key: dkim::for_ses(&private_key),
+                };
+                opened.insert(id, signing.clone());
+                Some(signing)
+            }
+            Err(err) => {
+                tracing::warn!(%domain, %err, "cannot open the domain's DKIM key; its identity signs without it");
+                None
+            }
+        }
     }
 }
 

@@ -319,10 +319,10 @@ pub async fn run(
         keys.clone(),
         store.clone(),
     ));
-    let directory = Arc::new(directory::Directory {
-        catalog: catalog.clone(),
-        dkim: config.dkim.load()?,
-    });
+    let directory = Arc::new(directory::Directory::new(
+        catalog.clone(),
+        config.dkim.load()?,
+    ));
     let worker = Arc::new(worker::Worker::new(
         config.id.clone(),
         store.clone(),

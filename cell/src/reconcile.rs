@@ -42,7 +42,7 @@ impl Reconcile {
 
     async fn sweep(&self, every: Duration) {
         let tenants: Vec<TenantId> = {
-            let catalog = self.directory.catalog.read();
+            let catalog = self.directory.catalog().read();
             (catalog.placements.iter())
                 .filter(|(_, placement)| placement.cell == self.cell)
                 .map(|(tenant, _)| tenant.clone())
