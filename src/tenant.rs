@@ -99,10 +99,22 @@ enum TenantCommand {
 
 #[derive(Subcommand)]
 enum DomainCommand {
-    /// Add a domain: prints the records to publish (ownership TXT, DKIM CNAMEs, SPF, DMARC).
+    /// Add a domain: prints the records to publish (ownership TXT, DKIM key TXT, its MAIL
+    /// FROM domain's MX and SPF, DMARC).
     Add { tenant: String, domain: String },
-    /// Check the domain's records in DNS; once all are there the tenant may send from it.
+    /// Check the domain's records in DNS, and that SES on the tenant's cell has verified its
+    /// DKIM key and MAIL FROM domain; once all are, the tenant may send from it.
     Verify { tenant: String, domain: String },
+    /// Rotate the domain's DKIM key: the first run hands out a new key's record; run it
+    /// again once that is published, and the new key signs while the old one's record must
+    /// stay published for the overlap.
+    RotateDkim {
+        tenant: String,
+        domain: String,
+        /// Hours the old key's record must stay published after the switch.
+        #[arg(long, default_value_t = 168)]
+        overlap_hours: u32,
+    },
 }
 
 /// A tenant's limits; 0 keeps the default.
@@ -218,21 +230,33 @@ pub async fn run(args: TenantArgs) -> anyhow::Result<()> {
             }
         }
         TenantCommand::Domain { command } => {
-            let (verify, tenant, domain) = match command {
-                DomainCommand::Add { tenant, domain } => (false, tenant, domain),
-                DomainCommand::Verify { tenant, domain } => (true, tenant, domain),
+            let request = |tenant, domain| {
+                tonic::Request::new(v1::DomainRequest {
+                    tenant_id: tenant,
+                    domain,
+                })
             };
-            let request = tonic::Request::new(v1::DomainRequest {
-                tenant_id: tenant,
-                domain,
-            });
-            let info = if verify {
-                client.verify_domain(request).await
-            } else {
-                client.add_domain(request).await
-            }
-            .map_err(status)?
-            .into_inner();
+            let (verify, answer) = match command {
+                DomainCommand::Add { tenant, domain } => {
+                    (false, client.add_domain(request(tenant, domain)).await)
+                }
+                DomainCommand::Verify { tenant, domain } => {
+                    (true, client.verify_domain(request(tenant, domain)).await)
+                }
+                DomainCommand::RotateDkim {
+                    tenant,
+                    domain,
+                    overlap_hours,
+                } => {
+                    let rotate = v1::RotateDkimRequest {
+                        tenant_id: tenant,
+                        domain,
+                        overlap_hours,
+                    };
+                    (false, client.rotate_dkim(rotate).await)
+                }
+            };
+            let info = answer.map_err(status)?.into_inner();
             print_domain(&info, args.connection.json);
             anyhow::ensure!(
                 !verify || info.verified,
@@ -415,7 +439,7 @@ fn domain_json(info: &v1::DomainInfo) -> serde_json::Value {
         .iter()
         .map(|r| {
             json!({"purpose": r.purpose, "type": r.r#type, "name": r.name, "value": r.value,
-                   "problem": r.problem})
+                   "problem": r.problem, "note": r.note})
         })
         .collect();
     json!({"domain": info.domain, "verified": info.verified, "records": records})
@@ -433,14 +457,18 @@ fn print_domain(info: &v1::DomainInfo, as_json: bool) {
     };
     println!("{}: {state}; publish these records:", info.domain);
     for r in &info.records {
-        let problem = if r.problem.is_empty() {
-            String::new()
-        } else {
-            format!("   <- {}", r.problem)
+        let aside = |text: &str| match text {
+            "" => String::new(),
+            text => format!("   <- {text}"),
         };
         println!(
-            "  {:<10} {:<6} {} {}{problem}",
-            r.purpose, r.r#type, r.name, r.value
+            "  {:<13} {:<4} {} {}{}{}",
+            r.purpose,
+            r.r#type,
+            r.name,
+            r.value,
+            aside(&r.note),
+            aside(&r.problem)
         );
     }
 }

@@ -35,7 +35,7 @@ fn duty(method: &str) -> Option<Duty> {
     Some(match method {
         "Accept" | "GetMessage" | "ListSuppressions" | "AddSuppression" | "RemoveSuppression"
         | "GetStats" => Duty::Serve,
-        "PrepareTenant" | "ExportTenant" | "ImportTenant" | "TenantBacklog"
+        "ProvisionTenant" | "PrepareTenant" | "ExportTenant" | "ImportTenant" | "TenantBacklog"
         | "ExportTenantData" | "EraseTenant" | "GetHealthReport" => Duty::Operate,
         "ForwardFeedback" => Duty::Forward,
         _ => return None,

@@ -47,11 +47,15 @@ impl Directory {
 
     fn identity(&self, record: &IdentityRecord) -> Identity {
         let domain = record.domain.clone();
-        let dkim = match (&self.dkim, record.dkim.first()) {
+        let dkim = match (&self.dkim, record.signing_key()) {
             (Some(keys), Some(key)) => self.signing(keys, &domain, key),
             _ => None,
         };
-        Identity { domain, dkim }
+        Identity {
+            mail_from: Some(record.mail_from_domain()),
+            domain,
+            dkim,
+        }
     }
 
     /// `key` of `domain` opened, once.
@@ -97,10 +101,7 @@ impl Gate for Directory {
             .and_then(|t| t.identities.iter().find(|i| i.domain == domain));
         match known {
             Some(record) => self.identity(record),
-            None => Identity {
-                domain: domain.to_owned(),
-                dkim: None,
-            },
+            None => Identity::unlisted(domain),
         }
     }
 }

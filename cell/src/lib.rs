@@ -293,8 +293,6 @@ pub async fn run(
         Some(advertised) => format!("https://{advertised}"),
         None => format!("https://{}", listener.local_addr()?),
     };
-    let lease = register(registry.as_ref(), &keys, &config, &endpoint).await?;
-    tracing::info!(cell = %config.id, %endpoint, release = config.release(), build = cellmail_proto::VERSION, "cell serving");
     let mailer: Arc<dyn mailer::Mailer> = if config.fault_send_failure_ratio > 0.0 {
         tracing::warn!(cell = %config.id, ratio = config.fault_send_failure_ratio, "fault injection: failing this share of delivery attempts");
         Arc::new(mailer::fault::FaultyMailer::new(
@@ -304,6 +302,15 @@ pub async fn run(
     } else {
         backends.mailer
     };
+    let lease = register(
+        registry.as_ref(),
+        &keys,
+        &config,
+        &endpoint,
+        mailer.as_ref(),
+    )
+    .await?;
+    tracing::info!(cell = %config.id, %endpoint, release = config.release(), build = cellmail_proto::VERSION, "cell serving");
     let cell_health = Arc::new(health::Health::default());
 
     let keepalive = {
@@ -417,13 +424,14 @@ pub async fn run(
     Ok(())
 }
 
-/// Records the cell's endpoint, release and build (keeping its operator-set state, capacity and
-/// labels) and its liveness key on a fresh lease.
+/// Records the cell's endpoint, release, build and SES region (keeping its operator-set state,
+/// capacity and labels) and its liveness key on a fresh lease.
 async fn register(
     registry: &dyn Registry,
     keys: &Keys,
     config: &CellConfig,
     endpoint: &str,
+    mailer: &dyn mailer::Mailer,
 ) -> anyhow::Result<LeaseId> {
     let key = keys.cell(&config.id);
     loop {
@@ -442,10 +450,12 @@ async fn register(
                     labels: Default::default(),
                     version: String::new(),
                     build: String::new(),
+                    ses_region: None,
                 },
             ),
         };
         record.endpoint = endpoint.into();
+        record.ses_region = mailer.ses_region();
         record.version = config.release().to_owned();
         record.build = cellmail_proto::VERSION.to_owned();
         if registry

@@ -656,10 +656,7 @@ mod tests {
         }
 
         fn identity(&self, _tenant: &TenantId, domain: &str) -> Identity {
-            Identity {
-                domain: domain.to_owned(),
-                dkim: None,
-            }
+            Identity::unlisted(domain)
         }
     }
 

@@ -1,7 +1,9 @@
 //! Sending identities: the DNS records a tenant publishes to send from a domain (ownership,
-//! DKIM, SPF, DMARC), and their check through a real DNS resolver. Only a domain whose every
-//! record checks out becomes one the tenant may send from.
+//! DKIM, its MAIL FROM domain's MX and SPF, DMARC), and their check through a real DNS
+//! resolver. Only a domain whose every record checks out (and that SES on the tenant's cell
+//! has verified, [`crate::api`]) becomes one the tenant may send from.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use hickory_resolver::Resolver;
@@ -29,14 +31,26 @@ pub struct IdentityConfig {
 
 const SPF_INCLUDE: &str = "include:amazonses.com";
 
+/// The status SES gives a domain's DKIM and MAIL FROM once it has found their records.
+pub const TRANSPORT_SUCCESS: &str = "SUCCESS";
+
 /// One record a tenant must publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsRecord {
-    /// ownership | dkim | spf | dmarc
+    /// ownership | dkim | mail-from-mx | mail-from-spf | dmarc
     pub purpose: &'static str,
     pub kind: RecordType,
     pub name: String,
     pub value: String,
+    /// For a DKIM record on its way in or out of a rotation; empty otherwise.
+    pub note: String,
+    /// The DKIM key's selector, or the MX record's region.
+    pub of: Option<String>,
+}
+
+/// The MX value of a MAIL FROM domain that SES sends with in `region`.
+fn feedback_mx(region: &str) -> String {
+    format!("10 feedback-smtp.{region}.amazonses.com")
 }
 
 /// A new identity for `domain`: a fresh ownership token and, with key-encryption keys, a
@@ -72,41 +86,93 @@ pub fn new_dkim_key(domain: &str, now_ms: u64, keys: &DkimKeys) -> Result<DkimKe
         public_key,
         sealed_private_key: keys.seal(domain, &private_key)?,
         created_at_ms: now_ms,
+        retire_at_ms: None,
     })
 }
 
-/// The records `identity` asks its tenant to publish.
-pub fn records(identity: &IdentityRecord) -> Vec<DnsRecord> {
+/// The records `identity` asks its tenant to publish at `now_ms`: one MAIL FROM MX per
+/// region in `ses_regions` (the regions cells send through SES in, so that a move between
+/// them needs no DNS change), and the DKIM records of every key but those retired before now.
+pub fn records(
+    identity: &IdentityRecord,
+    ses_regions: &BTreeSet<String>,
+    now_ms: u64,
+) -> Vec<DnsRecord> {
     let domain = &identity.domain;
-    let mut records = vec![DnsRecord {
-        purpose: "ownership",
-        kind: RecordType::TXT,
-        name: format!("_cellmail.{domain}"),
-        value: format!("cellmail-verification={}", identity.token),
-    }];
-    records.extend(identity.dkim.iter().map(|key| DnsRecord {
-        purpose: "dkim",
-        kind: RecordType::TXT,
-        name: format!("{}._domainkey.{domain}", key.selector),
-        value: format!("v=DKIM1; k=rsa; p={}", key.public_key),
+    let record = |purpose, kind, name: String, value: String| DnsRecord {
+        purpose,
+        kind,
+        name,
+        value,
+        note: String::new(),
+        of: None,
+    };
+    let mut records = vec![record(
+        "ownership",
+        RecordType::TXT,
+        format!("_cellmail.{domain}"),
+        format!("cellmail-verification={}", identity.token),
+    )];
+    let signing = identity.signing_key().map(|key| key.selector.as_str());
+    for key in &identity.dkim {
+        let note = match key.retire_at_ms {
+            Some(until) if until <= now_ms => continue,
+            Some(until) => format!(
+                "replaced by a newer key; keep it published until {}",
+                timestamp(until)
+            ),
+            None if Some(key.selector.as_str()) != signing => {
+                "the next key: publish it, then run rotate-dkim again".to_owned()
+            }
+            None => String::new(),
+        };
+        records.push(DnsRecord {
+            note,
+            of: Some(key.selector.clone()),
+            ..record(
+                "dkim",
+                RecordType::TXT,
+                format!("{}._domainkey.{domain}", key.selector),
+                format!("v=DKIM1; k=rsa; p={}", key.public_key),
+            )
+        });
+    }
+    let mail_from = identity.mail_from_domain();
+    records.extend(ses_regions.iter().map(|region| DnsRecord {
+        of: Some(region.clone()),
+        ..record(
+            "mail-from-mx",
+            RecordType::MX,
+            mail_from.clone(),
+            feedback_mx(region),
+        )
     }));
-    records.push(DnsRecord {
-        purpose: "spf",
-        kind: RecordType::TXT,
-        name: domain.clone(),
-        value: format!("v=spf1 {SPF_INCLUDE} ~all"),
-    });
-    records.push(DnsRecord {
-        purpose: "dmarc",
-        kind: RecordType::TXT,
-        name: format!("_dmarc.{domain}"),
-        value: "v=DMARC1; p=none;".to_owned(),
-    });
+    records.push(record(
+        "mail-from-spf",
+        RecordType::TXT,
+        mail_from,
+        format!("v=spf1 {SPF_INCLUDE} ~all"),
+    ));
+    records.push(record(
+        "dmarc",
+        RecordType::TXT,
+        format!("_dmarc.{domain}"),
+        "v=DMARC1; p=none;".to_owned(),
+    ));
     records
 }
 
+/// `ms` since the epoch as an RFC 3339 time.
+fn timestamp(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map_or_else(|| format!("{ms} ms"), |t| t.to_string())
+}
+
 /// Whether what DNS answered for `record` satisfies it: the exact ownership token, a DKIM
-/// record with the key's public half, an SPF policy that includes SES, any DMARC policy.
+/// record with the key's public half, an MX to SES's feedback endpoint (any preference), an
+/// SPF policy that includes SES, any DMARC policy.
 fn satisfied(record: &DnsRecord, answers: &[String]) -> bool {
     let norm = |s: &str| s.trim_end_matches('.').to_ascii_lowercase();
     let tags = |s: &str| -> Vec<String> {
@@ -116,8 +182,12 @@ fn satisfied(record: &DnsRecord, answers: &[String]) -> bool {
             .collect()
     };
     answers.iter().any(|answer| match record.purpose {
-        "spf" => {
+        "mail-from-spf" => {
             answer.starts_with("v=spf1") && answer.split_whitespace().any(|t| t == SPF_INCLUDE)
+        }
+        "mail-from-mx" => {
+            let exchange = |s: &str| s.split_whitespace().last().map(norm);
+            exchange(answer).is_some() && exchange(answer) == exchange(&record.value)
         }
         "dmarc" => answer.starts_with("v=DMARC1"),
         // A key record's tags in any order and spacing, each the one asked for.
@@ -174,26 +244,22 @@ impl Checker {
                         .map(|part| String::from_utf8_lossy(part))
                         .collect::<String>(),
                 ),
+                RData::MX(mx) => Some(format!("{} {}", mx.preference, mx.exchange)),
                 _ => None,
             })
             .collect())
     }
 
-    /// Each of `identity`'s records with `None` when DNS has it, or what is wrong.
-    pub async fn check(&self, identity: &IdentityRecord) -> Vec<(DnsRecord, Option<String>)> {
-        let mut checked = Vec::new();
-        for record in records(identity) {
-            let problem = match self.answers(&record.name, record.kind).await {
-                Ok(answers) if satisfied(&record, &answers) => None,
-                Ok(answers) if answers.is_empty() => {
-                    Some(format!("no {} record at {}", record.kind, record.name))
-                }
-                Ok(answers) => Some(format!("{} at {} is {answers:?}", record.kind, record.name)),
-                Err(err) => Some(err),
-            };
-            checked.push((record, problem));
+    /// `None` when DNS has `record`, or what is wrong.
+    pub async fn check(&self, record: &DnsRecord) -> Option<String> {
+        match self.answers(&record.name, record.kind).await {
+            Ok(answers) if satisfied(record, &answers) => None,
+            Ok(answers) if answers.is_empty() => {
+                Some(format!("no {} record at {}", record.kind, record.name))
+            }
+            Ok(answers) => Some(format!("{} at {} is {answers:?}", record.kind, record.name)),
+            Err(err) => Some(err),
         }
-        checked
     }
 }
 
@@ -201,14 +267,33 @@ impl Checker {
 mod tests {
     use super::*;
 
-    #[test]
-    fn records_name_the_domain_and_checks_accept_only_what_they_ask_for() {
+    fn keys() -> DkimKeys {
         use base64::Engine as _;
         let kek = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
-        let keys = DkimKeys::parse(&kek).unwrap();
+        DkimKeys::parse(&kek).unwrap()
+    }
+
+    fn regions(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|r| r.to_string()).collect()
+    }
+
+    #[test]
+    fn records_name_the_domain_and_checks_accept_only_what_they_ask_for() {
+        let keys = keys();
         let identity = new_identity("news.example", 1, Some(&keys)).unwrap();
-        let records = records(&identity);
-        assert_eq!(records.len(), 4);
+        let records = records(&identity, &regions(&["eu-west-1", "us-east-1"]), 1);
+        let purposes: Vec<_> = records.iter().map(|r| r.purpose).collect();
+        assert_eq!(
+            purposes,
+            [
+                "ownership",
+                "dkim",
+                "mail-from-mx",
+                "mail-from-mx",
+                "mail-from-spf",
+                "dmarc"
+            ]
+        );
         let ownership = &records[0];
         assert!(satisfied(ownership, std::slice::from_ref(&ownership.value)));
         assert!(!satisfied(
@@ -228,7 +313,17 @@ mod tests {
         assert!(!satisfied(dkim, &[wrong]));
         let private = keys.open("news.example", &key.sealed_private_key).unwrap();
         assert!(private.len() > 1000, "an RSA-2048 private key");
-        let spf = &records[2];
+        // One MX per region, each to that region's feedback endpoint, at any preference.
+        let (eu, us) = (&records[2], &records[3]);
+        assert_eq!(eu.name, "bounce.news.example");
+        assert_eq!(eu.value, "10 feedback-smtp.eu-west-1.amazonses.com");
+        assert!(satisfied(
+            eu,
+            &["20 feedback-smtp.eu-west-1.amazonses.com.".into()]
+        ));
+        assert!(!satisfied(eu, std::slice::from_ref(&us.value)));
+        let spf = &records[4];
+        assert_eq!(spf.name, "bounce.news.example");
         assert!(satisfied(
             spf,
             &["v=spf1 include:_spf.example include:amazonses.com -all".into()]
@@ -237,15 +332,49 @@ mod tests {
             spf,
             &["v=spf1 include:amazonses.com.evil ~all".into()]
         ));
-        assert!(satisfied(&records[3], &["v=DMARC1; p=reject".into()]));
-        assert!(!satisfied(&records[3], &[]));
+        assert!(satisfied(&records[5], &["v=DMARC1; p=reject".into()]));
+        assert!(!satisfied(&records[5], &[]));
+    }
+
+    #[test]
+    fn a_rotations_keys_are_listed_with_what_to_do_until_the_old_ones_overlap_ends() {
+        let keys = keys();
+        let mut identity = new_identity("news.example", 1, Some(&keys)).unwrap();
+        identity
+            .dkim
+            .push(new_dkim_key("news.example", 2, &keys).unwrap());
+        let notes = |identity: &IdentityRecord, now| -> Vec<String> {
+            (records(identity, &BTreeSet::new(), now).into_iter())
+                .filter(|r| r.purpose == "dkim")
+                .map(|r| r.note)
+                .collect()
+        };
+        assert_eq!(identity.signing_key(), identity.dkim.first());
+        let pending = notes(&identity, 3);
+        assert_eq!(pending[0], "");
+        assert!(pending[1].contains("publish it"), "{pending:?}");
+
+        identity.dkim[0].retire_at_ms = Some(1_800_000_000_000);
+        assert_eq!(identity.signing_key(), identity.dkim.get(1));
+        let overlap = notes(&identity, 3);
+        assert_eq!(
+            overlap[0],
+            "replaced by a newer key; keep it published until 2027-01-15T08:00:00Z"
+        );
+        assert_eq!(overlap[1], "");
+        assert_eq!(
+            notes(&identity, 1_800_000_000_000),
+            [""],
+            "the overlap is over"
+        );
     }
 
     #[test]
     fn without_key_encryption_keys_a_domain_has_no_dkim_key() {
         let identity = new_identity("news.example", 1, None).unwrap();
         assert!(identity.dkim.is_empty());
-        let purposes: Vec<_> = records(&identity).iter().map(|r| r.purpose).collect();
-        assert_eq!(purposes, ["ownership", "spf", "dmarc"]);
+        let records = records(&identity, &BTreeSet::new(), 1);
+        let purposes: Vec<_> = records.iter().map(|r| r.purpose).collect();
+        assert_eq!(purposes, ["ownership", "mail-from-spf", "dmarc"]);
     }
 }

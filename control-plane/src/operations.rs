@@ -334,6 +334,7 @@ mod tests {
                 labels: Default::default(),
                 version: String::new(),
                 build: String::new(),
+                ses_region: None,
             };
             catalog.cells.insert(CellId::new(cell).unwrap(), record);
         }

@@ -278,6 +278,7 @@ mod tests {
             labels: Default::default(),
             version: String::new(),
             build: String::new(),
+            ses_region: None,
         })
     }
 

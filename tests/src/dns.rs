@@ -1,20 +1,53 @@
-//! A DNS server on loopback for the identity tests: it answers TXT and CNAME queries (over
-//! UDP) from the records a test publishes, and NXDOMAIN for names it has none for.
+//! A DNS server on loopback for the identity tests: it answers TXT, MX and CNAME queries
+//! (over UDP) from the records a test publishes, and NXDOMAIN for names it has none for.
+//! The SES stand-in reads the same records ([`Zone`]), as SES reads the public DNS.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::rdata::{CNAME, TXT};
+use hickory_proto::rr::rdata::{CNAME, MX, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::net::UdpSocket;
 
-type Zone = HashMap<(String, RecordType), Vec<String>>;
+type Records = HashMap<(String, RecordType), Vec<String>>;
+
+/// The records a test published.
+#[derive(Clone, Default)]
+pub struct Zone(Arc<Mutex<Records>>);
+
+impl Zone {
+    /// Publishes one record: `kind` is "TXT", "MX" or "CNAME".
+    pub fn publish(&self, name: &str, kind: &str, value: &str) {
+        (self.0.lock().unwrap())
+            .entry((key(name), record_type(kind)))
+            .or_default()
+            .push(value.to_owned());
+    }
+
+    /// The values published for `name` of `kind` ("TXT", "MX" or "CNAME"; an MX value is
+    /// `<preference> <exchange>`).
+    pub fn lookup(&self, name: &str, kind: &str) -> Vec<String> {
+        let records = self.0.lock().unwrap();
+        records
+            .get(&(key(name), record_type(kind)))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+fn record_type(kind: &str) -> RecordType {
+    match kind {
+        "CNAME" => RecordType::CNAME,
+        "MX" => RecordType::MX,
+        _ => RecordType::TXT,
+    }
+}
 
 pub struct DnsServer {
     pub addr: SocketAddr,
-    zone: Arc<Mutex<Zone>>,
+    zone: Zone,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -22,7 +55,7 @@ fn key(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
 }
 
-fn answer(query: &Message, zone: &Zone) -> Option<Message> {
+fn answer(query: &Message, zone: &Records) -> Option<Message> {
     let mut response = Message::response(query.metadata.id, query.metadata.op_code);
     response.metadata.authoritative = true;
     response.metadata.recursion_desired = query.metadata.recursion_desired;
@@ -34,6 +67,13 @@ fn answer(query: &Message, zone: &Zone) -> Option<Message> {
         for value in zone.get(&(name, q.query_type)).into_iter().flatten() {
             let data = match q.query_type {
                 RecordType::CNAME => RData::CNAME(CNAME(Name::from_ascii(value).ok()?)),
+                RecordType::MX => {
+                    let (preference, exchange) = value.split_once(' ')?;
+                    RData::MX(MX::new(
+                        preference.parse().ok()?,
+                        Name::from_ascii(exchange).ok()?,
+                    ))
+                }
                 // A TXT record's strings are at most 255 bytes: a long value (a DKIM key)
                 // is published as several, as DNS operators do.
                 _ => RData::TXT(TXT::new(
@@ -57,8 +97,8 @@ impl DnsServer {
     pub async fn start() -> anyhow::Result<Self> {
         let socket = UdpSocket::bind("127.0.0.1:0").await?;
         let addr = socket.local_addr()?;
-        let zone = Arc::new(Mutex::new(Zone::new()));
-        let served = zone.clone();
+        let zone = Zone::default();
+        let served = zone.0.clone();
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             while let Ok((len, from)) = socket.recv_from(&mut buf).await {
@@ -74,19 +114,14 @@ impl DnsServer {
         Ok(Self { addr, zone, task })
     }
 
-    /// Publishes one record: `kind` is "TXT" or "CNAME".
+    /// Publishes one record: `kind` is "TXT", "MX" or "CNAME".
     pub fn publish(&self, name: &str, kind: &str, value: &str) {
-        let kind = if kind == "CNAME" {
-            RecordType::CNAME
-        } else {
-            RecordType::TXT
-        };
-        self.zone
-            .lock()
-            .unwrap()
-            .entry((key(name), kind))
-            .or_default()
-            .push(value.to_owned());
+        self.zone.publish(name, kind, value);
+    }
+
+    /// What the server answers from.
+    pub fn zone(&self) -> Zone {
+        self.zone.clone()
     }
 }
 

@@ -150,13 +150,15 @@ impl Front {
     }
 
     pub async fn start(registry: &[String], admin_token: &str) -> anyhow::Result<Self> {
-        Self::start_with_env(registry, admin_token, &[]).await
+        Self::start_with_env(registry, admin_token, &[], &[]).await
     }
 
-    /// [`Front::start`] with extra environment variables for the router.
+    /// [`Front::start`] with extra environment variables for the control plane and for the
+    /// router.
     pub async fn start_with_env(
         registry: &[String],
         admin_token: &str,
+        control_env: &[(&str, &str)],
         router_env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let (control, router, router_metrics) = (free_addr()?, free_addr()?, free_addr()?);
@@ -171,8 +173,13 @@ impl Front {
         .into_iter()
         .chain(registry.clone())
         .collect();
-        let control_daemon =
-            Daemon::start("cellmail-control", &control_args, Some(&control)).await?;
+        let control_daemon = Daemon::start_with_env(
+            "cellmail-control",
+            &control_args,
+            Some(&control),
+            control_env,
+        )
+        .await?;
         let router_args: Vec<&str> = ["--router-addr", &router, "--metrics-addr", &router_metrics]
             .into_iter()
             .chain(registry)

@@ -28,9 +28,16 @@
 //!   `PutEmailIdentityDkimSigningAttributes` (`PUT /v2/email/identities/{domain}/dkim/signing`,
 //!   origin `EXTERNAL`; answered with `DkimStatus` and `DkimTokens`) set the identity's
 //!   selector and key; `GetEmailIdentity` then answers `DkimAttributes` with
-//!   `SigningAttributesOrigin` `EXTERNAL`, `SigningEnabled`, `Status` `SUCCESS` and the
-//!   selector as its one token. (SES looks the public key up in DNS before it says
-//!   `SUCCESS`; the stand-in does not.)
+//!   `SigningAttributesOrigin` `EXTERNAL`, `SigningEnabled`, the selector as its one token,
+//!   and `Status` `SUCCESS` once DNS ([`crate::dns::Zone`], given with
+//!   [`SesStandIn::resolve_with`]) has a `v=DKIM1` TXT record at
+//!   `<selector>._domainkey.<domain>`, `PENDING` until then.
+//! - Custom MAIL FROM: `PutEmailIdentityMailFromAttributes` (`PUT
+//!   /v2/email/identities/{domain}/mail-from`, body `MailFromDomain` and
+//!   `BehaviorOnMxFailure`): `200` with an empty object; `GetEmailIdentity` then answers
+//!   `MailFromAttributes` with `MailFromDomainStatus` `SUCCESS` once DNS has an MX record of
+//!   the MAIL FROM domain to `feedback-smtp.<region>.amazonses.com` (the region the request
+//!   was signed for), `PENDING` until then.
 //!
 //! It also notes each `SendEmail` (`POST /v2/email/outbound-emails`) the emulator accepted:
 //! when, with which configuration set and to how many recipients (`Destination`'s three
@@ -47,6 +54,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::dns::Zone;
 
 /// One `SendEmail` the emulator accepted.
 #[derive(Debug, Clone)]
@@ -67,6 +76,10 @@ struct State {
     destinations: Mutex<HashMap<String, Vec<Value>>>,
     /// Each identity's own DKIM selector and private key.
     dkim: Mutex<HashMap<String, (String, String)>>,
+    /// Each identity's MAIL FROM domain and behaviour on MX failure.
+    mail_from: Mutex<HashMap<String, (String, String)>>,
+    /// Where the statuses' DNS records are looked up (none: nothing is found).
+    dns: Mutex<Zone>,
     sent: Mutex<Vec<Sent>>,
 }
 
@@ -86,6 +99,8 @@ impl SesStandIn {
             disabled: Mutex::default(),
             destinations: Mutex::default(),
             dkim: Mutex::default(),
+            mail_from: Mutex::default(),
+            dns: Mutex::default(),
             sent: Mutex::default(),
         });
         let serving = state.clone();
@@ -109,6 +124,17 @@ impl SesStandIn {
         self.state.dkim.lock().unwrap().get(domain).cloned()
     }
 
+    /// The MAIL FROM domain identity `domain` was given, if any.
+    pub fn mail_from_of(&self, domain: &str) -> Option<String> {
+        let set = self.state.mail_from.lock().unwrap();
+        set.get(domain).map(|(name, _)| name.clone())
+    }
+
+    /// Looks identities' DNS records up in `zone` from now on.
+    pub fn resolve_with(&self, zone: Zone) {
+        *self.state.dns.lock().unwrap() = zone;
+    }
+
     /// The `SendEmail` calls that went through so far.
     pub fn sent(&self) -> Vec<Sent> {
         self.state.sent.lock().unwrap().clone()
@@ -116,6 +142,30 @@ impl SesStandIn {
 }
 
 type Answer = Response<Full<Bytes>>;
+
+impl State {
+    /// `SUCCESS` once DNS has the key record of `selector` of `domain`, else `PENDING`.
+    fn dkim_status(&self, domain: &str, selector: &str) -> &'static str {
+        let name = format!("{selector}._domainkey.{domain}");
+        let published = (self.dns.lock().unwrap().lookup(&name, "TXT").iter())
+            .any(|txt| txt.replace(' ', "").starts_with("v=DKIM1;"));
+        if published { "SUCCESS" } else { "PENDING" }
+    }
+}
+
+/// The region a request was signed for (its SigV4 credential scope).
+fn signed_region(headers: &hyper::HeaderMap) -> String {
+    let authorization = headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    authorization
+        .split("Credential=")
+        .nth(1)
+        .and_then(|scope| scope.split('/').nth(2))
+        .unwrap_or("")
+        .to_owned()
+}
 
 async fn answer(state: Arc<State>, request: Request<Incoming>) -> anyhow::Result<Answer> {
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
@@ -149,26 +199,55 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> anyhow::Result
                 let refusal = json!({ "message": "SigningAttributes are required for EXTERNAL." });
                 return Ok(error_answer("BadRequestException", refusal));
             };
+            let status = state.dkim_status(domain, &key.0);
             let tokens = json!([key.0]);
             state.dkim.lock().unwrap().insert(domain.clone(), key);
             return Ok(json_answer(
                 StatusCode::OK,
-                json!({ "DkimStatus": "SUCCESS", "DkimTokens": tokens }),
+                json!({ "DkimStatus": status, "DkimTokens": tokens }),
             ));
         }
-        (&Method::GET, Some([domain])) => {
-            let answer = to_emulator(Request::from_parts(parts, Full::new(body))).await?;
-            let own = state.dkim.lock().unwrap().get(domain).cloned();
-            let (Some((selector, _)), true) = (own, answer.status().is_success()) else {
-                return Ok(answer);
+        (&Method::PUT, Some([domain, mail_from])) if mail_from == "mail-from" => {
+            let (Some(name), behaviour) = (
+                json["MailFromDomain"].as_str(),
+                json["BehaviorOnMxFailure"]
+                    .as_str()
+                    .unwrap_or("USE_DEFAULT_VALUE"),
+            ) else {
+                let refusal = json!({ "message": "MailFromDomain is required." });
+                return Ok(error_answer("BadRequestException", refusal));
             };
+            let set = (name.to_owned(), behaviour.to_owned());
+            state.mail_from.lock().unwrap().insert(domain.clone(), set);
+            return Ok(json_answer(StatusCode::OK, json!({})));
+        }
+        (&Method::GET, Some([domain])) => {
+            let region = signed_region(&parts.headers);
+            let answer = to_emulator(Request::from_parts(parts, Full::new(body))).await?;
+            if !answer.status().is_success() {
+                return Ok(answer);
+            }
             let mut got = json_of(answer).await?;
-            got["DkimAttributes"] = json!({
-                "SigningEnabled": true,
-                "Status": "SUCCESS",
-                "Tokens": [selector],
-                "SigningAttributesOrigin": "EXTERNAL",
-            });
+            let own = state.dkim.lock().unwrap().get(domain).cloned();
+            if let Some((selector, _)) = own {
+                got["DkimAttributes"] = json!({
+                    "SigningEnabled": true,
+                    "Status": state.dkim_status(domain, &selector),
+                    "Tokens": [selector],
+                    "SigningAttributesOrigin": "EXTERNAL",
+                });
+            }
+            let mail_from = state.mail_from.lock().unwrap().get(domain).cloned();
+            if let Some((name, behaviour)) = mail_from {
+                let endpoint = format!("feedback-smtp.{region}.amazonses.com");
+                let found = (state.dns.lock().unwrap().lookup(&name, "MX").iter())
+                    .any(|mx| mx.split_whitespace().last() == Some(endpoint.as_str()));
+                got["MailFromAttributes"] = json!({
+                    "MailFromDomain": name,
+                    "MailFromDomainStatus": if found { "SUCCESS" } else { "PENDING" },
+                    "BehaviorOnMxFailure": behaviour,
+                });
+            }
             return Ok(json_answer(StatusCode::OK, got));
         }
         _ => {}

@@ -8,6 +8,8 @@
 //! the `Cell` impl here only turns their errors into gRPC statuses.
 //!
 //! - `serve`: what routers call: accepts, messages, the suppression list, stats.
+//! - `provision`: what the control plane calls when it places a tenant here or the tenant
+//!   adds or checks a domain: its mail transport's setup and view of each domain.
 //! - `moves`: what the control plane calls to move a tenant here or away: prepare, export,
 //!   import, backlog.
 //! - `offboard`: what the control plane calls to offboard a tenant: its data, then erasing it.
@@ -18,6 +20,7 @@ mod feedback;
 mod health;
 mod moves;
 mod offboard;
+mod provision;
 mod serve;
 
 // Public for the send path bench, whose client threads run on idle CPU only.
@@ -117,6 +120,7 @@ cell! {
     remove_suppression(v1::CellRemoveSuppressionRequest) -> v1::RemoveSuppressionResponse;
     get_stats(v1::CellGetStatsRequest) -> v1::GetStatsResponse;
 
+    provision_tenant(v1::ProvisionTenantRequest) -> v1::ProvisionTenantResponse;
     prepare_tenant(v1::PrepareTenantRequest) -> v1::PrepareTenantResponse;
     import_tenant(v1::ImportTenantRequest) -> v1::ImportTenantResponse;
     tenant_backlog(v1::TenantBacklogRequest) -> v1::TenantBacklogResponse;

@@ -11,7 +11,7 @@ use rand::Rng;
 
 use cellmail_proto::TenantId;
 
-use super::{Identity, Mailer, MailerError, Sending};
+use super::{Identity, IdentityStatus, Mailer, MailerError, Sending};
 use crate::message::Message;
 
 pub struct FaultyMailer {
@@ -64,6 +64,14 @@ impl Mailer for FaultyMailer {
 
     fn reconcile_every(&self) -> Option<Duration> {
         self.inner.reconcile_every()
+    }
+
+    async fn identity_status(&self, domain: &str) -> Result<Option<IdentityStatus>, MailerError> {
+        self.inner.identity_status(domain).await
+    }
+
+    fn ses_region(&self) -> Option<String> {
+        self.inner.ses_region()
     }
 }
 

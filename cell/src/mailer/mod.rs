@@ -57,6 +57,28 @@ pub struct Identity {
     pub domain: String,
     /// The domain's own DKIM key, when the cell can open it.
     pub dkim: Option<DkimSigning>,
+    /// The custom MAIL FROM domain the transport sends the domain's mail with, when the
+    /// domain was added as an identity (its MX and SPF records were handed out).
+    pub mail_from: Option<String>,
+}
+
+impl Identity {
+    /// A From domain the tenant never added as an identity: no key or MAIL FROM of its own.
+    pub fn unlisted(domain: &str) -> Self {
+        Self {
+            domain: domain.to_owned(),
+            dkim: None,
+            mail_from: None,
+        }
+    }
+}
+
+/// How the transport sees a domain it verifies itself: SES's statuses, as SES names them
+/// (`PENDING`, `SUCCESS`, `FAILED`, `TEMPORARY_FAILURE`, `NOT_STARTED`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityStatus {
+    pub dkim: String,
+    pub mail_from: String,
 }
 
 /// A domain's own DKIM key, as SES takes it ("bring your own DKIM").
@@ -112,6 +134,18 @@ pub trait Mailer: Send + Sync + 'static {
     /// (what was already gone is as good). A mailer with nothing per tenant keeps this default.
     async fn forget(&self, _tenant: &TenantId) -> Result<(), MailerError> {
         Ok(())
+    }
+
+    /// How the transport sees `domain`, once [`Mailer::prepare`] set it up; `None` from a
+    /// transport that verifies no domain itself (it keeps this default).
+    async fn identity_status(&self, _domain: &str) -> Result<Option<IdentityStatus>, MailerError> {
+        Ok(None)
+    }
+
+    /// The AWS region the transport sends in, whose feedback endpoint its domains' MAIL
+    /// FROM domains need as their MX; `None` (the default) for a transport that needs none.
+    fn ses_region(&self) -> Option<String> {
+        None
     }
 
     /// Whether the transport lets the account send at all ([`Sending::Enabled`] or

@@ -45,19 +45,21 @@ use aws_sdk_sesv2::operation::create_tenant_resource_association::CreateTenantRe
 use aws_sdk_sesv2::operation::delete_configuration_set::DeleteConfigurationSetError;
 use aws_sdk_sesv2::operation::delete_tenant::DeleteTenantError;
 use aws_sdk_sesv2::operation::get_configuration_set::GetConfigurationSetError;
+use aws_sdk_sesv2::operation::get_email_identity::GetEmailIdentityError;
 use aws_sdk_sesv2::operation::get_tenant::GetTenantError;
 use aws_sdk_sesv2::operation::send_email::SendEmailError;
 use aws_sdk_sesv2::operation::send_email::builders::SendEmailFluentBuilder;
 use aws_sdk_sesv2::types::{
-    Body, Content, Destination, DkimSigningAttributes, DkimSigningAttributesOrigin, EmailContent,
-    EventDestinationDefinition, MessageTag, SendingStatus, SnsDestination,
+    BehaviorOnMxFailure, Body, Content, Destination, DkimSigningAttributes,
+    DkimSigningAttributesOrigin, EmailContent, EventDestinationDefinition, MessageTag,
+    SendingStatus, SnsDestination,
 };
 use cellmail_proto::TenantId;
 use tokio::sync::OnceCell;
 
 use super::quota::SendRate;
 use super::route;
-use super::{Identity, Mailer, MailerError, Sending, mailbox_text};
+use super::{Identity, IdentityStatus, Mailer, MailerError, Sending, mailbox_text};
 use crate::message::{Mailbox, Message};
 
 pub const DEFAULT_CONFIGURATION_SET_PREFIX: &str = "cellmail-";
@@ -126,10 +128,13 @@ pub struct SesMailer {
     provisioned: Mutex<HashMap<Provision, Arc<OnceCell<()>>>>,
     /// Set once the endpoint turned out to have no SES tenants.
     tenants_unsupported: AtomicBool,
+    /// The region the client sends in.
+    region: Option<String>,
 }
 
 impl SesMailer {
     pub fn new(config: &SdkConfig, settings: SesSettings, events_topic: Option<String>) -> Self {
+        let region = config.region().map(|r| r.to_string());
         let timeouts = TimeoutConfig::builder()
             .operation_timeout(CALL_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
@@ -145,6 +150,7 @@ impl SesMailer {
             events_topic,
             provisioned: Mutex::new(HashMap::new()),
             tenants_unsupported: AtomicBool::new(false),
+            region,
         }
     }
 
@@ -298,13 +304,40 @@ impl SesMailer {
                     .signing_attributes(signing)
                     .send()
                     .await;
-                settled(&what, switched, |_| false)
+                settled(&what, switched, |_| false)?;
             }
             _ => settled(
                 &what,
                 made,
                 CreateEmailIdentityError::is_already_exists_exception,
-            ),
+            )?,
+        }
+        match &identity.mail_from {
+            Some(mail_from) => self.provision_mail_from(domain, mail_from).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The domain's custom MAIL FROM domain. Until SES finds its MX record, SES sends with
+    /// its own (`USE_DEFAULT_VALUE`): mail still goes out, only SPF does not align yet.
+    async fn provision_mail_from(&self, domain: &str, mail_from: &str) -> Result<(), MailerError> {
+        let set = self
+            .client
+            .put_email_identity_mail_from_attributes()
+            .email_identity(domain)
+            .mail_from_domain(mail_from)
+            .behavior_on_mx_failure(BehaviorOnMxFailure::UseDefaultValue)
+            .send()
+            .await;
+        match set {
+            Err(err) if unsupported(&err) => {
+                tracing::warn!(
+                    domain,
+                    "the SES endpoint has no custom MAIL FROM; SES sends with its own"
+                );
+                Ok(())
+            }
+            set => settled(&format!("the MAIL FROM domain of {domain}"), set, |_| false),
         }
     }
 
@@ -658,6 +691,43 @@ impl Mailer for SesMailer {
 
     fn reconcile_every(&self) -> Option<Duration> {
         Some(Duration::from_secs(self.settings.reconcile_secs))
+    }
+
+    /// The identity's DKIM and MAIL FROM statuses (`NOT_STARTED` for what SES does not have).
+    async fn identity_status(&self, domain: &str) -> Result<Option<IdentityStatus>, MailerError> {
+        const NOT_STARTED: &str = "NOT_STARTED";
+        let found = self
+            .client
+            .get_email_identity()
+            .email_identity(domain)
+            .send()
+            .await;
+        let found = match found {
+            Ok(found) => found,
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(GetEmailIdentityError::is_not_found_exception) =>
+            {
+                return Ok(Some(IdentityStatus {
+                    dkim: NOT_STARTED.into(),
+                    mail_from: NOT_STARTED.into(),
+                }));
+            }
+            Err(err) => return Err(status_unknown(&format!("email identity {domain}"), &err)),
+        };
+        let dkim =
+            (found.dkim_attributes().and_then(|d| d.status())).map_or(NOT_STARTED, |s| s.as_str());
+        let mail_from = (found.mail_from_attributes())
+            .map_or(NOT_STARTED, |m| m.mail_from_domain_status().as_str());
+        Ok(Some(IdentityStatus {
+            dkim: dkim.to_owned(),
+            mail_from: mail_from.to_owned(),
+        }))
+    }
+
+    fn ses_region(&self) -> Option<String> {
+        self.region.clone()
     }
 
     /// Deletes the tenant's SES tenant (with tenants on) and configuration set. Its domains'

@@ -225,6 +225,15 @@ impl<V: View> WatchedCatalog<V> {
         }
     }
 
+    /// Waits until the catalog has applied the registry at `revision` or later, at most
+    /// `timeout`; returns whether it did.
+    pub async fn wait_for_revision(&self, revision: Revision, timeout: Duration) -> bool {
+        let mut revisions = self.shared.revision.subscribe();
+        tokio::time::timeout(timeout, revisions.wait_for(|applied| *applied >= revision))
+            .await
+            .is_ok_and(|seen| seen.is_ok())
+    }
+
     /// Waits until `condition` holds on the catalog, at most `timeout`; returns whether it did.
     pub async fn wait_until(&self, timeout: Duration, condition: impl Fn(&V) -> bool) -> bool {
         let mut revisions = self.shared.revision.subscribe();

@@ -193,6 +193,10 @@ pub struct CellRecord {
     /// The build of the cell's binary (`<package version>+<build id>`).
     #[serde(default)]
     pub build: String,
+    /// The AWS region the cell sends through SES in (`None`: it does not send through SES):
+    /// its tenants' MAIL FROM domains need an MX record for that region's feedback endpoint.
+    #[serde(default)]
+    pub ses_region: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,12 +259,27 @@ pub struct IdentityRecord {
     pub domain: String,
     /// The ownership token, published as `_cellmail.<domain> TXT cellmail-verification=<token>`.
     pub token: String,
-    /// The domain's own DKIM keys ([`crate::dkim`]), the signing one first; more than one
-    /// while a rotation's old key stays published. None without a key-encryption key.
+    /// The domain's own DKIM keys ([`crate::dkim`]), oldest first. The first one not retired
+    /// signs ([`IdentityRecord::signing_key`]); during a rotation a new key waits after it
+    /// until its record is published, and then the old one is retired but stays published
+    /// for an overlap. None without a key-encryption key.
     #[serde(default)]
     pub dkim: Vec<DkimKey>,
     pub added_at_ms: u64,
     pub verified_at_ms: Option<u64>,
+}
+
+impl IdentityRecord {
+    /// The domain's custom MAIL FROM domain (the envelope sender SES uses, so that SPF
+    /// passes aligned with the From domain).
+    pub fn mail_from_domain(&self) -> String {
+        format!("bounce.{}", self.domain)
+    }
+
+    /// The key that signs: the first one not retired by a rotation.
+    pub fn signing_key(&self) -> Option<&DkimKey> {
+        self.dkim.iter().find(|key| key.retire_at_ms.is_none())
+    }
 }
 
 /// One DKIM key of a domain: its selector, its public half (as the DNS record's `p=`) and
@@ -271,6 +290,10 @@ pub struct DkimKey {
     pub public_key: String,
     pub sealed_private_key: String,
     pub created_at_ms: u64,
+    /// Set once a rotation replaced the key: it no longer signs, but its record stays
+    /// published until then, so that mail it signed still verifies on arrival.
+    #[serde(default)]
+    pub retire_at_ms: Option<u64>,
 }
 
 /// A tenant's sending limits and breaker thresholds.

@@ -44,6 +44,7 @@ impl ControlApi {
             labels: req.labels.into_iter().collect(),
             version: String::new(),
             build: String::new(),
+            ses_region: None,
         };
         let entry = AuditRecord {
             at_ms: now_ms(),

@@ -8,7 +8,9 @@
 //! Each RPC is answered by the `ControlApi` handler of the same name, in the file of its
 //! resource; the `Control` impl here only turns their errors into gRPC statuses.
 //!
-//! - `tenants`: onboarding, suspending and resuming, sending domains, offboarding.
+//! - `tenants`: onboarding, suspending and resuming, offboarding.
+//! - `domains`: a tenant's sending domains, added, verified and their DKIM keys rotated;
+//!   having the tenant's cell set up its mail transport for it.
 //! - `cells`: the cells, added and set ACTIVE, DRAINING or DISABLED.
 //! - `keys`: a tenant's API keys, issued, listed and revoked.
 //! - `suppressions`: the global suppression list.
@@ -19,6 +21,7 @@
 
 mod audit;
 mod cells;
+mod domains;
 mod keys;
 mod moves;
 mod operators;
@@ -169,6 +172,7 @@ control! {
     resume_tenant(v1::ResumeTenantRequest) -> v1::ResumeTenantResponse;
     add_domain(v1::DomainRequest) -> v1::DomainInfo;
     verify_domain(v1::DomainRequest) -> v1::DomainInfo;
+    rotate_dkim(v1::RotateDkimRequest) -> v1::DomainInfo;
     delete_tenant(v1::DeleteTenantRequest) -> v1::DeleteTenantResponse;
 
     list_cells(v1::ListCellsRequest) -> v1::ListCellsResponse;

@@ -1,9 +1,10 @@
 //! Tenants: onboarding, suspending and resuming, sending domains, offboarding.
 //!
 //! A new tenant's records (tenant, placement, first API key) are written in one transaction
-//! that fails if the tenant already exists. Its domains send once DNS shows their records
-//! (or at once where new domains are trusted). Offboarding exports a suspended tenant's data
-//! from every cell, then deletes it everywhere.
+//! that fails if the tenant already exists; its cell then sets up its mail transport for it.
+//! Its domains ([`super::domains`]) send once verified (or at once where new domains are
+//! trusted). Offboarding exports a suspended tenant's data from every cell, then deletes it
+//! everywhere.
 
 use cellmail_proto::error::quote;
 use cellmail_proto::v1;
@@ -11,15 +12,14 @@ use cellmail_proto::{ApiError, CellId, Epoch, MessageClass, TenantId, now_ms};
 use tonic::Request;
 
 use super::{ControlApi, actor, planning_view};
-use crate::identity;
 use crate::offboard;
 use crate::placement;
 use cellmail_registry::apikey;
 use cellmail_registry::audit;
 use cellmail_registry::catalog::Catalog;
 use cellmail_registry::schema::{
-    self, ApiKeyRecord, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, IdentityRecord,
-    PlacementRecord, PlacementState, Policy, TenantRecord, TenantStatus, Tier,
+    self, ApiKeyRecord, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, PlacementRecord,
+    PlacementState, Policy, TenantRecord, TenantStatus, Tier,
 };
 use cellmail_registry::{Compare, Op};
 
@@ -133,18 +133,11 @@ impl ControlApi {
             },
             audit::entry_op(&self.keys, &entry),
         ];
-        if self
-            .registry
-            .txn(compares, ops)
-            .await
+        let written = (self.registry.txn(compares, ops).await)
             .map_err(ApiError::from)?
-            .is_none()
-        {
-            return Err(ApiError::AlreadyExists(format!(
-                "tenant {id} already exists"
-            )));
-        }
+            .ok_or_else(|| ApiError::AlreadyExists(format!("tenant {id} already exists")))?;
         tracing::info!(tenant = %id, cell = %placement.cell, key_id = %key.key_id, "tenant created");
+        self.provision_or_warn(&id, written).await;
         let mut created = Catalog::default();
         created.placements.insert(id.clone(), placement);
         Ok(v1::CreateTenantResponse {
@@ -303,93 +296,6 @@ impl ControlApi {
         })
     }
 
-    /// A new identity for `domain`, with a DKIM key of its own when this control plane can
-    /// seal one.
-    fn new_identity(&self, domain: &str, now_ms: u64) -> Result<IdentityRecord, ApiError> {
-        identity::new_identity(domain, now_ms, self.dkim.as_ref())
-            .map_err(|e| ApiError::Internal(format!("a DKIM key for {domain}: {e}")))
-    }
-
-    pub(super) async fn add_domain(
-        &self,
-        request: Request<v1::DomainRequest>,
-    ) -> Result<v1::DomainInfo, ApiError> {
-        let actor = actor(&request);
-        let req = request.into_inner();
-        let id = TenantId::from_field("tenant_id", req.tenant_id)?;
-        let domain = parse_domain("domain".into(), &req.domain)?;
-        let (before, revision) = self.tenant(&id).await?;
-        if let Some(known) = before.identities.iter().find(|i| i.domain == domain) {
-            return Ok(domain_info(known, Vec::new()));
-        }
-        let added = self.new_identity(&domain, now_ms())?;
-        let mut after = before.clone();
-        after.identities.push(added.clone());
-        let entry = AuditRecord {
-            at_ms: added.added_at_ms,
-            actor,
-            action: "tenant.domain.add".into(),
-            tenant: Some(id.clone()),
-            reason: domain.clone(),
-            before: audit::snapshot(&before),
-            after: audit::snapshot(&after),
-        };
-        self.write_tenant(&id, revision, &after, &entry).await?;
-        Ok(domain_info(&added, Vec::new()))
-    }
-
-    pub(super) async fn verify_domain(
-        &self,
-        request: Request<v1::DomainRequest>,
-    ) -> Result<v1::DomainInfo, ApiError> {
-        let actor = actor(&request);
-        let req = request.into_inner();
-        let id = TenantId::from_field("tenant_id", req.tenant_id)?;
-        let domain = parse_domain("domain".into(), &req.domain)?;
-        let (before, revision) = self.tenant(&id).await?;
-        let identity = before
-            .identities
-            .iter()
-            .find(|i| i.domain == domain)
-            .cloned()
-            .ok_or_else(|| {
-                ApiError::NotFound(format!(
-                    "domain: {domain} was not added to tenant {id} (cellmail tenant domain add)"
-                ))
-            })?;
-        let checked = self.dns.check(&identity).await;
-        let problems: Vec<Option<String>> = checked.into_iter().map(|(_, p)| p).collect();
-        if problems.iter().any(Option::is_some) || identity.verified_at_ms.is_some() {
-            return Ok(domain_info(&identity, problems));
-        }
-        let now = now_ms();
-        let mut after = before.clone();
-        for i in &mut after.identities {
-            if i.domain == domain {
-                i.verified_at_ms = Some(now);
-            }
-        }
-        if !after.domains.contains(&domain) {
-            after.domains.push(domain.clone());
-        }
-        let entry = AuditRecord {
-            at_ms: now,
-            actor,
-            action: "tenant.domain.verify".into(),
-            tenant: Some(id.clone()),
-            reason: domain.clone(),
-            before: audit::snapshot(&before),
-            after: audit::snapshot(&after),
-        };
-        self.write_tenant(&id, revision, &after, &entry).await?;
-        tracing::info!(tenant = %id, %domain, "sending domain verified");
-        let verified = IdentityRecord {
-            verified_at_ms: Some(now),
-            ..identity
-        };
-        Ok(domain_info(&verified, problems))
-    }
-
     pub(super) async fn export_tenant_data(
         &self,
         request: Request<v1::TenantDataRequest>,
@@ -416,7 +322,7 @@ impl ControlApi {
     }
 
     /// The tenant's record with its mod revision, or NOT_FOUND.
-    async fn tenant(&self, id: &TenantId) -> Result<(TenantRecord, u64), ApiError> {
+    pub(super) async fn tenant(&self, id: &TenantId) -> Result<(TenantRecord, u64), ApiError> {
         let kv = self
             .registry
             .get(&self.keys.tenant(id))
@@ -440,7 +346,7 @@ impl ControlApi {
 
     /// Writes tenant `id`'s record, with its audit entry, if it is still at `revision`;
     /// ABORTED when someone changed it meanwhile.
-    async fn write_tenant(
+    pub(super) async fn write_tenant(
         &self,
         id: &TenantId,
         revision: u64,
@@ -464,7 +370,7 @@ impl ControlApi {
 }
 
 /// Lowercases and checks one domain a tenant may send from.
-fn parse_domain(field: String, domain: &str) -> Result<String, ApiError> {
+pub(super) fn parse_domain(field: String, domain: &str) -> Result<String, ApiError> {
     let domain = domain.trim().to_ascii_lowercase();
     if domain.contains('.')
         && email_address::EmailAddress::is_valid_domain(&domain)
@@ -574,26 +480,5 @@ fn tenant_info(catalog: &Catalog, id: &TenantId, tenant: &TenantRecord) -> v1::T
         epoch: placement.map_or(0, |p| p.epoch.0),
         policy: Some(wire_policy(&tenant.policy)),
         paused,
-    }
-}
-
-/// `identity`'s records, each with what a check found wrong (`problems`, in the same order;
-/// empty when not checked).
-fn domain_info(identity: &IdentityRecord, problems: Vec<Option<String>>) -> v1::DomainInfo {
-    let mut problems = problems.into_iter();
-    let records = identity::records(identity)
-        .into_iter()
-        .map(|r| v1::DnsRecordInfo {
-            purpose: r.purpose.to_owned(),
-            r#type: r.kind.to_string(),
-            name: r.name,
-            value: r.value,
-            problem: problems.next().flatten().unwrap_or_default(),
-        })
-        .collect();
-    v1::DomainInfo {
-        domain: identity.domain.clone(),
-        verified: identity.verified_at_ms.is_some(),
-        records,
     }
 }

@@ -50,6 +50,7 @@ pub fn cache_at_scale(tenants: usize) -> anyhow::Result<Vec<Row>> {
                 labels: Default::default(),
                 version: String::new(),
                 build: String::new(),
+                ses_region: None,
             };
             registry
                 .put(&keys.cell(cell), schema::encode(&record), None)

@@ -442,15 +442,8 @@ mod deployed {
 
     /// Cell flags for queues on SQS under `prefix` and mail through SES, both at `endpoint`
     /// (an SES stand-in in front of the emulator).
-    pub fn ses(prefix: &str, endpoint: &str) -> Vec<String> {
-        let flags = [
-            "--queue",
-            "sqs",
-            "--mailer",
-            "ses",
-            "--aws-region",
-            "us-east-1",
-        ];
+    pub fn ses(prefix: &str, endpoint: &str, region: &str) -> Vec<String> {
+        let flags = ["--queue", "sqs", "--mailer", "ses", "--aws-region", region];
         let at = ["--aws-endpoint", endpoint, "--sqs-queue-prefix", prefix];
         flags.into_iter().chain(at).map(str::to_owned).collect()
     }
@@ -644,9 +637,9 @@ async fn on_ses_a_move_and_an_evacuation_to_another_accounts_cell_send_every_key
         .to_string()
         .to_lowercase();
     let queues = format!("v{}-", &unique[16..]);
-    let flags = accounts
-        .each_ref()
-        .map(|account| deployed::ses(&queues, &account.endpoint));
+    // In two regions: the tenant's MAIL FROM domain has an MX record for each.
+    let regions = ["us-east-1", "eu-west-1"];
+    let flags = [0, 1].map(|i| deployed::ses(&queues, &accounts[i].endpoint, regions[i]));
     let mut d = deployed::Deployment::start_each("ses-move", flags).await;
     let tenants = [format!("m{}", &unique[..12]), format!("s{}", &unique[..12])];
     let mut sending = Vec::new();
@@ -745,6 +738,28 @@ async fn on_ses_a_move_and_an_evacuation_to_another_accounts_cell_send_every_key
         let (selector, _) = signing[0].clone().expect("the first account has the key");
         assert_eq!(published.name, format!("{selector}._domainkey.{domain}"));
         assert_eq!(signing[0], signing[1], "the same key on both accounts");
+        // And with the one MAIL FROM domain, whose MX records name both regions.
+        let mail_from = format!("bounce.{domain}");
+        let mx: Vec<(&str, &str)> = (records.iter())
+            .filter(|r| r.purpose == "mail-from-mx")
+            .map(|r| (r.name.as_str(), r.value.as_str()))
+            .collect();
+        assert_eq!(
+            mx,
+            [
+                (
+                    mail_from.as_str(),
+                    "10 feedback-smtp.eu-west-1.amazonses.com"
+                ),
+                (
+                    mail_from.as_str(),
+                    "10 feedback-smtp.us-east-1.amazonses.com"
+                ),
+            ]
+        );
+        for account in &accounts {
+            assert_eq!(account.mail_from_of(&domain), Some(mail_from.clone()));
+        }
     }
 }
 

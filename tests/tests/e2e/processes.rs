@@ -26,16 +26,19 @@ fn mail_count(dir: &std::path::Path, tenant: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// One cell (started with `extra`), a control plane and a router on `registry`, and an
-/// operator's client of the control plane.
+/// One cell (started with `extra`), a control plane (with `control_env`) and a router on
+/// `registry`, and an operator's client of the control plane.
 async fn one_cell(
     registry: &[String],
     id: &str,
     dir: &std::path::Path,
     extra: &[&str],
+    control_env: &[(&str, &str)],
 ) -> (Daemon, Front, Control) {
     let cell = start_cell(id, registry, dir, extra).await.unwrap();
-    let front = Front::start(registry, ADMIN_TOKEN).await.unwrap();
+    let front = Front::start_with_env(registry, ADMIN_TOKEN, control_env, &[])
+        .await
+        .unwrap();
     let control = control_client(&format!("http://{}", front.control), ADMIN_TOKEN)
         .await
         .unwrap();
@@ -445,15 +448,17 @@ struct SesCell {
 
 impl SesCell {
     async fn start(rate: f64, extra: &[&str], tenants: usize) -> Self {
-        Self::start_with(rate, extra, tenants, None).await
+        Self::start_with(rate, extra, tenants, None, None).await
     }
 
-    /// [`Self::start`], the tenants created with `policy`.
+    /// [`Self::start`], the tenants created with `policy`, the control plane checking
+    /// domains in `dns`.
     async fn start_with(
         rate: f64,
         extra: &[&str],
         tenants: usize,
         policy: Option<v1::TenantPolicy>,
+        dns: Option<&cellmail_tests::dns::DnsServer>,
     ) -> Self {
         let ses = cellmail_tests::ses_standin::SesStandIn::start(rate)
             .await
@@ -477,7 +482,12 @@ impl SesCell {
         ];
         args.extend(extra);
         let dir = tempfile::tempdir().unwrap();
-        let (cell, front, control) = one_cell(&registry, "cell-ses", dir.path(), &args).await;
+        let resolver = dns.map(|dns| dns.addr.to_string());
+        let control_env: Vec<(&str, &str)> = (resolver.iter())
+            .map(|r| ("CELLMAIL_DNS_RESOLVER", r.as_str()))
+            .collect();
+        let (cell, front, control) =
+            one_cell(&registry, "cell-ses", dir.path(), &args, &control_env).await;
         let sender = v1::sender_client::SenderClient::connect(format!("http://{}", front.router))
             .await
             .unwrap();
@@ -618,7 +628,7 @@ async fn on_ses_a_noisy_tenants_backlog_does_not_stand_in_front_of_its_neighbour
         ..Default::default()
     };
     // An account sending 2 a second: the flood would take 30 s to go out.
-    let cell = SesCell::start_with(2.0, &[], 2, Some(policy)).await;
+    let cell = SesCell::start_with(2.0, &[], 2, Some(policy), None).await;
     let mut flood = tokio::task::JoinSet::new();
     for n in 0..FLOOD {
         flood.spawn(cell.send(0, vec![format!("r{n}@example.com")], &format!("n{n}")));
@@ -655,7 +665,7 @@ async fn on_ses_bounces_and_complaints_come_back_through_sns_and_sqs_for_their_t
         breaker_min_volume: 1,
         ..Default::default()
     };
-    let cell = SesCell::start_with(1000.0, &[], 2, Some(policy)).await;
+    let cell = SesCell::start_with(1000.0, &[], 2, Some(policy), None).await;
     let suppressed = |i: usize| {
         let (sender, key) = (cell.sender.clone(), cell.tenants[i].1.clone());
         async move {
@@ -699,6 +709,170 @@ async fn on_ses_bounces_and_complaints_come_back_through_sns_and_sqs_for_their_t
     cell.send(1, vec!["jane@example.com".into()], "b-1")
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_ses_a_domain_verifies_once_dns_and_ses_have_its_records_and_rotates_its_key() {
+    let dns = cellmail_tests::dns::DnsServer::start().await.unwrap();
+    // No sweep after the start: what the cell sets up, it sets up when the control plane asks.
+    let extra = ["--ses-reconcile-secs", "3600"];
+    let cell = SesCell::start_with(1000.0, &extra, 2, None, Some(&dns)).await;
+    let ses = cell.ses().await;
+    let (tenant, _) = cell.tenants[0].clone();
+
+    // Placed: the tenant's configuration set and event destination exist before any send.
+    let set = format!("cellmail-{tenant}");
+    let destinations = ses
+        .get_configuration_set_event_destinations()
+        .configuration_set_name(&set)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(destinations.event_destinations().len(), 1, "{set}");
+
+    // Added: one record of each kind, the MX to the cell's region; SES has the identity with
+    // the domain's own key and MAIL FROM domain, and waits for DNS.
+    let domain = format!("news.{tenant}.example");
+    let request = || v1::DomainRequest {
+        tenant_id: tenant.clone(),
+        domain: domain.clone(),
+    };
+    let added = (cell.control.clone())
+        .add_domain(request())
+        .await
+        .unwrap()
+        .into_inner();
+    let purposes: Vec<&str> = added.records.iter().map(|r| r.purpose.as_str()).collect();
+    assert_eq!(
+        purposes,
+        [
+            "ownership",
+            "dkim",
+            "mail-from-mx",
+            "mail-from-spf",
+            "dmarc"
+        ]
+    );
+    let mx = &added.records[2];
+    let mail_from = format!("bounce.{domain}");
+    assert_eq!(
+        (mx.name.as_str(), mx.r#type.as_str(), mx.value.as_str()),
+        (
+            mail_from.as_str(),
+            "MX",
+            "10 feedback-smtp.us-east-1.amazonses.com"
+        )
+    );
+    let identity = ses
+        .get_email_identity()
+        .email_identity(&domain)
+        .send()
+        .await
+        .unwrap();
+    let dkim = identity.dkim_attributes().unwrap();
+    assert_eq!(dkim.status().map(|s| s.as_str()), Some("PENDING"));
+    assert_eq!(
+        added.records[1].name,
+        format!("{}._domainkey.{domain}", dkim.tokens()[0])
+    );
+    let mail_from_set = identity.mail_from_attributes().unwrap();
+    assert_eq!(mail_from_set.mail_from_domain(), mail_from);
+
+    // In the DNS the control plane reads, not yet seen by SES: not verified, and each
+    // record SES checks names SES's status.
+    for r in &added.records {
+        dns.publish(&r.name, &r.r#type, &r.value);
+    }
+    let problems = |info: &v1::DomainInfo| -> Vec<(String, String)> {
+        (info.records.iter())
+            .filter(|r| !r.problem.is_empty())
+            .map(|r| (r.purpose.clone(), r.problem.clone()))
+            .collect()
+    };
+    let unseen = (cell.control.clone())
+        .verify_domain(request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!unseen.verified);
+    let named = problems(&unseen);
+    assert_eq!(named.len(), 2, "{named:?}");
+    assert_eq!(named[0].0, "dkim");
+    assert!(named[0].1.contains("DKIM status PENDING"), "{named:?}");
+    assert_eq!(named[1].0, "mail-from-mx");
+    assert!(named[1].1.contains("MAIL FROM status PENDING"), "{named:?}");
+
+    // SES sees them too: verified, and the tenant sends from the domain; a bounce comes back
+    // through SES, SNS and SQS and suppresses the address for this tenant only.
+    cell.ses.resolve_with(dns.zone());
+    let verified = (cell.control.clone())
+        .verify_domain(request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verified.verified, "{:?}", problems(&verified));
+    let bounced = "bounce@simulator.amazonses.com";
+    let from_news = |i: usize| {
+        let mut request = message(&format!("shop@{domain}"), bounced, "");
+        request.idempotency_key = format!("news-{i}");
+        (cell.sender.clone(), authorized(&cell.tenants[i].1, request))
+    };
+    until_ok(Duration::from_secs(10), || {
+        let (mut sender, request) = from_news(0);
+        async move { sender.send(request).await }
+    })
+    .await
+    .unwrap();
+    let suppressed = |i: usize| {
+        let (mut sender, key) = (cell.sender.clone(), cell.tenants[i].1.clone());
+        async move {
+            let request = authorized(&key, v1::ListSuppressionsRequest::default());
+            let listed = sender.list_suppressions(request).await.unwrap();
+            let listed = listed.into_inner().suppressions;
+            listed.into_iter().map(|s| s.address).collect::<Vec<_>>()
+        }
+    };
+    until_ok(Duration::from_secs(30), || async {
+        let list = suppressed(0).await;
+        anyhow::ensure!(list.iter().any(|a| a == bounced), "{list:?}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert!(suppressed(1).await.is_empty());
+    // The neighbour on the same cell cannot send from the domain.
+    let (mut sender, neighbours) = from_news(1);
+    let refused = sender.send(neighbours).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+
+    // A rotation: SES signs with the new key once its record is published.
+    let rotate = || v1::RotateDkimRequest {
+        tenant_id: tenant.clone(),
+        domain: domain.clone(),
+        overlap_hours: 0,
+    };
+    let started = (cell.control.clone())
+        .rotate_dkim(rotate())
+        .await
+        .unwrap()
+        .into_inner();
+    let next = (started.records.iter())
+        .filter(|r| r.purpose == "dkim")
+        .nth(1)
+        .unwrap()
+        .clone();
+    let old_selector = cell.ses.dkim_of(&domain).unwrap().0;
+    assert!(!next.name.starts_with(&old_selector));
+    dns.publish(&next.name, &next.r#type, &next.value);
+    cell.control.clone().rotate_dkim(rotate()).await.unwrap();
+    let (selector, _) = cell.ses.dkim_of(&domain).unwrap();
+    assert_eq!(next.name, format!("{selector}._domainkey.{domain}"));
+    let after = (cell.control.clone())
+        .verify_domain(request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(problems(&after).is_empty(), "{:?}", problems(&after));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -922,7 +1096,7 @@ async fn ses_event_json_on_the_sqs_feedback_queue_suppresses_for_its_tenant_only
         &queue_prefix,
     ];
     let dir = tempfile::tempdir().unwrap();
-    let (_cell, front, control) = one_cell(&registry, "cell-f", dir.path(), &aws).await;
+    let (_cell, front, control) = one_cell(&registry, "cell-f", dir.path(), &aws, &[]).await;
     let create = |id: String| {
         let control = control.clone();
         async move {
@@ -1064,7 +1238,7 @@ async fn ses_event_json_on_the_sqs_feedback_queue_suppresses_for_its_tenant_only
 async fn sends_in_flight_when_their_cell_dies_are_answered_unavailable() {
     let registry = registry_args(&etcd_endpoint(), &unique_prefix("in-flight"));
     let dir = tempfile::tempdir().unwrap();
-    let (mut cell, front, control) = one_cell(&registry, "cell-a", dir.path(), &[]).await;
+    let (mut cell, front, control) = one_cell(&registry, "cell-a", dir.path(), &[], &[]).await;
     let created = until_ok(Duration::from_secs(10), || {
         let mut control = control.clone();
         async move {

@@ -51,10 +51,7 @@ fn message(tenant: &TenantId) -> Message {
 
 /// Sends `message` as a cell's worker does: its From domain's identity prepared first.
 async fn send(mailer: &SesMailer, message: &Message) -> Result<(), MailerError> {
-    let identity = Identity {
-        domain: message.from.domain().to_owned(),
-        dkim: None,
-    };
+    let identity = Identity::unlisted(message.from.domain());
     mailer.prepare(&message.tenant, &[identity]).await?;
     mailer.send(message).await
 }
@@ -260,16 +257,15 @@ async fn a_domain_with_its_own_dkim_key_signs_with_it_even_if_ses_had_it_before(
     // An identity SES made with its own keys first is switched to the domain's.
     let (first, fresh) = (tenant(), tenant());
     let domain = format!("{first}.example");
-    let without = Identity {
-        domain: domain.clone(),
-        dkim: None,
-    };
+    let without = Identity::unlisted(&domain);
     mailer.prepare(&first, &[without]).await.unwrap();
     assert_eq!(ses.dkim_of(&domain), None);
     let key = own_key();
+    let mail_from = format!("bounce.{domain}");
     let with = Identity {
         domain: domain.clone(),
         dkim: Some(key.clone()),
+        mail_from: Some(mail_from.clone()),
     };
     mailer.prepare(&first, &[with]).await.unwrap();
     assert_eq!(
@@ -289,13 +285,40 @@ async fn a_domain_with_its_own_dkim_key_signs_with_it_even_if_ses_had_it_before(
         Some(&aws_sdk_sesv2::types::DkimSigningAttributesOrigin::External)
     );
     assert_eq!(dkim.tokens(), std::slice::from_ref(&key.selector));
+    assert_eq!(
+        identity.mail_from_attributes().unwrap().mail_from_domain(),
+        mail_from
+    );
     mailer.send(&message(&first)).await.unwrap();
+
+    // SES says SUCCESS for the key and the MAIL FROM domain once DNS has their records,
+    // the MX for the region the mailer sends in.
+    let dns = cellmail_tests::dns::Zone::default();
+    ses.resolve_with(dns.clone());
+    let status = || async { mailer.identity_status(&domain).await.unwrap().unwrap() };
+    let pending = status().await;
+    assert_eq!(
+        (pending.dkim.as_str(), pending.mail_from.as_str()),
+        ("PENDING", "PENDING")
+    );
+    let key_record = format!("{}._domainkey.{domain}", key.selector);
+    dns.publish(&key_record, "TXT", "v=DKIM1; k=rsa; p=MIIB");
+    dns.publish(&mail_from, "MX", "10 feedback-smtp.eu-west-1.amazonses.com");
+    let other_region = status().await;
+    assert_eq!(
+        (other_region.dkim.as_str(), other_region.mail_from.as_str()),
+        ("SUCCESS", "PENDING")
+    );
+    assert_eq!(mailer.ses_region().as_deref(), Some("us-east-1"));
+    dns.publish(&mail_from, "MX", "10 feedback-smtp.us-east-1.amazonses.com");
+    assert_eq!(status().await.mail_from, "SUCCESS");
 
     // A new domain's identity is made with its key.
     let key = own_key();
     let identity = Identity {
         domain: format!("{fresh}.example"),
         dkim: Some(key.clone()),
+        mail_from: None,
     };
     mailer.prepare(&fresh, &[identity]).await.unwrap();
     assert_eq!(

@@ -176,7 +176,7 @@ async fn a_send_is_one_trace_from_the_routers_span_to_the_cells_accept_and_deliv
     let _cell = start_cell_with_env("cell-traced", &registry, dir.path(), &[], &env)
         .await
         .unwrap();
-    let front = Front::start_with_env(&registry, ADMIN_TOKEN, &env)
+    let front = Front::start_with_env(&registry, ADMIN_TOKEN, &[], &env)
         .await
         .unwrap();
     let control = control_client(&format!("http://{}", front.control), ADMIN_TOKEN)

@@ -32,13 +32,14 @@ enum For {
     Cell,
 }
 
-const METHODS: [(&str, For); 14] = [
+const METHODS: [(&str, For); 15] = [
     ("Accept", For::Router),
     ("GetMessage", For::Router),
     ("ListSuppressions", For::Router),
     ("AddSuppression", For::Router),
     ("RemoveSuppression", For::Router),
     ("GetStats", For::Router),
+    ("ProvisionTenant", For::Control),
     ("PrepareTenant", For::Control),
     ("ExportTenant", For::Control),
     ("ImportTenant", For::Control),
@@ -263,6 +264,13 @@ impl Victim {
                 .get_stats(v1::CellGetStatsRequest {
                     caller: self.caller(),
                     request: Some(v1::GetStatsRequest { hours: 1 }),
+                })
+                .await
+                .map(drop),
+            "ProvisionTenant" => client
+                .provision_tenant(v1::ProvisionTenantRequest {
+                    tenant_id: tenant_id(),
+                    revision: 0,
                 })
                 .await
                 .map(drop),
