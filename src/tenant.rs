@@ -141,6 +141,10 @@ struct PolicyArgs {
     /// Breaker: the rolling window in minutes (default 60).
     #[arg(long, default_value_t = 0)]
     breaker_window_minutes: u32,
+    /// How SES manages the reputation of the tenant's SES tenant (cells with SES tenants on):
+    /// none | standard | strict (default standard).
+    #[arg(long, default_value = "")]
+    ses_reputation_policy: String,
 }
 
 impl From<PolicyArgs> for v1::TenantPolicy {
@@ -153,6 +157,7 @@ impl From<PolicyArgs> for v1::TenantPolicy {
             complaint_rate_bps: p.complaint_rate_bps,
             breaker_min_volume: p.breaker_min_volume,
             breaker_window_minutes: p.breaker_window_minutes,
+            ses_reputation_policy: p.ses_reputation_policy,
         }
     }
 }

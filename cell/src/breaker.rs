@@ -16,16 +16,17 @@ use cellmail_registry::schema::{
     self, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, Keys,
 };
 
-use crate::mailer::Identity;
+use crate::mailer::Setup;
 use crate::store::{Counts, Store};
 
 /// What delivery needs to know of a tenant: whether a class of its mail is paused (such mail
 /// is held instead of sent), its share of the cell's sending (by tier), and its From
-/// domain's identity as the transport is told of it ([`crate::directory::Directory`]).
+/// domain's identity (and the rest of its setup) as the transport is told of it
+/// ([`crate::directory::Directory`]).
 pub trait Gate: Send + Sync {
     fn paused(&self, tenant: &TenantId, class: MessageClass) -> bool;
     fn weight(&self, tenant: &TenantId) -> u32;
-    fn identity(&self, tenant: &TenantId, domain: &str) -> Identity;
+    fn setup(&self, tenant: &TenantId, domain: &str) -> Setup;
 }
 
 /// How many messages a premium tenant's lane sends per turn, to a standard tenant's one.

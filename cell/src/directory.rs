@@ -12,7 +12,7 @@ use cellmail_registry::dkim::{self, DkimKeys};
 use cellmail_registry::schema::{DkimKey, IdentityRecord, Tier};
 
 use crate::breaker::{Gate, PREMIUM_WEIGHT};
-use crate::mailer::{DkimSigning, Identity};
+use crate::mailer::{DkimSigning, Identity, Setup};
 
 pub struct Directory {
     catalog: Arc<WatchedCatalog>,
@@ -36,13 +36,16 @@ impl Directory {
         &self.catalog
     }
 
-    /// Each of `tenant`'s sending domains, as the transport is told of it.
-    pub fn identities(&self, tenant: &TenantId) -> Vec<Identity> {
+    /// `tenant` with each of its sending domains, as the transport is told of it.
+    pub fn setup(&self, tenant: &TenantId) -> Setup {
         let catalog = self.catalog.read();
         let Some(record) = catalog.tenants.get(tenant) else {
-            return Vec::new();
+            return Setup::default();
         };
-        record.identities.iter().map(|i| self.identity(i)).collect()
+        Setup {
+            identities: record.identities.iter().map(|i| self.identity(i)).collect(),
+            reputation: record.policy.ses_reputation,
+        }
     }
 
     fn identity(&self, record: &IdentityRecord) -> Identity {
@@ -95,13 +98,17 @@ impl Gate for Directory {
         }
     }
 
-    fn identity(&self, tenant: &TenantId, domain: &str) -> Identity {
+    fn setup(&self, tenant: &TenantId, domain: &str) -> Setup {
         let catalog = self.catalog.read();
-        let known = (catalog.tenants.get(tenant))
-            .and_then(|t| t.identities.iter().find(|i| i.domain == domain));
-        match known {
-            Some(record) => self.identity(record),
-            None => Identity::unlisted(domain),
+        let Some(record) = catalog.tenants.get(tenant) else {
+            return Setup::unlisted(domain);
+        };
+        let known = record.identities.iter().find(|i| i.domain == domain);
+        Setup {
+            identities: vec![
+                known.map_or_else(|| Identity::unlisted(domain), |i| self.identity(i)),
+            ],
+            reputation: record.policy.ses_reputation,
         }
     }
 }

@@ -61,8 +61,8 @@ impl Reconcile {
             Ok(_) => {}
         }
         for tenant in tenants {
-            let identities = self.directory.identities(&tenant);
-            if let Err(err) = self.mailer.prepare(&tenant, &identities).await {
+            let setup = self.directory.setup(&tenant);
+            if let Err(err) = self.mailer.prepare(&tenant, &setup).await {
                 tracing::warn!(%tenant, cell = %self.cell, error = %err, "provisioning the tenant with the transport; trying again at its first send or the next sweep");
             }
             if account.is_err() {

@@ -530,11 +530,9 @@ impl Worker {
         if let Some(accept) = &message.traceparent {
             cellmail_proto::trace::continue_from_traceparent(&span, accept);
         }
-        let identity = self.gate.identity(&message.tenant, message.from.domain());
+        let setup = self.gate.setup(&message.tenant, message.from.domain());
         let sent = async {
-            (self.mailer)
-                .prepare(&message.tenant, std::slice::from_ref(&identity))
-                .await?;
+            self.mailer.prepare(&message.tenant, &setup).await?;
             self.mailer.send(message).await
         }
         .instrument(span)
@@ -612,7 +610,7 @@ mod tests {
 
     use cellmail_proto::{MessageClass, TenantId};
 
-    use crate::mailer::Identity;
+    use crate::mailer::Setup;
     use crate::message::sample::message;
     use crate::queue::QueueConfig;
     use crate::queue::local::LocalQueue;
@@ -655,8 +653,8 @@ mod tests {
             1
         }
 
-        fn identity(&self, _tenant: &TenantId, domain: &str) -> Identity {
-            Identity::unlisted(domain)
+        fn setup(&self, _tenant: &TenantId, domain: &str) -> Setup {
+            Setup::unlisted(domain)
         }
     }
 

@@ -38,6 +38,20 @@
 //!   `MailFromAttributes` with `MailFromDomainStatus` `SUCCESS` once DNS has an MX record of
 //!   the MAIL FROM domain to `feedback-smtp.<region>.amazonses.com` (the region the request
 //!   was signed for), `PENDING` until then.
+//! - SES tenants: `CreateTenant` (`POST /v2/email/tenants`; `AlreadyExistsException` for a
+//!   name it has), `GetTenant` (`POST /v2/email/tenants/get`, answering `Tenant` with its
+//!   `SendingStatus`), `DeleteTenant` (`POST /v2/email/tenants/delete`) and
+//!   `CreateTenantResourceAssociation` (`POST /v2/email/tenants/resources`;
+//!   `AlreadyExistsException` for an association it has), each `NotFoundException` for an
+//!   unknown tenant. A tenant's ARN is `arn:aws:ses:<region>:123456789012:tenant/<name>/<id>`.
+//! - Reputation entities (a tenant, by its ARN, type `RESOURCE`):
+//!   `UpdateReputationEntityPolicy` (`PUT .../policy`, `BadRequestException` for a policy
+//!   ARN that is not `arn:<partition>:ses:<region>:aws:reputation-policy/none|standard|strict`),
+//!   `UpdateReputationEntityCustomerManagedStatus` (`PUT .../customer-managed-status`,
+//!   `SendingStatus` `ENABLED`, `DISABLED` or `REINSTATED`) and `GetReputationEntity` (`GET`,
+//!   answering `ReputationEntity` with the policy and statuses). A tenant whose status is
+//!   `DISABLED` has `SendingStatus` `DISABLED`, and a `SendEmail` naming it as `TenantName`
+//!   is refused with `400` `SendingPausedException`.
 //!
 //! It also notes each `SendEmail` (`POST /v2/email/outbound-emails`) the emulator accepted:
 //! when, with which configuration set and to how many recipients (`Destination`'s three
@@ -67,6 +81,41 @@ pub struct Sent {
     pub recipients: usize,
 }
 
+/// One SES tenant.
+#[derive(Debug, Clone)]
+pub struct SesTenant {
+    pub arn: String,
+    pub id: String,
+    pub created_at: i64,
+    /// The ARN of its reputation policy.
+    pub policy: String,
+    /// `ENABLED`, `DISABLED` or `REINSTATED`, as set by `UpdateReputationEntityCustomerManagedStatus`.
+    pub status: String,
+    /// The ARNs of the resources associated with it.
+    pub resources: Vec<String>,
+}
+
+impl SesTenant {
+    fn sending_status(&self) -> &str {
+        if self.status == "DISABLED" {
+            "DISABLED"
+        } else {
+            "ENABLED"
+        }
+    }
+
+    fn json(&self, name: &str) -> Value {
+        json!({
+            "TenantName": name,
+            "TenantId": self.id,
+            "TenantArn": self.arn,
+            "CreatedTimestamp": self.created_at,
+            "Tags": [],
+            "SendingStatus": self.sending_status(),
+        })
+    }
+}
+
 /// What the stand-in answers for the account, and what it saw.
 struct State {
     max_send_rate: f64,
@@ -80,6 +129,8 @@ struct State {
     mail_from: Mutex<HashMap<String, (String, String)>>,
     /// Where the statuses' DNS records are looked up (none: nothing is found).
     dns: Mutex<Zone>,
+    /// SES tenants by name.
+    tenants: Mutex<HashMap<String, SesTenant>>,
     sent: Mutex<Vec<Sent>>,
 }
 
@@ -101,6 +152,7 @@ impl SesStandIn {
             dkim: Mutex::default(),
             mail_from: Mutex::default(),
             dns: Mutex::default(),
+            tenants: Mutex::default(),
             sent: Mutex::default(),
         });
         let serving = state.clone();
@@ -122,6 +174,11 @@ impl SesStandIn {
     /// was given its own.
     pub fn dkim_of(&self, domain: &str) -> Option<(String, String)> {
         self.state.dkim.lock().unwrap().get(domain).cloned()
+    }
+
+    /// SES tenant `name`, if SES has it.
+    pub fn tenant(&self, name: &str) -> Option<SesTenant> {
+        self.state.tenants.lock().unwrap().get(name).cloned()
     }
 
     /// The MAIL FROM domain identity `domain` was given, if any.
@@ -187,6 +244,9 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> anyhow::Result
     let (parts, body) = request.into_parts();
     let body = body.collect().await?.to_bytes();
     let json: Value = serde_json::from_slice(&body).unwrap_or_default();
+    if let Some(answer) = tenants(&state, &method, &path, &json, &parts.headers) {
+        return Ok(answer);
+    }
     let identity = segments(&path, "/v2/email/identities/");
     let own_key = |attributes: &Value| {
         let selector = attributes["DomainSigningSelector"].as_str()?;
@@ -306,7 +366,13 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> anyhow::Result
         .as_str()
         .unwrap_or("")
         .to_owned();
-    if sending && state.disabled.lock().unwrap().contains(&configuration_set) {
+    let tenant_paused = json["TenantName"].as_str().is_some_and(|name| {
+        let tenants = state.tenants.lock().unwrap();
+        tenants
+            .get(name)
+            .is_some_and(|t| t.sending_status() == "DISABLED")
+    });
+    if sending && (tenant_paused || state.disabled.lock().unwrap().contains(&configuration_set)) {
         let refusal = json!({ "message": "Sending is paused for this configuration set." });
         return Ok(error_answer("SendingPausedException", refusal));
     }
@@ -354,9 +420,116 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> anyhow::Result
     Ok(Response::from_parts(parts, Full::new(got)))
 }
 
-/// A `400` SES v2 error of type `kind`.
+/// The answer to an SES tenant or reputation entity operation, `None` for any other.
+fn tenants(
+    state: &State,
+    method: &Method,
+    path: &str,
+    json: &Value,
+    headers: &hyper::HeaderMap,
+) -> Option<Answer> {
+    let mut tenants = state.tenants.lock().unwrap();
+    let name = json["TenantName"].as_str().unwrap_or("").to_owned();
+    let not_found = |what: &str| {
+        let refusal = json!({ "message": format!("{what} does not exist.") });
+        error_answer("NotFoundException", refusal)
+    };
+    let ok = || json_answer(StatusCode::OK, json!({}));
+    if let Some(entity) = segments(path, "/v2/email/reputation/entities/RESOURCE/") {
+        let reference = percent_encoding::percent_decode_str(entity.first()?)
+            .decode_utf8_lossy()
+            .into_owned();
+        let Some(tenant) = tenants.values_mut().find(|t| t.arn == reference) else {
+            return Some(not_found(&format!("Reputation entity {reference}")));
+        };
+        return Some(match (method, entity.get(1).map(String::as_str)) {
+            (&Method::PUT, Some("policy")) => {
+                let policy = json["ReputationEntityPolicy"].as_str().unwrap_or("");
+                let parts: Vec<&str> = policy.splitn(6, ':').collect();
+                let known =
+                    ["none", "standard", "strict"].map(|p| format!("reputation-policy/{p}"));
+                if parts.len() != 6
+                    || (parts[0], parts[2], parts[4]) != ("arn", "ses", "aws")
+                    || !known.iter().any(|k| k == parts[5])
+                {
+                    let refusal = json!({ "message": format!("Invalid policy ARN {policy}.") });
+                    return Some(error_answer("BadRequestException", refusal));
+                }
+                tenant.policy = policy.to_owned();
+                ok()
+            }
+            (&Method::PUT, Some("customer-managed-status")) => {
+                tenant.status = json["SendingStatus"]
+                    .as_str()
+                    .unwrap_or("ENABLED")
+                    .to_owned();
+                ok()
+            }
+            (&Method::GET, None) => json_answer(
+                StatusCode::OK,
+                json!({ "ReputationEntity": {
+                    "ReputationEntityReference": tenant.arn,
+                    "ReputationEntityType": "RESOURCE",
+                    "ReputationManagementPolicy": tenant.policy,
+                    "CustomerManagedStatus": { "Status": tenant.status },
+                    "AwsSesManagedStatus": { "Status": "ENABLED" },
+                    "SendingStatusAggregate": tenant.sending_status(),
+                }}),
+            ),
+            _ => return None,
+        });
+    }
+    Some(match (method, path) {
+        (&Method::POST, "/v2/email/tenants") => {
+            if tenants.contains_key(&name) {
+                let refusal = json!({ "message": format!("Tenant {name} already exists.") });
+                return Some(error_answer("AlreadyExistsException", refusal));
+            }
+            let region = signed_region(headers);
+            let id = format!("tn-{:016x}", rand::random::<u64>());
+            let tenant = SesTenant {
+                arn: format!("arn:aws:ses:{region}:123456789012:tenant/{name}/{id}"),
+                id,
+                created_at: jiff::Timestamp::now().as_second(),
+                policy: format!("arn:aws:ses:{region}:aws:reputation-policy/standard"),
+                status: "ENABLED".into(),
+                resources: Vec::new(),
+            };
+            let answer = json_answer(StatusCode::OK, tenant.json(&name));
+            tenants.insert(name, tenant);
+            answer
+        }
+        (&Method::POST, "/v2/email/tenants/get") => match tenants.get(&name) {
+            Some(tenant) => json_answer(StatusCode::OK, json!({ "Tenant": tenant.json(&name) })),
+            None => not_found(&format!("Tenant {name}")),
+        },
+        (&Method::POST, "/v2/email/tenants/delete") => match tenants.remove(&name) {
+            Some(_) => ok(),
+            None => not_found(&format!("Tenant {name}")),
+        },
+        (&Method::POST, "/v2/email/tenants/resources") => {
+            let Some(tenant) = tenants.get_mut(&name) else {
+                return Some(not_found(&format!("Tenant {name}")));
+            };
+            let resource = json["ResourceArn"].as_str().unwrap_or("").to_owned();
+            if tenant.resources.contains(&resource) {
+                let refusal = json!({ "message": format!("{resource} is associated already.") });
+                return Some(error_answer("AlreadyExistsException", refusal));
+            }
+            tenant.resources.push(resource);
+            ok()
+        }
+        _ => return None,
+    })
+}
+
+/// An SES v2 error of type `kind`: `404` for `NotFoundException`, else `400`.
 fn error_answer(kind: &'static str, body: Value) -> Answer {
-    let mut answer = json_answer(StatusCode::BAD_REQUEST, body);
+    let status = match kind {
+        "NotFoundException" => StatusCode::NOT_FOUND,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let mut answer = json_answer(status, body);
     (answer.headers_mut()).insert("x-amzn-errortype", HeaderValue::from_static(kind));
     answer
 }

@@ -285,7 +285,7 @@ impl CellApi {
                 "tenant {tenant} is not known here"
             )));
         }
-        let identities = self.directory.identities(&tenant);
+        let setup = self.directory.setup(&tenant);
         // What an earlier stay of the tenant left here is current as of its hand-over, when
         // that is recent enough for the copy to start there; otherwise the import replaces it.
         let handed_over = self
@@ -300,7 +300,7 @@ impl CellApi {
             .await
             .map_err(ApiError::from)?;
         self.mailer
-            .prepare(&tenant, &identities)
+            .prepare(&tenant, &setup)
             .await
             .map_err(|e| ApiError::Unavailable(format!("preparing the mailer: {e}")))?;
         Ok(v1::PrepareTenantResponse {

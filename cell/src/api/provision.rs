@@ -35,14 +35,11 @@ impl CellApi {
                 "tenant {tenant} is not known here"
             )));
         }
-        let identities = self.directory.identities(&tenant);
+        let setup = self.directory.setup(&tenant);
         let failed = |e| ApiError::Unavailable(format!("setting up the mail transport: {e}"));
-        self.mailer
-            .prepare(&tenant, &identities)
-            .await
-            .map_err(failed)?;
+        self.mailer.prepare(&tenant, &setup).await.map_err(failed)?;
         let mut seen = Vec::new();
-        for identity in &identities {
+        for identity in &setup.identities {
             let status = (self.mailer.identity_status(&identity.domain).await).map_err(failed)?;
             if let Some(status) = status {
                 seen.push(v1::TransportIdentity {

@@ -11,7 +11,7 @@ use rand::Rng;
 
 use cellmail_proto::TenantId;
 
-use super::{Identity, IdentityStatus, Mailer, MailerError, Sending};
+use super::{IdentityStatus, Mailer, MailerError, Sending, Setup};
 use crate::message::Message;
 
 pub struct FaultyMailer {
@@ -42,8 +42,8 @@ impl Mailer for FaultyMailer {
         self.inner.send(message).await
     }
 
-    async fn prepare(&self, tenant: &TenantId, identities: &[Identity]) -> Result<(), MailerError> {
-        self.inner.prepare(tenant, identities).await
+    async fn prepare(&self, tenant: &TenantId, setup: &Setup) -> Result<(), MailerError> {
+        self.inner.prepare(tenant, setup).await
     }
 
     async fn turn(&self) {

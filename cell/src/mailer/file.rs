@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use cellmail_proto::{TenantId, now_ms};
 
-use super::{Identity, Mailer, MailerError, render};
+use super::{Mailer, MailerError, Setup, render};
 use crate::feedback;
 use crate::message::Message;
 use crate::queue::{Queue, QueueKind};
@@ -64,11 +64,7 @@ impl Mailer for FileSink {
         Ok(())
     }
 
-    async fn prepare(
-        &self,
-        tenant: &TenantId,
-        _identities: &[Identity],
-    ) -> Result<(), MailerError> {
+    async fn prepare(&self, tenant: &TenantId, _setup: &Setup) -> Result<(), MailerError> {
         // Called before every send: a look (one stat) when the directory is there already.
         let dir = self.root.join(tenant.as_str());
         if dir.is_dir() {

@@ -24,6 +24,7 @@ use mail_builder::headers::address::Address;
 use mail_builder::headers::raw::Raw;
 
 use cellmail_proto::TenantId;
+use cellmail_registry::schema::ReputationPolicy;
 
 use crate::message::{Mailbox, Message};
 
@@ -49,6 +50,24 @@ pub enum MailerError {
     /// The message can never be sent as it is (rejected content, unverified identity).
     #[error("permanent: {reason}")]
     Permanent { reason: String },
+}
+
+/// What sending for a tenant needs set up on the transport: the domains it sends from (all
+/// of them, or the one a send needs) and how SES manages its reputation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Setup {
+    pub identities: Vec<Identity>,
+    pub reputation: ReputationPolicy,
+}
+
+impl Setup {
+    /// What a send from `domain` needs for a tenant the cell knows nothing of.
+    pub fn unlisted(domain: &str) -> Self {
+        Self {
+            identities: vec![Identity::unlisted(domain)],
+            reputation: ReputationPolicy::default(),
+        }
+    }
 }
 
 /// A domain a tenant sends from, as the transport is told of it.
@@ -118,15 +137,11 @@ pub trait Mailer: Send + Sync + 'static {
     /// transport with no rate to keep to keeps this default.
     async fn turn(&self) {}
 
-    /// Sets up what sending for `tenant` from `identities` needs: before the tenant is moved
-    /// here, at each sweep of the cell's tenants, and before each send for its From domain
-    /// (what is set up already is not asked for again). A mailer with nothing to set up per
-    /// tenant keeps this default.
-    async fn prepare(
-        &self,
-        _tenant: &TenantId,
-        _identities: &[Identity],
-    ) -> Result<(), MailerError> {
+    /// Sets up what sending for `tenant` needs (`setup`): when the tenant is placed here or
+    /// adds a domain, before it is moved here, at each sweep of the cell's tenants, and before
+    /// each send for its From domain (what is set up already is not asked for again). A
+    /// mailer with nothing to set up per tenant keeps this default.
+    async fn prepare(&self, _tenant: &TenantId, _setup: &Setup) -> Result<(), MailerError> {
         Ok(())
     }
 

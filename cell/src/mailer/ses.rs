@@ -52,14 +52,15 @@ use aws_sdk_sesv2::operation::send_email::builders::SendEmailFluentBuilder;
 use aws_sdk_sesv2::types::{
     BehaviorOnMxFailure, Body, Content, Destination, DkimSigningAttributes,
     DkimSigningAttributesOrigin, EmailContent, EventDestinationDefinition, MessageTag,
-    SendingStatus, SnsDestination,
+    ReputationEntityType, SendingStatus, SnsDestination,
 };
 use cellmail_proto::TenantId;
+use cellmail_registry::schema::ReputationPolicy;
 use tokio::sync::OnceCell;
 
 use super::quota::SendRate;
 use super::route;
-use super::{Identity, IdentityStatus, Mailer, MailerError, Sending, mailbox_text};
+use super::{Identity, IdentityStatus, Mailer, MailerError, Sending, Setup, mailbox_text};
 use crate::message::{Mailbox, Message};
 
 pub const DEFAULT_CONFIGURATION_SET_PREFIX: &str = "cellmail-";
@@ -112,10 +113,19 @@ impl Default for SesSettings {
 /// What a send needs to exist in SES, provisioned once per process.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Provision {
-    /// The tenant's configuration set and, with tenants on, its SES tenant.
-    Tenant(TenantId),
+    /// The tenant's configuration set and, with tenants on, its SES tenant with this
+    /// reputation policy.
+    Tenant(TenantId, ReputationPolicy),
     /// A From domain's email identity, signing with the DKIM key of this selector if any.
     Domain(String, Option<String>),
+    /// With tenants on, a domain's identity associated with the tenant's SES tenant.
+    Association(TenantId, String),
+}
+
+impl Provision {
+    fn of(&self, tenant: &TenantId) -> bool {
+        matches!(self, Provision::Tenant(t, _) | Provision::Association(t, _) if t == tenant)
+    }
 }
 
 pub struct SesMailer {
@@ -125,7 +135,8 @@ pub struct SesMailer {
     /// The cell's events topic ([`super::route`]), which each configuration set publishes
     /// to; `None` when the cell has no SQS feedback queue.
     events_topic: Option<String>,
-    provisioned: Mutex<HashMap<Provision, Arc<OnceCell<()>>>>,
+    /// What was provisioned, with the SES tenant's ARN for a tenant's.
+    provisioned: Mutex<HashMap<Provision, Arc<OnceCell<Option<String>>>>>,
     /// Set once the endpoint turned out to have no SES tenants.
     tenants_unsupported: AtomicBool,
     /// The region the client sends in.
@@ -168,12 +179,16 @@ impl SesMailer {
         }
     }
 
-    /// Runs `provision` for `key` until it succeeds once: concurrent first sends share one
-    /// run, and a failed run is tried again by the next send.
-    async fn once<F, Fut>(&self, key: Provision, provision: F) -> Result<(), MailerError>
+    /// Runs `provision` for `key` until it succeeds once, and answers what that run did:
+    /// concurrent first sends share one run, and a failed run is tried again by the next send.
+    async fn once<F, Fut>(
+        &self,
+        key: Provision,
+        provision: F,
+    ) -> Result<Option<String>, MailerError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<(), MailerError>>,
+        Fut: Future<Output = Result<Option<String>, MailerError>>,
     {
         let cell = self
             .provisioned
@@ -183,30 +198,42 @@ impl SesMailer {
             .entry(key)
             .or_default()
             .clone();
-        cell.get_or_try_init(provision).await.map(|_| ())
+        cell.get_or_try_init(provision).await.cloned()
     }
 
-    /// The tenant's configuration set (and SES tenant) and `identities`.
-    async fn provision(
-        &self,
-        tenant: &TenantId,
-        identities: &[Identity],
-    ) -> Result<(), MailerError> {
-        self.once(Provision::Tenant(tenant.clone()), || {
-            self.provision_tenant(tenant)
-        })
-        .await?;
-        for identity in identities {
-            let selector = identity.dkim.as_ref().map(|d| d.selector.clone());
-            self.once(Provision::Domain(identity.domain.clone(), selector), || {
-                self.provision_identity(identity)
-            })
+    /// The tenant's configuration set (and SES tenant) and its identities.
+    async fn provision(&self, tenant: &TenantId, setup: &Setup) -> Result<(), MailerError> {
+        let reputation = setup.reputation;
+        let key = Provision::Tenant(tenant.clone(), reputation);
+        let tenant_arn = self
+            .once(key, || self.provision_tenant(tenant, reputation))
             .await?;
+        for identity in &setup.identities {
+            let selector = identity.dkim.as_ref().map(|d| d.selector.clone());
+            self.once(
+                Provision::Domain(identity.domain.clone(), selector),
+                || async { self.provision_identity(identity).await.map(|()| None) },
+            )
+            .await?;
+            if let Some(tenant_arn) = &tenant_arn {
+                let key = Provision::Association(tenant.clone(), identity.domain.clone());
+                let resource = format!("identity/{}", identity.domain);
+                self.once(key, || async {
+                    (self.associate(tenant, tenant_arn, &resource).await).map(|()| None)
+                })
+                .await?;
+            }
         }
         Ok(())
     }
 
-    async fn provision_tenant(&self, tenant: &TenantId) -> Result<(), MailerError> {
+    /// The tenant's configuration set with its event destination and, with tenants on, its
+    /// SES tenant (whose ARN this answers) with its reputation policy and the set associated.
+    async fn provision_tenant(
+        &self,
+        tenant: &TenantId,
+        reputation: ReputationPolicy,
+    ) -> Result<Option<String>, MailerError> {
         let name = self.configuration_set(tenant);
         let made = self
             .client
@@ -222,10 +249,10 @@ impl SesMailer {
         if let Some(topic) = &self.events_topic {
             self.provision_events(&name, topic).await?;
         }
-        if self.tenant_names() {
-            self.provision_ses_tenant(tenant, &name).await?;
+        if !self.tenant_names() {
+            return Ok(None);
         }
-        Ok(())
+        self.provision_ses_tenant(tenant, &name, reputation).await
     }
 
     /// The configuration set's event destination: every event of [`route::EVENTS`] to the
@@ -341,23 +368,53 @@ impl SesMailer {
         }
     }
 
+    /// The SES tenant, its configuration set's association and its reputation policy; its
+    /// ARN (`None` when the endpoint has no tenants).
     async fn provision_ses_tenant(
         &self,
         tenant: &TenantId,
         configuration_set: &str,
-    ) -> Result<(), MailerError> {
+        reputation: ReputationPolicy,
+    ) -> Result<Option<String>, MailerError> {
         let what = format!("SES tenant {tenant}");
         let Some(tenant_arn) = self.tenant_arn(tenant, &what).await? else {
-            return Ok(());
+            return Ok(None);
         };
-        let resource = configuration_set_arn(&tenant_arn, configuration_set).ok_or_else(|| {
+        let resource = format!("configuration-set/{configuration_set}");
+        self.associate(tenant, &tenant_arn, &resource).await?;
+        let policy = format!("reputation-policy/{}", reputation.as_str());
+        let policy = ses_arn(&tenant_arn, Some("aws"), &policy).ok_or_else(|| {
+            setup_failed(&what, format!("{tenant_arn:?} is not an SES tenant ARN"))
+        })?;
+        let updated = self
+            .client
+            .update_reputation_entity_policy()
+            .reputation_entity_type(ReputationEntityType::Resource)
+            .reputation_entity_reference(&tenant_arn)
+            .reputation_entity_policy(policy)
+            .send()
+            .await;
+        settled(&format!("{what}'s reputation policy"), updated, |_| false)?;
+        Ok(Some(tenant_arn))
+    }
+
+    /// SES resource `resource` (`configuration-set/<name>`, `identity/<domain>`) of the
+    /// tenant's account associated with its SES tenant.
+    async fn associate(
+        &self,
+        tenant: &TenantId,
+        tenant_arn: &str,
+        resource: &str,
+    ) -> Result<(), MailerError> {
+        let what = format!("SES tenant {tenant}'s {resource}");
+        let arn = ses_arn(tenant_arn, None, resource).ok_or_else(|| {
             setup_failed(&what, format!("{tenant_arn:?} is not an SES tenant ARN"))
         })?;
         let associated = self
             .client
             .create_tenant_resource_association()
             .tenant_name(tenant.as_str())
-            .resource_arn(resource)
+            .resource_arn(arn)
             .send()
             .await;
         settled(
@@ -478,12 +535,14 @@ fn tags(message: &Message) -> Result<Vec<MessageTag>, BuildError> {
         .collect()
 }
 
-/// The ARN of configuration set `name` in the partition, region and account of
-/// `tenant_arn` (`arn:<partition>:ses:<region>:<account>:tenant/<name>/<id>`): SES names a
-/// configuration set's ARN in no answer, and a tenant association needs it.
-fn configuration_set_arn(tenant_arn: &str, name: &str) -> Option<String> {
+/// The ARN of SES resource `resource` (`configuration-set/<name>`, ...) in the partition and
+/// region of `tenant_arn` (`arn:<partition>:ses:<region>:<account>:tenant/<name>/<id>`),
+/// owned by `owner` (`None`: the tenant's account; `aws` owns SES's managed reputation
+/// policies). SES names neither a configuration set's ARN nor a policy's in any answer, and
+/// a tenant's association and reputation policy need them.
+fn ses_arn(tenant_arn: &str, owner: Option<&str>, resource: &str) -> Option<String> {
     let mut parts = tenant_arn.splitn(6, ':');
-    let (arn, partition, service, region, account, resource) = (
+    let (arn, partition, service, region, account, tenant) = (
         parts.next()?,
         parts.next()?,
         parts.next()?,
@@ -491,8 +550,9 @@ fn configuration_set_arn(tenant_arn: &str, name: &str) -> Option<String> {
         parts.next()?,
         parts.next()?,
     );
-    (arn == "arn" && service == "ses" && resource.starts_with("tenant/"))
-        .then(|| format!("arn:{partition}:ses:{region}:{account}:configuration-set/{name}"))
+    let owner = owner.unwrap_or(account);
+    (arn == "arn" && service == "ses" && tenant.starts_with("tenant/"))
+        .then(|| format!("arn:{partition}:ses:{region}:{owner}:{resource}"))
 }
 
 /// Provisioning is the cell's business, never the message's: whatever goes wrong, the
@@ -611,8 +671,8 @@ impl Mailer for SesMailer {
         }
     }
 
-    async fn prepare(&self, tenant: &TenantId, identities: &[Identity]) -> Result<(), MailerError> {
-        self.provision(tenant, identities).await
+    async fn prepare(&self, tenant: &TenantId, setup: &Setup) -> Result<(), MailerError> {
+        self.provision(tenant, setup).await
     }
 
     /// A message's turn is its first recipient's token; the rest are taken by its send.
@@ -736,7 +796,7 @@ impl Mailer for SesMailer {
         self.provisioned
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&Provision::Tenant(tenant.clone()));
+            .retain(|provision, _| !provision.of(tenant));
         if self.tenant_names() {
             let what = format!("SES tenant {tenant} (deleting it)");
             let deleted = self
@@ -946,20 +1006,19 @@ mod tests {
     }
 
     #[test]
-    fn a_configuration_set_arn_comes_from_its_tenants_account() {
+    fn a_configuration_set_and_a_reputation_policy_arn_come_from_the_tenants_arn() {
+        let tenant = "arn:aws:ses:eu-west-1:123456789012:tenant/acme/tn-1";
+        let set = "configuration-set/cellmail-acme";
         assert_eq!(
-            configuration_set_arn(
-                "arn:aws:ses:eu-west-1:123456789012:tenant/acme/tn-1",
-                "cellmail-acme"
-            )
-            .as_deref(),
+            ses_arn(tenant, None, set).as_deref(),
             Some("arn:aws:ses:eu-west-1:123456789012:configuration-set/cellmail-acme")
         );
-        assert_eq!(configuration_set_arn("acme", "cellmail-acme"), None);
         assert_eq!(
-            configuration_set_arn("arn:aws:sqs:eu-west-1:1:tenant/x", "c"),
-            None
+            ses_arn(tenant, Some("aws"), "reputation-policy/strict").as_deref(),
+            Some("arn:aws:ses:eu-west-1:aws:reputation-policy/strict")
         );
+        assert_eq!(ses_arn("acme", None, set), None);
+        assert_eq!(ses_arn("arn:aws:sqs:eu-west-1:1:tenant/x", None, set), None);
     }
 
     fn message() -> Message {

@@ -308,6 +308,9 @@ pub struct Policy {
     pub daily_cap: u64,
     #[serde(default)]
     pub breaker: BreakerPolicy,
+    /// How SES manages the reputation of the tenant's SES tenant (cells with SES tenants on).
+    #[serde(default)]
+    pub ses_reputation: ReputationPolicy,
 }
 
 impl Default for Policy {
@@ -317,6 +320,44 @@ impl Default for Policy {
             burst: 200,
             daily_cap: 0,
             breaker: BreakerPolicy::default(),
+            ses_reputation: ReputationPolicy::default(),
+        }
+    }
+}
+
+/// One of SES's managed reputation policies, which decide when SES pauses an SES tenant on
+/// its own reputation findings: `none` never, `standard` on high-severity findings, `strict`
+/// on any.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReputationPolicy {
+    None,
+    #[default]
+    Standard,
+    Strict,
+}
+
+impl ReputationPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReputationPolicy::None => "none",
+            ReputationPolicy::Standard => "standard",
+            ReputationPolicy::Strict => "strict",
+        }
+    }
+}
+
+impl std::str::FromStr for ReputationPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(ReputationPolicy::None),
+            "" | "standard" => Ok(ReputationPolicy::Standard),
+            "strict" => Ok(ReputationPolicy::Strict),
+            other => Err(format!(
+                "unknown reputation policy {} (none | standard | strict)",
+                cellmail_proto::error::quote(other)
+            )),
         }
     }
 }

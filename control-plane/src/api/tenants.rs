@@ -434,11 +434,14 @@ fn parse_policy(wire: v1::TenantPolicy) -> Result<Policy, ApiError> {
             format!("at most {WINDOW_MINUTES}"),
         ));
     }
+    let ses_reputation = (wire.ses_reputation_policy.parse())
+        .map_err(|e: String| ApiError::invalid("policy.ses_reputation_policy", e))?;
     Ok(Policy {
         rate_per_second: rate,
         burst,
         daily_cap: wire.daily_cap,
         breaker,
+        ses_reputation,
     })
 }
 
@@ -454,6 +457,7 @@ fn wire_policy(policy: &Policy) -> v1::TenantPolicy {
         complaint_rate_bps: policy.breaker.complaint_bps,
         breaker_min_volume: policy.breaker.min_volume,
         breaker_window_minutes: policy.breaker.window_minutes,
+        ses_reputation_policy: policy.ses_reputation.as_str().to_owned(),
     }
 }
 

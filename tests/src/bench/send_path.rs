@@ -257,6 +257,7 @@ pub(super) const UNLIMITED: Policy = Policy {
         min_volume: u32::MAX,
         window_minutes: 60,
     },
+    ses_reputation: cellmail_registry::schema::ReputationPolicy::Standard,
 };
 
 /// Writes tenant `name` (sending from bench.example) placed on `cell`: its API key.

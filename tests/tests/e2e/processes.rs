@@ -14,6 +14,7 @@ use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
+use tonic_types::StatusExt;
 
 fn mail_count(dir: &std::path::Path, tenant: &str) -> usize {
     std::fs::read_dir(dir.join("mail").join(tenant))
@@ -499,7 +500,7 @@ impl SesCell {
                 let request = v1::CreateTenantRequest {
                     id: tenant.clone(),
                     domains: vec![format!("{tenant}.example")],
-                    policy,
+                    policy: policy.clone(),
                     ..Default::default()
                 };
                 async move { client.create_tenant(request).await }
@@ -564,6 +565,23 @@ impl SesCell {
             .send()
             .await
             .unwrap();
+    }
+
+    /// Waits until tenant `i`'s message `id` is in `state`.
+    async fn until_state(&self, i: usize, id: &str, state: &str) {
+        until_ok(Duration::from_secs(20), || async {
+            let message = cellmail_tests::get_message(&self.sender, &self.tenants[i].1, id)
+                .await
+                .unwrap();
+            anyhow::ensure!(
+                message.state == state,
+                "tenant {i}'s {id} is {}",
+                message.state
+            );
+            Ok(())
+        })
+        .await
+        .unwrap();
     }
 
     /// The classes of tenant `i` its breakers pause, as the control plane lists them.
@@ -876,6 +894,95 @@ async fn on_ses_a_domain_verifies_once_dns_and_ses_have_its_records_and_rotates_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_ses_with_tenants_a_paused_ses_tenant_is_held_alone_and_released_with_it() {
+    let policy = v1::TenantPolicy {
+        ses_reputation_policy: "strict".into(),
+        ..Default::default()
+    };
+    let extra = ["--ses-tenants", "--ses-reconcile-secs", "1"];
+    let cell = SesCell::start_with(1000.0, &extra, 2, Some(policy), None).await;
+    // A policy SES does not have is refused, naming the field, and nothing is created.
+    let lenient = v1::CreateTenantRequest {
+        id: format!("{}-lenient", cell.tenants[0].0),
+        domains: vec!["lenient.example".into()],
+        policy: Some(v1::TenantPolicy {
+            ses_reputation_policy: "lenient".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let refused = (cell.control.clone())
+        .create_tenant(lenient.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let violation = &refused.get_details_bad_request().unwrap().field_violations[0];
+    assert_eq!(violation.field, "policy.ses_reputation_policy");
+    assert!(
+        violation.description.contains("\"lenient\""),
+        "{violation:?}"
+    );
+    assert!(cell.ses.tenant(&lenient.id).is_none());
+    // Placed: each tenant is an SES tenant with its reputation policy, its configuration set
+    // and its domain's identity associated.
+    for (name, _) in &cell.tenants {
+        let tenant = cell.ses.tenant(name).expect("an SES tenant once placed");
+        assert!(
+            tenant.policy.ends_with(":aws:reputation-policy/strict"),
+            "{tenant:?}"
+        );
+        for resource in [
+            format!(":configuration-set/cellmail-{name}"),
+            format!(":identity/{name}.example"),
+        ] {
+            assert!(
+                tenant.resources.iter().any(|r| r.ends_with(&resource)),
+                "{resource} in {tenant:?}"
+            );
+        }
+    }
+
+    // SES pauses the first tenant's SES tenant: its mail is held, its neighbour's goes out.
+    let cell = &cell;
+    let status = |status: aws_sdk_sesv2::types::SendingStatus| async move {
+        let arn = cell.ses.tenant(&cell.tenants[0].0).unwrap().arn;
+        (cell.ses().await)
+            .update_reputation_entity_customer_managed_status()
+            .reputation_entity_type(aws_sdk_sesv2::types::ReputationEntityType::Resource)
+            .reputation_entity_reference(arn)
+            .sending_status(status)
+            .send()
+            .await
+            .unwrap();
+    };
+    status(aws_sdk_sesv2::types::SendingStatus::Disabled).await;
+    let to = || vec!["jane@example.com".to_owned()];
+    let held = (cell.send(0, to(), "a-1").await.unwrap().into_inner()).message_id;
+    cell.send(1, to(), "b-1").await.unwrap();
+    cell.until_state(0, &held, "HELD").await;
+    wait_for(
+        Duration::from_secs(20),
+        "the neighbour's message sent",
+        || (cell.sent_for(1) == 1).then_some(()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(cell.sent_for(0), 0);
+    assert!(cell.paused(1).await.is_empty());
+
+    // Reinstated on SES's side: the sweep releases the tenant, and its held mail goes out.
+    status(aws_sdk_sesv2::types::SendingStatus::Reinstated).await;
+    wait_for(Duration::from_secs(20), "the held message sent", || {
+        (cell.sent_for(0) == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    // SES has it; the cell records it as sent once SES has answered.
+    cell.until_state(0, &held, "SENT").await;
+    assert!(cell.paused(0).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_ses_a_tenant_ses_paused_is_held_alone_until_resumed() {
     // No sweep during the test: the pause is learnt from a send SES refuses.
     let cell = SesCell::start(1000.0, &["--ses-reconcile-secs", "3600"], 2).await;
@@ -889,19 +996,7 @@ async fn on_ses_a_tenant_ses_paused_is_held_alone_until_resumed() {
         .into_inner()
         .message_id;
     cell.send(1, to(), "b-1").await.unwrap();
-    let state = || async {
-        cellmail_tests::get_message(&cell.sender, &cell.tenants[0].1, &held)
-            .await
-            .unwrap()
-            .state
-    };
-    until_ok(Duration::from_secs(20), || async {
-        let now = state().await;
-        anyhow::ensure!(now == "HELD", "the paused tenant's message is {now}");
-        Ok(())
-    })
-    .await
-    .unwrap();
+    cell.until_state(0, &held, "HELD").await;
     wait_for(
         Duration::from_secs(20),
         "the neighbour's message sent",
@@ -933,7 +1028,8 @@ async fn on_ses_a_tenant_ses_paused_is_held_alone_until_resumed() {
     })
     .await
     .unwrap();
-    assert_eq!(state().await, "SENT");
+    // SES has it; the cell records it as sent once SES has answered.
+    cell.until_state(0, &held, "SENT").await;
     assert_eq!(cell.sent_for(1), 2);
 }
 

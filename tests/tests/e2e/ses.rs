@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use cellmail_cell::mailer::ses::{SesMailer, SesSettings};
-use cellmail_cell::mailer::{Identity, Mailer, MailerError, mailbox_text};
+use cellmail_cell::mailer::{Identity, Mailer, MailerError, Setup, mailbox_text};
 use cellmail_cell::message::{Mailbox, Message};
 use cellmail_proto::{MessageClass, MessageId, TenantId};
 use cellmail_tests::emulator::{Tap, sent_by_the_emulator};
@@ -51,9 +51,17 @@ fn message(tenant: &TenantId) -> Message {
 
 /// Sends `message` as a cell's worker does: its From domain's identity prepared first.
 async fn send(mailer: &SesMailer, message: &Message) -> Result<(), MailerError> {
-    let identity = Identity::unlisted(message.from.domain());
-    mailer.prepare(&message.tenant, &[identity]).await?;
+    let setup = Setup::unlisted(message.from.domain());
+    mailer.prepare(&message.tenant, &setup).await?;
     mailer.send(message).await
+}
+
+/// What a tenant sending from `identity` alone needs.
+fn one(identity: Identity) -> Setup {
+    Setup {
+        identities: vec![identity],
+        ..Setup::default()
+    }
 }
 
 async fn mailer(settings: SesSettings) -> SesMailer {
@@ -257,8 +265,10 @@ async fn a_domain_with_its_own_dkim_key_signs_with_it_even_if_ses_had_it_before(
     // An identity SES made with its own keys first is switched to the domain's.
     let (first, fresh) = (tenant(), tenant());
     let domain = format!("{first}.example");
-    let without = Identity::unlisted(&domain);
-    mailer.prepare(&first, &[without]).await.unwrap();
+    mailer
+        .prepare(&first, &Setup::unlisted(&domain))
+        .await
+        .unwrap();
     assert_eq!(ses.dkim_of(&domain), None);
     let key = own_key();
     let mail_from = format!("bounce.{domain}");
@@ -267,7 +277,7 @@ async fn a_domain_with_its_own_dkim_key_signs_with_it_even_if_ses_had_it_before(
         dkim: Some(key.clone()),
         mail_from: Some(mail_from.clone()),
     };
-    mailer.prepare(&first, &[with]).await.unwrap();
+    mailer.prepare(&first, &one(with)).await.unwrap();
     assert_eq!(
         ses.dkim_of(&domain),
         Some((key.selector.clone(), key.private_key.clone()))
@@ -320,7 +330,7 @@ async fn a_domain_with_its_own_dkim_key_signs_with_it_even_if_ses_had_it_before(
         dkim: Some(key.clone()),
         mail_from: None,
     };
-    mailer.prepare(&fresh, &[identity]).await.unwrap();
+    mailer.prepare(&fresh, &one(identity)).await.unwrap();
     assert_eq!(
         ses.dkim_of(&format!("{fresh}.example")),
         Some((key.selector, key.private_key))
