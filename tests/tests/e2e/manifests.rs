@@ -431,6 +431,45 @@ fn add_cell_renders_the_cells_from_the_template() {
     named(&objects, "Service", "cellmail-cell-cell-9");
 }
 
+/// The Secret a volume of pod `template` mounted at `dir` in `container` holds.
+fn mounted_secret<'a>(template: &'a Value, container: &Value, dir: &str) -> Option<&'a str> {
+    let mount = items(&container["volumeMounts"])
+        .iter()
+        .find(|m| m["mountPath"] == dir)?;
+    let volume = items(&template["spec"]["volumes"])
+        .iter()
+        .find(|v| v["name"] == mount["name"])?;
+    volume["secret"]["secretName"].as_str()
+}
+
+#[test]
+fn the_control_plane_and_every_cell_read_the_dkim_key_encryption_keys_from_one_secret() {
+    let objects = objects();
+    let mut readers = BTreeSet::new();
+    for (workload, template) in pod_templates(&objects) {
+        for container in items(&template["spec"]["containers"]) {
+            let binary = container["command"][0].as_str().unwrap();
+            if !["cellmail-control", "cellmail-cell"].contains(&binary) {
+                continue;
+            }
+            let file = env_value(container, "CELLMAIL_DKIM_KEY_FILE")
+                .unwrap_or_else(|| panic!("{workload}: no CELLMAIL_DKIM_KEY_FILE"));
+            let (dir, key) = file.rsplit_once('/').unwrap();
+            assert_eq!(key, "keys", "{workload}: the Secret's key");
+            assert_eq!(
+                mounted_secret(template, container, dir),
+                Some("cellmail-dkim"),
+                "{workload}"
+            );
+            readers.insert(binary);
+        }
+    }
+    assert_eq!(
+        readers,
+        BTreeSet::from(["cellmail-cell", "cellmail-control"])
+    );
+}
+
 /// The value of `container`'s env variable `name`.
 fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
     items(&container["env"])
@@ -469,15 +508,8 @@ fn every_process_presents_the_certificate_of_its_own_role_from_the_platform_ca()
                 Some(&*format!("{dir}/ca.crt"))
             );
             assert_eq!(cert, format!("{dir}/tls.crt"), "{workload}");
-            let mount = items(&container["volumeMounts"])
-                .iter()
-                .find(|m| m["mountPath"] == dir)
-                .unwrap_or_else(|| panic!("{workload}: nothing mounted at {dir}"));
-            let volume = items(&template["spec"]["volumes"])
-                .iter()
-                .find(|v| v["name"] == mount["name"])
-                .unwrap();
-            let secret = volume["secret"]["secretName"].as_str().unwrap();
+            let secret = mounted_secret(template, container, dir)
+                .unwrap_or_else(|| panic!("{workload}: no Secret mounted at {dir}"));
             let certificate = of_kind(&objects, "Certificate")
                 .into_iter()
                 .find(|c| c["spec"]["secretName"] == secret)

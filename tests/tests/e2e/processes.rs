@@ -980,6 +980,35 @@ async fn on_ses_with_tenants_a_paused_ses_tenant_is_held_alone_and_released_with
     // SES has it; the cell records it as sent once SES has answered.
     cell.until_state(0, &held, "SENT").await;
     assert!(cell.paused(0).await.is_empty());
+
+    // Offboarding the neighbour removes its SES tenant and configuration set; the first
+    // tenant's stay.
+    let neighbour = cell.tenants[1].0.clone();
+    let mut control = cell.control.clone();
+    let suspend = v1::SuspendTenantRequest {
+        tenant_id: neighbour.clone(),
+        reason: "offboarding".into(),
+    };
+    control.suspend_tenant(suspend).await.unwrap();
+    let delete = v1::DeleteTenantRequest {
+        tenant_id: neighbour.clone(),
+        reason: "offboarding".into(),
+    };
+    until_ok(Duration::from_secs(20), || {
+        let (mut control, delete) = (control.clone(), delete.clone());
+        async move { control.delete_tenant(delete).await }
+    })
+    .await
+    .unwrap();
+    assert!(cell.ses.tenant(&neighbour).is_none());
+    assert!(cell.ses.tenant(&cell.tenants[0].0).is_some());
+    let set = (cell.ses().await)
+        .get_configuration_set()
+        .configuration_set_name(format!("cellmail-{neighbour}"))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(set.into_service_error().is_not_found_exception());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
