@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use cellmail_proto::{MessageClass, TenantId};
 use cellmail_registry::catalog::WatchedCatalog;
 use cellmail_registry::dkim::{self, DkimKeys};
-use cellmail_registry::schema::{DkimKey, IdentityRecord, Tier};
+use cellmail_registry::schema::{DkimKey, IdentityRecord, TenantStatus, Tier};
 
 use crate::breaker::{Gate, PREMIUM_WEIGHT};
 use crate::mailer::{DkimSigning, Identity, Setup};
@@ -21,6 +21,8 @@ pub struct Directory {
     /// Keys opened already, by domain and selector: a send asks for its From domain's, and
     /// opening one (AES-GCM and base64) each time would put that on every delivery.
     opened: Mutex<HashMap<(String, String), DkimSigning>>,
+    /// Held by a sweep while it sets a tenant up, and by offboarding while it removes one.
+    setting_up: tokio::sync::Mutex<()>,
 }
 
 impl Directory {
@@ -29,7 +31,20 @@ impl Directory {
             catalog,
             dkim,
             opened: Mutex::default(),
+            setting_up: tokio::sync::Mutex::default(),
         }
+    }
+
+    /// One sweep's setup or one offboarding's removal at a time: each checks the tenant's
+    /// status under it, so a sweep that listed a tenant before it was suspended does not set
+    /// up again what its offboarding removed.
+    pub async fn one_at_a_time(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.setting_up.lock().await
+    }
+
+    /// The tenant's status, `None` when the catalog does not have it.
+    pub fn status(&self, tenant: &TenantId) -> Option<TenantStatus> {
+        self.catalog.read().tenants.get(tenant).map(|t| t.status)
     }
 
     pub fn catalog(&self) -> &WatchedCatalog {

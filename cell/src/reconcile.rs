@@ -1,6 +1,6 @@
 //! The mail transport's own view of the cell's tenants, asked again every interval
 //! ([`Mailer::reconcile_every`]; `--ses-reconcile-secs` for SES), starting when the cell
-//! starts. Each tenant placed here is provisioned ([`Mailer::prepare`]: a tenant created
+//! starts. Each active tenant placed here is provisioned ([`Mailer::prepare`]: a tenant created
 //! here gets its configuration set and identities without waiting for its first send; what
 //! exists already is not asked for again). The transport's events about pauses are
 //! best-effort, so a pause is noticed here even when its event was lost: a tenant the
@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cellmail_proto::{CellId, TenantId};
+use cellmail_registry::schema::TenantStatus;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breakers;
@@ -61,10 +62,17 @@ impl Reconcile {
             Ok(_) => {}
         }
         for tenant in tenants {
+            // A suspended tenant is left alone: it sends nothing, and its offboarding may be
+            // removing what it had on the transport.
+            let one = self.directory.one_at_a_time().await;
+            if self.directory.status(&tenant) != Some(TenantStatus::Active) {
+                continue;
+            }
             let setup = self.directory.setup(&tenant);
             if let Err(err) = self.mailer.prepare(&tenant, &setup).await {
                 tracing::warn!(%tenant, cell = %self.cell, error = %err, "provisioning the tenant with the transport; trying again at its first send or the next sweep");
             }
+            drop(one);
             if account.is_err() {
                 continue;
             }

@@ -58,8 +58,8 @@ impl CellApi {
         request: Request<v1::TenantDataRequest>,
     ) -> Result<v1::EraseTenantResponse, ApiError> {
         let tenant = TenantId::from_field("tenant_id", request.into_inner().tenant_id)?;
-        let status = self.catalog.read().tenants.get(&tenant).map(|t| t.status);
-        if status == Some(TenantStatus::Active) {
+        let _one = self.directory.one_at_a_time().await;
+        if self.directory.status(&tenant) == Some(TenantStatus::Active) {
             return Err(ApiError::FailedPrecondition(format!(
                 "tenant {tenant} is active: suspend it before its data is erased"
             )));
