@@ -34,7 +34,7 @@ enum Duty {
 fn duty(method: &str) -> Option<Duty> {
     Some(match method {
         "Accept" | "GetMessage" | "ListSuppressions" | "AddSuppression" | "RemoveSuppression"
-        | "GetStats" => Duty::Serve,
+        | "GetStats" | "ListEvents" => Duty::Serve,
         "ProvisionTenant" | "PrepareTenant" | "ExportTenant" | "ImportTenant" | "TenantBacklog"
         | "ExportTenantData" | "EraseTenant" | "GetHealthReport" => Duty::Operate,
         "ForwardFeedback" => Duty::Forward,

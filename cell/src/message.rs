@@ -67,6 +67,7 @@ impl Message {
             recipients,
             events: Vec::new(),
             accepted_at_ms: self.accepted_at_ms,
+            tags: self.tags.clone(),
         }
     }
 
@@ -186,6 +187,9 @@ pub struct MessageRecord {
     pub recipients: Vec<RecipientOutcome>,
     pub events: Vec<MessageEvent>,
     pub accepted_at_ms: u64,
+    /// The send's tags, which its events carry.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
 }
 
 /// Messages for tests: a plain one that each test changes where it matters.

@@ -310,6 +310,26 @@ impl Sender for SenderApi {
         .await
     }
 
+    async fn list_events(
+        &self,
+        request: Request<v1::ListEventsRequest>,
+    ) -> Result<Response<v1::ListEventsResponse>, Status> {
+        let span = telemetry::call_span("list_events", tenant_of(&request));
+        traced(span, async move {
+            let (tenant, deadline) = context(&request, Scope::Read)?;
+            let request = request.into_inner();
+            self.on_cell(&tenant, None, |mut cell, caller| {
+                let call = v1::CellListEventsRequest {
+                    caller: Some(caller),
+                    request: Some(request.clone()),
+                };
+                async move { cell.list_events(forwarded(call, deadline)).await }
+            })
+            .await
+        })
+        .await
+    }
+
     async fn add_suppression(
         &self,
         request: Request<v1::AddSuppressionRequest>,

@@ -8,6 +8,7 @@
 //! the `Cell` impl here only turns their errors into gRPC statuses.
 //!
 //! - `serve`: what routers call: accepts, messages, the suppression list, stats.
+//! - `events`: what routers call for a tenant's event log.
 //! - `provision`: what the control plane calls when it places a tenant here or the tenant
 //!   adds or checks a domain: its mail transport's setup and view of each domain.
 //! - `moves`: what the control plane calls to move a tenant here or away: prepare, export,
@@ -16,6 +17,7 @@
 //! - `health`: the cell's health report, which a rollout's gate asks for.
 //! - `feedback`: what other cells call: feedback they forward to the tenant's serving cell.
 
+mod events;
 mod feedback;
 mod health;
 mod moves;
@@ -119,6 +121,7 @@ cell! {
     add_suppression(v1::CellAddSuppressionRequest) -> v1::Suppression;
     remove_suppression(v1::CellRemoveSuppressionRequest) -> v1::RemoveSuppressionResponse;
     get_stats(v1::CellGetStatsRequest) -> v1::GetStatsResponse;
+    list_events(v1::CellListEventsRequest) -> v1::ListEventsResponse;
 
     provision_tenant(v1::ProvisionTenantRequest) -> v1::ProvisionTenantResponse;
     prepare_tenant(v1::PrepareTenantRequest) -> v1::PrepareTenantResponse;

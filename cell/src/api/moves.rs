@@ -16,7 +16,7 @@ use super::CellApi;
 use super::serve::suppression;
 use crate::commit::StorageError;
 use crate::message::MessageRecord;
-use crate::store::{self, HandOver, Store, Suppressed, TenantExport};
+use crate::store::{self, HandOver, Store, Suppressed, TenantEvent, TenantExport};
 
 /// Entries per chunk of a tenant's export.
 const EXPORT_CHUNK: usize = 1000;
@@ -39,7 +39,7 @@ pub(super) fn message_pages(
 /// Runs `work` on a blocking thread: reads and encodings that walk a tenant's state (a
 /// move's copies) would otherwise hold an async thread, and every other tenant's calls on
 /// it, for as long as they take.
-async fn off_thread<T: Send + 'static>(
+pub(super) async fn off_thread<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work)
@@ -186,6 +186,20 @@ fn import_messages(
                 ));
             }
             Ok((record, stored.written_ms))
+        })
+        .collect()
+}
+
+/// Exported events back into the store's form.
+fn import_events(stored: Vec<v1::StoredEvent>) -> Result<Vec<(TenantEvent, u64)>, ApiError> {
+    stored
+        .into_iter()
+        .enumerate()
+        .map(|(i, stored)| {
+            let event: TenantEvent = serde_json::from_slice(&stored.event).map_err(|e| {
+                ApiError::invalid(format!("chunk.events[{i}].event"), e.to_string())
+            })?;
+            Ok((event, stored.written_ms))
         })
         .collect()
 }
@@ -349,6 +363,22 @@ impl CellApi {
                             ..Default::default()
                         })
                         .collect();
+                    // Its events follow its records.
+                    let events = (store.written_events(&tenant, request.since_ms))
+                        .map_err(ApiError::from)?;
+                    chunks.extend(events.chunks(EXPORT_CHUNK).map(|events| {
+                        v1::TenantChunk {
+                            events: events
+                                .iter()
+                                .map(|(event, written_ms)| v1::StoredEvent {
+                                    event: serde_json::to_vec(event).unwrap_or_default(),
+                                    written_ms: *written_ms,
+                                })
+                                .collect(),
+                            as_of_ms,
+                            ..Default::default()
+                        }
+                    }));
                     // The tenant's figures follow its records, so that its stats, daily cap
                     // and breakers go on from them on the target.
                     let figures: Vec<_> = store
@@ -417,12 +447,13 @@ impl CellApi {
         let mut chunk = request
             .chunk
             .ok_or_else(|| ApiError::invalid("chunk", "is required"))?;
-        let (messages, figures, export) = {
+        let (messages, events, figures, export) = {
             let tenant = tenant.clone();
             off_thread(move || {
                 let messages = import_messages(&tenant, std::mem::take(&mut chunk.messages))?;
+                let events = import_events(std::mem::take(&mut chunk.events))?;
                 let figures = figures_from_wire(std::mem::take(&mut chunk.figures))?;
-                Ok((messages, figures, import_chunk(chunk)?))
+                Ok((messages, events, figures, import_chunk(chunk)?))
             })
             .await?
         };
@@ -436,6 +467,12 @@ impl CellApi {
         if !messages.is_empty() {
             self.store
                 .import_messages(&tenant, messages)
+                .await
+                .map_err(ApiError::from)?;
+        }
+        if !events.is_empty() {
+            self.store
+                .import_events(&tenant, events)
                 .await
                 .map_err(ApiError::from)?;
         }

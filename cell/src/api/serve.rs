@@ -108,7 +108,7 @@ fn send_response(accepted: Accepted) -> v1::SendResponse {
     }
 }
 
-fn class_to_wire(class: MessageClass) -> i32 {
+pub(super) fn class_to_wire(class: MessageClass) -> i32 {
     let wire = match class {
         MessageClass::Transactional => v1::MessageClass::Transactional,
         MessageClass::Marketing => v1::MessageClass::Marketing,

@@ -5,6 +5,7 @@
 use cellmail_proto::{MessageClass, MessageId, TenantId};
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
+use super::events;
 use super::figures::{self, Counts};
 use super::idempotency::{self, Reservation};
 use super::queue::{self, QueueWrite, Staged};
@@ -55,6 +56,7 @@ pub(super) fn restate(
         record.events.push(event.clone());
         messages.insert(id, json(&record).as_slice()).map_err(err)?;
         written_now(&mut t.recent_messages, &record.tenant, id)?;
+        events::log(t, &record, std::slice::from_ref(event))?;
     }
     Ok(())
 }
@@ -81,11 +83,12 @@ fn add_events(
     if new.is_empty() {
         return Ok(Recorded::Duplicate);
     }
-    record.events.extend(new);
+    record.events.extend(new.iter().cloned());
     t.messages
         .insert(id.as_str(), json(&record).as_slice())
         .map_err(err)?;
     written_now(&mut t.recent_messages, tenant, &id)?;
+    events::log(t, &record, &new)?;
     Ok(Recorded::New)
 }
 
@@ -158,6 +161,7 @@ pub(super) fn accepted(
                 .insert((record.tenant.as_str(), id.as_str()), ())
                 .map_err(err)?;
         }
+        events::log_accepted(t, &record)?;
     }
     if let Some(staged) = queued {
         queue::apply(&mut t.queued, QueueWrite::Insert(staged))?;
@@ -205,12 +209,12 @@ pub(super) fn outcome(
             .map_err(err)?;
     }
     record.state = state;
-    record.events.push(event);
+    record.events.push(event.clone());
     t.messages
         .insert(id.as_str(), json(&record).as_slice())
         .map_err(err)?;
     written_now(&mut t.recent_messages, &record.tenant, &id)?;
-    Ok(())
+    events::log(t, &record, &[event])
 }
 
 /// Adds a feedback record's events to `tenant`'s message and counts its `counts`, unless

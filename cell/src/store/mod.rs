@@ -30,6 +30,7 @@
 //!
 //! - `idempotency`: keys, their reservations and answers.
 //! - `messages`: message records, the backlog index, bodies too large for the queue.
+//! - `events`: each tenant's event log, written with the message records' steps.
 //! - `suppressions`: each tenant's suppression list.
 //! - `figures`: stats and breaker windows, and the figures carried from other cells.
 //! - `held`: mail parked outside the queue, and mail held by a breaker.
@@ -43,6 +44,7 @@ use cellmail_proto::{Epoch, MessageClass, MessageId, TenantId};
 use redb::{Database, ReadTransaction, ReadableDatabase, TableDefinition, WriteTransaction};
 use serde::{Serialize, de::DeserializeOwned};
 
+mod events;
 mod figures;
 mod held;
 mod idempotency;
@@ -53,6 +55,7 @@ mod suppressions;
 #[cfg(test)]
 mod tests;
 
+pub use events::{EventCursor, EventFilter, EventType, TenantEvent};
 pub use figures::{Carried, Counts, Figures, STATS_HOURS, WINDOW_MINUTES};
 pub use held::Parked;
 pub use idempotency::{IDEMPOTENCY_WINDOW, Reservation, readable_key_record};
@@ -112,6 +115,8 @@ const HANDED_OVER: TableDefinition<&str, (u64, u64)> = TableDefinition::new("han
 /// that epoch: it wrote nothing of the tenant's own from that stay before then, so a move
 /// straight back to the cell that handed it over copies only what was written here since
 const TAKEN_OVER: TableDefinition<&str, (u64, u64)> = TableDefinition::new("take_overs");
+/// (tenant, when it was written, event id) -> JSON `TenantEvent` (see `events`)
+const EVENTS: TableDefinition<(&str, u64, &str), &[u8]> = TableDefinition::new("events");
 
 type Recent<'t> = redb::Table<'t, (&'static str, u64, &'static str), ()>;
 type CarriedTable<'t> =
@@ -137,6 +142,7 @@ struct Tables<'t> {
     recent_messages: Recent<'t>,
     handed_over: redb::Table<'t, &'static str, (u64, u64)>,
     taken_over: redb::Table<'t, &'static str, (u64, u64)>,
+    events: redb::Table<'t, (&'static str, u64, &'static str), &'static [u8]>,
     /// The embedded queue's messages.
     queued: Queued<'t>,
 }
@@ -160,6 +166,7 @@ impl<'t> Tables<'t> {
             recent_messages: txn.open_table(RECENT_MESSAGES).map_err(err)?,
             handed_over: txn.open_table(HANDED_OVER).map_err(err)?,
             taken_over: txn.open_table(TAKEN_OVER).map_err(err)?,
+            events: txn.open_table(EVENTS).map_err(err)?,
             queued: txn.open_table(QUEUED).map_err(err)?,
         })
     }
@@ -243,6 +250,11 @@ enum Write {
         tenant: TenantId,
         records: Vec<(MessageRecord, u64)>,
     },
+    /// Events another cell logged for a tenant that moved here, each with when it did.
+    ImportEvents {
+        tenant: TenantId,
+        events: Vec<(TenantEvent, u64)>,
+    },
     /// Figures other cells counted for a tenant that moved here.
     Carry {
         tenant: TenantId,
@@ -310,6 +322,7 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
             at_ms,
         } => held::hold(t, &tenant, class, at_ms).map(Found),
         Write::Carry { tenant, rows } => figures::carry(t, &tenant, &rows).map(done),
+        Write::ImportEvents { tenant, events } => events::import(t, &tenant, &events).map(done),
         Write::Import { tenant, export } => moves::import(t, &tenant, &export).map(done),
         Write::ImportMessages { tenant, records } => {
             moves::import_messages(t, &tenant, &records).map(done)

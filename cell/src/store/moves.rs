@@ -9,6 +9,7 @@ use cellmail_proto::clock::HOUR_MS;
 use cellmail_proto::{Epoch, MessageId, TenantId, suppression_key};
 use redb::ReadableTable;
 
+use super::events::TenantEvent;
 use super::idempotency::{IDEMPOTENCY_WINDOW, KeyRecord};
 use super::suppressions::Suppressed;
 use super::{
@@ -110,6 +111,7 @@ pub(super) fn forget(t: &mut Tables, tenant: &TenantId) -> Result<(), StorageErr
 /// Drops everything of `tenant`.
 pub(super) fn erase(t: &mut Tables, tenant: &TenantId) -> Result<(), StorageError> {
     forget(t, tenant)?;
+    super::events::erase(t, tenant)?;
     let (tenant, past) = (tenant.as_str(), past(tenant));
     let mine = (tenant, "")..(past.as_str(), "");
     for row in t.tenant_messages.range(mine.clone()).map_err(err)? {
@@ -357,6 +359,26 @@ impl Store {
             .map(|part| Write::ImportMessages {
                 tenant: tenant.clone(),
                 records: part.to_vec(),
+            })
+            .collect();
+        self.writes
+            .submit_many(writes, Commit::Bulk)
+            .await
+            .map(|_| ())
+    }
+
+    /// Writes (durably) events another cell logged of a tenant that moved here, each with
+    /// when that cell wrote it.
+    pub async fn import_events(
+        &self,
+        tenant: &TenantId,
+        events: Vec<(TenantEvent, u64)>,
+    ) -> Result<(), StorageError> {
+        let writes = events
+            .chunks(BULK_PART)
+            .map(|part| Write::ImportEvents {
+                tenant: tenant.clone(),
+                events: part.to_vec(),
             })
             .collect();
         self.writes

@@ -7,7 +7,7 @@ use cellmail_proto::clock::HOUR_MS;
 use cellmail_proto::{MessageClass, SuppressionReason, now_ms, suppression_key};
 
 use super::*;
-use crate::message::{EventKind, RecipientOutcome};
+use crate::message::{EventKind, MessageEvent, RecipientOutcome};
 
 fn accepted(id: MessageId) -> Accepted {
     Accepted {
@@ -28,7 +28,96 @@ fn record(id: MessageId, tenant: &TenantId) -> MessageRecord {
         recipients: accepted(id).recipients,
         events: Vec::new(),
         accepted_at_ms: 1,
+        tags: [("campaign".to_owned(), "fall".to_owned())].into(),
     }
+}
+
+#[tokio::test]
+async fn each_step_of_a_message_is_logged_once_for_its_tenant_and_read_in_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store.redb")).unwrap();
+    let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
+    let id = MessageId::generate();
+    let mut first = record(id, &a);
+    first.recipients.push(RecipientOutcome {
+        address: "gone@example.com".into(),
+        suppressed: Some((
+            SuppressionReason::Bounce,
+            cellmail_proto::SuppressionScope::Tenant,
+        )),
+    });
+    store
+        .accepted(None, accepted(id), first, None, 1)
+        .await
+        .unwrap();
+    store
+        .record_outcome(
+            record(id, &a),
+            MessageState::Sent,
+            event(EventKind::Sent, 2, ""),
+        )
+        .await
+        .unwrap();
+    let bounce = MessageEvent {
+        recipient: Some("a@example.com".into()),
+        ..event(EventKind::Bounce, 3, "Permanent/General: 550 5.1.1")
+    };
+    for _ in 0..2 {
+        store
+            .record_feedback(&a, Some(id), vec![bounce.clone()], None)
+            .await
+            .unwrap();
+    }
+    // Another tenant's feedback on a's message is not a's event, nor b's.
+    store
+        .record_feedback(&b, Some(id), vec![event(EventKind::Complaint, 4, "")], None)
+        .await
+        .unwrap();
+    let all = EventFilter::default();
+    let (events, next) = store.events(&a, &all, None, 10).unwrap();
+    assert_eq!(next, None);
+    let kinds: Vec<_> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["accepted", "suppressed", "sent", "bounced"]);
+    assert!(events.iter().all(|e| e.message_id == id.to_string()));
+    assert!(events.iter().all(|e| e.tags["campaign"] == "fall"));
+    assert_eq!(events[1].recipient.as_deref(), Some("gone@example.com"));
+    assert_eq!(events[3].detail, "Permanent/General: 550 5.1.1");
+    assert!(store.events(&b, &all, None, 10).unwrap().0.is_empty());
+
+    // Pages of one go on where the last stopped; filters pick by type and recipient.
+    let mut after = None;
+    let mut paged = Vec::new();
+    loop {
+        let (page, next) = store.events(&a, &all, after.as_ref(), 1).unwrap();
+        paged.extend(page);
+        match next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(paged, events);
+    let bounced = EventFilter {
+        types: vec![EventType::Bounced, EventType::Suppressed],
+        recipient: Some("A@EXAMPLE.COM".into()),
+        ..EventFilter::default()
+    };
+    let (found, _) = store.events(&a, &bounced, None, 10).unwrap();
+    assert_eq!(found, events[3..].to_vec());
+    let later = EventFilter {
+        from_ms: 3,
+        ..EventFilter::default()
+    };
+    assert_eq!(store.events(&a, &later, None, 10).unwrap().0.len(), 1);
+
+    // A copy of the log imports once however often it comes; erasing drops it.
+    let other = Store::open(&dir.path().join("other.redb")).unwrap();
+    for _ in 0..2 {
+        let written = store.written_events(&a, 0).unwrap();
+        other.import_events(&a, written).await.unwrap();
+    }
+    assert_eq!(other.events(&a, &all, None, 10).unwrap().0, events);
+    store.erase(&a).await.unwrap();
+    assert!(store.events(&a, &all, None, 10).unwrap().0.is_empty());
 }
 
 #[tokio::test]

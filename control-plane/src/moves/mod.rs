@@ -499,6 +499,7 @@ impl Mover {
                 && chunk.removed_suppressions.is_empty()
                 && chunk.idempotency.is_empty()
                 && chunk.messages.is_empty()
+                && chunk.events.is_empty()
                 && chunk.figures.is_empty()
             {
                 continue;

@@ -130,6 +130,13 @@ impl Sender for PassThrough {
     ) -> Result<tonic::Response<v1::GetStatsResponse>, tonic::Status> {
         Err(only_send())
     }
+
+    async fn list_events(
+        &self,
+        _: tonic::Request<v1::ListEventsRequest>,
+    ) -> Result<tonic::Response<v1::ListEventsResponse>, tonic::Status> {
+        Err(only_send())
+    }
 }
 
 fn only_send() -> tonic::Status {

@@ -741,6 +741,11 @@ async fn a_key_does_only_what_its_scopes_allow_until_it_expires() {
         .await
         .unwrap_err();
     assert_eq!(stats.code(), tonic::Code::PermissionDenied);
+    let events = sender
+        .list_events(authorized(&send_only, v1::ListEventsRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(events.code(), tonic::Code::PermissionDenied);
     let add = v1::AddSuppressionRequest {
         address: "x@example.com".into(),
         reason: 0,
@@ -760,6 +765,17 @@ async fn a_key_does_only_what_its_scopes_allow_until_it_expires() {
         get_message(&sender, &readers, &sent.message_id)
             .await
             .is_ok()
+    );
+    let listed = sender
+        .list_events(authorized(&readers, v1::ListEventsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed
+            .events
+            .iter()
+            .any(|e| e.message_id == sent.message_id)
     );
     sender
         .add_suppression(authorized(&readers, add))

@@ -2,6 +2,7 @@
 mod breakers;
 mod catalog;
 mod cli;
+mod events;
 mod identities;
 mod isolation;
 mod manifests;

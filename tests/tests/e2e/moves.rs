@@ -581,6 +581,14 @@ async fn a_late_bounce_at_the_old_cell_suppresses_the_address_in_the_new_one() {
     assert_eq!(listed[0].address, "gone@dest.example");
     assert_eq!(listed[0].message_id, sent.message_id);
 
+    // Its events followed it: the send's steps on cell-a and the late bounce, each once.
+    let events = crate::events::all_events(&d.sender, &moved, Default::default()).await;
+    let steps: Vec<(&str, &str)> = (events.iter())
+        .map(|e| (e.r#type.as_str(), e.message_id.as_str()))
+        .collect();
+    let id = sent.message_id.as_str();
+    assert_eq!(steps, [("accepted", id), ("sent", id), ("bounced", id)]);
+
     let again = d
         .send(
             &moved,

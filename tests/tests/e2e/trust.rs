@@ -32,13 +32,14 @@ enum For {
     Cell,
 }
 
-const METHODS: [(&str, For); 15] = [
+const METHODS: [(&str, For); 16] = [
     ("Accept", For::Router),
     ("GetMessage", For::Router),
     ("ListSuppressions", For::Router),
     ("AddSuppression", For::Router),
     ("RemoveSuppression", For::Router),
     ("GetStats", For::Router),
+    ("ListEvents", For::Router),
     ("ProvisionTenant", For::Control),
     ("PrepareTenant", For::Control),
     ("ExportTenant", For::Control),
@@ -271,6 +272,13 @@ impl Victim {
                 .provision_tenant(v1::ProvisionTenantRequest {
                     tenant_id: tenant_id(),
                     revision: 0,
+                })
+                .await
+                .map(drop),
+            "ListEvents" => client
+                .list_events(v1::CellListEventsRequest {
+                    caller: self.caller(),
+                    request: Some(v1::ListEventsRequest::default()),
                 })
                 .await
                 .map(drop),
