@@ -52,6 +52,9 @@ pub struct UpArgs {
     /// Default: `<data-dir>/dkim-keys`, made on the first run.
     #[command(flatten)]
     dkim: cellmail_registry::dkim::DkimKeyFile,
+    /// Loopback is always allowed, over plain http:// too: a developer's receiver runs there.
+    #[command(flatten)]
+    webhooks: cellmail_cell::webhooks::WebhookConfig,
 }
 
 /// Where `up` keeps the key that seals domains' DKIM keys, made on the first run.
@@ -135,6 +138,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             release: None,
             fault_send_failure_ratio: 0.0,
             dkim: dkim.clone(),
+            webhooks: args.webhooks.with_loopback(),
         };
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
         let tls = tls(Role::Cell(id.clone()))?;

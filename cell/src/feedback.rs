@@ -364,12 +364,7 @@ impl Ingest {
         endpoint: &str,
     ) -> anyhow::Result<()> {
         self.store
-            .record_feedback(
-                &feedback.tenant,
-                feedback.message_id,
-                feedback.events(),
-                None,
-            )
+            .note_forwarded(&feedback.tenant, feedback.message_id, feedback.events())
             .await?;
         let request = ForwardFeedbackRequest {
             record: record.to_vec(),

@@ -47,6 +47,7 @@ pub mod reconcile;
 pub mod store;
 pub mod telemetry;
 pub mod validation;
+pub mod webhooks;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -119,6 +120,8 @@ pub struct CellConfig {
     /// The keys that open the tenants' domains' DKIM keys, as the control plane's.
     #[command(flatten)]
     pub dkim: cellmail_registry::dkim::DkimKeyFile,
+    #[command(flatten)]
+    pub webhooks: webhooks::WebhookConfig,
 }
 
 impl CellConfig {
@@ -358,6 +361,16 @@ pub async fn run(
         CellChannels::new(tls.clone()),
     ));
     let ingesting = tokio::spawn(ingest.clone().run(shutdown.clone()));
+    let poster = Arc::new(webhooks::Poster::new(config.webhooks.guard())?);
+    let dispatching = {
+        let dispatcher = webhooks::Dispatcher::new(
+            config.id.to_string(),
+            store.clone(),
+            poster.clone(),
+            &config.webhooks,
+        );
+        tokio::spawn(Arc::new(dispatcher).run(shutdown.clone()))
+    };
     // No workers: accept and queue only (intake too stays off, so nothing is taken in).
     let mut workers: Vec<_> = (0..config.workers)
         .map(|_| tokio::spawn(worker.clone().run(shutdown.clone())))
@@ -391,6 +404,7 @@ pub async fn run(
         ingest,
         health: cell_health,
         release: config.release().to_owned(),
+        poster,
     };
     // A message of up to SES's size, and a router's over-size refusal of one is its own.
     let api = CellServer::new(api).max_decoding_message_size(cellmail_proto::size::decode_limit(
@@ -413,6 +427,7 @@ pub async fn run(
         worker.await?;
     }
     ingesting.await?;
+    dispatching.await?;
     publish.await?;
     if let Some(reconciling) = reconciling {
         reconciling.await?;

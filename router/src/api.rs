@@ -254,6 +254,43 @@ fn cell_unavailable(status: &Status) -> bool {
     ) || std::error::Error::source(status).is_some()
 }
 
+/// The calls of Sender's that manage webhook endpoints, each one kind of the cell's one call.
+type WebhookCall = v1::cell_webhooks_request::Call;
+
+impl SenderApi {
+    /// Forwards one of Sender's webhook calls (`name`) to the tenant's cell as `as_call`.
+    async fn webhooks<T: Send>(
+        &self,
+        name: &'static str,
+        request: Request<T>,
+        as_call: fn(T) -> WebhookCall,
+    ) -> Result<v1::WebhooksResponse, Status> {
+        let span = telemetry::call_span(name, tenant_of(&request));
+        traced(span, async move {
+            let (tenant, deadline) = context(&request, Scope::Webhooks)?;
+            let call = as_call(request.into_inner());
+            self.on_cell(&tenant, None, |mut cell, caller| {
+                let request = v1::CellWebhooksRequest {
+                    caller: Some(caller),
+                    call: Some(call.clone()),
+                };
+                async move { cell.webhooks(forwarded(request, deadline)).await }
+            })
+            .await
+        })
+        .await
+        .map(Response::into_inner)
+    }
+}
+
+/// The one endpoint a webhook call answered about, and its secret when it made one.
+fn webhook_secret(answer: v1::WebhooksResponse) -> Response<v1::WebhookSecret> {
+    Response::new(v1::WebhookSecret {
+        webhook: answer.webhooks.into_iter().next(),
+        secret: answer.secret,
+    })
+}
+
 #[tonic::async_trait]
 impl Sender for SenderApi {
     async fn send(
@@ -328,6 +365,80 @@ impl Sender for SenderApi {
             .await
         })
         .await
+    }
+
+    async fn create_webhook(
+        &self,
+        request: Request<v1::CreateWebhookRequest>,
+    ) -> Result<Response<v1::WebhookSecret>, Status> {
+        let answer = self
+            .webhooks("create_webhook", request, WebhookCall::Create)
+            .await?;
+        Ok(webhook_secret(answer))
+    }
+
+    async fn list_webhooks(
+        &self,
+        request: Request<v1::ListWebhooksRequest>,
+    ) -> Result<Response<v1::ListWebhooksResponse>, Status> {
+        let answer = self
+            .webhooks("list_webhooks", request, WebhookCall::List)
+            .await?;
+        Ok(Response::new(v1::ListWebhooksResponse {
+            webhooks: answer.webhooks,
+        }))
+    }
+
+    async fn update_webhook(
+        &self,
+        request: Request<v1::UpdateWebhookRequest>,
+    ) -> Result<Response<v1::Webhook>, Status> {
+        let answer = self
+            .webhooks("update_webhook", request, WebhookCall::Update)
+            .await?;
+        let webhook = answer.webhooks.into_iter().next().unwrap_or_default();
+        Ok(Response::new(webhook))
+    }
+
+    async fn delete_webhook(
+        &self,
+        request: Request<v1::WebhookRequest>,
+    ) -> Result<Response<v1::DeleteWebhookResponse>, Status> {
+        self.webhooks("delete_webhook", request, WebhookCall::Delete)
+            .await?;
+        Ok(Response::new(v1::DeleteWebhookResponse {}))
+    }
+
+    async fn test_webhook(
+        &self,
+        request: Request<v1::WebhookRequest>,
+    ) -> Result<Response<v1::WebhookDelivery>, Status> {
+        let answer = self
+            .webhooks("test_webhook", request, WebhookCall::Test)
+            .await?;
+        Ok(Response::new(answer.delivery.unwrap_or_default()))
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        request: Request<v1::RotateWebhookSecretRequest>,
+    ) -> Result<Response<v1::WebhookSecret>, Status> {
+        let answer = self
+            .webhooks("rotate_webhook_secret", request, WebhookCall::Rotate)
+            .await?;
+        Ok(webhook_secret(answer))
+    }
+
+    async fn replay_webhook(
+        &self,
+        request: Request<v1::ReplayWebhookRequest>,
+    ) -> Result<Response<v1::ReplayWebhookResponse>, Status> {
+        let answer = self
+            .webhooks("replay_webhook", request, WebhookCall::Replay)
+            .await?;
+        Ok(Response::new(v1::ReplayWebhookResponse {
+            queued: answer.queued,
+        }))
     }
 
     async fn add_suppression(

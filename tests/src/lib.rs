@@ -11,6 +11,7 @@ pub mod emulator;
 pub mod local;
 pub mod pki;
 pub mod processes;
+pub mod receiver;
 pub mod services;
 pub mod ses_standin;
 

@@ -9,6 +9,7 @@
 //!
 //! - `serve`: what routers call: accepts, messages, the suppression list, stats.
 //! - `events`: what routers call for a tenant's event log.
+//! - `webhooks`: what routers call for a tenant's webhook endpoints.
 //! - `provision`: what the control plane calls when it places a tenant here or the tenant
 //!   adds or checks a domain: its mail transport's setup and view of each domain.
 //! - `moves`: what the control plane calls to move a tenant here or away: prepare, export,
@@ -24,6 +25,7 @@ mod moves;
 mod offboard;
 mod provision;
 mod serve;
+mod webhooks;
 
 // Public for the send path bench, whose client threads run on idle CPU only.
 pub use moves::lower_priority;
@@ -55,6 +57,8 @@ pub struct CellApi {
     pub health: Arc<Health>,
     /// The release this process runs.
     pub release: String,
+    /// What posts to webhook endpoints (a test delivery; the URL policy).
+    pub poster: Arc<crate::webhooks::Poster>,
 }
 
 impl CellApi {
@@ -122,6 +126,7 @@ cell! {
     remove_suppression(v1::CellRemoveSuppressionRequest) -> v1::RemoveSuppressionResponse;
     get_stats(v1::CellGetStatsRequest) -> v1::GetStatsResponse;
     list_events(v1::CellListEventsRequest) -> v1::ListEventsResponse;
+    webhooks(v1::CellWebhooksRequest) -> v1::WebhooksResponse;
 
     provision_tenant(v1::ProvisionTenantRequest) -> v1::ProvisionTenantResponse;
     prepare_tenant(v1::PrepareTenantRequest) -> v1::PrepareTenantResponse;

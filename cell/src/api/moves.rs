@@ -160,10 +160,23 @@ fn import_chunk(chunk: v1::TenantChunk) -> Result<TenantExport, ApiError> {
             Ok(key)
         })
         .collect::<Result<_, _>>()?;
+    let webhooks = match chunk.webhooks_included {
+        false => None,
+        true => Some(
+            (chunk.webhooks.iter().enumerate())
+                .map(|(i, bytes)| {
+                    serde_json::from_slice(bytes).map_err(|e| {
+                        ApiError::invalid(format!("chunk.webhooks[{i}]"), e.to_string())
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    };
     Ok(TenantExport {
         suppressions,
         removed_suppressions,
         idempotency,
+        webhooks,
     })
 }
 
@@ -263,10 +276,17 @@ fn export_chunks(export: TenantExport, as_of_ms: u64) -> Vec<v1::TenantChunk> {
         }
     }));
     // Removals are few (made by hand, within seconds of the pre-copy): one chunk, and always
-    // one, so the receiver learns `as_of_ms` even when there is nothing to copy.
+    // one, so the receiver learns `as_of_ms` even when there is nothing to copy. The
+    // endpoints, few too, go with it.
+    let webhooks = export.webhooks.unwrap_or_default();
     chunks.push(v1::TenantChunk {
         removed_suppressions: export.removed_suppressions,
         as_of_ms,
+        webhooks: webhooks
+            .iter()
+            .map(|w| serde_json::to_vec(w).unwrap_or_default())
+            .collect(),
+        webhooks_included: true,
         ..Default::default()
     });
     chunks

@@ -147,14 +147,18 @@ impl TenantEvent {
     }
 }
 
-/// Appends `events` to their tenant's log, each written now.
+/// Appends `events` to their tenant's log, each written now, and queues them for the
+/// tenant's webhook endpoints.
 fn append(t: &mut Tables, events: &[TenantEvent], tenant: &TenantId) -> Result<(), StorageError> {
+    if events.is_empty() {
+        return Ok(());
+    }
     let written = stamp_ms();
     for event in events {
         let key = (tenant.as_str(), written, event.id.as_str());
         t.events.insert(key, json(event).as_slice()).map_err(err)?;
     }
-    Ok(())
+    super::webhooks::queue(t, tenant, events, written)
 }
 
 /// Logs `steps`, just recorded on `record`.

@@ -61,12 +61,14 @@ pub(super) fn restate(
     Ok(())
 }
 
-/// Adds those of `events` that `tenant`'s message `id` does not have yet to it.
+/// Adds those of `events` that `tenant`'s message `id` does not have yet to it (and, with
+/// `log`, to the tenant's event log).
 fn add_events(
     t: &mut Tables,
     tenant: &TenantId,
     id: MessageId,
     events: Vec<MessageEvent>,
+    log: bool,
 ) -> Result<Recorded, StorageError> {
     let id = id.to_string();
     let found: Option<MessageRecord> = match t.messages.get(id.as_str()).map_err(err)? {
@@ -88,7 +90,9 @@ fn add_events(
         .insert(id.as_str(), json(&record).as_slice())
         .map_err(err)?;
     written_now(&mut t.recent_messages, tenant, &id)?;
-    events::log(t, &record, &new)?;
+    if log {
+        events::log(t, &record, &new)?;
+    }
     Ok(Recorded::New)
 }
 
@@ -225,9 +229,10 @@ pub(super) fn feedback(
     message_id: Option<MessageId>,
     events: Vec<MessageEvent>,
     counts: Option<(MessageClass, u64, Counts)>,
+    log: bool,
 ) -> Result<Recorded, StorageError> {
     let recorded = match message_id {
-        Some(id) => add_events(t, tenant, id, events)?,
+        Some(id) => add_events(t, tenant, id, events, log)?,
         None => Recorded::NoMessage,
     };
     if recorded != Recorded::Duplicate
@@ -318,6 +323,7 @@ impl Store {
             message_id,
             events,
             counts,
+            log: true,
         };
         match self.writes.submit(write, Commit::Durable).await? {
             Written::Feedback(recorded) => Ok(recorded),
@@ -325,6 +331,24 @@ impl Store {
                 "a feedback write answered like another".into(),
             )),
         }
+    }
+
+    /// Records feedback's events on `tenant`'s message here only, as this cell forwards it
+    /// to the cell that serves the tenant now, which counts them and logs them.
+    pub async fn note_forwarded(
+        &self,
+        tenant: &TenantId,
+        message_id: Option<MessageId>,
+        events: Vec<MessageEvent>,
+    ) -> Result<(), StorageError> {
+        let write = Write::Feedback {
+            tenant: tenant.clone(),
+            message_id,
+            events,
+            counts: None,
+            log: false,
+        };
+        self.writes.submit(write, Commit::Durable).await.map(|_| ())
     }
 
     /// `tenant`'s message `id`; `None` when it does not exist or is another tenant's.

@@ -31,6 +31,7 @@
 //! - `idempotency`: keys, their reservations and answers.
 //! - `messages`: message records, the backlog index, bodies too large for the queue.
 //! - `events`: each tenant's event log, written with the message records' steps.
+//! - `webhooks`: each tenant's webhook endpoints, the deliveries they owe, their logs.
 //! - `suppressions`: each tenant's suppression list.
 //! - `figures`: stats and breaker windows, and the figures carried from other cells.
 //! - `held`: mail parked outside the queue, and mail held by a breaker.
@@ -54,6 +55,7 @@ mod queue;
 mod suppressions;
 #[cfg(test)]
 mod tests;
+mod webhooks;
 
 pub use events::{EventCursor, EventFilter, EventType, TenantEvent};
 pub use figures::{Carried, Counts, Figures, STATS_HOURS, WINDOW_MINUTES};
@@ -64,6 +66,7 @@ pub use moves::{HandOver, TenantExport};
 pub(crate) use queue::QueueWrite;
 pub use queue::{Slot, Staged};
 pub use suppressions::Suppressed;
+pub use webhooks::{Attempt, Due, Endpoint, LOGGED_ATTEMPTS, Outcome, Pending, Secret};
 
 use crate::commit::{Commit, GroupCommit, StorageError, stamp_ms};
 use crate::message::{Accepted, MessageEvent, MessageRecord, MessageState};
@@ -117,6 +120,13 @@ const HANDED_OVER: TableDefinition<&str, (u64, u64)> = TableDefinition::new("han
 const TAKEN_OVER: TableDefinition<&str, (u64, u64)> = TableDefinition::new("take_overs");
 /// (tenant, when it was written, event id) -> JSON `TenantEvent` (see `events`)
 const EVENTS: TableDefinition<(&str, u64, &str), &[u8]> = TableDefinition::new("events");
+/// (tenant, endpoint id) -> JSON `Endpoint` (see `webhooks`)
+const WEBHOOKS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("webhooks");
+/// (due at, tenant, endpoint id, event id) -> JSON `Pending`
+const OUTBOX: TableDefinition<(u64, &str, &str, &str), &[u8]> = TableDefinition::new("outbox");
+/// (tenant, endpoint id, attempted at, event id) -> JSON `Attempt`
+const DELIVERIES: TableDefinition<(&str, &str, u64, &str), &[u8]> =
+    TableDefinition::new("deliveries");
 
 type Recent<'t> = redb::Table<'t, (&'static str, u64, &'static str), ()>;
 type CarriedTable<'t> =
@@ -143,6 +153,9 @@ struct Tables<'t> {
     handed_over: redb::Table<'t, &'static str, (u64, u64)>,
     taken_over: redb::Table<'t, &'static str, (u64, u64)>,
     events: redb::Table<'t, (&'static str, u64, &'static str), &'static [u8]>,
+    webhooks: redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
+    outbox: redb::Table<'t, (u64, &'static str, &'static str, &'static str), &'static [u8]>,
+    deliveries: CarriedTable<'t>,
     /// The embedded queue's messages.
     queued: Queued<'t>,
 }
@@ -167,6 +180,9 @@ impl<'t> Tables<'t> {
             handed_over: txn.open_table(HANDED_OVER).map_err(err)?,
             taken_over: txn.open_table(TAKEN_OVER).map_err(err)?,
             events: txn.open_table(EVENTS).map_err(err)?,
+            webhooks: txn.open_table(WEBHOOKS).map_err(err)?,
+            outbox: txn.open_table(OUTBOX).map_err(err)?,
+            deliveries: txn.open_table(DELIVERIES).map_err(err)?,
             queued: txn.open_table(QUEUED).map_err(err)?,
         })
     }
@@ -197,6 +213,9 @@ enum Write {
         message_id: Option<MessageId>,
         events: Vec<MessageEvent>,
         counts: Option<(MessageClass, u64, Counts)>,
+        /// Whether the events go to the tenant's log too (not when the cell that serves the
+        /// tenant logs them).
+        log: bool,
     },
     Suppress {
         tenant: TenantId,
@@ -255,6 +274,25 @@ enum Write {
         tenant: TenantId,
         events: Vec<(TenantEvent, u64)>,
     },
+    PutWebhook {
+        tenant: TenantId,
+        endpoint: Endpoint,
+    },
+    DeleteWebhook {
+        tenant: TenantId,
+        id: String,
+    },
+    Attempted {
+        due: Due,
+        outcome: Outcome,
+        attempt: Attempt,
+    },
+    Replay {
+        tenant: TenantId,
+        endpoint: Endpoint,
+        range: (u64, u64),
+        now_ms: u64,
+    },
     /// Figures other cells counted for a tenant that moved here.
     Carry {
         tenant: TenantId,
@@ -277,6 +315,8 @@ enum Written {
     Feedback(Recorded),
     /// Whether the write found what it was about (a message, a suppression).
     Found(bool),
+    /// How many things it wrote.
+    Count(u32),
 }
 
 /// Applies one write in the batch's transaction: each kind's logic lives with its domain.
@@ -306,7 +346,8 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
             message_id,
             events,
             counts,
-        } => messages::feedback(t, &tenant, message_id, events, counts).map(Feedback),
+            log,
+        } => messages::feedback(t, &tenant, message_id, events, counts, log).map(Feedback),
         Write::PutBody { message_id, body } => messages::put_body(t, message_id, &body).map(done),
         Write::DropBody { message_id } => messages::drop_body(t, message_id).map(Found),
         Write::Suppress { tenant, entry } => suppressions::suppress(t, &tenant, &entry).map(done),
@@ -323,6 +364,19 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
         } => held::hold(t, &tenant, class, at_ms).map(Found),
         Write::Carry { tenant, rows } => figures::carry(t, &tenant, &rows).map(done),
         Write::ImportEvents { tenant, events } => events::import(t, &tenant, &events).map(done),
+        Write::PutWebhook { tenant, endpoint } => webhooks::put(t, &tenant, &endpoint).map(done),
+        Write::DeleteWebhook { tenant, id } => webhooks::remove(t, &tenant, &id).map(Found),
+        Write::Attempted {
+            due,
+            outcome,
+            attempt,
+        } => webhooks::attempted(t, &due, &outcome, &attempt).map(done),
+        Write::Replay {
+            tenant,
+            endpoint,
+            range,
+            now_ms,
+        } => webhooks::replay(t, &tenant, &endpoint, range, now_ms).map(Written::Count),
         Write::Import { tenant, export } => moves::import(t, &tenant, &export).map(done),
         Write::ImportMessages { tenant, records } => {
             moves::import_messages(t, &tenant, &records).map(done)

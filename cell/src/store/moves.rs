@@ -12,6 +12,7 @@ use redb::ReadableTable;
 use super::events::TenantEvent;
 use super::idempotency::{IDEMPOTENCY_WINDOW, KeyRecord};
 use super::suppressions::Suppressed;
+use super::webhooks::Endpoint;
 use super::{
     HANDED_OVER, IDEMPOTENCY, MESSAGES, RECENT, RECENT_MESSAGES, RECENT_SUPPRESSIONS, SUPPRESSIONS,
     Store, TAKEN_OVER, TENANT_MESSAGES, Tables, Write, err, json, parse, past, written_recently,
@@ -32,6 +33,8 @@ pub struct TenantExport {
     pub removed_suppressions: Vec<String>,
     /// (idempotency key, the store's record of it), live ones only.
     pub idempotency: Vec<(String, Vec<u8>)>,
+    /// The tenant's webhook endpoints, all of them (`None`: not part of this copy).
+    pub webhooks: Option<Vec<Endpoint>>,
 }
 
 /// A tenant's hand-over from this cell to another: what this cell keeps of it is current as
@@ -59,6 +62,9 @@ pub(super) fn import(
         suppressions
             .remove((tenant.as_str(), key.as_str()))
             .map_err(err)?;
+    }
+    if let Some(endpoints) = &export.webhooks {
+        super::webhooks::replace(t, tenant, endpoints)?;
     }
     // Indexed so that a move on from here carries them further: a completed key as
     // when it was reserved (its old cell's clock; the copies that start from another
@@ -112,6 +118,7 @@ pub(super) fn forget(t: &mut Tables, tenant: &TenantId) -> Result<(), StorageErr
 pub(super) fn erase(t: &mut Tables, tenant: &TenantId) -> Result<(), StorageError> {
     forget(t, tenant)?;
     super::events::erase(t, tenant)?;
+    super::webhooks::erase(t, tenant)?;
     let (tenant, past) = (tenant.as_str(), past(tenant));
     let mine = (tenant, "")..(past.as_str(), "");
     for row in t.tenant_messages.range(mine.clone()).map_err(err)? {
@@ -256,6 +263,8 @@ impl Store {
                 export.idempotency.push((key, row.value().to_vec()));
             }
         }
+        drop((suppressions, idempotency, read));
+        export.webhooks = Some(self.webhooks(tenant)?);
         Ok((as_of_ms, export))
     }
 
@@ -270,6 +279,7 @@ impl Store {
             suppressions,
             removed_suppressions,
             idempotency,
+            webhooks,
         } = export;
         // In parts: a key is either listed or removed, so their order does not matter.
         let listed = suppressions.chunks(BULK_PART).map(|part| TenantExport {
@@ -280,10 +290,12 @@ impl Store {
             idempotency: part.to_vec(),
             ..TenantExport::default()
         });
-        let removed = (!removed_suppressions.is_empty()).then(|| TenantExport {
-            removed_suppressions,
-            ..TenantExport::default()
-        });
+        let removed =
+            (!removed_suppressions.is_empty() || webhooks.is_some()).then(|| TenantExport {
+                removed_suppressions,
+                webhooks,
+                ..TenantExport::default()
+            });
         let writes = (listed.chain(keys).chain(removed))
             .map(|export| Write::Import {
                 tenant: tenant.clone(),

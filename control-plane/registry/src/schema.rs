@@ -588,14 +588,21 @@ impl ApiKeyRecord {
 pub enum Scope {
     /// `Send`.
     Send,
-    /// `GetMessage`, `GetStats`, `ListSuppressions`.
+    /// `GetMessage`, `GetStats`, `ListSuppressions`, `ListEvents`.
     Read,
     /// `AddSuppression`, `RemoveSuppression`.
     Suppressions,
+    /// The webhook endpoints: create, list, update, delete, test, rotate, replay.
+    Webhooks,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 3] = [Scope::Send, Scope::Read, Scope::Suppressions];
+    pub const ALL: [Scope; 4] = [
+        Scope::Send,
+        Scope::Read,
+        Scope::Suppressions,
+        Scope::Webhooks,
+    ];
 
     pub fn all() -> Vec<Scope> {
         Self::ALL.to_vec()
@@ -606,6 +613,7 @@ impl Scope {
             Scope::Send => "send",
             Scope::Read => "read",
             Scope::Suppressions => "suppressions",
+            Scope::Webhooks => "webhooks",
         }
     }
 
@@ -620,7 +628,7 @@ impl std::str::FromStr for Scope {
         Scope::ALL
             .into_iter()
             .find(|scope| scope.as_str() == s)
-            .ok_or_else(|| "is not a scope: send, read or suppressions".to_owned())
+            .ok_or_else(|| "is not a scope: send, read, suppressions or webhooks".to_owned())
     }
 }
 

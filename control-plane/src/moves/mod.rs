@@ -501,6 +501,7 @@ impl Mover {
                 && chunk.messages.is_empty()
                 && chunk.events.is_empty()
                 && chunk.figures.is_empty()
+                && !chunk.webhooks_included
             {
                 continue;
             }

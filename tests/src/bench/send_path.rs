@@ -82,65 +82,53 @@ struct PassThrough {
     cell: CellClient<Channel>,
 }
 
-#[tonic::async_trait]
-impl Sender for PassThrough {
-    async fn send(
-        &self,
-        request: tonic::Request<v1::SendRequest>,
-    ) -> Result<tonic::Response<v1::SendResponse>, tonic::Status> {
-        let accept = v1::AcceptRequest {
-            tenant_id: TENANT.into(),
-            epoch: 1,
-            message: Some(request.into_inner()),
-        };
-        self.cell.clone().accept(accept).await
-    }
+/// Implements `Sender` for the pass-through proxy: `send` forwarded, every other method
+/// answered UNIMPLEMENTED. One macro emits the whole impl because `async_trait` must see the
+/// generated methods.
+macro_rules! forwards_send_only {
+    ($($rpc:ident($request:ty) -> $response:ty;)*) => {
+        #[tonic::async_trait]
+        impl Sender for PassThrough {
+            async fn send(
+                &self,
+                request: tonic::Request<v1::SendRequest>,
+            ) -> Result<tonic::Response<v1::SendResponse>, tonic::Status> {
+                let accept = v1::AcceptRequest {
+                    tenant_id: TENANT.into(),
+                    epoch: 1,
+                    message: Some(request.into_inner()),
+                };
+                self.cell.clone().accept(accept).await
+            }
 
-    async fn get_message(
-        &self,
-        _: tonic::Request<v1::GetMessageRequest>,
-    ) -> Result<tonic::Response<v1::MessageStatus>, tonic::Status> {
-        Err(only_send())
-    }
-
-    async fn list_suppressions(
-        &self,
-        _: tonic::Request<v1::ListSuppressionsRequest>,
-    ) -> Result<tonic::Response<v1::ListSuppressionsResponse>, tonic::Status> {
-        Err(only_send())
-    }
-
-    async fn add_suppression(
-        &self,
-        _: tonic::Request<v1::AddSuppressionRequest>,
-    ) -> Result<tonic::Response<v1::Suppression>, tonic::Status> {
-        Err(only_send())
-    }
-
-    async fn remove_suppression(
-        &self,
-        _: tonic::Request<v1::RemoveSuppressionRequest>,
-    ) -> Result<tonic::Response<v1::RemoveSuppressionResponse>, tonic::Status> {
-        Err(only_send())
-    }
-
-    async fn get_stats(
-        &self,
-        _: tonic::Request<v1::GetStatsRequest>,
-    ) -> Result<tonic::Response<v1::GetStatsResponse>, tonic::Status> {
-        Err(only_send())
-    }
-
-    async fn list_events(
-        &self,
-        _: tonic::Request<v1::ListEventsRequest>,
-    ) -> Result<tonic::Response<v1::ListEventsResponse>, tonic::Status> {
-        Err(only_send())
-    }
+            $(
+                async fn $rpc(
+                    &self,
+                    _: tonic::Request<$request>,
+                ) -> Result<tonic::Response<$response>, tonic::Status> {
+                    Err(tonic::Status::unimplemented(
+                        "the bench's pass-through proxy forwards Send only",
+                    ))
+                }
+            )*
+        }
+    };
 }
 
-fn only_send() -> tonic::Status {
-    tonic::Status::unimplemented("the bench's pass-through proxy forwards Send only")
+forwards_send_only! {
+    get_message(v1::GetMessageRequest) -> v1::MessageStatus;
+    list_suppressions(v1::ListSuppressionsRequest) -> v1::ListSuppressionsResponse;
+    add_suppression(v1::AddSuppressionRequest) -> v1::Suppression;
+    remove_suppression(v1::RemoveSuppressionRequest) -> v1::RemoveSuppressionResponse;
+    get_stats(v1::GetStatsRequest) -> v1::GetStatsResponse;
+    list_events(v1::ListEventsRequest) -> v1::ListEventsResponse;
+    create_webhook(v1::CreateWebhookRequest) -> v1::WebhookSecret;
+    list_webhooks(v1::ListWebhooksRequest) -> v1::ListWebhooksResponse;
+    update_webhook(v1::UpdateWebhookRequest) -> v1::Webhook;
+    delete_webhook(v1::WebhookRequest) -> v1::DeleteWebhookResponse;
+    test_webhook(v1::WebhookRequest) -> v1::WebhookDelivery;
+    rotate_webhook_secret(v1::RotateWebhookSecretRequest) -> v1::WebhookSecret;
+    replay_webhook(v1::ReplayWebhookRequest) -> v1::ReplayWebhookResponse;
 }
 
 #[derive(Clone)]
@@ -337,6 +325,7 @@ pub(super) fn start_cell(
         release: None,
         fault_send_failure_ratio: 0.0,
         dkim: Default::default(),
+        webhooks: Default::default(),
     };
     let tls = crate::pki::tls(&Role::Cell(config.id.clone()))?;
     let cell = {

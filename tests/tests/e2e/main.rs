@@ -17,3 +17,4 @@ mod send_path;
 mod ses;
 mod telemetry;
 mod trust;
+mod webhooks;

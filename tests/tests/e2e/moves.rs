@@ -534,10 +534,23 @@ async fn a_late_bounce_at_the_old_cell_suppresses_the_address_in_the_new_one() {
         .to_string()
         .to_lowercase();
     let queues = format!("m{}-", &unique[16..]);
-    let mut d = deployed::Deployment::start("late-bounce", &[], &deployed::sqs(&queues)).await;
+    let mut both = deployed::sqs(&queues);
+    both.extend(["--webhook-allow-cidr=127.0.0.0/8", "--webhook-allow-http"].map(String::from));
+    let mut d = deployed::Deployment::start("late-bounce", &[], &both).await;
     let (moved_id, other_id) = (format!("l{unique}"), format!("o{unique}"));
     let moved = tenant(&mut d.control, &moved_id, "cell-a").await;
     let other = tenant(&mut d.control, &other_id, "cell-a").await;
+    // Its webhook endpoint, made on cell-a, follows it.
+    let receiver = cellmail_tests::receiver::Receiver::start().await.unwrap();
+    let create = v1::CreateWebhookRequest {
+        url: receiver.url("/moved"),
+        ..Default::default()
+    };
+    let hook = (d.sender.clone())
+        .create_webhook(authorized(&moved, create))
+        .await
+        .unwrap()
+        .into_inner();
     let gone = "gone@dest.example";
     let sent = d
         .send(
@@ -588,6 +601,35 @@ async fn a_late_bounce_at_the_old_cell_suppresses_the_address_in_the_new_one() {
         .collect();
     let id = sent.message_id.as_str();
     assert_eq!(steps, [("accepted", id), ("sent", id), ("bounced", id)]);
+
+    // And so did its endpoint: every event reached it (the send's from cell-a, the bounce
+    // from cell-b), each under its event's id, signed with the one secret.
+    let hooks = (d.sender.clone())
+        .list_webhooks(authorized(&moved, v1::ListWebhooksRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhooks;
+    assert_eq!(hooks.len(), 1);
+    assert_eq!(hooks[0].id, hook.webhook.unwrap().id);
+    let delivered = wait_for(
+        Duration::from_secs(20),
+        "the moved tenant's webhooks",
+        || {
+            let got = receiver.got("/moved");
+            let ids: std::collections::BTreeSet<String> =
+                got.iter().map(|d| d.id.clone()).collect();
+            (ids.len() >= 3).then_some((got, ids))
+        },
+    )
+    .await
+    .unwrap();
+    let logged: std::collections::BTreeSet<String> = events.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(
+        delivered.1, logged,
+        "the events as logged, none lost or made up"
+    );
+    assert!((delivered.0.iter()).all(|d| cellmail_tests::receiver::verify(d, &hook.secret)));
 
     let again = d
         .send(

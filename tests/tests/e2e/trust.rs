@@ -32,7 +32,7 @@ enum For {
     Cell,
 }
 
-const METHODS: [(&str, For); 16] = [
+const METHODS: [(&str, For); 17] = [
     ("Accept", For::Router),
     ("GetMessage", For::Router),
     ("ListSuppressions", For::Router),
@@ -40,6 +40,7 @@ const METHODS: [(&str, For); 16] = [
     ("RemoveSuppression", For::Router),
     ("GetStats", For::Router),
     ("ListEvents", For::Router),
+    ("Webhooks", For::Router),
     ("ProvisionTenant", For::Control),
     ("PrepareTenant", For::Control),
     ("ExportTenant", For::Control),
@@ -279,6 +280,15 @@ impl Victim {
                 .list_events(v1::CellListEventsRequest {
                     caller: self.caller(),
                     request: Some(v1::ListEventsRequest::default()),
+                })
+                .await
+                .map(drop),
+            "Webhooks" => client
+                .webhooks(v1::CellWebhooksRequest {
+                    caller: self.caller(),
+                    call: Some(v1::cell_webhooks_request::Call::List(
+                        v1::ListWebhooksRequest {},
+                    )),
                 })
                 .await
                 .map(drop),

@@ -1,0 +1,210 @@
+//! Where a webhook may go: `https://` URLs whose host resolves only to public addresses, so
+//! that a tenant cannot make the cell call into the platform's own network (its metadata
+//! service, a private range, loopback). An operator's allowlist (`--webhook-allow-cidr`)
+//! names the ranges it lets through anyway, and `--webhook-allow-http` lets plain `http://`
+//! reach those ranges only (what `cellmail up` does for loopback). Checked when an endpoint
+//! is saved, and again at each delivery by the resolver the delivery connects through (DNS
+//! can change), so the address checked is the address connected to.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use hyper::Uri;
+use hyper_util::client::legacy::connect::dns::Name;
+use ipnet::IpNet;
+
+/// The operator's exceptions to the address policy.
+#[derive(Debug, Clone, Default)]
+pub struct Guard {
+    pub allow: Vec<IpNet>,
+    pub allow_http: bool,
+}
+
+/// Why `ip` is not a public address, or `None` when it is.
+fn private(ip: IpAddr) -> Option<&'static str> {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            if v4.is_loopback() {
+                Some("loopback")
+            } else if v4.octets() == [169, 254, 169, 254] {
+                Some("the cloud metadata service")
+            } else if v4.is_link_local() {
+                Some("link-local")
+            } else if v4.is_private() || (a == 100 && (64..128).contains(&b)) {
+                Some("private")
+            } else if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || a == 0 {
+                Some("not a host's")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if first & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if first & 0xfe00 == 0xfc00 {
+                Some("private")
+            } else if v6.is_unspecified() || v6.is_multicast() {
+                Some("not a host's")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+impl Guard {
+    /// Whether the cell may connect to `ip`, or why not.
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), String> {
+        match private(ip) {
+            Some(why) if !self.allow.iter().any(|net| net.contains(&ip)) => Err(format!(
+                "{ip} is {why}: refused unless the operator allows it"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `url` parsed when it is one the cell may deliver to as far as the URL alone says (its
+    /// scheme, and its address when it is one); the host's addresses are checked as it
+    /// resolves ([`Guard::resolve`]).
+    pub fn check_url(&self, url: &str) -> Result<Uri, String> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("{} is not a URL: {e}", cellmail_proto::error::quote(url)))?;
+        let host = uri.host().ok_or("has no host")?;
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err("may not carry credentials".into());
+        }
+        let literal = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok();
+        if let Some(ip) = literal {
+            self.check_ip(ip)?;
+        }
+        match uri.scheme_str() {
+            Some("https") => Ok(uri),
+            Some("http") if self.allow_http && literal.is_some_and(|ip| self.allowed(ip)) => {
+                Ok(uri)
+            }
+            Some("http") if self.allow_http => {
+                Err("plain http:// is only for addresses the operator allows, by address".into())
+            }
+            _ => Err("must be an https:// URL".into()),
+        }
+    }
+
+    fn allowed(&self, ip: IpAddr) -> bool {
+        self.allow.iter().any(|net| net.contains(&ip))
+    }
+
+    /// `host`'s addresses, every one checked: one the cell may not connect to refuses the
+    /// whole host.
+    pub async fn resolve(&self, host: &str) -> Result<Vec<SocketAddr>, String> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
+            .await
+            .map_err(|e| format!("{host} does not resolve: {e}"))?
+            .collect();
+        for addr in &addrs {
+            self.check_ip(addr.ip())
+                .map_err(|why| format!("{host} resolves to {why}"))?;
+        }
+        Ok(addrs)
+    }
+}
+
+/// The resolver a delivery connects through: [`Guard::resolve`].
+#[derive(Clone)]
+pub struct Resolver(pub Guard);
+
+impl tower_service::Service<Name> for Resolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let guard = self.0.clone();
+        Box::pin(async move {
+            let addrs = guard
+                .resolve(name.as_str())
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok(addrs.into_iter())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_loopback_link_local_and_metadata_addresses_are_refused_unless_allowed() {
+        let guard = Guard::default();
+        for ip in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "172.16.4.4",
+            "192.168.1.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "169.254.1.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:10.0.0.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(guard.check_ip(ip).is_err(), "{ip}");
+        }
+        for ip in ["93.184.216.34", "2606:4700::1111"] {
+            assert!(guard.check_ip(ip.parse().unwrap()).is_ok(), "{ip}");
+        }
+        let metadata = guard.check_ip("169.254.169.254".parse().unwrap());
+        assert!(metadata.unwrap_err().contains("metadata"));
+        let loopback = Guard {
+            allow: vec!["127.0.0.0/8".parse().unwrap()],
+            allow_http: true,
+        };
+        assert!(loopback.check_ip("127.0.0.1".parse().unwrap()).is_ok());
+        assert!(loopback.check_ip("10.0.0.1".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn urls_are_https_unless_plain_http_goes_to_an_allowed_address() {
+        let guard = Guard::default();
+        assert!(guard.check_url("https://hooks.example.com/x").is_ok());
+        for bad in [
+            "http://hooks.example.com/x",
+            "ftp://hooks.example.com",
+            "https://user:pw@hooks.example.com",
+            "https://10.0.0.1/x",
+            "https://[::1]:8443/x",
+            "hooks.example.com/x",
+        ] {
+            assert!(guard.check_url(bad).is_err(), "{bad}");
+        }
+        let local = Guard {
+            allow: vec!["127.0.0.0/8".parse().unwrap()],
+            allow_http: true,
+        };
+        assert!(local.check_url("http://127.0.0.1:9000/hook").is_ok());
+        assert!(local.check_url("http://hooks.example.com/x").is_err());
+        assert!(local.check_url("http://10.0.0.1/x").is_err());
+    }
+}
