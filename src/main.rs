@@ -26,6 +26,7 @@ mod rollout;
 mod send;
 mod suppression;
 mod tenant;
+mod tracking;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -63,6 +64,8 @@ enum Command {
     Operator(operator::OperatorArgs),
     /// Certificates for the platform's processes from a local CA (mutual TLS between them).
     Certs(certs::CertsArgs),
+    /// The keys that sign engagement links: rotate-key.
+    Tracking(tracking::TrackingArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,5 +98,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollout(args) => rollout::run(args).await,
         Command::Operator(args) => operator::run(args).await,
         Command::Certs(args) => certs::run(args),
+        Command::Tracking(args) => tracking::run(args).await,
     }
 }

@@ -145,6 +145,13 @@ struct PolicyArgs {
     /// none | standard | strict (default standard).
     #[arg(long, default_value = "")]
     ses_reputation_policy: String,
+    /// Classes whose html mail gets an open pixel and tracked links (repeatable:
+    /// transactional, marketing; none by default).
+    #[arg(long = "track")]
+    tracked_classes: Vec<String>,
+    /// Transactional mail carries List-Unsubscribe too (marketing mail always does).
+    #[arg(long)]
+    unsubscribe_transactional: bool,
 }
 
 impl From<PolicyArgs> for v1::TenantPolicy {
@@ -158,6 +165,8 @@ impl From<PolicyArgs> for v1::TenantPolicy {
             breaker_min_volume: p.breaker_min_volume,
             breaker_window_minutes: p.breaker_window_minutes,
             ses_reputation_policy: p.ses_reputation_policy,
+            tracked_classes: p.tracked_classes,
+            unsubscribe_transactional: p.unsubscribe_transactional,
         }
     }
 }

@@ -46,6 +46,14 @@ pub struct UpArgs {
     /// Address of the Control API.
     #[arg(long, env = "CELLMAIL_CONTROL_ADDR", default_value = "127.0.0.1:50052")]
     control_addr: SocketAddr,
+    /// Address of the tracking host (open pixels, tracked links, unsubscribe URLs), which
+    /// the links in the mail `up` writes point at.
+    #[arg(
+        long,
+        env = "CELLMAIL_TRACKING_ADDR",
+        default_value = "127.0.0.1:50080"
+    )]
+    tracking_addr: SocketAddr,
     /// The DNS server `cellmail tenant domain verify` asks (`ip:port`); default: the system's.
     #[arg(long, env = "CELLMAIL_DNS_RESOLVER")]
     dns_resolver: Option<SocketAddr>,
@@ -105,7 +113,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let control = TcpListener::bind(args.control_addr)
         .await
         .with_context(|| format!("binding --control-addr {}", args.control_addr))?;
+    let tracking = TcpListener::bind(args.tracking_addr)
+        .await
+        .with_context(|| format!("binding --tracking-addr {}", args.tracking_addr))?;
     let (router_addr, control_addr) = (router.local_addr()?, control.local_addr()?);
+    let tracking_addr = tracking.local_addr()?;
+    let engagement = cellmail_cell::engagement::EngagementConfig {
+        base_url: Some(format!("http://{tracking_addr}")),
+        mailto: None,
+    };
     let ca = LocalCa::open_or_create(&args.data_dir.join("tls"))?;
     let tls = |role: Role| -> anyhow::Result<_> { Ok(Tls::load(ca.issue(&role, CERT_VALIDITY)?)?) };
 
@@ -139,6 +155,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             fault_send_failure_ratio: 0.0,
             dkim: dkim.clone(),
             webhooks: args.webhooks.with_loopback(),
+            engagement: engagement.clone(),
         };
         let (registry, keys, shutdown) = (registry.clone(), keys.clone(), shutdown.clone());
         let tls = tls(Role::Cell(id.clone()))?;
@@ -169,7 +186,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ));
     }
     tasks.spawn(cellmail_router::serve(
-        router,
+        (router, Some(tracking)),
         registry,
         keys,
         args.sends,
@@ -183,6 +200,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     println!("router: {router_addr}  (cellmail.v1.Sender)");
     println!("control: {control_addr}  (cellmail.v1.Control)");
+    println!("tracking: {tracking_addr}  (open pixels, tracked links, unsubscribe)");
     println!(
         "admin token: {}  (the cellmail CLI reads it from there with --data-dir {} or \
          CELLMAIL_DATA_DIR)",

@@ -34,7 +34,7 @@ enum Duty {
 fn duty(method: &str) -> Option<Duty> {
     Some(match method {
         "Accept" | "GetMessage" | "ListSuppressions" | "AddSuppression" | "RemoveSuppression"
-        | "GetStats" | "ListEvents" | "Webhooks" => Duty::Serve,
+        | "GetStats" | "ListEvents" | "Webhooks" | "RecordEngagement" => Duty::Serve,
         "ProvisionTenant" | "PrepareTenant" | "ExportTenant" | "ImportTenant" | "TenantBacklog"
         | "ExportTenantData" | "EraseTenant" | "GetHealthReport" => Duty::Operate,
         "ForwardFeedback" => Duty::Forward,

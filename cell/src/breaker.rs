@@ -5,6 +5,7 @@
 //! dropped. An operator's resume sets the breaker to resumed: delivery takes the held mail
 //! up again and the window starts over. Every trip is audited with the resume that ends it.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use cellmail_proto::clock::MINUTE_MS;
@@ -17,6 +18,7 @@ use cellmail_registry::schema::{
 };
 
 use crate::mailer::Setup;
+use crate::message::Message;
 use crate::store::{Counts, Store};
 
 /// What delivery needs to know of a tenant: whether a class of its mail is paused (such mail
@@ -27,6 +29,11 @@ pub trait Gate: Send + Sync {
     fn paused(&self, tenant: &TenantId, class: MessageClass) -> bool;
     fn weight(&self, tenant: &TenantId) -> u32;
     fn setup(&self, tenant: &TenantId, domain: &str) -> Setup;
+    /// `message` as the transport gets it: with the engagement links its tenant asks for
+    /// ([`crate::engagement`]). A gate that adds none keeps this default.
+    fn decorate<'m>(&self, message: &'m Message) -> Cow<'m, Message> {
+        Cow::Borrowed(message)
+    }
 }
 
 /// How many messages a premium tenant's lane sends per turn, to a standard tenant's one.

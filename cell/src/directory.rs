@@ -3,6 +3,7 @@
 //! domains as the mail transport is told of them, each with the domain's own DKIM key
 //! (opened with the cell's key-encryption keys, `--dkim-key-file`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -12,7 +13,9 @@ use cellmail_registry::dkim::{self, DkimKeys};
 use cellmail_registry::schema::{DkimKey, IdentityRecord, TenantStatus, Tier};
 
 use crate::breaker::{Gate, PREMIUM_WEIGHT};
+use crate::engagement::{Asks, EngagementConfig};
 use crate::mailer::{DkimSigning, Identity, Setup};
+use crate::message::Message;
 
 pub struct Directory {
     catalog: Arc<WatchedCatalog>,
@@ -23,15 +26,21 @@ pub struct Directory {
     opened: Mutex<HashMap<(String, String), DkimSigning>>,
     /// Held by a sweep while it sets a tenant up, and by offboarding while it removes one.
     setting_up: tokio::sync::Mutex<()>,
+    engagement: EngagementConfig,
 }
 
 impl Directory {
-    pub fn new(catalog: Arc<WatchedCatalog>, dkim: Option<DkimKeys>) -> Self {
+    pub fn new(
+        catalog: Arc<WatchedCatalog>,
+        dkim: Option<DkimKeys>,
+        engagement: EngagementConfig,
+    ) -> Self {
         Self {
             catalog,
             dkim,
             opened: Mutex::default(),
             setting_up: tokio::sync::Mutex::default(),
+            engagement,
         }
     }
 
@@ -102,6 +111,20 @@ impl Directory {
 }
 
 impl Gate for Directory {
+    fn decorate<'m>(&self, message: &'m Message) -> Cow<'m, Message> {
+        let catalog = self.catalog.read();
+        let Some(tenant) = catalog.tenants.get(&message.tenant) else {
+            return Cow::Borrowed(message);
+        };
+        let policy = &tenant.policy;
+        let asks = Asks {
+            tracked: policy.tracked.of(message.class),
+            unsubscribe: message.class == MessageClass::Marketing
+                || policy.unsubscribe_transactional,
+        };
+        self.engagement.decorate(message, asks, &catalog.tracking)
+    }
+
     fn paused(&self, tenant: &TenantId, class: MessageClass) -> bool {
         self.catalog.read().tripped(tenant, class).is_some()
     }

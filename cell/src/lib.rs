@@ -36,6 +36,7 @@ pub mod breaker;
 pub mod commit;
 pub mod directory;
 pub mod durable;
+pub mod engagement;
 pub mod feedback;
 pub mod fencing;
 pub mod health;
@@ -122,6 +123,8 @@ pub struct CellConfig {
     pub dkim: cellmail_registry::dkim::DkimKeyFile,
     #[command(flatten)]
     pub webhooks: webhooks::WebhookConfig,
+    #[command(flatten)]
+    pub engagement: engagement::EngagementConfig,
 }
 
 impl CellConfig {
@@ -332,6 +335,7 @@ pub async fn run(
     let directory = Arc::new(directory::Directory::new(
         catalog.clone(),
         config.dkim.load()?,
+        config.engagement.clone(),
     ));
     let worker = Arc::new(worker::Worker::new(
         config.id.clone(),

@@ -49,6 +49,9 @@ pub struct Message {
     /// its delivery continues the send's trace. Left out of the queued JSON when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// Headers the message carries beyond those the platform writes (name, value).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
 }
 
 impl Message {
@@ -148,6 +151,8 @@ pub enum EventKind {
     DeliveryDelay,
     Open,
     Click,
+    /// The recipient unsubscribed (one-click, or the confirmation page).
+    Unsubscribe,
 }
 
 impl EventKind {
@@ -165,6 +170,7 @@ impl EventKind {
             EventKind::DeliveryDelay => "DELIVERY_DELAY",
             EventKind::Open => "OPEN",
             EventKind::Click => "CLICK",
+            EventKind::Unsubscribe => "UNSUBSCRIBE",
         }
     }
 }
@@ -222,6 +228,7 @@ pub(crate) mod sample {
             tags: Default::default(),
             accepted_at_ms: 0,
             traceparent: None,
+            headers: Vec::new(),
         }
     }
 }

@@ -182,6 +182,7 @@ pub fn message_from_request(
         tags,
         accepted_at_ms: now_ms,
         traceparent: None,
+        headers: Vec::new(),
     })
 }
 

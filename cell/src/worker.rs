@@ -531,9 +531,10 @@ impl Worker {
             cellmail_proto::trace::continue_from_traceparent(&span, accept);
         }
         let setup = self.gate.setup(&message.tenant, message.from.domain());
+        let decorated = self.gate.decorate(message);
         let sent = async {
             self.mailer.prepare(&message.tenant, &setup).await?;
-            self.mailer.send(message).await
+            self.mailer.send(&decorated).await
         }
         .instrument(span)
         .await;

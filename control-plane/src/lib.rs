@@ -141,6 +141,8 @@ pub async fn serve(
         cellmail_proto::now_ms(),
     )
     .await?;
+    cellmail_registry::tracking::ensure_keys(registry.as_ref(), &keys, cellmail_proto::now_ms())
+        .await?;
     let api = auth::Authenticate::new(
         ControlServer::new(api::ControlApi::new(
             registry.clone(),

@@ -21,6 +21,7 @@ use cellmail_proto::{ApiError, TenantId};
 use cellmail_registry::catalog::WatchedCatalog;
 use cellmail_registry::channels::CellChannels;
 use cellmail_registry::schema::{PlacementState, Scope, Scopes};
+use cellmail_registry::tracking::{Action, Link};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument as _, Span};
@@ -252,6 +253,34 @@ fn cell_unavailable(status: &Status) -> bool {
         status.code(),
         tonic::Code::Unavailable | tonic::Code::Cancelled
     ) || std::error::Error::source(status).is_some()
+}
+
+impl SenderApi {
+    /// Hands an open, click or unsubscribe of `link` (verified by its signature) to the
+    /// tenant's cell.
+    pub async fn engaged(&self, link: &Link, at_ms: u64) -> Result<(), Status> {
+        let (action, url) = match &link.action {
+            Action::Open => ("open", String::new()),
+            Action::Click(url) => ("click", url.clone()),
+            Action::Unsubscribe => ("unsubscribe", String::new()),
+        };
+        self.on_cell(&link.tenant, None, |mut cell, caller| {
+            let request = v1::CellEngagementRequest {
+                caller: Some(caller),
+                message_id: link.message_id.clone(),
+                recipient: link.recipient.clone(),
+                action: action.to_owned(),
+                url: url.clone(),
+                at_ms,
+            };
+            async move {
+                cell.record_engagement(forwarded(request, DEFAULT_DEADLINE))
+                    .await
+            }
+        })
+        .await
+        .map(drop)
+    }
 }
 
 /// The calls of Sender's that manage webhook endpoints, each one kind of the cell's one call.

@@ -15,6 +15,7 @@ pub mod forward;
 pub mod oversize;
 pub mod routes;
 pub mod telemetry;
+pub mod tracking;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,6 +43,8 @@ pub struct RouterConfig {
     pub addr: SocketAddr,
     #[command(flatten)]
     pub sends: SendConfig,
+    #[command(flatten)]
+    pub tracking: tracking::TrackingConfig,
 }
 
 const DEFAULT_FREEZE_HOLD_MS: u64 = 2000;
@@ -96,10 +99,10 @@ impl SendConfig {
     }
 }
 
-/// Serves `Sender` on `listener` (over `public` TLS, if any) until `shutdown` is cancelled;
-/// calls to cells present `tls`.
+/// Serves `Sender` on `listener` (over `public` TLS, if any), and the tracking host on
+/// `tracking` when given, until `shutdown` is cancelled; calls to cells present `tls`.
 pub async fn serve(
-    listener: TcpListener,
+    (listener, tracking): (TcpListener, Option<TcpListener>),
     registry: Arc<dyn Registry>,
     keys: Keys,
     sends: SendConfig,
@@ -110,10 +113,23 @@ pub async fn serve(
         Arc::new(WatchedCatalog::<routes::Routes>::start(registry.clone(), keys.clone()).await?);
     let usage = Arc::new(auth::Usage::default());
     let usage_writer = tokio::spawn(usage.clone().write(registry, keys, shutdown.clone()));
-    let sender = api::SenderApi::new(catalog.clone(), sends, CellChannels::new(tls));
+    let sender = Arc::new(api::SenderApi::new(
+        catalog.clone(),
+        sends,
+        CellChannels::new(tls),
+    ));
+    let tracking = tracking.map(|listener| {
+        let handoff = Arc::new(tracking::Handoff::new(sender.clone()));
+        tokio::spawn(tracking::serve(
+            listener,
+            catalog.clone(),
+            handoff,
+            shutdown.clone(),
+        ))
+    });
     let api = telemetry::MarkSends(InterceptedService::new(
         oversize::RefuseOversize {
-            inner: SenderServer::new(sender)
+            inner: SenderServer::from_arc(sender)
                 .max_decoding_message_size(size::decode_limit(sends.max_message_bytes)),
             limit: sends.max_message_bytes,
         },
@@ -132,6 +148,9 @@ pub async fn serve(
     let served =
         server::serve_front(listener, public, routes, &health, &[SERVICE_NAME], shutdown).await;
     reporter.abort();
+    if let Some(tracking) = tracking {
+        tracking.await?;
+    }
     usage_writer.await?;
     Ok(served?)
 }

@@ -44,10 +44,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding --router-addr {}", args.router.addr))?;
     tracing::info!(addr = %listener.local_addr()?, "router serving");
+    let tracking = match args.router.tracking.tracking_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --tracking-addr {addr}"))?,
+        ),
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(cellmail_proto::server::stop_on_signal(shutdown.clone()));
     let keys = args.registry.keys();
     let tls = cellmail_proto::tls::Tls::load(args.tls)?;
     let tls = (tls, public);
-    cellmail_router::serve(listener, registry, keys, args.router.sends, tls, shutdown).await
+    let listeners = (listener, tracking);
+    cellmail_router::serve(listeners, registry, keys, args.router.sends, tls, shutdown).await
 }

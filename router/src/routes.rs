@@ -65,6 +65,8 @@ pub struct Routes {
     tenants: Map<TenantId, Route>,
     /// SHA-256 of an API key -> what it lets its caller do.
     api_keys: Map<String, Grant>,
+    /// The keys engagement links are signed with.
+    pub tracking: cellmail_registry::tracking::TrackingKeys,
 }
 
 /// What an API key lets its caller do: act for its tenant, within its scopes, until it
@@ -135,6 +137,7 @@ impl View for Routes {
                 });
                 self.update(id, |route| route.placement = placed);
             }
+            Some(Entity::TrackingKeys) => self.tracking = parse(key, value).unwrap_or_default(),
             Some(Entity::ApiKey(hash)) => {
                 let record: Option<ApiKeyRecord> = parse(key, value);
                 let grant = record.map(|r| Grant {

@@ -70,6 +70,8 @@ pub struct Platform {
     pub data_dir: PathBuf,
     pub router: String,
     pub control: String,
+    /// `http://host:port` of the tracking host.
+    pub tracking: String,
 }
 
 impl Platform {
@@ -93,6 +95,8 @@ impl Platform {
                 "127.0.0.1:0",
                 "--control-addr",
                 "127.0.0.1:0",
+                "--tracking-addr",
+                "127.0.0.1:0",
             ])
             .args(extra)
             .env("RUST_LOG", "warn")
@@ -110,7 +114,7 @@ impl Platform {
                 }
             }
         });
-        let (mut router, mut control) = (None, None);
+        let (mut router, mut control, mut tracking) = (None, None, None);
         loop {
             let line = rx
                 .recv_timeout(Duration::from_secs(30))
@@ -124,6 +128,8 @@ impl Platform {
                 router = addr();
             } else if line.starts_with("control:") {
                 control = addr();
+            } else if line.starts_with("tracking:") {
+                tracking = addr();
             } else if line.starts_with("ready") {
                 break;
             }
@@ -133,6 +139,7 @@ impl Platform {
             data_dir: data_dir.to_owned(),
             router: router.context("no router address printed")?,
             control: control.context("no control address printed")?,
+            tracking: tracking.context("no tracking address printed")?,
         })
     }
 
@@ -316,18 +323,27 @@ pub fn message(from: &str, to: &str, idempotency_key: &str) -> v1::SendRequest {
 /// The body of `GET http://<authority><path>`, which must answer 200 (the test services'
 /// and the binaries' plain HTTP endpoints; HTTP/1.1 with `Connection: close`).
 pub async fn http_get(authority: &str, path: &str) -> anyhow::Result<String> {
+    let (head, body) = http(authority, "GET", path).await?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    Ok(body)
+}
+
+/// One plain HTTP/1.1 request without a body: the response's head (status line and
+/// headers) and its body.
+pub async fn http(authority: &str, method: &str, path: &str) -> anyhow::Result<(String, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(authority).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
-    let response = String::from_utf8(response)?;
+    let response = String::from_utf8_lossy(&response).into_owned();
     let (head, body) = response
         .split_once("\r\n\r\n")
         .context("no HTTP header end")?;
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
-    Ok(body.to_owned())
+    Ok((head.to_owned(), body.to_owned()))
 }
 
 /// Runs `attempt` until it succeeds or `timeout` has passed (50 ms apart) and returns its last

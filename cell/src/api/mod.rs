@@ -9,6 +9,7 @@
 //!
 //! - `serve`: what routers call: accepts, messages, the suppression list, stats.
 //! - `events`: what routers call for a tenant's event log.
+//! - `engagement`: opens, clicks and unsubscribes the routers' tracking hosts took.
 //! - `webhooks`: what routers call for a tenant's webhook endpoints.
 //! - `provision`: what the control plane calls when it places a tenant here or the tenant
 //!   adds or checks a domain: its mail transport's setup and view of each domain.
@@ -18,6 +19,7 @@
 //! - `health`: the cell's health report, which a rollout's gate asks for.
 //! - `feedback`: what other cells call: feedback they forward to the tenant's serving cell.
 
+mod engagement;
 mod events;
 mod feedback;
 mod health;
@@ -127,6 +129,7 @@ cell! {
     get_stats(v1::CellGetStatsRequest) -> v1::GetStatsResponse;
     list_events(v1::CellListEventsRequest) -> v1::ListEventsResponse;
     webhooks(v1::CellWebhooksRequest) -> v1::WebhooksResponse;
+    record_engagement(v1::CellEngagementRequest) -> v1::EngagementResponse;
 
     provision_tenant(v1::ProvisionTenantRequest) -> v1::ProvisionTenantResponse;
     prepare_tenant(v1::PrepareTenantRequest) -> v1::PrepareTenantResponse;

@@ -171,6 +171,9 @@ pub(super) fn class_stats(
             rejected: counts.rejected,
             bounce_rate: rate(counts.bounced),
             complaint_rate: rate(counts.complained),
+            opened: counts.opened,
+            clicked: counts.clicked,
+            unsubscribed: counts.unsubscribed,
         });
     }
     Ok(classes)

@@ -240,6 +240,9 @@ pub fn render(message: &Message) -> Vec<u8> {
     for (name, value) in &message.tags {
         builder = builder.header(format!("X-Cellmail-Tag-{name}"), Raw::new(value.as_str()));
     }
+    for (name, value) in &message.headers {
+        builder = builder.header(name.as_str(), Raw::new(value.as_str()));
+    }
     if !message.text.is_empty() {
         builder = builder.text_body(message.text.as_str());
     }
@@ -305,6 +308,7 @@ mod tests {
             tags: [("campaign".to_owned(), "fall-2026".to_owned())].into(),
             accepted_at_ms: 1_700_000_000_000,
             traceparent: None,
+            headers: Vec::new(),
         };
         let raw = render(&message);
         let parsed = mail_parser::MessageParser::default().parse(&raw).unwrap();

@@ -51,8 +51,8 @@ use aws_sdk_sesv2::operation::send_email::SendEmailError;
 use aws_sdk_sesv2::operation::send_email::builders::SendEmailFluentBuilder;
 use aws_sdk_sesv2::types::{
     BehaviorOnMxFailure, Body, Content, Destination, DkimSigningAttributes,
-    DkimSigningAttributesOrigin, EmailContent, EventDestinationDefinition, MessageTag,
-    ReputationEntityType, SendingStatus, SnsDestination,
+    DkimSigningAttributesOrigin, EmailContent, EventDestinationDefinition, MessageHeader,
+    MessageTag, ReputationEntityType, SendingStatus, SnsDestination,
 };
 use cellmail_proto::TenantId;
 use cellmail_registry::schema::ReputationPolicy;
@@ -514,9 +514,13 @@ fn content(message: &Message) -> Result<EmailContent, BuildError> {
         .set_text(part(&message.text)?)
         .set_html(part(&message.html)?)
         .build();
+    let headers = (message.headers.iter())
+        .map(|(name, value)| MessageHeader::builder().name(name).value(value).build())
+        .collect::<Result<Vec<_>, _>>()?;
     let simple = aws_sdk_sesv2::types::Message::builder()
         .subject(text(&message.subject)?)
         .body(body)
+        .set_headers((!headers.is_empty()).then_some(headers))
         .build();
     Ok(EmailContent::builder().simple(simple).build())
 }

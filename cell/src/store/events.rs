@@ -86,6 +86,7 @@ impl EventType {
             EventKind::DeliveryDelay => EventType::DeliveryDelayed,
             EventKind::Open => EventType::Opened,
             EventKind::Click => EventType::Clicked,
+            EventKind::Unsubscribe => EventType::Unsubscribed,
         })
     }
 }

@@ -48,6 +48,13 @@ pub struct Counts {
     pub complained: u64,
     pub suppressed: u64,
     pub rejected: u64,
+    /// Opens, clicks and unsubscribes the tracking host took.
+    #[serde(default)]
+    pub opened: u64,
+    #[serde(default)]
+    pub clicked: u64,
+    #[serde(default)]
+    pub unsubscribed: u64,
 }
 
 impl Counts {
@@ -59,6 +66,9 @@ impl Counts {
         self.complained += other.complained;
         self.suppressed += other.suppressed;
         self.rejected += other.rejected;
+        self.opened += other.opened;
+        self.clicked += other.clicked;
+        self.unsubscribed += other.unsubscribed;
     }
 }
 

@@ -39,6 +39,8 @@ pub struct Catalog {
     /// Suppression key -> the operators' entry.
     pub global_suppressions: Map<String, GlobalSuppressionRecord>,
     pub breakers: Map<(TenantId, MessageClass), BreakerRecord>,
+    /// The keys that sign and verify engagement links.
+    pub tracking: crate::tracking::TrackingKeys,
 }
 
 /// A view of the registry's records, kept by [`WatchedCatalog`].
@@ -99,6 +101,7 @@ impl View for Catalog {
             Some(Entity::Breaker(tenant, class)) => {
                 upsert(&mut self.breakers, (tenant, class), parse(key, value))
             }
+            Some(Entity::TrackingKeys) => self.tracking = parse(key, value).unwrap_or_default(),
             None => {}
         }
     }

@@ -37,6 +37,7 @@ pub mod etcd;
 pub mod local;
 pub mod operators;
 pub mod schema;
+pub mod tracking;
 
 use std::time::Duration;
 

@@ -6,7 +6,8 @@
 //! `breakers/<tenant>/<class>` (a tripped or resumed breaker), `moves/<tenant>` (the tenant's
 //! latest move and the step it reached), `operations/<id>` (an evacuation or a rebalance: the
 //! moves it plans and how far it got), `operators/<sha256 of the credential>` (a named operator
-//! credential and its role) and `audit/<time>-<id>`. Values
+//! credential and its role), `tracking/keys` (the keys that sign engagement links) and
+//! `audit/<time>-<id>`. Values
 //! are JSON so an operator can read them with `etcdctl get`.
 
 use std::collections::BTreeMap;
@@ -33,6 +34,8 @@ pub enum Entity {
     /// The suppression key of a globally suppressed address.
     GlobalSuppression(String),
     Breaker(TenantId, MessageClass),
+    /// The platform's tracking keys ([`crate::tracking`]).
+    TrackingKeys,
 }
 
 impl Keys {
@@ -132,6 +135,11 @@ impl Keys {
         format!("{}rollouts/{id}", self.prefix)
     }
 
+    /// The platform's tracking keys ([`crate::tracking`]), one record.
+    pub fn tracking_keys(&self) -> String {
+        format!("{}tracking/keys", self.prefix)
+    }
+
     /// The control planes' leader election.
     pub fn election(&self) -> String {
         format!("{}election/control", self.prefix)
@@ -156,6 +164,7 @@ impl Keys {
             "placements" => TenantId::new(name).ok().map(Entity::Placement),
             "apikeys" => Some(Entity::ApiKey(name.to_owned())),
             "suppressions" => Some(Entity::GlobalSuppression(name.to_owned())),
+            "tracking" if name == "keys" => Some(Entity::TrackingKeys),
             "breakers" => {
                 let (tenant, class) = name.split_once('/')?;
                 Some(Entity::Breaker(
@@ -311,6 +320,12 @@ pub struct Policy {
     /// How SES manages the reputation of the tenant's SES tenant (cells with SES tenants on).
     #[serde(default)]
     pub ses_reputation: ReputationPolicy,
+    /// The classes whose html mail gets an open pixel and tracked links (opt-in).
+    #[serde(default)]
+    pub tracked: Tracked,
+    /// Whether transactional mail carries List-Unsubscribe too (marketing mail always does).
+    #[serde(default)]
+    pub unsubscribe_transactional: bool,
 }
 
 impl Default for Policy {
@@ -321,6 +336,24 @@ impl Default for Policy {
             daily_cap: 0,
             breaker: BreakerPolicy::default(),
             ses_reputation: ReputationPolicy::default(),
+            tracked: Tracked::default(),
+            unsubscribe_transactional: false,
+        }
+    }
+}
+
+/// Which message classes are tracked (opens and clicks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tracked {
+    pub transactional: bool,
+    pub marketing: bool,
+}
+
+impl Tracked {
+    pub fn of(self, class: MessageClass) -> bool {
+        match class {
+            MessageClass::Transactional => self.transactional,
+            MessageClass::Marketing => self.marketing,
         }
     }
 }

@@ -18,6 +18,7 @@
 //! - `rollouts`: a version's rollout, started, paused, resumed or aborted.
 //! - `audit`: the audit log.
 //! - `operators`: named operator credentials, added, listed and revoked.
+//! - `tracking`: the keys that sign engagement links, rotated.
 
 mod audit;
 mod cells;
@@ -28,6 +29,7 @@ mod operators;
 mod rollouts;
 mod suppressions;
 mod tenants;
+mod tracking;
 
 use std::sync::Arc;
 
@@ -205,4 +207,6 @@ control! {
     add_operator(v1::AddOperatorRequest) -> v1::AddOperatorResponse;
     list_operators(v1::ListOperatorsRequest) -> v1::ListOperatorsResponse;
     revoke_operator(v1::RevokeOperatorRequest) -> v1::RevokeOperatorResponse;
+
+    rotate_tracking_key(v1::RotateTrackingKeyRequest) -> v1::RotateTrackingKeyResponse;
 }

@@ -19,7 +19,7 @@ use cellmail_registry::audit;
 use cellmail_registry::catalog::Catalog;
 use cellmail_registry::schema::{
     self, ApiKeyRecord, AuditRecord, BreakerPolicy, BreakerRecord, BreakerState, PlacementRecord,
-    PlacementState, Policy, TenantRecord, TenantStatus, Tier,
+    PlacementState, Policy, TenantRecord, TenantStatus, Tier, Tracked,
 };
 use cellmail_registry::{Compare, Op};
 
@@ -436,12 +436,30 @@ fn parse_policy(wire: v1::TenantPolicy) -> Result<Policy, ApiError> {
     }
     let ses_reputation = (wire.ses_reputation_policy.parse())
         .map_err(|e: String| ApiError::invalid("policy.ses_reputation_policy", e))?;
+    let mut tracked = Tracked::default();
+    for (i, class) in wire.tracked_classes.iter().enumerate() {
+        match class.parse() {
+            Ok(MessageClass::Transactional) => tracked.transactional = true,
+            Ok(MessageClass::Marketing) => tracked.marketing = true,
+            Err(_) => {
+                return Err(ApiError::invalid(
+                    format!("policy.tracked_classes[{i}]"),
+                    format!(
+                        "{} is not a class (transactional | marketing)",
+                        quote(class)
+                    ),
+                ));
+            }
+        }
+    }
     Ok(Policy {
         rate_per_second: rate,
         burst,
         daily_cap: wire.daily_cap,
         breaker,
         ses_reputation,
+        tracked,
+        unsubscribe_transactional: wire.unsubscribe_transactional,
     })
 }
 
@@ -458,6 +476,11 @@ fn wire_policy(policy: &Policy) -> v1::TenantPolicy {
         breaker_min_volume: policy.breaker.min_volume,
         breaker_window_minutes: policy.breaker.window_minutes,
         ses_reputation_policy: policy.ses_reputation.as_str().to_owned(),
+        tracked_classes: (MessageClass::ALL.into_iter())
+            .filter(|class| policy.tracked.of(*class))
+            .map(|class| class.to_string())
+            .collect(),
+        unsubscribe_transactional: policy.unsubscribe_transactional,
     }
 }
 

@@ -253,6 +253,11 @@ pub(super) const UNLIMITED: Policy = Policy {
         window_minutes: 60,
     },
     ses_reputation: cellmail_registry::schema::ReputationPolicy::Standard,
+    tracked: cellmail_registry::schema::Tracked {
+        transactional: false,
+        marketing: false,
+    },
+    unsubscribe_transactional: false,
 };
 
 /// Writes tenant `name` (sending from bench.example) placed on `cell`: its API key.
@@ -326,6 +331,7 @@ pub(super) fn start_cell(
         fault_send_failure_ratio: 0.0,
         dkim: Default::default(),
         webhooks: Default::default(),
+        engagement: Default::default(),
     };
     let tls = crate::pki::tls(&Role::Cell(config.id.clone()))?;
     let cell = {
@@ -356,7 +362,7 @@ pub(super) fn start_router(
 ) -> anyhow::Result<SocketAddr> {
     let (listener, addr) = rt.block_on(bind())?;
     rt.spawn(cellmail_router::serve(
-        listener,
+        (listener, None),
         registry.clone(),
         keys.clone(),
         cellmail_router::SendConfig::default(),

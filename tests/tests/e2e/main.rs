@@ -16,5 +16,6 @@ mod rollout;
 mod send_path;
 mod ses;
 mod telemetry;
+mod tracking;
 mod trust;
 mod webhooks;

@@ -46,6 +46,7 @@ fn message(tenant: &TenantId) -> Message {
         tags: [("campaign".to_owned(), "fall-2026".to_owned())].into(),
         accepted_at_ms: 0,
         traceparent: None,
+        headers: Vec::new(),
     }
 }
 

@@ -32,7 +32,7 @@ enum For {
     Cell,
 }
 
-const METHODS: [(&str, For); 17] = [
+const METHODS: [(&str, For); 18] = [
     ("Accept", For::Router),
     ("GetMessage", For::Router),
     ("ListSuppressions", For::Router),
@@ -41,6 +41,7 @@ const METHODS: [(&str, For); 17] = [
     ("GetStats", For::Router),
     ("ListEvents", For::Router),
     ("Webhooks", For::Router),
+    ("RecordEngagement", For::Router),
     ("ProvisionTenant", For::Control),
     ("PrepareTenant", For::Control),
     ("ExportTenant", For::Control),
@@ -280,6 +281,16 @@ impl Victim {
                 .list_events(v1::CellListEventsRequest {
                     caller: self.caller(),
                     request: Some(v1::ListEventsRequest::default()),
+                })
+                .await
+                .map(drop),
+            "RecordEngagement" => client
+                .record_engagement(v1::CellEngagementRequest {
+                    caller: self.caller(),
+                    message_id: cellmail_proto::MessageId::generate().to_string(),
+                    recipient: KEPT.into(),
+                    action: "unsubscribe".into(),
+                    ..Default::default()
                 })
                 .await
                 .map(drop),
