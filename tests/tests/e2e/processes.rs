@@ -9,7 +9,7 @@ use cellmail_tests::processes::{Daemon, Front, registry_args, start_cell};
 use cellmail_tests::services::{etcd_endpoint, unique_prefix};
 use cellmail_tests::{Control, authorized, control_client, message, until_ok, wait_for};
 
-const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub(crate) const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use cellmail_proto::v1;
 use cellmail_tests::{Platform, authorized, http, message, until_ok};
+use tonic_types::StatusExt;
 
 /// The header `name` of the .eml at `path`, unfolded.
 fn header(eml: &[u8], name: &str) -> Option<String> {
@@ -201,4 +202,114 @@ async fn opens_clicks_and_one_click_unsubscribes_come_back_for_their_tenant_only
         theirs.recipients[0].state,
         v1::RecipientState::Accepted as i32
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_click_is_answered_while_its_cell_is_down_and_counted_once_it_is_back() {
+    use crate::processes::ADMIN_TOKEN;
+    use cellmail_tests::processes::{Front, free_addr, registry_args, start_cell};
+    use cellmail_tests::services::{etcd_endpoint, unique_prefix};
+    let registry = registry_args(&etcd_endpoint(), &unique_prefix("tracking"));
+    let dir = tempfile::tempdir().unwrap();
+    let tracking = free_addr().unwrap();
+    let base = format!("http://{tracking}");
+    let cell_args = ["--tracking-base-url", base.as_str()];
+    let mut cell = start_cell("cell-t", &registry, dir.path(), &cell_args)
+        .await
+        .unwrap();
+    let router_env = [("CELLMAIL_TRACKING_ADDR", tracking.as_str())];
+    let front = Front::start_with_env(&registry, ADMIN_TOKEN, &[], &router_env)
+        .await
+        .unwrap();
+    let mut control =
+        cellmail_tests::control_client(&format!("http://{}", front.control), ADMIN_TOKEN)
+            .await
+            .unwrap();
+    cellmail_tests::cells_until(&control, |c| c.alive, 1).await;
+    let create = v1::CreateTenantRequest {
+        id: "clk".into(),
+        domains: vec!["clk.example".into()],
+        policy: Some(v1::TenantPolicy {
+            tracked_classes: vec!["transactional".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let key = control
+        .create_tenant(create)
+        .await
+        .unwrap()
+        .into_inner()
+        .api_key;
+    let sender = v1::sender_client::SenderClient::connect(format!("http://{}", front.router))
+        .await
+        .unwrap();
+    cellmail_tests::until_router_serves(&sender, &key).await;
+
+    // Webhooks may not reach loopback, private, link-local or metadata addresses by default.
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "https://127.0.0.1/hook",
+        "https://10.0.0.1/hook",
+        "https://169.254.169.254/latest",
+        "https://[::1]/hook",
+    ] {
+        let create = v1::CreateWebhookRequest {
+            url: url.into(),
+            ..Default::default()
+        };
+        let refused = (sender.clone())
+            .create_webhook(authorized(&key, create))
+            .await
+            .unwrap_err();
+        let violation = &refused.get_details_bad_request().unwrap().field_violations[0];
+        assert_eq!(violation.field, "url", "{url}");
+    }
+
+    let mut request = message("news@clk.example", "jo@example.com", "c-1");
+    request.html = r#"<p><a href="https://shop.example/">Shop</a></p>"#.into();
+    (sender.clone())
+        .send(authorized(&key, request))
+        .await
+        .unwrap();
+    let mail = dir.path().join("mail").join("clk");
+    let html = until_ok(Duration::from_secs(20), || async {
+        let file = std::fs::read_dir(&mail)?
+            .next()
+            .ok_or(anyhow::anyhow!("no mail yet"))??;
+        let eml = std::fs::read(file.path())?;
+        let parsed = mail_parser::MessageParser::default().parse(&eml).unwrap();
+        Ok::<_, anyhow::Error>(parsed.body_html(0).unwrap().into_owned())
+    })
+    .await
+    .unwrap();
+    let start = html.find(&format!("{base}/c/")).unwrap();
+    let click = html[start..].split('"').next().unwrap().to_owned();
+
+    // The cell is killed: the click is still answered at once.
+    cell.kill();
+    let (authority, path) = split(&click);
+    let (head, _) = http(&authority, "GET", &path).await.unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 302") && head.contains("location: https://shop.example/"),
+        "{head}"
+    );
+
+    // Back up, the cell gets the click.
+    let _cell = start_cell("cell-t", &registry, dir.path(), &cell_args)
+        .await
+        .unwrap();
+    until_ok(Duration::from_secs(30), || async {
+        let request = v1::ListEventsRequest {
+            types: vec!["clicked".into()],
+            ..Default::default()
+        };
+        let listed = (sender.clone())
+            .list_events(authorized(&key, request))
+            .await?;
+        anyhow::ensure!(!listed.into_inner().events.is_empty(), "no click yet");
+        Ok(())
+    })
+    .await
+    .unwrap();
 }
