@@ -26,6 +26,8 @@ pub struct Delivery {
     pub timestamp: String,
     pub signature: String,
     pub body: Vec<u8>,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 impl Delivery {
@@ -127,6 +129,7 @@ async fn answer(
             timestamp,
             signature,
             body,
+            at: std::time::Instant::now(),
         });
         let answer = state.answers.get(&path).copied().unwrap_or(Answer::Ok);
         if let Answer::FailNext(n) = answer {
@@ -196,6 +199,7 @@ mod tests {
             timestamp: "1614265330".into(),
             signature: "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=".into(),
             body: br#"{"test": 2432232314}"#.to_vec(),
+            at: std::time::Instant::now(),
         };
         assert!(verify(&delivery, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"));
         delivery.body[3] = b'x';

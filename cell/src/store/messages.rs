@@ -61,6 +61,9 @@ pub(super) fn restate(
     Ok(())
 }
 
+/// Opens (and clicks) a message record keeps, each; more are only logged and counted.
+const ENGAGEMENT_KEPT: usize = 20;
+
 /// Adds those of `events` that `tenant`'s message `id` does not have yet to it (and, with
 /// `log`, to the tenant's event log).
 fn add_events(
@@ -85,11 +88,24 @@ fn add_events(
     if new.is_empty() {
         return Ok(Recorded::Duplicate);
     }
-    record.events.extend(new.iter().cloned());
-    t.messages
-        .insert(id.as_str(), json(&record).as_slice())
-        .map_err(err)?;
-    written_now(&mut t.recent_messages, tenant, &id)?;
+    // Opens and clicks repeat without end (a recipient's every look, a link scanner): the
+    // record keeps the first ones, the log and the figures every one.
+    let mut kept = false;
+    for event in &new {
+        let repeats = (record.events.iter())
+            .filter(|e| e.kind == event.kind)
+            .count();
+        if !matches!(event.kind, EventKind::Open | EventKind::Click) || repeats < ENGAGEMENT_KEPT {
+            record.events.push(event.clone());
+            kept = true;
+        }
+    }
+    if kept {
+        t.messages
+            .insert(id.as_str(), json(&record).as_slice())
+            .map_err(err)?;
+        written_now(&mut t.recent_messages, tenant, &id)?;
+    }
     if log {
         events::log(t, &record, &new)?;
     }

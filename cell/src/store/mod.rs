@@ -122,8 +122,8 @@ const TAKEN_OVER: TableDefinition<&str, (u64, u64)> = TableDefinition::new("take
 const EVENTS: TableDefinition<(&str, u64, &str), &[u8]> = TableDefinition::new("events");
 /// (tenant, endpoint id) -> JSON `Endpoint` (see `webhooks`)
 const WEBHOOKS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("webhooks");
-/// (due at, tenant, endpoint id, event id) -> JSON `Pending`
-const OUTBOX: TableDefinition<(u64, &str, &str, &str), &[u8]> = TableDefinition::new("outbox");
+/// (tenant, endpoint id, due at, event id) -> JSON `Pending`
+const OUTBOX: TableDefinition<(&str, &str, u64, &str), &[u8]> = TableDefinition::new("outbox");
 /// (tenant, endpoint id, attempted at, event id) -> JSON `Attempt`
 const DELIVERIES: TableDefinition<(&str, &str, u64, &str), &[u8]> =
     TableDefinition::new("deliveries");
@@ -154,7 +154,7 @@ struct Tables<'t> {
     taken_over: redb::Table<'t, &'static str, (u64, u64)>,
     events: redb::Table<'t, (&'static str, u64, &'static str), &'static [u8]>,
     webhooks: redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
-    outbox: redb::Table<'t, (u64, &'static str, &'static str, &'static str), &'static [u8]>,
+    outbox: CarriedTable<'t>,
     deliveries: CarriedTable<'t>,
     /// The embedded queue's messages.
     queued: Queued<'t>,

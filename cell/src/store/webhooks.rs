@@ -2,12 +2,12 @@
 //! transaction that logs each event, so no event is missed), and each endpoint's log of its
 //! last attempts.
 //!
-//! The outbox is keyed by when a delivery is due, so the dispatcher reads only what is due.
+//! The outbox is keyed by endpoint and then by when a delivery is due, so the dispatcher
+//! reads, endpoint by endpoint, only what is due and what the endpoint has room for: one
+//! endpoint's backlog never hides another's deliveries.
 //! An event is queued for delivery only by the cell that logged it: a tenant's endpoints
 //! follow it when it moves, and the cell it left delivers what it had queued (and logs after
 //! the switch, from its backlog) itself.
-
-use std::collections::BTreeMap;
 
 use cellmail_proto::TenantId;
 use redb::ReadableTable;
@@ -115,7 +115,7 @@ fn enqueue(
     due_ms: u64,
     pending: &Pending,
 ) -> Result<(), StorageError> {
-    let key = (due_ms, tenant.as_str(), endpoint, pending.event.id.as_str());
+    let key = (tenant.as_str(), endpoint, due_ms, pending.event.id.as_str());
     t.outbox
         .insert(key, json(pending).as_slice())
         .map_err(err)?;
@@ -160,15 +160,14 @@ pub(super) fn remove(t: &mut Tables, tenant: &TenantId, id: &str) -> Result<bool
         .remove((tenant.as_str(), id))
         .map_err(err)?
         .is_some();
-    let (tenant, id) = (tenant.as_str(), id);
-    t.outbox
-        .retain(|(_, owner, endpoint, _), _| !(owner == tenant && endpoint == id))
-        .map_err(err)?;
-    t.deliveries
-        .retain_in((tenant, id, 0, "")..(tenant, id, u64::MAX, ""), |_, _| {
-            false
-        })
-        .map_err(err)?;
+    let tenant = tenant.as_str();
+    for table in [&mut t.outbox, &mut t.deliveries] {
+        table
+            .retain_in((tenant, id, 0, "")..(tenant, id, u64::MAX, ""), |_, _| {
+                false
+            })
+            .map_err(err)?;
+    }
     Ok(found)
 }
 
@@ -192,14 +191,13 @@ pub(super) fn replace(
 pub(super) fn erase(t: &mut Tables, tenant: &TenantId) -> Result<(), StorageError> {
     replace(t, tenant, &[])?;
     let (tenant, past) = (tenant.as_str(), past(tenant));
-    t.outbox
-        .retain(|(_, owner, _, _), _| owner != tenant)
-        .map_err(err)?;
-    t.deliveries
-        .retain_in((tenant, "", 0, "")..(past.as_str(), "", 0, ""), |_, _| {
-            false
-        })
-        .map_err(err)?;
+    for table in [&mut t.outbox, &mut t.deliveries] {
+        table
+            .retain_in((tenant, "", 0, "")..(past.as_str(), "", 0, ""), |_, _| {
+                false
+            })
+            .map_err(err)?;
+    }
     Ok(())
 }
 
@@ -214,7 +212,7 @@ pub(super) fn attempted(
 ) -> Result<(), StorageError> {
     let (tenant, endpoint) = (due.tenant.as_str(), due.endpoint.as_str());
     t.outbox
-        .remove((due.due_ms, tenant, endpoint, due.pending.event.id.as_str()))
+        .remove((tenant, endpoint, due.due_ms, due.pending.event.id.as_str()))
         .map_err(err)?;
     let key = (tenant, endpoint);
     let found: Option<Endpoint> = match t.webhooks.get(key).map_err(err)? {
@@ -326,43 +324,42 @@ impl Store {
         Ok(attempts)
     }
 
-    /// Up to `limit` deliveries due by `now_ms`, the longest due first, each with its
-    /// endpoint.
-    pub fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<(Due, Endpoint)>, StorageError> {
+    /// The deliveries due by `now_ms`, endpoint by endpoint, each endpoint's longest due
+    /// first and no more than `room` says it has room for, each with its endpoint.
+    pub fn due(
+        &self,
+        now_ms: u64,
+        room: impl Fn(&TenantId, &Endpoint) -> usize,
+    ) -> Result<Vec<(Due, Endpoint)>, StorageError> {
         let read = self.read()?;
         let outbox = read.open_table(OUTBOX).map_err(err)?;
         let webhooks = read.open_table(WEBHOOKS).map_err(err)?;
         let mut due = Vec::new();
-        let mut endpoints: BTreeMap<(String, String), Option<Endpoint>> = BTreeMap::new();
-        for row in outbox
-            .range((0, "", "", "")..(now_ms + 1, "", "", ""))
-            .map_err(err)?
-        {
-            if due.len() == limit {
-                break;
-            }
+        for row in webhooks.iter().map_err(err)? {
             let (key, value) = row.map_err(err)?;
-            let (due_ms, tenant, endpoint, _) = key.value();
-            let found = match endpoints.entry((tenant.to_owned(), endpoint.to_owned())) {
-                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::btree_map::Entry::Vacant(e) => {
-                    let found = match webhooks.get((tenant, endpoint)).map_err(err)? {
-                        Some(row) => Some(parse::<Endpoint>(row.value())?),
-                        None => None,
-                    };
-                    e.insert(found)
-                }
-            };
-            let (Some(endpoint), Ok(tenant)) = (found.clone(), TenantId::new(tenant)) else {
+            let Ok(tenant) = TenantId::new(key.value().0) else {
                 continue;
             };
-            let entry = Due {
-                due_ms,
-                tenant,
-                endpoint: endpoint.id.clone(),
-                pending: parse(value.value())?,
-            };
-            due.push((entry, endpoint));
+            let endpoint: Endpoint = parse(value.value())?;
+            let room = room(&tenant, &endpoint);
+            if room == 0 {
+                continue;
+            }
+            let (t, id) = (tenant.as_str(), endpoint.id.as_str());
+            for row in (outbox
+                .range((t, id, 0, "")..(t, id, now_ms + 1, ""))
+                .map_err(err)?)
+            .take(room)
+            {
+                let (key, value) = row.map_err(err)?;
+                let entry = Due {
+                    due_ms: key.value().2,
+                    tenant: tenant.clone(),
+                    endpoint: endpoint.id.clone(),
+                    pending: parse(value.value())?,
+                };
+                due.push((entry, endpoint.clone()));
+            }
         }
         Ok(due)
     }

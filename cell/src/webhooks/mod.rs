@@ -96,8 +96,6 @@ pub const MAX_TIMEOUT_MS: u32 = 30_000;
 
 /// How often the dispatcher looks for due deliveries.
 const TICK: Duration = Duration::from_millis(100);
-/// Deliveries the dispatcher reads per look.
-const BATCH: usize = 1000;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector<Resolver>>, Full<Bytes>>;
 
@@ -207,6 +205,8 @@ pub struct Dispatcher {
     /// The outbox entries being delivered now (tenant, endpoint, event), and those whose
     /// attempt was recorded at an instant: an outbox read from before then still lists them.
     under_way: Arc<Mutex<HashMap<Entry, Option<Instant>>>>,
+    /// Woken as a delivery finishes: its endpoint has room for the next one now.
+    finished: tokio::sync::Notify,
 }
 
 type Entry = (String, String, String);
@@ -230,6 +230,7 @@ impl Dispatcher {
                 .collect(),
             gates: Mutex::default(),
             under_way: Arc::default(),
+            finished: tokio::sync::Notify::new(),
         }
     }
 
@@ -241,9 +242,19 @@ impl Dispatcher {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = ticks.tick() => {}
+                () = self.finished.notified() => {}
             }
             let read_at = Instant::now();
-            match self.store.due(now_ms(), BATCH) {
+            // An endpoint with a delivery slot free gets its oldest due deliveries read, as
+            // many as its cap: those under way are among them, and skipped.
+            let room = |tenant: &cellmail_proto::TenantId, endpoint: &Endpoint| {
+                let gate = self.gate(tenant.as_str(), endpoint);
+                match gate.available_permits() {
+                    0 => 0,
+                    _ => endpoint.max_in_flight.max(1) as usize,
+                }
+            };
+            match self.store.due(now_ms(), room) {
                 Ok(due) => {
                     for (due, endpoint) in due {
                         self.start(due, endpoint, read_at);
@@ -298,7 +309,8 @@ impl Dispatcher {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
                 under_way.insert(entry, Some(Instant::now()));
-                drop(permit);
+                drop((under_way, permit));
+                dispatcher.finished.notify_one();
             });
         }
     }

@@ -7,8 +7,11 @@
 //!   how fast a placement change reaches several routers over etcd.
 //! - [`moves`]: the freeze window of tenant moves under load.
 //! - [`neighbours`]: one tenant's delivery latency while another floods the router.
+//! - [`engagement`]: one tenant's webhook latency beside another's hung endpoint, and the
+//!   tracking host's redirects.
 //! - [`os`]: per-thread CPU time and resident memory, read from /proc.
 
+pub mod engagement;
 pub mod moves;
 pub mod neighbours;
 pub mod os;

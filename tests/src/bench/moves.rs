@@ -79,7 +79,7 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
         let (_, cell) = start_cell(cell_rt, &stage, id, WORKERS)?;
         cells.push(cell);
     }
-    let router = start_router(&router_rt, &registry, &keys, &stage.shutdown)?;
+    let router = start_router(&router_rt, &registry, &keys, &stage.shutdown, None)?;
     let channels = CellChannels::new(crate::pki::tls(&Role::Control)?);
     let mover = Mover::new(registry.clone(), keys.clone(), channels);
     control_rt.spawn(mover.run(stage.shutdown.clone()));

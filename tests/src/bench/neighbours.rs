@@ -172,7 +172,7 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
         anyhow::Ok((calm, noisy))
     })?;
     let (_, cell) = start_cell(&cell_rt, &stage, CELL, WORKERS)?;
-    let router_addr = start_router(&router_rt, registry, keys, shutdown)?;
+    let router_addr = start_router(&router_rt, registry, keys, shutdown, None)?;
 
     let rows = load_rt.block_on(async {
         let client = SenderClient::connect(format!("http://{router_addr}")).await?;

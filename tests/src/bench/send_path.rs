@@ -330,8 +330,8 @@ pub(super) fn start_cell(
         release: None,
         fault_send_failure_ratio: 0.0,
         dkim: Default::default(),
-        webhooks: Default::default(),
-        engagement: Default::default(),
+        webhooks: stage.webhooks.clone(),
+        engagement: stage.engagement.clone(),
     };
     let tls = crate::pki::tls(&Role::Cell(config.id.clone()))?;
     let cell = {
@@ -353,16 +353,17 @@ pub(super) fn start_cell(
     Ok((endpoint.to_string(), cell))
 }
 
-/// Starts a router on `rt`: its address.
+/// Starts a router on `rt` (serving the tracking host on `tracking`, if given): its address.
 pub(super) fn start_router(
     rt: &Runtime,
     registry: &Arc<dyn Registry>,
     keys: &Keys,
     shutdown: &CancellationToken,
+    tracking: Option<tokio::net::TcpListener>,
 ) -> anyhow::Result<SocketAddr> {
     let (listener, addr) = rt.block_on(bind())?;
     rt.spawn(cellmail_router::serve(
-        (listener, None),
+        (listener, tracking),
         registry.clone(),
         keys.clone(),
         cellmail_router::SendConfig::default(),
@@ -388,6 +389,9 @@ pub(super) struct Stage {
     pub keys: Keys,
     pub shutdown: CancellationToken,
     pub registry: Arc<dyn Registry>,
+    /// How the cells deliver webhooks and where their links point.
+    pub webhooks: cellmail_cell::webhooks::WebhookConfig,
+    pub engagement: cellmail_cell::engagement::EngagementConfig,
 }
 
 impl Stage {
@@ -409,11 +413,13 @@ impl Stage {
             keys: Keys::new("/bench/"),
             shutdown: CancellationToken::new(),
             registry,
+            webhooks: Default::default(),
+            engagement: Default::default(),
         })
     }
 }
 
-async fn bind() -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
+pub(super) async fn bind() -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     Ok((listener, addr))
@@ -436,7 +442,7 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Row>> {
         CELL,
     ))?;
     let (endpoint, cell) = start_cell(&cell_rt, &stage, CELL, 0)?;
-    let router_addr = start_router(&router_rt, &stage.registry, &stage.keys, &shutdown)?;
+    let router_addr = start_router(&router_rt, &stage.registry, &stage.keys, &shutdown, None)?;
     let (proxy_listener, proxy_addr) = proxy_rt.block_on(bind())?;
     // The proxy calls the cell as the router does: over mutual TLS, with a router's
     // certificate, so that the two hops compare like for like.

@@ -1,7 +1,7 @@
 //! `cellmail-bench`: cellmail's benchmark harness. Starts what it measures itself and prints
 //! one table (or `--json`). `--quick` finishes in under a minute, for CI to keep it working.
 
-use cellmail_tests::bench::{self, moves, neighbours, placements, send_path};
+use cellmail_tests::bench::{self, engagement, moves, neighbours, placements, send_path};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -25,6 +25,7 @@ enum Part {
     Propagation,
     Moves,
     Neighbours,
+    Engagement,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +58,9 @@ fn main() -> anyhow::Result<()> {
     }
     if runs(Part::Neighbours) {
         rows.extend(neighbours::run(args.quick)?);
+    }
+    if runs(Part::Engagement) {
+        rows.extend(engagement::run(args.quick)?);
     }
     if args.json {
         println!("{}", bench::json(&rows));
