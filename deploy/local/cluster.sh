@@ -77,8 +77,10 @@ start() {
   # The key that seals domains' DKIM keys: the control planes seal, the cells open.
   [ -s "$DIR/dkim-keys" ] || (umask 077 && python3 -c 'import base64, secrets; print(base64.b64encode(secrets.token_bytes(32)).decode())' >"$DIR/dkim-keys")
   # What every process (and deploy-cell.sh) shares.
+  local tracking=127.0.0.1:$(free_port)
   cat >"$DIR/env" <<ENV
 export CELLMAIL_REGISTRY=etcd://$etcd
+export CELLMAIL_TRACKING_BASE_URL=http://$tracking
 export CELLMAIL_REGISTRY_PREFIX=$PREFIX
 export CELLMAIL_ADMIN_TOKEN=$(cat "$DIR/admin-token")
 export CELLMAIL_DKIM_KEY_FILE=$DIR/dkim-keys
@@ -99,7 +101,7 @@ ENV
     controls+=("$addr")
   done
   local router=127.0.0.1:$(free_port) metrics=127.0.0.1:$(free_port)
-  daemon router "$BIN/cellmail-router" --config "$(certs router --role router)" --router-addr "$router" --metrics-addr "$metrics" --data-dir "$DIR/router"
+  daemon router "$BIN/cellmail-router" --config "$(certs router --role router)" --router-addr "$router" --metrics-addr "$metrics" --tracking-addr "$tracking" --data-dir "$DIR/router"
   for addr in "${controls[@]}" "$router"; do wait_tcp "$addr"; done
   cat >>"$DIR/env" <<ENV
 export CELLMAIL_CONTROL=${controls[0]}
@@ -108,6 +110,7 @@ export CELLMAIL_ROUTER=$router
 ENV
   echo "etcd: $etcd"
   echo "router: $router"
+  echo "tracking: $tracking"
   echo "control: ${controls[*]}"
   echo "env: . $DIR/env   (then e.g. cellmail cell list)"
   echo "ready"
