@@ -328,6 +328,27 @@ pub async fn http_get(authority: &str, path: &str) -> anyhow::Result<String> {
     Ok(body)
 }
 
+/// Serves HTTP/1.1 on `listener` in the background, each request answered by `answer`: the
+/// tests' own servers (a webhook receiver, the SES stand-in).
+pub fn serve_http<F, Fut>(listener: tokio::net::TcpListener, answer: F)
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<
+            Output = anyhow::Result<hyper::Response<http_body_util::Full<hyper::body::Bytes>>>,
+        > + Send
+        + 'static,
+{
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(answer.clone());
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+}
+
 /// One plain HTTP/1.1 request without a body: the response's head (status line and
 /// headers) and its body.
 pub async fn http(authority: &str, method: &str, path: &str) -> anyhow::Result<(String, String)> {

@@ -14,7 +14,6 @@ use base64::engine::general_purpose::STANDARD;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
@@ -63,17 +62,7 @@ impl Receiver {
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
         let serving = state.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let state = serving.clone();
-                let service =
-                    hyper::service::service_fn(move |request| answer(state.clone(), request));
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service),
-                );
-            }
-        });
+        crate::serve_http(listener, move |request| answer(serving.clone(), request));
         Ok(Self { addr, state })
     }
 

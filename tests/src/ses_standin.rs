@@ -156,17 +156,7 @@ impl SesStandIn {
             sent: Mutex::default(),
         });
         let serving = state.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let state = serving.clone();
-                let service =
-                    hyper::service::service_fn(move |request| answer(state.clone(), request));
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service),
-                );
-            }
-        });
+        crate::serve_http(listener, move |request| answer(serving.clone(), request));
         Ok(Self { endpoint, state })
     }
 

@@ -86,8 +86,7 @@ impl ControlApi {
     ) -> Result<v1::DomainInfo, ApiError> {
         let actor = actor(&request);
         let req = request.into_inner();
-        let id = TenantId::from_field("tenant_id", req.tenant_id)?;
-        let domain = parse_domain("domain".into(), &req.domain)?;
+        let (id, domain) = tenant_domain(req.tenant_id, &req.domain)?;
         let (before, revision) = self.tenant(&id).await?;
         let regions = self.ses_regions().await?;
         let now = now_ms();
@@ -116,8 +115,7 @@ impl ControlApi {
     ) -> Result<v1::DomainInfo, ApiError> {
         let actor = actor(&request);
         let req = request.into_inner();
-        let id = TenantId::from_field("tenant_id", req.tenant_id)?;
-        let domain = parse_domain("domain".into(), &req.domain)?;
+        let (id, domain) = tenant_domain(req.tenant_id, &req.domain)?;
         let (before, revision) = self.tenant(&id).await?;
         let identity = find_identity(&before.identities, &id, &domain)?.clone();
         let now = now_ms();
@@ -207,8 +205,7 @@ impl ControlApi {
     ) -> Result<v1::DomainInfo, ApiError> {
         let actor = actor(&request);
         let req = request.into_inner();
-        let id = TenantId::from_field("tenant_id", req.tenant_id)?;
-        let domain = parse_domain("domain".into(), &req.domain)?;
+        let (id, domain) = tenant_domain(req.tenant_id, &req.domain)?;
         let Some(keys) = self.dkim.as_ref() else {
             return Err(ApiError::FailedPrecondition(
                 "this control plane has no key-encryption key (--dkim-key-file): domains have no DKIM keys of their own".into(),
@@ -271,6 +268,12 @@ impl ControlApi {
         let records = identity::records(&rotated, &regions, now);
         Ok(domain_info(&rotated, records, Vec::new()))
     }
+}
+
+/// The tenant and the domain a request names, or INVALID_ARGUMENT naming the field.
+fn tenant_domain(tenant_id: String, domain: &str) -> Result<(TenantId, String), ApiError> {
+    let tenant = TenantId::from_field("tenant_id", tenant_id)?;
+    Ok((tenant, parse_domain("domain".into(), domain)?))
 }
 
 /// `tenant`'s identity for `domain`, or NOT_FOUND naming the command that adds it.

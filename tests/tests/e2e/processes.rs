@@ -567,6 +567,25 @@ impl SesCell {
             .unwrap();
     }
 
+    /// With tenant 0 paused on SES's side: a message of tenant 0's is held (its id) while one
+    /// of tenant 1's goes out.
+    async fn held_alone(&self) -> String {
+        let to = || vec!["jane@example.com".to_owned()];
+        let held = (self.send(0, to(), "a-1").await.unwrap().into_inner()).message_id;
+        self.send(1, to(), "b-1").await.unwrap();
+        self.until_state(0, &held, "HELD").await;
+        wait_for(
+            Duration::from_secs(20),
+            "the neighbour's message sent",
+            || (self.sent_for(1) == 1).then_some(()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(self.sent_for(0), 0);
+        assert!(self.paused(1).await.is_empty());
+        held
+    }
+
     /// Waits until tenant `i`'s message `id` is in `state`.
     async fn until_state(&self, i: usize, id: &str, state: &str) {
         until_ok(Duration::from_secs(20), || async {
@@ -956,19 +975,7 @@ async fn on_ses_with_tenants_a_paused_ses_tenant_is_held_alone_and_released_with
             .unwrap();
     };
     status(aws_sdk_sesv2::types::SendingStatus::Disabled).await;
-    let to = || vec!["jane@example.com".to_owned()];
-    let held = (cell.send(0, to(), "a-1").await.unwrap().into_inner()).message_id;
-    cell.send(1, to(), "b-1").await.unwrap();
-    cell.until_state(0, &held, "HELD").await;
-    wait_for(
-        Duration::from_secs(20),
-        "the neighbour's message sent",
-        || (cell.sent_for(1) == 1).then_some(()),
-    )
-    .await
-    .unwrap();
-    assert_eq!(cell.sent_for(0), 0);
-    assert!(cell.paused(1).await.is_empty());
+    let held = cell.held_alone().await;
 
     // Reinstated on SES's side: the sweep releases the tenant, and its held mail goes out.
     status(aws_sdk_sesv2::types::SendingStatus::Reinstated).await;
@@ -1018,28 +1025,12 @@ async fn on_ses_a_tenant_ses_paused_is_held_alone_until_resumed() {
     let to = || vec!["jane@example.com".to_owned()];
     cell.ses_sending(0, false).await;
 
-    let held = cell
-        .send(0, to(), "a-1")
-        .await
-        .unwrap()
-        .into_inner()
-        .message_id;
-    cell.send(1, to(), "b-1").await.unwrap();
-    cell.until_state(0, &held, "HELD").await;
-    wait_for(
-        Duration::from_secs(20),
-        "the neighbour's message sent",
-        || (cell.sent_for(1) == 1).then_some(()),
-    )
-    .await
-    .unwrap();
-    assert_eq!(cell.sent_for(0), 0);
+    let held = cell.held_alone().await;
     assert_eq!(
         cell.paused(0).await.len(),
         2,
         "every class of the tenant is held"
     );
-    assert!(cell.paused(1).await.is_empty());
     let refused = cell.send(0, to(), "a-2").await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
     cell.send(1, to(), "b-2").await.unwrap();

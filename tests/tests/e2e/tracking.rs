@@ -17,6 +17,21 @@ fn header(eml: &[u8], name: &str) -> Option<String> {
     Some(raw.replace(['\r', '\n'], "").trim().to_owned())
 }
 
+/// Creates tenant `id` (sending from `<id>.example`) tracking `class`: its API key.
+async fn tracked_tenant(control: &mut cellmail_tests::Control, id: &str, class: &str) -> String {
+    let create = v1::CreateTenantRequest {
+        id: id.into(),
+        domains: vec![format!("{id}.example")],
+        policy: Some(v1::TenantPolicy {
+            tracked_classes: vec![class.into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let created = control.create_tenant(create).await.unwrap();
+    created.into_inner().api_key
+}
+
 /// `url`'s authority and path.
 fn split(url: &str) -> (String, String) {
     let rest = url.trim_start_matches("http://");
@@ -29,21 +44,7 @@ async fn opens_clicks_and_one_click_unsubscribes_come_back_for_their_tenant_only
     let dir = tempfile::tempdir().unwrap();
     let platform = Platform::start(dir.path(), &["--cells", "1"]).unwrap();
     let mut control = platform.control().await.unwrap();
-    let create = v1::CreateTenantRequest {
-        id: "trk".into(),
-        domains: vec!["trk.example".into()],
-        policy: Some(v1::TenantPolicy {
-            tracked_classes: vec!["marketing".into()],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let key = control
-        .create_tenant(create)
-        .await
-        .unwrap()
-        .into_inner()
-        .api_key;
+    let key = tracked_tenant(&mut control, "trk", "marketing").await;
     let (_, other) = platform
         .create_tenant("trk-other", &["other.example"])
         .await
@@ -226,21 +227,7 @@ async fn a_click_is_answered_while_its_cell_is_down_and_counted_once_it_is_back(
             .await
             .unwrap();
     cellmail_tests::cells_until(&control, |c| c.alive, 1).await;
-    let create = v1::CreateTenantRequest {
-        id: "clk".into(),
-        domains: vec!["clk.example".into()],
-        policy: Some(v1::TenantPolicy {
-            tracked_classes: vec!["transactional".into()],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let key = control
-        .create_tenant(create)
-        .await
-        .unwrap()
-        .into_inner()
-        .api_key;
+    let key = tracked_tenant(&mut control, "clk", "transactional").await;
     let sender = v1::sender_client::SenderClient::connect(format!("http://{}", front.router))
         .await
         .unwrap();
