@@ -467,6 +467,7 @@ impl Sender for SenderApi {
             .await?;
         Ok(Response::new(v1::ReplayWebhookResponse {
             queued: answer.queued,
+            next_from_ms: answer.next_from_ms,
         }))
     }
 

@@ -16,7 +16,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellmail_proto::now_ms;
+use std::collections::HashMap;
+
+use cellmail_proto::{TenantId, now_ms};
 use cellmail_registry::catalog::WatchedCatalog;
 use cellmail_registry::tracking::{Action, Link};
 use http_body_util::Full;
@@ -46,8 +48,11 @@ const PIXEL: &[u8] = &[
     0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
 ];
 
-/// Events waiting for their cell, at most: past it, new ones are dropped (and counted).
+/// Events waiting for their cells, at most, and for one tenant's cell: past either, new ones
+/// are dropped (and counted), so that one tenant's flood of clicks cannot crowd out the
+/// others'.
 const WAITING: usize = 100_000;
+const WAITING_PER_TENANT: usize = 10_000;
 /// The longest an event waits for its cell, retried with backoff meanwhile.
 const PATIENCE: Duration = Duration::from_secs(3600);
 
@@ -56,6 +61,8 @@ const PATIENCE: Duration = Duration::from_secs(3600);
 pub struct Handoff {
     sender: Arc<SenderApi>,
     waiting: Arc<Semaphore>,
+    /// How many of each tenant's events wait.
+    per_tenant: Arc<std::sync::Mutex<HashMap<TenantId, usize>>>,
 }
 
 impl Handoff {
@@ -63,36 +70,65 @@ impl Handoff {
         Self {
             sender,
             waiting: Arc::new(Semaphore::new(WAITING)),
+            per_tenant: Arc::default(),
         }
     }
 
     fn hand(&self, link: Link, at_ms: u64) {
-        let Ok(permit) = self.waiting.clone().try_acquire_owned() else {
+        let tenant = link.tenant.clone();
+        let admitted = {
+            // Only whole updates happen under the lock.
+            let mut waiting = self.per_tenant.lock().unwrap_or_else(|p| p.into_inner());
+            let count = waiting.entry(tenant.clone()).or_default();
+            (*count < WAITING_PER_TENANT)
+                .then(|| self.waiting.clone().try_acquire_owned().ok())
+                .flatten()
+                .inspect(|_| *count += 1)
+        };
+        let Some(permit) = admitted else {
             metrics::counter!("cellmail_tracking_events_dropped_total").increment(1);
-            tracing::warn!(tenant = %link.tenant, "too many engagement events wait for their cells: one dropped");
+            tracing::warn!(%tenant, "too many engagement events wait for their cells: one dropped");
             return;
         };
-        let sender = self.sender.clone();
+        let (sender, per_tenant) = (self.sender.clone(), self.per_tenant.clone());
         tokio::spawn(async move {
             let started = tokio::time::Instant::now();
             let mut pause = Duration::from_millis(200);
             loop {
                 match sender.engaged(&link, at_ms).await {
                     Ok(()) => break,
-                    Err(status) if started.elapsed() > PATIENCE => {
-                        tracing::error!(tenant = %link.tenant, %status, "an engagement event never reached its cell; dropped");
+                    // Only a cell that cannot take it now is asked again: an unknown or
+                    // offboarded tenant's link is not.
+                    Err(status) if !transient(status.code()) || started.elapsed() > PATIENCE => {
+                        tracing::warn!(%tenant, %status, "an engagement event was not taken by its cell; dropped");
                         break;
                     }
                     Err(status) => {
-                        tracing::debug!(tenant = %link.tenant, %status, "the cell cannot take an engagement event yet");
+                        tracing::debug!(%tenant, %status, "the cell cannot take an engagement event yet");
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_secs(30));
                     }
                 }
             }
+            let mut waiting = per_tenant.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(count) = waiting.get_mut(&tenant) {
+                *count -= 1;
+                if *count == 0 {
+                    waiting.remove(&tenant);
+                }
+            }
             drop(permit);
         });
     }
+}
+
+/// Whether a cell's answer says to try again later.
+fn transient(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unavailable | DeadlineExceeded | Aborted | ResourceExhausted | Unknown
+    )
 }
 
 fn answer(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -140,7 +176,7 @@ fn route(
             pixel
         }
         (&Method::GET, "c", Action::Click(target)) => {
-            let Ok(location) = hyper::header::HeaderValue::from_str(target) else {
+            let Ok(location) = hyper::header::HeaderValue::from_str(&ascii(target)) else {
                 return bad();
             };
             handoff.hand(link.clone(), now);
@@ -170,6 +206,19 @@ fn route(
         }
         _ => bad(),
     }
+}
+
+/// `url` with each byte past ASCII percent-encoded, as a Location header must carry it.
+fn ascii(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    for byte in url.bytes() {
+        if byte.is_ascii() {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 fn html_escape(text: &str) -> String {

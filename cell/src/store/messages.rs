@@ -181,8 +181,10 @@ pub(super) fn accepted(
                 .insert((record.tenant.as_str(), id.as_str()), ())
                 .map_err(err)?;
         }
-        events::log_accepted(t, &record)?;
     }
+    // Logged here even when a worker recorded the send first (a queue elsewhere hands the
+    // message over before this is written): a retry of the accept returns above.
+    events::log_accepted(t, &record)?;
     if let Some(staged) = queued {
         queue::apply(&mut t.queued, QueueWrite::Insert(staged))?;
     }

@@ -315,8 +315,8 @@ enum Written {
     Feedback(Recorded),
     /// Whether the write found what it was about (a message, a suppression).
     Found(bool),
-    /// How many things it wrote.
-    Count(u32),
+    /// How many events a replay queued, and where the rest starts when there is more.
+    Replayed(u32, Option<u64>),
 }
 
 /// Applies one write in the batch's transaction: each kind's logic lives with its domain.
@@ -376,7 +376,8 @@ fn apply(t: &mut Tables, write: Write) -> Result<Written, StorageError> {
             endpoint,
             range,
             now_ms,
-        } => webhooks::replay(t, &tenant, &endpoint, range, now_ms).map(Written::Count),
+        } => webhooks::replay(t, &tenant, &endpoint, range, now_ms)
+            .map(|(queued, more)| Written::Replayed(queued, more)),
         Write::Import { tenant, export } => moves::import(t, &tenant, &export).map(done),
         Write::ImportMessages { tenant, records } => {
             moves::import_messages(t, &tenant, &records).map(done)

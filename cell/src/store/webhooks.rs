@@ -258,14 +258,19 @@ pub(super) fn attempted(
     Ok(())
 }
 
-/// Re-queues `tenant`'s logged events of `[from_ms, to_ms]` for `endpoint`; how many.
+/// The most events one replay queues: a longer range is replayed in several calls, each
+/// from the last event's time, so that one never holds the store's writer for long.
+pub const MAX_REPLAY: usize = 10_000;
+
+/// Re-queues `tenant`'s logged events of `[from_ms, to_ms]` for `endpoint`, at most
+/// [`MAX_REPLAY`] of them: how many, and where the rest starts when there is more.
 pub(super) fn replay(
     t: &mut Tables,
     tenant: &TenantId,
     endpoint: &Endpoint,
     (from_ms, to_ms): (u64, u64),
     now_ms: u64,
-) -> Result<u32, StorageError> {
+) -> Result<(u32, Option<u64>), StorageError> {
     let past = past(tenant);
     let mut queued = Vec::new();
     for row in (t
@@ -276,6 +281,9 @@ pub(super) fn replay(
         let event: TenantEvent = parse(row.map_err(err)?.1.value())?;
         if event.at_ms >= from_ms && event.at_ms <= to_ms && endpoint.wants(event.kind) {
             queued.push(event);
+            if queued.len() == MAX_REPLAY {
+                break;
+            }
         }
     }
     for event in &queued {
@@ -285,7 +293,11 @@ pub(super) fn replay(
         };
         enqueue(t, tenant, &endpoint.id, now_ms, &pending)?;
     }
-    Ok(queued.len() as u32)
+    // Events of the same millisecond as the last one are queued again by the next call:
+    // at least once, as every delivery.
+    let more = (queued.len() == MAX_REPLAY)
+        .then(|| queued.iter().map(|e| e.at_ms).max().unwrap_or(from_ms));
+    Ok((queued.len() as u32, more))
 }
 
 impl Store {
@@ -341,7 +353,12 @@ impl Store {
                 continue;
             };
             let endpoint: Endpoint = parse(value.value())?;
-            let room = room(&tenant, &endpoint);
+            // A disabled endpoint keeps what it owes until it is enabled again.
+            let room = if endpoint.enabled {
+                room(&tenant, &endpoint)
+            } else {
+                0
+            };
             if room == 0 {
                 continue;
             }
@@ -401,14 +418,14 @@ impl Store {
         self.found(write, Commit::Durable).await.map(|_| ())
     }
 
-    /// Queues `tenant`'s events of a time range again for its endpoint; how many.
+    /// Queues `tenant`'s events of a time range again for its endpoint (see [`replay`]).
     pub async fn replay_webhook(
         &self,
         tenant: &TenantId,
         endpoint: Endpoint,
         range: (u64, u64),
         now_ms: u64,
-    ) -> Result<u32, StorageError> {
+    ) -> Result<(u32, Option<u64>), StorageError> {
         let write = Write::Replay {
             tenant: tenant.clone(),
             endpoint,
@@ -416,7 +433,7 @@ impl Store {
             now_ms,
         };
         match self.writes.submit(write, Commit::Durable).await? {
-            super::Written::Count(n) => Ok(n),
+            super::Written::Replayed(queued, more) => Ok((queued, more)),
             _ => Err(StorageError("a replay answered like another write".into())),
         }
     }

@@ -22,44 +22,57 @@ pub struct Guard {
     pub allow_http: bool,
 }
 
+/// The longest a host's lookup may take.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The ranges a webhook never reaches unless the operator allows them, each with why, the
+/// narrower first.
+const REFUSED: [(&str, &str); 22] = [
+    ("169.254.169.254/32", "the cloud metadata service"),
+    ("168.63.129.16/32", "the cloud metadata service"),
+    ("0.0.0.0/8", "not a host's"),
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "private"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "reserved"),
+    ("192.168.0.0/16", "private"),
+    ("198.18.0.0/15", "reserved"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+    ("::1/128", "loopback"),
+    // IPv4-compatible and NAT64 addresses reach IPv4 ones, private ones too.
+    ("::/96", "an IPv4 address in IPv6"),
+    ("64:ff9b::/96", "NAT64"),
+    ("64:ff9b:1::/48", "NAT64"),
+    ("fc00::/7", "private"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local"),
+    ("ff00::/8", "multicast"),
+    ("2001:db8::/32", "for documentation"),
+];
+
+fn refused() -> &'static [(IpNet, &'static str)] {
+    static PARSED: std::sync::LazyLock<Vec<(IpNet, &'static str)>> =
+        std::sync::LazyLock::new(|| {
+            // Constants: each parses (a unit test reads them all).
+            (REFUSED.iter())
+                .filter_map(|(net, why)| Some((net.parse().ok()?, *why)))
+                .collect()
+        });
+    &PARSED
+}
+
 /// Why `ip` is not a public address, or `None` when it is.
 fn private(ip: IpAddr) -> Option<&'static str> {
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     };
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            if v4.is_loopback() {
-                Some("loopback")
-            } else if v4.octets() == [169, 254, 169, 254] {
-                Some("the cloud metadata service")
-            } else if v4.is_link_local() {
-                Some("link-local")
-            } else if v4.is_private() || (a == 100 && (64..128).contains(&b)) {
-                Some("private")
-            } else if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || a == 0 {
-                Some("not a host's")
-            } else {
-                None
-            }
-        }
-        IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
-            if v6.is_loopback() {
-                Some("loopback")
-            } else if first & 0xffc0 == 0xfe80 {
-                Some("link-local")
-            } else if first & 0xfe00 == 0xfc00 {
-                Some("private")
-            } else if v6.is_unspecified() || v6.is_multicast() {
-                Some("not a host's")
-            } else {
-                None
-            }
-        }
-    }
+    (refused().iter())
+        .find(|(net, _)| net.contains(&ip))
+        .map(|(_, why)| *why)
 }
 
 impl Guard {
@@ -111,13 +124,19 @@ impl Guard {
     /// `host`'s addresses, every one checked: one the cell may not connect to refuses the
     /// whole host.
     pub async fn resolve(&self, host: &str) -> Result<Vec<SocketAddr>, String> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
+        let lookup = tokio::net::lookup_host((host, 0));
+        let addrs: Vec<SocketAddr> = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
             .await
+            .map_err(|_| format!("{host} did not resolve within {RESOLVE_TIMEOUT:?}"))?
             .map_err(|e| format!("{host} does not resolve: {e}"))?
             .collect();
+        // The address itself stays unsaid: a tenant must not map the platform's network.
         for addr in &addrs {
-            self.check_ip(addr.ip())
-                .map_err(|why| format!("{host} resolves to {why}"))?;
+            if let Some(why) = private(addr.ip()).filter(|_| !self.allowed(addr.ip())) {
+                return Err(format!(
+                    "{host} resolves to an address that is {why}: refused unless the operator allows it"
+                ));
+            }
         }
         Ok(addrs)
     }
@@ -168,10 +187,17 @@ mod tests {
             "fe80::1",
             "fd00::1",
             "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
+            "::a00:1",
+            "fec0::1",
+            "198.18.0.1",
+            "240.0.0.1",
+            "168.63.129.16",
         ] {
             let ip: IpAddr = ip.parse().unwrap();
             assert!(guard.check_ip(ip).is_err(), "{ip}");
         }
+        assert_eq!(refused().len(), REFUSED.len(), "every range parses");
         for ip in ["93.184.216.34", "2606:4700::1111"] {
             assert!(guard.check_ip(ip.parse().unwrap()).is_ok(), "{ip}");
         }

@@ -49,9 +49,18 @@ pub struct WebhookConfig {
         long = "webhook-retry-secs",
         env = "CELLMAIL_WEBHOOK_RETRY_SECS",
         value_delimiter = ',',
-        default_value = "5,300,1800,7200,18000,36000,36000"
+        default_value = "5,300,1800,7200,18000,36000,36000",
+        value_parser = retry_secs
     )]
     pub retry_secs: Vec<f64>,
+}
+
+/// A pause between attempts: seconds, at least 0 and at most a day.
+fn retry_secs(value: &str) -> Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(secs) if (0.0..=86_400.0).contains(&secs) => Ok(secs),
+        _ => Err(format!("{value:?} is not 0 to 86400 seconds")),
+    }
 }
 
 impl Default for WebhookConfig {
@@ -93,6 +102,11 @@ pub const DEFAULT_IN_FLIGHT: u32 = 4;
 pub const MAX_IN_FLIGHT: u32 = 32;
 pub const DEFAULT_TIMEOUT_MS: u32 = 10_000;
 pub const MAX_TIMEOUT_MS: u32 = 30_000;
+
+/// The most of an endpoint's answer a delivery reads.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// How long an attempt whose outcome could not be recorded waits before it is made again.
+const UNRECORDED_PAUSE: Duration = Duration::from_secs(5);
 
 /// How often the dispatcher looks for due deliveries.
 const TICK: Duration = Duration::from_millis(100);
@@ -184,8 +198,11 @@ impl Poster {
                 format!("no answer: {cause}")
             })?;
             let status = response.status().as_u16();
-            // Read (and drop) the body, so that the connection can be reused.
-            let _ = response.into_body().collect().await;
+            // Read (and drop) a short body, so that the connection can be reused; a longer
+            // one is not read: an endpoint may not fill the cell's memory.
+            let _ = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+                .collect()
+                .await;
             Ok(status)
         };
         tokio::time::timeout(timeout, exchange)
@@ -303,19 +320,25 @@ impl Dispatcher {
             under_way.insert(entry.clone(), None);
             let dispatcher = self.clone();
             tokio::spawn(async move {
-                dispatcher.deliver(due, endpoint).await;
+                let recorded = dispatcher.deliver(due, endpoint).await;
+                // An attempt not recorded stays due: it is made again, after a pause.
+                let done = match recorded {
+                    true => Instant::now(),
+                    false => Instant::now() + UNRECORDED_PAUSE,
+                };
                 let mut under_way = dispatcher
                     .under_way
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
-                under_way.insert(entry, Some(Instant::now()));
+                under_way.insert(entry, Some(done));
                 drop((under_way, permit));
                 dispatcher.finished.notify_one();
             });
         }
     }
 
-    async fn deliver(&self, due: Due, endpoint: Endpoint) {
+    /// Makes one attempt of `due`, and whether its outcome was recorded.
+    async fn deliver(&self, due: Due, endpoint: Endpoint) -> bool {
         let event = &due.pending.event;
         let number = due.pending.attempts + 1;
         let data = serde_json::to_value(event).unwrap_or_default();
@@ -334,9 +357,12 @@ impl Dispatcher {
             }
         };
         metrics::counter!("cellmail_webhook_attempts_total", "cell" => self.cell.clone(), "delivered" => delivered.to_string()).increment(1);
-        if let Err(err) = self.store.record_attempt(due, outcome, attempt).await {
-            // The entry stays due: it is tried again (at least once, as promised).
-            tracing::warn!(cell = %self.cell, %err, "recording a webhook attempt");
+        match self.store.record_attempt(due, outcome, attempt).await {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(cell = %self.cell, %err, "recording a webhook attempt");
+                false
+            }
         }
     }
 }
