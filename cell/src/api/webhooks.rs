@@ -71,22 +71,8 @@ impl CellApi {
     /// `url` when the cell may deliver to it: an allowed scheme, and a host that resolves
     /// only to addresses it may reach; INVALID_ARGUMENT naming `url` otherwise.
     async fn checked_url(&self, url: &str) -> Result<String, ApiError> {
-        let guard = self.poster.guard();
-        let uri = guard
-            .check_url(url.trim())
+        (self.poster.guard().check_saved(url.trim()).await)
             .map_err(|why| ApiError::invalid("url", why))?;
-        let host = uri.host().unwrap_or_default();
-        if host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_err()
-        {
-            guard
-                .resolve(host)
-                .await
-                .map_err(|why| ApiError::invalid("url", why))?;
-        }
         Ok(url.trim().to_owned())
     }
 

@@ -134,16 +134,23 @@ fn next_id() -> String {
 }
 
 impl TenantEvent {
-    fn new(record: &MessageRecord, kind: EventType, step: &MessageEvent) -> Self {
+    /// An event of `record`'s message: `kind`, for `recipient` (or the whole message), at
+    /// `at_ms`, saying `detail`.
+    fn new(
+        record: &MessageRecord,
+        kind: EventType,
+        (recipient, at_ms): (Option<&str>, u64),
+        detail: &str,
+    ) -> Self {
         Self {
             id: next_id(),
             kind,
             message_id: record.id.to_string(),
-            recipient: step.recipient.clone(),
+            recipient: recipient.map(str::to_owned),
             message_class: record.class.to_string(),
             tags: record.tags.clone(),
-            at_ms: step.at_ms,
-            detail: step.detail.clone(),
+            at_ms,
+            detail: detail.to_owned(),
         }
     }
 }
@@ -171,7 +178,8 @@ pub(super) fn log(
     let events: Vec<TenantEvent> = steps
         .iter()
         .filter_map(|step| {
-            EventType::of(step.kind).map(|kind| TenantEvent::new(record, kind, step))
+            let whom = (step.recipient.as_deref(), step.at_ms);
+            EventType::of(step.kind).map(|kind| TenantEvent::new(record, kind, whom, &step.detail))
         })
         .collect();
     append(t, &events, &record.tenant)
@@ -180,21 +188,26 @@ pub(super) fn log(
 /// Logs a message's acceptance: `accepted` when it was queued, and `suppressed` for each
 /// recipient that was suppressed.
 pub(super) fn log_accepted(t: &mut Tables, record: &MessageRecord) -> Result<(), StorageError> {
-    let at = |recipient: Option<&str>, detail: &str| MessageEvent {
-        kind: EventKind::Sent,
-        at_ms: record.accepted_at_ms,
-        recipient: recipient.map(str::to_owned),
-        detail: detail.to_owned(),
-    };
+    let at = record.accepted_at_ms;
     let mut events = Vec::new();
     if record.state == MessageState::Queued {
-        events.push(TenantEvent::new(record, EventType::Accepted, &at(None, "")));
+        events.push(TenantEvent::new(
+            record,
+            EventType::Accepted,
+            (None, at),
+            "",
+        ));
     }
     for recipient in &record.recipients {
         if let Some((reason, scope)) = &recipient.suppressed {
             let reason = format!("{} ({})", reason.as_str(), scope.as_str());
-            let step = at(Some(&recipient.address), &reason);
-            events.push(TenantEvent::new(record, EventType::Suppressed, &step));
+            let whom = (Some(recipient.address.as_str()), at);
+            events.push(TenantEvent::new(
+                record,
+                EventType::Suppressed,
+                whom,
+                &reason,
+            ));
         }
     }
     append(t, &events, &record.tenant)

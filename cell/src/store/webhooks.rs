@@ -99,13 +99,31 @@ pub enum Outcome {
 /// Attempts an endpoint's log keeps.
 pub const LOGGED_ATTEMPTS: usize = 50;
 
-fn endpoints_of(t: &Tables, tenant: &TenantId) -> Result<Vec<Endpoint>, StorageError> {
+type WebhookTable = (&'static str, &'static str);
+
+/// `tenant`'s endpoints in `table` (the store's, read or being written).
+fn endpoints_in(
+    table: &impl ReadableTable<WebhookTable, &'static [u8]>,
+    tenant: &TenantId,
+) -> Result<Vec<Endpoint>, StorageError> {
     let past = past(tenant);
     let mut endpoints = Vec::new();
-    for row in (t.webhooks.range((tenant.as_str(), "")..(past.as_str(), ""))).map_err(err)? {
+    for row in (table.range((tenant.as_str(), "")..(past.as_str(), ""))).map_err(err)? {
         endpoints.push(parse(row.map_err(err)?.1.value())?);
     }
     Ok(endpoints)
+}
+
+/// `tenant`'s endpoint `id` in `table`.
+fn endpoint_in(
+    table: &impl ReadableTable<WebhookTable, &'static [u8]>,
+    tenant: &TenantId,
+    id: &str,
+) -> Result<Option<Endpoint>, StorageError> {
+    match table.get((tenant.as_str(), id)).map_err(err)? {
+        Some(row) => Ok(Some(parse(row.value())?)),
+        None => Ok(None),
+    }
 }
 
 fn enqueue(
@@ -129,7 +147,7 @@ pub(super) fn queue(
     events: &[TenantEvent],
     now_ms: u64,
 ) -> Result<(), StorageError> {
-    for endpoint in endpoints_of(t, tenant)? {
+    for endpoint in endpoints_in(&t.webhooks, tenant)? {
         for event in events.iter().filter(|e| endpoint.wants(e.kind)) {
             let pending = Pending {
                 event: event.clone(),
@@ -214,11 +232,7 @@ pub(super) fn attempted(
     t.outbox
         .remove((tenant, endpoint, due.due_ms, due.pending.event.id.as_str()))
         .map_err(err)?;
-    let key = (tenant, endpoint);
-    let found: Option<Endpoint> = match t.webhooks.get(key).map_err(err)? {
-        Some(row) => Some(parse(row.value())?),
-        None => None,
-    };
+    let found = endpoint_in(&t.webhooks, &due.tenant, endpoint)?;
     // An endpoint deleted meanwhile owes nothing more.
     let Some(mut record) = found else {
         return Ok(());
@@ -304,23 +318,13 @@ impl Store {
     /// `tenant`'s endpoints, by id.
     pub fn webhooks(&self, tenant: &TenantId) -> Result<Vec<Endpoint>, StorageError> {
         let read = self.read()?;
-        let table = read.open_table(WEBHOOKS).map_err(err)?;
-        let past = past(tenant);
-        let mut endpoints = Vec::new();
-        for row in (table.range((tenant.as_str(), "")..(past.as_str(), ""))).map_err(err)? {
-            endpoints.push(parse(row.map_err(err)?.1.value())?);
-        }
-        Ok(endpoints)
+        endpoints_in(&read.open_table(WEBHOOKS).map_err(err)?, tenant)
     }
 
     /// `tenant`'s endpoint `id`.
     pub fn webhook(&self, tenant: &TenantId, id: &str) -> Result<Option<Endpoint>, StorageError> {
         let read = self.read()?;
-        let table = read.open_table(WEBHOOKS).map_err(err)?;
-        match table.get((tenant.as_str(), id)).map_err(err)? {
-            Some(row) => Ok(Some(parse(row.value())?)),
-            None => Ok(None),
-        }
+        endpoint_in(&read.open_table(WEBHOOKS).map_err(err)?, tenant, id)
     }
 
     /// The last attempts of `tenant`'s endpoint `id`, newest first.

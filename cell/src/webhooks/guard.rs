@@ -97,11 +97,7 @@ impl Guard {
         if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
             return Err("may not carry credentials".into());
         }
-        let literal = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .ok();
+        let literal = literal(host);
         if let Some(ip) = literal {
             self.check_ip(ip)?;
         }
@@ -115,6 +111,17 @@ impl Guard {
             }
             _ => Err("must be an https:// URL".into()),
         }
+    }
+
+    /// `url` parsed when the cell may deliver to it: [`Guard::check_url`], and a host name's
+    /// every address checked now ([`Guard::resolve`]), as an endpoint is saved.
+    pub async fn check_saved(&self, url: &str) -> Result<Uri, String> {
+        let uri = self.check_url(url)?;
+        let host = uri.host().unwrap_or_default();
+        if literal(host).is_none() {
+            self.resolve(host).await?;
+        }
+        Ok(uri)
     }
 
     fn allowed(&self, ip: IpAddr) -> bool {
@@ -140,6 +147,14 @@ impl Guard {
         }
         Ok(addrs)
     }
+}
+
+/// The address a URL's host is, when it is one (`[…]` for IPv6) rather than a name.
+fn literal(host: &str) -> Option<IpAddr> {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
 }
 
 /// The resolver a delivery connects through: [`Guard::resolve`].

@@ -262,6 +262,9 @@ impl Dispatcher {
                 () = self.finished.notified() => {}
             }
             let read_at = Instant::now();
+            // Entries whose attempt was recorded before this read are in it as they are now.
+            (self.under_way.lock().unwrap_or_else(|p| p.into_inner()))
+                .retain(|_, done| done.is_none_or(|at| at >= read_at));
             // An endpoint with a delivery slot free gets its oldest due deliveries read, as
             // many as its cap: those under way are among them, and skipped.
             let room = |tenant: &cellmail_proto::TenantId, endpoint: &Endpoint| {
@@ -274,7 +277,7 @@ impl Dispatcher {
             match self.store.due(now_ms(), room) {
                 Ok(due) => {
                     for (due, endpoint) in due {
-                        self.start(due, endpoint, read_at);
+                        self.start(due, endpoint);
                     }
                 }
                 Err(err) => tracing::warn!(cell = %self.cell, %err, "reading the webhook outbox"),
@@ -298,10 +301,10 @@ impl Dispatcher {
         }
     }
 
-    /// Starts delivering `due`, read from the outbox at `read_at`, unless it is under way
-    /// already, its attempt was recorded after that read, or its endpoint is at its cap (then
-    /// it stays due for a later look).
-    fn start(self: &Arc<Self>, due: Due, endpoint: Endpoint, read_at: Instant) {
+    /// Starts delivering `due`, read from the outbox after the last retain of `under_way`,
+    /// unless it is under way already, its attempt was recorded after that read, or its
+    /// endpoint is at its cap (then it stays due for a later look).
+    fn start(self: &Arc<Self>, due: Due, endpoint: Endpoint) {
         let entry = (
             due.tenant.to_string(),
             endpoint.id.clone(),
@@ -310,7 +313,6 @@ impl Dispatcher {
         {
             // Only whole inserts, removals and retains happen under the lock.
             let mut under_way = self.under_way.lock().unwrap_or_else(|p| p.into_inner());
-            under_way.retain(|_, done| done.is_none_or(|at| at >= read_at));
             if under_way.contains_key(&entry) {
                 return;
             }
